@@ -1,0 +1,25 @@
+"""lambdasplit: split inference of generative models — head and tail on the device, body in the cloud.
+
+    from lambdasplit import SplitDevice, load_local_body, SamplingConfig
+    device = SplitDevice.load(split=(2, 2))          # embedded SmolLM2-135M-Instruct
+    body = load_local_body(split=(2, 2))             # or a RemoteBody for a server
+    print(device.generate(body, "What is the capital of France?").text)
+"""
+
+from lambdasplit.device.body import BodyClient, LocalBody, load_local_body
+from lambdasplit.device.runtime import GenerationResult, SplitDevice
+from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.split.spec import SplitSpec
+from lambdasplit.wire.codec import Codec
+
+__all__ = [
+    "BodyClient",
+    "Codec",
+    "GenerationResult",
+    "LocalBody",
+    "SamplingConfig",
+    "SplitDevice",
+    "SplitSpec",
+    "load_local_body",
+]
+__version__ = "0.1.0"

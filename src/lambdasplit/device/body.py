@@ -1,0 +1,104 @@
+"""BodyClient: the one interface through which the device reaches the body, wherever it runs."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from lambdasplit.cloud.session import BodySession
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
+
+
+@dataclass
+class TransferStats:
+    """What crossed the device/cloud boundary, counted in real frame bytes."""
+
+    bytes_to_cloud: int = 0
+    bytes_from_cloud: int = 0
+    frames_to_cloud: int = 0
+    frames_from_cloud: int = 0
+    seconds: float = 0.0  # wall time waiting for the body (network + body compute)
+    per_step: list[tuple[int, int]] = field(default_factory=list)  # (to, from) bytes per forward
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class BodyClient(ABC):
+    """Runs the body's layers on new positions and keeps the body's KV cache between calls."""
+
+    codec: Codec
+    stats: TransferStats
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back."""
+        start = time.perf_counter()
+        frames = []
+        if attention_mask is not None and not bool(attention_mask.all()):
+            frames.append(tensor_frame(MsgType.MASK, attention_mask, Codec.NONE))
+        frames.append(tensor_frame(MsgType.HIDDEN, hidden, self.codec))
+        sent = sum(len(f.to_bytes()) for f in frames)
+        reply = self._exchange(frames)
+        received = len(reply.to_bytes())
+        self.stats.bytes_to_cloud += sent
+        self.stats.bytes_from_cloud += received
+        self.stats.frames_to_cloud += len(frames)
+        self.stats.frames_from_cloud += 1
+        self.stats.per_step.append((sent, received))
+        out = reply.tensor().to(device=hidden.device, dtype=hidden.dtype)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    @abstractmethod
+    def _exchange(self, frames: list[Frame]) -> Frame:
+        """Deliver frames to the body and return its HIDDEN reply."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Start a new sequence: the body drops its KV cache."""
+
+    def close(self) -> None:
+        """Release the connection or resources, if any."""
+
+
+class LocalBody(BodyClient):
+    """The body in this process, reached through the same frames the network carries."""
+
+    def __init__(self, session: BodySession, codec: Codec = Codec.FP32, limits: Limits = Limits()) -> None:
+        self.session = session
+        self.codec = codec
+        self.limits = limits
+        self.stats = TransferStats()
+
+    def _exchange(self, frames: list[Frame]) -> Frame:
+        reply = None
+        for frame in frames:
+            reply = self.session.handle(parse_frame(frame.to_bytes(), self.limits))
+        assert reply is not None, "a HIDDEN frame always has a reply"
+        return parse_frame(reply.to_bytes(), self.limits)
+
+    def reset(self) -> None:
+        self.session.handle(Frame(MsgType.RESET))
+
+
+def load_local_body(
+    source: str | None = None,
+    split: tuple[int, int] | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    codec: Codec = Codec.FP32,
+    allow_shallow: bool = False,
+) -> LocalBody:
+    """The body of `source` in this process, behind the BodyClient interface."""
+    import secrets
+
+    from lambdasplit.split.load import body_runner, open_source, resolve_dtype
+
+    opened = open_source(source, split, allow_shallow)
+    runner = body_runner(opened, resolve_dtype(dtype, opened), device)
+    session = BodySession(runner, secrets.token_bytes(16))
+    return LocalBody(session, codec, Limits(hidden_size=opened.config.hidden_size))

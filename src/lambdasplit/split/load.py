@@ -1,0 +1,103 @@
+"""Open a source for one side of the split: which checkpoint, which split, which manifest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lambdasplit.errors import SourceError, SplitError
+from lambdasplit.split.adapters import adapter_for
+from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
+from lambdasplit.split.manifest import DTYPES, PartManifest
+from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part
+from lambdasplit.split.sources import resolve_source
+from lambdasplit.split.spec import SplitSpec
+
+DEFAULT_SPLIT = (2, 2)
+
+
+@dataclass
+class OpenedSource:
+    checkpoint: Checkpoint
+    spec: SplitSpec
+    exported: PartManifest | None  # set when the source is an exported part directory
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    def manifest(self, role: str, dtype: torch.dtype) -> PartManifest:
+        """The manifest this side presents in a handshake."""
+        fingerprint = self.exported.fingerprint if self.exported else model_fingerprint(self.checkpoint)
+        return PartManifest.describe(role, self.config, fingerprint, self.spec, dtype)
+
+    def require(self, role: str) -> None:
+        """Refuse to load a part from an exported directory that does not hold it."""
+        if self.exported and self.exported.role != role:
+            hint = "DIR/device" if role == "device" else "DIR/cloud"
+            raise SourceError(
+                f"{self.checkpoint.path} holds the {self.exported.role} part; the {role} side needs {hint}"
+            )
+
+
+def open_source(
+    source: str | os.PathLike[str] | None,
+    split: tuple[int, int] | None = None,
+    allow_shallow: bool = False,
+) -> OpenedSource:
+    """Resolve `source` and the split to use with it (an exported part brings its own)."""
+    checkpoint = resolve_source(source)
+    adapter_for(checkpoint.config)
+    exported = PartManifest.read(checkpoint.path)
+    if exported is not None:
+        exported.verify(checkpoint.path)
+        if split is not None and tuple(split) != (exported.spec.k, exported.spec.m):
+            raise SplitError(
+                f"{checkpoint.path} was exported with split {exported.spec.k},{exported.spec.m}; "
+                f"--split {split[0]},{split[1]} does not apply to it"
+            )
+        return OpenedSource(checkpoint, exported.spec, exported)
+    k, m = split if split is not None else DEFAULT_SPLIT
+    spec = SplitSpec.create(k, m, checkpoint.config.num_hidden_layers, allow_shallow=allow_shallow)
+    return OpenedSource(checkpoint, spec, None)
+
+
+def resolve_dtype(name: str | None, opened: OpenedSource) -> torch.dtype:
+    """A named dtype, else the exported part's, else float32 (CPU-friendly and exact)."""
+    if name:
+        if name not in DTYPES:
+            raise SourceError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    return DTYPES[opened.exported.dtype] if opened.exported else torch.float32
+
+
+def part_runner(
+    opened: OpenedSource,
+    role: str,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    shared: dict[str, torch.Tensor] | None = None,
+) -> PartRunner:
+    adapter = adapter_for(opened.config)
+    module = build_part(opened.checkpoint, opened.spec, role, dtype, device, opened.config, shared)
+    return PartRunner(module, role, adapter.sub_config(opened.config, *opened.spec.range(role)))
+
+
+def device_runners(
+    opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[PartRunner, PartRunner]:
+    """Head and tail; a tied embedding matrix is loaded once and shared by both."""
+    opened.require("device")
+    head = part_runner(opened, "head", dtype, device)
+    shared = None
+    if getattr(opened.config, "tie_word_embeddings", False):
+        shared = {EMBED_KEY: head.module.embed_tokens.weight}
+    tail = part_runner(opened, "tail", dtype, device, shared)
+    return head, tail
+
+
+def body_runner(opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu") -> PartRunner:
+    opened.require("cloud")
+    return part_runner(opened, "body", dtype, device)

@@ -1,0 +1,170 @@
+"""Build the head, body and tail as the architecture's own transformers modules, with fewer layers.
+
+A part is the family's model class (e.g. `LlamaModel`) built from a config that describes only its
+layers, with the weights it does not own removed: the head has no final norm, the body has no
+embeddings and no norm, the tail has no embeddings. Running a part therefore uses transformers' own
+forward, mask and cache code, which keeps splits exact and survives library upgrades.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+
+from lambdasplit.split.adapters import Adapter, adapter_for
+from lambdasplit.split.checkpoint import Checkpoint
+from lambdasplit.split.spec import SplitSpec
+
+EMBED_KEY = "model.embed_tokens.weight"
+NORM_KEY = "model.norm.weight"
+LM_HEAD_KEY = "lm_head.weight"
+
+
+def part_keys(checkpoint_keys: list[str], spec: SplitSpec, role: str, tied: bool) -> list[str]:
+    """The checkpoint keys that `role` needs; nothing else is read."""
+    start, stop = spec.range(role)
+    keys = [k for k in checkpoint_keys if (lk := Adapter.layer_key(k)) and start <= lk[0] < stop]
+    if role == "head":
+        keys.append(EMBED_KEY)
+    if role == "tail":
+        keys.append(NORM_KEY)
+        keys.append(EMBED_KEY if tied or LM_HEAD_KEY not in checkpoint_keys else LM_HEAD_KEY)
+    return keys
+
+
+def _rename(key: str, role: str, start: int) -> str:
+    """Checkpoint key -> key inside the part module (layers renumbered from 0)."""
+    prefix = "model." if role == "tail" else ""
+    layer = Adapter.layer_key(key)
+    if layer is not None:
+        return f"{prefix}layers.{layer[0] - start}.{layer[1]}"
+    if key == EMBED_KEY:
+        return LM_HEAD_KEY if role == "tail" else "embed_tokens.weight"
+    if key == NORM_KEY:
+        return key
+    return key
+
+
+def build_part(
+    checkpoint: Checkpoint,
+    spec: SplitSpec,
+    role: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: PretrainedConfig | None = None,
+    shared: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The `role` part as an eval-mode module holding only its own weights.
+
+    `shared` lets the device reuse a tensor already loaded for another part (the tied embedding
+    matrix serves both the head's lookup and the tail's LM head).
+    """
+    config = config or checkpoint.config
+    adapter = adapter_for(config)
+    start, stop = spec.range(role)
+    sub = adapter.sub_config(config, start, stop)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    with init_empty_weights():
+        module = (AutoModelForCausalLM if role == "tail" else AutoModel).from_config(sub, dtype=dtype)
+    base = module.model if role == "tail" else module
+    base.embed_tokens = base.embed_tokens if role == "head" else None
+    if role != "tail":
+        base.norm = nn.Identity()
+    keys = part_keys(checkpoint.keys, spec, role, tied)
+    shared = shared or {}
+    wanted = [k for k in keys if k not in shared]
+    tensors = checkpoint.read(wanted, dtype=dtype)
+    tensors.update({k: v for k, v in shared.items() if k in keys})
+    state = {_rename(k, role, start): v.to(device) for k, v in tensors.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    module.to(device)
+    return module.eval()
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; accept either."""
+    cls = type(module)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(module.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+@dataclass
+class PartRunner:
+    """Runs one part over a growing sequence, keeping its own KV cache and attention-mask history.
+
+    Head, body and tail each hold a runner; fed the same new mask columns, they compute the same
+    position ids as `generate()` does, so the split reproduces the unsplit model.
+    """
+
+    module: nn.Module
+    role: str
+    config: PretrainedConfig
+
+    def __post_init__(self) -> None:
+        self.layers = self.config.num_hidden_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config) if self.layers else None
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def batch(self) -> int | None:
+        return None if self.mask is None else self.mask.shape[0]
+
+    @torch.inference_mode()
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Extend the sequence by x's T positions; ids for the head, hidden states otherwise.
+
+        Returns hidden states (head, body) or logits (tail) for the new positions.
+        """
+        batch, length = x.shape[0], x.shape[1]
+        device = x.device
+        new_mask = (
+            torch.ones(batch, length, dtype=torch.long, device=device)
+            if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long)
+        )
+        mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+        self.mask = mask
+        inputs = {"input_ids": x} if self.role == "head" else {"inputs_embeds": x}
+        if self.layers == 0:
+            return self._no_layers(x, logits_to_keep)
+        kwargs = {
+            **inputs,
+            "attention_mask": mask,
+            "position_ids": positions,
+            _cache_kwarg(self.module): self.cache,
+            "use_cache": True,
+        }
+        if self.role == "tail":
+            return self.module(**kwargs, logits_to_keep=logits_to_keep).logits
+        return self.module(**kwargs).last_hidden_state
+
+    def _no_layers(self, x: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """A part with no decoder layers (K=0, an empty body, M=0): only its non-layer modules run."""
+        if self.role == "head":
+            return self.module.embed_tokens(x)
+        if self.role == "body":
+            return x
+        hidden = self.module.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        logits = self.module.lm_head(hidden)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits

