@@ -125,9 +125,10 @@ def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None,
     config = opened.config
     console = Console()
     console.print(
-        f"[bold]{config.model_type}[/] ({opened.checkpoint.path})  L = {config.num_hidden_layers}  "
-        f"D = {config.hidden_size}  vocab = {config.vocab_size}  dtype = {str(torch_dtype).removeprefix('torch.')}"
+        f"[bold]{config.model_type}[/]  L = {config.num_hidden_layers}  D = {config.hidden_size}  "
+        f"vocab = {config.vocab_size}  dtype = {str(torch_dtype).removeprefix('torch.')}"
     )
+    console.print(f"source: {opened.checkpoint.path}", soft_wrap=True)
     table = Table("part", "runs on", "layers", "parameters", "memory")
     for role, size in part_sizes(opened, torch_dtype).items():
         start, stop = opened.spec.range(role)

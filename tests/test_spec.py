@@ -1,0 +1,40 @@
+import pytest
+
+from lambdasplit.errors import SplitError, UnsupportedArchitectureError
+from lambdasplit.split.adapters import adapter_for
+from lambdasplit.split.spec import SplitSpec, parse_split
+
+
+def test_ranges_cover_all_layers_once():
+    spec = SplitSpec.create(3, 2, 10)
+    assert spec.range("head") == (0, 3)
+    assert spec.range("body") == (3, 8)
+    assert spec.range("tail") == (8, 10)
+    assert spec.as_dict() == {"layers": 10, "head": [0, 3], "body": [3, 8], "tail": [8, 10]}
+
+
+@pytest.mark.parametrize("k,m", [(-1, 1), (1, -1), (6, 5), (11, 0)])
+def test_invalid_splits_are_refused(k, m):
+    with pytest.raises(SplitError):
+        SplitSpec.create(k, m, 10, allow_shallow=True)
+
+
+@pytest.mark.parametrize("k,m,word", [(0, 2, "embeddings"), (2, 0, "LM head")])
+def test_shallow_splits_need_explicit_permission(k, m, word):
+    with pytest.raises(SplitError, match=word):
+        SplitSpec.create(k, m, 10)
+    assert SplitSpec.create(k, m, 10, allow_shallow=True).range("body") == (k, 10 - m)
+
+
+def test_parse_split():
+    assert parse_split("4, 1") == (4, 1)
+    with pytest.raises(SplitError, match="K,M"):
+        parse_split("4")
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        adapter_for(GPT2Config())
+    assert "gpt2" in str(info.value) and "llama" in str(info.value) and "gemma3_text" in str(info.value)
