@@ -30,6 +30,23 @@ ShallowOpt = Annotated[
     bool, typer.Option("--allow-shallow", help="Allow K=0 or M=0, which expose the prompt or the output trivially.")
 ]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")
+]
+TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token.")]
+CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
+
+
+def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca):
+    """The BodyClient: a RemoteBody for --server, else the body in this process."""
+    if server:
+        from lambdasplit.cloud.security import read_token
+        from lambdasplit.device.remote import RemoteBody
+
+        return RemoteBody(server, device.manifest, codec, token=read_token(token_file), tls_ca=tls_ca)
+    from lambdasplit.device.body import load_local_body
+
+    return load_local_body(model, parts, dtype, codec=codec, allow_shallow=allow_shallow)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -69,9 +86,11 @@ def generate(
     codec: Annotated[str, typer.Option(help="Wire codec for hidden states: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
     dtype: DtypeOpt = None,
     allow_shallow: ShallowOpt = False,
+    server: ServerOpt = None,
+    token_file: TokenOpt = None,
+    tls_ca: CaOpt = None,
 ) -> None:
-    """Generate text with the split model; the body runs in this process."""
-    from lambdasplit.device.body import load_local_body
+    """Generate text with the split model; the body runs on --server, or in this process without it."""
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.device.sampling import SamplingConfig
     from lambdasplit.wire.codec import Codec
@@ -92,9 +111,12 @@ def generate(
     wire = Codec.parse(codec)
     parts = _split(split)
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
-    body = load_local_body(model, parts, dtype, codec=wire, allow_shallow=allow_shallow)
+    body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca)
     on_text = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)
+    try:
+        result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)
+    finally:
+        body.close()
     if as_json:
         payload = {
             "text": result.text,
@@ -151,6 +173,72 @@ def export(
     written = export_parts(model, _split(split), out, dtype, allow_shallow)
     for side, directory in written.items():
         typer.echo(f"{side}: {directory}")
+
+
+@app.command()
+def serve(
+    part: Annotated[Optional[Path], typer.Option("--part", help="Exported cloud part (DIR/cloud).")] = None,
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback requires a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8470,
+    token_file: TokenOpt = None,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Server private key (PEM).")] = None,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Concurrent sessions.")] = 64,
+    session_ttl: Annotated[float, typer.Option("--session-ttl", help="Idle seconds before a session expires.")] = 300.0,
+    max_context: Annotated[int, typer.Option("--max-context", help="Positions per session.")] = 4096,
+    min_free_memory_mb: Annotated[int, typer.Option("--min-free-memory", help="Refuse sessions below this many MiB free.")] = 512,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: DtypeOpt = None,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
+    allow_shallow: ShallowOpt = False,
+) -> None:
+    """Serve the body to devices over WebSocket (one persistent connection per device)."""
+    import asyncio
+
+    from lambdasplit.cloud.scheduler import SchedulerLimits, load_scheduler
+    from lambdasplit.cloud.security import is_loopback, read_token, server_ssl_context
+    from lambdasplit.cloud.server import BodyServer, ServerConfig
+
+    if part is not None and model is not None:
+        raise LambdaSplitError("give either --part or --model, not both")
+    token = read_token(token_file)
+    if token is None and not is_loopback(host) and not insecure_no_auth:
+        raise LambdaSplitError(
+            f"refusing to serve on {host} without authentication; pass --token-file F "
+            "(or --insecure-no-auth on a network you trust)"
+        )
+    limits = SchedulerLimits(max_sessions, max_context, min_free_memory_mb << 20)
+    scheduler = load_scheduler(str(part) if part else model, _split(split), dtype, device, limits, allow_shallow)
+    config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
+    server = BodyServer(scheduler, config)
+
+    async def run() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(server.run(ready))
+        await ready.wait()
+        spec = scheduler.manifest
+        typer.echo(f"lambdasplit body server listening on {server.url} (layers {spec.body[0]}..{spec.body[1] - 1})")
+        sys.stdout.flush()
+        await task
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise LambdaSplitError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for ca.pem, server.pem, server-key.pem.")],
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="Name or IP the certificate is for (repeatable).")] = None,
+) -> None:
+    """Make a self-signed CA and a server certificate, for trying TLS out."""
+    from lambdasplit.cloud.security import make_certificates
+
+    paths = make_certificates(out, host or ["localhost", "127.0.0.1"])
+    typer.echo(f"CA: {paths['ca']}\ncertificate: {paths['cert']}\nkey: {paths['key']}")
 
 
 def main() -> None:

@@ -53,6 +53,9 @@ class PartManifest:
             if file_sha256(path) != digest:
                 raise SourceError(f"{path}: sha256 does not match the manifest; the part is corrupted or altered")
 
+    def as_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 

@@ -1,0 +1,40 @@
+"""Server metrics in Prometheus text format (prometheus_client), plus rolling latency percentiles."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ServerMetrics:
+    def __init__(self, window: int = 2048) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge("lambdasplit_sessions_active", "Open body sessions", registry=r)
+        self.sessions_total = Counter("lambdasplit_sessions", "Sessions opened", registry=r)
+        self.sessions_refused = Counter("lambdasplit_sessions_refused", "Sessions refused (auth, limits, mismatch)", registry=r)
+        self.tokens = Counter("lambdasplit_tokens_served", "Positions run through the body", registry=r)
+        self.bytes_in = Counter("lambdasplit_bytes_in", "Frame bytes received from devices", registry=r)
+        self.bytes_out = Counter("lambdasplit_bytes_out", "Frame bytes sent to devices", registry=r)
+        self.frame_errors = Counter("lambdasplit_frame_errors", "Frames refused as malformed or unexpected", registry=r)
+        self.step_seconds = Histogram(
+            "lambdasplit_step_seconds", "Body compute time per HIDDEN frame", registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.step_quantile = Gauge(
+            "lambdasplit_step_seconds_quantile", "Rolling percentiles of body step time", ["quantile"], registry=r
+        )
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def observe_step(self, seconds: float, positions: int) -> None:
+        self.step_seconds.observe(seconds)
+        self.tokens.inc(positions)
+        self._recent.append(seconds)
+
+    def render(self) -> bytes:
+        recent = sorted(self._recent)
+        for q in (0.5, 0.9, 0.99):
+            value = recent[min(len(recent) - 1, int(q * len(recent)))] if recent else 0.0
+            self.step_quantile.labels(quantile=str(q)).set(value)
+        return generate_latest(self.registry)
