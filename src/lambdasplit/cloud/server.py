@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from lambdasplit.cloud.metrics import ServerMetrics
-from lambdasplit.cloud.scheduler import BodyScheduler
+from lambdasplit.cloud.scheduler import BodyScheduler, CapacityError
 from lambdasplit.cloud.security import token_matches
 from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.split.manifest import PartManifest
@@ -106,7 +106,7 @@ class BodyServer:
             session = await self._handshake(ws)
             await self._serve_session(ws, session)
         except (WireError, LambdaSplitError) as exc:
-            code = "protocol" if isinstance(exc, WireError) else type(exc).__name__
+            code = "protocol" if isinstance(exc, WireError) else "capacity" if isinstance(exc, CapacityError) else "refused"
             if isinstance(exc, WireError):
                 self.metrics.frame_errors.inc()
             await _send_error(ws, code, str(exc), session)
@@ -175,7 +175,7 @@ def _parse(message: str | bytes, limits: Limits) -> Frame:
 
 
 async def _send_error(ws: ServerConnection, code: str, message: str, session: bytes | None) -> None:
-    log.info("closing a session: %s", message)
+    log.warning("closing a connection (%s): %s", code, message)
     try:
         await ws.send(error_frame(code, message, session or bytes(16)).to_bytes())
         await ws.close(1008, code[:100])

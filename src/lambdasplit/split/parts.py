@@ -9,6 +9,7 @@ forward, mask and cache code, which keeps splits exact and survives library upgr
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from lambdasplit.split.adapters import Adapter, adapter_for
 from lambdasplit.split.checkpoint import Checkpoint
 from lambdasplit.split.spec import SplitSpec
 
+_BUILD_LOCK = threading.Lock()
 EMBED_KEY = "model.embed_tokens.weight"
 NORM_KEY = "model.norm.weight"
 LM_HEAD_KEY = "lm_head.weight"
@@ -66,8 +68,24 @@ def build_part(
     """
     config = config or checkpoint.config
     adapter = adapter_for(config)
-    start, stop = spec.range(role)
-    sub = adapter.sub_config(config, start, stop)
+    sub = adapter.sub_config(config, *spec.range(role))
+    # accelerate's init_empty_weights patches nn.Module globally (it also catches the parameters that
+    # load_state_dict assigns), so concurrent builds in other threads must wait for the whole build.
+    with _BUILD_LOCK:
+        return _build(checkpoint, spec, role, dtype, device, config, sub, shared or {})
+
+
+def _build(
+    checkpoint: Checkpoint,
+    spec: SplitSpec,
+    role: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    config: PretrainedConfig,
+    sub: PretrainedConfig,
+    shared: dict[str, torch.Tensor],
+) -> nn.Module:
+    start, _ = spec.range(role)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with init_empty_weights():
         module = (AutoModelForCausalLM if role == "tail" else AutoModel).from_config(sub, dtype=dtype)
@@ -76,7 +94,6 @@ def build_part(
     if role != "tail":
         base.norm = nn.Identity()
     keys = part_keys(checkpoint.keys, spec, role, tied)
-    shared = shared or {}
     wanted = [k for k in keys if k not in shared]
     tensors = checkpoint.read(wanted, dtype=dtype)
     tensors.update({k: v for k, v in shared.items() if k in keys})

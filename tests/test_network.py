@@ -1,0 +1,245 @@
+"""The body over real sockets on 127.0.0.1: exactness, security, isolation, replay, limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.sync.client import connect
+
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.errors import LambdaSplitError
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import Frame, MsgType, parse_frame, tensor_frame
+from lambdasplit.wire.protocol import BODY_PATH, control_frame
+from tests.servers import ServerProcess
+
+TOKEN = "correct-horse-battery-staple-0123"
+IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def server(llama, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("tok") / "token"
+    token_file.write_text(TOKEN)
+    with ServerProcess("--model", str(llama), "--split", "2,2", "--token-file", str(token_file)) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def device(llama):
+    return SplitDevice.load(llama, (2, 2))
+
+
+def remote(device, url, **kwargs) -> RemoteBody:
+    kwargs.setdefault("token", TOKEN)
+    return RemoteBody(url, device.manifest, **kwargs)
+
+
+def local_ids(device, llama, ids=IDS, codec=Codec.FP32, n=12):
+    body = load_local_body(llama, (2, 2), codec=codec)
+    return device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=n)).token_ids
+
+
+@pytest.mark.parametrize("codec", [Codec.FP32, Codec.BF16, Codec.INT8])
+def test_remote_equals_in_process(server, device, llama, codec):
+    body = remote(device, server.url, codec=codec)
+    result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=12))
+    body.close()
+    assert result.token_ids == local_ids(device, llama, codec=codec)
+    assert result.bytes_to_cloud == result.bytes_from_cloud > 0
+
+
+def test_batch_with_padding_over_the_network(server, device, llama):
+    ids, mask = device.encode(["Hi", "A much longer prompt with many more tokens"])
+    body = remote(device, server.url)
+    ours = device.generate_ids(body, ids, mask, SamplingConfig(max_new_tokens=8)).token_ids
+    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, SamplingConfig(max_new_tokens=8)).token_ids
+    assert ours == local
+
+
+@pytest.mark.parametrize("token,needle", [(None, "401"), ("wrong-token-wrong-token", "401")])
+def test_missing_or_wrong_token_is_refused(server, device, token, needle):
+    body = remote(device, server.url, token=token)
+    with pytest.raises(LambdaSplitError, match=needle):
+        device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
+
+
+def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
+    other = SplitDevice.load(llama, (1, 1))
+    body = remote(other, server.url)
+    with pytest.raises(LambdaSplitError, match="do not match"):
+        other.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
+    assert any("do not match" in line for line in server.output)
+
+
+def _raw_session(server, device):
+    ws = connect(server.url + BODY_PATH, additional_headers={"Authorization": f"Bearer {TOKEN}"}, compression=None)
+    hello = {"protocol": 1, "manifest": device.manifest.as_dict(), "codec": "fp32"}
+    ws.send(control_frame(MsgType.HELLO, hello).to_bytes())
+    welcome = parse_frame(ws.recv(timeout=10))
+    assert welcome.type == MsgType.WELCOME
+    return ws, welcome.session
+
+
+def _expect_error(ws) -> str:
+    reply = parse_frame(ws.recv(timeout=10))
+    assert reply.type == MsgType.ERROR
+    return json.loads(reply.payload)["message"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(min_size=0, max_size=300))
+def test_random_bytes_get_an_error_frame(server, device, garbage):
+    ws, _ = _raw_session(server, device)
+    ws.send(garbage)
+    assert _expect_error(ws)
+    ws.close()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "lying_length", "huge_shape", "wrong_d", "other_session", "text"])
+def test_malformed_frames_close_only_that_session(server, device, kind):
+    ws, session = _raw_session(server, device)
+    good = tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 64), Codec.FP32, session, 1).to_bytes()
+    bad = {
+        "truncated": good[:40],
+        "lying_length": good[:48] + (10**6).to_bytes(4, "little") + good[52:],
+        "huge_shape": good[:32] + (1 << 30).to_bytes(4, "little") + good[36:],
+        "wrong_d": tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 32), Codec.FP32, session, 1).to_bytes(),
+        "other_session": tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 64), Codec.FP32, b"x" * 16, 1).to_bytes(),
+        "text": "hello",
+    }[kind]
+    ws.send(bad)
+    assert _expect_error(ws)
+    ws.close()
+    with urllib.request.urlopen(server.url.replace("ws://", "http://") + "/healthz", timeout=5) as response:
+        assert response.read() == b"ok\n"
+
+
+def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
+    prompts = [torch.tensor([[1, 100 + i, 200 + 3 * i, 300, 400 + i]]) for i in range(8)]
+    solo = [local_ids(device, llama, p, n=10) for p in prompts]
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            dev = SplitDevice.load(llama, (2, 2))  # each device has its own head/tail caches
+            body = remote(dev, server.url)
+            results[i] = dev.generate_ids(body, prompts[i], None, SamplingConfig(max_new_tokens=10)).token_ids
+            body.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def vandal() -> None:
+        for _ in range(5):
+            ws, session = _raw_session(server, device)
+            ws.send(tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 32), Codec.FP32, session, 1).to_bytes())
+            _expect_error(ws)
+            ws.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)] + [threading.Thread(target=vandal)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert [results[i] for i in range(8)] == solo
+
+
+def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
+    expected = local_ids(device, llama, n=16)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    args = ("--model", str(llama), "--split", "2,2", "--token-file", str(token_file))
+    first = ServerProcess(*args)
+    body = remote(device, first.url, retries=10, backoff=0.2)
+    restarted: list[ServerProcess] = []
+    tokens = []
+    try:
+        for step, chunk in enumerate(device.stream_ids(body, IDS, None, SamplingConfig(max_new_tokens=16))):
+            tokens.append(chunk.token_ids[0])
+            if step == 6:
+                first.kill()
+                restarted.append(ServerProcess(*args, port=first.port))
+    finally:
+        body.close()
+        first.stop()
+        for proc in restarted:
+            proc.stop()
+    assert body.reconnects == 1
+    assert [tokens] == expected
+
+
+def test_idle_session_expires_and_the_device_recovers(llama, device):
+    with ServerProcess("--model", str(llama), "--split", "2,2", "--session-ttl", "1") as proc:
+        body = remote(device, proc.url, token=None)
+        stream = device.stream_ids(body, IDS, None, SamplingConfig(max_new_tokens=8))
+        tokens = [next(stream).token_ids[0]]
+        time.sleep(2.5)
+        tokens += [chunk.token_ids[0] for chunk in stream]
+        body.close()
+        assert any("expired" in line for line in proc.output)
+    assert body.reconnects == 1
+    assert [tokens] == local_ids(device, llama, n=8)
+
+
+def test_max_sessions_refuses_with_a_clear_error(llama, device):
+    with ServerProcess("--model", str(llama), "--split", "2,2", "--max-sessions", "1") as proc:
+        first = remote(device, proc.url, token=None)
+        device.generate_ids(first, IDS, None, SamplingConfig(max_new_tokens=2))
+        second = remote(device, proc.url, token=None)
+        with pytest.raises(LambdaSplitError, match="limit of 1 sessions"):
+            SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
+                second, IDS, None, SamplingConfig(max_new_tokens=2)
+            )
+        first.close()
+
+
+def test_tls_with_the_generated_ca(llama, device, tmp_path):
+    from lambdasplit.cloud.security import make_certificates
+
+    paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
+    args = ("--model", str(llama), "--split", "2,2", "--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"]))
+    with ServerProcess(*args) as proc:
+        assert proc.url.startswith("wss://")
+        body = remote(device, proc.url, token=None, tls_ca=paths["ca"])
+        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=6))
+        body.close()
+        assert result.token_ids == local_ids(device, llama, n=6)
+        untrusted = remote(device, proc.url, token=None)
+        with pytest.raises(LambdaSplitError, match="TLS"):
+            device.generate_ids(untrusted, IDS, None, SamplingConfig(max_new_tokens=2))
+
+
+def test_metrics_count_what_crossed(llama, device):
+    with ServerProcess("--model", str(llama), "--split", "2,2") as proc:
+        body = remote(device, proc.url, token=None)
+        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=5))
+        body.close()
+        time.sleep(0.3)
+        text = urllib.request.urlopen(proc.url.replace("ws://", "http://") + "/metrics", timeout=5).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values["lambdasplit_tokens_served_total"] == IDS.shape[1] + 4
+    assert values["lambdasplit_bytes_out_total"] == result.bytes_from_cloud
+    assert values["lambdasplit_sessions_total"] == 1
+    assert 'lambdasplit_step_seconds_quantile{quantile="0.5"}' in text
+
+
+def test_non_loopback_bind_needs_a_token(llama):
+    with pytest.raises(RuntimeError, match="without authentication"):
+        ServerProcess("--model", str(llama), "--split", "2,2", "--host", "0.0.0.0")
