@@ -90,3 +90,28 @@ def test_unsupported_architecture_and_long_prompt(tmp_path, tiny_models):
     assert "Traceback" not in proc.stderr
     proc = run("generate", "word " * 400, "--model", str(tiny_models["llama"]), "--split", "1,1", check=False)
     assert proc.returncode != 0 and "context window of 256" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_with_server_equals_in_process(smollm2_dir, tmp_path):
+    from lambdasplit.cloud.process import ServerProcess
+
+    token = tmp_path / "token"
+    token.write_text("a-long-random-token-for-the-test")
+    prompt = "Name two planets."
+    local = json.loads(run("generate", prompt, "--split", "3,2", "--json", "-n", "16").stdout)
+    with ServerProcess("--split", "3,2", "--token-file", str(token)) as server:
+        remote = json.loads(
+            run("generate", prompt, "--split", "3,2", "--json", "-n", "16", "--server", server.url, "--token-file", str(token)).stdout
+        )
+        refused = run("generate", prompt, "--split", "3,2", "--server", server.url, check=False)
+    assert remote["token_ids"] == local["token_ids"] and remote["text"] == local["text"]
+    assert remote["bytes"] == local["bytes"]
+    assert refused.returncode != 0 and "401" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_demo_shows_the_split_and_no_plaintext_on_the_wire(smollm2_dir):
+    out = run("demo", "-n", "12").stdout
+    assert "Paris" in out
+    assert "cloud" in out and "2..27" in out and "decode bytes per token" in out
+    assert "2,356 / 2,356" in out  # 52-byte header + 576 x 4 bytes, each way
+    assert out.count("not found") == 2 and "FOUND" not in out

@@ -21,7 +21,7 @@ from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import BODY_PATH, control_frame
-from tests.servers import ServerProcess
+from lambdasplit.cloud.process import ServerProcess
 
 TOKEN = "correct-horse-battery-staple-0123"
 IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
@@ -241,5 +241,5 @@ def test_metrics_count_what_crossed(llama, device):
 
 
 def test_non_loopback_bind_needs_a_token(llama):
-    with pytest.raises(RuntimeError, match="without authentication"):
+    with pytest.raises(LambdaSplitError, match="without authentication"):
         ServerProcess("--model", str(llama), "--split", "2,2", "--host", "0.0.0.0")

@@ -241,6 +241,116 @@ def certs(
     typer.echo(f"CA: {paths['ca']}\ncertificate: {paths['cert']}\nkey: {paths['key']}")
 
 
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="What to ask.")] = "What is the capital of France?",
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    codec: Annotated[str, typer.Option(help="Wire codec: fp32 (exact), bf16, fp16, int8 (lossy).")] = "fp32",
+) -> None:
+    """Start a body server on loopback in a child process, run the device against it, show what crossed."""
+    from rich.console import Console
+
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.device.remote import RemoteBody
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingConfig
+    from lambdasplit.wire.codec import Codec
+
+    console = Console()
+    parts = _split(split) or (2, 2)
+    wire = Codec.parse(codec)
+    server_args = ["--split", f"{parts[0]},{parts[1]}"] + (["--model", model] if model else [])
+    with console.status("starting the body server (cloud) in a child process..."):
+        server = ServerProcess(*server_args)
+    try:
+        with console.status("loading the head and tail (device)..."):
+            device = SplitDevice.load(model, parts)
+        body = RemoteBody(server.url, device.manifest, wire, capture=True)
+        console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
+        console.print(f"[bold]> {prompt}[/]")
+        result = device.generate(
+            body, prompt, SamplingConfig(max_new_tokens=max_new_tokens),
+            on_text=lambda text: console.out(text, end="", highlight=False),
+        )
+        console.out("")
+        body.close()
+    finally:
+        server.stop()
+    _demo_table(console, device, body, result, prompt, wire)
+
+
+def _demo_table(console, device, body, result, prompt, wire) -> None:
+    """Where layers ran, what crossed per token, where the time went, and a plaintext check."""
+    from statistics import median
+
+    from rich.table import Table
+
+    from lambdasplit.device.leakcheck import plaintext_found
+
+    spec = device.spec
+    layers = Table("part", "layers", "ran on", title="Split")
+    for role, where in (("head", "device"), ("body", "cloud"), ("tail", "device")):
+        start, stop = spec.range(role)
+        extra = {"head": " + embeddings", "tail": " + norm + LM head", "body": ""}[role]
+        layers.add_row(role, f"{start}..{stop - 1}{extra}" if stop > start else f"none{extra}", where)
+    console.print(layers)
+    steps = body.stats.per_step
+    decode = result.timings.steps[1:] or result.timings.steps
+    ms = lambda values: f"{1000 * median(values):.2f} ms"  # noqa: E731
+    traffic = Table("", "value", title=f"Per token ({len(result.token_ids[0])} generated, codec {wire.name.lower()})")
+    traffic.add_row("prefill bytes to / from cloud", f"{steps[0][0]:,} / {steps[0][1]:,}")
+    if len(steps) > 1:
+        traffic.add_row("decode bytes per token to / from cloud", f"{steps[1][0]:,} / {steps[1][1]:,}")
+    traffic.add_row("latency: head (device)", ms([s[0] for s in decode]))
+    traffic.add_row("latency: network + body (cloud)", ms([s[1] for s in decode]))
+    traffic.add_row("latency: tail (device)", ms([s[2] for s in decode]))
+    traffic.add_row("decode tokens/s", f"{result.timings.tokens_per_second:.1f}")
+    console.print(traffic)
+    found = plaintext_found(body.captured or [], [prompt, result.text], result.prompt_token_ids + result.token_ids)
+    frames = len(body.captured or [])
+    for what, hit in found.items():
+        verdict = "[red]FOUND[/]" if hit else "[green]not found[/]"
+        console.print(f"plaintext check, {what} of prompt and answer in {frames} captured frames: {verdict}")
+    console.print(
+        "[yellow]Note:[/] hidden states of a public model can still be inverted by the cloud; "
+        "see README.md (Privacy)."
+    )
+
+
+@app.command()
+def gateway(
+    server: Annotated[str, typer.Option("--server", help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")],
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    host: Annotated[str, typer.Option(help="Address for the HTTP API (keep it on loopback).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8471,
+    token_file: TokenOpt = None,
+    tls_ca: CaOpt = None,
+    codec: Annotated[str, typer.Option(help="Wire codec: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="Require this key from API clients.")] = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
+    import uvicorn
+
+    from lambdasplit.cloud.security import is_loopback, read_token
+    from lambdasplit.device.remote import RemoteBody
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.gateway.app import create_app
+    from lambdasplit.wire.codec import Codec
+
+    api_key = read_token(api_key_file)
+    if api_key is None and not is_loopback(host):
+        raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
+    device = SplitDevice.load(model, _split(split), dtype)
+    body = RemoteBody(server, device.manifest, Codec.parse(codec), token=read_token(token_file), tls_ca=tls_ca)
+    name = model or "lambdasplit-default"
+    typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 -> body at {server}")
+    uvicorn.run(create_app(device, body, name, api_key), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     try:
         app()

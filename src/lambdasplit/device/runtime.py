@@ -32,6 +32,7 @@ class Timings:
     total: float = 0.0
     prefill: float = 0.0
     tokens: int = 0
+    steps: list[tuple[float, float, float]] = field(default_factory=list)  # (head, body, tail) per forward
 
     @property
     def tokens_per_second(self) -> float:
@@ -109,6 +110,16 @@ class SplitDevice:
     @property
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """Token ids (1, T) of a multi-turn conversation through the model's chat template."""
+        if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+            raise PromptError("the conversation is empty")
+        if self.tokenizer.chat_template is None:
+            text = "\n".join(str(m.get("content", "")) for m in messages)
+            return self.tokenizer(text, return_tensors="pt")["input_ids"]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
     def encode(self, prompts: str | list[str], raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, left-padded; the chat template is applied unless `raw`."""
@@ -223,15 +234,17 @@ class SplitDevice:
     def _step(
         self, body: BodyClient, ids: torch.Tensor, mask: torch.Tensor | None, timings: Timings
     ) -> torch.Tensor:
-        tick = time.perf_counter()
+        t0 = time.perf_counter()
         hidden = self.head(ids, mask)
-        timings.head += time.perf_counter() - tick
-        tick = time.perf_counter()
+        t1 = time.perf_counter()
         hidden = body.forward(hidden, mask)
-        timings.body += time.perf_counter() - tick
-        tick = time.perf_counter()
+        t2 = time.perf_counter()
         logits = self.tail(hidden, mask, logits_to_keep=1)
-        timings.tail += time.perf_counter() - tick
+        t3 = time.perf_counter()
+        timings.head += t1 - t0
+        timings.body += t2 - t1
+        timings.tail += t3 - t2
+        timings.steps.append((t1 - t0, t2 - t1, t3 - t2))
         return logits
 
     def _finish(

@@ -1,4 +1,4 @@
-"""Start real `lambdasplit serve` processes for tests and stop them cleanly."""
+"""ServerProcess: a `lambdasplit serve` child process (for the demo and tests), started and stopped cleanly."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 from collections import deque
+
+from lambdasplit.errors import LambdaSplitError
 
 
 class ServerProcess:
@@ -30,12 +32,13 @@ class ServerProcess:
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError("server exited before it was ready:\n" + "".join(self.output))
+                raise LambdaSplitError("the body server exited before it was ready:\n" + "".join(self.output).strip())
             self.output.append(line)
             match = re.search(r"listening on (wss?://\S+)", line)
             if match:
                 return match.group(1)
-        raise RuntimeError("server did not start in time")
+        self.kill()
+        raise LambdaSplitError(f"the body server did not start within {timeout:.0f} s")
 
     def _drain(self) -> None:
         assert self.proc.stdout is not None
