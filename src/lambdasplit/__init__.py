@@ -6,7 +6,15 @@
     print(device.generate(body, "What is the capital of France?").text)
 """
 
-from lambdasplit.device.body import BodyClient, LocalBody, load_local_body
+import os
+
+# Head, body and tail take turns: while one process waits on the network the other computes. OpenMP
+# threads that spin after each op would steal the cores the other side needs (measured: loopback
+# decode 0.83x -> 0.98x of unsplit on 2 cores; docs/benchmarks.md). Set before torch is imported;
+# an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from lambdasplit.device.body import BodyClient  # noqa: E402, LocalBody, load_local_body
 from lambdasplit.device.runtime import GenerationResult, SplitDevice
 from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.split.spec import SplitSpec

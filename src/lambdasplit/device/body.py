@@ -21,7 +21,9 @@ class TransferStats:
     bytes_from_cloud: int = 0
     frames_to_cloud: int = 0
     frames_from_cloud: int = 0
-    seconds: float = 0.0  # wall time waiting for the body (network + body compute)
+    seconds: float = 0.0  # wall time of forward(): serialization + network + body compute
+    codec_seconds: float = 0.0  # encoding h_K and decoding the reply, on the device
+    wait_seconds: float = 0.0  # from the last byte sent to the reply parsed (network + body compute)
     per_step: list[tuple[int, int]] = field(default_factory=list)  # (to, from) bytes per forward
 
     def reset(self) -> None:
@@ -41,16 +43,20 @@ class BodyClient(ABC):
         if attention_mask is not None and not bool(attention_mask.all()):
             frames.append(tensor_frame(MsgType.MASK, attention_mask, Codec.NONE))
         frames.append(tensor_frame(MsgType.HIDDEN, hidden, self.codec))
-        sent = sum(len(f.to_bytes()) for f in frames)
+        encoded = time.perf_counter()
         reply = self._exchange(frames)
-        received = len(reply.to_bytes())
+        replied = time.perf_counter()
+        out = reply.tensor().to(device=hidden.device, dtype=hidden.dtype)
+        done = time.perf_counter()
+        sent, received = sum(f.size for f in frames), reply.size
+        self.stats.codec_seconds += (encoded - start) + (done - replied)
+        self.stats.wait_seconds += replied - encoded
+        self.stats.seconds += done - start
         self.stats.bytes_to_cloud += sent
         self.stats.bytes_from_cloud += received
         self.stats.frames_to_cloud += len(frames)
         self.stats.frames_from_cloud += 1
         self.stats.per_step.append((sent, received))
-        out = reply.tensor().to(device=hidden.device, dtype=hidden.dtype)
-        self.stats.seconds += time.perf_counter() - start
         return out
 
     @abstractmethod

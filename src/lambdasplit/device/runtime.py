@@ -77,7 +77,7 @@ class SplitDevice:
         opened: OpenedSource,
         head: PartRunner,
         tail: PartRunner,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         manifest: PartManifest,
     ) -> None:
         self.opened = opened
@@ -85,10 +85,10 @@ class SplitDevice:
         self.config = opened.config
         self.head = head
         self.tail = tail
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.manifest = manifest
         self.eos_ids = _eos_ids(opened, tokenizer)
-        pad = tokenizer.pad_token_id
+        pad = tokenizer.pad_token_id if tokenizer is not None else getattr(self.config, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
     @classmethod
@@ -104,12 +104,24 @@ class SplitDevice:
         opened = open_source(source, split, allow_shallow)
         torch_dtype = resolve_dtype(dtype, opened)
         head, tail = device_runners(opened, torch_dtype, device)
-        tokenizer = AutoTokenizer.from_pretrained(str(opened.checkpoint.path))
+        tokenizer = _load_tokenizer(opened)
         return cls(opened, head, tail, tokenizer, opened.manifest("device", torch_dtype))
+
+    def fork(self) -> SplitDevice:
+        """Another device over the same weights with its own KV caches (for concurrent sequences)."""
+        head = PartRunner(self.head.module, "head", self.head.config)
+        tail = PartRunner(self.tail.module, "tail", self.tail.config)
+        return SplitDevice(self.opened, head, tail, self._tokenizer, self.manifest)
 
     @property
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise PromptError(f"{self.opened.checkpoint.path} has no tokenizer; only token ids can be generated")
+        return self._tokenizer
 
     def encode_chat(self, messages: list[dict[str, str]]) -> torch.Tensor:
         """Token ids (1, T) of a multi-turn conversation through the model's chat template."""
@@ -204,9 +216,10 @@ class SplitDevice:
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device) if attention_mask is not None else None
         sampler = Sampler(sampling)
+        eos = torch.tensor(self.eos_ids, device=device)
         sequences = input_ids
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        streaming = batch == 1 and (want_text or sampling.stop)
+        streaming = batch == 1 and self._tokenizer is not None and (want_text or sampling.stop)
         texts = _TextStream(self.tokenizer, sampling.stop) if streaming else None
         self.head.reset(), self.tail.reset(), body.reset()
         started = time.perf_counter()
@@ -216,7 +229,8 @@ class SplitDevice:
             token = sampler(sequences, logits[:, -1, :])
             token = torch.where(unfinished, token, torch.full_like(token, self.pad_id))
             sequences = torch.cat([sequences, token[:, None]], dim=1)
-            unfinished &= ~torch.isin(token, torch.tensor(self.eos_ids, device=device))
+            if not sampling.ignore_eos:
+                unfinished &= ~torch.isin(token, eos)
             timings.sampling += time.perf_counter() - tick
             timings.tokens += 1
             if step == 0:
@@ -253,9 +267,9 @@ class SplitDevice:
         """Trim each row after its EOS and at the first stop string; decode the text."""
         ids_out, texts, reasons = [], [], []
         for row in generated:
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
+            cut = None if sampling.ignore_eos else next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
             ids = row[:cut] if cut else row
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._tokenizer.decode(ids, skip_special_tokens=True) if self._tokenizer is not None else ""
             reason = "stop" if cut else "length"
             for stop in sampling.stop:
                 if stop and stop in text:
@@ -302,7 +316,15 @@ class _TextStream:
         return piece
 
 
-def _eos_ids(opened: OpenedSource, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _load_tokenizer(opened: OpenedSource) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer; None for weight-only directories (benchmarks with random weights)."""
+    path = opened.checkpoint.path
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _eos_ids(opened: OpenedSource, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
     """EOS ids from generation_config.json (as generate() uses them), else the tokenizer's."""
     ids: list[int] = []
     try:
@@ -312,6 +334,6 @@ def _eos_ids(opened: OpenedSource, tokenizer: PreTrainedTokenizerBase) -> list[i
     for value in eos if isinstance(eos, list) else [eos]:
         if value is not None:
             ids.append(int(value))
-    if not ids and tokenizer.eos_token_id is not None:
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return ids

@@ -77,6 +77,11 @@ class Frame:
     shape: tuple[int, ...] = ()
     payload: bytes = b""
 
+    @property
+    def size(self) -> int:
+        """Bytes this frame takes on the wire."""
+        return HEADER_SIZE + len(self.payload)
+
     def to_bytes(self) -> bytes:
         dims = tuple(self.shape) + (0,) * (MAX_RANK - len(self.shape))
         header = HEADER.pack(

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks for lambdasplit: `python -m benchmarks --help`."""
