@@ -8,6 +8,7 @@ and 8; then 1/4/16 concurrent devices against one server.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 from pathlib import Path
@@ -38,7 +39,7 @@ WORK = Path(os.environ.get("LAMBDASPLIT_BENCH_DIR", "/tmp/lambdasplit-bench"))
 def build_random(name: str) -> Path:
     """Seeded random bf16 weights of the named shape, written layer by layer as safetensors."""
     path = WORK / name
-    if (path / "done").is_file():
+    if (path / "done").is_file() and (path / "model.safetensors.index.json").is_file():
         return path
     path.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -61,6 +62,8 @@ def build_random(name: str) -> Path:
                 t = torch.randn(shape, generator=generator, device="cuda", dtype=torch.float32) * 0.02
                 tensors[key] = t.to(torch.bfloat16).cpu()
         save_file(tensors, str(path / f"model-{group}.safetensors"), metadata={"format": "pt"})
+    weight_map = {key: f"model-{group}.safetensors" for group, members in groups.items() for key in members}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (path / "done").write_text("ok")
     return path
 
