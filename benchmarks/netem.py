@@ -29,6 +29,11 @@ class DelayProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        async def cancel_all() -> None:
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(cancel_all(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

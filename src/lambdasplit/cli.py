@@ -351,6 +351,49 @@ def gateway(
     uvicorn.run(create_app(device, body, name, api_key), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def audit(
+    model: ModelOpt = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="K,M to audit (repeatable); default 1,1 2,2 4,4 8,8.")] = None,
+    attacks: Annotated[str, typer.Option(help="Comma-separated: tail-replay, vocab-matching, split-probing.")] = "tail-replay,vocab-matching,split-probing",
+    defenses: Annotated[str, typer.Option(help="Comma-separated: none, tls, random-split, int8, noise-0.1, noise-0.3, noise-1.0, noise-1.0-prompt.")] = "all",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.md, report.json, pareto.png.")] = Path("audit"),
+    prompts: Annotated[Optional[int], typer.Option(help="Use only the first N prompts of the set.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 24,
+    quick: Annotated[bool, typer.Option(help="Reduced audit (minutes on a CPU): 3 prompts, splits 1,1 and 4,4, four defenses.")] = False,
+) -> None:
+    """Measure what a curious cloud or an eavesdropper recovers from the hidden states, per defense."""
+    from rich.progress import Progress
+
+    from lambdasplit.privacy.audit import ATTACKS, DEFENSES, AuditConfig, run_audit
+    from lambdasplit.privacy.report import write_report
+
+    config = AuditConfig(source=model, max_new_tokens=max_new_tokens, prompts=prompts)
+    if quick:
+        config.splits, config.prompts, config.max_new_tokens = [(1, 1), (4, 4)], prompts or 3, 12
+        config.defenses = ["none", "tls", "int8", "noise-1.0"]
+    if split:
+        config.splits = [_split(s) for s in split]
+    if defenses != "all":
+        config.defenses = [d.strip() for d in defenses.split(",")]
+    config.attacks = [a.strip() for a in attacks.split(",")]
+    unknown = [d for d in config.defenses if d not in DEFENSES] + [a for a in config.attacks if a not in ATTACKS]
+    if unknown:
+        raise LambdaSplitError(f"unknown defense or attack: {', '.join(unknown)}")
+    steps = len(config.splits) * len(config.defenses)
+    with Progress() as progress:
+        task = progress.add_task("auditing", total=steps)
+
+        def advance(label: str) -> None:
+            progress.update(task, description=label)
+            progress.advance(task)
+
+        result = run_audit(config, progress=advance)
+    command = "lambdasplit " + " ".join(sys.argv[1:])
+    paths = write_report(result, out, command)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def main() -> None:
     try:
         app()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +13,8 @@ import torch
 from lambdasplit.cloud.session import BodySession
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +39,17 @@ class BodyClient(ABC):
 
     codec: Codec
     stats: TransferStats
+    # A device-side defense applied to h_K before it leaves: f(hidden, is_prompt) -> hidden.
+    uplink_defense: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
+    # Opt-in record of every frame exchanged, for audits: [("to_cloud" | "from_cloud", bytes)].
+    captured: list[tuple[str, bytes]] | None = None
+    _positions: int = 0
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back."""
+        if self.uplink_defense is not None:
+            hidden = self.uplink_defense(hidden, self._positions == 0)
+        self._positions += hidden.shape[1]
         start = time.perf_counter()
         frames = []
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -63,9 +75,18 @@ class BodyClient(ABC):
     def _exchange(self, frames: list[Frame]) -> Frame:
         """Deliver frames to the body and return its HIDDEN reply."""
 
-    @abstractmethod
     def reset(self) -> None:
         """Start a new sequence: the body drops its KV cache."""
+        self._positions = 0
+        self._reset()
+
+    @abstractmethod
+    def _reset(self) -> None:
+        """Tell the body to drop its KV cache."""
+
+    def start_capture(self) -> None:
+        log.warning("capturing every frame exchanged with the body (for audit)")
+        self.captured = []
 
     def close(self) -> None:
         """Release the connection or resources, if any."""
@@ -83,11 +104,17 @@ class LocalBody(BodyClient):
     def _exchange(self, frames: list[Frame]) -> Frame:
         reply = None
         for frame in frames:
-            reply = self.session.handle(parse_frame(frame.to_bytes(), self.limits))
+            data = frame.to_bytes()
+            if self.captured is not None:
+                self.captured.append(("to_cloud", data))
+            reply = self.session.handle(parse_frame(data, self.limits))
         assert reply is not None, "a HIDDEN frame always has a reply"
-        return parse_frame(reply.to_bytes(), self.limits)
+        data = reply.to_bytes()
+        if self.captured is not None:
+            self.captured.append(("from_cloud", data))
+        return parse_frame(data, self.limits)
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.session.handle(Frame(MsgType.RESET))
 
 

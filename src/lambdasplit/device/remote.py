@@ -56,9 +56,8 @@ class RemoteBody(BodyClient):
         self.backoff = backoff
         self.stats = TransferStats()
         self.limits = Limits(hidden_size=manifest.hidden_size)
-        self.captured: list[tuple[str, bytes]] | None = [] if capture else None
         if capture:
-            log.warning("capturing every frame sent to and received from %s (for audit)", self.url)
+            self.start_capture()
         self.server_manifest: PartManifest | None = None
         self.reconnects = 0
         self._ws: ClientConnection | None = None
@@ -85,7 +84,7 @@ class RemoteBody(BodyClient):
             f"the body server at {self.url} is unreachable after {self.retries + 1} attempts: {_describe(last_error)}"
         )
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._history.clear()
         if self._ws is not None:
             try:

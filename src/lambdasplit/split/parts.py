@@ -106,7 +106,7 @@ def _build(
 _CACHE_KWARG: dict[type, str] = {}
 
 
-def _cache_kwarg(module: nn.Module) -> str:
+def cache_kwarg(module: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.2x; accept either."""
     cls = type(module)
     if cls not in _CACHE_KWARG:
@@ -168,7 +168,7 @@ class PartRunner:
             **inputs,
             "attention_mask": mask,
             "position_ids": positions,
-            _cache_kwarg(self.module): self.cache,
+            cache_kwarg(self.module): self.cache,
             "use_cache": True,
         }
         if self.role == "tail":

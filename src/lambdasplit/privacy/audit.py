@@ -1,0 +1,216 @@
+"""The privacy audit: run the split on a prompt set with planted personal data, capture exactly
+the frames that crossed, attack them under two threat models, and measure each defense's cost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lambdasplit.device.body import LocalBody, load_local_body
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.privacy.attacks import Attacker
+from lambdasplit.privacy.capture import observe, positions
+from lambdasplit.privacy.defenses import GaussianNoise, random_split_point
+from lambdasplit.privacy.metrics import pii_recovered, rouge_l, token_accuracy
+from lambdasplit.split.load import open_source
+from lambdasplit.wire.codec import Codec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    codec: Codec = Codec.FP32
+    noise: tuple[float, str] | None = None  # (sigma relative to RMS, where)
+    random_split: bool = False
+    tls: bool = False
+
+
+DEFENSES = {
+    "none": Defense("none"),
+    "tls": Defense("tls", tls=True),
+    "random-split": Defense("random-split", random_split=True),
+    "int8": Defense("int8", codec=Codec.INT8),
+    "noise-0.1": Defense("noise-0.1", noise=(0.1, "all")),
+    "noise-0.3": Defense("noise-0.3", noise=(0.3, "all")),
+    "noise-1.0": Defense("noise-1.0", noise=(1.0, "all")),
+    "noise-1.0-prompt": Defense("noise-1.0-prompt", noise=(1.0, "prompt")),
+}
+ATTACKS = ("tail-replay", "vocab-matching", "split-probing")
+PROBE_KS = [1, 2, 4, 8]
+
+
+@dataclass
+class Sample:
+    prompt: str
+    pii: list[str]
+
+
+def load_prompts(limit: int | None = None) -> list[Sample]:
+    text = resources.files("lambdasplit.privacy").joinpath("data/prompts.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Sample(r["prompt"], r["pii"]) for r in rows][:limit]
+
+
+def heldout_text() -> str:
+    return resources.files("lambdasplit.privacy").joinpath("data/heldout.txt").read_text()
+
+
+@dataclass
+class AuditConfig:
+    source: str | None = None
+    splits: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (2, 2), (4, 4), (8, 8)])
+    defenses: list[str] = field(default_factory=lambda: list(DEFENSES))
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    prompts: int | None = None
+    max_new_tokens: int = 24
+    budget: int = 512  # candidate tokens per position the matcher may try
+    seed: int = 0
+
+
+def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: None) -> dict:
+    samples = load_prompts(config.prompts)
+    rows, quality = [], []
+    attacker = Attacker(open_source(config.source, None, allow_shallow=True), budget=config.budget)
+    devices: dict[tuple[int, int], SplitDevice] = {}
+
+    def device_for(k: int, m: int) -> SplitDevice:
+        if (k, m) not in devices:
+            devices[(k, m)] = SplitDevice.load(config.source, (k, m))
+        return devices[(k, m)]
+
+    for k, m in config.splits:
+        device = device_for(k, m)
+        reference = _reference(device, config, samples)
+        for name in config.defenses:
+            defense = DEFENSES[name]
+            progress(f"split {k},{m}  defense {name}")
+            quality.append({"split": [k, m], "defense": name, **_quality(config, defense, k, m)})
+            for sample, ref in zip(samples, reference):
+                session_k = random_split_point(1, 8) if defense.random_split else k
+                captured, prompt_ids, gen_ids, _ = _run(device_for(session_k, m), config, defense, sample)
+                seen = observe(captured)
+                for threat in ("cloud", "eavesdropper"):
+                    row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, device)
+                    rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
+                                 "greedy_match": gen_ids == ref})
+    return {"config": {**config.__dict__, "splits": [list(s) for s in config.splits]}, "attacks": rows,
+            "quality": quality, "summary": summarize(rows, quality)}
+
+
+def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample]) -> list[list[int]]:
+    body = load_local_body(config.source, (device.spec.k, device.spec.m))
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens)
+    return [device.generate(body, s.prompt, sampling).token_ids[0] for s in samples]
+
+
+def _body(config: AuditConfig, defense: Defense, k: int, m: int) -> LocalBody:
+    body = load_local_body(config.source, (k, m), codec=defense.codec)
+    if defense.noise:
+        body.uplink_defense = GaussianNoise(defense.noise[0], defense.noise[1], seed=config.seed)
+    return body
+
+
+def _run(device: SplitDevice, config: AuditConfig, defense: Defense, sample: Sample):
+    body = _body(config, defense, device.spec.k, device.spec.m)
+    body.captured = []
+    result = device.generate(body, sample.prompt, SamplingConfig(max_new_tokens=config.max_new_tokens))
+    return body.captured, result.prompt_token_ids[0], result.token_ids[0], result.text
+
+
+def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, sample, device) -> dict:
+    """Both sides of the text: the prompt from the uplink, the answer from both links."""
+    if threat == "eavesdropper" and defense.tls:
+        return {"k_used": None, "m_used": None, "prompt": _scores([], prompt_ids, "", sample.pii), "output": _scores([], gen_ids, "", sample.pii),
+                "seconds": 0.0, "note": "TLS: the frames are ciphertext"}
+    start = time.perf_counter()
+    uplink = positions(seen.uplink)
+    # The cloud knows K and M (it runs layers K..L-M); the eavesdropper must probe for them.
+    probing = threat == "eavesdropper" and "split-probing" in config.attacks
+    k_used = attacker.probe_split(uplink, PROBE_KS)[0] if probing else k
+    prompt_rec, out_rec, sent_up = [], [], []
+    if "vocab-matching" in config.attacks:
+        recovered = attacker.match(k_used, uplink).token_ids
+        prompt_rec = recovered[: len(prompt_ids)]
+        sent_up = recovered[len(prompt_ids):]  # each decode frame carries the previous generated token
+        out_rec = sent_up
+    m_used = attacker.probe_tail(seen.downlink, sent_up, PROBE_KS) if probing and sent_up else m
+    if "tail-replay" in config.attacks and seen.downlink:
+        out_rec = attacker.replay(m_used, seen.downlink).token_ids  # frame i's argmax: generated token i
+    seconds = time.perf_counter() - start
+    tok = device.tokenizer
+    return {
+        "k_used": k_used,
+        "m_used": m_used,
+        "prompt": _scores(prompt_rec, prompt_ids, tok.decode(prompt_rec, skip_special_tokens=True), sample.pii),
+        "output": _scores(out_rec, gen_ids, tok.decode(out_rec, skip_special_tokens=True),
+                          [p for p in sample.pii if p in tok.decode(gen_ids, skip_special_tokens=True)]),
+        "seconds": seconds,
+    }
+
+
+def _scores(recovered: list[int], truth: list[int], text: str, pii: list[str]) -> dict:
+    return {
+        "token_accuracy": token_accuracy(recovered, truth),
+        "exact": recovered == truth,
+        "rouge_l": rouge_l(recovered, truth),
+        "pii": pii_recovered(text, pii) if pii else None,
+    }
+
+
+@torch.inference_mode()
+def _quality(config: AuditConfig, defense: Defense, k: int, m: int) -> dict:
+    """Teacher-forced on held-out text: next-token KL to the unsplit model and perplexity."""
+    if defense.tls or defense.random_split:
+        return {"kl": 0.0, "perplexity_delta": 0.0, "note": "exact: the split output is unchanged"}
+    device = SplitDevice.load(config.source, (k, m))
+    ids = device.tokenizer(heldout_text(), return_tensors="pt")["input_ids"][:, :512]
+    clean_body, body = load_local_body(config.source, (k, m)), _body(config, defense, k, m)
+
+    def logits(b) -> torch.Tensor:
+        device.head.reset(), device.tail.reset(), b.reset()
+        return device.tail(b.forward(device.head(ids)), logits_to_keep=0)[0, :-1].float()
+
+    clean, noisy = logits(clean_body), logits(body)
+    target = ids[0, 1:]
+    kl = F.kl_div(F.log_softmax(noisy, -1), F.log_softmax(clean, -1), log_target=True, reduction="batchmean")
+    ppl = lambda lg: float(torch.exp(F.cross_entropy(lg, target)))  # noqa: E731
+    return {"kl": float(kl), "perplexity": ppl(noisy), "perplexity_clean": ppl(clean), "perplexity_delta": ppl(noisy) - ppl(clean)}
+
+
+def summarize(rows: list[dict], quality: list[dict]) -> list[dict]:
+    """Means per (split, defense, threat)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((tuple(row["split"]), row["defense"], row["threat"]), []).append(row)
+    q = {(tuple(x["split"]), x["defense"]): x for x in quality}
+    out = []
+    for (split, defense, threat), items in groups.items():
+        mean = lambda f: statistics.mean(f(r) for r in items)  # noqa: E731
+        pii = [r["prompt"]["pii"] for r in items if r["prompt"]["pii"] is not None]
+        out.append({
+            "split": list(split), "defense": defense, "threat": threat, "prompts": len(items),
+            "prompt_token_accuracy": mean(lambda r: r["prompt"]["token_accuracy"]),
+            "prompt_exact": mean(lambda r: float(r["prompt"]["exact"])),
+            "prompt_rouge_l": mean(lambda r: r["prompt"]["rouge_l"]),
+            "prompt_pii_recovered": statistics.mean(pii) if pii else None,
+            "output_token_accuracy": mean(lambda r: r["output"]["token_accuracy"]),
+            "output_exact": mean(lambda r: float(r["output"]["exact"])),
+            "output_rouge_l": mean(lambda r: r["output"]["rouge_l"]),
+            "attacker_seconds": mean(lambda r: r["seconds"]),
+            "greedy_agreement": mean(lambda r: float(r["greedy_match"])),
+            "next_token_kl": q[(split, defense)].get("kl"),
+            "perplexity_delta": q[(split, defense)].get("perplexity_delta"),
+        })
+    return out

@@ -1,0 +1,60 @@
+"""Write an audit's report.json, report.md and Pareto plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(result: dict, out: Path, command: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    plot = _pareto(result["summary"], out / "pareto.png")
+    lines = [
+        "# lambdasplit privacy audit", "",
+        f"Reproduce: `{command}`", "",
+        "Threat models: **cloud** = holds the body weights, knows K and M, sees every frame; "
+        "**eavesdropper** = taps the network without TLS, knows the public model, must guess K and M "
+        "(split-index probing). Attacks: vocabulary matching on the uplink (prompt and every generated "
+        "token but the last), tail replay on the downlink (generated tokens).", "",
+        "| split | defense | threat | prompt token acc | prompt exact | prompt PII | output token acc | "
+        "attacker s/prompt | greedy agreement | next-token KL | ppl delta |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    for s in result["summary"]:
+        lines.append(
+            f"| {s['split'][0]},{s['split'][1]} | {s['defense']} | {s['threat']} | {fmt(s['prompt_token_accuracy'])} | "
+            f"{fmt(s['prompt_exact'])} | {fmt(s['prompt_pii_recovered'])} | {fmt(s['output_token_accuracy'])} | "
+            f"{fmt(s['attacker_seconds'])} | {fmt(s['greedy_agreement'])} | {fmt(s['next_token_kl'])} | "
+            f"{fmt(s['perplexity_delta'])} |"
+        )
+    if plot:
+        lines += ["", f"![recovery vs quality loss]({plot.name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return {"json": out / "report.json", "md": out / "report.md", **({"plot": plot} if plot else {})}
+
+
+def _pareto(summary: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summary:
+        if s["threat"] != "cloud":
+            continue
+        x = s["next_token_kl"] or 0.0
+        y = s["prompt_token_accuracy"]
+        ax.scatter(x, y, s=30)
+        ax.annotate(f"{s['defense']} K={s['split'][0]}", (x, y), fontsize=6)
+    ax.set_xlabel("quality loss: next-token KL to the unsplit model (held-out text)")
+    ax.set_ylabel("curious cloud: prompt token recovery")
+    ax.set_title("Defenses: recovery vs quality loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
