@@ -54,7 +54,7 @@ def run_cpu(quick: bool, reps: int, new_tokens: int, split: tuple[int, int]) -> 
         runs = alternate(candidates, reps)
         summary = {name: summarize(r) for name, r in runs.items()}
         base = summary["unsplit_generate"]["decode_tok_s"]
-        for name, s in summary.items():
+        for _name, s in summary.items():
             s["ratio_vs_unsplit"] = s["decode_tok_s"] / base
         results["decode"] = summary
 

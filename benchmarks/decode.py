@@ -123,7 +123,7 @@ def concurrent_run(devices: list[SplitDevice], bodies: list[BodyClient], ids: to
             rates.append(result.timings.tokens_per_second)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=one, args=pair) for pair in zip(devices, bodies)]
+    threads = [threading.Thread(target=one, args=pair) for pair in zip(devices, bodies, strict=False)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lambdasplit.device.runtime import SplitDevice
 from tests.conftest import oracle

@@ -19,7 +19,7 @@ from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
-from lambdasplit.wire.frame import Frame, MsgType, parse_frame, tensor_frame
+from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import BODY_PATH, control_frame
 from lambdasplit.cloud.process import ServerProcess
 

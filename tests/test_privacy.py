@@ -80,3 +80,21 @@ def test_metrics():
     assert rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
     assert rouge_l([], [1]) == 0.0
     assert pii_recovered("call Ann at 555-0101", ["Ann", "555-0101", "Bob"]) == pytest.approx(2 / 3)
+
+
+def test_audit_command_writes_a_report(tiny_models, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "audit"
+    cmd = [sys.executable, "-m", "lambdasplit.cli", "audit", "--model", str(tiny_models["llama"]), "--split", "2,2",
+           "--defenses", "none,tls", "--prompts", "1", "-n", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    summary = {(s["defense"], s["threat"]): s for s in report["summary"]}
+    assert summary[("none", "cloud")]["output_token_accuracy"] == 1.0  # tail replay on a greedy device
+    assert summary[("tls", "eavesdropper")]["prompt_token_accuracy"] == 0.0
+    assert summary[("tls", "cloud")]["output_token_accuracy"] == 1.0  # TLS does nothing against the cloud
+    assert "lambdasplit audit" in (out / "report.md").read_text()

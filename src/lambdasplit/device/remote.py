@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
-from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame
+from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
 from lambdasplit.wire.protocol import BODY_PATH, PROTOCOL, control_frame, read_control
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class RemoteBody(BodyClient):
             raise LambdaSplitError(f"the body server at {self.url} answered HTTP {status}") from None
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
-        except ssl_errors() as exc:
+        except (ssl.SSLError, ssl.CertificateError) as exc:
             raise LambdaSplitError(f"TLS with {self.url} failed: {exc}; pass the server's CA with --tls-ca") from None
         ws.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._ws = ws
@@ -193,12 +194,6 @@ class RemoteBody(BodyClient):
             except Exception:  # noqa: BLE001 - the connection is already broken
                 pass
         self._ws = None
-
-
-def ssl_errors() -> tuple[type[Exception], ...]:
-    import ssl
-
-    return (ssl.SSLError, ssl.CertificateError)
 
 
 def _describe(exc: Exception | None) -> str:

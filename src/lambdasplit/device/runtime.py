@@ -187,7 +187,7 @@ class SplitDevice:
                 on_text(chunk.text)
         timings.total = time.perf_counter() - start
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]
+        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask, strict=False)]
         token_ids, texts, reasons = self._finish(generated, sampling)
         return GenerationResult(
             texts, prompt_ids, token_ids, timings, body.stats.bytes_to_cloud, body.stats.bytes_from_cloud, reasons

@@ -127,7 +127,7 @@ class Attacker:
         up next (recovered by matching); keep the M with the most agreement."""
         def agreement(m: int) -> int:
             predicted = self.replay(m, downlink[:frames]).token_ids
-            return sum(a == b for a, b in zip(predicted, uplink_tokens[:frames]))
+            return sum(a == b for a, b in zip(predicted, uplink_tokens[:frames], strict=False))
 
         return max(ms, key=agreement)
 

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +96,7 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
             defense = DEFENSES[name]
             progress(f"split {k},{m}  defense {name}")
             quality.append({"split": [k, m], "defense": name, **_quality(config, defense, k, m)})
-            for sample, ref in zip(samples, reference):
+            for sample, ref in zip(samples, reference, strict=False):
                 session_k = random_split_point(1, 8) if defense.random_split else k
                 captured, prompt_ids, gen_ids, _ = _run(device_for(session_k, m), config, defense, sample)
                 seen = observe(captured)

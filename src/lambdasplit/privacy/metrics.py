@@ -6,7 +6,7 @@ from __future__ import annotations
 def token_accuracy(recovered: list[int], truth: list[int]) -> float:
     if not truth:
         return 1.0
-    hits = sum(a == b for a, b in zip(recovered, truth))
+    hits = sum(a == b for a, b in zip(recovered, truth, strict=False))
     return hits / len(truth)
 
 

@@ -47,9 +47,7 @@ def _rename(key: str, role: str, start: int) -> str:
         return f"{prefix}layers.{layer[0] - start}.{layer[1]}"
     if key == EMBED_KEY:
         return LM_HEAD_KEY if role == "tail" else "embed_tokens.weight"
-    if key == NORM_KEY:
-        return key
-    return key
+    return key  # model.norm.weight and lm_head.weight keep their names in the tail
 
 
 def build_part(
