@@ -243,3 +243,15 @@ def test_metrics_count_what_crossed(llama, device):
 def test_non_loopback_bind_needs_a_token(llama):
     with pytest.raises(LambdaSplitError, match="without authentication"):
         ServerProcess("--model", str(llama), "--split", "2,2", "--host", "0.0.0.0")
+
+
+def test_exported_parts_on_both_sides(llama, tmp_path):
+    from lambdasplit.split.export import export_parts
+
+    parts = export_parts(llama, (2, 2), tmp_path)
+    device = SplitDevice.load(parts["device"])
+    with ServerProcess("--part", str(parts["cloud"])) as proc:
+        body = remote(device, proc.url, token=None)
+        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=10))
+        body.close()
+    assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)

@@ -89,6 +89,8 @@ def generate(
     server: ServerOpt = None,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
+    noise: Annotated[Optional[float], typer.Option(help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
+    noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = "all",
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
     from lambdasplit.device.runtime import SplitDevice
@@ -112,6 +114,12 @@ def generate(
     parts = _split(split)
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
     body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca)
+    if noise:
+        from lambdasplit.privacy.defenses import GaussianNoise
+
+        if noise_on not in ("all", "prompt", "decode"):
+            raise LambdaSplitError("--noise-on must be all, prompt or decode")
+        body.uplink_defense = GaussianNoise(noise, noise_on)
     on_text = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     try:
         result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)

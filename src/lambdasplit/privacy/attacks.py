@@ -129,7 +129,8 @@ class Attacker:
             predicted = self.replay(m, downlink[:frames]).token_ids
             return sum(a == b for a, b in zip(predicted, uplink_tokens[:frames], strict=False))
 
-        return max(ms, key=agreement)
+        layers = self.opened.config.num_hidden_layers
+        return max([m for m in ms if m <= layers], key=agreement)
 
     def matcher(self, k: int) -> VocabularyMatcher:
         if k not in self._matchers:
@@ -145,7 +146,8 @@ class Attacker:
         """When K is unknown: match the first positions under each candidate K; keep the K whose
         matching error is lowest."""
         errors = {}
-        for k in ks:
+        layers = self.opened.config.num_hidden_layers
+        for k in [k for k in ks if k <= layers]:
             rec = self.match(k, states[:positions], budget=self.matcher(k).chunk)
             errors[k] = sum(rec.errors) / len(rec.errors)
         return min(errors, key=errors.get), errors
