@@ -9,8 +9,8 @@
 import os
 
 # Head, body and tail take turns: while one process waits on the network the other computes. OpenMP
-# threads that spin after each op would steal the cores the other side needs (measured: loopback
-# decode 0.83x -> 0.98x of unsplit on 2 cores; docs/benchmarks.md). Set before torch is imported;
+# threads that spin after each op would steal the cores the other side needs (measured on 2 cores:
+# loopback decode 0.84x -> 0.97x of unsplit; docs/benchmarks.md). Set before torch is imported;
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
