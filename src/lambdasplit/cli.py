@@ -323,7 +323,7 @@ def _demo_table(console, device, body, result, prompt, wire) -> None:
         console.print(f"plaintext check, {what} of prompt and answer in {frames} captured frames: {verdict}")
     console.print(
         "[yellow]Note:[/] hidden states of a public model can still be inverted by the cloud; "
-        "see README.md (Privacy)."
+        "measured in docs/privacy.md (lambdasplit audit)."
     )
 
 
