@@ -13,6 +13,7 @@ from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.export import export_parts
+from lambdasplit.split.manifest import PartManifest
 from tests.conftest import build_tiny, oracle
 
 
@@ -55,7 +56,10 @@ def test_exported_parts_reproduce_the_unsplit_model(exported, tiny_models):
     result = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=8))
     ref = oracle(tiny_models["qwen2"]).generate(ids, max_new_tokens=8, do_sample=False)
     assert result.token_ids[0] == ref[0, ids.shape[1]:].tolist()
-    assert device.manifest.compatible_with(body.session and device.opened.manifest("device", torch.float32)) is None
+    cloud = PartManifest.read(exported["cloud"])
+    assert device.manifest.compatible_with(cloud) is None
+    other = SplitDevice.load(tiny_models["qwen2"], (1, 1)).manifest
+    assert "head" in other.compatible_with(cloud)
 
 
 def test_wrong_part_or_split_is_refused(exported):
