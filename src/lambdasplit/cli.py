@@ -363,11 +363,12 @@ def gateway(
 def audit(
     model: ModelOpt = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="K,M to audit (repeatable); default 1,1 2,2 4,4 8,8.")] = None,
-    attacks: Annotated[str, typer.Option(help="Comma-separated: tail-replay, vocab-matching, split-probing.")] = "tail-replay,vocab-matching,split-probing",
+    attacks: Annotated[str, typer.Option(help="Comma-separated: tail-replay, vocab-matching, split-probing, learned-inversion.")] = "tail-replay,vocab-matching,split-probing,learned-inversion",
     defenses: Annotated[str, typer.Option(help="Comma-separated: none, tls, random-split, int8, noise-0.1, noise-0.3, noise-1.0, noise-1.0-prompt.")] = "all",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.md, report.json, pareto.png.")] = Path("audit"),
     prompts: Annotated[Optional[int], typer.Option(help="Use only the first N prompts of the set.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 24,
+    inversion_steps: Annotated[int, typer.Option(help="Training steps of the learned inverter per K.")] = 300,
     quick: Annotated[bool, typer.Option(help="Reduced audit (minutes on a CPU): 3 prompts, splits 1,1 and 4,4, four defenses.")] = False,
 ) -> None:
     """Measure what a curious cloud or an eavesdropper recovers from the hidden states, per defense."""
@@ -376,9 +377,10 @@ def audit(
     from lambdasplit.privacy.audit import ATTACKS, DEFENSES, AuditConfig, run_audit
     from lambdasplit.privacy.report import write_report
 
-    config = AuditConfig(source=model, max_new_tokens=max_new_tokens, prompts=prompts)
+    config = AuditConfig(source=model, max_new_tokens=max_new_tokens, prompts=prompts, inversion_steps=inversion_steps)
     if quick:
         config.splits, config.prompts, config.max_new_tokens = [(1, 1), (4, 4)], prompts or 3, 12
+        config.inversion_steps = min(inversion_steps, 100)
         config.defenses = ["none", "tls", "int8", "noise-1.0"]
     if split:
         config.splits = [_split(s) for s in split]

@@ -20,6 +20,7 @@ from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.defenses import GaussianNoise, random_split_point
+from lambdasplit.privacy.inversion import InversionConfig, LearnedInverter
 from lambdasplit.privacy.metrics import pii_recovered, rouge_l, token_accuracy
 from lambdasplit.split.load import open_source
 from lambdasplit.wire.codec import Codec
@@ -46,7 +47,7 @@ DEFENSES = {
     "noise-1.0": Defense("noise-1.0", noise=(1.0, "all")),
     "noise-1.0-prompt": Defense("noise-1.0-prompt", noise=(1.0, "prompt")),
 }
-ATTACKS = ("tail-replay", "vocab-matching", "split-probing")
+ATTACKS = ("tail-replay", "vocab-matching", "split-probing", "learned-inversion")
 PROBE_KS = [1, 2, 4, 8]
 
 
@@ -75,7 +76,20 @@ class AuditConfig:
     prompts: int | None = None
     max_new_tokens: int = 24
     budget: int = 512  # candidate tokens per position the matcher may try
+    inversion_steps: int = 300  # training steps of the learned inverter, per K
     seed: int = 0
+
+
+def public_corpus(tokenizer) -> list[int]:
+    """What the attacker trains on: the held-out public text, raw and wrapped in the chat template
+    (never the audited prompts)."""
+    lines = [line for line in heldout_text().splitlines() if line.strip()]
+    ids = tokenizer(heldout_text())["input_ids"]
+    if tokenizer.chat_template:
+        for line in lines:
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": line}], add_generation_prompt=True, tokenize=False)
+            ids += tokenizer(chat, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: None) -> dict:
@@ -83,6 +97,14 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
     rows, quality = [], []
     attacker = Attacker(open_source(config.source, None, allow_shallow=True), budget=config.budget)
     devices: dict[tuple[int, int], SplitDevice] = {}
+    inverters: dict[int, LearnedInverter] = {}
+
+    def inverter_for(k: int) -> LearnedInverter:
+        if k not in inverters:
+            progress(f"training the inverter for K={k}")
+            corpus = public_corpus(device_for(*config.splits[0]).tokenizer)
+            inverters[k] = LearnedInverter(attacker.opened, k, InversionConfig(steps=config.inversion_steps, seed=config.seed)).fit(corpus)
+        return inverters[k]
 
     def device_for(k: int, m: int) -> SplitDevice:
         if (k, m) not in devices:
@@ -102,6 +124,7 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
                 seen = observe(captured)
                 for threat in ("cloud", "eavesdropper"):
                     row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, device)
+                    row["inversion"] = _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device)
                     rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
                                  "greedy_match": gen_ids == ref})
     return {"config": {**config.__dict__, "splits": [list(s) for s in config.splits]}, "attacks": rows,
@@ -159,6 +182,19 @@ def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, 
     }
 
 
+def _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device) -> dict | None:
+    """The learned inverter on the prompt's uplink states, at the K the attacker works with."""
+    if "learned-inversion" not in config.attacks:
+        return None
+    if threat == "eavesdropper" and defense.tls:
+        return {**_scores([], prompt_ids, "", sample.pii), "seconds": 0.0}
+    inverter = inverter_for(row["k_used"])
+    rec = inverter.recover(positions(seen.uplink)[: len(prompt_ids)])
+    text = device.tokenizer.decode(rec.token_ids, skip_special_tokens=True)
+    return {**_scores(rec.token_ids, prompt_ids, text, sample.pii), "seconds": rec.seconds,
+            "train_seconds": inverter.train_seconds}
+
+
 def _scores(recovered: list[int], truth: list[int], text: str, pii: list[str]) -> dict:
     return {
         "token_accuracy": token_accuracy(recovered, truth),
@@ -204,6 +240,7 @@ def summarize(rows: list[dict], quality: list[dict]) -> list[dict]:
             "prompt_exact": mean(lambda r: float(r["prompt"]["exact"])),
             "prompt_rouge_l": mean(lambda r: r["prompt"]["rouge_l"]),
             "prompt_pii_recovered": statistics.mean(pii) if pii else None,
+            **_inversion_summary(items),
             "output_token_accuracy": mean(lambda r: r["output"]["token_accuracy"]),
             "output_exact": mean(lambda r: float(r["output"]["exact"])),
             "output_rouge_l": mean(lambda r: r["output"]["rouge_l"]),
@@ -213,3 +250,12 @@ def summarize(rows: list[dict], quality: list[dict]) -> list[dict]:
             "perplexity_delta": q[(split, defense)].get("perplexity_delta"),
         })
     return out
+
+
+def _inversion_summary(items: list[dict]) -> dict:
+    inv = [r["inversion"] for r in items if r.get("inversion")]
+    if not inv:
+        return {"inversion_token_accuracy": None, "inversion_pii_recovered": None}
+    pii = [x["pii"] for x in inv if x["pii"] is not None]
+    return {"inversion_token_accuracy": statistics.mean(x["token_accuracy"] for x in inv),
+            "inversion_pii_recovered": statistics.mean(pii) if pii else None}

@@ -16,16 +16,18 @@ def write_report(result: dict, out: Path, command: str) -> dict[str, Path]:
         "Threat models: **cloud** = holds the body weights, knows K and M, sees every frame; "
         "**eavesdropper** = taps the network without TLS, knows the public model, must guess K and M "
         "(split-index probing). Attacks: vocabulary matching on the uplink (prompt and every generated "
-        "token but the last), tail replay on the downlink (generated tokens).", "",
-        "| split | defense | threat | prompt token acc | prompt exact | prompt PII | output token acc | "
-        "attacker s/prompt | greedy agreement | next-token KL | ppl delta |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "token but the last), tail replay on the downlink (generated tokens), and a learned inverter "
+        "(trained on public text with noise augmentation) on the prompt's uplink states.", "",
+        "| split | defense | threat | prompt token acc | prompt exact | prompt PII | inverter token acc | "
+        "inverter PII | output token acc | attacker s/prompt | greedy agreement | next-token KL | ppl delta |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     for s in result["summary"]:
         lines.append(
             f"| {s['split'][0]},{s['split'][1]} | {s['defense']} | {s['threat']} | {fmt(s['prompt_token_accuracy'])} | "
-            f"{fmt(s['prompt_exact'])} | {fmt(s['prompt_pii_recovered'])} | {fmt(s['output_token_accuracy'])} | "
+            f"{fmt(s['prompt_exact'])} | {fmt(s['prompt_pii_recovered'])} | {fmt(s.get('inversion_token_accuracy'))} | "
+            f"{fmt(s.get('inversion_pii_recovered'))} | {fmt(s['output_token_accuracy'])} | "
             f"{fmt(s['attacker_seconds'])} | {fmt(s['greedy_agreement'])} | {fmt(s['next_token_kl'])} | "
             f"{fmt(s['perplexity_delta'])} |"
         )
