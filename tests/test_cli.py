@@ -21,11 +21,14 @@ def run(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("split", ["2,2", "4,1"])
+@pytest.mark.parametrize("split", ["2,2", "4,1", "1-6,2"])
 def test_generate_json_matches_unsplit_generate(smollm2_dir, split):
+    """A range (randomised split) draws K per run; the output is still the unsplit model's."""
     prompt = "Give me one word that rhymes with cat."
     out = json.loads(run("generate", prompt, "--split", split, "--json", "-n", "20").stdout)
-    k, m = map(int, split.split(","))
+    m = int(split.split(",")[1])
+    k = out["split"]["head"][1]
+    assert k == int(split.split(",")[0]) if "-" not in split else 1 <= k <= 6
     assert out["split"] == {"layers": 30, "head": [0, k], "body": [k, 30 - m], "tail": [30 - m, 30]}
     device = SplitDevice.load(None, (k, m))
     ids, _ = device.encode(prompt)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
+from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import load_local_body
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
@@ -21,7 +22,6 @@ from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import BODY_PATH, control_frame
-from lambdasplit.cloud.process import ServerProcess
 
 TOKEN = "correct-horse-battery-staple-0123"
 IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
@@ -255,3 +255,31 @@ def test_exported_parts_on_both_sides(llama, tmp_path):
         result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=10))
         body.close()
     assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)
+
+
+def test_randomised_split_server_hosts_every_k_in_its_range(llama):
+    """`--split 1-3,2`: one server, three bodies on shared weights; each device's K gets its own."""
+    from tests.conftest import oracle
+
+    want = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False)[0, IDS.shape[1]:].tolist()
+    with ServerProcess("--model", str(llama), "--split", "1-3,2") as proc:
+        assert "or from 3 per session" in "".join(proc.output)
+        for k in (1, 2, 3):
+            device = SplitDevice.load(llama, (k, 2))
+            body = remote(device, proc.url, token=None)
+            result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=8))
+            body.close()
+            assert result.token_ids[0] == want, k
+        outside = SplitDevice.load(llama, (4, 2))
+        with pytest.raises(LambdaSplitError, match="starting at layers 1, 2, 3"):
+            remote(outside, proc.url, token=None).forward(outside.head(IDS))
+
+
+def test_split_range_parsing():
+    from lambdasplit.errors import SplitError
+    from lambdasplit.split.spec import parse_split_range
+
+    assert parse_split_range("2,2") == (2, 2, 2)
+    assert parse_split_range("1-4, 2") == (1, 4, 2)
+    with pytest.raises(SplitError, match="must rise"):
+        parse_split_range("4-1,2")

@@ -26,6 +26,14 @@ ModelOpt = Annotated[
 SplitOpt = Annotated[
     Optional[str], typer.Option("--split", help="K,M: K layers in the head, M in the tail (default 2,2).")
 ]
+RangeSplitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split",
+        help="K,M: K layers in the head, M in the tail (default 2,2). KMIN-KMAX,M randomises the split: "
+        "the device draws K per session with `secrets`, and the server hosts every body in the range.",
+    ),
+]
 ShallowOpt = Annotated[
     bool, typer.Option("--allow-shallow", help="Allow K=0 or M=0, which expose the prompt or the output trivially.")
 ]
@@ -63,6 +71,18 @@ def _split(text: str | None) -> tuple[int, int] | None:
     return parse_split(text) if text else None
 
 
+def _random_split(text: str | None) -> tuple[int, int] | None:
+    """K,M as given, or a K drawn with `secrets` from KMIN-KMAX (the cloud still learns K: it runs
+    layers K..L-M; this hides K from an eavesdropper and varies it across sessions)."""
+    from lambdasplit.privacy.defenses import random_split_point
+    from lambdasplit.split.spec import parse_split_range
+
+    if not text:
+        return None
+    k_min, k_max, m = parse_split_range(text)
+    return random_split_point(k_min, k_max), m
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False) -> None:
     _quiet_libraries(verbose)
@@ -72,7 +92,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (the chat template is applied unless --raw).")],
     model: ModelOpt = None,
-    split: SplitOpt = None,
+    split: RangeSplitOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
     greedy: Annotated[bool, typer.Option("--greedy", help="Deterministic argmax decoding (the default).")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sample with this temperature.")] = None,
@@ -111,7 +131,7 @@ def generate(
         stop=tuple(stop or ()),
     )
     wire = Codec.parse(codec)
-    parts = _split(split)
+    parts = _random_split(split)
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
     body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca)
     if noise:
@@ -187,7 +207,7 @@ def export(
 def serve(
     part: Annotated[Optional[Path], typer.Option("--part", help="Exported cloud part (DIR/cloud).")] = None,
     model: ModelOpt = None,
-    split: SplitOpt = None,
+    split: RangeSplitOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback requires a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8470,
     token_file: TokenOpt = None,
@@ -218,7 +238,13 @@ def serve(
             "(or --insecure-no-auth on a network you trust)"
         )
     limits = SchedulerLimits(max_sessions, max_context, min_free_memory_mb << 20)
-    scheduler = load_scheduler(str(part) if part else model, _split(split), dtype, device, limits, allow_shallow)
+    from lambdasplit.split.spec import parse_split_range
+
+    k_min, k_max, m = parse_split_range(split) if split else (None, None, None)
+    parts = (k_min, m) if split else None
+    scheduler = load_scheduler(
+        str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None
+    )
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
     server = BodyServer(scheduler, config)
 
@@ -226,8 +252,9 @@ def serve(
         ready = asyncio.Event()
         task = asyncio.create_task(server.run(ready))
         await ready.wait()
-        spec = scheduler.manifest
-        typer.echo(f"lambdasplit body server listening on {server.url} (layers {spec.body[0]}..{spec.body[1] - 1})")
+        first, last = scheduler.bodies[0][1].body, scheduler.bodies[-1][1].body
+        layers = f"layers {first[0]}..{first[1] - 1}" + (f", or from {last[0]} per session" if len(scheduler.bodies) > 1 else "")
+        typer.echo(f"lambdasplit body server listening on {server.url} ({layers})")
         sys.stdout.flush()
         await task
 

@@ -39,16 +39,36 @@ class SchedulerLimits:
 class BodyScheduler:
     """Runs every session's body compute on one thread, in arrival order."""
 
-    def __init__(self, runner: PartRunner, manifest: PartManifest, limits: SchedulerLimits = SchedulerLimits()) -> None:
+    def __init__(
+        self,
+        runner: PartRunner,
+        manifest: PartManifest,
+        limits: SchedulerLimits = SchedulerLimits(),
+        variants: list[tuple[PartRunner, PartManifest]] = (),
+    ) -> None:
         self.runner = runner
         self.manifest = manifest
         self.limits = limits
+        # Bodies starting at other layers (randomised split points), sharing the weight tensors.
+        self.bodies = [(runner, manifest), *variants]
         self.sessions: dict[bytes, BodySession] = {}
         self.tokens_served = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-compute")
 
-    def open_session(self) -> Future[bytes]:
-        return self._executor.submit(self._open)
+    def body_for(self, theirs: PartManifest) -> tuple[int | None, str | None]:
+        """The index of the hosted body that fits the device's parts, or the reason none does."""
+        problem = None
+        for index, (_, manifest) in enumerate(self.bodies):
+            problem = manifest.compatible_with(theirs)
+            if problem is None:
+                return index, None
+        if len(self.bodies) > 1:
+            starts = ", ".join(str(m.body[0]) for _, m in self.bodies)
+            problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
+        return None, problem
+
+    def open_session(self, body: int = 0) -> Future[bytes]:
+        return self._executor.submit(self._open, body)
 
     def close_session(self, session_id: bytes) -> Future[None]:
         return self._executor.submit(self.sessions.pop, session_id, None)
@@ -60,7 +80,7 @@ class BodyScheduler:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def _open(self) -> bytes:
+    def _open(self, body: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
             raise CapacityError(f"the server is at its limit of {self.limits.max_sessions} sessions; retry later")
         free = _free_memory(self.runner)
@@ -70,7 +90,8 @@ class BodyScheduler:
                 "refusing a new session"
             )
         session_id = secrets.token_bytes(16)
-        own_runner = PartRunner(self.runner.module, self.runner.role, self.runner.config)
+        shared = self.bodies[body][0]
+        own_runner = PartRunner(shared.module, shared.role, shared.config)
         self.sessions[session_id] = BodySession(own_runner, session_id, self.limits.max_context)
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
@@ -101,11 +122,17 @@ def load_scheduler(
     device: str = "cpu",
     limits: SchedulerLimits = SchedulerLimits(),
     allow_shallow: bool = False,
+    k_max: int | None = None,
 ) -> BodyScheduler:
-    """The body of `source` (a model or an exported cloud part), ready to serve sessions."""
-    from lambdasplit.split.load import body_runner, open_source, resolve_dtype
+    """The body of `source` (a model or an exported cloud part), ready to serve sessions.
+
+    With `k_max`, the server also hosts the bodies for every K up to k_max (the device picks its
+    K per session); they share the widest body's weight tensors, so memory does not grow.
+    """
+    from lambdasplit.split.load import body_runner, body_variants, open_source, resolve_dtype
 
     opened = open_source(source, split, allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
     runner = body_runner(opened, torch_dtype, device)
-    return BodyScheduler(runner, opened.manifest("cloud", torch_dtype), limits)
+    variants = body_variants(opened, runner, k_max, torch_dtype, device) if k_max else []
+    return BodyScheduler(runner, opened.manifest("cloud", torch_dtype), limits, variants)

@@ -126,14 +126,14 @@ class BodyServer:
         if hello.get("protocol") != PROTOCOL:
             raise WireError(f"protocol {hello.get('protocol')!r} is not supported; this server speaks {PROTOCOL}")
         theirs = PartManifest.from_dict(hello.get("manifest") or {})
-        problem = self.scheduler.manifest.compatible_with(theirs)
+        body, problem = self.scheduler.body_for(theirs)
         if problem:
             self.metrics.sessions_refused.inc()
             log.warning("refused a device whose parts do not match: %s", problem)
             raise LambdaSplitError(f"the device's parts do not match this server's body: {problem}")
         Codec.parse(str(hello.get("codec", "fp32")))
         try:
-            session = await asyncio.wrap_future(self.scheduler.open_session())
+            session = await asyncio.wrap_future(self.scheduler.open_session(body))
         except LambdaSplitError:
             self.metrics.sessions_refused.inc()
             raise
@@ -142,7 +142,7 @@ class BodyServer:
         welcome = {
             "protocol": PROTOCOL,
             "session": session.hex(),
-            "manifest": self.scheduler.manifest.as_dict(),
+            "manifest": self.scheduler.bodies[body][1].as_dict(),
             "limits": {"max_context": self.scheduler.limits.max_context, "max_frame_bytes": self.config.max_frame_bytes},
         }
         await ws.send(control_frame(MsgType.WELCOME, welcome, session).to_bytes())

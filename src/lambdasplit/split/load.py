@@ -11,7 +11,7 @@ from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
 from lambdasplit.split.manifest import DTYPES, PartManifest
-from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part
+from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part, part_keys, renamed
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.split.spec import SplitSpec
 
@@ -101,3 +101,22 @@ def device_runners(
 def body_runner(opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu") -> PartRunner:
     opened.require("cloud")
     return part_runner(opened, "body", dtype, device)
+
+
+def body_variants(
+    opened: OpenedSource, widest: PartRunner, k_max: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> list[tuple[PartRunner, PartManifest]]:
+    """Bodies starting at K+1..k_max (for randomised split points), built on `widest`'s tensors."""
+    spec = opened.spec
+    if not spec.k < k_max <= spec.layers - spec.m:
+        raise SplitError(f"a K range {spec.k}-{k_max} needs {spec.k} < {k_max} <= {spec.layers - spec.m} (L - M)")
+    params = widest.module.state_dict()
+    tied = bool(getattr(opened.config, "tie_word_embeddings", False))
+    variants = []
+    for k in range(spec.k + 1, k_max + 1):
+        view = OpenedSource(opened.checkpoint, SplitSpec(k, spec.m, spec.layers), opened.exported)
+        keys = part_keys(opened.checkpoint.keys, view.spec, "body", tied)
+        shared = {key: params[renamed(key, "body", spec.k)] for key in keys}
+        runner = part_runner(view, "body", dtype, device, shared)
+        variants.append((runner, view.manifest("cloud", dtype)))
+    return variants

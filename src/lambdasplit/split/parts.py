@@ -39,7 +39,7 @@ def part_keys(checkpoint_keys: list[str], spec: SplitSpec, role: str, tied: bool
     return keys
 
 
-def _rename(key: str, role: str, start: int) -> str:
+def renamed(key: str, role: str, start: int) -> str:
     """Checkpoint key -> key inside the part module (layers renumbered from 0)."""
     prefix = "model." if role == "tail" else ""
     layer = Adapter.layer_key(key)
@@ -95,7 +95,7 @@ def _build(
     wanted = [k for k in keys if k not in shared]
     tensors = checkpoint.read(wanted, dtype=dtype)
     tensors.update({k: v for k, v in shared.items() if k in keys})
-    state = {_rename(k, role, start): v.to(device) for k, v in tensors.items()}
+    state = {renamed(k, role, start): v.to(device) for k, v in tensors.items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.to(device)
     return module.eval()

@@ -69,3 +69,17 @@ def parse_split(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
         raise SplitError(f"--split {text!r}: expected two integers 'K,M', e.g. --split 2,2")
     return int(parts[0]), int(parts[1])
+
+
+def parse_split_range(text: str) -> tuple[int, int, int]:
+    """Parse 'K,M' or 'KMIN-KMAX,M' (a randomised split: the device draws K per session)."""
+    head, _, tail = text.replace(" ", "").partition(",")
+    low, dash, high = head.partition("-")
+    if not dash:
+        k, m = parse_split(text)
+        return k, k, m
+    k_min, m = parse_split(f"{low},{tail}")
+    k_max, _ = parse_split(f"{high},{tail}")
+    if k_max <= k_min:
+        raise SplitError(f"--split {text!r}: the K range must rise, e.g. 1-4,2")
+    return k_min, k_max, m
