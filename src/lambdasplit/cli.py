@@ -41,6 +41,18 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 (defau
 ServerOpt = Annotated[
     Optional[str], typer.Option("--server", help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")
 ]
+PipelineOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--pipeline",
+        help="Diffusers SDXL or SD pipeline directory, an exported part, or tiny-sdxl / tiny-sd "
+        "(small offline pipelines with seeded random weights).",
+    ),
+]
+ModeOpt = Annotated[
+    str, typer.Option("--mode", help="paper: the cloud runs the whole UNet; unet-split: only its inner blocks.")
+]
+BlocksOpt = Annotated[int, typer.Option("--k", help="unet-split: outer down/up blocks kept on the device.")]
 TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token.")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
 
@@ -63,6 +75,12 @@ def _quiet_libraries(verbose: bool) -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        import diffusers
+    except ImportError:
+        return
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def _split(text: str | None) -> tuple[int, int] | None:
@@ -194,8 +212,22 @@ def export(
     split: SplitOpt = None,
     dtype: DtypeOpt = None,
     allow_shallow: ShallowOpt = False,
+    pipeline: PipelineOpt = None,
+    mode: ModeOpt = "paper",
+    k: BlocksOpt = 1,
 ) -> None:
-    """Write the device part (head + tail) and the cloud part (body) to separate directories."""
+    """Write the device part and the cloud part to separate directories: head + tail / body for a
+    language model, or (with --pipeline) text encoders + VAE (+ outer UNet blocks) / the UNet part."""
+    if pipeline is not None:
+        from lambdasplit.diffusion.parts import export_pipeline
+        from lambdasplit.split.manifest import DTYPES
+
+        if model is not None or split is not None:
+            raise LambdaSplitError("--pipeline exports a diffusion pipeline; drop --model and --split")
+        written = export_pipeline(pipeline, mode, k, out, DTYPES[dtype] if dtype else DTYPES["float32"])
+        for side, directory in written.items():
+            typer.echo(f"{side}: {directory}")
+        return
     from lambdasplit.split.export import export_parts
 
     written = export_parts(model, _split(split), out, dtype, allow_shallow)
@@ -221,8 +253,12 @@ def serve(
     dtype: DtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
     allow_shallow: ShallowOpt = False,
+    pipeline: PipelineOpt = None,
+    mode: ModeOpt = "paper",
+    k: BlocksOpt = 1,
 ) -> None:
-    """Serve the body to devices over WebSocket (one persistent connection per device)."""
+    """Serve the body to devices over WebSocket (one persistent connection per device): a language
+    model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
     import asyncio
 
     from lambdasplit.cloud.scheduler import SchedulerLimits, load_scheduler
@@ -238,13 +274,20 @@ def serve(
             "(or --insecure-no-auth on a network you trust)"
         )
     limits = SchedulerLimits(max_sessions, max_context, min_free_memory_mb << 20)
-    from lambdasplit.split.spec import parse_split_range
+    if pipeline is not None:
+        from lambdasplit.diffusion.cloud import load_diffusion_scheduler
 
-    k_min, k_max, m = parse_split_range(split) if split else (None, None, None)
-    parts = (k_min, m) if split else None
-    scheduler = load_scheduler(
-        str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None
-    )
+        if part is not None or model is not None or split is not None:
+            raise LambdaSplitError("--pipeline serves a diffusion UNet; drop --part, --model and --split")
+        scheduler = load_diffusion_scheduler(pipeline, mode, k, dtype, device, limits)
+    else:
+        from lambdasplit.split.spec import parse_split_range
+
+        k_min, k_max, m = parse_split_range(split) if split else (None, None, None)
+        parts = (k_min, m) if split else None
+        scheduler = load_scheduler(
+            str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None
+        )
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
     server = BodyServer(scheduler, config)
 
@@ -252,9 +295,7 @@ def serve(
         ready = asyncio.Event()
         task = asyncio.create_task(server.run(ready))
         await ready.wait()
-        first, last = scheduler.bodies[0][1].body, scheduler.bodies[-1][1].body
-        layers = f"layers {first[0]}..{first[1] - 1}" + (f", or from {last[0]} per session" if len(scheduler.bodies) > 1 else "")
-        typer.echo(f"lambdasplit body server listening on {server.url} ({layers})")
+        typer.echo(f"lambdasplit body server listening on {server.url} ({_serving(scheduler)})")
         sys.stdout.flush()
         await task
 
@@ -262,6 +303,71 @@ def serve(
         asyncio.run(run())
     except OSError as exc:
         raise LambdaSplitError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _serving(scheduler) -> str:
+    manifest = scheduler.manifest
+    if not hasattr(manifest, "body"):
+        blocks = "the whole UNet" if manifest.mode == "paper" else f"the UNet's inner blocks (K={manifest.k})"
+        return f"{manifest.family} {manifest.mode}: {blocks}"
+    first, last = scheduler.bodies[0][1].body, scheduler.bodies[-1][1].body
+    return f"layers {first[0]}..{first[1] - 1}" + (f", or from {last[0]} per session" if len(scheduler.bodies) > 1 else "")
+
+
+@app.command()
+def image(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    pipeline: PipelineOpt = None,
+    mode: ModeOpt = "paper",
+    k: BlocksOpt = 1,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 turns it off).")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed for the initial latents.")] = 0,
+    size: Annotated[Optional[str], typer.Option(help="WxH in pixels (default: the pipeline's).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("image.png"),
+    codec: Annotated[str, typer.Option(help="Wire codec for per-step tensors: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
+    dtype: DtypeOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    server: ServerOpt = None,
+    token_file: TokenOpt = None,
+    tls_ca: CaOpt = None,
+) -> None:
+    """Generate an image with a split diffusion pipeline; the UNet (part) runs on --server, or in this process."""
+    from rich.progress import Progress
+
+    from lambdasplit.cloud.security import read_token
+    from lambdasplit.diffusion.device import SplitPipeline
+    from lambdasplit.wire.codec import Codec
+
+    width_height = _size(size) if size else None
+    split = SplitPipeline.load(
+        pipeline, mode, k, dtype, device, Codec.parse(codec), server, read_token(token_file), tls_ca
+    )
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"denoising ({mode})", total=steps)
+            result = split.generate(prompt, steps, guidance, seed, width_height,
+                                    on_step=lambda step, total, _: progress.update(task, completed=step))
+    finally:
+        split.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    per_step = result.bytes_to_cloud / max(steps, 1), result.bytes_from_cloud / max(steps, 1)
+    typer.echo(
+        f"wrote {out} ({result.image.width}x{result.image.height}, {steps} steps, {mode}, {result.seconds:.1f} s); "
+        f"to cloud {result.bytes_to_cloud:,} B, from cloud {result.bytes_from_cloud:,} B "
+        f"({per_step[0]:,.0f} / {per_step[1]:,.0f} B per step)"
+    )
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise LambdaSplitError(f"--size {text!r}: expected WxH, e.g. 1024x1024") from None
+    if width <= 0 or height <= 0:
+        raise LambdaSplitError(f"--size {text!r}: width and height must be positive")
+    return width, height
 
 
 @app.command()

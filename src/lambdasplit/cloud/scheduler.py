@@ -83,18 +83,29 @@ class BodyScheduler:
     def _open(self, body: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
             raise CapacityError(f"the server is at its limit of {self.limits.max_sessions} sessions; retry later")
-        free = _free_memory(self.runner)
+        free = _free_memory(self._memory_probe())
         if free < self.limits.min_free_memory:
             raise CapacityError(
                 f"only {free >> 20} MiB of memory free (the guard is {self.limits.min_free_memory >> 20} MiB); "
                 "refusing a new session"
             )
         session_id = secrets.token_bytes(16)
-        shared = self.bodies[body][0]
-        own_runner = PartRunner(shared.module, shared.role, shared.config)
-        self.sessions[session_id] = BodySession(own_runner, session_id, self.limits.max_context)
+        self.sessions[session_id] = self._new_session(body, session_id)
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
+
+    def parse_manifest(self, data: dict) -> PartManifest:
+        """The device's manifest from its HELLO."""
+        return PartManifest.from_dict(data)
+
+    def _new_session(self, body: int, session_id: bytes) -> BodySession:
+        shared = self.bodies[body][0]
+        own_runner = PartRunner(shared.module, shared.role, shared.config)
+        return BodySession(own_runner, session_id, self.limits.max_context)
+
+    def _memory_probe(self) -> torch.Tensor | None:
+        """A parameter on the compute device, to ask that device how much memory is free."""
+        return next(self.runner.module.parameters(), None)
 
     def _handle(self, session_id: bytes, frame: Frame) -> tuple[Frame | None, float]:
         session = self.sessions.get(session_id)
@@ -107,8 +118,7 @@ class BodyScheduler:
         return reply, time.perf_counter() - start
 
 
-def _free_memory(runner: PartRunner) -> int:
-    param = next(runner.module.parameters(), None)
+def _free_memory(param: torch.Tensor | None) -> int:
     if param is not None and param.device.type == "cuda":
         return torch.cuda.mem_get_info(param.device)[0]
     return psutil.virtual_memory().available

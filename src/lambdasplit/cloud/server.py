@@ -21,7 +21,6 @@ from lambdasplit.cloud.metrics import ServerMetrics
 from lambdasplit.cloud.scheduler import BodyScheduler, CapacityError
 from lambdasplit.cloud.security import token_matches
 from lambdasplit.errors import LambdaSplitError, WireError
-from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame
 from lambdasplit.wire.protocol import BODY_PATH, PROTOCOL, control_frame, error_frame, read_control
@@ -125,7 +124,7 @@ class BodyServer:
         hello = read_control(_parse(message, self.limits), MsgType.HELLO)
         if hello.get("protocol") != PROTOCOL:
             raise WireError(f"protocol {hello.get('protocol')!r} is not supported; this server speaks {PROTOCOL}")
-        theirs = PartManifest.from_dict(hello.get("manifest") or {})
+        theirs = self.scheduler.parse_manifest(hello.get("manifest") or {})
         body, problem = self.scheduler.body_for(theirs)
         if problem:
             self.metrics.sessions_refused.inc()

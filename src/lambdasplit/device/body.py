@@ -55,14 +55,22 @@ class BodyClient(ABC):
         if attention_mask is not None and not bool(attention_mask.all()):
             frames.append(tensor_frame(MsgType.MASK, attention_mask, Codec.NONE))
         frames.append(tensor_frame(MsgType.HIDDEN, hidden, self.codec))
-        encoded = time.perf_counter()
+        encoded = time.perf_counter() - start
+        self.stats.codec_seconds += encoded
+        self.stats.seconds += encoded
+        return self.exchange(frames).to(device=hidden.device, dtype=hidden.dtype)
+
+    def exchange(self, frames: list[Frame]) -> torch.Tensor:
+        """Deliver encoded frames (the last one is answered) and decode the reply, counting bytes and
+        time; the text path and split diffusion both go through here."""
+        start = time.perf_counter()
         reply = self._exchange(frames)
         replied = time.perf_counter()
-        out = reply.tensor().to(device=hidden.device, dtype=hidden.dtype)
+        out = reply.tensor()
         done = time.perf_counter()
         sent, received = sum(f.size for f in frames), reply.size
-        self.stats.codec_seconds += (encoded - start) + (done - replied)
-        self.stats.wait_seconds += replied - encoded
+        self.stats.codec_seconds += done - replied
+        self.stats.wait_seconds += replied - start
         self.stats.seconds += done - start
         self.stats.bytes_to_cloud += sent
         self.stats.bytes_from_cloud += received
@@ -108,7 +116,7 @@ class LocalBody(BodyClient):
             if self.captured is not None:
                 self.captured.append(("to_cloud", data))
             reply = self.session.handle(parse_frame(data, self.limits))
-        assert reply is not None, "a HIDDEN frame always has a reply"
+        assert reply is not None, "the last frame of an exchange is always answered"
         data = reply.to_bytes()
         if self.captured is not None:
             self.captured.append(("from_cloud", data))

@@ -34,7 +34,7 @@ class RemoteBody(BodyClient):
     def __init__(
         self,
         url: str,
-        manifest: PartManifest,
+        manifest: PartManifest,  # or a PipelineManifest for split diffusion
         codec: Codec = Codec.BF16,
         token: str | None = None,
         tls_ca: str | Path | None = None,
@@ -73,7 +73,7 @@ class RemoteBody(BodyClient):
             try:
                 self._ensure_connected()
                 reply = self._roundtrip(frames)
-                self._history.extend(frames)
+                self._history.extend(f for f in frames if self.kept_for_replay(f))
                 return reply
             except _RETRYABLE as exc:
                 last_error = exc
@@ -126,7 +126,7 @@ class RemoteBody(BodyClient):
         hello = {"protocol": PROTOCOL, "manifest": self.manifest.as_dict(), "codec": self.codec.name.lower()}
         self._send(control_frame(MsgType.HELLO, hello))
         welcome = read_control(self._recv(self.connect_timeout), MsgType.WELCOME)
-        server = PartManifest.from_dict(welcome.get("manifest") or {})
+        server = type(self.manifest).from_dict(welcome.get("manifest") or {})
         problem = self.manifest.compatible_with(server)
         if problem:
             self.close()
@@ -142,29 +142,39 @@ class RemoteBody(BodyClient):
         log.warning("replaying %d frames to rebuild the body's cache", len(self._history))
         self._pipeline(self._history)
 
-    def _roundtrip(self, frames: list[Frame]) -> Frame:
-        return self._pipeline(frames)
+    def expects_reply(self, frame: Frame) -> bool:
+        """Whether the body answers this frame (text: every HIDDEN frame)."""
+        return frame.type == MsgType.HIDDEN
 
-    def _pipeline(self, frames: list[Frame]) -> Frame:
-        """Send all frames, then read one reply per HIDDEN frame, in order; return the last reply."""
+    def kept_for_replay(self, frame: Frame) -> bool:
+        """Whether a reconnect must resend this frame (text: the whole sequence rebuilds the cache)."""
+        return True
+
+    def _roundtrip(self, frames: list[Frame]) -> Frame:
+        reply = self._pipeline(frames)
+        if reply is None:
+            raise WireError("an exchange must end with a frame the body answers")
+        return reply
+
+    def _pipeline(self, frames: list[Frame]) -> Frame | None:
+        """Send all frames, then read one reply per answered frame, in order; return the last reply."""
         pending = []
         for frame in frames:
             stamped = self._stamp(frame)
             self._send(stamped)
-            if stamped.type == MsgType.HIDDEN:
-                pending.append(stamped.seq)
+            if self.expects_reply(stamped):
+                pending.append(stamped)
         reply = None
-        for seq in pending:
+        for sent in pending:
             reply = self._recv(self.timeout)
             if reply.type == MsgType.ERROR:
-                read_control(reply, MsgType.HIDDEN)
-            if reply.type != MsgType.HIDDEN or reply.seq != seq:
-                raise WireError(f"expected the reply to frame {seq}, got {reply.type.name} {reply.seq}")
-        assert reply is not None, "every exchange carries a HIDDEN frame"
+                read_control(reply, sent.type)
+            if reply.type != sent.type or reply.seq != sent.seq:
+                raise WireError(f"expected the reply to frame {sent.seq}, got {reply.type.name} {reply.seq}")
         return reply
 
     def _stamp(self, frame: Frame) -> Frame:
-        if frame.type == MsgType.HIDDEN:
+        if self.expects_reply(frame):
             self._seq += 1
         return dataclasses.replace(frame, session=self._session, seq=self._seq)
 

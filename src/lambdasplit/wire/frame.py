@@ -1,7 +1,7 @@
 """The one binary frame both ends speak: a fixed 52-byte header followed by raw tensor bytes.
 
 Header (little-endian):
-    magic "LS" | version u8 | type u8 | codec u8 | dtype u8 | rank u8 | flags u8 |
+    magic "LS" | version u8 | type u8 | codec u8 | dtype u8 | rank u8 | slot u8 |
     session id 16 bytes | sequence number u64 | shape 4 x u32 | payload length u32
 
 Nothing is unpickled: a payload is either UTF-8 JSON (control messages) or the bytes of one tensor
@@ -36,6 +36,7 @@ class MsgType(IntEnum):
     RESET = 5  # start a new sequence in this session
     ERROR = 6  # JSON {"code", "message"}
     CLOSE = 7
+    TENSOR = 8  # a named tensor of a diffusion step (rank 1-4); the header's slot byte names it
 
 
 class DType(IntEnum):
@@ -76,6 +77,7 @@ class Frame:
     dtype: DType = DType.BYTES
     shape: tuple[int, ...] = ()
     payload: bytes = b""
+    slot: int = 0  # which tensor a TENSOR frame carries (lambdasplit.diffusion.protocol.Slot); 0 otherwise
 
     @property
     def size(self) -> int:
@@ -85,7 +87,7 @@ class Frame:
     def to_bytes(self) -> bytes:
         dims = tuple(self.shape) + (0,) * (MAX_RANK - len(self.shape))
         header = HEADER.pack(
-            MAGIC, VERSION, self.type, self.codec, self.dtype, len(self.shape), 0,
+            MAGIC, VERSION, self.type, self.codec, self.dtype, len(self.shape), self.slot,
             self.session, self.seq, *dims, len(self.payload),
         )
         return header + self.payload
@@ -98,7 +100,7 @@ class Frame:
 
 
 def tensor_frame(
-    type_: MsgType, tensor: torch.Tensor, codec: Codec, session: bytes = NO_SESSION, seq: int = 0
+    type_: MsgType, tensor: torch.Tensor, codec: Codec, session: bytes = NO_SESSION, seq: int = 0, slot: int = 0
 ) -> Frame:
     """Encode a tensor; floating tensors go through `codec`, others (masks) travel as raw uint8."""
     if tensor.dim() > MAX_RANK:
@@ -108,14 +110,14 @@ def tensor_frame(
     if tensor.dtype not in DTYPE_OF:
         raise WireError(f"dtype {tensor.dtype} cannot be sent")
     payload = encode_tensor(tensor, codec)
-    return Frame(type_, session, seq, codec, DTYPE_OF[tensor.dtype], tuple(tensor.shape), payload)
+    return Frame(type_, session, seq, codec, DTYPE_OF[tensor.dtype], tuple(tensor.shape), payload, slot)
 
 
 def parse_frame(data: bytes, limits: Limits = Limits()) -> Frame:
     """Validate and parse one frame; any inconsistency raises WireError and nothing is allocated."""
     if len(data) < HEADER_SIZE:
         raise WireError(f"frame of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, type_, codec, dtype, rank, _flags, session, seq, *rest = HEADER.unpack_from(data)
+    magic, version, type_, codec, dtype, rank, slot, session, seq, *rest = HEADER.unpack_from(data)
     dims, length = rest[:MAX_RANK], rest[MAX_RANK]
     if magic != MAGIC:
         raise WireError("bad magic: not a lambdasplit frame")
@@ -127,6 +129,10 @@ def parse_frame(data: bytes, limits: Limits = Limits()) -> Frame:
         raise WireError(f"unknown header field: {exc}") from None
     if rank > MAX_RANK or any(dims[rank:]):
         raise WireError(f"bad rank {rank} for shape {dims}")
+    if (slot != 0) != (type_ == MsgType.TENSOR):
+        raise WireError("only TENSOR frames carry a slot, and they must name one")
+    if type_ == MsgType.TENSOR and dtype == DType.BYTES:
+        raise WireError("a TENSOR frame must carry a tensor")
     shape = tuple(dims[:rank])
     if length > limits.max_payload:
         raise WireError(f"payload of {length} bytes exceeds the limit of {limits.max_payload}")
@@ -136,7 +142,7 @@ def parse_frame(data: bytes, limits: Limits = Limits()) -> Frame:
         _check_tensor_header(type_, codec, dtype, shape, length, limits)
     elif codec != Codec.NONE or rank:
         raise WireError("a bytes frame must have codec none and rank 0")
-    return Frame(type_, session, seq, codec, dtype, shape, bytes(data[HEADER_SIZE:]))
+    return Frame(type_, session, seq, codec, dtype, shape, bytes(data[HEADER_SIZE:]), slot)
 
 
 def _check_tensor_header(
@@ -158,6 +164,8 @@ def _check_tensor_header(
             raise WireError(f"hidden size {shape[2]} does not match the model's D = {limits.hidden_size}")
         if limits.max_tokens is not None and shape[1] > limits.max_tokens:
             raise WireError(f"{shape[1]} positions in one frame exceed the limit of {limits.max_tokens}")
+    if type_ == MsgType.TENSOR and not shape:
+        raise WireError("a TENSOR frame needs rank 1 to 4")
     if type_ == MsgType.MASK and (len(shape) != 2 or dtype != DType.UINT8):
         raise WireError(f"an attention mask must be uint8 (B, T), got {dtype.name} {shape}")
     expected = payload_size(codec, TORCH_DTYPES[dtype], shape)

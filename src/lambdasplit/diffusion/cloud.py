@@ -1,0 +1,156 @@
+"""The cloud side of split diffusion: the UNet (paper) or its inner blocks (unet-split), per session.
+
+A DiffusionSession speaks the same frame interface as the text BodySession, so the same server,
+scheduler thread, auth, TLS and limits carry both. It keeps one image's conditioning (sent once)
+and answers each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import torch
+
+from lambdasplit.cloud.scheduler import BodyScheduler, SchedulerLimits
+from lambdasplit.diffusion import unet as cut
+from lambdasplit.diffusion.parts import PipelineManifest, load_unet, open_pipeline
+from lambdasplit.diffusion.protocol import UPLINK, Slot
+from lambdasplit.errors import SourceError, WireError
+from lambdasplit.split.manifest import DTYPES
+from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
+
+log = logging.getLogger(__name__)
+
+
+class UNetBody:
+    """What the cloud runs for one step, given the image's conditioning and the step's tensors."""
+
+    def __init__(self, unet, mode: str, k: int) -> None:
+        self.unet, self.mode, self.k = unet, mode, k
+        self.param = next(p for p in unet.parameters() if p.device.type != "meta")
+        if mode == "unet-split":
+            cut.check_k(unet, k)
+
+    @torch.inference_mode()
+    def step(self, cond: dict[Slot, torch.Tensor], inputs: dict[Slot, torch.Tensor]) -> tuple[Slot, torch.Tensor]:
+        cast = lambda t: t.to(device=self.param.device, dtype=self.param.dtype)  # noqa: E731
+        text = cast(_need(cond, Slot.TEXT))
+        if self.mode == "unet-split":
+            h, emb = cast(_need(inputs, Slot.HIDDEN)), cast(_need(inputs, Slot.EMB))
+            _same_batch(h, emb, text)
+            return Slot.HIDDEN, cut.inner(self.unet, self.k, h, emb, text)
+        sample = cast(_need(inputs, Slot.SAMPLE))
+        timestep = _need(inputs, Slot.TIMESTEP).reshape(()).to(self.param.device)
+        added = None
+        if Slot.TEXT_EMBEDS in cond or self.unet.config.addition_embed_type == "text_time":
+            added = {"text_embeds": cast(_need(cond, Slot.TEXT_EMBEDS)), "time_ids": cast(_need(cond, Slot.TIME_IDS))}
+            _same_batch(sample, text, added["text_embeds"], added["time_ids"])
+        else:
+            _same_batch(sample, text)
+        noise = self.unet(sample, timestep, text, added_cond_kwargs=added, return_dict=False)[0]
+        guidance = cond.get(Slot.GUIDANCE)
+        if guidance is not None:
+            # The pipeline's own classifier-free guidance formula, so the device's result is unchanged.
+            if noise.shape[0] % 2:
+                raise WireError("classifier-free guidance needs an even batch (unconditional + text)")
+            uncond, text_pred = noise.chunk(2)
+            noise = uncond + float(guidance.reshape(())) * (text_pred - uncond)
+        return Slot.NOISE, noise
+
+
+def _need(tensors: dict[Slot, torch.Tensor], slot: Slot) -> torch.Tensor:
+    if slot not in tensors:
+        raise WireError(f"the step is missing its {slot.name} tensor")
+    return tensors[slot]
+
+
+def _same_batch(*tensors: torch.Tensor) -> None:
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise WireError(f"batch sizes differ between the step's tensors: {[tuple(t.shape) for t in tensors]}")
+
+
+class DiffusionSession:
+    """One device's image in progress: conditioning kept, steps answered."""
+
+    def __init__(self, body: UNetBody, session_id: bytes, max_steps: int = 1000) -> None:
+        self.body = body
+        self.session_id = session_id
+        self.max_steps = max_steps
+        self.cond: dict[Slot, torch.Tensor] = {}
+        self.inputs: dict[Slot, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0  # the scheduler counts "tokens"; for images, one per step and sample
+
+    def handle(self, frame: Frame) -> Frame | None:
+        if frame.type == MsgType.RESET:
+            self.cond.clear()
+            self.inputs.clear()
+            self.steps = 0
+            return None
+        if frame.type != MsgType.TENSOR:
+            raise WireError(f"unexpected {frame.type.name} frame in a diffusion session")
+        try:
+            slot = Slot(frame.slot)
+        except ValueError:
+            raise WireError(f"unknown tensor slot {frame.slot}") from None
+        if slot not in UPLINK[self.body.mode]:
+            raise WireError(f"{slot.name} is not sent in {self.body.mode} mode")
+        (self.cond if slot.conditioning else self.inputs)[slot] = frame.tensor()
+        if not slot.expects_reply:
+            return None
+        if self.steps >= self.max_steps:
+            raise WireError(f"more than {self.max_steps} steps in one image")
+        inputs, self.inputs = self.inputs, {}
+        out_slot, out = self.body.step(self.cond, inputs)
+        self.steps += 1
+        self.tokens += out.shape[0]
+        return tensor_frame(MsgType.TENSOR, out, frame.codec, self.session_id, frame.seq, slot=out_slot)
+
+
+class DiffusionScheduler(BodyScheduler):
+    """The text scheduler's thread, limits and memory guard, with diffusion sessions."""
+
+    def __init__(self, body: UNetBody, manifest: PipelineManifest, limits: SchedulerLimits = SchedulerLimits()) -> None:
+        super().__init__(None, manifest, limits)
+        self.body = body
+        self.bodies = [(None, manifest)]
+
+    def parse_manifest(self, data: dict) -> PipelineManifest:
+        return PipelineManifest.from_dict(data)
+
+    def _new_session(self, body: int, session_id: bytes):
+        return DiffusionSession(self.body, session_id)
+
+    def _memory_probe(self) -> torch.Tensor:
+        return self.body.param
+
+
+def load_unet_body(
+    pipeline: str | None, mode: str, k: int, dtype: str | None = None, device: str = "cpu"
+) -> tuple[UNetBody, PipelineManifest]:
+    """The cloud's UNet part of `pipeline` (a diffusers directory or an exported cloud part)."""
+    opened = open_pipeline(pipeline, mode, k)
+    if opened.exported and opened.exported.role != "cloud":
+        raise SourceError(f"{opened.path} holds the {opened.exported.role} part; the cloud side needs DIR/cloud")
+    torch_dtype = DTYPES[dtype] if dtype else (DTYPES[opened.exported.dtype] if opened.exported else torch.float32)
+    select = None
+    if mode == "unet-split":
+        def select(skeleton) -> list[str]:
+            cut.check_k(skeleton, k)
+            return cut.inner_keys(skeleton, k)
+    unet = load_unet(opened.unet_dir, torch_dtype, device, select)
+    return UNetBody(unet, mode, k), opened.manifest("cloud", mode, k, torch_dtype)
+
+
+def load_diffusion_scheduler(
+    pipeline: str | None, mode: str, k: int, dtype: str | None = None, device: str = "cpu",
+    limits: SchedulerLimits = SchedulerLimits(),
+) -> DiffusionScheduler:
+    body, manifest = load_unet_body(pipeline, mode, k, dtype, device)
+    log.info("serving the %s UNet in %s mode (K=%d)", manifest.family, mode, k)
+    return DiffusionScheduler(body, manifest, limits)
+
+
+def local_session(body: UNetBody) -> DiffusionSession:
+    return DiffusionSession(body, secrets.token_bytes(16))

@@ -1,0 +1,262 @@
+"""The device side of split diffusion: a stand-in UNet for diffusers' own pipeline.
+
+SplitPipeline loads the real StableDiffusionXLPipeline / StableDiffusionPipeline (text encoders,
+VAE, scheduler, latents and guidance stay diffusers' code) and replaces its UNet by SplitUNet, which
+sends each call to the cloud: the whole call in paper mode, only the inner blocks in unet-split mode
+(the outer blocks run here). The pipeline cannot tell the difference, so the image is the unsplit
+pipeline's image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lambdasplit.device.body import BodyClient, LocalBody
+from lambdasplit.diffusion import unet as cut
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.diffusion.cloud import load_unet_body, local_session
+from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
+from lambdasplit.diffusion.protocol import Slot
+from lambdasplit.errors import LambdaSplitError, SplitError
+from lambdasplit.split.manifest import DTYPE_NAMES, DTYPES
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import Frame, Limits, MsgType, tensor_frame
+
+log = logging.getLogger(__name__)
+
+
+class SplitUNet(nn.Module):
+    """Looks like the pipeline's UNet (config, dtype, add_embedding...) but runs through `link`.
+
+    The wrapped UNet is kept outside the module tree: in paper mode all its weights are on the meta
+    device, in unet-split mode only the outer blocks are real, and neither must be moved or counted.
+    """
+
+    def __init__(self, unet, mode: str, k: int, link: BodyClient, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        object.__setattr__(self, "_unet", unet)
+        self.config = unet.config
+        self.mode, self.k, self.link = mode, k, link
+        self._dtype, self._device = dtype, torch.device(device)
+        self.guidance: float | None = None
+        self._conditioned = False
+        self.device_seconds = 0.0  # outer blocks run on the device (unet-split)
+        self.step_seconds: list[float] = []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_unet"), name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def begin_image(self, guidance: float | None) -> None:
+        """A new image: the cloud drops the last image's conditioning; CFG runs there if `guidance`."""
+        self.guidance = guidance
+        self._conditioned = False
+        self.device_seconds = 0.0
+        self.step_seconds = []
+        self.link.reset()
+
+    def forward(
+        self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
+        added_cond_kwargs=None, return_dict: bool = True, **unsupported,
+    ):
+        extras = [name for name, value in {"cross_attention_kwargs": cross_attention_kwargs, **unsupported}.items() if value is not None]
+        if extras:
+            raise SplitError(f"the split UNet does not carry {', '.join(extras)}")
+        start = time.perf_counter()
+        if self.mode == "paper":
+            out = self._paper(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs or {})
+        else:
+            out = self._unet_split(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
+        self.step_seconds.append(time.perf_counter() - start)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def _conditioning(self, tensors: dict[Slot, torch.Tensor]) -> list[Frame]:
+        """Frames sent once per image, always in fp32 so the conditioning is exact."""
+        if self._conditioned:
+            return []
+        self._conditioned = True
+        return [tensor_frame(MsgType.TENSOR, t, Codec.FP32, slot=slot) for slot, t in tensors.items()]
+
+    def _paper(self, sample, timestep, text, timestep_cond, added) -> torch.Tensor:
+        if timestep_cond is not None:
+            raise SplitError("paper mode does not carry timestep_cond (guidance-embedding UNets)")
+        cond = {Slot.TEXT: text}
+        if added:
+            cond |= {Slot.TEXT_EMBEDS: added["text_embeds"], Slot.TIME_IDS: added["time_ids"]}
+        if self.guidance is not None:
+            cond[Slot.GUIDANCE] = torch.tensor([self.guidance], dtype=torch.float32)
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
+        frames = [
+            *self._conditioning(cond),
+            tensor_frame(MsgType.TENSOR, t, Codec.FP32, slot=Slot.TIMESTEP),
+            tensor_frame(MsgType.TENSOR, sample, self.link.codec, slot=Slot.SAMPLE),
+        ]
+        noise = self.link.exchange(frames).to(device=sample.device, dtype=sample.dtype)
+        # The cloud already applied guidance; handing the pipeline [g, g] makes its own CFG step
+        # compute g + s * (g - g) = g exactly.
+        return torch.cat([noise, noise]) if self.guidance is not None else noise
+
+    def _unet_split(self, sample, timestep, text, timestep_cond, added) -> torch.Tensor:
+        unet = object.__getattribute__(self, "_unet")
+        start = time.perf_counter()
+        with torch.inference_mode():
+            h, emb, text, state = cut.outer_in(unet, self.k, sample, timestep, text, added, timestep_cond)
+        self.device_seconds += time.perf_counter() - start
+        frames = [
+            *self._conditioning({Slot.TEXT: text}),
+            tensor_frame(MsgType.TENSOR, emb, self.link.codec, slot=Slot.EMB),
+            tensor_frame(MsgType.TENSOR, h, self.link.codec, slot=Slot.HIDDEN),
+        ]
+        inner = self.link.exchange(frames).to(device=h.device, dtype=h.dtype)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = cut.outer_out(unet, self.k, inner, state)
+        self.device_seconds += time.perf_counter() - start
+        return out
+
+
+@dataclass
+class ImageResult:
+    image: object  # PIL.Image, or a numpy array for output_type="np"
+    seconds: float
+    bytes_to_cloud: int
+    bytes_from_cloud: int
+    per_step: list[tuple[int, int]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    device_unet_seconds: float = 0.0
+
+
+class SplitPipeline:
+    """A diffusers pipeline whose UNet is split between this device and a body (local or remote)."""
+
+    def __init__(self, pipe, unet: SplitUNet, manifest: PipelineManifest) -> None:
+        self.pipe, self.unet, self.manifest = pipe, unet, manifest
+
+    @classmethod
+    def load(
+        cls, pipeline: str | Path | None = None, mode: str = "paper", k: int = 1, dtype: str | None = None,
+        device: str = "cpu", codec: Codec = Codec.FP32, server: str | None = None, token: str | None = None,
+        tls_ca: str | Path | None = None,
+    ) -> SplitPipeline:
+        """The device part of `pipeline`; the cloud part runs on `server`, or in this process."""
+        from diffusers import DiffusionPipeline
+
+        opened = open_pipeline(pipeline, mode, k)
+        if opened.exported and opened.exported.role != "device":
+            raise LambdaSplitError(f"{opened.path} holds the {opened.exported.role} part; the device needs DIR/device")
+        torch_dtype = _dtype(dtype, opened)
+
+        def outer(skeleton) -> list[str]:
+            if mode != "unet-split":
+                return []
+            cut.check_k(skeleton, k)
+            return cut.outer_keys(skeleton, k)
+
+        unet = load_unet(opened.unet_dir, torch_dtype, device, outer)
+        manifest = opened.manifest("device", mode, k, torch_dtype)
+        if server:
+            link: BodyClient = remote_link(server, manifest, codec, token, tls_ca)
+        else:
+            link = local_link(opened, mode, k, torch_dtype, device, codec)
+        split_unet = SplitUNet(unet, mode, k, link, torch_dtype, torch.device(device))
+        base = DiffusionPipeline.from_pretrained(str(opened.path), unet=None, dtype=torch_dtype)
+        # Rebuild the pipeline around the split UNet: its __init__ reads sizes from the UNet config.
+        extra = {"requires_safety_checker": False} if "requires_safety_checker" in base.config else {}
+        pipe = type(base)(**{**base.components, "unet": split_unet}, **extra)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, split_unet, manifest)
+
+    def generate(
+        self, prompt: str, steps: int = 20, guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None,
+        on_step: Callable[[int, int, torch.Tensor], None] | None = None, output_type: str = "pil",
+    ) -> ImageResult:
+        """One image (PIL, or a float array with output_type="np"); `on_step(step, total, latents)`
+        after every denoising step."""
+        width, height = size or (None, None)
+        do_cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+        self.unet.begin_image(guidance if do_cfg else None)
+        self.unet.link.stats.reset()
+
+        def callback(pipe, step, timestep, kwargs):
+            if on_step is not None:
+                on_step(step + 1, steps, kwargs["latents"])
+            return {}
+
+        start = time.perf_counter()
+        image = self.pipe(
+            prompt, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+            generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=callback, output_type=output_type,
+        ).images[0]
+        stats = self.unet.link.stats
+        return ImageResult(
+            image, time.perf_counter() - start, stats.bytes_to_cloud, stats.bytes_from_cloud, list(stats.per_step),
+            list(self.unet.step_seconds), self.unet.device_seconds,
+        )
+
+    def decode_latents(self, latents: torch.Tensor):
+        """The VAE's picture of intermediate latents (for previews and the leakage audit)."""
+        return decode_latents(self.pipe, latents)
+
+    def close(self) -> None:
+        self.unet.link.close()
+
+
+def decode_latents(pipe, latents: torch.Tensor):
+    vae = pipe.vae
+    with torch.inference_mode():
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+def _dtype(name: str | None, opened: PipelineSource) -> torch.dtype:
+    if name:
+        if name not in DTYPES:
+            raise LambdaSplitError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    return DTYPES[opened.exported.dtype] if opened.exported else torch.float32
+
+
+def local_link(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, device: str, codec: Codec) -> LocalBody:
+    """The cloud part in this process, reached through the same frames the network carries."""
+    if opened.exported:
+        raise LambdaSplitError(f"{opened.path} is an exported device part; give --server to reach its cloud part")
+    body, _ = load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)
+    return LocalBody(local_session(body), codec, Limits(max_elements=1 << 30, max_payload=1 << 31))
+
+
+class RemoteUNet(RemoteBody):
+    """RemoteBody for diffusion sessions: a step's last frame is answered; a reconnect resends only
+    the image's conditioning (the cloud keeps nothing else between steps)."""
+
+    def expects_reply(self, frame: Frame) -> bool:
+        return frame.type == MsgType.TENSOR and Slot(frame.slot).expects_reply
+
+    def kept_for_replay(self, frame: Frame) -> bool:
+        return frame.type == MsgType.TENSOR and Slot(frame.slot).conditioning
+
+
+def remote_link(url: str, manifest: PipelineManifest, codec: Codec, token: str | None = None, tls_ca=None) -> RemoteUNet:
+    return RemoteUNet(url, manifest, codec, token=token, tls_ca=tls_ca, timeout=600.0)
