@@ -128,7 +128,7 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
                     rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
                                  "greedy_match": gen_ids == ref})
     return {"config": {**config.__dict__, "splits": [list(s) for s in config.splits]}, "attacks": rows,
-            "quality": quality, "summary": summarize(rows, quality)}
+            "quality": quality, "summary": summarize(rows, quality, config.attacks)}
 
 
 def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample]) -> list[list[int]]:
@@ -224,8 +224,8 @@ def _quality(config: AuditConfig, defense: Defense, k: int, m: int) -> dict:
     return {"kl": float(kl), "perplexity": ppl(noisy), "perplexity_clean": ppl(clean), "perplexity_delta": ppl(noisy) - ppl(clean)}
 
 
-def summarize(rows: list[dict], quality: list[dict]) -> list[dict]:
-    """Means per (split, defense, threat)."""
+def summarize(rows: list[dict], quality: list[dict], attacks: list[str] = ATTACKS) -> list[dict]:
+    """Means per (split, defense, threat); None for the columns of attacks that were not run."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((tuple(row["split"]), row["defense"], row["threat"]), []).append(row)
@@ -245,10 +245,19 @@ def summarize(rows: list[dict], quality: list[dict]) -> list[dict]:
             "output_exact": mean(lambda r: float(r["output"]["exact"])),
             "output_rouge_l": mean(lambda r: r["output"]["rouge_l"]),
             "attacker_seconds": mean(lambda r: r["seconds"]),
+            "inversion_seconds": mean(lambda r: (r.get("inversion") or {}).get("seconds", 0.0)),
+            "inversion_train_seconds": mean(lambda r: (r.get("inversion") or {}).get("train_seconds", 0.0)),
             "greedy_agreement": mean(lambda r: float(r["greedy_match"])),
             "next_token_kl": q[(split, defense)].get("kl"),
             "perplexity_delta": q[(split, defense)].get("perplexity_delta"),
         })
+    unused = []
+    if "vocab-matching" not in attacks:
+        unused += ["prompt_token_accuracy", "prompt_exact", "prompt_rouge_l", "prompt_pii_recovered"]
+    if "vocab-matching" not in attacks and "tail-replay" not in attacks:
+        unused += ["output_token_accuracy", "output_exact", "output_rouge_l", "attacker_seconds"]
+    for row in out:
+        row.update(dict.fromkeys(unused))
     return out
 
 

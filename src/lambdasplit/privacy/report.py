@@ -46,13 +46,16 @@ def _pareto(summary: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summary:
-        if s["threat"] != "cloud":
+    attacks = (("prompt_token_accuracy", "o", "vocabulary matching"), ("inversion_token_accuracy", "x", "learned inversion"))
+    for key, marker, label in attacks:
+        points = [s for s in summary if s["threat"] == "cloud" and s.get(key) is not None]
+        if not points:
             continue
-        x = s["next_token_kl"] or 0.0
-        y = s["prompt_token_accuracy"]
-        ax.scatter(x, y, s=30)
-        ax.annotate(f"{s['defense']} K={s['split'][0]}", (x, y), fontsize=6)
+        xs = [s["next_token_kl"] or 0.0 for s in points]
+        ax.scatter(xs, [s[key] for s in points], s=30, marker=marker, label=label)
+        for s, x in zip(points, xs, strict=True):
+            ax.annotate(f"{s['defense']} K={s['split'][0]}", (x, s[key]), fontsize=6)
+    ax.legend(fontsize=8)
     ax.set_xlabel("quality loss: next-token KL to the unsplit model (held-out text)")
     ax.set_ylabel("curious cloud: prompt token recovery")
     ax.set_title("Defenses: recovery vs quality loss")
