@@ -37,6 +37,32 @@ def gpu(
 
 
 @app.command()
+def diffusion(
+    full: Annotated[bool, typer.Option(help="SDXL's real sizes (2.6 B UNet) with random bf16 weights, 1024x1024; for a GPU.")] = False,
+    steps: Annotated[int, typer.Option()] = 0,
+    reps: Annotated[int, typer.Option()] = 3,
+    device: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Split diffusion: unsplit vs paper vs unet-split latency, bytes per step and codec PSNR/SSIM."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from benchmarks.diffusion import build_full_sdxl, run
+    from lambdasplit.diffusion.tiny import default_pipeline_dir
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if full:
+        work = Path(os.environ.get("LAMBDASPLIT_BENCH_DIR", "/tmp/lambdasplit-bench"))
+        pipeline = build_full_sdxl(work / "sdxl-full")
+        path = run(str(pipeline), device, "bfloat16", steps or 30, reps, (1024, 1024), "diffusion-gpu")
+    else:
+        path = run(str(default_pipeline_dir("sdxl")), device, "float32", steps or 20, reps, (64, 64), "diffusion-cpu")
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def report() -> None:
     """Plots and docs/benchmarks.md tables from benchmarks/results/*.json."""
     from benchmarks.report import write_report

@@ -502,6 +502,8 @@ def audit(
     prompts: Annotated[Optional[int], typer.Option(help="Use only the first N prompts of the set.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 24,
     inversion_steps: Annotated[int, typer.Option(help="Training steps of the learned inverter per K.")] = 300,
+    pipeline: Annotated[Optional[str], typer.Option("--pipeline", help="Audit a split diffusion pipeline instead (a directory, tiny-sdxl or tiny-sd): image leakage per mode and K.")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps of the audited image (with --pipeline).")] = 20,
     quick: Annotated[bool, typer.Option(help="Reduced audit (minutes on a CPU): 3 prompts, splits 1,1 and 4,4, four defenses.")] = False,
 ) -> None:
     """Measure what a curious cloud or an eavesdropper recovers from the hidden states, per defense."""
@@ -509,6 +511,16 @@ def audit(
 
     from lambdasplit.privacy.audit import ATTACKS, DEFENSES, AuditConfig, run_audit
     from lambdasplit.privacy.report import write_report
+
+    if pipeline is not None:
+        from lambdasplit.privacy.diffusion import audit_pipeline
+
+        with Progress() as progress:
+            task = progress.add_task("auditing", total=None)
+            audit_pipeline(pipeline, "a lighthouse at dusk, oil painting", steps, out,
+                           lambda label: progress.update(task, description=label))
+        typer.echo(f"wrote {out / 'diffusion.md'}, {out / 'diffusion.json'}")
+        return
 
     config = AuditConfig(source=model, max_new_tokens=max_new_tokens, prompts=prompts, inversion_steps=inversion_steps)
     if quick:
