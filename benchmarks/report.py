@@ -36,6 +36,10 @@ def write_report() -> Path:
             sections.append(cpu_section(data, name))
     if gpu:
         sections.append(gpu_section(gpu))
+    for name in ("diffusion-gpu", "diffusion-cpu"):
+        data = _load(name)
+        if data:
+            sections.append(diffusion_section(data, name))
     path = DOCS / "benchmarks.md"
     text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
     head, _, rest = text.partition(START)
@@ -175,3 +179,34 @@ def _gpu_plot(model: str, out: dict) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"img/{path.name}"
+
+
+def diffusion_section(data: dict, name: str) -> str:
+    where = data["environment"].get("gpu", "CPU")
+    shape = "SDXL's real sizes, random bf16 weights" if "gpu" in name else "the small offline SDXL-shaped pipeline, fp32"
+    lines = [f"## Split diffusion on {where}: {shape} (`{name}`)", "",
+             f"Run {_env(data)}. {data['size'][0]}x{data['size'][1]}, {data['steps']} Euler steps, guidance 5, "
+             f"{data['reps']} interleaved repetitions (medians); the cloud part runs in the same process behind the "
+             f"frame codec ({data['latency_codec']}, exact for this dtype), so the ratios show the split's own cost "
+             "without a network.", "",
+             "| mode | ms per step | s per image | x unsplit | image identical to unsplit |", "|---|---|---|---|---|"]
+    for mode, row in data["latency"].items():
+        lines.append(f"| {mode} | {row['step_ms']:.1f} | {row['image_s']:.2f} | {row['ratio']:.2f} | {'yes' if row['exact'] else 'no'} |")
+    forward = data.get("unet_forward_ms")
+    if forward:
+        lines += ["", "The same UNet call on the unsplit pipeline's UNet and on the cloud's copy: "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in forward.items()) + " (the spread is run-to-run noise)."]
+    lines += ["", "Bytes per step (uplink / downlink, frame headers included) and image fidelity against the exact "
+              "image, per codec; conditioning (text embeddings, sent once per image) is listed separately.", "",
+              "| mode | codec | up B/step | down B/step | once per image | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]
+    for mode, codecs in data["codecs"].items():
+        for codec, row in codecs.items():
+            value = "exact" if row["psnr"] == float("inf") else f"{row['psnr']:.1f}"
+            lines.append(f"| {mode} | {codec} | {row['bytes_up_per_step']:,.0f} | {row['bytes_down_per_step']:,.0f} | "
+                         f"{row['conditioning_bytes']:,.0f} | {value} | {row['ssim']:.4f} |")
+    plot = RESULTS / f"{name}.png"
+    if plot.is_file():
+        target = PLOTS / plot.name
+        target.write_bytes(plot.read_bytes())
+        lines += ["", f"![{name}](img/{plot.name})"]
+    return "\n".join(lines)

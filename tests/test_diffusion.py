@@ -210,3 +210,16 @@ def test_image_command_as_a_new_user_runs_it(tmp_path, mode):
         assert proc.returncode == 0, proc.stderr
     a, b = np.asarray(Image.open(local)), np.asarray(Image.open(remote))
     assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+
+
+def test_leakage_paper_mode_gives_the_image_away_and_unet_split_less(pipelines):
+    """The audit's attacks on captured frames: paper mode replays to the exact image; inverting the
+    outer blocks at K = 1 recovers the structure (far above the blind guess), and less at K = 2."""
+    from lambdasplit.privacy.diffusion import measure
+
+    paper = measure(str(pipelines["sdxl"]), "paper", 0, PROMPT, steps=6)
+    assert paper.psnr >= 60 and paper.ssim > 0.999
+    k1 = measure(str(pipelines["sdxl"]), "unet-split", 1, PROMPT, steps=6, iterations=200)
+    k2 = measure(str(pipelines["sdxl"]), "unet-split", 2, PROMPT, steps=6, iterations=200)
+    assert k1.ssim > k1.baseline_ssim + 0.3 and k1.psnr > k1.baseline_psnr + 3
+    assert k2.ssim < k1.ssim
