@@ -53,6 +53,7 @@ ModeOpt = Annotated[
     str, typer.Option("--mode", help="paper: the cloud runs the whole UNet; unet-split: only its inner blocks.")
 ]
 BlocksOpt = Annotated[int, typer.Option("--k", help="unet-split: outer down/up blocks kept on the device.")]
+CodecOpt = Annotated[str, typer.Option(help="Wire codec: fp32, bf16, fp16, int8 (lossy).")]
 TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token.")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
 
@@ -469,7 +470,7 @@ def gateway(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8471,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
-    codec: Annotated[str, typer.Option(help="Wire codec: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
+    codec: CodecOpt = "fp32",
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="Require this key from API clients.")] = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -547,6 +548,80 @@ def audit(
     command = "lambdasplit " + " ".join(sys.argv[1:])
     paths = write_report(result, out, command)
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command()
+def ui(
+    server: ServerOpt = None,
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    host: Annotated[str, typer.Option(help="Address for the web page (keep it on loopback).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8472,
+    token_file: TokenOpt = None,
+    tls_ca: CaOpt = None,
+    codec: CodecOpt = "fp32",
+    dtype: DtypeOpt = None,
+    pipeline: PipelineOpt = None,
+    image_server: Annotated[Optional[str], typer.Option("--image-server", help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
+    image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
+) -> None:
+    """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
+    import uvicorn
+
+    from lambdasplit.cloud.security import is_loopback, read_token
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.ui.app import create_ui, load_audit
+    from lambdasplit.wire.codec import Codec
+
+    if not is_loopback(host):
+        raise LambdaSplitError(f"the UI has no login; refusing to serve it on {host} (keep it on 127.0.0.1)")
+    token = read_token(token_file)
+    wire = Codec.parse(codec)
+    parts = _split(split)
+    device = SplitDevice.load(model, parts, dtype)
+    body = _ui_body(device, model, parts, dtype, wire, server, token, tls_ca)
+    load_image = _image_loader(pipeline, image_server, token, tls_ca, wire) if image else None
+    info = {"model": model or "SmolLM2-135M-Instruct", "server": server, "image_server": image_server,
+            "image_note": _image_note(pipeline, image_server)}
+    audit = load_audit(device.spec) if model is None else None
+    typer.echo(f"lambdasplit UI: http://{host}:{port}/ (body {'at ' + server if server else 'in this process'})")
+    sys.stdout.flush()
+    uvicorn.run(create_ui(device, body, info, load_image, audit), host=host, port=port, log_level="warning")
+
+
+def _ui_body(device, model, parts, dtype, codec, server, token, tls_ca):
+    """The UI gives up on an unreachable server within seconds, so the page says why instead of waiting."""
+    if server:
+        from lambdasplit.device.remote import RemoteBody
+
+        return RemoteBody(server, device.manifest, codec, token=token, tls_ca=tls_ca, connect_timeout=5.0, retries=1)
+    from lambdasplit.device.body import load_local_body
+
+    return load_local_body(model, parts, dtype, codec=codec)
+
+
+def _image_loader(pipeline, image_server, token, tls_ca, codec):
+    """Split pipelines for the image tab, loaded on first use per (mode, K) and kept."""
+    import threading
+
+    from lambdasplit.diffusion.device import SplitPipeline
+
+    loaded: dict[tuple[str, int], SplitPipeline] = {}
+    lock = threading.Lock()
+
+    def load(mode: str, k: int) -> SplitPipeline:
+        with lock:
+            if (mode, k) not in loaded:
+                loaded[(mode, k)] = SplitPipeline.load(pipeline, mode, k, codec=codec, server=image_server, token=token,
+                                                       tls_ca=tls_ca)
+            return loaded[(mode, k)]
+
+    return load
+
+
+def _image_note(pipeline, image_server) -> str:
+    name = pipeline or "tiny-sdxl (small offline SDXL-shaped pipeline with random weights: expect noise-like pictures)"
+    return f"pipeline: {name}; UNet part {'at ' + image_server if image_server else 'in this process'}"
 
 
 def main() -> None:

@@ -1,0 +1,60 @@
+"""Screenshots of both UI tabs for the README: `.venv/bin/python scripts/ui_screenshots.py`.
+
+Starts `lambdasplit ui` (body and UNet part in process), asks one question and draws one image in
+Debian's headless chromium, and writes docs/img/ui-chat.png and docs/img/ui-image.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def main() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "lambdasplit.cli", "ui", "--port", str(port)])
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/api/info", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page.goto(url)
+            page.fill("#max-new-tokens", "48")
+            page.fill("#chat-input", "What is split inference, in two sentences?")
+            page.click("#send")
+            page.wait_for_selector("#answer[data-state=done]", timeout=300_000)
+            OUT.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(OUT / "ui-chat.png"))
+            page.click("#tab-image")
+            page.fill("#image-steps", "12")
+            page.select_option("#image-mode", "unet-split")
+            page.click("#image-go")
+            page.wait_for_selector("#image-state[data-state=done]", timeout=300_000)
+            page.screenshot(path=str(OUT / "ui-image.png"))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    print(f"wrote {OUT / 'ui-chat.png'} and {OUT / 'ui-image.png'}")
+
+
+if __name__ == "__main__":
+    main()
