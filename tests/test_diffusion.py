@@ -136,6 +136,22 @@ def test_over_the_network_with_a_token(pipelines, family, mode, k, tmp_path):
     np.testing.assert_allclose(again, reference(pipelines[family], seed=2), atol=1e-6)
 
 
+def test_over_tls_and_refused_without_the_ca(pipelines, tmp_path):
+    from lambdasplit.cloud.security import make_certificates
+
+    paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
+    args = ("--pipeline", str(pipelines["sdxl"]), "--mode", "unet-split", "--k", "1",
+            "--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"]))
+    with ServerProcess(*args) as proc:
+        assert proc.url.startswith("wss://")
+        pipe = SplitPipeline.load(pipelines["sdxl"], "unet-split", 1, server=proc.url, tls_ca=paths["ca"])
+        np.testing.assert_allclose(split_image(pipe), reference(pipelines["sdxl"]), atol=1e-6)
+        pipe.close()
+        untrusted = SplitPipeline.load(pipelines["sdxl"], "unet-split", 1, server=proc.url)
+        with pytest.raises(LambdaSplitError, match="TLS"):
+            untrusted.generate(PROMPT, 1)
+
+
 def test_mode_mismatch_is_refused(pipelines):
     with ServerProcess("--pipeline", str(pipelines["sdxl"]), "--mode", "paper") as proc:
         pipe = SplitPipeline.load(pipelines["sdxl"], "unet-split", 1, server=proc.url)
