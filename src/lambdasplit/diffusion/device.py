@@ -205,10 +205,13 @@ class SplitPipeline:
             return {}
 
         start = time.perf_counter()
-        image = self.pipe(
-            prompt, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-            generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=callback, output_type=output_type,
-        ).images[0]
+        try:
+            image = self.pipe(
+                prompt, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=callback, output_type=output_type,
+            ).images[0]
+        except ValueError as exc:  # diffusers' input checks (sizes, step counts)
+            raise LambdaSplitError(f"the pipeline refused the request: {exc}") from None
         stats = self.unet.link.stats
         return ImageResult(
             image, time.perf_counter() - start, stats.bytes_to_cloud, stats.bytes_from_cloud, list(stats.per_step),
