@@ -43,10 +43,15 @@ SDXL_VAE = dict(
 
 def build_full_sdxl(directory: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """SDXL's real shapes with seeded random weights (built on the GPU when there is one)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lambdasplit.diffusion.tiny import _tokenizer
+    from lambdasplit.diffusion.tiny import byte_tokenizer
 
     if (directory / "done").is_file():
         return directory
@@ -63,7 +68,7 @@ def build_full_sdxl(directory: Path, dtype: torch.dtype = torch.bfloat16) -> Pat
             projection_dim=1280, hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(dtype)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    tokenizer = _tokenizer()
+    tokenizer = byte_tokenizer()
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(directory))

@@ -78,8 +78,8 @@ def test_unet_split_keeps_latents_and_noise_on_the_device(pipelines):
     pipe = SplitPipeline.load(pipelines["sdxl"], "unet-split", 1)
     pipe.unet.link.start_capture()
     split_image(pipe)
-    from lambdasplit.wire.frame import parse_frame, Limits
     from lambdasplit.diffusion.protocol import Slot
+    from lambdasplit.wire.frame import Limits, parse_frame
 
     limits = Limits(max_elements=1 << 30, max_payload=1 << 31)
     slots = {Slot(parse_frame(data, limits).slot) for _, data in pipe.unet.link.captured}

@@ -34,7 +34,7 @@ class UNetBody:
 
     @torch.inference_mode()
     def step(self, cond: dict[Slot, torch.Tensor], inputs: dict[Slot, torch.Tensor]) -> tuple[Slot, torch.Tensor]:
-        cast = lambda t: t.to(device=self.param.device, dtype=self.param.dtype)  # noqa: E731
+        cast = lambda t: t.to(device=self.param.device, dtype=self.param.dtype)
         text = cast(_need(cond, Slot.TEXT))
         if self.mode == "unet-split":
             h, emb = cast(_need(inputs, Slot.HIDDEN)), cast(_need(inputs, Slot.EMB))

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lambdasplit.device.body import BodyClient, LocalBody
-from lambdasplit.diffusion import unet as cut
 from lambdasplit.device.remote import RemoteBody
+from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.cloud import load_unet_body, local_session
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot

@@ -141,7 +141,7 @@ def load_unet(
                 state[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
     missing = wanted - set(state)
     if missing:
-        raise SourceError(f"{unet_dir}: {len(missing)} UNet weights this part needs are missing, e.g. {sorted(missing)[0]}")
+        raise SourceError(f"{unet_dir}: {len(missing)} UNet weights this part needs are missing, e.g. {min(missing)}")
     unet.load_state_dict(state, strict=False, assign=True)
     return unet.eval()
 

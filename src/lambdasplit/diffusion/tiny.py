@@ -56,7 +56,7 @@ def _unet(family: str):
     )
 
 
-def _tokenizer():
+def byte_tokenizer():
     """A CLIP tokenizer over single bytes (no merges): every character is a token."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
@@ -70,7 +70,12 @@ def _tokenizer():
 
 def build_tiny_pipeline(family: str, directory: Path, seed: int = _SEED) -> Path:
     """Build and save a seeded `family` ("sdxl" or "sd") pipeline in `directory`."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if family not in FAMILIES:
@@ -85,7 +90,7 @@ def build_tiny_pipeline(family: str, directory: Path, seed: int = _SEED) -> Path
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
     )
-    tokenizer = _tokenizer()
+    tokenizer = byte_tokenizer()
     text_encoder = CLIPTextModel(_text_config())
     if family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(_text_config())
