@@ -56,9 +56,10 @@ def diffusion(
     if full:
         work = Path(os.environ.get("LAMBDASPLIT_BENCH_DIR", "/tmp/lambdasplit-bench"))
         pipeline = build_full_sdxl(work / "sdxl-full")
-        path = run(str(pipeline), device, "bfloat16", steps or 30, reps, (1024, 1024), "diffusion-gpu")
+        path = run(str(pipeline), device, "bfloat16", steps or 30, reps, (1024, 1024), "diffusion-gpu", loopback=True)
     else:
-        path = run(str(default_pipeline_dir("sdxl")), device, "float32", steps or 20, reps, (64, 64), "diffusion-cpu")
+        path = run(str(default_pipeline_dir("sdxl")), device, "float32", steps or 20, reps, (64, 64), "diffusion-cpu",
+                   loopback=True)
     typer.echo(f"wrote {path}")
 
 

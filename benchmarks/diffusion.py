@@ -103,7 +103,34 @@ def _timed(pipe, steps: int, device: str, size: tuple[int, int], **kwargs) -> di
     return {"image_s": total, "step_ms": 1000 * float(np.median(step_times)), "image": image}
 
 
-def run(pipeline: str, device: str, dtype: str, steps: int, reps: int, size: tuple[int, int], result_name: str) -> Path:
+def run(
+    pipeline: str, device: str, dtype: str, steps: int, reps: int, size: tuple[int, int], result_name: str,
+    loopback: bool = False,
+) -> Path:
+    """With `loopback`, paper and unet-split K=2 also run against a `lambdasplit serve` process on
+    this machine (same device), so the WebSocket path is in the comparison."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        servers = _servers(stack, pipeline, device, dtype) if loopback else {}
+        return _run(pipeline, device, dtype, steps, reps, size, result_name, servers)
+
+
+def _servers(stack, pipeline: str, device: str, dtype: str) -> dict[str, tuple[str, int, str]]:
+    from lambdasplit.cloud.process import ServerProcess
+
+    out = {}
+    for mode, k in (("paper", 0), ("unet-split", 2)):
+        proc = stack.enter_context(ServerProcess("--pipeline", pipeline, "--mode", mode, "--k", str(max(k, 1)),
+                                                 "--device", device, "--dtype", dtype, timeout=600))
+        out[f"{mode}" + (f" K={k}" if k else "") + " (loopback server)"] = (mode, k, proc.url)
+    return out
+
+
+def _run(
+    pipeline: str, device: str, dtype: str, steps: int, reps: int, size: tuple[int, int], result_name: str,
+    servers: dict[str, tuple[str, int, str]],
+) -> Path:
     from diffusers import DiffusionPipeline
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -114,6 +141,9 @@ def run(pipeline: str, device: str, dtype: str, steps: int, reps: int, size: tup
     for mode, k in MODES:
         split = SplitPipeline.load(pipeline, mode, k, dtype, device, native)
         candidates[f"{mode}" + (f" K={k}" if k else "")] = (split.pipe, split)
+    for name, (mode, k, url) in servers.items():
+        split = SplitPipeline.load(pipeline, mode, k, dtype, device, native, server=url)
+        candidates[name] = (split.pipe, split)
     timings: dict[str, list[dict]] = {name: [] for name in candidates}
     for pipe, split in candidates.values():  # warm-up
         _begin(split)
@@ -136,7 +166,7 @@ def run(pipeline: str, device: str, dtype: str, steps: int, reps: int, size: tup
             "exact": bool(np.array_equal(runs[0]["image"], reference)),
         }
     for name, (pipe, split) in candidates.items():
-        if split is None:
+        if split is None or name in servers:
             continue
         for codec in CODECS:
             split.unet.link.codec = codec

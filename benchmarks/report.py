@@ -187,14 +187,14 @@ def diffusion_section(data: dict, name: str) -> str:
     lines = [f"## Split diffusion on {where}: {shape} (`{name}`)", "",
              f"Run {_env(data)}. {data['size'][0]}x{data['size'][1]}, {data['steps']} Euler steps, guidance 5, "
              f"{data['reps']} interleaved repetitions (medians); the cloud part runs in the same process behind the "
-             f"frame codec ({data['latency_codec']}, exact for this dtype), so the ratios show the split's own cost "
-             "without a network.", "",
+             f"frame codec ({data['latency_codec']}, exact for this dtype), or, in rows marked loopback server, in a "
+             "`lambdasplit serve` process on the same machine reached over WebSocket.", "",
              "| mode | ms per step | s per image | x unsplit | image identical to unsplit |", "|---|---|---|---|---|"]
     for mode, row in data["latency"].items():
         lines.append(f"| {mode} | {row['step_ms']:.1f} | {row['image_s']:.2f} | {row['ratio']:.2f} | {'yes' if row['exact'] else 'no'} |")
     forward = data.get("unet_forward_ms")
     if forward:
-        lines += ["", "The same UNet call on the unsplit pipeline's UNet and on the cloud's copy: "
+        lines += ["", "The same UNet call (under `torch.inference_mode`) on the unsplit pipeline's UNet and on the cloud's copy: "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in forward.items()) + " (the spread is run-to-run noise)."]
     lines += ["", "Bytes per step (uplink / downlink, frame headers included) and image fidelity against the exact "
               "image, per codec; conditioning (text embeddings, sent once per image) is listed separately.", "",
