@@ -152,6 +152,29 @@ def test_over_tls_and_refused_without_the_ca(pipelines, tmp_path):
             untrusted.generate(PROMPT, 1)
 
 
+def test_server_killed_mid_image_the_device_reconnects_and_replays_the_conditioning(pipelines):
+    args = ("--pipeline", str(pipelines["sdxl"]), "--mode", "paper")
+    first = ServerProcess(*args)
+    restarted: list[ServerProcess] = []
+    pipe = SplitPipeline.load(pipelines["sdxl"], "paper", server=first.url)
+    pipe.unet.link.backoff = 0.2
+
+    def kill_after_first_step(step, total, latents):
+        if step == 1:
+            first.kill()
+            restarted.append(ServerProcess(*args, port=first.port))
+
+    try:
+        got = pipe.generate(PROMPT, STEPS, 5.0, 1, on_step=kill_after_first_step, output_type="np").image
+    finally:
+        pipe.close()
+        first.stop()
+        for proc in restarted:
+            proc.stop()
+    assert pipe.unet.link.reconnects == 1
+    np.testing.assert_allclose(got, reference(pipelines["sdxl"]), atol=1e-6)
+
+
 def test_mode_mismatch_is_refused(pipelines):
     with ServerProcess("--pipeline", str(pipelines["sdxl"]), "--mode", "paper") as proc:
         pipe = SplitPipeline.load(pipelines["sdxl"], "unet-split", 1, server=proc.url)
@@ -175,6 +198,14 @@ def test_a_wrong_slot_closes_only_that_session(pipelines):
             ws.send(tensor_frame(MsgType.TENSOR, torch.zeros(2, 4, 8, 8), Codec.FP32, session, 1, slot=Slot.HIDDEN).to_bytes())
             error = parse_frame(ws.recv())
             assert error.type == MsgType.ERROR and b"HIDDEN is not sent in paper mode" in error.payload
+        with connect(proc.url + BODY_PATH) as ws:  # the right slot with the wrong number of channels
+            ws.send(control_frame(MsgType.HELLO, {"protocol": PROTOCOL, "manifest": manifest.as_dict()}).to_bytes())
+            session = bytes.fromhex(read_control(parse_frame(ws.recv()), MsgType.WELCOME)["session"])
+            ws.send(tensor_frame(MsgType.TENSOR, torch.zeros(2, 77, 64), Codec.FP32, session, 0, slot=Slot.TEXT).to_bytes())
+            ws.send(tensor_frame(MsgType.TENSOR, torch.zeros(1), Codec.FP32, session, 0, slot=Slot.TIMESTEP).to_bytes())
+            ws.send(tensor_frame(MsgType.TENSOR, torch.zeros(2, 3, 8, 8), Codec.FP32, session, 1, slot=Slot.SAMPLE).to_bytes())
+            error = parse_frame(ws.recv())
+            assert error.type == MsgType.ERROR and b"SAMPLE must have shape * x 4 x * x *" in error.payload
         pipe = SplitPipeline.load(pipelines["sdxl"], "paper", server=proc.url)  # the server still serves others
         np.testing.assert_allclose(split_image(pipe), reference(pipelines["sdxl"]), atol=1e-6)
 
@@ -224,8 +255,14 @@ def test_image_command_as_a_new_user_runs_it(tmp_path, mode):
         proc = subprocess.run([*CLI, "image", "a red fox", "--mode", mode, "--steps", "3", "--out", str(remote),
                                "--server", server.url], capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
+    from diffusers import DiffusionPipeline
+
+    unsplit = DiffusionPipeline.from_pretrained(str(default_pipeline_dir("sdxl")))
+    unsplit.set_progress_bar_config(disable=True)
+    want = np.asarray(unsplit("a red fox", num_inference_steps=3, guidance_scale=5.0,
+                              generator=torch.Generator().manual_seed(0)).images[0])
     a, b = np.asarray(Image.open(local)), np.asarray(Image.open(remote))
-    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert a.shape == (64, 64, 3) and np.array_equal(a, want) and np.array_equal(b, want)
 
 
 def test_leakage_paper_mode_gives_the_image_away_and_unet_split_less(pipelines):

@@ -58,13 +58,13 @@ TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="File hol
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
 
 
-def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca):
+def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **remote_options):
     """The BodyClient: a RemoteBody for --server, else the body in this process."""
     if server:
         from lambdasplit.cloud.security import read_token
         from lambdasplit.device.remote import RemoteBody
 
-        return RemoteBody(server, device.manifest, codec, token=read_token(token_file), tls_ca=tls_ca)
+        return RemoteBody(server, device.manifest, codec, token=read_token(token_file), tls_ca=tls_ca, **remote_options)
     from lambdasplit.device.body import load_local_body
 
     return load_local_body(model, parts, dtype, codec=codec, allow_shallow=allow_shallow)
@@ -221,11 +221,11 @@ def export(
     language model, or (with --pipeline) text encoders + VAE (+ outer UNet blocks) / the UNet part."""
     if pipeline is not None:
         from lambdasplit.diffusion.parts import export_pipeline
-        from lambdasplit.split.manifest import DTYPES
+        from lambdasplit.split.manifest import dtype_named
 
         if model is not None or split is not None:
             raise LambdaSplitError("--pipeline exports a diffusion pipeline; drop --model and --split")
-        written = export_pipeline(pipeline, mode, k, out, DTYPES[dtype] if dtype else DTYPES["float32"])
+        written = export_pipeline(pipeline, mode, k, out, dtype_named(dtype))
         for side, directory in written.items():
             typer.echo(f"{side}: {directory}")
         return
@@ -579,7 +579,8 @@ def ui(
     wire = Codec.parse(codec)
     parts = _split(split)
     device = SplitDevice.load(model, parts, dtype)
-    body = _ui_body(device, model, parts, dtype, wire, server, token, tls_ca)
+    # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
+    body = _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0, retries=1)
     load_image = _image_loader(pipeline, image_server, token, tls_ca, wire) if image else None
     info = {"model": model or "SmolLM2-135M-Instruct", "server": server, "image_server": image_server,
             "image_note": _image_note(pipeline, image_server)}
@@ -587,17 +588,6 @@ def ui(
     typer.echo(f"lambdasplit UI: http://{host}:{port}/ (body {'at ' + server if server else 'in this process'})")
     sys.stdout.flush()
     uvicorn.run(create_ui(device, body, info, load_image, audit), host=host, port=port, log_level="warning")
-
-
-def _ui_body(device, model, parts, dtype, codec, server, token, tls_ca):
-    """The UI gives up on an unreachable server within seconds, so the page says why instead of waiting."""
-    if server:
-        from lambdasplit.device.remote import RemoteBody
-
-        return RemoteBody(server, device.manifest, codec, token=token, tls_ca=tls_ca, connect_timeout=5.0, retries=1)
-    from lambdasplit.device.body import load_local_body
-
-    return load_local_body(model, parts, dtype, codec=codec)
 
 
 def _image_loader(pipeline, image_server, token, tls_ca, codec):

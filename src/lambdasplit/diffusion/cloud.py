@@ -17,7 +17,6 @@ from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.parts import PipelineManifest, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import UPLINK, Slot
 from lambdasplit.errors import SourceError, WireError
-from lambdasplit.split.manifest import DTYPES
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,12 @@ class UNetBody:
         self.param = next(p for p in unet.parameters() if p.device.type != "meta")
         if mode == "unet-split":
             cut.check_k(unet, k)
+        self.shapes = _expected_shapes(unet, mode, k)
 
     @torch.inference_mode()
     def step(self, cond: dict[Slot, torch.Tensor], inputs: dict[Slot, torch.Tensor]) -> tuple[Slot, torch.Tensor]:
+        for slot, tensor in (*cond.items(), *inputs.items()):
+            _check_shape(tensor, slot, self.shapes.get(slot))
         cast = lambda t: t.to(device=self.param.device, dtype=self.param.dtype)
         text = cast(_need(cond, Slot.TEXT))
         if self.mode == "unet-split":
@@ -57,6 +59,31 @@ class UNetBody:
             uncond, text_pred = noise.chunk(2)
             noise = uncond + float(guidance.reshape(())) * (text_pred - uncond)
         return Slot.NOISE, noise
+
+
+def _expected_shapes(unet, mode: str, k: int) -> dict[Slot, tuple[int | None, ...]]:
+    """Rank and fixed dimensions (None: any) of every tensor the mode accepts, from the UNet's
+    config, so a malformed frame gets a clear error before the UNet runs."""
+    cfg = unet.config
+    text_dim = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else None
+    shapes: dict[Slot, tuple[int | None, ...]] = {Slot.TEXT: (None, None, text_dim)}
+    if mode == "unet-split":
+        shapes[Slot.HIDDEN] = (None, cfg.block_out_channels[k - 1], None, None)
+        shapes[Slot.EMB] = (None, unet.time_embedding.linear_2.out_features)
+        return shapes
+    shapes |= {Slot.SAMPLE: (None, cfg.in_channels, None, None), Slot.TIMESTEP: (1,), Slot.GUIDANCE: (1,)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        shapes |= {Slot.TEXT_EMBEDS: (None, pooled), Slot.TIME_IDS: (None, 6)}
+    return shapes
+
+
+def _check_shape(tensor: torch.Tensor, slot: Slot, expected: tuple[int | None, ...] | None) -> None:
+    if expected is None:
+        raise WireError(f"{slot.name} is not used by this UNet")
+    if tensor.dim() != len(expected) or any(e is not None and d != e for d, e in zip(tensor.shape, expected, strict=False)):
+        want = " x ".join("*" if e is None else str(e) for e in expected)
+        raise WireError(f"{slot.name} must have shape {want}, got {tuple(tensor.shape)}")
 
 
 def _need(tensors: dict[Slot, torch.Tensor], slot: Slot) -> torch.Tensor:
@@ -102,7 +129,10 @@ class DiffusionSession:
         if self.steps >= self.max_steps:
             raise WireError(f"more than {self.max_steps} steps in one image")
         inputs, self.inputs = self.inputs, {}
-        out_slot, out = self.body.step(self.cond, inputs)
+        try:
+            out_slot, out = self.body.step(self.cond, inputs)
+        except RuntimeError as exc:  # e.g. spatial sizes the UNet cannot pair up, or out of memory
+            raise WireError(f"the UNet could not run this step: {str(exc).splitlines()[0]}") from None
         self.steps += 1
         self.tokens += out.shape[0]
         return tensor_frame(MsgType.TENSOR, out, frame.codec, self.session_id, frame.seq, slot=out_slot)
@@ -114,7 +144,6 @@ class DiffusionScheduler(BodyScheduler):
     def __init__(self, body: UNetBody, manifest: PipelineManifest, limits: SchedulerLimits = SchedulerLimits()) -> None:
         super().__init__(None, manifest, limits)
         self.body = body
-        self.bodies = [(None, manifest)]
 
     def parse_manifest(self, data: dict) -> PipelineManifest:
         return PipelineManifest.from_dict(data)
@@ -133,7 +162,7 @@ def load_unet_body(
     opened = open_pipeline(pipeline, mode, k)
     if opened.exported and opened.exported.role != "cloud":
         raise SourceError(f"{opened.path} holds the {opened.exported.role} part; the cloud side needs DIR/cloud")
-    torch_dtype = DTYPES[dtype] if dtype else (DTYPES[opened.exported.dtype] if opened.exported else torch.float32)
+    torch_dtype = opened.dtype(dtype)
     select = None
     if mode == "unet-split":
         def select(skeleton) -> list[str]:

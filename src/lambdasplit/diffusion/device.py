@@ -25,7 +25,7 @@ from lambdasplit.diffusion.cloud import load_unet_body, local_session
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot
 from lambdasplit.errors import LambdaSplitError, SplitError
-from lambdasplit.split.manifest import DTYPE_NAMES, DTYPES
+from lambdasplit.split.manifest import DTYPE_NAMES
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, tensor_frame
 
@@ -93,22 +93,22 @@ class SplitUNet(nn.Module):
 
     def _conditioning(self, tensors: dict[Slot, torch.Tensor]) -> list[Frame]:
         """Frames sent once per image, always in fp32 so the conditioning is exact."""
-        if self._conditioned:
-            return []
         self._conditioned = True
         return [tensor_frame(MsgType.TENSOR, t, Codec.FP32, slot=slot) for slot, t in tensors.items()]
 
     def _paper(self, sample, timestep, text, timestep_cond, added) -> torch.Tensor:
         if timestep_cond is not None:
             raise SplitError("paper mode does not carry timestep_cond (guidance-embedding UNets)")
-        cond = {Slot.TEXT: text}
-        if added:
-            cond |= {Slot.TEXT_EMBEDS: added["text_embeds"], Slot.TIME_IDS: added["time_ids"]}
-        if self.guidance is not None:
-            cond[Slot.GUIDANCE] = torch.tensor([self.guidance], dtype=torch.float32)
+        frames = []
+        if not self._conditioned:
+            cond = {Slot.TEXT: text}
+            if added:
+                cond |= {Slot.TEXT_EMBEDS: added["text_embeds"], Slot.TIME_IDS: added["time_ids"]}
+            if self.guidance is not None:
+                cond[Slot.GUIDANCE] = torch.tensor([self.guidance], dtype=torch.float32)
+            frames = self._conditioning(cond)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
-        frames = [
-            *self._conditioning(cond),
+        frames += [
             tensor_frame(MsgType.TENSOR, t, Codec.FP32, slot=Slot.TIMESTEP),
             tensor_frame(MsgType.TENSOR, sample, self.link.codec, slot=Slot.SAMPLE),
         ]
@@ -124,7 +124,7 @@ class SplitUNet(nn.Module):
             h, emb, text, state = cut.outer_in(unet, self.k, sample, timestep, text, added, timestep_cond)
         self.device_seconds += time.perf_counter() - start
         frames = [
-            *self._conditioning({Slot.TEXT: text}),
+            *([] if self._conditioned else self._conditioning({Slot.TEXT: text})),
             tensor_frame(MsgType.TENSOR, emb, self.link.codec, slot=Slot.EMB),
             tensor_frame(MsgType.TENSOR, h, self.link.codec, slot=Slot.HIDDEN),
         ]
@@ -165,7 +165,7 @@ class SplitPipeline:
         opened = open_pipeline(pipeline, mode, k)
         if opened.exported and opened.exported.role != "device":
             raise LambdaSplitError(f"{opened.path} holds the {opened.exported.role} part; the device needs DIR/device")
-        torch_dtype = _dtype(dtype, opened)
+        torch_dtype = opened.dtype(dtype)
 
         def outer(skeleton) -> list[str]:
             if mode != "unet-split":
@@ -232,14 +232,6 @@ def decode_latents(pipe, latents: torch.Tensor):
         latents = latents.to(device=vae.device, dtype=vae.dtype)
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
-
-
-def _dtype(name: str | None, opened: PipelineSource) -> torch.dtype:
-    if name:
-        if name not in DTYPES:
-            raise LambdaSplitError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    return DTYPES[opened.exported.dtype] if opened.exported else torch.float32
 
 
 def local_link(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, device: str, codec: Codec) -> LocalBody:

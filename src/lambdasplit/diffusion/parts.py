@@ -19,7 +19,7 @@ import torch
 from lambdasplit.diffusion.protocol import MODES
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.checkpoint import file_sha256
-from lambdasplit.split.manifest import DTYPE_NAMES, MANIFEST_NAME
+from lambdasplit.split.manifest import DTYPE_NAMES, MANIFEST_NAME, dtype_named, verify_files
 
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -78,6 +78,10 @@ class PipelineSource:
             return self.exported.fingerprint
         return unet_fingerprint(self.unet_dir)
 
+    def dtype(self, name: str | None) -> torch.dtype:
+        """A named dtype, else the exported part's, else float32."""
+        return dtype_named(name, self.exported.dtype if self.exported else "float32")
+
     def manifest(self, role: str, mode: str, k: int, dtype: torch.dtype) -> PipelineManifest:
         return PipelineManifest(role, self.family, mode, k if mode == "unet-split" else 0, self.fingerprint(), DTYPE_NAMES[dtype])
 
@@ -88,13 +92,14 @@ def open_pipeline(path: str | Path | None, mode: str, k: int) -> PipelineSource:
 
     if mode not in MODES:
         raise SplitError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    named = {"tiny-sdxl": "sdxl", "tiny-sd": "sd"}
-    directory = default_pipeline_dir(named.get(str(path or "tiny-sdxl"))) if str(path or "tiny-sdxl") in named else Path(path)
+    name = str(path or "tiny-sdxl")
+    built_in = {"tiny-sdxl": "sdxl", "tiny-sd": "sd"}
+    directory = default_pipeline_dir(built_in[name]) if name in built_in else Path(name)
     if not directory.is_dir():
         raise SourceError(f"{directory}: no such pipeline directory")
     exported = PipelineManifest.read(directory)
     if exported is not None:
-        _verify(exported, directory)
+        verify_files(exported.files, directory)
         if (exported.mode, exported.k) != (mode, k if mode == "unet-split" else 0):
             raise SplitError(f"{directory} was exported for mode {exported.mode} K={exported.k}; it cannot serve {mode} K={k}")
         return PipelineSource(directory, exported.family, exported)
@@ -144,13 +149,6 @@ def load_unet(
         raise SourceError(f"{unet_dir}: {len(missing)} UNet weights this part needs are missing, e.g. {min(missing)}")
     unet.load_state_dict(state, strict=False, assign=True)
     return unet.eval()
-
-
-def _verify(manifest: PipelineManifest, directory: Path) -> None:
-    for name, digest in manifest.files.items():
-        path = directory / name
-        if not path.is_file() or file_sha256(path) != digest:
-            raise SourceError(f"{path}: missing or altered (sha256 does not match the manifest)")
 
 
 def export_pipeline(source: str | Path | None, mode: str, k: int, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:

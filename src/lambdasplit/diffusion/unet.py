@@ -98,7 +98,7 @@ def outer_in(
     h = unet.conv_in(sample)
     residuals: tuple[torch.Tensor, ...] = (h,)
     for block in unet.down_blocks[:k]:
-        h, res = _down(block, h, emb, encoder_hidden_states)
+        h, res = down_block(block, h, emb, encoder_hidden_states)
         residuals += res
     # The last residual is h itself: the cloud receives it as its input and uses it as a skip too.
     return h, emb, encoder_hidden_states, OuterState(residuals[:-1], emb, encoder_hidden_states)
@@ -109,7 +109,7 @@ def inner(unet, k: int, h: torch.Tensor, emb: torch.Tensor, encoder_hidden_state
     n = block_count(unet)
     residuals: tuple[torch.Tensor, ...] = (h,)
     for block in unet.down_blocks[k:]:
-        h, res = _down(block, h, emb, encoder_hidden_states)
+        h, res = down_block(block, h, emb, encoder_hidden_states)
         residuals += res
     if unet.mid_block is not None:
         if getattr(unet.mid_block, "has_cross_attention", False):
@@ -119,7 +119,7 @@ def inner(unet, k: int, h: torch.Tensor, emb: torch.Tensor, encoder_hidden_state
     for block in unet.up_blocks[: n - k]:
         take = len(block.resnets)
         res, residuals = residuals[-take:], residuals[:-take]
-        h = _up(block, h, emb, res, encoder_hidden_states)
+        h = up_block(block, h, emb, res, encoder_hidden_states)
     if residuals:
         raise SplitError("internal: the inner blocks left skip connections unused")
     return h
@@ -132,19 +132,19 @@ def outer_out(unet, k: int, h: torch.Tensor, state: OuterState) -> torch.Tensor:
     for block in unet.up_blocks[n - k :]:
         take = len(block.resnets)
         res, residuals = residuals[-take:], residuals[:-take]
-        h = _up(block, h, state.emb, res, state.encoder_hidden_states)
+        h = up_block(block, h, state.emb, res, state.encoder_hidden_states)
     if unet.conv_norm_out:
         h = unet.conv_act(unet.conv_norm_out(h))
     return unet.conv_out(h)
 
 
-def _down(block, h, emb, encoder_hidden_states):
+def down_block(block, h, emb, encoder_hidden_states):
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
     return block(hidden_states=h, temb=emb)
 
 
-def _up(block, h, emb, res, encoder_hidden_states):
+def up_block(block, h, emb, res, encoder_hidden_states):
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=encoder_hidden_states)
     return block(hidden_states=h, temb=emb, res_hidden_states_tuple=res)

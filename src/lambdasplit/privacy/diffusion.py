@@ -89,7 +89,7 @@ def unet_split_attack(pipe, unet, k: int, steps: list[dict], iterations: int = 3
     for _ in range(iterations):
         h = unet.conv_in(x)
         for block in unet.down_blocks[:k]:
-            h, _ = cut._down(block, h, emb, text)
+            h, _ = cut.down_block(block, h, emb, text)
         loss = torch.nn.functional.mse_loss(h, target)
         optimizer.zero_grad()
         loss.backward()

@@ -10,7 +10,7 @@ import torch
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
-from lambdasplit.split.manifest import DTYPES, PartManifest
+from lambdasplit.split.manifest import PartManifest, dtype_named
 from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part, part_keys, renamed
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.split.spec import SplitSpec
@@ -66,11 +66,7 @@ def open_source(
 
 def resolve_dtype(name: str | None, opened: OpenedSource) -> torch.dtype:
     """A named dtype, else the exported part's, else float32 (CPU-friendly and exact)."""
-    if name:
-        if name not in DTYPES:
-            raise SourceError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    return DTYPES[opened.exported.dtype] if opened.exported else torch.float32
+    return dtype_named(name, opened.exported.dtype if opened.exported else "float32")
 
 
 def part_runner(

@@ -18,6 +18,24 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def dtype_named(name: str | None, default: str = "float32") -> torch.dtype:
+    """The torch dtype called `name` (else `default`, e.g. an exported part's); a clear error otherwise."""
+    name = name or default
+    if name not in DTYPES:
+        raise SourceError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def verify_files(files: dict[str, str], directory: Path) -> None:
+    """Refuse a part whose weight files do not match the sha256 recorded at export."""
+    for name, digest in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise SourceError(f"{directory}: {name}, listed in the manifest, is missing")
+        if file_sha256(path) != digest:
+            raise SourceError(f"{path}: sha256 does not match the manifest; the part is corrupted or altered")
+
+
 @dataclass
 class PartManifest:
     role: str  # "device" (head + tail) or "cloud" (body) or "full"
@@ -45,13 +63,7 @@ class PartManifest:
         return None
 
     def verify(self, directory: Path) -> None:
-        """Refuse a part whose weight files do not match the hashes recorded at export."""
-        for name, digest in self.files.items():
-            path = Path(directory) / name
-            if not path.is_file():
-                raise SourceError(f"{directory}: {name}, listed in the manifest, is missing")
-            if file_sha256(path) != digest:
-                raise SourceError(f"{path}: sha256 does not match the manifest; the part is corrupted or altered")
+        verify_files(self.files, directory)
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

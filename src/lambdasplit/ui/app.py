@@ -85,44 +85,55 @@ def tensor_picture(tensor: torch.Tensor, size: int = 160):
     return image.resize((size, size), Image.NEAREST)
 
 
-def chat_stream(device: SplitDevice, body: BodyClient, req: ChatRequest, lock: threading.Lock) -> Iterator[str]:
-    """SSE events: text pieces as they are generated, then one `done` with what crossed the network
-    (or one `error`)."""
-    sampling = SamplingConfig(
-        max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,
-        top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-    )
+def streamed(job: Callable[[Callable[[dict], None]], None], lock: threading.Lock) -> Iterator[str]:
+    """Run `job(emit)` on a worker thread (one job at a time) and yield what it emits as SSE events.
+
+    Whatever happens, the stream ends with the job's events or an `error` event, so the page never
+    waits on a request that has died."""
     events: queue.Queue[dict | None] = queue.Queue()
 
     def work() -> None:
-        with lock:
-            _chat(device, body, req, sampling, events)
-        events.put(None)
+        try:
+            with lock:
+                job(events.put)
+        except LambdaSplitError as exc:
+            events.put({"type": "error", "message": str(exc)})
+        except Exception as exc:  # reported to the page, and logged here
+            log.exception("UI request failed")
+            events.put({"type": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+        finally:
+            events.put(None)
 
     threading.Thread(target=work, daemon=True).start()
     while (item := events.get()) is not None:
         yield _event(item)
 
 
-def _chat(device: SplitDevice, body: BodyClient, req: ChatRequest, sampling: SamplingConfig, events: queue.Queue) -> None:
-    try:
+def chat_job(device: SplitDevice, body: BodyClient, req: ChatRequest) -> Callable[[Callable[[dict], None]], None]:
+    """Text pieces as they are generated, then one `done` with what crossed the network."""
+    sampling = SamplingConfig(
+        max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,
+        top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+    )
+
+    def job(emit: Callable[[dict], None]) -> None:
         ids = device.encode_chat([m.model_dump() for m in req.messages])
         body.captured = []
-        result = device.generate_ids(body, ids, None, sampling,
-                                     on_text=lambda text: events.put({"type": "token", "text": text}))
-        events.put({"type": "done", **_chat_stats(device, body, ids, result)})
-    except LambdaSplitError as exc:
-        events.put({"type": "error", "message": str(exc)})
-    finally:
-        body.captured = None
+        try:
+            result = device.generate_ids(body, ids, None, sampling, on_text=lambda text: emit({"type": "token", "text": text}))
+            emit({"type": "done", **_chat_stats(device, body, ids, result)})
+        finally:
+            body.captured = None
+
+    return job
 
 
 def _chat_stats(device: SplitDevice, body: BodyClient, ids: torch.Tensor, result) -> dict[str, Any]:
     stats, timings = body.stats, result.timings
     tokens = max(len(result.token_ids[0]), 1)
     limits = Limits(max_payload=1 << 31, max_elements=1 << 31)
-    frames = [parse_frame(data, limits) for direction, data in body.captured or [] if direction == "to_cloud"]
-    uplink = next((f for f in frames if f.type == MsgType.HIDDEN), None)
+    sent = (parse_frame(data, limits) for direction, data in body.captured or [] if direction == "to_cloud")
+    uplink = next((frame for frame in sent if frame.type == MsgType.HIDDEN), None)  # the prompt's h_K
     cloud = 1000 * stats.wait_seconds / tokens
     total = 1000 * timings.total / tokens
     return {
@@ -140,43 +151,31 @@ def _chat_stats(device: SplitDevice, body: BodyClient, ids: torch.Tensor, result
     }
 
 
-def image_stream(load: Callable[[str, int], Any], req: ImageRequest, lock: threading.Lock) -> Iterator[str]:
-    """SSE events per step (preview every few steps and the transmitted tensor), then `done`."""
-    events: queue.Queue[dict | None] = queue.Queue()
+def image_job(load: Callable[[str, int], Any], req: ImageRequest) -> Callable[[Callable[[dict], None]], None]:
+    """One event per step (a preview every few steps and the tensor sent), then `done`."""
 
-    def work() -> None:
-        with lock:
-            _image(load, req, events)
-        events.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := events.get()) is not None:
-        yield _event(item)
-
-
-def _image(load: Callable[[str, int], Any], req: ImageRequest, events: queue.Queue) -> None:
-    try:
+    def job(emit: Callable[[dict], None]) -> None:
         split = load(req.mode, req.k)
         link = split.unet.link
         link.start_capture()
         every = max(1, req.steps // 5)
+        limits = Limits(max_payload=1 << 31, max_elements=1 << 31)
 
         def on_step(step: int, total: int, latents: torch.Tensor) -> None:
             sent = [data for direction, data in link.captured if direction == "to_cloud"]
             link.captured.clear()
-            picture = None
-            if sent:
-                frame = parse_frame(sent[-1], Limits(max_payload=1 << 31, max_elements=1 << 31))
-                picture = _png(tensor_picture(frame.tensor()))
+            picture = _png(tensor_picture(parse_frame(sent[-1], limits).tensor())) if sent else None
             preview = _png(split.decode_latents(latents[:1])) if step % every == 0 or step == total else None
-            events.put({"type": "step", "step": step, "total": total, "preview": preview, "tensor": picture})
+            emit({"type": "step", "step": step, "total": total, "preview": preview, "tensor": picture})
 
-        result = split.generate(req.prompt, req.steps, req.guidance, req.seed, on_step=on_step)
-        link.captured = None
-        events.put({"type": "done", "image": _png(result.image), "bytes_to_cloud": result.bytes_to_cloud,
-                    "bytes_from_cloud": result.bytes_from_cloud, "seconds": result.seconds, "mode": req.mode})
-    except (LambdaSplitError, ValueError) as exc:
-        events.put({"type": "error", "message": str(exc)})
+        try:
+            result = split.generate(req.prompt, req.steps, req.guidance, req.seed, on_step=on_step)
+        finally:
+            link.captured = None
+        emit({"type": "done", "image": _png(result.image), "bytes_to_cloud": result.bytes_to_cloud,
+              "bytes_from_cloud": result.bytes_from_cloud, "seconds": result.seconds, "mode": req.mode})
+
+    return job
 
 
 def load_audit(spec) -> dict[str, Any] | None:
@@ -225,13 +224,13 @@ def create_ui(
 
     @app.post("/api/chat")
     def api_chat(req: ChatRequest) -> StreamingResponse:
-        return StreamingResponse(chat_stream(device, body, req, lock), media_type="text/event-stream")
+        return StreamingResponse(streamed(chat_job(device, body, req), lock), media_type="text/event-stream")
 
     @app.post("/api/image")
     def api_image(req: ImageRequest) -> StreamingResponse:
         if load_image is None:
             return StreamingResponse(iter([_event({"type": "error", "message": "image generation is not enabled"})]),
                                      media_type="text/event-stream")
-        return StreamingResponse(image_stream(load_image, req, lock), media_type="text/event-stream")
+        return StreamingResponse(streamed(image_job(load_image, req), lock), media_type="text/event-stream")
 
     return app
