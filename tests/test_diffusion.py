@@ -137,7 +137,7 @@ def test_over_the_network_with_a_token(pipelines, family, mode, k, tmp_path):
 
 
 def test_over_tls_and_refused_without_the_ca(pipelines, tmp_path):
-    from lambdasplit.cloud.security import make_certificates
+    from lambdasplit.security import make_certificates
 
     paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
     args = ("--pipeline", str(pipelines["sdxl"]), "--mode", "unet-split", "--k", "1",

@@ -211,7 +211,7 @@ def test_max_sessions_refuses_with_a_clear_error(llama, device):
 
 
 def test_tls_with_the_generated_ca(llama, device, tmp_path):
-    from lambdasplit.cloud.security import make_certificates
+    from lambdasplit.security import make_certificates
 
     paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
     args = ("--model", str(llama), "--split", "2,2", "--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"]))

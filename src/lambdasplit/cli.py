@@ -61,7 +61,7 @@ CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate 
 def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **remote_options):
     """The BodyClient: a RemoteBody for --server, else the body in this process."""
     if server:
-        from lambdasplit.cloud.security import read_token
+        from lambdasplit.security import read_token
         from lambdasplit.device.remote import RemoteBody
 
         return RemoteBody(server, device.manifest, codec, token=read_token(token_file), tls_ca=tls_ca, **remote_options)
@@ -262,8 +262,8 @@ def serve(
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
     import asyncio
 
-    from lambdasplit.cloud.scheduler import SchedulerLimits, load_scheduler
-    from lambdasplit.cloud.security import is_loopback, read_token, server_ssl_context
+    from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+    from lambdasplit.security import is_loopback, read_token, server_ssl_context
     from lambdasplit.cloud.server import BodyServer, ServerConfig
 
     if part is not None and model is not None:
@@ -336,7 +336,7 @@ def image(
     """Generate an image with a split diffusion pipeline; the UNet (part) runs on --server, or in this process."""
     from rich.progress import Progress
 
-    from lambdasplit.cloud.security import read_token
+    from lambdasplit.security import read_token
     from lambdasplit.diffusion.device import SplitPipeline
     from lambdasplit.wire.codec import Codec
 
@@ -377,7 +377,7 @@ def certs(
     host: Annotated[Optional[list[str]], typer.Option("--host", help="Name or IP the certificate is for (repeatable).")] = None,
 ) -> None:
     """Make a self-signed CA and a server certificate, for trying TLS out."""
-    from lambdasplit.cloud.security import make_certificates
+    from lambdasplit.security import make_certificates
 
     paths = make_certificates(out, host or ["localhost", "127.0.0.1"])
     typer.echo(f"CA: {paths['ca']}\ncertificate: {paths['cert']}\nkey: {paths['key']}")
@@ -477,7 +477,7 @@ def gateway(
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
     import uvicorn
 
-    from lambdasplit.cloud.security import is_loopback, read_token
+    from lambdasplit.security import is_loopback, read_token
     from lambdasplit.device.remote import RemoteBody
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.gateway.app import create_app
@@ -568,7 +568,7 @@ def ui(
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
     import uvicorn
 
-    from lambdasplit.cloud.security import is_loopback, read_token
+    from lambdasplit.security import is_loopback, read_token
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.ui.app import create_ui, load_audit
     from lambdasplit.wire.codec import Codec

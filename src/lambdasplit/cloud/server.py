@@ -18,8 +18,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from lambdasplit.cloud.metrics import ServerMetrics
-from lambdasplit.cloud.scheduler import BodyScheduler, CapacityError
-from lambdasplit.cloud.security import token_matches
+from lambdasplit.engine.scheduler import BodyScheduler
+from lambdasplit.errors import CapacityError
+from lambdasplit.security import token_matches
 from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lambdasplit.cloud.session import BodySession
+from lambdasplit.engine.session import BodySession
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from lambdasplit.cloud.security import client_ssl_context
+from lambdasplit.security import client_ssl_context
 from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.split.manifest import PartManifest

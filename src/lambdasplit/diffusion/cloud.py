@@ -12,7 +12,7 @@ import secrets
 
 import torch
 
-from lambdasplit.cloud.scheduler import BodyScheduler, SchedulerLimits
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.parts import PipelineManifest, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import UPLINK, Slot

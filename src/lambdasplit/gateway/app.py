@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from lambdasplit.cloud.security import token_matches
+from lambdasplit.security import token_matches
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingConfig

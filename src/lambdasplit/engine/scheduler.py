@@ -16,17 +16,13 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from lambdasplit.cloud.session import BodySession
-from lambdasplit.errors import LambdaSplitError
+from lambdasplit.engine.session import BodySession
+from lambdasplit.errors import CapacityError, LambdaSplitError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
 from lambdasplit.wire.frame import Frame
 
 log = logging.getLogger(__name__)
-
-
-class CapacityError(LambdaSplitError):
-    """The server cannot take another session right now."""
 
 
 @dataclass(frozen=True)
