@@ -18,7 +18,7 @@ from lambdasplit.device.body import load_local_body
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingConfig
-from lambdasplit.errors import LambdaSplitError
+from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import BODY_PATH, control_frame
@@ -75,14 +75,14 @@ def test_batch_with_padding_over_the_network(server, device, llama):
 @pytest.mark.parametrize("token,needle", [(None, "401"), ("wrong-token-wrong-token", "401")])
 def test_missing_or_wrong_token_is_refused(server, device, token, needle):
     body = remote(device, server.url, token=token)
-    with pytest.raises(LambdaSplitError, match=needle):
+    with pytest.raises(AuthError, match=needle):
         device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
 
 
 def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
     other = SplitDevice.load(llama, (1, 1))
     body = remote(other, server.url)
-    with pytest.raises(LambdaSplitError, match="do not match"):
+    with pytest.raises(MismatchError, match="do not match"):
         other.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
     assert any("do not match" in line for line in server.output)
 
@@ -167,7 +167,7 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
     token_file.write_text(TOKEN)
     args = ("--model", str(llama), "--split", "2,2", "--token-file", str(token_file))
     first = ServerProcess(*args)
-    body = remote(device, first.url, retries=10, backoff=0.2)
+    body = remote(device, first.url, reconnect_window=120, backoff=0.2)
     restarted: list[ServerProcess] = []
     tokens = []
     try:
@@ -202,8 +202,8 @@ def test_max_sessions_refuses_with_a_clear_error(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--max-sessions", "1") as proc:
         first = remote(device, proc.url, token=None)
         device.generate_ids(first, IDS, None, SamplingConfig(max_new_tokens=2))
-        second = remote(device, proc.url, token=None)
-        with pytest.raises(LambdaSplitError, match="limit of 1 sessions"):
+        second = remote(device, proc.url, token=None, reconnect_window=1.0)
+        with pytest.raises(CapacityError, match="limit of 1 sessions"):
             SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
                 second, IDS, None, SamplingConfig(max_new_tokens=2)
             )
@@ -283,3 +283,61 @@ def test_split_range_parsing():
     assert parse_split_range("1-4, 2") == (1, 4, 2)
     with pytest.raises(SplitError, match="must rise"):
         parse_split_range("4-1,2")
+
+
+# ---- control messages (wire/protocol.py) ----------------------------------------------------------
+
+@pytest.mark.parametrize("code,cls", [
+    ("auth", "AuthError"), ("capacity", "CapacityError"), ("protocol", "ProtocolError"), ("limit", "LimitError"),
+    ("mismatch", "MismatchError"), ("expired", "ExpiredError"), ("compute", "ComputeError"), ("bogus", "ProtocolError"),
+])
+def test_an_error_frame_raises_the_typed_remote_error(code, cls):
+    from lambdasplit import errors
+    from lambdasplit.wire.protocol import error_frame, read_control
+
+    frame = error_frame(code, "full up\nsecond line", retry_after=2.5 if code == "capacity" else None)
+    with pytest.raises(errors.RemoteError) as info:
+        read_control(frame, MsgType.WELCOME)
+    assert type(info.value).__name__ == cls
+    assert isinstance(info.value, LambdaSplitError)
+    assert str(info.value) == f"the body server refused: full up second line [{code}]"
+    assert info.value.retry_after == (2.5 if code == "capacity" else None)
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (b"[" * 1000 + b"]" * 1000, "nested 33 deep"),
+    (b'{"a":' * 1000 + b"1" + b"}" * 1000, "nested 33 deep"),
+    (b'{"retry_after": 1e400}', "out of range"),
+    (b'{"x": -1e400}', "out of range"),
+    (b'{"x": NaN}', "NaN is not a JSON number"),
+    (b'{"x": Infinity}', "Infinity is not a JSON number"),
+    (b'{"x": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"x": "' + b"a" * (70 << 10) + b'"}', "control message too large"),
+    (b"\xff\xfe", "not valid UTF-8"),
+    (b"[1, 2]", "must be a JSON object"),
+])
+@pytest.mark.parametrize("type_", [MsgType.WELCOME, MsgType.ERROR])
+def test_hostile_control_json_is_a_wire_error(payload, needle, type_):
+    from lambdasplit.errors import WireError
+    from lambdasplit.wire.frame import Frame
+    from lambdasplit.wire.protocol import read_control
+
+    with pytest.raises(WireError, match=needle):
+        read_control(Frame(type_, payload=payload), MsgType.WELCOME)
+
+
+def test_nesting_inside_strings_is_not_counted_and_odd_error_fields_are_tamed():
+    from lambdasplit.errors import CapacityError, ProtocolError
+    from lambdasplit.wire.frame import Frame
+    from lambdasplit.wire.protocol import read_control
+
+    brackets = '{"text": "' + "[{" * 100 + '\\" ]"}'
+    assert read_control(Frame(MsgType.WELCOME, payload=brackets.encode()), MsgType.WELCOME)["text"].startswith("[{[{")
+    odd = json.dumps({"code": ["capacity"], "message": {"m": 1}, "retry_after": "soon"}).encode()
+    with pytest.raises(ProtocolError, match=r"refused: \{'m': 1\} \[protocol\]") as info:
+        read_control(Frame(MsgType.ERROR, payload=odd), MsgType.WELCOME)
+    assert info.value.retry_after is None
+    huge = json.dumps({"code": "capacity", "message": "x" * 10_000, "retry_after": 10**400}).encode()
+    with pytest.raises(CapacityError) as info:
+        read_control(Frame(MsgType.ERROR, payload=huge), MsgType.WELCOME)
+    assert info.value.retry_after == 3600.0 and len(str(info.value)) < 600

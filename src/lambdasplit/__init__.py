@@ -14,11 +14,11 @@ import os
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lambdasplit.device.body import BodyClient  # noqa: E402, LocalBody, load_local_body
-from lambdasplit.device.runtime import GenerationResult, SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
-from lambdasplit.split.spec import SplitSpec
-from lambdasplit.wire.codec import Codec
+from lambdasplit.device.body import BodyClient, LocalBody, load_local_body  # noqa: E402
+from lambdasplit.device.runtime import GenerationResult, SplitDevice  # noqa: E402
+from lambdasplit.device.sampling import SamplingConfig  # noqa: E402
+from lambdasplit.split.spec import SplitSpec  # noqa: E402
+from lambdasplit.wire.codec import Codec  # noqa: E402
 
 __all__ = [
     "BodyClient",

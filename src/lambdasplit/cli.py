@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from lambdasplit import defaults
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -19,17 +22,107 @@ app = typer.Typer(
     add_completion=False,
 )
 
+_SPLIT = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")
+_RANGE_SPLIT = re.compile(r"^\s*(\d+)\s*(-\s*(\d+)\s*)?,\s*(\d+)\s*$")
+
+
+def _check_split(value):
+    """--split K,M: two non-negative integers (range checks against L come later, with the model)."""
+    for text in value if isinstance(value, list) else [value]:
+        if text is not None and not _SPLIT.match(text):
+            raise typer.BadParameter(f"{text!r}: expected K,M with two non-negative integers, e.g. 2,2")
+    return value
+
+
+def _check_range_split(value: str | None) -> str | None:
+    if value is not None and not _RANGE_SPLIT.match(value):
+        raise typer.BadParameter(
+            f"{value!r}: expected K,M or KMIN-KMAX,M with non-negative integers, e.g. 2,2 or 1-4,2"
+        )
+    return value
+
+
+def _check_server(value: str | None) -> str | None:
+    """--server ws://HOST:PORT or wss://HOST:PORT, checked before any model is loaded."""
+    if value is None:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not a valid URL ({exc}); expected ws://HOST:PORT or wss://HOST:PORT") from None
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        raise typer.BadParameter(f"{value!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+    return value
+
+
+def _check_text_file(value: Path | None) -> Path | None:
+    """A token or key file: readable and UTF-8 (read_token checks its length)."""
+    if value is None:
+        return value
+    try:
+        value.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {value}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"{value} is not UTF-8 text; a token file holds one line of text") from None
+    return value
+
+
+def _check_text(value: str | None) -> str | None:
+    """A prompt from the command line: bytes that are not UTF-8 reach Python as lone surrogates."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise typer.BadParameter("the text is not valid UTF-8; check the terminal's or the file's encoding") from None
+    return value
+
+
+def _check_positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not a positive number")
+    return value
+
+
+def _check_device(value: str) -> str:
+    """cpu, cuda or cuda:N (mps where torch has it), and only a GPU that is there."""
+    if value == "cpu":
+        return value
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{value!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{value!r}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{value!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise typer.BadParameter(f"{value!r}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise typer.BadParameter(f"{value!r}: expected cpu, cuda or cuda:N")
+    return value
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="Model directory, .gguf file or exported part; default: embedded SmolLM2-135M-Instruct."),
 ]
 SplitOpt = Annotated[
-    Optional[str], typer.Option("--split", help="K,M: K layers in the head, M in the tail (default 2,2).")
+    Optional[str],
+    typer.Option("--split", callback=_check_split, help="K,M: K layers in the head, M in the tail (default 2,2)."),
 ]
 RangeSplitOpt = Annotated[
     Optional[str],
     typer.Option(
         "--split",
+        callback=_check_range_split,
         help="K,M: K layers in the head, M in the tail (default 2,2). KMIN-KMAX,M randomises the split: "
         "the device draws K per session with `secrets`, and the server hosts every body in the range.",
     ),
@@ -39,7 +132,8 @@ ShallowOpt = Annotated[
 ]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
 ServerOpt = Annotated[
-    Optional[str], typer.Option("--server", help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")
+    Optional[str],
+    typer.Option("--server", callback=_check_server, help="Body server URL, ws://HOST:PORT or wss://HOST:PORT."),
 ]
 PipelineOpt = Annotated[
     Optional[str],
@@ -54,7 +148,11 @@ ModeOpt = Annotated[
 ]
 BlocksOpt = Annotated[int, typer.Option("--k", help="unet-split: outer down/up blocks kept on the device.")]
 CodecOpt = Annotated[str, typer.Option(help="Wire codec: fp32, bf16, fp16, int8 (lossy).")]
-TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token.")]
+TokenOpt = Annotated[
+    Optional[Path], typer.Option("--token-file", callback=_check_text_file, help="File holding the bearer token.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", callback=_check_device, help="cpu or cuda.")]
+PortOpt = Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0 picks a free one).")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
 
 
@@ -68,6 +166,18 @@ def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file,
     from lambdasplit.device.body import load_local_body
 
     return load_local_body(model, parts, dtype, codec=codec, allow_shallow=allow_shallow)
+
+
+def _warn_without_chat_template(device) -> None:
+    """SplitDevice falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
+    without one); an instruction-tuned model then answers worse, so say it once."""
+    tokenizer = getattr(device, "_tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+        typer.echo(
+            f"warning: the tokenizer of {device.opened.checkpoint.path.name} has no chat template; "
+            "prompts are sent raw, as with --raw",
+            err=True,
+        )
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -109,7 +219,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt (the chat template is applied unless --raw).")],
+    prompt: Annotated[str, typer.Argument(callback=_check_text, help="The prompt (the chat template is applied unless --raw).")],
     model: ModelOpt = None,
     split: RangeSplitOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
@@ -128,7 +238,7 @@ def generate(
     server: ServerOpt = None,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
-    noise: Annotated[Optional[float], typer.Option(help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
+    noise: Annotated[Optional[float], typer.Option(callback=_check_positive, help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
     noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = "all",
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
@@ -152,6 +262,8 @@ def generate(
     wire = Codec.parse(codec)
     parts = _random_split(split)
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
+    if not raw:
+        _warn_without_chat_template(device)
     body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca)
     if noise:
         from lambdasplit.privacy.defenses import GaussianNoise
@@ -216,22 +328,26 @@ def export(
     pipeline: PipelineOpt = None,
     mode: ModeOpt = "paper",
     k: BlocksOpt = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete what --out already holds first (refused for /, $HOME and the like).")
+    ] = False,
 ) -> None:
     """Write the device part and the cloud part to separate directories: head + tail / body for a
-    language model, or (with --pipeline) text encoders + VAE (+ outer UNet blocks) / the UNet part."""
+    language model, or (with --pipeline) text encoders + VAE (+ outer UNet blocks) / the UNet part.
+    --out must be new or empty; every file written is hashed in the part's manifest."""
     if pipeline is not None:
         from lambdasplit.diffusion.parts import export_pipeline
         from lambdasplit.split.manifest import dtype_named
 
         if model is not None or split is not None:
             raise LambdaSplitError("--pipeline exports a diffusion pipeline; drop --model and --split")
-        written = export_pipeline(pipeline, mode, k, out, dtype_named(dtype))
+        written = export_pipeline(pipeline, mode, k, out, dtype_named(dtype), force=force)
         for side, directory in written.items():
             typer.echo(f"{side}: {directory}")
         return
     from lambdasplit.split.export import export_parts
 
-    written = export_parts(model, _split(split), out, dtype, allow_shallow)
+    written = export_parts(model, _split(split), out, dtype, allow_shallow, force=force)
     for side, directory in written.items():
         typer.echo(f"{side}: {directory}")
 
@@ -242,15 +358,24 @@ def serve(
     model: ModelOpt = None,
     split: RangeSplitOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback requires a token.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8470,
+    port: PortOpt = 8470,
     token_file: TokenOpt = None,
     tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Server private key (PEM).")] = None,
-    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Concurrent sessions.")] = 64,
-    session_ttl: Annotated[float, typer.Option("--session-ttl", help="Idle seconds before a session expires.")] = 300.0,
-    max_context: Annotated[int, typer.Option("--max-context", help="Positions per session.")] = 4096,
-    min_free_memory_mb: Annotated[int, typer.Option("--min-free-memory", help="Refuse sessions below this many MiB free.")] = 512,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    max_sessions: Annotated[int, typer.Option("--max-sessions", min=1, help="Concurrent sessions.")] = 64,
+    session_ttl: Annotated[float, typer.Option(
+        "--session-ttl", callback=_check_positive, help="Idle seconds before a session expires."
+    )] = 300.0,
+    max_context: Annotated[int, typer.Option("--max-context", min=1, help="Positions per session.")] = 4096,
+    min_free_memory_mb: Annotated[int, typer.Option("--min-free-memory", min=0, help="Refuse sessions below this many MiB free.")] = 512,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Rows (B) per session.")] = defaults.MAX_BATCH,
+    max_frame_positions: Annotated[int, typer.Option(
+        "--max-frame-positions", min=1, help="Positions (B x T) per frame; bounds how long one frame holds the compute thread."
+    )] = defaults.MAX_FRAME_POSITIONS,
+    max_session_kv: Annotated[int, typer.Option(
+        "--max-session-kv", min=1, help="MiB of body KV cache one session may hold."
+    )] = defaults.MAX_SESSION_KV_MIB,
+    device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
     allow_shallow: ShallowOpt = False,
@@ -274,7 +399,10 @@ def serve(
             f"refusing to serve on {host} without authentication; pass --token-file F "
             "(or --insecure-no-auth on a network you trust)"
         )
-    limits = SchedulerLimits(max_sessions, max_context, min_free_memory_mb << 20)
+    _check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
+    limits = SchedulerLimits(
+        max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20
+    )
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler
 
@@ -295,7 +423,14 @@ def serve(
     async def run() -> None:
         ready = asyncio.Event()
         task = asyncio.create_task(server.run(ready))
-        await ready.wait()
+        # A bind failure ends the task before `ready` is set: wait for whichever comes first, so the
+        # error surfaces instead of the process waiting forever on an event nobody will set.
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.is_set():
+            waiting.cancel()
+            await task  # raises the OSError
+            raise LambdaSplitError("the body server stopped before it was listening")
         typer.echo(f"lambdasplit body server listening on {server.url} ({_serving(scheduler)})")
         sys.stdout.flush()
         await task
@@ -303,21 +438,43 @@ def serve(
     try:
         asyncio.run(run())
     except OSError as exc:
+        raise _bind_error(host, port, exc) from None
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> LambdaSplitError:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += " (another process holds it; pick another --port, or 0 for a free one)"
+    return LambdaSplitError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Bind and release (host, port) the way the server will (SO_REUSEADDR, every address of host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
         raise LambdaSplitError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise _bind_error(host, port, exc) from None
 
 
 def _serving(scheduler) -> str:
-    manifest = scheduler.manifest
-    if not hasattr(manifest, "body"):
-        blocks = "the whole UNet" if manifest.mode == "paper" else f"the UNet's inner blocks (K={manifest.k})"
-        return f"{manifest.family} {manifest.mode}: {blocks}"
-    first, last = scheduler.bodies[0][1].body, scheduler.bodies[-1][1].body
-    return f"layers {first[0]}..{first[1] - 1}" + (f", or from {last[0]} per session" if len(scheduler.bodies) > 1 else "")
+    first, *others = [body.manifest for body in scheduler.bodies]
+    return first.summary(others)
 
 
 @app.command()
 def image(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    prompt: Annotated[str, typer.Argument(callback=_check_text, help="What to draw.")],
     pipeline: PipelineOpt = None,
     mode: ModeOpt = "paper",
     k: BlocksOpt = 1,
@@ -328,7 +485,7 @@ def image(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("image.png"),
     codec: Annotated[str, typer.Option(help="Wire codec for per-step tensors: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
     dtype: DtypeOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     server: ServerOpt = None,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
@@ -341,6 +498,12 @@ def image(
     from lambdasplit.wire.codec import Codec
 
     width_height = _size(size) if size else None
+    if pipeline is None or pipeline.startswith("tiny-"):
+        typer.echo(
+            f"note: {pipeline or 'tiny-sdxl'} has seeded random weights, so the image is noise, not a picture of the "
+            "prompt; pass --pipeline DIR (a diffusers SDXL or SD pipeline) for a real one",
+            err=True,
+        )
     split = SplitPipeline.load(
         pipeline, mode, k, dtype, device, Codec.parse(codec), server, read_token(token_file), tls_ca
     )
@@ -379,13 +542,16 @@ def certs(
     """Make a self-signed CA and a server certificate, for trying TLS out."""
     from lambdasplit.security import make_certificates
 
-    paths = make_certificates(out, host or ["localhost", "127.0.0.1"])
+    try:
+        paths = make_certificates(out, host or ["localhost", "127.0.0.1"])
+    except OSError as exc:
+        raise LambdaSplitError(f"cannot write the certificates to {out}: {exc.strerror or exc}") from None
     typer.echo(f"CA: {paths['ca']}\ncertificate: {paths['cert']}\nkey: {paths['key']}")
 
 
 @app.command()
 def demo(
-    prompt: Annotated[str, typer.Argument(help="What to ask.")] = "What is the capital of France?",
+    prompt: Annotated[str, typer.Argument(callback=_check_text, help="What to ask.")] = "What is the capital of France?",
     model: ModelOpt = None,
     split: SplitOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
@@ -409,6 +575,7 @@ def demo(
     try:
         with console.status("loading the head and tail (device)..."):
             device = SplitDevice.load(model, parts)
+        _warn_without_chat_template(device)
         body = RemoteBody(server.url, device.manifest, wire, capture=True)
         console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
         console.print(f"[bold]> {prompt}[/]")
@@ -463,15 +630,15 @@ def _demo_table(console, device, body, result, prompt, wire) -> None:
 
 @app.command()
 def gateway(
-    server: Annotated[str, typer.Option("--server", help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")],
+    server: Annotated[str, typer.Option("--server", callback=_check_server, help="Body server URL, ws://HOST:PORT or wss://HOST:PORT.")],
     model: ModelOpt = None,
     split: SplitOpt = None,
     host: Annotated[str, typer.Option(help="Address for the HTTP API (keep it on loopback).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8471,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8471,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
     codec: CodecOpt = "fp32",
-    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="Require this key from API clients.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", callback=_check_text_file, help="Require this key from API clients.")] = None,
     dtype: DtypeOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
@@ -487,16 +654,18 @@ def gateway(
     if api_key is None and not is_loopback(host):
         raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
     device = SplitDevice.load(model, _split(split), dtype)
-    body = RemoteBody(server, device.manifest, Codec.parse(codec), token=read_token(token_file), tls_ca=tls_ca)
+    _warn_without_chat_template(device)
+    wire, token = Codec.parse(codec), read_token(token_file)
+    connect = lambda: RemoteBody(server, device.manifest, wire, token=token, tls_ca=tls_ca)  # noqa: E731 - one body session per request
     name = model or "lambdasplit-default"
     typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 -> body at {server}")
-    uvicorn.run(create_app(device, body, name, api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(device, connect, name, api_key), host=host, port=port, log_level="warning")
 
 
 @app.command()
 def audit(
     model: ModelOpt = None,
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="K,M to audit (repeatable); default 1,1 2,2 4,4 8,8.")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", callback=_check_split, help="K,M to audit (repeatable); default 1,1 2,2 4,4 8,8.")] = None,
     attacks: Annotated[str, typer.Option(help="Comma-separated: tail-replay, vocab-matching, split-probing, learned-inversion.")] = "tail-replay,vocab-matching,split-probing,learned-inversion",
     defenses: Annotated[str, typer.Option(help="Comma-separated: none, tls, random-split, int8, noise-0.1, noise-0.3, noise-1.0, noise-1.0-prompt.")] = "all",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.md, report.json, pareto.png.")] = Path("audit"),
@@ -505,10 +674,11 @@ def audit(
     inversion_steps: Annotated[int, typer.Option(help="Training steps of the learned inverter per K.")] = 300,
     pipeline: Annotated[Optional[str], typer.Option("--pipeline", help="Audit a split diffusion pipeline instead (a directory, tiny-sdxl or tiny-sd): image leakage per mode and K.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps of the audited image (with --pipeline).")] = 20,
-    quick: Annotated[bool, typer.Option(help="Reduced audit (minutes on a CPU): 3 prompts, splits 1,1 and 4,4, four defenses.")] = False,
+    quick: Annotated[bool, typer.Option(help="Reduced audit: 3 prompts, splits 1,1 and 4,4, four defenses; about 10 minutes on a laptop CPU (the full audit takes hours).")] = False,
 ) -> None:
     """Measure what a curious cloud or an eavesdropper recovers from the hidden states, per defense."""
-    from rich.progress import Progress
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from lambdasplit.privacy.audit import ATTACKS, DEFENSES, AuditConfig, run_audit
     from lambdasplit.privacy.report import write_report
@@ -536,15 +706,15 @@ def audit(
     unknown = [d for d in config.defenses if d not in DEFENSES] + [a for a in config.attacks if a not in ATTACKS]
     if unknown:
         raise LambdaSplitError(f"unknown defense or attack: {', '.join(unknown)}")
-    steps = len(config.splits) * len(config.defenses)
-    with Progress() as progress:
-        task = progress.add_task("auditing", total=steps)
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+        # Units: each generation (reference or attacked run), quality pass and inverter training;
+        # the audit reports done/total itself, the total growing if the attacks need another inverter.
+        task = progress.add_task("auditing", total=None)
 
-        def advance(label: str) -> None:
-            progress.update(task, description=label)
-            progress.advance(task)
+        def report(label: str, done: int, total: int) -> None:
+            progress.update(task, description=label, completed=done, total=total)
 
-        result = run_audit(config, progress=advance)
+        result = run_audit(config, progress=report)
     command = "lambdasplit " + " ".join(sys.argv[1:])
     paths = write_report(result, out, command)
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -556,13 +726,13 @@ def ui(
     model: ModelOpt = None,
     split: SplitOpt = None,
     host: Annotated[str, typer.Option(help="Address for the web page (keep it on loopback).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8472,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8472,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
     codec: CodecOpt = "fp32",
     dtype: DtypeOpt = None,
     pipeline: PipelineOpt = None,
-    image_server: Annotated[Optional[str], typer.Option("--image-server", help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
+    image_server: Annotated[Optional[str], typer.Option("--image-server", callback=_check_server, help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
 ) -> None:
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
@@ -579,6 +749,7 @@ def ui(
     wire = Codec.parse(codec)
     parts = _split(split)
     device = SplitDevice.load(model, parts, dtype)
+    _warn_without_chat_template(device)
     # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
     body = _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0, retries=1)
     load_image = _image_loader(pipeline, image_server, token, tls_ca, wire) if image else None
@@ -615,14 +786,29 @@ def _image_note(pipeline, image_server) -> str:
 
 
 def main() -> None:
+    """Run the app; every error the user can fix is one `error: ...` line on stderr and exit 2."""
+    try:  # typer >= 0.22 vendors click as typer._click; its exceptions are not click's
+        from typer import _click as click
+    except ImportError:
+        import click
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except LambdaSplitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        # Bad values and usage (typer's min=/max=, callbacks): one line, not a boxed panel.
+        command = f" (see: {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
+        typer.echo(f"error: {exc.format_message()}{command}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ class ProtocolError(RemoteError):
     code = ErrorCode.PROTOCOL
 
 
+class LimitError(ProtocolError):
+    """A frame or session over one of the server's limits (rows, positions, context, KV bytes)."""
+
+    code = ErrorCode.LIMIT
+
+
 class MismatchError(RemoteError):
     """The device's parts and the server's body are not parts of the same split model."""
 
@@ -84,14 +90,22 @@ class ComputeError(RemoteError):
 class UnavailableError(RemoteError):
     """The body server cannot be reached (refused, timed out, or lost for longer than the reconnect window)."""
 
+    code = ErrorCode.EXPIRED
+
+
+class ExpiredError(UnavailableError):
+    """The server closed the session after it idled past the TTL."""
+
+    code = ErrorCode.EXPIRED
+
 
 REMOTE_ERRORS: dict[ErrorCode, type[RemoteError]] = {
     ErrorCode.AUTH: AuthError,
     ErrorCode.CAPACITY: CapacityError,
     ErrorCode.PROTOCOL: ProtocolError,
-    ErrorCode.LIMIT: ProtocolError,
+    ErrorCode.LIMIT: LimitError,
     ErrorCode.MISMATCH: MismatchError,
-    ErrorCode.EXPIRED: UnavailableError,
+    ErrorCode.EXPIRED: ExpiredError,
     ErrorCode.COMPUTE: ComputeError,
 }
 

@@ -1,12 +1,15 @@
 """BodyServer: the WebSocket transport in front of the BodyScheduler.
 
 It moves frames and enforces who may talk (auth), how much (limits) and for how long (TTL); it
-never interprets a tensor. A bad frame or a dropped connection ends that connection's session only.
+never interprets a tensor. A bad frame, a failed step or a dropped connection ends that
+connection's session only, and every refusal reaches the device as an ERROR frame with an
+`ErrorCode`, logged on one line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
 import socket
@@ -17,11 +20,18 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from lambdasplit import defaults
 from lambdasplit.cloud.metrics import ServerMetrics
 from lambdasplit.engine.scheduler import BodyScheduler
-from lambdasplit.errors import CapacityError
+from lambdasplit.errors import (
+    ErrorCode,
+    ExpiredError,
+    LambdaSplitError,
+    MismatchError,
+    RemoteError,
+    WireError,
+)
 from lambdasplit.security import token_matches
-from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame
 from lambdasplit.wire.protocol import BODY_PATH, PROTOCOL, control_frame, error_frame, read_control
@@ -32,12 +42,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 8470
+    port: int = defaults.SERVE_PORT
     token: str | None = None
     tls: ssl.SSLContext | None = None
-    session_ttl: float = 300.0  # idle seconds before a session is closed
-    handshake_timeout: float = 10.0
-    max_frame_bytes: int = 64 << 20
+    session_ttl: float = defaults.SESSION_TTL  # idle seconds before a session is closed
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
+    max_frame_bytes: int = defaults.MAX_FRAME_BYTES
 
 
 class BodyServer:
@@ -45,22 +55,18 @@ class BodyServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
-        manifest = scheduler.manifest
-        self.limits = Limits(
-            max_payload=config.max_frame_bytes,
-            hidden_size=manifest.hidden_size,
-            max_tokens=scheduler.limits.max_context,
-        )
+        self.limits: Limits = scheduler.manifest.frame_limits(config.max_frame_bytes, scheduler.limits.max_context)
         self.port: int | None = None
 
     async def run(self, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-        """Serve until `stop` is set (or forever)."""
+        """Serve until `stop` is set (or forever). Binding errors propagate as OSError."""
         async with serve(
             self._connection,
             self.config.host,
             self.config.port,
             ssl=self.config.tls,
             process_request=self._http,
+            server_header=None,  # do not advertise the websockets version
             max_size=self.config.max_frame_bytes + HEADER_SIZE,
             compression=None,
             ping_interval=20,
@@ -70,9 +76,13 @@ class BodyServer:
             for sock in sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.port = sockets[0].getsockname()[1]
+            reaper = asyncio.create_task(self._reap())
             if ready is not None:
                 ready.set()
-            await (stop.wait() if stop is not None else asyncio.Future())
+            try:
+                await (stop.wait() if stop is not None else asyncio.Future())
+            finally:
+                reaper.cancel()
         self.scheduler.shutdown()
 
     @property
@@ -80,12 +90,25 @@ class BodyServer:
         scheme = "wss" if self.config.tls else "ws"
         return f"{scheme}://{self.config.host}:{self.port}"
 
+    async def _reap(self) -> None:
+        """Backstop for sessions whose connection vanished without running its cleanup."""
+        idle = self.config.session_ttl + self.config.handshake_timeout
+        while True:
+            await asyncio.sleep(max(1.0, self.config.session_ttl / 4))
+            closed = await asyncio.wrap_future(self.scheduler.reap(idle))
+            if closed:
+                self.metrics.sessions_active.dec(closed)
+
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         """Plain HTTP: health and metrics; the body endpoint requires the bearer token."""
         path = request.path.split("?")[0]
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
-        authorized = self.config.token is None or token_matches(request.headers.get("Authorization"), self.config.token)
+        auth = request.headers.get_all("Authorization")
+        if len(auth) > 1:
+            log.warning("refused a request from %s: %d Authorization headers", connection.remote_address, len(auth))
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "send exactly one Authorization header\n")
+        authorized = self.config.token is None or token_matches(auth[0] if auth else None, self.config.token)
         if path == "/metrics":
             if not authorized:
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
@@ -101,23 +124,35 @@ class BodyServer:
         return None
 
     async def _connection(self, ws: ServerConnection) -> None:
-        session: bytes | None = None
+        # The session is registered in `opened` before WELCOME is sent, so a device that vanishes
+        # between HELLO and WELCOME cannot leak it.
+        opened: list[bytes] = []
         try:
-            session = await self._handshake(ws)
-            await self._serve_session(ws, session)
-        except (WireError, LambdaSplitError) as exc:
-            code = "protocol" if isinstance(exc, WireError) else "capacity" if isinstance(exc, CapacityError) else "refused"
-            if isinstance(exc, WireError):
-                self.metrics.frame_errors.inc()
-            await _send_error(ws, code, str(exc), session)
+            await self._handshake(ws, opened)
+            await self._serve_session(ws, opened[0])
         except ConnectionClosed:
             log.info("device disconnected")
+        except Exception as exc:  # noqa: BLE001 - one log line, never a traceback
+            await self._refuse(ws, exc, opened[0] if opened else None)
         finally:
-            if session is not None:
-                await asyncio.wrap_future(self.scheduler.close_session(session))
+            if opened:
+                await asyncio.wrap_future(self.scheduler.close_session(opened[0]))
                 self.metrics.sessions_active.dec()
 
-    async def _handshake(self, ws: ServerConnection) -> bytes:
+    async def _refuse(self, ws: ServerConnection, exc: Exception, session: bytes | None) -> None:
+        code = _code(exc)
+        if code in (ErrorCode.PROTOCOL, ErrorCode.LIMIT):
+            self.metrics.frame_errors.inc()
+        message = str(exc) if isinstance(exc, LambdaSplitError) else f"internal error ({type(exc).__name__})"
+        if not isinstance(exc, LambdaSplitError):
+            log.error("unexpected %s on a connection: %s", type(exc).__name__, ascii(str(exc))[:300])
+        retry_after = exc.retry_after if isinstance(exc, RemoteError) else None
+        log.warning("closing a connection (%s): %s", code.value, ascii(message)[1:-1])
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(error_frame(code.value, message, session or bytes(16), retry_after).to_bytes())
+            await ws.close(1008, code.value)
+
+    async def _handshake(self, ws: ServerConnection, opened: list[bytes]) -> None:
         try:
             message = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
         except asyncio.TimeoutError:
@@ -129,31 +164,37 @@ class BodyServer:
         body, problem = self.scheduler.body_for(theirs)
         if problem:
             self.metrics.sessions_refused.inc()
-            log.warning("refused a device whose parts do not match: %s", problem)
-            raise LambdaSplitError(f"the device's parts do not match this server's body: {problem}")
+            raise MismatchError(f"the device's parts do not match this server's body: {problem}")
         Codec.parse(str(hello.get("codec", "fp32")))
         try:
             session = await asyncio.wrap_future(self.scheduler.open_session(body))
         except LambdaSplitError:
             self.metrics.sessions_refused.inc()
             raise
+        opened.append(session)
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
+        limits = self.scheduler.limits
         welcome = {
             "protocol": PROTOCOL,
             "session": session.hex(),
-            "manifest": self.scheduler.bodies[body][1].as_dict(),
-            "limits": {"max_context": self.scheduler.limits.max_context, "max_frame_bytes": self.config.max_frame_bytes},
+            "manifest": self.scheduler.bodies[body].manifest.as_dict(),
+            "limits": {
+                "max_context": limits.max_context,
+                "max_batch": limits.max_batch,
+                "max_frame_positions": limits.max_frame_positions,
+                "max_session_kv_bytes": limits.max_session_kv_bytes,
+                "max_frame_bytes": self.config.max_frame_bytes,
+            },
         }
         await ws.send(control_frame(MsgType.WELCOME, welcome, session).to_bytes())
-        return session
 
     async def _serve_session(self, ws: ServerConnection, session: bytes) -> None:
         while True:
             try:
                 message = await asyncio.wait_for(ws.recv(), self.config.session_ttl)
             except asyncio.TimeoutError:
-                raise LambdaSplitError(f"session idle for {self.config.session_ttl:.0f} s; expired") from None
+                raise ExpiredError(f"session idle for {self.config.session_ttl:.0f} s; expired") from None
             self.metrics.bytes_in.inc(len(message))
             frame = _parse(message, self.limits)
             if frame.session != session:
@@ -165,7 +206,17 @@ class BodyServer:
                 data = reply.to_bytes()
                 await ws.send(data)
                 self.metrics.bytes_out.inc(len(data))
-                self.metrics.observe_step(seconds, reply.shape[0] * reply.shape[1])
+                self.metrics.observe_step(seconds, reply.shape[0] * (reply.shape[1] if len(reply.shape) > 1 else 1))
+
+
+def _code(exc: Exception) -> ErrorCode:
+    if isinstance(exc, RemoteError):
+        return exc.code
+    if isinstance(exc, WireError):
+        return ErrorCode.PROTOCOL
+    if isinstance(exc, LambdaSplitError):
+        return ErrorCode.PROTOCOL
+    return ErrorCode.COMPUTE
 
 
 def _parse(message: str | bytes, limits: Limits) -> Frame:
@@ -173,11 +224,3 @@ def _parse(message: str | bytes, limits: Limits) -> Frame:
         raise WireError("text messages are not part of the protocol; send binary frames")
     return parse_frame(message, limits)
 
-
-async def _send_error(ws: ServerConnection, code: str, message: str, session: bytes | None) -> None:
-    log.warning("closing a connection (%s): %s", code, message)
-    try:
-        await ws.send(error_frame(code, message, session or bytes(16)).to_bytes())
-        await ws.close(1008, code[:100])
-    except ConnectionClosed:
-        pass

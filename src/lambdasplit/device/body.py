@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lambdasplit.engine.session import BodySession
+from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
 
@@ -101,21 +101,32 @@ class BodyClient(ABC):
 
 
 class LocalBody(BodyClient):
-    """The body in this process, reached through the same frames the network carries."""
+    """The body in this process, reached through the same frames, scheduler and limits as a server.
 
-    def __init__(self, session: BodySession, codec: Codec = Codec.FP32, limits: Limits = Limits()) -> None:
-        self.session = session
+    Each LocalBody holds one session on `scheduler`; several LocalBodies may share one scheduler
+    (the gateway opens one per request), exactly as devices share a server.
+    """
+
+    def __init__(self, scheduler: BodyScheduler, codec: Codec = Codec.FP32, limits: Limits | None = None) -> None:
+        self.scheduler = scheduler
         self.codec = codec
-        self.limits = limits
+        self.limits = limits or scheduler.manifest.frame_limits()
         self.stats = TransferStats()
+        self._session: bytes | None = None
+
+    def _session_id(self) -> bytes:
+        if self._session is None:
+            self._session = self.scheduler.open_session().result()
+        return self._session
 
     def _exchange(self, frames: list[Frame]) -> Frame:
+        session = self._session_id()
         reply = None
         for frame in frames:
             data = frame.to_bytes()
             if self.captured is not None:
                 self.captured.append(("to_cloud", data))
-            reply = self.session.handle(parse_frame(data, self.limits))
+            reply, _ = self.scheduler.submit(session, parse_frame(data, self.limits)).result()
         assert reply is not None, "the last frame of an exchange is always answered"
         data = reply.to_bytes()
         if self.captured is not None:
@@ -123,7 +134,13 @@ class LocalBody(BodyClient):
         return parse_frame(data, self.limits)
 
     def _reset(self) -> None:
-        self.session.handle(Frame(MsgType.RESET))
+        if self._session is not None:
+            self.scheduler.submit(self._session, Frame(MsgType.RESET)).result()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self.scheduler.close_session(self._session).result()
+            self._session = None
 
 
 def load_local_body(
@@ -135,11 +152,5 @@ def load_local_body(
     allow_shallow: bool = False,
 ) -> LocalBody:
     """The body of `source` in this process, behind the BodyClient interface."""
-    import secrets
-
-    from lambdasplit.split.load import body_runner, open_source, resolve_dtype
-
-    opened = open_source(source, split, allow_shallow)
-    runner = body_runner(opened, resolve_dtype(dtype, opened), device)
-    session = BodySession(runner, secrets.token_bytes(16))
-    return LocalBody(session, codec, Limits(hidden_size=opened.config.hidden_size))
+    scheduler = load_scheduler(source, split, dtype, device, allow_shallow=allow_shallow)
+    return LocalBody(scheduler, codec)

@@ -3,6 +3,17 @@
 It keeps every frame of the current sequence, so when the connection drops or the server restarts
 it reconnects with backoff and replays them — same frames, same chunking, hence a bit-identical
 body KV cache — and the generation continues as if nothing happened.
+
+Reconnect policy, per exchange:
+- a server that was never reached (refused, unreachable, timed out) fails at once with one
+  `UnavailableError` (a refused connection is retried once, silently): it is a wrong URL or a
+  server that is not running, and waiting would only hide that;
+- a connection lost after a WELCOME, or a session the server closed (ERROR `compute` / `expired`),
+  is retried with exponential backoff for `reconnect_window` seconds, then replayed; one warning
+  when it is lost, one when it is replayed, and no sleep after the last attempt;
+- a capacity refusal (HTTP 503/429 or ERROR `capacity`) waits its `retry_after` while that fits
+  in the window, then raises `CapacityError`;
+- auth (HTTP 401/403 or ERROR `auth`), mismatch, protocol and TLS errors are never retried.
 """
 
 from __future__ import annotations
@@ -14,12 +25,26 @@ import ssl
 import time
 from pathlib import Path
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from urllib.parse import urlsplit
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
+from lambdasplit import defaults
 from lambdasplit.security import client_ssl_context
 from lambdasplit.device.body import BodyClient, TransferStats
-from lambdasplit.errors import LambdaSplitError, WireError
+from lambdasplit.errors import (
+    AuthError,
+    CapacityError,
+    ComputeError,
+    ExpiredError,
+    LambdaSplitError,
+    MismatchError,
+    ProtocolError,
+    RemoteError,
+    UnavailableError,
+    WireError,
+)
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
@@ -27,7 +52,8 @@ from lambdasplit.wire.protocol import BODY_PATH, PROTOCOL, control_frame, read_c
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (ConnectionClosed, OSError, TimeoutError, InvalidHandshake)
+_RETRYABLE = (ConnectionClosed, OSError, TimeoutError, InvalidHandshake)  # transport failures
+MAX_BACKOFF = 4.0  # seconds between two reconnect attempts, at most
 
 
 class RemoteBody(BodyClient):
@@ -38,29 +64,41 @@ class RemoteBody(BodyClient):
         codec: Codec = Codec.BF16,
         token: str | None = None,
         tls_ca: str | Path | None = None,
-        timeout: float = 60.0,
-        connect_timeout: float = 10.0,
-        retries: int = 6,
+        timeout: float = defaults.REPLY_TIMEOUT,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        reconnect_window: float = defaults.RECONNECT_WINDOW,
         backoff: float = 0.25,
+        retries: int | None = None,
         capture: bool = False,
     ) -> None:
+        """`reconnect_window`: seconds one exchange keeps reconnecting (or waiting out a capacity
+        refusal) before it raises; `backoff`: the first delay, doubled per attempt up to
+        MAX_BACKOFF; `retries`: an optional cap on the attempts within the window."""
         self.url = url.rstrip("/") + BODY_PATH if not url.rstrip("/").endswith(BODY_PATH) else url
         if not self.url.startswith(("ws://", "wss://")):
             raise LambdaSplitError(f"--server {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+        if tls_ca is not None and self.url.startswith("ws://"):
+            raise LambdaSplitError(
+                f"--tls-ca was given but --server {url!r} is plain ws://, which would ignore it: use wss://"
+            )
+        if reconnect_window < 0 or backoff < 0 or (retries is not None and retries < 0):
+            raise LambdaSplitError("reconnect_window, backoff and retries must not be negative")
         self.manifest = manifest
         self.codec = codec
         self.token = token
         self.ssl = client_ssl_context(tls_ca) if self.url.startswith("wss://") else None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.retries = retries
+        self.reconnect_window = reconnect_window
         self.backoff = backoff
+        self.retries = retries
         self.stats = TransferStats()
-        self.limits = Limits(hidden_size=manifest.hidden_size)
+        self.limits = manifest.frame_limits()  # what this device accepts from the server
         if capture:
             self.start_capture()
         self.server_manifest: PartManifest | None = None
         self.reconnects = 0
+        self._connected_once = False  # a WELCOME was ever received: later failures are outages
         self._ws: ClientConnection | None = None
         self._session = bytes(16)
         self._seq = 0
@@ -68,22 +106,60 @@ class RemoteBody(BodyClient):
 
     # BodyClient
     def _exchange(self, frames: list[Frame]) -> Frame:
-        last_error: Exception | None = None
-        for attempt in range(self.retries + 1):
+        deadline: float | None = None
+        attempts = 0  # failed attempts so far
+        while True:
             try:
-                self._ensure_connected()
+                self._ensure_connected(deadline)
                 reply = self._roundtrip(frames)
                 self._history.extend(f for f in frames if self.kept_for_replay(f))
                 return reply
-            except _RETRYABLE as exc:
-                last_error = exc
+            except (CapacityError, ComputeError, ExpiredError, *_RETRYABLE) as exc:
                 self._drop()
-                delay = self.backoff * 2**attempt
-                log.warning("lost the body server (%s); reconnecting in %.2f s", _describe(exc), delay)
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_window
+                attempts += 1
+                delay = self._retry_delay(exc, attempts, deadline)
                 time.sleep(delay)
-        raise LambdaSplitError(
-            f"the body server at {self.url} is unreachable after {self.retries + 1} attempts: {_describe(last_error)}"
-        )
+
+    def _retry_delay(self, exc: Exception, attempts: int, deadline: float) -> float:
+        """How long to wait before the next attempt after `exc`, or raise when there is none."""
+        remaining = deadline - time.monotonic()
+        exhausted = remaining <= 0 or (self.retries is not None and attempts > self.retries)
+        if isinstance(exc, CapacityError):
+            delay = exc.retry_after if exc.retry_after is not None else defaults.CAPACITY_RETRY_AFTER
+            if exhausted or delay > remaining:
+                waited = self.reconnect_window - max(remaining, 0.0)
+                raise CapacityError(
+                    f"{exc} (waited {waited:.0f} s of the {self.reconnect_window:g} s reconnect window)",
+                    retry_after=delay,
+                ) from None
+            (log.warning if attempts == 1 else log.info)(
+                "the body server is at capacity; retrying in %.1f s (for up to %.0f s)", delay, self.reconnect_window
+            )
+            return delay
+        if not self._connected_once and not isinstance(exc, RemoteError):
+            # Never reached: a wrong URL or a server that is not running. Say so now.
+            if attempts == 1 and isinstance(exc, ConnectionRefusedError) and not exhausted:
+                return min(self.backoff, remaining)  # one quiet retry: the server may be starting
+            raise UnavailableError(f"cannot reach the body server at {self.url}: {_describe(exc)}") from None
+        if exhausted:
+            if isinstance(exc, RemoteError):
+                raise type(exc)(
+                    f"{exc} (still failing after {self.reconnect_window:g} s of reconnecting)", exc.retry_after
+                ) from None
+            raise UnavailableError(
+                f"lost the body server at {self.url} and could not reconnect within "
+                f"{self.reconnect_window:g} s ({attempts} attempts): {_describe(exc)}"
+            ) from None
+        delay = min(self.backoff * 2 ** (attempts - 1), MAX_BACKOFF, remaining)
+        if attempts == 1:
+            log.warning(
+                "lost the body server (%s); reconnecting for up to %.0f s", _describe(exc), self.reconnect_window
+            )
+        else:
+            log.info("reconnect attempt %d failed (%s); next in %.2f s", attempts, _describe(exc), delay)
+        return delay
 
     def _reset(self) -> None:
         self._history.clear()
@@ -103,38 +179,67 @@ class RemoteBody(BodyClient):
         self._ws = None
 
     # connection
-    def _ensure_connected(self) -> None:
+    def _ensure_connected(self, deadline: float | None = None) -> None:
         if self._ws is not None:
             return
+        open_timeout = self.connect_timeout
+        if deadline is not None:  # a reconnect: no attempt outlives the window by much
+            open_timeout = max(1.0, min(open_timeout, deadline - time.monotonic()))
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
             ws = connect(
                 self.url, ssl=self.ssl, additional_headers=headers, compression=None, proxy=None,
-                open_timeout=self.connect_timeout, max_size=None, ping_interval=20, ping_timeout=self.timeout,
+                open_timeout=open_timeout, max_size=None, ping_interval=20, ping_timeout=self.timeout,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 401:
-                raise LambdaSplitError(f"the body server at {self.url} refused the token (401); check --token-file") from None
-            raise LambdaSplitError(f"the body server at {self.url} answered HTTP {status}") from None
+            raise self._status_error(exc) from None
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise LambdaSplitError(
+                f"TLS with {self.url} failed: {exc.verify_message or exc}; pass the server's CA with --tls-ca"
+            ) from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            raise LambdaSplitError(f"TLS with {self.url} failed: {exc}; pass the server's CA with --tls-ca") from None
+            raise LambdaSplitError(
+                f"TLS with {self.url} failed: {exc}; if the server speaks plain WebSocket, use ws:// instead"
+            ) from None
+        except (InvalidMessage, ConnectionResetError, EOFError) as exc:
+            # A TLS server hangs up on (or resets) a plain HTTP request: find out, and say so.
+            if self.url.startswith("ws://") and _speaks_tls(self.url, min(open_timeout, 5.0)):
+                raise UnavailableError(
+                    f"the server at {self.url} speaks TLS: use wss:// and --tls-ca (the CA that signed its certificate)"
+                ) from None
+            raise exc from None
         ws.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._ws = ws
         hello = {"protocol": PROTOCOL, "manifest": self.manifest.as_dict(), "codec": self.codec.name.lower()}
         self._send(control_frame(MsgType.HELLO, hello))
         welcome = read_control(self._recv(self.connect_timeout), MsgType.WELCOME)
-        server = type(self.manifest).from_dict(welcome.get("manifest") or {})
+        try:
+            server = type(self.manifest).from_dict(welcome.get("manifest") or {})
+            session = bytes.fromhex(welcome["session"])
+        except (KeyError, TypeError, ValueError, WireError) as exc:
+            self._drop()
+            raise WireError(f"the body server sent a malformed WELCOME ({type(exc).__name__}: {exc})") from None
         problem = self.manifest.compatible_with(server)
         if problem:
             self.close()
-            raise LambdaSplitError(f"the body server's part does not match this device's: {problem}")
+            raise MismatchError(f"the body server's part does not match this device's: {problem}")
         self.server_manifest = server
-        self._session = bytes.fromhex(welcome["session"])
+        self._session = session
+        self._connected_once = True
         if self._history:
             self._replay()
+
+    def _status_error(self, exc: InvalidStatus) -> RemoteError:
+        """The typed error for an HTTP status that refused the WebSocket upgrade."""
+        status = exc.response.status_code
+        if status in (401, 403):
+            return AuthError(f"the body server at {self.url} refused the token ({status}); check --token-file")
+        if status in (429, 503):
+            retry_after = _seconds(exc.response.headers.get("Retry-After"))
+            return CapacityError(f"the body server at {self.url} is busy (HTTP {status}); retry later", retry_after)
+        return ProtocolError(f"the body server at {self.url} answered HTTP {status}")
 
     def _replay(self) -> None:
         """Rebuild the body's KV cache on a fresh session from this sequence's frames."""
@@ -207,4 +312,32 @@ class RemoteBody(BodyClient):
 
 
 def _describe(exc: Exception | None) -> str:
-    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is `lambdasplit serve` running there?)"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (the HTTP-date form is ignored)."""
+    try:
+        value = float(header) if header is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 3600 else None
+
+
+def _speaks_tls(url: str, timeout: float) -> bool:
+    """Whether `url`'s host:port completes a TLS handshake (certificate not checked: a probe only)."""
+    parts = urlsplit(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=parts.hostname):
+                return True
+    except (OSError, ValueError):
+        return False

@@ -6,6 +6,7 @@ Token ids and text stay here; only hidden states go to the body through a BodyCl
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,10 +16,19 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.sampling import Sampler, SamplingConfig
-from lambdasplit.errors import PromptError
+from lambdasplit.errors import LambdaSplitError, PromptError
 from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
+
+
+class GenerationCancelled(LambdaSplitError):
+    """The caller set the generation's `cancel` event (e.g. the HTTP client went away)."""
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("the generation was cancelled")
 
 
 @dataclass
@@ -173,22 +183,33 @@ class SplitDevice:
         attention_mask: torch.Tensor | None = None,
         sampling: SamplingConfig | None = None,
         on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> GenerationResult:
+        """Generate from token ids; once `cancel` is set the loop stops before its next body call and
+        the rows still running finish with reason "cancelled"."""
         sampling = sampling or SamplingConfig()
         timings = Timings()
         body.stats.reset()
         generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         start = time.perf_counter()
-        loop = self.stream_ids(body, input_ids, attention_mask, sampling, timings, want_text=on_text is not None)
-        for chunk in loop:
-            for row, token in enumerate(chunk.token_ids):
-                generated[row].append(token)
-            if on_text and chunk.text:
-                on_text(chunk.text)
+        loop = self.stream_ids(
+            body, input_ids, attention_mask, sampling, timings, want_text=on_text is not None, cancel=cancel
+        )
+        cancelled = False
+        try:
+            for chunk in loop:
+                for row, token in enumerate(chunk.token_ids):
+                    generated[row].append(token)
+                if on_text and chunk.text:
+                    on_text(chunk.text)
+        except GenerationCancelled:
+            cancelled = True
         timings.total = time.perf_counter() - start
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask, strict=False)]
         token_ids, texts, reasons = self._finish(generated, sampling)
+        if cancelled:
+            reasons = ["cancelled" if reason == "length" else reason for reason in reasons]
         return GenerationResult(
             texts, prompt_ids, token_ids, timings, body.stats.bytes_to_cloud, body.stats.bytes_from_cloud, reasons
         )
@@ -201,8 +222,12 @@ class SplitDevice:
         sampling: SamplingConfig,
         timings: Timings | None = None,
         want_text: bool = True,
+        cancel: threading.Event | None = None,
     ) -> Iterator[StreamChunk]:
-        """The generation loop: prefill once, then one position per row per step."""
+        """The generation loop: prefill once, then one position per row per step.
+
+        `cancel` is checked before every body call; once set, the loop raises GenerationCancelled.
+        """
         timings = timings or Timings()
         batch, prompt_len = input_ids.shape
         if prompt_len == 0:
@@ -223,6 +248,7 @@ class SplitDevice:
         texts = _TextStream(self.tokenizer, sampling.stop) if streaming else None
         self.head.reset(), self.tail.reset(), body.reset()
         started = time.perf_counter()
+        _check_cancel(cancel)
         logits = self._step(body, input_ids, mask, timings)
         for step in range(sampling.max_new_tokens):
             tick = time.perf_counter()
@@ -243,6 +269,7 @@ class SplitDevice:
             yield StreamChunk(ids, text + (texts.flush() if texts is not None and done else ""))
             if done:
                 return
+            _check_cancel(cancel)
             logits = self._step(body, token[:, None], None, timings)
 
     def _step(

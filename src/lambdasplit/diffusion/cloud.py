@@ -8,11 +8,11 @@ and answers each step.
 from __future__ import annotations
 
 import logging
-import secrets
 
 import torch
 
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
+from lambdasplit.engine.session import SessionLimits
 from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.parts import PipelineManifest, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import UPLINK, Slot
@@ -25,12 +25,18 @@ log = logging.getLogger(__name__)
 class UNetBody:
     """What the cloud runs for one step, given the image's conditioning and the step's tensors."""
 
-    def __init__(self, unet, mode: str, k: int) -> None:
-        self.unet, self.mode, self.k = unet, mode, k
+    def __init__(self, unet, mode: str, k: int, manifest: PipelineManifest) -> None:
+        self.unet, self.mode, self.k, self.manifest = unet, mode, k, manifest
         self.param = next(p for p in unet.parameters() if p.device.type != "meta")
         if mode == "unet-split":
             cut.check_k(unet, k)
         self.shapes = _expected_shapes(unet, mode, k)
+
+    def open(self, session_id: bytes, limits: SessionLimits) -> DiffusionSession:
+        return DiffusionSession(self, session_id)
+
+    def memory_probe(self) -> torch.Tensor:
+        return self.param
 
     @torch.inference_mode()
     def step(self, cond: dict[Slot, torch.Tensor], inputs: dict[Slot, torch.Tensor]) -> tuple[Slot, torch.Tensor]:
@@ -109,6 +115,9 @@ class DiffusionSession:
         self.steps = 0
         self.tokens = 0  # the scheduler counts "tokens"; for images, one per step and sample
 
+    def new_bytes(self, frame: Frame) -> int:
+        return 0  # a step's activations are transient; the session keeps only its conditioning
+
     def handle(self, frame: Frame) -> Frame | None:
         if frame.type == MsgType.RESET:
             self.cond.clear()
@@ -138,26 +147,9 @@ class DiffusionSession:
         return tensor_frame(MsgType.TENSOR, out, frame.codec, self.session_id, frame.seq, slot=out_slot)
 
 
-class DiffusionScheduler(BodyScheduler):
-    """The text scheduler's thread, limits and memory guard, with diffusion sessions."""
-
-    def __init__(self, body: UNetBody, manifest: PipelineManifest, limits: SchedulerLimits = SchedulerLimits()) -> None:
-        super().__init__(None, manifest, limits)
-        self.body = body
-
-    def parse_manifest(self, data: dict) -> PipelineManifest:
-        return PipelineManifest.from_dict(data)
-
-    def _new_session(self, body: int, session_id: bytes):
-        return DiffusionSession(self.body, session_id)
-
-    def _memory_probe(self) -> torch.Tensor:
-        return self.body.param
-
-
 def load_unet_body(
     pipeline: str | None, mode: str, k: int, dtype: str | None = None, device: str = "cpu"
-) -> tuple[UNetBody, PipelineManifest]:
+) -> UNetBody:
     """The cloud's UNet part of `pipeline` (a diffusers directory or an exported cloud part)."""
     opened = open_pipeline(pipeline, mode, k)
     if opened.exported and opened.exported.role != "cloud":
@@ -169,17 +161,13 @@ def load_unet_body(
             cut.check_k(skeleton, k)
             return cut.inner_keys(skeleton, k)
     unet = load_unet(opened.unet_dir, torch_dtype, device, select)
-    return UNetBody(unet, mode, k), opened.manifest("cloud", mode, k, torch_dtype)
+    return UNetBody(unet, mode, k, opened.manifest("cloud", mode, k, torch_dtype))
 
 
 def load_diffusion_scheduler(
     pipeline: str | None, mode: str, k: int, dtype: str | None = None, device: str = "cpu",
     limits: SchedulerLimits = SchedulerLimits(),
-) -> DiffusionScheduler:
-    body, manifest = load_unet_body(pipeline, mode, k, dtype, device)
-    log.info("serving the %s UNet in %s mode (K=%d)", manifest.family, mode, k)
-    return DiffusionScheduler(body, manifest, limits)
-
-
-def local_session(body: UNetBody) -> DiffusionSession:
-    return DiffusionSession(body, secrets.token_bytes(16))
+) -> BodyScheduler:
+    body = load_unet_body(pipeline, mode, k, dtype, device)
+    log.info("serving the %s UNet in %s mode (K=%d)", body.manifest.family, mode, k)
+    return BodyScheduler([body], limits)

@@ -21,7 +21,8 @@ from torch import nn
 from lambdasplit.device.body import BodyClient, LocalBody
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.diffusion import unet as cut
-from lambdasplit.diffusion.cloud import load_unet_body, local_session
+from lambdasplit.diffusion.cloud import load_unet_body
+from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot
 from lambdasplit.errors import LambdaSplitError, SplitError
@@ -238,8 +239,8 @@ def local_link(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, de
     """The cloud part in this process, reached through the same frames the network carries."""
     if opened.exported:
         raise LambdaSplitError(f"{opened.path} is an exported device part; give --server to reach its cloud part")
-    body, _ = load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)
-    return LocalBody(local_session(body), codec, Limits(max_elements=1 << 30, max_payload=1 << 31))
+    body = load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)
+    return LocalBody(BodyScheduler([body]), codec, Limits(max_elements=1 << 30, max_payload=1 << 31))
 
 
 class RemoteUNet(RemoteBody):

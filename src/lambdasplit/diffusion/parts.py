@@ -11,54 +11,61 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from lambdasplit.diffusion.protocol import MODES
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.checkpoint import file_sha256
-from lambdasplit.split.manifest import DTYPE_NAMES, MANIFEST_NAME, dtype_named, verify_files
+from lambdasplit.split.manifest import (
+    DTYPE_NAMES, DTYPES, FORMAT_VERSION, HEX64, MANIFEST_NAME, ROLES, Fields, Manifest, dtype_named, check_output_dir,
+    hash_files, prepare_output_dir,
+)
+from lambdasplit.wire.frame import Limits
 
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
-class PipelineManifest:
+class PipelineManifest(Manifest):
     role: str  # "device", "cloud" or "full"
     family: str  # "sdxl" | "sd"
     mode: str  # "paper" | "unet-split"
     k: int  # outer down/up blocks on the device (0 in paper mode)
     fingerprint: str  # identity of the full UNet: config + weights
     dtype: str
-    files: dict[str, str] = field(default_factory=dict)
-    format_version: int = 1
-    hidden_size = None  # frames carry no (B, T, D) hidden states; see wire.frame.Limits
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, every file of the part
+    format_version: int = FORMAT_VERSION
 
-    def compatible_with(self, other: PipelineManifest) -> str | None:
-        for name in ("family", "mode", "k", "fingerprint", "dtype"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return f"{name} differs: this side has {mine}, the other has {theirs}"
-        return None
+    KIND: ClassVar[str] = "a diffusion pipeline"
+    MATCH: ClassVar[tuple[str, ...]] = ("family", "mode", "k", "fingerprint", "dtype")
 
-    def as_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+    def frame_limits(self, max_payload: int = 1 << 31, max_tokens: int | None = None) -> Limits:
+        """Diffusion frames carry latents and conditioning, not (B, T, D) hidden states; a 1024 x 1024
+        SDXL step's tensors need the larger element bound."""
+        return Limits(max_payload=max_payload, max_elements=1 << 30)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> PipelineManifest:
-        try:
-            return cls(**{k: data[k] for k in ("role", "family", "mode", "k", "fingerprint", "dtype")},
-                       files=dict(data.get("files", {})), format_version=int(data.get("format_version", 1)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SourceError(f"malformed pipeline manifest: {exc}") from None
+    def summary(self, alternatives: list[Manifest] = ()) -> str:
+        blocks = "the whole UNet" if self.mode == "paper" else f"the UNet's inner blocks (K={self.k})"
+        return f"{self.family} {self.mode}: {blocks}"
 
     @classmethod
-    def read(cls, directory: Path) -> PipelineManifest | None:
-        path = Path(directory) / MANIFEST_NAME
-        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else None
+    def from_dict(cls, data: Any) -> PipelineManifest:
+        fields = Fields(data, "pipeline manifest")
+        return cls(
+            role=fields.string("role", choices=ROLES),
+            family=fields.string("family", choices=sorted(set(FAMILIES.values()))),
+            mode=fields.string("mode", choices=MODES),
+            k=fields.integer("k", 0, 64),
+            fingerprint=fields.string("fingerprint", HEX64),
+            dtype=fields.string("dtype", choices=DTYPES),
+            files=fields.files(),
+            format_version=fields.version(FORMAT_VERSION),
+        )
 
 
 @dataclass
@@ -99,7 +106,7 @@ def open_pipeline(path: str | Path | None, mode: str, k: int) -> PipelineSource:
         raise SourceError(f"{directory}: no such pipeline directory")
     exported = PipelineManifest.read(directory)
     if exported is not None:
-        verify_files(exported.files, directory)
+        exported.verify(directory)
         if (exported.mode, exported.k) != (mode, k if mode == "unet-split" else 0):
             raise SplitError(f"{directory} was exported for mode {exported.mode} K={exported.k}; it cannot serve {mode} K={k}")
         return PipelineSource(directory, exported.family, exported)
@@ -151,12 +158,16 @@ def load_unet(
     return unet.eval()
 
 
-def export_pipeline(source: str | Path | None, mode: str, k: int, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Write OUT/device and OUT/cloud, each with only its own UNet weights and a manifest."""
+def export_pipeline(
+    source: str | Path | None, mode: str, k: int, out: Path, dtype: torch.dtype = torch.float32, force: bool = False
+) -> dict[str, Path]:
+    """Write OUT/device and OUT/cloud, each with only its own UNet weights and a manifest that hashes
+    every file of the part. OUT must be new or empty; `force` empties it first."""
     from safetensors.torch import save_file
 
     from lambdasplit.diffusion import unet as cut
 
+    check_output_dir(out, force)
     opened = open_pipeline(source, mode, k)
     if opened.exported:
         raise SourceError(f"{opened.path} is already an exported part")
@@ -166,25 +177,20 @@ def export_pipeline(source: str | Path | None, mode: str, k: int, out: Path, dty
     state = full.state_dict()
     device_keys = cut.outer_keys(full, k) if mode == "unet-split" else []
     cloud_keys = cut.inner_keys(full, k) if mode == "unet-split" else list(state)
-    out = Path(out)
+    out = prepare_output_dir(out, force, keep=[opened.path])
     written = {}
     for role, keys in (("device", device_keys), ("cloud", cloud_keys)):
         target = out / role
-        if target.exists():
-            shutil.rmtree(target)
         (target / "unet").mkdir(parents=True)
         shutil.copy2(opened.unet_dir / "config.json", target / "unet" / "config.json")
         if role == "device":
             for item in opened.path.iterdir():
                 if item.name not in ("unet", MANIFEST_NAME) and not item.name.startswith("."):
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, target / item.name)
-        files = {}
         if keys:
-            weights = target / "unet" / WEIGHTS_NAME
-            save_file({key: state[key].contiguous() for key in keys}, str(weights))
-            files[f"unet/{WEIGHTS_NAME}"] = file_sha256(weights)
+            save_file({key: state[key].contiguous() for key in keys}, str(target / "unet" / WEIGHTS_NAME))
         manifest = opened.manifest(role, mode, k, dtype)
-        manifest.files = files
-        (target / MANIFEST_NAME).write_text(json.dumps(manifest.as_dict(), indent=2, sort_keys=True))
+        manifest.files = hash_files(target)  # the directory started empty: everything in it is ours
+        (target / MANIFEST_NAME).write_text(manifest.to_json())
         written[role] = target
     return written

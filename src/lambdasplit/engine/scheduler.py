@@ -1,8 +1,9 @@
-"""BodyScheduler: owns the body weights, the sessions and the one compute thread.
+"""BodyScheduler: owns the hosted bodies, the sessions and the one compute thread.
 
-It knows frames and tensors but nothing of the transport: the server hands it frames and awaits
-the replies. All session state is touched only on the compute thread, so there is no locking,
-and batching across sessions can later be added here without changing the wire.
+It knows frames and tensors but nothing of the transport: the server (or an in-process LocalBody)
+hands it frames and awaits the replies. All session state is touched only on the compute thread,
+so there is no locking. A body is anything with `manifest`, `open(session_id, limits)` and
+`memory_probe()`: the text `TextBody` and the diffusion `UNetBody` alike.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psutil
 import torch
 
-from lambdasplit.engine.session import BodySession
-from lambdasplit.errors import CapacityError, LambdaSplitError
-from lambdasplit.split.manifest import PartManifest
-from lambdasplit.split.parts import PartRunner
+from lambdasplit import defaults
+from lambdasplit.engine.session import SessionLimits, TextBody
+from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError
 from lambdasplit.wire.frame import Frame
 
 log = logging.getLogger(__name__)
@@ -27,89 +28,136 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    max_sessions: int = 64
-    max_context: int = 4096  # positions per session (bounds each body KV cache)
-    min_free_memory: int = 512 << 20  # refuse new sessions below this much free RAM / GPU memory
+    max_sessions: int = defaults.MAX_SESSIONS
+    max_context: int = defaults.MAX_CONTEXT
+    min_free_memory: int = defaults.MIN_FREE_MEMORY_MIB << 20
+    max_batch: int = defaults.MAX_BATCH
+    max_frame_positions: int = defaults.MAX_FRAME_POSITIONS
+    max_session_kv_bytes: int = defaults.MAX_SESSION_KV_MIB << 20
+
+    def session(self) -> SessionLimits:
+        return SessionLimits(self.max_context, self.max_batch, self.max_frame_positions, self.max_session_kv_bytes)
+
+
+class Session(Protocol):
+    tokens: int
+
+    def handle(self, frame: Frame) -> Frame | None: ...
+
+    def new_bytes(self, frame: Frame) -> int: ...
+
+
+class Body(Protocol):
+    manifest: Any
+
+    def open(self, session_id: bytes, limits: SessionLimits) -> Session: ...
+
+    def memory_probe(self) -> torch.Tensor | None: ...
 
 
 class BodyScheduler:
     """Runs every session's body compute on one thread, in arrival order."""
 
-    def __init__(
-        self,
-        runner: PartRunner,
-        manifest: PartManifest,
-        limits: SchedulerLimits = SchedulerLimits(),
-        variants: list[tuple[PartRunner, PartManifest]] = (),
-    ) -> None:
-        self.runner = runner
-        self.manifest = manifest
+    def __init__(self, bodies: list[Body], limits: SchedulerLimits = SchedulerLimits()) -> None:
+        if not bodies:
+            raise ValueError("a scheduler needs at least one body")
+        self.bodies = bodies  # several for randomised split points, sharing the weight tensors
+        self.manifest = bodies[0].manifest
         self.limits = limits
-        # Bodies starting at other layers (randomised split points), sharing the weight tensors.
-        self.bodies = [(runner, manifest), *variants]
-        self.sessions: dict[bytes, BodySession] = {}
+        self.sessions: dict[bytes, Session] = {}
+        self._last_used: dict[bytes, float] = {}
         self.tokens_served = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-compute")
 
-    def body_for(self, theirs: PartManifest) -> tuple[int | None, str | None]:
+    def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
         """The index of the hosted body that fits the device's parts, or the reason none does."""
         problem = None
-        for index, (_, manifest) in enumerate(self.bodies):
-            problem = manifest.compatible_with(theirs)
+        for index, body in enumerate(self.bodies):
+            problem = body.manifest.compatible_with(theirs)
             if problem is None:
                 return index, None
         if len(self.bodies) > 1:
-            starts = ", ".join(str(m.body[0]) for _, m in self.bodies)
+            starts = ", ".join(str(b.manifest.body[0]) for b in self.bodies)
             problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
         return None, problem
+
+    def parse_manifest(self, data: dict) -> Any:
+        """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
+        return type(self.manifest).from_dict(data)
 
     def open_session(self, body: int = 0) -> Future[bytes]:
         return self._executor.submit(self._open, body)
 
     def close_session(self, session_id: bytes) -> Future[None]:
-        return self._executor.submit(self.sessions.pop, session_id, None)
+        return self._executor.submit(self._close, session_id)
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
         """Queue one frame for its session; resolves to (reply or None, compute seconds)."""
         return self._executor.submit(self._handle, session_id, frame)
+
+    def reap(self, idle_seconds: float) -> Future[int]:
+        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
+        return self._executor.submit(self._reap, idle_seconds)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _open(self, body: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
-            raise CapacityError(f"the server is at its limit of {self.limits.max_sessions} sessions; retry later")
-        free = _free_memory(self._memory_probe())
-        if free < self.limits.min_free_memory:
             raise CapacityError(
-                f"only {free >> 20} MiB of memory free (the guard is {self.limits.min_free_memory >> 20} MiB); "
-                "refusing a new session"
+                f"the server is at its limit of {self.limits.max_sessions} sessions; retry later",
+                retry_after=defaults.CAPACITY_RETRY_AFTER,
             )
+        self._check_memory(0, "a new session")
         session_id = secrets.token_bytes(16)
-        self.sessions[session_id] = self._new_session(body, session_id)
+        self.sessions[session_id] = self.bodies[body].open(session_id, self.limits.session())
+        self._last_used[session_id] = time.monotonic()
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
 
-    def parse_manifest(self, data: dict) -> PartManifest:
-        """The device's manifest from its HELLO."""
-        return PartManifest.from_dict(data)
+    def _close(self, session_id: bytes) -> None:
+        self.sessions.pop(session_id, None)
+        self._last_used.pop(session_id, None)
 
-    def _new_session(self, body: int, session_id: bytes) -> BodySession:
-        shared = self.bodies[body][0]
-        own_runner = PartRunner(shared.module, shared.role, shared.config)
-        return BodySession(own_runner, session_id, self.limits.max_context)
+    def _reap(self, idle_seconds: float) -> int:
+        now = time.monotonic()
+        stale = [s for s, t in self._last_used.items() if now - t > idle_seconds]
+        for session_id in stale:
+            log.warning("session %s idle for over %.0f s; closed", session_id.hex()[:8], idle_seconds)
+            self._close(session_id)
+        return len(stale)
 
-    def _memory_probe(self) -> torch.Tensor | None:
-        """A parameter on the compute device, to ask that device how much memory is free."""
-        return next(self.runner.module.parameters(), None)
+    def _check_memory(self, need: int, what: str) -> None:
+        free = _free_memory(self.bodies[0].memory_probe())
+        if free - need < self.limits.min_free_memory:
+            raise CapacityError(
+                f"only {free >> 20} MiB of memory free ({what} needs {need >> 20} MiB and the guard keeps "
+                f"{self.limits.min_free_memory >> 20} MiB); retry later",
+                retry_after=defaults.CAPACITY_RETRY_AFTER,
+            )
 
     def _handle(self, session_id: bytes, frame: Frame) -> tuple[Frame | None, float]:
         session = self.sessions.get(session_id)
         if session is None:
-            raise LambdaSplitError("session is closed or expired")
+            raise ExpiredError("session is closed or expired; reconnect")
+        self._last_used[session_id] = time.monotonic()
+        need = session.new_bytes(frame)
+        if need:
+            self._check_memory(need, "this frame")
         start = time.perf_counter()
         before = session.tokens
-        reply = session.handle(frame)  # encoding the reply copies to the host, so GPU work is done
+        try:
+            reply = session.handle(frame)  # encoding the reply copies to the host, so GPU work is done
+        except LambdaSplitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure inside the model, CUDA OOM included
+            # The session's cache may hold half a step: close it; the device replays on a fresh one.
+            self._close(session_id)
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            first = (str(exc).splitlines() or [""])[0][:300]
+            log.error("session %s: the body failed (%s: %s); session closed", session_id.hex()[:8], type(exc).__name__, first)
+            raise ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})") from None
         self.tokens_served += session.tokens - before
         return reply, time.perf_counter() - start
 
@@ -118,7 +166,6 @@ def _free_memory(param: torch.Tensor | None) -> int:
     if param is not None and param.device.type == "cuda":
         return torch.cuda.mem_get_info(param.device)[0]
     return psutil.virtual_memory().available
-
 
 
 def load_scheduler(
@@ -137,8 +184,12 @@ def load_scheduler(
     """
     from lambdasplit.split.load import body_runner, body_variants, open_source, resolve_dtype
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LambdaSplitError("--device cuda: no CUDA GPU is available on this machine; use --device cpu")
     opened = open_source(source, split, allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
     runner = body_runner(opened, torch_dtype, device)
     variants = body_variants(opened, runner, k_max, torch_dtype, device) if k_max else []
-    return BodyScheduler(runner, opened.manifest("cloud", torch_dtype), limits, variants)
+    bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype))]
+    bodies += [TextBody(r, m) for r, m in variants]
+    return BodyScheduler(bodies, limits)

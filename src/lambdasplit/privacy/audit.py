@@ -8,6 +8,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -92,8 +93,42 @@ def public_corpus(tokenizer) -> list[int]:
     return ids
 
 
-def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: None) -> dict:
+class AuditProgress:
+    """Work units of an audit, reported as `callback(label, done, total)` before and after each unit.
+
+    A unit is one generation (a reference answer, or a captured run attacked under both threat models),
+    one quality pass per defense, or one inverter training. The total is known up front except for the
+    inverters: the eavesdropper's probed K and a random split's K can need one more, and the total
+    grows when they do, so the bar never reaches its end before the work does."""
+
+    def __init__(self, config: AuditConfig, samples: int, callback: Callable[[str, int, int], None]) -> None:
+        self.callback, self.done = callback, 0
+        per_split = samples + len(config.defenses) * (1 + samples)
+        inverters = len({k for k, _ in config.splits}) if "learned-inversion" in config.attacks else 0
+        self.total = len(config.splits) * per_split + inverters
+        self._planned_inverters = {k for k, _ in config.splits} if inverters else set()
+
+    def inverter_needed(self, k: int) -> None:
+        if k not in self._planned_inverters:
+            self._planned_inverters.add(k)
+            self.total += 1
+
+    @contextmanager
+    def unit(self, label: str):
+        self.callback(label, self.done, self.total)
+        yield
+        self.done += 1
+        self.callback(label, self.done, self.total)
+
+
+def audit_units(config: AuditConfig) -> int:
+    """The number of work units an audit starts with (see AuditProgress)."""
+    return AuditProgress(config, len(load_prompts(config.prompts)), lambda *_: None).total
+
+
+def run_audit(config: AuditConfig, progress: Callable[[str, int, int], None] = lambda *_: None) -> dict:
     samples = load_prompts(config.prompts)
+    units = AuditProgress(config, len(samples), progress)
     rows, quality = [], []
     attacker = Attacker(open_source(config.source, None, allow_shallow=True), budget=config.budget)
     devices: dict[tuple[int, int], SplitDevice] = {}
@@ -101,9 +136,10 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
 
     def inverter_for(k: int) -> LearnedInverter:
         if k not in inverters:
-            progress(f"training the inverter for K={k}")
-            corpus = public_corpus(device_for(*config.splits[0]).tokenizer)
-            inverters[k] = LearnedInverter(attacker.opened, k, InversionConfig(steps=config.inversion_steps, seed=config.seed)).fit(corpus)
+            units.inverter_needed(k)
+            with units.unit(f"training the inverter for K={k} ({config.inversion_steps} steps)"):
+                corpus = public_corpus(device_for(*config.splits[0]).tokenizer)
+                inverters[k] = LearnedInverter(attacker.opened, k, InversionConfig(steps=config.inversion_steps, seed=config.seed)).fit(corpus)
         return inverters[k]
 
     def device_for(k: int, m: int) -> SplitDevice:
@@ -113,28 +149,33 @@ def run_audit(config: AuditConfig, progress: Callable[[str], None] = lambda _: N
 
     for k, m in config.splits:
         device = device_for(k, m)
-        reference = _reference(device, config, samples)
+        reference = _reference(device, config, samples, units)
         for name in config.defenses:
             defense = DEFENSES[name]
-            progress(f"split {k},{m}  defense {name}")
-            quality.append({"split": [k, m], "defense": name, **_quality(config, defense, k, m)})
-            for sample, ref in zip(samples, reference, strict=False):
+            with units.unit(f"split {k},{m}  defense {name}: quality"):
+                quality.append({"split": [k, m], "defense": name, **_quality(config, defense, k, m)})
+            for i, (sample, ref) in enumerate(zip(samples, reference, strict=False)):
                 session_k = random_split_point(1, 8) if defense.random_split else k
-                captured, prompt_ids, gen_ids, _ = _run(device_for(session_k, m), config, defense, sample)
-                seen = observe(captured)
-                for threat in ("cloud", "eavesdropper"):
-                    row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, device)
-                    row["inversion"] = _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device)
-                    rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
-                                 "greedy_match": gen_ids == ref})
+                with units.unit(f"split {k},{m}  defense {name}: prompt {i + 1}/{len(samples)}"):
+                    captured, prompt_ids, gen_ids, _ = _run(device_for(session_k, m), config, defense, sample)
+                    seen = observe(captured)
+                    for threat in ("cloud", "eavesdropper"):
+                        row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, device)
+                        row["inversion"] = _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device)
+                        rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
+                                     "greedy_match": gen_ids == ref})
     return {"config": {**config.__dict__, "splits": [list(s) for s in config.splits]}, "attacks": rows,
             "quality": quality, "summary": summarize(rows, quality, config.attacks)}
 
 
-def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample]) -> list[list[int]]:
+def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample], units: AuditProgress) -> list[list[int]]:
     body = load_local_body(config.source, (device.spec.k, device.spec.m))
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens)
-    return [device.generate(body, s.prompt, sampling).token_ids[0] for s in samples]
+    out = []
+    for i, sample in enumerate(samples):
+        with units.unit(f"split {device.spec.k},{device.spec.m}: reference answer {i + 1}/{len(samples)}"):
+            out.append(device.generate(body, sample.prompt, sampling).token_ids[0])
+    return out
 
 
 def _body(config: AuditConfig, defense: Defense, k: int, m: int) -> LocalBody:

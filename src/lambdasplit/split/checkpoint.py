@@ -9,7 +9,13 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+try:  # what transformers 5 raises for a config field of the wrong type
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: no strict dataclasses
+    class StrictDataclassError(Exception):
+        pass
 from transformers import AutoConfig, PretrainedConfig
 
 from lambdasplit.errors import SourceError
@@ -34,13 +40,19 @@ class Checkpoint:
         if not files:
             raise SourceError(f"{self.path}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
+            with _opened(file) as handle:
                 for key in handle.keys():
                     self._files[key] = file
 
     @cached_property
     def config(self) -> PretrainedConfig:
-        return AutoConfig.from_pretrained(str(self.path))
+        try:
+            return AutoConfig.from_pretrained(str(self.path))
+        except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+            # transformers says "not a valid JSON file" (OSError), an unknown model_type (ValueError),
+            # or a field of the wrong type (huggingface_hub's validation error, a ValueError).
+            reason = " ".join(str(exc).split())
+            raise SourceError(f"{self.path / 'config.json'}: not a usable model config ({reason[:200]})") from None
 
     @property
     def keys(self) -> list[str]:
@@ -60,22 +72,35 @@ class Checkpoint:
             by_file.setdefault(self._files[key], []).append(key)
         out: dict[str, torch.Tensor] = {}
         for file, file_keys in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
+            with _opened(file) as handle:
                 for key in file_keys:
-                    tensor = handle.get_tensor(key)
+                    try:
+                        tensor = handle.get_tensor(key)
+                    except (SafetensorError, OSError) as exc:
+                        raise SourceError(f"{file}: cannot read tensor {key} ({exc}); the file is damaged") from None
                     out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor on disk."""
         file = self.files[0]
-        with safe_open(str(file), framework="pt") as handle:
+        with _opened(file) as handle:
             for key in handle.keys():
                 tensor = handle.get_slice(key)
                 dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(tensor.get_dtype())
                 if dtype is not None:
                     return dtype
         return torch.float32
+
+
+def _opened(file: Path):
+    """safe_open, with a damaged or truncated file reported as a SourceError naming it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise SourceError(
+            f"{file}: not a readable safetensors file ({exc}); it may be truncated or corrupt: re-download or re-export it"
+        ) from None
 
 
 def file_sha256(path: Path) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lambdasplit.errors import SourceError
-from lambdasplit.split.checkpoint import file_sha256, model_fingerprint
+from lambdasplit.split.checkpoint import model_fingerprint
 from lambdasplit.split.load import open_source, resolve_dtype
-from lambdasplit.split.manifest import MANIFEST_NAME, PartManifest
+from lambdasplit.split.manifest import MANIFEST_NAME, PartManifest, check_output_dir, hash_files, prepare_output_dir
 from lambdasplit.split.parts import part_keys
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,13 @@ def export_parts(
     out: str | os.PathLike[str],
     dtype: str | None = None,
     allow_shallow: bool = False,
+    force: bool = False,
 ) -> dict[str, Path]:
-    """Write each side's tensors, config and manifest; returns {"device": dir, "cloud": dir}."""
+    """Write each side's tensors, config and manifest; returns {"device": dir, "cloud": dir}.
+
+    `out` must be new or empty (`force` empties it first): the manifest hashes every file of a part
+    and loading refuses any other, so nothing already there can slip into a part."""
+    check_output_dir(out, force)
     opened = open_source(source, split, allow_shallow)
     if opened.exported is not None:
         raise SourceError(f"{opened.checkpoint.path} is already an exported part; export from the full model")
@@ -40,10 +45,11 @@ def export_parts(
     checkpoint, spec, config = opened.checkpoint, opened.spec, opened.config
     fingerprint = model_fingerprint(checkpoint)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    out = prepare_output_dir(out, force, keep=[checkpoint.path])
     written: dict[str, Path] = {}
     for side, roles in PART_ROLES.items():
-        directory = Path(out) / side
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = out / side
+        directory.mkdir()
         keys = sorted({key for role in roles for key in part_keys(checkpoint.keys, spec, role, tied)})
         tensors = {k: v.contiguous() for k, v in checkpoint.read(keys, torch_dtype).items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -53,7 +59,7 @@ def export_parts(
                 if (checkpoint.path / name).is_file():
                     shutil.copy2(checkpoint.path / name, directory / name)
         manifest = PartManifest.describe(side, config, fingerprint, spec, torch_dtype)
-        manifest.files = {p.name: file_sha256(p) for p in sorted(directory.glob("*.safetensors"))}
+        manifest.files = hash_files(directory)  # the directory started empty: everything in it is ours
         (directory / MANIFEST_NAME).write_text(manifest.to_json())
         log.info("wrote %s part (%d tensors) to %s", side, len(tensors), directory)
         written[side] = directory

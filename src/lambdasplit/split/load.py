@@ -49,10 +49,11 @@ def open_source(
 ) -> OpenedSource:
     """Resolve `source` and the split to use with it (an exported part brings its own)."""
     checkpoint = resolve_source(source)
-    adapter_for(checkpoint.config)
     exported = PartManifest.read(checkpoint.path)
     if exported is not None:
-        exported.verify(checkpoint.path)
+        exported.verify(checkpoint.path)  # before the config or any tensor is used
+    adapter_for(checkpoint.config)
+    if exported is not None:
         if split is not None and tuple(split) != (exported.spec.k, exported.spec.m):
             raise SplitError(
                 f"{checkpoint.path} was exported with split {exported.spec.k},{exported.spec.m}; "

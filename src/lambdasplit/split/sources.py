@@ -7,7 +7,10 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from lambdasplit.errors import SourceError
@@ -55,7 +58,8 @@ def converted_gguf(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    # Said always, not only with -v: the first use of a GGUF is silent work of up to a minute.
+    _notice(f"converting {gguf.name} to safetensors in {target} (first use only; this can take a minute)")
     # Imported here: the conversion is the only place that needs the full model classes.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,12 +67,18 @@ def converted_gguf(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            with _tensor_bar(gguf.name):
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, EOFError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise SourceError(f"{gguf}: not a readable GGUF model ({type(exc).__name__}: {reason})") from None
         # The GGUF weights were dequantized on load; what we save is plain safetensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        _notice(f"writing {target.name} ...")
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         os.replace(staging, target)
@@ -77,4 +87,39 @@ def converted_gguf(gguf: Path) -> Path:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _notice(f"converted {gguf.name}; later loads read {target}")
     return target
+
+
+def _notice(text: str) -> None:
+    log.info(text)
+    if not log.isEnabledFor(logging.INFO):  # with -v the log line already said it
+        print(f"lambdasplit: {text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _tensor_bar(name: str):
+    """A progress bar over the tensors transformers dequantizes, labelled with what we are doing.
+
+    transformers iterates `reader.tensors` through `tqdm` in `modeling_gguf_pytorch_utils`; the bar is
+    swapped for one of ours for the duration of the conversion (and left as is if that name moves)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def bar(iterable=None, *args, **kwargs):
+        kwargs.update(desc=f"converting {name}", unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, *args, **kwargs)
+
+    gguf_utils.tqdm = bar
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original

@@ -1,0 +1,27 @@
+"""Every default a user can override, defined once: ports, server limits, frame sizes, timeouts.
+
+The CLI's options, `ServerConfig`, `SchedulerLimits` and `BodyConfig` all read these, so a default
+changed here changes everywhere.
+"""
+
+SERVE_PORT = 8470
+GATEWAY_PORT = 8471
+UI_PORT = 8472
+
+MAX_SESSIONS = 64
+MAX_CONTEXT = 4096  # positions per session (bounds each body KV cache)
+MAX_BATCH = 16  # rows per session
+# Positions (B x T) one frame may ask for. One frame runs on the compute thread while every other
+# session waits, so this bounds the stall: 4,096 positions of SmolLM2's 26-layer body take about
+# 2 s on 2 CPU cores; a 61 MiB frame of ~29,000 positions took 52-91 s before this bound existed.
+MAX_FRAME_POSITIONS = 4096
+MAX_SESSION_KV_MIB = 1024  # KV cache bytes one session may hold on the server
+MIN_FREE_MEMORY_MIB = 512  # refuse a session, or a frame, that would leave less than this free
+SESSION_TTL = 300.0  # idle seconds before the server closes a session
+HANDSHAKE_TIMEOUT = 10.0
+MAX_FRAME_BYTES = 64 << 20
+CAPACITY_RETRY_AFTER = 2.0  # seconds the server suggests after a capacity refusal
+
+CONNECT_TIMEOUT = 10.0
+REPLY_TIMEOUT = 60.0
+RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body server

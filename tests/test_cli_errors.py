@@ -1,0 +1,190 @@
+"""Bad invocations of the CLI: each is one `error: ...` line on stderr, exit status 2, no traceback.
+
+The table runs as real subprocesses, started together (most fail before any model loads), so the
+file stays fast; the rest covers ServerProcess's start-up timeout, the audit's progress units, the
+GGUF conversion notice and the chat-template warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+CLI = [sys.executable, "-m", "lambdasplit.cli"]
+TINY_CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 32}
+
+
+def _model_dir(root: Path, name: str, config: str, weights: bytes | None = None) -> Path:
+    directory = root / name
+    directory.mkdir()
+    (directory / "config.json").write_text(config)
+    good = directory / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 8)}, str(good))
+    if weights is not None:
+        good.write_bytes(weights)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad")
+    config = json.dumps(TINY_CONFIG)
+    valid = _model_dir(root, "valid", config)
+    whole = (valid / "model.safetensors").read_bytes()
+    (root / "token.bin").write_bytes(b"\xff\xfe\xfa not utf-8 at all, long enough")
+    (root / "bad.gguf").write_bytes(b"GGUF" + b"\x00junk" * 2)
+    (root / "a-file").write_text("not a directory")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return {
+        "corrupt": str(_model_dir(root, "corrupt", config, os.urandom(64))),
+        "truncated": str(_model_dir(root, "truncated", config, whole[: len(whole) // 2])),
+        "badjson": str(_model_dir(root, "badjson", "{")),
+        "badfield": str(_model_dir(root, "badfield", json.dumps({**TINY_CONFIG, "num_hidden_layers": "x"}))),
+        "gguf": str(root / "bad.gguf"),
+        "token": str(root / "token.bin"),
+        "unwritable": str(root / "a-file" / "certs"),
+        "taken": str(listener.getsockname()[1]),
+        "cache": str(root / "cache"),
+        "_listener": listener,  # kept open (and alive) for the module
+    }
+
+
+CASES = {
+    "corrupt safetensors": (["info", "--model", "{corrupt}"], "not a readable safetensors file"),
+    "truncated safetensors": (["info", "--model", "{truncated}"], "may be truncated or corrupt"),
+    "config not JSON": (["info", "--model", "{badjson}"], "not a valid JSON file"),
+    "config field of the wrong type": (["info", "--model", "{badfield}"], "num_hidden_layers"),
+    "corrupt gguf": (["info", "--model", "{gguf}"], "not a readable GGUF model"),
+    "non-UTF-8 prompt": (["generate", b"caf\xe9 au lait"], "not valid UTF-8"),
+    "non-UTF-8 token file": (["generate", "hi", "--token-file", "{token}"], "is not UTF-8 text"),
+    "unparsable server URL": (["generate", "hi", "--server", "ws://[bad"], "not a valid URL"),
+    "server URL of the wrong scheme": (["generate", "hi", "--server", "http://host:1"], "expected ws://HOST:PORT"),
+    "gateway server URL": (["gateway", "--server", "ws://[bad"], "not a valid URL"),
+    "port too large": (["serve", "--port", "99999"], "'--port'"),
+    "negative port": (["serve", "--port", "-1"], "'--port'"),
+    "port in use": (["serve", "--port", "{taken}"], "already in use"),
+    "zero sessions": (["serve", "--max-sessions", "0"], "'--max-sessions'"),
+    "negative context": (["serve", "--max-context", "-1"], "'--max-context'"),
+    "negative TTL": (["serve", "--session-ttl", "-5"], "-5 is not a positive number"),
+    "negative noise": (["generate", "hi", "--noise", "-1"], "-1 is not a positive number"),
+    "negative K": (["generate", "hi", "--split", "-1,2"], "'-1,2': expected K,M or KMIN-KMAX,M"),
+    "negative K (info)": (["info", "--split", "-1,2"], "'-1,2': expected K,M"),
+    "negative K (audit)": (["audit", "--split", "2,-2"], "'2,-2': expected K,M"),
+    "certs into a file": (["certs", "--out", "{unwritable}"], "cannot write the certificates"),
+}
+if not torch.cuda.is_available():
+    CASES["cuda without a GPU"] = (["serve", "--device", "cuda"], "no CUDA GPU is available")
+
+
+@pytest.fixture(scope="module")
+def results(files) -> dict[str, subprocess.CompletedProcess]:
+    """Every case at once, in parallel subprocesses."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LAMBDASPLIT_CACHE": files["cache"]}
+    started = {}
+    for name, (args, _) in CASES.items():
+        argv = [a if isinstance(a, bytes) else a.format(**files) for a in args]
+        started[name] = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    done = {}
+    for name, proc in started.items():
+        out, err = proc.communicate(timeout=240)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    return done
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_invocation_is_one_line_and_exit_2(results, name):
+    proc, fragment = results[name], CASES[name][1]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert fragment in errors[0], proc.stderr
+
+
+def test_corrupt_gguf_says_it_is_converting_without_verbose(results):
+    """The conversion notice is printed without -v (here just before the file proves unreadable)."""
+    assert "lambdasplit: converting bad.gguf to safetensors" in results["corrupt gguf"].stderr
+
+
+def test_server_process_times_out_on_a_silent_child():
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.errors import LambdaSplitError
+
+    silent = [sys.executable, "-c", "import time; time.sleep(120)"]
+    start = time.monotonic()
+    with pytest.raises(LambdaSplitError, match=r"did not start within 1.5 s \(it printed nothing\)") as caught:
+        ServerProcess(timeout=1.5, command=silent)
+    assert 1.5 <= time.monotonic() - start < 20
+    assert "Traceback" not in str(caught.value)
+
+
+def test_server_process_reports_the_childs_output_when_it_exits():
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.errors import LambdaSplitError
+
+    failing = [sys.executable, "-c", "import sys; print('error: cannot listen on 127.0.0.1:1: nope'); sys.exit(2)"]
+    with pytest.raises(LambdaSplitError) as caught:
+        ServerProcess(timeout=60, command=failing)
+    message = str(caught.value)
+    assert "exited with status 2 before it was ready" in message
+    assert "error: cannot listen on 127.0.0.1:1: nope" in message
+
+
+def test_gguf_tensor_bar_is_ours_and_restored(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from lambdasplit.split.sources import _tensor_bar
+
+    original = gguf_utils.tqdm
+    with _tensor_bar("model.gguf"):
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert gguf_utils.tqdm is original
+    err = capsys.readouterr().err
+    assert "converting model.gguf" in err and "3/3" in err and "de-quantizing" not in err
+
+
+def test_warning_when_the_tokenizer_has_no_chat_template(capsys):
+    from types import SimpleNamespace
+
+    from lambdasplit.cli import _warn_without_chat_template
+
+    def device(template):
+        return SimpleNamespace(_tokenizer=SimpleNamespace(chat_template=template),
+                               opened=SimpleNamespace(checkpoint=SimpleNamespace(path=Path("/m/gemma-3-1b"))))
+
+    _warn_without_chat_template(device("{{ messages }}"))
+    assert capsys.readouterr().err == ""
+    _warn_without_chat_template(device(None))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "gemma-3-1b has no chat template; prompts are sent raw" in err
+
+
+def test_audit_progress_counts_every_unit(tmp_path, smollm2_dir):
+    """The bar's total is the work: it ends exactly when the audit does, never before."""
+    from lambdasplit.privacy.audit import AuditConfig, audit_units, run_audit
+    from tests.conftest import build_tiny
+
+    model = build_tiny("llama", tmp_path / "llama", smollm2_dir)
+    config = AuditConfig(source=str(model), splits=[(1, 1), (2, 1)], defenses=["none", "int8"],
+                         attacks=["tail-replay", "learned-inversion"], prompts=2, max_new_tokens=2,
+                         inversion_steps=2)
+    calls = []
+    run_audit(config, progress=lambda label, done, total: calls.append((label, done, total)))
+    # per split: 2 references + 2 defenses x (1 quality + 2 prompts); plus one inverter per K (1 and 2)
+    assert audit_units(config) == 2 * (2 + 2 * 3) + 2
+    assert calls[-1][1] == calls[-1][2] == audit_units(config)
+    assert all(done <= total for _, done, total in calls)
+    assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)
+    assert sum(1 for label, _, _ in calls if label.startswith("training the inverter")) == 4  # 2 K x (start, end)

@@ -1,0 +1,391 @@
+"""RemoteBody's reconnect policy: fail fast when never connected, typed refusals, bounded waits.
+
+Most conditions come from a tiny scriptable WebSocket server on 127.0.0.1 (an echo body: each
+HIDDEN frame comes back as it went), because a real body server cannot be told to run out of
+capacity, fail a step or expire a session on cue; the auth and capacity paths also run against a
+real `lambdasplit serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from websockets.asyncio.server import serve
+
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.errors import (
+    AuthError,
+    CapacityError,
+    LambdaSplitError,
+    MismatchError,
+    UnavailableError,
+)
+from lambdasplit.split.manifest import PartManifest
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import MsgType, parse_frame
+from lambdasplit.wire.protocol import control_frame, error_frame
+
+D = 8
+DEVICE = PartManifest(
+    role="device", model_type="llama", fingerprint="ab" * 32, layers=6, hidden_size=D,
+    head=(0, 2), body=(2, 4), tail=(4, 6), dtype="float32",
+)
+CLOUD = PartManifest(**{**DEVICE.__dict__, "role": "cloud"})
+LOGGER = "lambdasplit.device.remote"
+
+# What the fake does with connection number n (0-based): a Script returns one of
+#   ("http", status, headers)          refuse the upgrade with an HTTP status
+#   ("refuse", code, retry_after)      answer HELLO with an ERROR frame and close
+#   ("welcome", manifest)              a session; optional ("welcome", manifest, fail_at, code)
+#                                      sends ERROR `code` (or drops the socket when code is None)
+#                                      instead of the reply to HIDDEN frame number fail_at (1-based)
+Script = Callable[[int], tuple]
+
+
+class FakeBody:
+    """A WebSocket server in a thread that plays a Script; records what each connection received."""
+
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
+        self.script = script
+        self.tls = tls
+        self.connections: list[list[int]] = []  # per connection: the first value of every HIDDEN frame
+        self.times: list[float] = []  # when each connection arrived (monotonic)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}"
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = self._loop.create_future()
+        async with serve(self._handle, "127.0.0.1", 0, ssl=self.tls, process_request=self._http, compression=None) as srv:
+            self.port = srv.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop
+
+    def _step(self, n: int) -> tuple:
+        return self.script(n)
+
+    def _http(self, connection, request):
+        n = len(self.connections)
+        action = self._step(n)
+        if action[0] != "http":
+            return None
+        self.connections.append([])
+        self.times.append(time.monotonic())
+        response = connection.respond(http.HTTPStatus(action[1]), "refused\n")
+        for key, value in action[2].items():
+            response.headers[key] = value
+        return response
+
+    async def _handle(self, ws) -> None:
+        n = len(self.connections)
+        received: list[int] = []
+        self.connections.append(received)
+        self.times.append(time.monotonic())
+        action = self._step(n)
+        hello = parse_frame(await ws.recv())
+        assert hello.type == MsgType.HELLO
+        if action[0] == "refuse":
+            _, code, retry_after = action
+            await ws.send(error_frame(code, f"scripted {code} refusal", retry_after=retry_after).to_bytes())
+            await ws.close(1008, code)
+            return
+        manifest, fail_at, code = (*action[1:], None, None)[:3]
+        session = secrets.token_bytes(16)
+        welcome = {"protocol": 1, "session": session.hex(), "manifest": manifest.as_dict(), "limits": {}}
+        await ws.send(control_frame(MsgType.WELCOME, welcome, session).to_bytes())
+        async for message in ws:
+            frame = parse_frame(message)
+            if frame.type != MsgType.HIDDEN:
+                continue
+            received.append(int(frame.tensor().flatten()[0]))
+            if fail_at is not None and len(received) == fail_at:
+                if code is None:
+                    ws.transport.abort()  # the connection is lost, no close frame
+                    return
+                await ws.send(error_frame(code, f"scripted {code} failure", session).to_bytes())
+                await ws.close(1011, code)
+                return
+            await ws.send(message)  # an identity body: the reply is the frame itself
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self._thread.join(10)
+
+    def __enter__(self) -> FakeBody:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def ok(n: int) -> tuple:
+    return ("welcome", CLOUD)
+
+
+def body(url: str, **kwargs) -> RemoteBody:
+    kwargs.setdefault("codec", Codec.FP32)
+    return RemoteBody(url, DEVICE, **kwargs)
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+X = torch.arange(3 * D, dtype=torch.float32).reshape(1, 3, D)
+
+
+# ---- never connected ------------------------------------------------------------------------------
+
+def test_a_server_never_reached_fails_fast_with_one_error_and_no_warnings(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    remote = body(f"ws://127.0.0.1:{free_port()}")
+    start = time.monotonic()
+    with pytest.raises(UnavailableError, match="cannot reach the body server .* connection refused") as info:
+        remote.forward(X)
+    assert time.monotonic() - start < 5  # was 32-38 s of retries
+    assert "\n" not in str(info.value)
+    assert warnings(caplog) == []  # was 7 "lost the body server" warnings
+
+
+def test_plain_ws_to_a_tls_port_says_use_wss(tmp_path, caplog):
+    from lambdasplit.security import make_certificates
+
+    paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(paths["cert"], paths["key"])
+    with FakeBody(ok, tls=context) as fake:
+        remote = body(fake.url.replace("wss://", "ws://"))
+        start = time.monotonic()
+        with pytest.raises(UnavailableError, match="speaks TLS: use wss:// and --tls-ca"):
+            remote.forward(X)
+        assert time.monotonic() - start < 5  # was 36 s of retries with no hint
+        assert warnings(caplog) == []
+        secure = body(fake.url, tls_ca=paths["ca"])  # and the right URL works
+        assert torch.equal(secure.forward(X), X)
+        secure.close()
+
+
+def test_tls_ca_with_a_plain_url_is_refused():
+    with pytest.raises(LambdaSplitError, match="--tls-ca was given but .* plain ws://.*use wss://"):
+        body("ws://127.0.0.1:1", tls_ca="/nonexistent/ca.pem")
+
+
+def test_wss_to_a_plain_port_says_the_server_is_plain():
+    with FakeBody(ok) as fake:
+        remote = body(fake.url.replace("ws://", "wss://"))
+        with pytest.raises(LambdaSplitError, match="TLS with .* failed.*use ws://"):
+            remote.forward(X)
+
+
+# ---- outages after a session ----------------------------------------------------------------------
+
+def test_a_dropped_connection_reconnects_and_replays_with_two_warnings(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    script = lambda n: ("welcome", CLOUD, 3, None) if n == 0 else ok(n)  # noqa: E731
+    with FakeBody(script) as fake:
+        remote = body(fake.url)
+        outs = [remote.forward(X + i) for i in range(4)]
+        remote.close()
+    assert all(torch.equal(out, X + i) for i, out in enumerate(outs))
+    assert remote.reconnects == 1
+    assert fake.connections == [[0, 1, 2], [0, 1, 2, 3]]  # the first two replayed, then the lost one and the next
+    messages = warnings(caplog)
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("lost the body server") and messages[1].startswith("replaying 2 frames")
+
+
+@pytest.mark.parametrize("code", ["compute", "expired"])
+def test_a_session_the_server_closed_is_replayed(code, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    script = lambda n: ("welcome", CLOUD, 2, code) if n == 0 else ok(n)  # noqa: E731
+    with FakeBody(script) as fake:
+        remote = body(fake.url)
+        outs = [remote.forward(X + i) for i in range(3)]
+        remote.close()
+    assert all(torch.equal(out, X + i) for i, out in enumerate(outs))
+    assert remote.reconnects == 1
+    assert fake.connections == [[0, 1], [0, 1, 2]]
+    assert len(warnings(caplog)) == 2
+
+
+def test_the_reconnect_window_bounds_an_outage_and_ends_without_a_last_sleep(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    fake = FakeBody(ok)
+    try:
+        remote = body(fake.url, reconnect_window=1.5, backoff=0.2)
+        remote.forward(X)
+    finally:
+        fake.close()  # now nothing listens: every reconnect is refused
+    start = time.monotonic()
+    with pytest.raises(UnavailableError, match=r"could not reconnect within 1.5 s \(\d+ attempts\)") as info:
+        remote.forward(X)
+    elapsed = time.monotonic() - start
+    assert 1.4 < elapsed < 2.5, elapsed  # the window, not 6 fixed retries, and no sleep after the last
+    assert "connection refused" in str(info.value)
+    assert len(warnings(caplog)) == 1
+
+
+# ---- refusals -------------------------------------------------------------------------------------
+
+def test_a_capacity_refusal_waits_retry_after_then_succeeds(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    script = lambda n: ("refuse", "capacity", 0.4) if n == 0 else ok(n)  # noqa: E731
+    with FakeBody(script) as fake:
+        remote = body(fake.url)
+        assert torch.equal(remote.forward(X), X)
+        remote.close()
+    assert len(fake.connections) == 2
+    assert fake.times[1] - fake.times[0] >= 0.35  # retry_after honoured
+    assert len(warnings(caplog)) == 1
+
+
+def test_a_persistent_capacity_refusal_ends_in_capacity_error_within_the_window():
+    with FakeBody(lambda n: ("refuse", "capacity", 0.4)) as fake:
+        remote = body(fake.url, reconnect_window=1.0)
+        start = time.monotonic()
+        with pytest.raises(CapacityError, match="scripted capacity refusal.*waited") as info:
+            remote.forward(X)
+        elapsed = time.monotonic() - start
+    assert len(fake.connections) in (2, 3)  # at 0, 0.4 and ~0.8 s; 0.4 more would overrun the window
+    assert elapsed < 1.5
+    assert info.value.retry_after == 0.4
+
+
+def test_a_retry_after_beyond_the_window_is_not_waited_for():
+    with FakeBody(lambda n: ("refuse", "capacity", 120)) as fake:
+        remote = body(fake.url, reconnect_window=5)
+        start = time.monotonic()
+        with pytest.raises(CapacityError) as info:
+            remote.forward(X)
+        assert time.monotonic() - start < 2
+    assert len(fake.connections) == 1 and info.value.retry_after == 120
+
+
+@pytest.mark.parametrize("status,error", [(401, AuthError), (403, AuthError), (503, CapacityError), (429, CapacityError)])
+def test_http_statuses_map_to_typed_errors(status, error):
+    script = lambda n: ("http", status, {"Retry-After": "30"})  # noqa: E731
+    with FakeBody(script) as fake:
+        remote = body(fake.url, reconnect_window=3)
+        with pytest.raises(error, match=str(status)) as info:
+            remote.forward(X)
+    assert len(fake.connections) == 1  # auth: never retried; capacity: 30 s does not fit in 3 s
+    if error is CapacityError:
+        assert info.value.retry_after == 30
+
+
+@pytest.mark.parametrize("code,error", [("auth", AuthError), ("mismatch", MismatchError)])
+def test_auth_and_mismatch_error_frames_are_never_retried(code, error, caplog):
+    with FakeBody(lambda n: ("refuse", code, None)) as fake:
+        remote = body(fake.url)
+        with pytest.raises(error, match=f"scripted {code} refusal"):
+            remote.forward(X)
+    assert len(fake.connections) == 1
+    assert warnings(caplog) == []
+
+
+def test_a_welcome_for_another_model_raises_mismatch():
+    other = PartManifest(**{**CLOUD.__dict__, "fingerprint": "cd" * 32})
+    with FakeBody(lambda n: ("welcome", other)) as fake:
+        remote = body(fake.url)
+        with pytest.raises(MismatchError, match="fingerprint differs"):
+            remote.forward(X)
+    assert len(fake.connections) == 1
+
+
+# ---- against a real server ------------------------------------------------------------------------
+
+TOKEN = "correct-horse-battery-staple-0123"
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_models, tmp_path_factory):
+    from lambdasplit.cloud.process import ServerProcess
+
+    token_file = tmp_path_factory.mktemp("tok") / "token"
+    token_file.write_text(TOKEN)
+    args = ("--model", str(tiny_models["llama"]), "--split", "2,2", "--token-file", str(token_file), "--max-sessions", "1")
+    with ServerProcess(*args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def llama_device(tiny_models):
+    from lambdasplit.device.runtime import SplitDevice
+
+    return SplitDevice.load(tiny_models["llama"], (2, 2))
+
+
+def test_a_wrong_token_is_an_auth_error_at_once(real_server, llama_device, caplog):
+    remote = RemoteBody(real_server.url, llama_device.manifest, token="wrong-token-wrong-token")
+    start = time.monotonic()
+    with pytest.raises(AuthError, match="401"):
+        remote.forward(torch.zeros(1, 2, llama_device.manifest.hidden_size))
+    assert time.monotonic() - start < 5
+    assert warnings(caplog) == []
+
+
+def test_a_full_real_server_is_waited_for_until_a_session_frees(real_server, llama_device, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    hidden = torch.zeros(1, 2, llama_device.manifest.hidden_size)
+    first = RemoteBody(real_server.url, llama_device.manifest, token=TOKEN)
+    first.forward(hidden)  # holds the only session
+    second = RemoteBody(real_server.url, llama_device.manifest, token=TOKEN, reconnect_window=60)
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(_try(lambda: second.forward(hidden))))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not any(r.getMessage().startswith("the body server is at capacity") for r in caplog.records):
+        assert time.monotonic() < deadline and waiter.is_alive(), result
+        time.sleep(0.05)  # polling for the refusal, not a fixed wait
+    first.close()
+    waiter.join(60)
+    second.close()
+    assert result and isinstance(result[0], torch.Tensor), result
+    assert result[0].shape == hidden.shape
+
+
+def test_a_full_real_server_raises_capacity_error_after_the_window(real_server, llama_device):
+    hidden = torch.zeros(1, 2, llama_device.manifest.hidden_size)
+    first = RemoteBody(real_server.url, llama_device.manifest, token=TOKEN)
+    first.forward(hidden)
+    try:
+        second = RemoteBody(real_server.url, llama_device.manifest, token=TOKEN, reconnect_window=1.0)
+        start = time.monotonic()
+        with pytest.raises(CapacityError, match="limit of 1 sessions") as info:
+            second.forward(hidden)
+        assert time.monotonic() - start < 5
+        assert info.value.retry_after is not None and info.value.retry_after > 0
+    finally:
+        first.close()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
