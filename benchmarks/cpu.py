@@ -16,7 +16,7 @@ from benchmarks.memory import device_vs_unsplit
 from benchmarks.netem import DelayProxy
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import load_local_body
-from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE
@@ -43,7 +43,7 @@ def run_cpu(quick: bool, reps: int, new_tokens: int, split: tuple[int, int]) -> 
     results: dict = {"suite": "cpu-quick" if quick else "cpu", "environment": environment(), "model": "SmolLM2-135M-Instruct (embedded, fp32)",
                      "split": list(split), "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
     with ServerProcess("--split", f"{split[0]},{split[1]}") as server:
-        remote = RemoteBody(server.url, device.manifest, Codec.BF16)
+        remote = connect_body(BodyConfig(server.url, codec=Codec.BF16), device.manifest)
         compute = metrics_reader(server.url)
         candidates = {
             "unsplit_generate": unsplit_run(model, ids, new_tokens),
@@ -75,7 +75,7 @@ def codec_bytes(device: SplitDevice, url: str, ids: torch.Tensor) -> dict:
     """Bytes per decode token each way for every codec, measured on real frames."""
     out = {}
     for codec in (Codec.FP32, Codec.BF16, Codec.FP16, Codec.INT8):
-        body = RemoteBody(url, device.manifest, codec)
+        body = connect_body(BodyConfig(url, codec=codec), device.manifest)
         split_run(device, body, ids, 3)()
         sent, received = body.stats.per_step[1]
         body.close()
@@ -92,7 +92,7 @@ def wan(device: SplitDevice, port: int, ids: torch.Tensor, new_tokens: int, quic
     rows = []
     for rtt, mbit in track(settings, description="emulated WAN", console=console):
         with DelayProxy(port, rtt, mbit) as proxy:
-            body = RemoteBody(f"ws://127.0.0.1:{proxy.port}", device.manifest, Codec.BF16)
+            body = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), device.manifest)
             run = split_run(device, body, ids, new_tokens)()
             body.close()
         rows.append({"rtt_ms": rtt, "mbit_s": mbit, "decode_tok_s": run.decode_tok_s, "prefill_s": run.prefill_s})
@@ -103,7 +103,7 @@ def concurrency(device: SplitDevice, url: str, ids: torch.Tensor, new_tokens: in
     rows = []
     for n in track(counts, description="concurrency", console=console):
         devices = [device.fork() for _ in range(n)]
-        bodies = [RemoteBody(url, device.manifest, Codec.BF16) for _ in range(n)]
+        bodies = [connect_body(BodyConfig(url, codec=Codec.BF16), device.manifest) for _ in range(n)]
         rows.append(concurrent_run(devices, bodies, ids, new_tokens))
         for body in bodies:
             body.close()

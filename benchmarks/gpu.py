@@ -22,7 +22,7 @@ from benchmarks.common import alternate, environment, summarize, write
 from benchmarks.decode import concurrent_run, kv_bytes_per_session, metrics_reader, split_run, unsplit_run
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import load_local_body
-from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.wire.codec import Codec
 
@@ -105,7 +105,7 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
             row["device_vs_unsplit_memory"] = row["device_param_bytes"] / out["unsplit_param_bytes"]
             row["cloud_kv_bytes_per_session_192_positions"] = kv_bytes_per_session(device, 192, 2)
             local = load_local_body(str(path), (k, m), "bfloat16", device="cuda", codec=Codec.BF16)
-            remote = RemoteBody(server.url, device.manifest, Codec.BF16, timeout=300)
+            remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
             compute = metrics_reader(server.url)
             for batch, ids in prompts.items():
                 candidates = {
@@ -126,7 +126,7 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
             gc.collect()
             torch.cuda.empty_cache()
             host = SplitDevice.load(path, (k, m), "bfloat16", device="cpu")
-            host_body = RemoteBody(server.url, host.manifest, Codec.BF16, timeout=300)
+            host_body = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), host.manifest)
             host_runs = [split_run(host, host_body, prompts[1], 32, compute)() for _ in range(2)]
             row["device_on_host_cpu_batch1"] = summarize(host_runs[1:])
             host_body.close()
@@ -135,7 +135,7 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
                 row["concurrency"] = []
                 for n in (1, 4, 16):
                     devices = [device.fork() for _ in range(n)]
-                    bodies = [RemoteBody(server.url, device.manifest, Codec.BF16, timeout=300) for _ in range(n)]
+                    bodies = [connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest) for _ in range(n)]
                     row["concurrency"].append(concurrent_run(devices, bodies, prompts[1], 64))
                     for body in bodies:
                         body.close()

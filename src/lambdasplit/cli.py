@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import re
@@ -154,18 +155,20 @@ TokenOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", callback=_check_device, help="cpu or cuda.")]
 PortOpt = Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0 picks a free one).")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
+ReconnectOpt = Annotated[float, typer.Option(
+    "--reconnect-window", min=0, help="Seconds to keep reconnecting (and replaying) after losing the body server."
+)]
 
 
-def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **remote_options):
-    """The BodyClient: a RemoteBody for --server, else the body in this process."""
-    if server:
-        from lambdasplit.security import read_token
-        from lambdasplit.device.remote import RemoteBody
+def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **options):
+    """The BodyClient: a session on --server, else on the body in this process."""
+    from lambdasplit.device.connect import BodyConfig, connect_body
 
-        return RemoteBody(server, device.manifest, codec, token=read_token(token_file), tls_ca=tls_ca, **remote_options)
-    from lambdasplit.device.body import load_local_body
-
-    return load_local_body(model, parts, dtype, codec=codec, allow_shallow=allow_shallow)
+    config = BodyConfig.from_options(
+        server, token_file, tls_ca=tls_ca, codec=codec, source=model, split=parts, dtype=dtype,
+        allow_shallow=allow_shallow, **options,
+    )
+    return connect_body(config, device.manifest)
 
 
 def _warn_without_chat_template(device) -> None:
@@ -238,6 +241,7 @@ def generate(
     server: ServerOpt = None,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
+    reconnect_window: ReconnectOpt = defaults.RECONNECT_WINDOW,
     noise: Annotated[Optional[float], typer.Option(callback=_check_positive, help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
     noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = "all",
 ) -> None:
@@ -264,7 +268,8 @@ def generate(
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
     if not raw:
         _warn_without_chat_template(device)
-    body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca)
+    body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca,
+                 reconnect_window=reconnect_window)
     if noise:
         from lambdasplit.privacy.defenses import GaussianNoise
 
@@ -561,7 +566,7 @@ def demo(
     from rich.console import Console
 
     from lambdasplit.cloud.process import ServerProcess
-    from lambdasplit.device.remote import RemoteBody
+    from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.device.sampling import SamplingConfig
     from lambdasplit.wire.codec import Codec
@@ -576,7 +581,7 @@ def demo(
         with console.status("loading the head and tail (device)..."):
             device = SplitDevice.load(model, parts)
         _warn_without_chat_template(device)
-        body = RemoteBody(server.url, device.manifest, wire, capture=True)
+        body = connect_body(BodyConfig(server.url, codec=wire, capture=True), device.manifest)
         console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
         console.print(f"[bold]> {prompt}[/]")
         result = device.generate(
@@ -637,6 +642,7 @@ def gateway(
     port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8471,
     token_file: TokenOpt = None,
     tls_ca: CaOpt = None,
+    reconnect_window: ReconnectOpt = defaults.RECONNECT_WINDOW,
     codec: CodecOpt = "fp32",
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", callback=_check_text_file, help="Require this key from API clients.")] = None,
     dtype: DtypeOpt = None,
@@ -644,10 +650,10 @@ def gateway(
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
     import uvicorn
 
-    from lambdasplit.security import is_loopback, read_token
-    from lambdasplit.device.remote import RemoteBody
+    from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.gateway.app import create_app
+    from lambdasplit.security import is_loopback, read_token
     from lambdasplit.wire.codec import Codec
 
     api_key = read_token(api_key_file)
@@ -655,8 +661,9 @@ def gateway(
         raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
     device = SplitDevice.load(model, _split(split), dtype)
     _warn_without_chat_template(device)
-    wire, token = Codec.parse(codec), read_token(token_file)
-    connect = lambda: RemoteBody(server, device.manifest, wire, token=token, tls_ca=tls_ca)  # noqa: E731 - one body session per request
+    config = BodyConfig.from_options(server, token_file, tls_ca=tls_ca, codec=Codec.parse(codec),
+                                     reconnect_window=reconnect_window)
+    connect = functools.partial(connect_body, config, device.manifest)  # one body session per request
     name = model or "lambdasplit-default"
     typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 -> body at {server}")
     uvicorn.run(create_app(device, connect, name, api_key), host=host, port=port, log_level="warning")
@@ -751,7 +758,8 @@ def ui(
     device = SplitDevice.load(model, parts, dtype)
     _warn_without_chat_template(device)
     # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
-    body = _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0, retries=1)
+    body = _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0,
+                 reconnect_window=5.0)
     load_image = _image_loader(pipeline, image_server, token, tls_ca, wire) if image else None
     info = {"model": model or "SmolLM2-135M-Instruct", "server": server, "image_server": image_server,
             "image_note": _image_note(pipeline, image_server)}

@@ -147,7 +147,9 @@ class BodyServer:
         if not isinstance(exc, LambdaSplitError):
             log.error("unexpected %s on a connection: %s", type(exc).__name__, ascii(str(exc))[:300])
         retry_after = exc.retry_after if isinstance(exc, RemoteError) else None
-        log.warning("closing a connection (%s): %s", code.value, ascii(message)[1:-1])
+        level = logging.ERROR if code == ErrorCode.COMPUTE else logging.WARNING
+        where = f" (session {session.hex()[:8]})" if session else ""
+        log.log(level, "closing a connection%s (%s): %s", where, code.value, ascii(message)[1:-1])
         with contextlib.suppress(ConnectionClosed):
             await ws.send(error_frame(code.value, message, session or bytes(16), retry_after).to_bytes())
             await ws.close(1008, code.value)
@@ -157,7 +159,12 @@ class BodyServer:
             message = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
         except asyncio.TimeoutError:
             raise WireError(f"no HELLO within {self.config.handshake_timeout:.0f} s") from None
-        hello = read_control(_parse(message, self.limits), MsgType.HELLO)
+        frame = _parse(message, self.limits)
+        try:
+            hello = read_control(frame, MsgType.HELLO)
+        except RemoteError:
+            # An ERROR frame in place of HELLO: never echo a code (or retry_after) the device chose.
+            raise WireError(f"expected a HELLO frame, got {frame.type.name}") from None
         if hello.get("protocol") != PROTOCOL:
             raise WireError(f"protocol {hello.get('protocol')!r} is not supported; this server speaks {PROTOCOL}")
         theirs = self.scheduler.parse_manifest(hello.get("manifest") or {})

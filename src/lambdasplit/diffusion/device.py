@@ -23,6 +23,7 @@ from lambdasplit.device.remote import RemoteBody
 from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.cloud import load_unet_body
 from lambdasplit.engine.scheduler import BodyScheduler
+from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot
 from lambdasplit.errors import LambdaSplitError, SplitError
@@ -176,10 +177,8 @@ class SplitPipeline:
 
         unet = load_unet(opened.unet_dir, torch_dtype, device, outer)
         manifest = opened.manifest("device", mode, k, torch_dtype)
-        if server:
-            link: BodyClient = remote_link(server, manifest, codec, token, tls_ca)
-        else:
-            link = local_link(opened, mode, k, torch_dtype, device, codec)
+        config = BodyConfig(server, token=token, tls_ca=tls_ca, codec=codec, timeout=600.0)
+        link = connect_body(config, manifest, RemoteUNet, lambda: _local_scheduler(opened, mode, k, torch_dtype, device))
         split_unet = SplitUNet(unet, mode, k, link, torch_dtype, torch.device(device))
         base = DiffusionPipeline.from_pretrained(str(opened.path), unet=None, dtype=torch_dtype)
         # Rebuild the pipeline around the split UNet: its __init__ reads sizes from the UNet config.
@@ -235,12 +234,11 @@ def decode_latents(pipe, latents: torch.Tensor):
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
-def local_link(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, device: str, codec: Codec) -> LocalBody:
-    """The cloud part in this process, reached through the same frames the network carries."""
+def _local_scheduler(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, device: str) -> BodyScheduler:
+    """The cloud part in this process, reached through the same frames and scheduler as a server."""
     if opened.exported:
         raise LambdaSplitError(f"{opened.path} is an exported device part; give --server to reach its cloud part")
-    body = load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)
-    return LocalBody(BodyScheduler([body]), codec, Limits(max_elements=1 << 30, max_payload=1 << 31))
+    return BodyScheduler([load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)])
 
 
 class RemoteUNet(RemoteBody):
@@ -252,7 +250,3 @@ class RemoteUNet(RemoteBody):
 
     def kept_for_replay(self, frame: Frame) -> bool:
         return frame.type == MsgType.TENSOR and Slot(frame.slot).conditioning
-
-
-def remote_link(url: str, manifest: PipelineManifest, codec: Codec, token: str | None = None, tls_ca=None) -> RemoteUNet:
-    return RemoteUNet(url, manifest, codec, token=token, tls_ca=tls_ca, timeout=600.0)

@@ -156,7 +156,8 @@ class BodyScheduler:
             if isinstance(exc, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
             first = (str(exc).splitlines() or [""])[0][:300]
-            log.error("session %s: the body failed (%s: %s); session closed", session_id.hex()[:8], type(exc).__name__, first)
+            # Debug only: the ComputeError is the one report (the server logs it once, LocalBody raises it).
+            log.debug("session %s: the body failed (%s: %s); session closed", session_id.hex()[:8], type(exc).__name__, first)
             raise ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})") from None
         self.tokens_served += session.tokens - before
         return reply, time.perf_counter() - start

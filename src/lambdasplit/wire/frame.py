@@ -148,6 +148,9 @@ def parse_frame(data: bytes, limits: Limits = Limits()) -> Frame:
 def _check_tensor_header(
     type_: MsgType, codec: Codec, dtype: DType, shape: tuple[int, ...], length: int, limits: Limits
 ) -> None:
+    if 0 in shape:
+        # An empty tensor has nothing to compute on (and would fail deep inside the model): refuse it here.
+        raise WireError(f"{type_.name} frame of shape {shape} has a zero dimension; every dimension must be at least 1")
     elements = 1
     for dim in shape:
         elements *= dim

@@ -1,0 +1,80 @@
+"""One way to reach a body: a `BodyConfig` says where it is, `connect_body()` returns a BodyClient.
+
+The CLI, gateway, UI, split diffusion and benchmarks all go through here, so a remote body and an
+in-process one are configured the same way and take their defaults from `lambdasplit.defaults`.
+In-process bodies with the same source share one scheduler (one copy of the weights), and every
+`connect_body()` call opens its own session on it, exactly as devices share a server.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambdasplit import defaults
+from lambdasplit.device.body import BodyClient, LocalBody
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
+from lambdasplit.security import read_token
+from lambdasplit.split.manifest import Manifest
+from lambdasplit.wire.codec import Codec
+
+
+@dataclass(frozen=True)
+class BodyConfig:
+    """Where the body runs and how to talk to it."""
+
+    server: str | None = None  # ws:// or wss:// URL of `lambdasplit serve`; None: in this process
+    token: str | None = None
+    tls_ca: Path | None = None
+    codec: Codec = Codec.FP32
+    timeout: float = defaults.REPLY_TIMEOUT
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    reconnect_window: float = defaults.RECONNECT_WINDOW
+    capture: bool = False  # record every frame (for audits and the UI's panel)
+    # The in-process body (server is None): which model and split to load.
+    source: str | None = None
+    split: tuple[int, int] | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    allow_shallow: bool = False
+
+    @classmethod
+    def from_options(cls, server: str | None, token_file: Path | None = None, **fields) -> BodyConfig:
+        """A config from CLI options: the token is read (and checked) from its file."""
+        return cls(server=server, token=read_token(token_file), **fields)
+
+
+def connect_body(
+    config: BodyConfig,
+    manifest: Manifest,
+    remote: type[RemoteBody] = RemoteBody,
+    local: Callable[[], BodyScheduler] | None = None,
+) -> BodyClient:
+    """A new body session: over the network to `config.server`, else in this process.
+
+    `remote` picks the client class (split diffusion's RemoteUNet); `local` builds the in-process
+    scheduler when it is not a text body of `config.source`.
+    """
+    if config.server:
+        body: BodyClient = remote(
+            config.server, manifest, config.codec, token=config.token, tls_ca=config.tls_ca,
+            timeout=config.timeout, connect_timeout=config.connect_timeout, reconnect_window=config.reconnect_window,
+        )
+    else:
+        scheduler = local() if local else _local_scheduler(
+            config.source, config.split, config.dtype, config.device, config.allow_shallow
+        )
+        body = LocalBody(scheduler, config.codec)
+    if config.capture:
+        body.start_capture()
+    return body
+
+
+@functools.cache
+def _local_scheduler(
+    source: str | None, split: tuple[int, int] | None, dtype: str | None, device: str, allow_shallow: bool
+) -> BodyScheduler:
+    return load_scheduler(source, split, dtype, device, allow_shallow=allow_shallow)
