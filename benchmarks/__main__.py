@@ -1,4 +1,4 @@
-"""`python -m benchmarks cpu [--quick]`, `python -m benchmarks gpu`, `python -m benchmarks report`."""
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `report`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,35 @@ def diffusion(
         path = run(str(default_pipeline_dir("sdxl")), device, "float32", steps or 20, reps, (64, 64), "diffusion-cpu",
                    loopback=True)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    quick: Annotated[bool, typer.Option(help="Prompt 32, 16 decode steps, sessions 1,4: under a minute.")] = False,
+    sessions: Annotated[str, typer.Option(help="Concurrency levels, comma-separated (default 1,8,64; quick 1,4).")] = "",
+    rate: Annotated[float, typer.Option(help="Open loop: sessions arriving per second (Poisson); 0 skips it.")] = 0.0,
+    duration: Annotated[float, typer.Option(help="Open loop: seconds of arrivals.")] = 10.0,
+    prompt: Annotated[int, typer.Option(help="Prefill positions per session.")] = 32,
+    steps: Annotated[int, typer.Option(help="Decode steps per session (default 64; quick 16).")] = 0,
+    split: Annotated[str, typer.Option(help="K,M")] = "2,2",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model source; default: embedded SmolLM2.")] = "",
+    url: Annotated[str, typer.Option(help="An already running body server (ws://HOST:PORT); default: start one.")] = "",
+    token_file: Annotated[str, typer.Option("--token-file", help="Bearer token for --url.")] = "",
+    procs: Annotated[int, typer.Option(help="Client processes (default min(4, max(2, cores))).")] = 0,
+    name: Annotated[str, typer.Option(help="Result name (default serve-cpu, or serve-cpu-quick).")] = "",
+) -> None:
+    """Load generator: many concurrent devices (separate processes) against one body server."""
+    from pathlib import Path
+
+    from benchmarks.serve import run_serve, write_results
+
+    k, m = (int(x) for x in split.split(","))
+    levels = tuple(int(x) for x in (sessions or ("1,4" if quick else "1,8,64")).split(","))
+    token = Path(token_file).read_text().strip() if token_file else None
+    payload = run_serve(model or None, (k, m), prompt, steps or (16 if quick else 64), levels, rate, duration,
+                        url or None, token, procs)
+    path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload)
+    typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
 
 
 @app.command()

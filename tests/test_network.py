@@ -190,7 +190,10 @@ def test_idle_session_expires_and_the_device_recovers(llama, device):
         body = remote(device, proc.url, token=None)
         stream = device.stream_ids(body, IDS, None, SamplingConfig(max_new_tokens=8))
         tokens = [next(stream).token_ids[0]]
-        time.sleep(2.5)
+        deadline = time.monotonic() + 30
+        while not any("expired" in line for line in proc.output):  # poll until the server expires it
+            assert time.monotonic() < deadline, "the server never expired the idle session"
+            time.sleep(0.05)
         tokens += [chunk.token_ids[0] for chunk in stream]
         body.close()
         assert any("expired" in line for line in proc.output)
@@ -231,8 +234,11 @@ def test_metrics_count_what_crossed(llama, device):
         body = remote(device, proc.url, token=None)
         result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=5))
         body.close()
-        time.sleep(0.3)
-        text = urllib.request.urlopen(proc.url.replace("ws://", "http://") + "/metrics", timeout=5).read().decode()
+        url = proc.url.replace("ws://", "http://") + "/metrics"
+        deadline = time.monotonic() + 30
+        while "lambdasplit_sessions_active 0.0" not in (text := urllib.request.urlopen(url, timeout=5).read().decode()):
+            assert time.monotonic() < deadline, "the session was never closed"
+            time.sleep(0.05)  # polling until the server has closed the session
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
     assert values["lambdasplit_tokens_served_total"] == IDS.shape[1] + 4
     assert values["lambdasplit_bytes_out_total"] == result.bytes_from_cloud

@@ -1,0 +1,28 @@
+"""Smoke test of the load generator (`python -m benchmarks serve`): 2 sessions x 3 decode steps on a
+tiny model, in a worker process against a `lambdasplit serve` child. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import build_tiny
+
+
+def test_serve_load_generator_smoke(tmp_path, smollm2_dir, monkeypatch):
+    import benchmarks.common
+    import benchmarks.serve as serve
+
+    model = build_tiny("llama", tmp_path / "tiny", smollm2_dir)
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(serve, "RESULTS", tmp_path / "results")
+    payload = serve.run_serve(str(model), (2, 2), prompt=4, steps=3, sessions=(2,), procs=1)
+    path, _ = serve.write_results("serve-test", payload)
+
+    data = json.loads(path.read_text())
+    assert data["suite"] == "serve-test" and data["hidden_size"] == 64 and data["open_loop"] is None
+    (row,) = data["closed_loop"]
+    assert row["mode"] == "closed" and row["sessions"] == row["completed"] == 2 and row["errors"] == []
+    assert row["replies"] == 2 * (1 + 3) and row["bad_replies"] == 0  # every reply: HIDDEN, seq echoed, same shape
+    assert row["aggregate_decode_tok_s"] > 0 and row["per_session_decode_tok_s_median"] > 0
+    for key in ("ttft_ms", "itl_ms", "connect_ms"):
+        assert 0 < row[key]["p50"] <= row[key]["p99"]
