@@ -165,7 +165,7 @@ def _run(
             "image_s": image_s, "step_ms": statistics.median(r["step_ms"] for r in runs), "ratio": image_s / base,
             "exact": bool(np.array_equal(runs[0]["image"], reference)),
         }
-    for name, (pipe, split) in candidates.items():
+    for name, (_pipe, split) in candidates.items():
         if split is None or name in servers:
             continue
         for codec in CODECS:

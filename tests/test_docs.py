@@ -237,6 +237,9 @@ def run_command(tokens: list[str], tmp: Path) -> str:
         return _python_module(tokens, tmp)
     if tokens[0].startswith("./scripts/"):
         return _script(tokens, tmp)
+    if head == "ruff":  # the lint step of the test command: seconds, so it runs as written
+        run([str(ROOT / ".venv/bin/ruff"), *tokens[1:]], ROOT)
+        return "ran"
     raise AssertionError(f"no rule for {shlex.join(tokens)}: add one to tests/test_docs.py")
 
 

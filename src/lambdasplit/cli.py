@@ -392,9 +392,9 @@ def serve(
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
     import asyncio
 
+    from lambdasplit.cloud.server import BodyServer, ServerConfig
     from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
     from lambdasplit.security import is_loopback, read_token, server_ssl_context
-    from lambdasplit.cloud.server import BodyServer, ServerConfig
 
     if part is not None and model is not None:
         raise LambdaSplitError("give either --part or --model, not both")
@@ -498,8 +498,8 @@ def image(
     """Generate an image with a split diffusion pipeline; the UNet (part) runs on --server, or in this process."""
     from rich.progress import Progress
 
-    from lambdasplit.security import read_token
     from lambdasplit.diffusion.device import SplitPipeline
+    from lambdasplit.security import read_token
     from lambdasplit.wire.codec import Codec
 
     width_height = _size(size) if size else None
@@ -745,8 +745,8 @@ def ui(
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
     import uvicorn
 
-    from lambdasplit.security import is_loopback, read_token
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.security import is_loopback, read_token
     from lambdasplit.ui.app import create_ui, load_audit
     from lambdasplit.wire.codec import Codec
 

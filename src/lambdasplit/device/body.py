@@ -96,7 +96,7 @@ class BodyClient(ABC):
         log.warning("capturing every frame exchanged with the body (for audit)")
         self.captured = []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: bodies without resources keep this no-op
         """Release the connection or resources, if any."""
 
 

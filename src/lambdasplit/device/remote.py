@@ -24,14 +24,12 @@ import socket
 import ssl
 import time
 from pathlib import Path
-
 from urllib.parse import urlsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import defaults
-from lambdasplit.security import client_ssl_context
 from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.errors import (
     AuthError,
@@ -45,6 +43,7 @@ from lambdasplit.errors import (
     UnavailableError,
     WireError,
 )
+from lambdasplit.security import client_ssl_context
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame

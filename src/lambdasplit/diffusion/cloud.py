@@ -11,11 +11,11 @@ import logging
 
 import torch
 
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
-from lambdasplit.engine.session import SessionLimits
 from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.parts import PipelineManifest, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import UPLINK, Slot
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
+from lambdasplit.engine.session import SessionLimits
 from lambdasplit.errors import SourceError, WireError
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
 
@@ -42,7 +42,9 @@ class UNetBody:
     def step(self, cond: dict[Slot, torch.Tensor], inputs: dict[Slot, torch.Tensor]) -> tuple[Slot, torch.Tensor]:
         for slot, tensor in (*cond.items(), *inputs.items()):
             _check_shape(tensor, slot, self.shapes.get(slot))
-        cast = lambda t: t.to(device=self.param.device, dtype=self.param.dtype)
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=self.param.device, dtype=self.param.dtype)
+
         text = cast(_need(cond, Slot.TEXT))
         if self.mode == "unet-split":
             h, emb = cast(_need(inputs, Slot.HIDDEN)), cast(_need(inputs, Slot.EMB))

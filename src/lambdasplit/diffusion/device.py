@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lambdasplit.device.body import BodyClient, LocalBody
+from lambdasplit.device.body import BodyClient
+from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.diffusion import unet as cut
 from lambdasplit.diffusion.cloud import load_unet_body
-from lambdasplit.engine.scheduler import BodyScheduler
-from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot
+from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.errors import LambdaSplitError, SplitError
 from lambdasplit.split.manifest import DTYPE_NAMES
 from lambdasplit.wire.codec import Codec
-from lambdasplit.wire.frame import Frame, Limits, MsgType, tensor_frame
+from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,18 @@ from lambdasplit.diffusion.protocol import MODES
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.checkpoint import file_sha256
 from lambdasplit.split.manifest import (
-    DTYPE_NAMES, DTYPES, FORMAT_VERSION, HEX64, MANIFEST_NAME, ROLES, Fields, Manifest, dtype_named, check_output_dir,
-    hash_files, prepare_output_dir,
+    DTYPE_NAMES,
+    DTYPES,
+    FORMAT_VERSION,
+    HEX64,
+    MANIFEST_NAME,
+    ROLES,
+    Fields,
+    Manifest,
+    check_output_dir,
+    dtype_named,
+    hash_files,
+    prepare_output_dir,
 )
 from lambdasplit.wire.frame import Limits
 

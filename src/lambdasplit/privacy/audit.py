@@ -273,7 +273,7 @@ def summarize(rows: list[dict], quality: list[dict], attacks: list[str] = ATTACK
     q = {(tuple(x["split"]), x["defense"]): x for x in quality}
     out = []
     for (split, defense, threat), items in groups.items():
-        mean = lambda f: statistics.mean(f(r) for r in items)  # noqa: E731
+        mean = lambda f, items=items: statistics.mean(f(r) for r in items)  # noqa: E731
         pii = [r["prompt"]["pii"] for r in items if r["prompt"]["pii"] is not None]
         out.append({
             "split": list(split), "defense": defense, "threat": threat, "prompts": len(items),
