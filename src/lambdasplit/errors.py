@@ -41,6 +41,7 @@ class ErrorCode(str, Enum):
     MISMATCH = "mismatch"  # the device's parts do not fit the server's body
     EXPIRED = "expired"  # the session idled past its TTL: reconnect and replay
     COMPUTE = "compute"  # the body failed to run this step (e.g. out of GPU memory)
+    UNAVAILABLE = "unavailable"  # device side only: the server cannot be reached
 
 
 class RemoteError(LambdaSplitError):
@@ -90,7 +91,7 @@ class ComputeError(RemoteError):
 class UnavailableError(RemoteError):
     """The body server cannot be reached (refused, timed out, or lost for longer than the reconnect window)."""
 
-    code = ErrorCode.EXPIRED
+    code = ErrorCode.UNAVAILABLE
 
 
 class ExpiredError(UnavailableError):
@@ -107,6 +108,7 @@ REMOTE_ERRORS: dict[ErrorCode, type[RemoteError]] = {
     ErrorCode.MISMATCH: MismatchError,
     ErrorCode.EXPIRED: ExpiredError,
     ErrorCode.COMPUTE: ComputeError,
+    ErrorCode.UNAVAILABLE: UnavailableError,
 }
 
 

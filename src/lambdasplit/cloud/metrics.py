@@ -25,7 +25,25 @@ class ServerMetrics:
         self.step_quantile = Gauge(
             "lambdasplit_step_seconds_quantile", "Rolling percentiles of body step time", ["quantile"], registry=r
         )
+        self.step_sessions = Histogram(
+            "lambdasplit_step_sessions", "Sessions batched into one body forward", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.step_rows = Histogram(
+            "lambdasplit_step_rows", "Rows (sequences) in one body forward", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.batched_seconds = Histogram(
+            "lambdasplit_forward_seconds", "Wall time of one body forward (batched or alone)", registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
         self._recent: deque[float] = deque(maxlen=window)
+
+    def observe_forward(self, sessions: int, rows: int, seconds: float) -> None:
+        """One body forward of the scheduler (called on its compute thread)."""
+        self.step_sessions.observe(sessions)
+        self.step_rows.observe(rows)
+        self.batched_seconds.observe(seconds)
 
     def observe_step(self, seconds: float, positions: int) -> None:
         self.step_seconds.observe(seconds)

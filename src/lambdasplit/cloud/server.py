@@ -55,6 +55,7 @@ class BodyServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
+        scheduler.on_step = self.metrics.observe_forward
         self.limits: Limits = scheduler.manifest.frame_limits(config.max_frame_bytes, scheduler.limits.max_context)
         self.port: int | None = None
 

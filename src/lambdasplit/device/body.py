@@ -44,11 +44,25 @@ class BodyClient(ABC):
     # Opt-in record of every frame exchanged, for audits: [("to_cloud" | "from_cloud", bytes)].
     captured: list[tuple[str, bytes]] | None = None
     _positions: int = 0
+    # The body's bound on B x T per frame (from the server's WELCOME, or the local scheduler).
+    max_frame_positions: int | None = None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back."""
+        """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back.
+
+        A prompt longer than the body's `max_frame_positions` goes in chunks along T: the body's
+        cache grows the same way, so the result equals one frame's (and replay resends the chunks).
+        """
         if self.uplink_defense is not None:
             hidden = self.uplink_defense(hidden, self._positions == 0)
+        step = max(1, (self.frame_positions() or hidden.shape[0] * hidden.shape[1]) // hidden.shape[0])
+        outs = []
+        for start in range(0, hidden.shape[1], step):
+            chunk_mask = None if attention_mask is None else attention_mask[:, start:start + step]
+            outs.append(self._forward_chunk(hidden[:, start:start + step], chunk_mask))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _forward_chunk(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         self._positions += hidden.shape[1]
         start = time.perf_counter()
         frames = []
@@ -59,6 +73,10 @@ class BodyClient(ABC):
         self.stats.codec_seconds += encoded
         self.stats.seconds += encoded
         return self.exchange(frames).to(device=hidden.device, dtype=hidden.dtype)
+
+    def frame_positions(self) -> int | None:
+        """The body's bound on B x T per frame, if it has one."""
+        return self.max_frame_positions
 
     def exchange(self, frames: list[Frame]) -> torch.Tensor:
         """Deliver encoded frames (the last one is answered) and decode the reply, counting bytes and
@@ -112,6 +130,7 @@ class LocalBody(BodyClient):
         self.codec = codec
         self.limits = limits or scheduler.manifest.frame_limits()
         self.stats = TransferStats()
+        self.max_frame_positions = scheduler.limits.max_frame_positions
         self._session: bytes | None = None
 
     def _session_id(self) -> bytes:

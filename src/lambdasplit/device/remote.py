@@ -178,6 +178,16 @@ class RemoteBody(BodyClient):
         self._ws = None
 
     # connection
+    def frame_positions(self) -> int | None:
+        """The server announces its bound in WELCOME: connect first (a failure here is retried by
+        the exchange that follows)."""
+        if self._ws is None:
+            try:
+                self._ensure_connected()
+            except _RETRYABLE:
+                self._drop()
+        return self.max_frame_positions
+
     def _ensure_connected(self, deadline: float | None = None) -> None:
         if self._ws is not None:
             return
@@ -195,9 +205,14 @@ class RemoteBody(BodyClient):
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
-            raise LambdaSplitError(
-                f"TLS with {self.url} failed: {exc.verify_message or exc}; pass the server's CA with --tls-ca"
-            ) from None
+            reason = exc.verify_message or str(exc)
+            hint = (
+                "connect with a host name the certificate lists (e.g. wss://localhost:PORT), or make one for this "
+                "name with `lambdasplit certs --host NAME`"
+                if "mismatch" in reason.lower() or "not valid for" in reason.lower()
+                else "pass the server's CA with --tls-ca"
+            )
+            raise LambdaSplitError(f"TLS with {self.url} failed: {reason}; {hint}") from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise LambdaSplitError(
                 f"TLS with {self.url} failed: {exc}; if the server speaks plain WebSocket, use ws:// instead"
@@ -225,6 +240,10 @@ class RemoteBody(BodyClient):
             self.close()
             raise MismatchError(f"the body server's part does not match this device's: {problem}")
         self.server_manifest = server
+        limits = welcome.get("limits")
+        positions = limits.get("max_frame_positions") if isinstance(limits, dict) else None
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            self.max_frame_positions = positions  # prompts are sent in chunks that fit
         self._session = session
         self._connected_once = True
         if self._history:

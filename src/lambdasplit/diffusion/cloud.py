@@ -120,6 +120,9 @@ class DiffusionSession:
     def new_bytes(self, frame: Frame) -> int:
         return 0  # a step's activations are transient; the session keeps only its conditioning
 
+    def batch_key(self, frame: Frame) -> int | None:
+        return None  # UNet steps of several devices are not batched yet
+
     def handle(self, frame: Frame) -> Frame | None:
         if frame.type == MsgType.RESET:
             self.cond.clear()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,9 +21,10 @@ import psutil
 import torch
 
 from lambdasplit import defaults
+from lambdasplit.engine.batch import decode_batched
 from lambdasplit.engine.session import SessionLimits, TextBody
 from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError
-from lambdasplit.wire.frame import Frame
+from lambdasplit.wire.frame import Frame, MsgType
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ class Session(Protocol):
 
     def new_bytes(self, frame: Frame) -> int: ...
 
+    def batch_key(self, frame: Frame) -> int | None: ...
+
+    def prepare(self, frame: Frame) -> torch.Tensor: ...
+
+    def finish(self, frame: Frame, out: torch.Tensor) -> Frame: ...
+
 
 class Body(Protocol):
     manifest: Any
@@ -56,7 +65,12 @@ class Body(Protocol):
 
 
 class BodyScheduler:
-    """Runs every session's body compute on one thread, in arrival order."""
+    """Runs every session's body compute on one thread.
+
+    Frames wait in one queue; each tick of the compute thread takes everything queued, runs the
+    decode steps that share a body as one batched forward (`engine.batch`) and the rest (prefills,
+    masks, resets, diffusion steps) one by one, each session's frames in their arrival order.
+    """
 
     def __init__(self, bodies: list[Body], limits: SchedulerLimits = SchedulerLimits()) -> None:
         if not bodies:
@@ -67,6 +81,10 @@ class BodyScheduler:
         self.sessions: dict[bytes, Session] = {}
         self._last_used: dict[bytes, float] = {}
         self.tokens_served = 0
+        # Called on the compute thread after each step: (sessions in the step, rows, seconds).
+        self.on_step: Callable[[int, int, float], None] | None = None
+        self._pending: list[tuple[bytes, Frame, Future]] = []
+        self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-compute")
 
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
@@ -93,7 +111,11 @@ class BodyScheduler:
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
         """Queue one frame for its session; resolves to (reply or None, compute seconds)."""
-        return self._executor.submit(self._handle, session_id, frame)
+        future: Future[tuple[Frame | None, float]] = Future()
+        with self._lock:
+            self._pending.append((session_id, frame, future))
+        self._executor.submit(self._tick)
+        return future
 
     def reap(self, idle_seconds: float) -> Future[int]:
         """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
@@ -136,6 +158,66 @@ class BodyScheduler:
                 retry_after=defaults.CAPACITY_RETRY_AFTER,
             )
 
+    def _tick(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        groups: dict[int, list[tuple[bytes, Frame, Future]]] = {}
+        alone: list[tuple[bytes, Frame, Future]] = []
+        seen: set[bytes] = set()
+        for item in items:
+            session_id, frame, _ = item
+            session = self.sessions.get(session_id)
+            key = session.batch_key(frame) if session is not None and session_id not in seen else None
+            seen.add(session_id)  # only a session's first queued frame may join the batch
+            (groups.setdefault(key, []) if key is not None else alone).append(item)
+        for group in groups.values():
+            if len(group) == 1:
+                alone.insert(0, group[0])
+            else:
+                self._run_batch(group)
+        for session_id, frame, future in alone:
+            _resolve(future, self._handle, session_id, frame)
+
+    def _run_batch(self, group: list[tuple[bytes, Frame, Future]]) -> None:
+        ready, hidden = [], []
+        for session_id, frame, future in group:
+            session = self.sessions[session_id]
+            try:
+                self._check_memory(session.new_bytes(frame), "this frame")
+                hidden.append(session.prepare(frame))
+            except LambdaSplitError as exc:
+                future.set_exception(exc)
+                continue
+            self._last_used[session_id] = time.monotonic()
+            ready.append((session_id, frame, future, session))
+        if not ready:
+            return
+        start = time.perf_counter()
+        try:
+            outs = decode_batched([s.runner for *_, s in ready], hidden)
+        except Exception as exc:  # noqa: BLE001 - as in _handle: the step failed, close its sessions
+            error = self._failed([sid for sid, *_ in ready], exc)
+            for _, _, future, _ in ready:
+                future.set_exception(error)
+            return
+        seconds = time.perf_counter() - start
+        for (_, frame, future, session), out in zip(ready, outs, strict=True):
+            reply = session.finish(frame, out)
+            self.tokens_served += frame.shape[0]
+            future.set_result((reply, seconds))
+        if self.on_step is not None:
+            self.on_step(len(ready), sum(h.shape[0] for h in hidden), seconds)
+
+    def _failed(self, session_ids: list[bytes], exc: Exception) -> ComputeError:
+        """Close sessions whose step failed inside the model; their caches may hold half a step."""
+        for session_id in session_ids:
+            self._close(session_id)
+        if isinstance(exc, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        first = (str(exc).splitlines() or [""])[0][:300]
+        log.debug("the body failed (%s: %s); %d session(s) closed", type(exc).__name__, first, len(session_ids))
+        return ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})")
+
     def _handle(self, session_id: bytes, frame: Frame) -> tuple[Frame | None, float]:
         session = self.sessions.get(session_id)
         if session is None:
@@ -151,16 +233,19 @@ class BodyScheduler:
         except LambdaSplitError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure inside the model, CUDA OOM included
-            # The session's cache may hold half a step: close it; the device replays on a fresh one.
-            self._close(session_id)
-            if isinstance(exc, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            first = (str(exc).splitlines() or [""])[0][:300]
-            # Debug only: the ComputeError is the one report (the server logs it once, LocalBody raises it).
-            log.debug("session %s: the body failed (%s: %s); session closed", session_id.hex()[:8], type(exc).__name__, first)
-            raise ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})") from None
+            raise self._failed([session_id], exc) from None
+        seconds = time.perf_counter() - start
+        if self.on_step is not None and frame.type in (MsgType.HIDDEN, MsgType.TENSOR):
+            self.on_step(1, frame.shape[0], seconds)
         self.tokens_served += session.tokens - before
-        return reply, time.perf_counter() - start
+        return reply, seconds
+
+
+def _resolve(future: Future, fn: Callable, *args: Any) -> None:
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - delivered to the waiting transport, which reports it
+        future.set_exception(exc)
 
 
 def _free_memory(param: torch.Tensor | None) -> int:

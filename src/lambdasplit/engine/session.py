@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lambdasplit.engine.batch import batchable
 from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
@@ -85,10 +86,18 @@ class BodySession:
         if batch > self.limits.max_batch:
             raise LimitError(f"{batch} rows in one session exceed the server's --max-batch {self.limits.max_batch}")
 
-    def _forward(self, frame: Frame) -> Frame:
+    def batch_key(self, frame: Frame) -> int | None:
+        """Which shared body this frame's step can be batched on (None: run it alone): a decode
+        step (T = 1) of a started sequence, with no mask columns pending."""
+        if frame.type != MsgType.HIDDEN or frame.shape[1] != 1 or self._pending_mask is not None:
+            return None
+        return id(self.runner.module) if batchable(self.runner) else None
+
+    def prepare(self, frame: Frame) -> torch.Tensor:
+        """Check a HIDDEN frame against every limit and decode it onto the body's device and dtype."""
         batch, length, _ = frame.shape
         self._check_rows(batch)
-        mask, self._pending_mask = self._pending_mask, None
+        mask = self._pending_mask
         if mask is not None and tuple(mask.shape) != (batch, length):
             raise WireError(f"mask shape {tuple(mask.shape)} does not match hidden states {(batch, length)}")
         if self.runner.batch is not None and self.runner.batch != batch:
@@ -111,6 +120,14 @@ class BodySession:
         param = next(self.runner.module.parameters(), None)
         if param is not None:
             hidden = hidden.to(device=param.device, dtype=param.dtype)
-        out = self.runner(hidden, mask)
-        self.tokens += batch * length
+        return hidden
+
+    def finish(self, frame: Frame, out: torch.Tensor) -> Frame:
+        """The reply to a HIDDEN frame whose step has run (alone or in a batch)."""
+        self.tokens += frame.shape[0] * frame.shape[1]
         return tensor_frame(MsgType.HIDDEN, out, frame.codec, self.session_id, frame.seq)
+
+    def _forward(self, frame: Frame) -> Frame:
+        hidden = self.prepare(frame)
+        mask, self._pending_mask = self._pending_mask, None
+        return self.finish(frame, self.runner(hidden, mask))

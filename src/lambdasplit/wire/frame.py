@@ -16,7 +16,7 @@ from enum import IntEnum
 
 import torch
 
-from lambdasplit.errors import WireError
+from lambdasplit.errors import LimitError, WireError
 from lambdasplit.wire.codec import Codec, decode_tensor, encode_tensor, payload_size
 
 MAGIC = b"LS"
@@ -166,7 +166,9 @@ def _check_tensor_header(
         if limits.hidden_size is not None and shape[2] != limits.hidden_size:
             raise WireError(f"hidden size {shape[2]} does not match the model's D = {limits.hidden_size}")
         if limits.max_tokens is not None and shape[1] > limits.max_tokens:
-            raise WireError(f"{shape[1]} positions in one frame exceed the limit of {limits.max_tokens}")
+            raise LimitError(
+                f"{shape[1]} positions in one frame exceed the server's --max-context {limits.max_tokens}"
+            )
     if type_ == MsgType.TENSOR and not shape:
         raise WireError("a TENSOR frame needs rank 1 to 4")
     if type_ == MsgType.MASK and (len(shape) != 2 or dtype != DType.UINT8):
