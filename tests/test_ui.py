@@ -130,7 +130,7 @@ def test_wrong_token_and_dead_server_say_why(browser, body_server, tmp_path):
     wrong.write_text("not-the-right-token-0123456789")
     for args, needle in (
         (["--server", server.url, "--token-file", str(wrong)], "refused the token"),
-        (["--server", f"ws://127.0.0.1:{_free_port()}"], "unreachable"),
+        (["--server", f"ws://127.0.0.1:{_free_port()}"], "cannot reach the body server"),
     ):
         ui = UIProcess(*args, "--split", "2,2", "--no-image")
         try:

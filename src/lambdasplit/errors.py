@@ -70,8 +70,9 @@ class ProtocolError(RemoteError):
     code = ErrorCode.PROTOCOL
 
 
-class LimitError(ProtocolError):
-    """A frame or session over one of the server's limits (rows, positions, context, KV bytes)."""
+class LimitError(ProtocolError, WireError):
+    """A frame or session over one of the server's limits (rows, positions, context, KV bytes); a
+    WireError too, since the frame parser raises it."""
 
     code = ErrorCode.LIMIT
 

@@ -23,7 +23,9 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
@@ -50,6 +52,7 @@ from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
 from lambdasplit.wire.protocol import BODY_PATH, PROTOCOL, control_frame, read_control
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RETRYABLE = (ConnectionClosed, OSError, TimeoutError, InvalidHandshake)  # transport failures
 MAX_BACKOFF = 4.0  # seconds between two reconnect attempts, at most
@@ -105,14 +108,21 @@ class RemoteBody(BodyClient):
 
     # BodyClient
     def _exchange(self, frames: list[Frame]) -> Frame:
+        def roundtrip() -> Frame:
+            reply = self._roundtrip(frames)
+            self._history.extend(f for f in frames if self.kept_for_replay(f))
+            return reply
+
+        return self._with_policy(roundtrip)
+
+    def _with_policy(self, action: Callable[[], T]) -> T:
+        """Connect (replaying this sequence) and run `action`, under the reconnect policy."""
         deadline: float | None = None
         attempts = 0  # failed attempts so far
         while True:
             try:
                 self._ensure_connected(deadline)
-                reply = self._roundtrip(frames)
-                self._history.extend(f for f in frames if self.kept_for_replay(f))
-                return reply
+                return action()
             except (CapacityError, ComputeError, ExpiredError, *_RETRYABLE) as exc:
                 self._drop()
                 if deadline is None:
@@ -179,13 +189,9 @@ class RemoteBody(BodyClient):
 
     # connection
     def frame_positions(self) -> int | None:
-        """The server announces its bound in WELCOME: connect first (a failure here is retried by
-        the exchange that follows)."""
+        """The server announces its bound in WELCOME: connect first, under the reconnect policy."""
         if self._ws is None:
-            try:
-                self._ensure_connected()
-            except _RETRYABLE:
-                self._drop()
+            self._with_policy(lambda: None)
         return self.max_frame_positions
 
     def _ensure_connected(self, deadline: float | None = None) -> None:
