@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import multiprocessing as mp
 import os
 import random
@@ -273,7 +272,6 @@ def run_serve(
     from lambdasplit.split.load import open_source
     from lambdasplit.split.manifest import dtype_named
 
-    logging.getLogger("lambdasplit").setLevel(logging.ERROR)
     opened = open_source(model, split)
     manifest = opened.manifest("device", dtype_named(dtype, "float32")).as_dict()
     procs = procs or min(4, max(2, os.cpu_count() or 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -104,12 +105,15 @@ def _opened(file: Path):
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised in the cache by (path, size, mtime) since weights are large."""
+    """sha256 of a file, memoised (weights are large) by (path, inode, size, mtime, ctime): ctime
+    cannot be set back by hand the way mtime can, so an edited file is always hashed again."""
     stat = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    memo = cache_dir() / "sha256" / memo_key
+    key = f"{path.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    memo = cache_dir() / "sha256-v2" / hashlib.sha256(key.encode()).hexdigest()
     if memo.is_file():
-        return memo.read_text().strip()
+        cached = memo.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", cached):
+            return cached
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(1 << 22):

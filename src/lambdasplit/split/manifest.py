@@ -9,7 +9,6 @@ receiver accepts (`frame_limits`) and list the sha256 of every file of an export
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import torch
 
 from lambdasplit.defaults import MAX_FRAME_BYTES
 from lambdasplit.errors import LambdaSplitError, SourceError, WireError
-from lambdasplit.paths import cache_dir
+from lambdasplit.split.checkpoint import file_sha256
 from lambdasplit.split.spec import SplitSpec
 from lambdasplit.wire.frame import Limits
 
@@ -147,25 +146,6 @@ def is_safe_relative(path: Any) -> bool:
 
 # ---- files on disk -------------------------------------------------------------------------------
 
-def content_sha256(path: Path) -> str:
-    """sha256 of a file, memoised by (path, inode, size, mtime, ctime): ctime cannot be set back by
-    hand the way mtime can, so an edited file is always hashed again."""
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
-    memo = cache_dir() / "sha256-v2" / hashlib.sha256(key.encode()).hexdigest()
-    if memo.is_file():
-        cached = memo.read_text().strip()
-        if HEX64.fullmatch(cached):
-            return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
-    return digest.hexdigest()
-
-
 def _part_files(directory: Path) -> list[str]:
     """Every file under `directory` (links included) except the manifest, as relative POSIX paths."""
     found = []
@@ -185,7 +165,7 @@ def hash_files(directory: Path) -> dict[str, str]:
     for relative in _part_files(directory):
         if not is_safe_relative(relative) or not (directory / relative).is_file():
             raise SourceError(f"{directory / relative}: cannot be part of an exported part (odd name, or not a plain file)")
-        files[relative] = content_sha256(directory / relative)
+        files[relative] = file_sha256(directory / relative)
     return files
 
 
@@ -203,7 +183,7 @@ def verify_files(files: dict[str, str], directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             raise SourceError(f"{path}: listed in the manifest, is missing")
-        if content_sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise SourceError(f"{path}: sha256 does not match the manifest; the part is corrupted or altered")
 
 
