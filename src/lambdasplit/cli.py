@@ -185,6 +185,13 @@ def _warn_without_chat_template(device) -> None:
 
 def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = logging.getLogger("lambdasplit.progress")  # what long work is doing, shown without -v
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lambdasplit: %(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

