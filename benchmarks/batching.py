@@ -1,4 +1,5 @@
-"""The body forward alone: N sessions' decode steps batched (engine.batch) against one by one.
+"""The body forward alone: N sessions' decode steps in one batched step (engine.step) against one
+step per session, over the same paged KV pool.
 
     .venv/bin/python -m benchmarks.batching [N ...]      # default 1 8; SmolLM2 split 2,2, fp32
 
@@ -13,36 +14,44 @@ import time
 
 import torch
 
-from lambdasplit.engine.batch import decode_batched
-from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+from lambdasplit.engine.kvpool import Sequence
+from lambdasplit.engine.scheduler import load_scheduler
+from lambdasplit.engine.step import Chunk
 
 
-def _sessions(body, n: int, hidden: int) -> list:
+def _sessions(body, pool, n: int, hidden: int) -> list[list[Sequence]]:
     out = []
     for i in range(n):
-        session = body.open(bytes(16), SchedulerLimits().session())
-        session.runner(torch.randn(1, 32 + 3 * i, hidden))  # different lengths
-        out.append(session)
+        rows, length = [Sequence()], 32 + 3 * i  # different lengths
+        assert pool.grow(rows, length)
+        body.step(pool, [Chunk(rows, torch.randn(1, length, hidden), torch.ones(1, length, dtype=torch.long))])
+        out.append(rows)
     return out
 
 
 def main(counts: list[int]) -> None:
-    body = load_scheduler(None, (2, 2)).bodies[0]
+    scheduler = load_scheduler(None, (2, 2))
+    body, pool = scheduler.bodies[0], scheduler.pool
     hidden = body.runner.config.hidden_size
+    one = torch.ones(1, 1, dtype=torch.long)
     for n in counts:
         for mode in ("alone", "batched"):
-            sessions = _sessions(body, n, hidden)
+            sessions = _sessions(body, pool, n, hidden)
             times = []
             for _ in range(10):
-                steps = [torch.randn(1, 1, hidden) for _ in sessions]
+                chunks = [Chunk(rows, torch.randn(1, 1, hidden), one) for rows in sessions]
+                for chunk in chunks:
+                    assert pool.grow(chunk.rows, chunk.rows[0].length + 1)
                 start = time.perf_counter()
                 if mode == "alone":
-                    for session, step in zip(sessions, steps, strict=True):
-                        session.runner(step)
+                    for chunk in chunks:
+                        body.step(pool, [chunk])
                 else:
-                    decode_batched([s.runner for s in sessions], steps)
+                    body.step(pool, chunks)
                 times.append(time.perf_counter() - start)
+            pool.release([row for rows in sessions for row in rows])
             print(f"{n} sessions, {mode}: {statistics.median(times) * 1000:.1f} ms per step of all sessions")
+    scheduler.shutdown()
 
 
 if __name__ == "__main__":

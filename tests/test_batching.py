@@ -1,23 +1,29 @@
-"""Decode steps of many sessions batched into one body forward (issue 12), checked against the
-sessions run alone and against the unsplit model's own generate()."""
+"""Batched body steps (issue 12): many sessions' decode positions and prefill chunks in one forward,
+their KV in one paged pool, checked against each session run alone and against the unsplit model's
+own generate(); and sessions that misbehave cannot starve or corrupt the others."""
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.request
 
 import pytest
 import torch
 
+from lambdasplit.device.body import LocalBody
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingConfig
-from lambdasplit.engine.batch import decode_batched
-from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.step import Chunk
 from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import MsgType, parse_frame
 from tests.conftest import oracle
-from tests.test_server_hardening import TOKEN, ThreadServer
+from tests.splitcheck import LogitRecorder
+from tests.test_server_hardening import IDS, TOKEN, ThreadServer, _vanish, expect_error, hidden_frame, raw_session
 
 
 @pytest.fixture(scope="module")
@@ -30,33 +36,59 @@ def bodies(llama):
     return load_scheduler(str(llama), (2, 2)).bodies
 
 
-def _sessions(body, lengths, seed=0):
-    """Sessions prefilled with seeded hidden states of the given lengths (and row counts)."""
-    limits = SchedulerLimits().session()
-    generator = torch.Generator().manual_seed(seed)
-    sessions = []
-    for rows, length in lengths:
-        session = body.open(bytes(16), limits)
-        session.runner(torch.randn(rows, length, 64, generator=generator))
-        sessions.append(session)
-    return sessions
+def _pool(body) -> KVPool:
+    config = body.runner.config
+    return KVPool(body.layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+                  256, torch.float32, "cpu")
 
 
-def test_a_batched_decode_step_equals_each_session_alone(bodies):
-    """Sessions of different lengths and row counts, batched, give each session's own result."""
-    lengths = [(1, 3), (2, 11), (1, 7)]
-    alone, batched = _sessions(bodies[0], lengths), _sessions(bodies[0], lengths)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        steps = [torch.randn(rows, 1, 64, generator=generator) for rows, _ in lengths]
-        expected = [s.runner(h) for s, h in zip(alone, steps, strict=True)]
-        got = decode_batched([s.runner for s in batched], steps)
-        for e, g in zip(expected, got, strict=True):
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
-    for a, b in zip(alone, batched, strict=True):  # the caches grew the same way
-        assert a.runner.seq_len == b.runner.seq_len
-        for la, lb in zip(a.runner.cache.layers, b.runner.cache.layers, strict=True):
-            torch.testing.assert_close(lb.keys, la.keys, atol=1e-5, rtol=1e-5)
+def _run(body, pool, rows, pieces):
+    """Run pieces [(row list, hidden, mask)] as one step on `pool`."""
+    for seqs, hidden, _ in pieces:
+        assert pool.grow(seqs, seqs[0].length + hidden.shape[1])
+    return body.step(pool, [Chunk(seqs, hidden, mask) for seqs, hidden, mask in pieces])
+
+
+def test_one_step_of_decodes_and_prefill_chunks_equals_each_session_alone(bodies):
+    """Sessions of different lengths, row counts and padding, run in one step (decodes, a prefill
+    chunk, a left-padded batch) give each session exactly what running it alone gives."""
+    body = bodies[0]
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1, 3), (2, 19), (1, 7), (3, 5)]  # (rows, prompt length)
+    masks = [torch.ones(r, t, dtype=torch.long) for r, t in shapes]
+    masks[3][0, :2] = 0  # a left-padded row
+    prompts = [torch.randn(r, t, 64, generator=generator) for r, t in shapes]
+    alone_pool, batched_pool = _pool(body), _pool(body)
+    alone = [[Sequence() for _ in range(r)] for r, _ in shapes]
+    batched = [[Sequence() for _ in range(r)] for r, _ in shapes]
+    for rows, prompt, mask in zip(alone, prompts, masks, strict=True):
+        _run(body, alone_pool, rows, [(rows, prompt, mask)])
+    # In the batched pool the prompts arrive as decodes mixed with prefill chunks of other sessions.
+    _run(body, batched_pool, None, [(batched[0], prompts[0], masks[0]), (batched[1], prompts[1][:, :8], masks[1][:, :8])])
+    _run(body, batched_pool, None, [(batched[1], prompts[1][:, 8:], masks[1][:, 8:]), (batched[2], prompts[2], masks[2]),
+                                    (batched[3], prompts[3], masks[3])])
+    for step in range(BLOCK_SIZE + 2):  # across a block boundary
+        steps = [torch.randn(r, 1, 64, generator=generator) for r, _ in shapes]
+        ones = [torch.ones(r, 1, dtype=torch.long) for r, _ in shapes]
+        expected = [_run(body, alone_pool, None, [(rows, h, m)])[0] for rows, h, m in zip(alone, steps, ones, strict=True)]
+        got = _run(body, batched_pool, None, list(zip(batched, steps, ones, strict=True)))
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=f"session {i}, step {step}")
+    for a, b in zip(alone, batched, strict=True):
+        assert [(r.length, r.valid) for r in a] == [(r.length, r.valid) for r in b]
+
+
+def test_the_pool_keeps_sessions_apart_and_zeroes_released_blocks():
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, blocks=4, dtype=torch.float32, device="cpu", reserve=2)
+    a, b = Sequence(), Sequence()
+    assert pool.grow([a], BLOCK_SIZE + 1) and pool.capacity == 4  # doubled from 2 blocks on demand
+    assert not pool.grow([b], 2 * BLOCK_SIZE)  # only one block left: all or nothing
+    assert b.blocks == [] and pool.grow([b], BLOCK_SIZE)
+    assert set(a.blocks).isdisjoint(b.blocks) and 0 not in a.blocks + b.blocks  # block 0 is the zero block
+    pool.keys[0][pool.slots([a], 0, BLOCK_SIZE + 1).view(-1)] = float("nan")
+    pool.release([a])
+    assert pool.free_blocks == 2 and not torch.isnan(pool.keys[0]).any()
+    assert pool.gather_index([b], 2 * BLOCK_SIZE)[0, BLOCK_SIZE:].tolist() == list(range(BLOCK_SIZE))  # zero-block padding
 
 
 def _histogram(text: str, name: str) -> dict[str, float]:
@@ -64,44 +96,63 @@ def _histogram(text: str, name: str) -> dict[str, float]:
 
 
 def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodies):
-    """Four devices with different prompts, lengths and start times, some finishing early, against
-    one server: every session's greedy tokens equal the unsplit model's generate() for that prompt
-    alone, and the server reports steps that batched several sessions."""
-    prompts = [[1, 504, 3458], [1, 504, 3458, 282, 4649, 314, 253, 2030, 30], [1, 2030], [1, 282, 4649, 314, 253]]
-    new_tokens = [12, 6, 16, 9]
+    """Five devices with different prompts, lengths and start times, some finishing early, one
+    reconnecting mid-way, against one server: every session's greedy tokens equal the unsplit
+    model's generate() for that prompt alone and its logits agree within 1e-4, and the server's
+    steps batched several sessions, prefill chunks (of 4 positions here) mixed with decodes."""
+    prompts = [[1, 504, 3458], [1, 504, 3458, 282, 4649, 314, 253, 2030, 30], [1, 2030], [1, 282, 4649, 314, 253],
+               [1, 253, 2030, 30, 282, 4649, 314, 253, 504, 3458, 282]]
+    new_tokens = [12, 6, 16, 9, 10]
     model = oracle(llama)
     expected = []
     for ids, n in zip(prompts, new_tokens, strict=True):
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-        expected.append(out[0, len(ids):].tolist())
-    server = ThreadServer(bodies)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             output_logits=True, return_dict_in_generate=True)
+        expected.append((out.sequences[0, len(ids):].tolist(), torch.cat(out.logits)))
+    server = ThreadServer(bodies, SchedulerLimits(step_tokens=4))
+    steps = []
+    server.scheduler.on_step = lambda stats, record=server.scheduler.on_step: (steps.append(stats), record(stats))
     devices = [SplitDevice.load(llama, (2, 2)) for _ in prompts]
+    recorders = []
+    for device in devices:
+        recorders.append(LogitRecorder(device.tail))
+        device.tail = recorders[-1]
     results: dict[int, list[int]] = {}
+    reconnects: dict[int, int] = {}
     started = [threading.Event() for _ in prompts]
 
     def run(i: int) -> None:
         if i:
             started[i - 1].wait(30)  # staggered starts
-        body = RemoteBody(server.url, devices[i].manifest, Codec.FP32, token=TOKEN)
+        body = RemoteBody(server.url, devices[i].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
         stream = devices[i].stream_ids(body, torch.tensor([prompts[i]]), None,
                                        SamplingConfig(max_new_tokens=new_tokens[i], ignore_eos=True))
         tokens = [next(stream).token_ids[0]]
         started[i].set()
-        tokens += [chunk.token_ids[0] for chunk in stream]
+        for chunk in stream:
+            tokens.append(chunk.token_ids[0])
+            if i == 2 and len(tokens) == 5:
+                body._ws.close()  # the connection drops mid-way: the device reconnects and replays
         body.close()
-        results[i] = tokens
+        results[i], reconnects[i] = tokens, body.reconnects
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    text = urllib.request.urlopen(request, timeout=10).read().decode()
-    for i, tokens in enumerate(expected):
+    for i, (tokens, logits) in enumerate(expected):
         assert results.get(i) == tokens, f"session {i}"
+        torch.testing.assert_close(torch.cat(recorders[i].steps), logits, atol=1e-4, rtol=0, msg=f"session {i}")
+    assert reconnects[2] == 1 and sum(reconnects.values()) == 1
+    assert max(s.sessions for s in steps) > 1, "no step batched more than one session"
+    assert any(s.sessions > 1 and s.positions > s.rows for s in steps), "no prefill chunk shared a step with decodes"
+    text = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
+                                  headers={"Authorization": f"Bearer {TOKEN}"}), timeout=10).read().decode()
     sessions = _histogram(text, "lambdasplit_step_sessions")
-    assert sessions["+Inf"] > sessions["1.0"], "no step batched more than one session"
+    assert sessions["+Inf"] > sessions["1.0"]
+    assert _histogram(text, "lambdasplit_queue_wait_seconds")["+Inf"] >= sum(new_tokens)
+    server.close()
 
 
 def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
@@ -116,3 +167,90 @@ def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
     assert body.max_frame_positions == 4
     assert result.token_ids == [out[0, len(ids):].tolist()]
     assert body.stats.frames_to_cloud == 3 + 5  # 9 prompt positions in chunks of 4, then 5 decode steps
+
+
+# ---- sessions that misbehave ---------------------------------------------------------------------
+
+
+def _reply(ws, seq: int) -> torch.Tensor:
+    frame = parse_frame(ws.recv(timeout=30))
+    assert frame.type == MsgType.HIDDEN and frame.seq == seq, (frame.type, frame.payload[:200])
+    return frame.tensor()
+
+
+def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_others_run_exactly(bodies, llama):
+    body = bodies[0]
+    config = body.runner.config
+    per_block = block_bytes(body.layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+                            torch.float32)
+    device = SplitDevice.load(llama, (2, 2))
+    reference = LocalBody(BodyScheduler(bodies), Codec.FP32)
+    with ThreadServer(bodies, SchedulerLimits(kv_pool_bytes=6 * per_block, kv_wait=0.5)) as server:
+        assert server.scheduler.pool.blocks - 1 == 5
+        hog, hog_id = raw_session(server, device)
+        hog.send(hidden_frame(hog_id, 1, 1, 40).to_bytes())  # 3 of the 5 blocks
+        torch.testing.assert_close(_reply(hog, 1), reference.forward(hidden_frame(hog_id, 1, 1, 40).tensor()))
+        victim, victim_id = raw_session(server, device)
+        start = time.monotonic()
+        victim.send(hidden_frame(victim_id, 1, 1, 48).to_bytes())  # needs 3 blocks; 2 are free
+        for seq in range(2, 7):  # the hog keeps decoding, exactly, while the victim waits
+            frame = hidden_frame(hog_id, seq, 1, 1, seed=seq)
+            hog.send(frame.to_bytes())
+            torch.testing.assert_close(_reply(hog, seq), reference.forward(frame.tensor()))
+        error = expect_error(victim)
+        assert time.monotonic() - start >= 0.5
+        assert error["code"] == "capacity" and error["retry_after"] > 0
+        assert "KV pool has had no room" in error["message"]
+        assert server.metric('lambdasplit_capacity_refusals_total{reason="kv"}') == 1
+        hog.close()
+        server.wait_metric("lambdasplit_sessions_active", 0)
+        again, again_id = raw_session(server, device)  # the hog's blocks came back, zeroed
+        again.send(hidden_frame(again_id, 1, 1, 48).to_bytes())
+        reference.reset()
+        torch.testing.assert_close(_reply(again, 1), reference.forward(hidden_frame(again_id, 1, 1, 48).tensor()))
+        again.close()
+    reference.scheduler.shutdown()
+
+
+def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies, llama):
+    device = SplitDevice.load(llama, (2, 2))
+    with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
+        steps = []
+        server.scheduler.on_step = steps.append
+        decoder, decoder_id = raw_session(server, device)
+        decoder.send(hidden_frame(decoder_id, 1, 1, 4).to_bytes())
+        _reply(decoder, 1)
+        big, big_id = raw_session(server, device)
+        big.send(hidden_frame(big_id, 1, 1, 2048).to_bytes())  # 256 steps of 8 positions
+        for seq in range(2, 12):
+            decoder.send(hidden_frame(decoder_id, seq, 1, 1, seed=seq).to_bytes())
+            _reply(decoder, seq)
+        assert _reply(big, 1).shape == (1, 2048, 64)
+        mixed = [s for s in steps if s.sessions == 2]
+        assert len(mixed) >= 5, "the decoder waited for the whole prompt"
+        assert all(s.positions <= 8 + 1 for s in steps)
+        decoder.close()
+        big.close()
+
+
+def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodies, llama):
+    device = SplitDevice.load(llama, (2, 2))
+    expected = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, IDS.shape[1]:].tolist()
+    with ThreadServer(bodies) as server:
+        stalled, stalled_id = raw_session(server, device)
+
+        def flood() -> None:  # 16 rows x 128 positions: 512 KiB replies, never read
+            try:
+                for seq in range(1, 25):
+                    stalled.send(hidden_frame(stalled_id, seq, 16, 128).to_bytes())
+            except Exception:  # noqa: BLE001 - the connection is closed under it at the end
+                pass
+
+        threading.Thread(target=flood, daemon=True).start()
+        time.sleep(1.0)  # let the server's send to the stalled client back up
+        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=8, ignore_eos=True))
+        body.close()
+        assert result.token_ids[0] == expected
+        _vanish(stalled)
+        server.wait_metric("lambdasplit_sessions_active", 0)

@@ -368,12 +368,12 @@ def test_two_authorization_headers_get_400_before_auth(plain_server, path, caplo
 # ---- 5. compute errors inside the body -----------------------------------------------------------
 
 
-class FailingRunner:
-    """Wraps a session's PartRunner; its call number `fail_at` (1-based, counted in `calls`, which
-    sessions may share) raises `error`; every other call runs the body."""
+class FailingStep:
+    """Wraps a body's batched `step`; its call number `fail_at` (1-based, counted in `calls`)
+    raises `error`; every other call runs the body."""
 
-    def __init__(self, runner, error: BaseException, calls: list[int], fail_at: int = 1) -> None:
-        self._runner = runner
+    def __init__(self, step, error: BaseException, calls: list[int], fail_at: int = 1) -> None:
+        self._step = step
         self._error = error
         self._calls = calls
         self._fail_at = fail_at
@@ -382,21 +382,19 @@ class FailingRunner:
         self._calls[0] += 1
         if self._calls[0] == self._fail_at:
             raise self._error
-        return self._runner(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
+        return self._step(*args, **kwargs)
 
 
 @pytest.mark.parametrize(
     "error", [RuntimeError("boom in layer 3\nsecond line of detail"), torch.OutOfMemoryError("CUDA out of memory\nmore")]
 )
-def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_server, device, local_body, error, caplog):
+def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_server, device, local_body, error, caplog,
+                                                                        monkeypatch):
     caplog.set_level(logging.INFO)
     failing, failing_id = raw_session(plain_server, device)
     healthy, healthy_id = raw_session(plain_server, device)
-    session = plain_server.scheduler.sessions[failing_id]
-    session.runner = FailingRunner(session.runner, error, [0])  # the compute thread is idle now
+    body = plain_server.scheduler.sessions[failing_id].body
+    monkeypatch.setattr(body, "step", FailingStep(body.step, error, [0]))  # the next step (failing's) fails
     caplog.clear()
     failing.send(hidden_frame(failing_id, 1, 1, 5).to_bytes())
     reply = expect_error(failing)
@@ -424,17 +422,9 @@ def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bo
     caplog.set_level(logging.INFO)
     calls = [0]  # body steps over all sessions: the 4th (a decode step, so there is history) fails
 
-    def failing_open(original):
-        def open_(session_id, limits):
-            session = original(session_id, limits)
-            session.runner = FailingRunner(session.runner, RuntimeError("transient failure"), calls, fail_at=4)
-            return session
-
-        return open_
-
     with ThreadServer(bodies) as server:
         for body in server.scheduler.bodies:  # an instance attribute, undone by monkeypatch
-            monkeypatch.setattr(body, "open", failing_open(body.open))
+            monkeypatch.setattr(body, "step", FailingStep(body.step, RuntimeError("transient failure"), calls, fail_at=4))
         remote = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, backoff=0.05)
         try:
             result = device.generate_ids(remote, IDS, None, SamplingConfig(max_new_tokens=12))

@@ -15,6 +15,14 @@ MAX_BATCH = 16  # rows per session
 # session waits, so this bounds the stall: 4,096 positions of SmolLM2's 26-layer body take about
 # 2 s on 2 CPU cores; a 61 MiB frame of ~29,000 positions took 52-91 s before this bound existed.
 MAX_FRAME_POSITIONS = 4096
+# Positions one batched body step runs: every session's decode position, then prefill chunks up to
+# this budget. A step of up to a few hundred positions costs a GPU about what one decode step
+# costs (both stream the weights once; 7B in bf16 on an H100 turns compute-bound near 300), so 256
+# keeps other sessions' inter-token latency flat while a prompt prefills. Two CPU cores are
+# compute-bound from the first position, so there the chunk is 64 (~4 decode steps' time).
+STEP_TOKENS = 256
+STEP_TOKENS_CPU = 64
+KV_WAIT_SECONDS = 10.0  # how long a frame waits for KV pool space before a capacity error
 MAX_SESSION_KV_MIB = 1024  # KV cache bytes one session may hold on the server
 MIN_FREE_MEMORY_MIB = 512  # refuse a session, or a frame, that would leave less than this free
 SESSION_TTL = 300.0  # idle seconds before the server closes a session

@@ -6,6 +6,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from lambdasplit.engine.scheduler import StepStats
+
 
 class ServerMetrics:
     def __init__(self, window: int = 2048) -> None:
@@ -33,17 +35,38 @@ class ServerMetrics:
             "lambdasplit_step_rows", "Rows (sequences) in one body forward", registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        self.step_positions = Histogram(
+            "lambdasplit_step_positions", "Positions (decode steps and prefill chunks) in one body forward", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
         self.batched_seconds = Histogram(
             "lambdasplit_forward_seconds", "Wall time of one body forward (batched or alone)", registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
+        self.queue_wait = Histogram(
+            "lambdasplit_queue_wait_seconds", "Time a HIDDEN frame waited before its first body step", registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+        )
+        self.kv_used = Gauge("lambdasplit_kv_pool_used_blocks", "KV pool blocks held by sessions", registry=r)
+        self.kv_blocks = Gauge("lambdasplit_kv_pool_blocks", "KV pool size in blocks (of 16 positions)", registry=r)
+        self.refusals = Counter(
+            "lambdasplit_capacity_refusals", "Sessions or frames refused for capacity", ["reason"], registry=r
+        )
         self._recent: deque[float] = deque(maxlen=window)
 
-    def observe_forward(self, sessions: int, rows: int, seconds: float) -> None:
+    def observe_forward(self, stats: StepStats) -> None:
         """One body forward of the scheduler (called on its compute thread)."""
-        self.step_sessions.observe(sessions)
-        self.step_rows.observe(rows)
-        self.batched_seconds.observe(seconds)
+        self.step_sessions.observe(stats.sessions)
+        self.step_rows.observe(stats.rows)
+        self.step_positions.observe(stats.positions)
+        self.batched_seconds.observe(stats.seconds)
+        for wait in stats.queue_waits:
+            self.queue_wait.observe(wait)
+        self.kv_used.set(stats.kv_used_blocks)
+        self.kv_blocks.set(stats.kv_blocks)
+
+    def observe_refusal(self, reason: str) -> None:
+        self.refusals.labels(reason=reason).inc()
 
     def observe_step(self, seconds: float, positions: int) -> None:
         self.step_seconds.observe(seconds)

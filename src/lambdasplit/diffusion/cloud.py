@@ -32,7 +32,7 @@ class UNetBody:
             cut.check_k(unet, k)
         self.shapes = _expected_shapes(unet, mode, k)
 
-    def open(self, session_id: bytes, limits: SessionLimits) -> DiffusionSession:
+    def open(self, session_id: bytes, limits: SessionLimits, pool: object = None) -> DiffusionSession:
         return DiffusionSession(self, session_id)
 
     def memory_probe(self) -> torch.Tensor:
@@ -122,6 +122,10 @@ class DiffusionSession:
 
     def batch_key(self, frame: Frame) -> int | None:
         return None  # UNet steps of several devices are not batched yet
+
+    def close(self) -> None:
+        self.cond.clear()
+        self.inputs.clear()
 
     def handle(self, frame: Frame) -> Frame | None:
         if frame.type == MsgType.RESET:

@@ -12,8 +12,9 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,8 +22,8 @@ import psutil
 import torch
 
 from lambdasplit import defaults
-from lambdasplit.engine.batch import decode_batched
-from lambdasplit.engine.session import SessionLimits, TextBody
+from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, block_bytes
+from lambdasplit.engine.session import SessionLimits, TextBody, Work
 from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError
 from lambdasplit.wire.frame import Frame, MsgType
 
@@ -37,9 +38,25 @@ class SchedulerLimits:
     max_batch: int = defaults.MAX_BATCH
     max_frame_positions: int = defaults.MAX_FRAME_POSITIONS
     max_session_kv_bytes: int = defaults.MAX_SESSION_KV_MIB << 20
+    step_tokens: int | None = None  # positions per step; None: defaults.STEP_TOKENS for the body's device
+    kv_pool_bytes: int | None = None  # None: sized from free memory (see pool_budget)
+    kv_wait: float = defaults.KV_WAIT_SECONDS
 
     def session(self) -> SessionLimits:
         return SessionLimits(self.max_context, self.max_batch, self.max_frame_positions, self.max_session_kv_bytes)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One body forward, for /metrics."""
+
+    sessions: int
+    rows: int
+    positions: int
+    seconds: float
+    queue_waits: tuple[float, ...]  # seconds each frame that started in this step waited for it
+    kv_used_blocks: int
+    kv_blocks: int
 
 
 class Session(Protocol):
@@ -51,25 +68,38 @@ class Session(Protocol):
 
     def batch_key(self, frame: Frame) -> int | None: ...
 
-    def prepare(self, frame: Frame) -> torch.Tensor: ...
+    def prepare(self, frame: Frame) -> Work: ...
 
-    def finish(self, frame: Frame, out: torch.Tensor) -> Frame: ...
+    def finish(self, work: Work) -> Frame: ...
+
+    def close(self) -> None: ...
 
 
 class Body(Protocol):
     manifest: Any
 
-    def open(self, session_id: bytes, limits: SessionLimits) -> Session: ...
+    def open(self, session_id: bytes, limits: SessionLimits, pool: KVPool | None) -> Session: ...
 
     def memory_probe(self) -> torch.Tensor | None: ...
 
 
-class BodyScheduler:
-    """Runs every session's body compute on one thread.
+@dataclass
+class _Queued:
+    frame: Frame
+    future: Future
+    arrived: float
 
-    Frames wait in one queue; each tick of the compute thread takes everything queued, runs the
-    decode steps that share a body as one batched forward (`engine.batch`) and the rest (prefills,
-    masks, resets, diffusion steps) one by one, each session's frames in their arrival order.
+
+class BodyScheduler:
+    """Runs every session's body compute on one thread, in batched steps.
+
+    Each session's frames wait in their own queue and run in order. Every step takes, for each
+    body, the next HIDDEN frame of every session that has one: all decode positions, then prefill
+    positions up to `step_tokens` in all (a long prompt runs in chunks over several steps, so it
+    never stalls the others' decode for longer than one chunk), as one forward (`engine.step`).
+    KV lives in one `KVPool`; a frame the pool has no room for waits up to `kv_wait` seconds for
+    another session to finish, then gets a capacity error. MASK, RESET and diffusion frames run
+    alone, between steps.
     """
 
     def __init__(self, bodies: list[Body], limits: SchedulerLimits = SchedulerLimits()) -> None:
@@ -78,14 +108,23 @@ class BodyScheduler:
         self.bodies = bodies  # several for randomised split points, sharing the weight tensors
         self.manifest = bodies[0].manifest
         self.limits = limits
+        self.pool = _make_pool(bodies, limits)
+        probe = bodies[0].memory_probe()
+        on_gpu = probe is not None and probe.device.type == "cuda"
+        self.step_tokens = limits.step_tokens or (defaults.STEP_TOKENS if on_gpu else defaults.STEP_TOKENS_CPU)
         self.sessions: dict[bytes, Session] = {}
         self._last_used: dict[bytes, float] = {}
         self.tokens_served = 0
-        # Called on the compute thread after each step: (sessions in the step, rows, seconds).
-        self.on_step: Callable[[int, int, float], None] | None = None
-        self._pending: list[tuple[bytes, Frame, Future]] = []
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-compute")
+        self.on_step: Callable[[StepStats], None] | None = None  # called on the compute thread
+        self.on_refusal: Callable[[str], None] | None = None  # "sessions", "kv" or "memory"
+        self._queues: dict[bytes, deque[_Queued]] = {}
+        self._active: dict[bytes, Work] = {}
+        self._calls: deque[tuple[Future, Callable, tuple]] = deque()
+        self._frames: list[tuple[bytes, _Queued]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="body-compute", daemon=True)
+        self._thread.start()
 
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
         """The index of the hosted body that fits the device's parts, or the reason none does."""
@@ -104,124 +143,227 @@ class BodyScheduler:
         return type(self.manifest).from_dict(data)
 
     def open_session(self, body: int = 0) -> Future[bytes]:
-        return self._executor.submit(self._open, body)
+        return self._call(self._open, body)
 
     def close_session(self, session_id: bytes) -> Future[None]:
-        return self._executor.submit(self._close, session_id)
+        return self._call(self._close, session_id)
+
+    def reap(self, idle_seconds: float) -> Future[int]:
+        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
+        return self._call(self._reap, idle_seconds)
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
         """Queue one frame for its session; resolves to (reply or None, compute seconds)."""
         future: Future[tuple[Frame | None, float]] = Future()
-        with self._lock:
-            self._pending.append((session_id, frame, future))
-        self._executor.submit(self._tick)
+        with self._wake:
+            self._frames.append((session_id, _Queued(frame, future, time.monotonic())))
+            self._wake.notify()
         return future
 
-    def reap(self, idle_seconds: float) -> Future[int]:
-        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
-        return self._executor.submit(self._reap, idle_seconds)
-
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        for future, *_ in self._calls:
+            future.cancel()
+        for _, queued in self._frames:
+            queued.future.cancel()
+
+    def _call(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the scheduler is shut down")
+            self._calls.append((future, fn, args))
+            self._wake.notify()
+        return future
+
+    def _loop(self) -> None:
+        progressed = True
+        while True:
+            with self._wake:
+                idle = not (self._calls or self._frames or (progressed and (self._queues or self._active)))
+                if idle and not self._stopping:
+                    # Work that waits for KV space is retried every 10 ms; otherwise sleep until woken.
+                    self._wake.wait(timeout=0.01 if self._active else None)
+                if self._stopping:
+                    return
+                calls, self._calls = self._calls, deque()
+                frames, self._frames = self._frames, []
+            for future, fn, args in calls:
+                if future.set_running_or_notify_cancel():
+                    _resolve(future, fn, *args)
+            for session_id, queued in frames:
+                self._queues.setdefault(session_id, deque()).append(queued)
+            try:
+                progressed = self._tick()
+            except Exception as exc:  # noqa: BLE001 - a fault outside the model: fail what was in flight, keep serving
+                log.exception("the body scheduler failed a step")
+                self._failed(list(self._active), exc)
+                progressed = True
 
     def _open(self, body: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
+            self._refused("sessions")
             raise CapacityError(
                 f"the server is at its limit of {self.limits.max_sessions} sessions; retry later",
                 retry_after=defaults.CAPACITY_RETRY_AFTER,
             )
         self._check_memory(0, "a new session")
         session_id = secrets.token_bytes(16)
-        self.sessions[session_id] = self.bodies[body].open(session_id, self.limits.session())
+        self.sessions[session_id] = self.bodies[body].open(session_id, self.limits.session(), self.pool)
         self._last_used[session_id] = time.monotonic()
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
 
     def _close(self, session_id: bytes) -> None:
-        self.sessions.pop(session_id, None)
+        session = self.sessions.pop(session_id, None)
         self._last_used.pop(session_id, None)
+        work = self._active.pop(session_id, None)
+        waiting = [q.future for q in self._queues.pop(session_id, ())] + ([work.future] if work else [])
+        for future in waiting:
+            if not future.done():
+                future.set_exception(ExpiredError("session is closed or expired; reconnect"))
+        if session is not None:
+            session.close()
 
     def _reap(self, idle_seconds: float) -> int:
         now = time.monotonic()
-        stale = [s for s, t in self._last_used.items() if now - t > idle_seconds]
+        stale = [s for s, t in self._last_used.items() if now - t > idle_seconds and s not in self._active]
         for session_id in stale:
             log.warning("session %s idle for over %.0f s; closed", session_id.hex()[:8], idle_seconds)
             self._close(session_id)
         return len(stale)
 
+    def _refused(self, reason: str) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(reason)
+
     def _check_memory(self, need: int, what: str) -> None:
         free = _free_memory(self.bodies[0].memory_probe())
         if free - need < self.limits.min_free_memory:
+            self._refused("memory")
             raise CapacityError(
                 f"only {free >> 20} MiB of memory free ({what} needs {need >> 20} MiB and the guard keeps "
                 f"{self.limits.min_free_memory >> 20} MiB); retry later",
                 retry_after=defaults.CAPACITY_RETRY_AFTER,
             )
 
-    def _tick(self) -> None:
-        with self._lock:
-            items, self._pending = self._pending, []
-        groups: dict[int, list[tuple[bytes, Frame, Future]]] = {}
-        alone: list[tuple[bytes, Frame, Future]] = []
-        seen: set[bytes] = set()
-        for item in items:
-            session_id, frame, _ = item
-            session = self.sessions.get(session_id)
-            key = session.batch_key(frame) if session is not None and session_id not in seen else None
-            seen.add(session_id)  # only a session's first queued frame may join the batch
-            (groups.setdefault(key, []) if key is not None else alone).append(item)
-        for group in groups.values():
-            if len(group) == 1:
-                alone.insert(0, group[0])
-            else:
-                self._run_batch(group)
-        for session_id, frame, future in alone:
-            _resolve(future, self._handle, session_id, frame)
+    def _tick(self) -> bool:
+        """Start the next frame of every idle session, then run one step per body; True if any
+        work was done (False: everything left is waiting for KV space)."""
+        progressed = False
+        for session_id in list(self._queues):
+            queue = self._queues[session_id]
+            while queue and session_id not in self._active:
+                progressed = True
+                self._start(session_id, queue.popleft())
+            if not queue:
+                del self._queues[session_id]
+        groups: dict[int, list[Work]] = {}
+        for work in self._active.values():
+            groups.setdefault(id(work.session.body), []).append(work)
+        for works in groups.values():
+            progressed |= self._step(works[0].session.body, works)
+        return progressed
 
-    def _run_batch(self, group: list[tuple[bytes, Frame, Future]]) -> None:
-        ready, hidden = [], []
-        for session_id, frame, future in group:
-            session = self.sessions[session_id]
-            try:
-                self._check_memory(session.new_bytes(frame), "this frame")
-                hidden.append(session.prepare(frame))
-            except LambdaSplitError as exc:
-                future.set_exception(exc)
-                continue
-            self._last_used[session_id] = time.monotonic()
-            ready.append((session_id, frame, future, session))
-        if not ready:
+    def _start(self, session_id: bytes, queued: _Queued) -> None:
+        """Handle a non-batched frame now, or make a HIDDEN frame the session's active work."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            queued.future.set_exception(ExpiredError("session is closed or expired; reconnect"))
             return
+        if session.batch_key(queued.frame) is None:
+            _resolve(queued.future, self._handle, session_id, queued.frame)
+            return
+        try:
+            self._check_memory(session.new_bytes(queued.frame), "this frame")
+            work = session.prepare(queued.frame)
+        except LambdaSplitError as exc:
+            queued.future.set_exception(exc)
+            return
+        work.future, work.arrived = queued.future, queued.arrived
+        self._last_used[session_id] = time.monotonic()
+        self._active[session_id] = work
+
+    def _step(self, body: Any, works: list[Work]) -> bool:
+        """One forward over every decode step and as many prefill positions as the budget allows."""
+        pool, now = self.pool, time.monotonic()
+        budget = self.step_tokens
+        chosen: list[tuple[Work, int]] = []
+        for work in sorted(works, key=lambda w: w.remaining * len(w.rows)):  # decodes first
+            rows = len(work.rows)
+            take = work.remaining if work.remaining == 1 else min(work.remaining, max(1, budget // rows))
+            if work.remaining > 1 and budget < rows:
+                continue  # this step is full; the prefill resumes in the next one
+            if not pool.grow(work.rows, work.rows[0].length + take):
+                self._wait_for_kv(work, now)
+                continue
+            work.waiting_since = None
+            budget -= rows * take
+            chosen.append((work, take))
+        if not chosen:
+            return False
+        waits = tuple(now - w.arrived for w, _ in chosen if w.done == 0)
         start = time.perf_counter()
         try:
-            outs = decode_batched([s.runner for *_, s in ready], hidden)
+            outs = body.step(pool, [w.chunk(take) for w, take in chosen])
         except Exception as exc:  # noqa: BLE001 - as in _handle: the step failed, close its sessions
-            error = self._failed([sid for sid, *_ in ready], exc)
-            for _, _, future, _ in ready:
-                future.set_exception(error)
-            return
+            self._failed([w.session.session_id for w, _ in chosen], exc)
+            return True
         seconds = time.perf_counter() - start
-        for (_, frame, future, session), out in zip(ready, outs, strict=True):
-            reply = session.finish(frame, out)
-            self.tokens_served += frame.shape[0]
-            future.set_result((reply, seconds))
+        for (work, take), out in zip(chosen, outs, strict=True):
+            work.outputs.append(out)
+            work.done += take
+            work.seconds += seconds
+            if work.remaining == 0:
+                self._complete(work)
         if self.on_step is not None:
-            self.on_step(len(ready), sum(h.shape[0] for h in hidden), seconds)
+            rows = sum(len(w.rows) for w, _ in chosen)
+            positions = sum(len(w.rows) * take for w, take in chosen)
+            self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.blocks - 1))
+        return True
+
+    def _wait_for_kv(self, work: Work, now: float) -> None:
+        if work.waiting_since is None:
+            work.waiting_since = now
+            return
+        if now - work.waiting_since < self.limits.kv_wait:
+            return
+        session_id = work.session.session_id
+        del self._active[session_id]
+        self._refused("kv")
+        work.future.set_exception(CapacityError(
+            f"the server's KV pool has had no room for this frame for {self.limits.kv_wait:.0f} s "
+            f"({self.pool.free_blocks} of {self.pool.blocks - 1} blocks free); retry later",
+            retry_after=defaults.CAPACITY_RETRY_AFTER,
+        ))
+
+    def _complete(self, work: Work) -> None:
+        session = work.session
+        del self._active[session.session_id]
+        self._last_used[session.session_id] = time.monotonic()
+        self.tokens_served += work.frame.shape[0] * work.frame.shape[1]
+        work.future.set_result((session.finish(work), work.seconds))
 
     def _failed(self, session_ids: list[bytes], exc: Exception) -> ComputeError:
-        """Close sessions whose step failed inside the model; their caches may hold half a step."""
+        """Close sessions whose step failed inside the model (their caches may hold half a step);
+        their frames in flight get the compute error."""
+        first = (str(exc).splitlines() or [""])[0][:300]
+        error = ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})")
         for session_id in session_ids:
+            work = self._active.pop(session_id, None)
+            if work is not None and work.future is not None and not work.future.done():
+                work.future.set_exception(error)
             self._close(session_id)
         if isinstance(exc, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
-        first = (str(exc).splitlines() or [""])[0][:300]
         log.debug("the body failed (%s: %s); %d session(s) closed", type(exc).__name__, first, len(session_ids))
-        return ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})")
+        return error
 
     def _handle(self, session_id: bytes, frame: Frame) -> tuple[Frame | None, float]:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise ExpiredError("session is closed or expired; reconnect")
+        session = self.sessions[session_id]
         self._last_used[session_id] = time.monotonic()
         need = session.new_bytes(frame)
         if need:
@@ -236,9 +378,37 @@ class BodyScheduler:
             raise self._failed([session_id], exc) from None
         seconds = time.perf_counter() - start
         if self.on_step is not None and frame.type in (MsgType.HIDDEN, MsgType.TENSOR):
-            self.on_step(1, frame.shape[0], seconds)
+            kv = (self.pool.used_blocks, self.pool.blocks - 1) if self.pool else (0, 0)
+            self.on_step(StepStats(1, frame.shape[0], frame.shape[0], seconds, (), *kv))
         self.tokens_served += session.tokens - before
         return reply, seconds
+
+
+def pool_budget(limits: SchedulerLimits, probe: torch.Tensor | None) -> int:
+    """KV pool bytes: --kv-pool if given, else what every session at its KV limit would need,
+    capped at 90% of free GPU memory (the pool is allocated up front) or half the free host memory
+    (host pages are committed only as they are written) above the free-memory guard."""
+    if limits.kv_pool_bytes is not None:
+        return limits.kv_pool_bytes
+    share = 0.9 if probe is not None and probe.device.type == "cuda" else 0.5
+    spare = max(0, _free_memory(probe) - limits.min_free_memory)
+    return min(limits.max_sessions * limits.max_session_kv_bytes, int(share * spare))
+
+
+def _make_pool(bodies: list[Body], limits: SchedulerLimits) -> KVPool | None:
+    """One pool for every text body with layers (the variants of --k-max share it: it has the
+    widest body's layer count and each body uses its first layers)."""
+    text = [b for b in bodies if isinstance(b, TextBody) and b.layers]
+    if not text:
+        return None
+    widest = max(text, key=lambda b: b.layers)
+    config, probe = widest.runner.config, widest.memory_probe()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pool = KVPool.sized(widest.layers, heads, head_dim, pool_budget(limits, probe), probe.dtype, probe.device)
+    log.info("KV pool: %d blocks of %d positions (%d MiB)", pool.blocks - 1, BLOCK_SIZE,
+             pool.blocks * block_bytes(widest.layers, heads, head_dim, probe.dtype) >> 20)
+    return pool
 
 
 def _resolve(future: Future, fn: Callable, *args: Any) -> None:

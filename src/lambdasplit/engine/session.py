@@ -1,4 +1,4 @@
-"""BodySession: one device's text-body state (KV cache, mask history), driven by frames.
+"""The text body and its sessions: limits, the KV a session holds in the pool, frames into work.
 
 It knows tensors and frames but nothing of sockets, so the same session serves the in-process body
 and the network server. Every limit a client controls (rows, positions per frame, context, KV
@@ -7,11 +7,13 @@ bytes) is checked before any compute or allocation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 
-from lambdasplit.engine.batch import batchable
+from lambdasplit.engine.kvpool import KVPool, Sequence
+from lambdasplit.engine.step import ATTENTION, Chunk, run_step
 from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
@@ -38,48 +40,107 @@ def kv_bytes_per_position(runner: PartRunner) -> int:
 
 @dataclass
 class TextBody:
-    """A hosted text body: shared weights plus the manifest a device's parts must match."""
+    """A hosted text body: shared weights and the manifest a device's parts must match. Its
+    sessions keep their KV in the pool of the scheduler that opened them."""
 
     runner: PartRunner
     manifest: PartManifest
 
-    def open(self, session_id: bytes, limits: SessionLimits) -> BodySession:
-        own = PartRunner(self.runner.module, self.runner.role, self.runner.config)
-        return BodySession(own, session_id, limits)
+    def __post_init__(self) -> None:
+        if self.layers:
+            self.runner.module.config._attn_implementation = ATTENTION
+
+    @property
+    def layers(self) -> int:
+        return self.runner.layers
+
+    def open(self, session_id: bytes, limits: SessionLimits, pool: KVPool | None) -> BodySession:
+        return BodySession(self, session_id, limits, pool)
 
     def memory_probe(self) -> torch.Tensor | None:
         return next(self.runner.module.parameters(), None)
 
+    def step(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Run one batched forward over pieces of this body's sessions, whose KV is in `pool`."""
+        return run_step(self.runner.module, pool, chunks)
+
+
+@dataclass
+class Work:
+    """One HIDDEN frame in progress: its positions run in one or more steps, then it is answered."""
+
+    session: BodySession
+    frame: Frame
+    hidden: torch.Tensor  # (B, T, D) on the body's device
+    mask: torch.Tensor  # (B, T) on the host
+    done: int = 0  # positions of each row already run
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0  # compute time of the steps it took part in
+    waiting_since: float | None = None  # when it first found the KV pool short
+    future: Future | None = None  # the transport's wait for the reply
+    arrived: float = 0.0  # when the frame was queued (monotonic)
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return self.session.rows
+
+    @property
+    def remaining(self) -> int:
+        return self.hidden.shape[1] - self.done
+
+    def chunk(self, positions: int) -> Chunk:
+        part = slice(self.done, self.done + positions)
+        return Chunk(self.rows, self.hidden[:, part], self.mask[:, part])
+
 
 class BodySession:
-    """Runs the body on HIDDEN frames, appending to this session's own KV cache."""
+    """One device's text-body state: a `Sequence` in the KV pool per row, plus a pending mask.
 
-    def __init__(self, runner: PartRunner, session_id: bytes, limits: SessionLimits) -> None:
-        self.runner = runner
+    HIDDEN frames become `Work` that the scheduler runs in batched steps; MASK and RESET are
+    handled here directly.
+    """
+
+    def __init__(self, body: TextBody, session_id: bytes, limits: SessionLimits, pool: KVPool | None) -> None:
+        self.body = body
+        self.pool = pool
         self.session_id = session_id
         self.limits = limits
-        self.per_position = kv_bytes_per_position(runner)
+        self.per_position = kv_bytes_per_position(body.runner)
+        self.rows: list[Sequence] = []
         self._pending_mask: torch.Tensor | None = None
         self.tokens = 0
 
+    @property
+    def seq_len(self) -> int:
+        return self.rows[0].length if self.rows else 0
+
     def new_bytes(self, frame: Frame) -> int:
-        """Memory this frame will add (its KV growth), for the scheduler's free-memory guard."""
-        if frame.type != MsgType.HIDDEN:
+        """Memory this frame will add, for the scheduler's free-memory guard: its KV growth where
+        the pool is host memory that is committed as it is written; nothing for a GPU pool."""
+        pool = self.pool
+        if frame.type != MsgType.HIDDEN or (pool is not None and pool.valid.device.type != "cpu"):
             return 0
         return frame.shape[0] * frame.shape[1] * self.per_position
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.release(self.rows)
+        self.rows = []
+
     def handle(self, frame: Frame) -> Frame | None:
-        """Consume one frame; return the reply frame, if the message has one."""
+        """Consume a frame that runs no batched step; return the reply frame, if it has one."""
         if frame.type == MsgType.RESET:
-            self.runner.reset()
+            self.close()
             self._pending_mask = None
             return None
         if frame.type == MsgType.MASK:
             self._check_rows(frame.shape[0])
             self._pending_mask = frame.tensor()
             return None
-        if frame.type == MsgType.HIDDEN:
-            return self._forward(frame)
+        if frame.type == MsgType.HIDDEN and not self.body.layers:  # an empty body passes states through
+            work = self.prepare(frame)
+            self.rows[0].length += work.remaining
+            return self.finish(work, work.hidden)
         raise WireError(f"unexpected {frame.type.name} frame in an open session")
 
     def _check_rows(self, batch: int) -> None:
@@ -87,28 +148,27 @@ class BodySession:
             raise LimitError(f"{batch} rows in one session exceed the server's --max-batch {self.limits.max_batch}")
 
     def batch_key(self, frame: Frame) -> int | None:
-        """Which shared body this frame's step can be batched on (None: run it alone): a decode
-        step (T = 1) of a started sequence, with no mask columns pending."""
-        if frame.type != MsgType.HIDDEN or frame.shape[1] != 1 or self._pending_mask is not None:
+        """Which shared body this frame's positions run on in batched steps (None: handle() it)."""
+        if frame.type != MsgType.HIDDEN or not self.body.layers:
             return None
-        return id(self.runner.module) if batchable(self.runner) else None
+        return id(self.body)
 
-    def prepare(self, frame: Frame) -> torch.Tensor:
+    def prepare(self, frame: Frame) -> Work:
         """Check a HIDDEN frame against every limit and decode it onto the body's device and dtype."""
         batch, length, _ = frame.shape
         self._check_rows(batch)
         mask = self._pending_mask
         if mask is not None and tuple(mask.shape) != (batch, length):
             raise WireError(f"mask shape {tuple(mask.shape)} does not match hidden states {(batch, length)}")
-        if self.runner.batch is not None and self.runner.batch != batch:
-            raise WireError(f"batch size changed from {self.runner.batch} to {batch} without a RESET")
+        if self.rows and len(self.rows) != batch:
+            raise WireError(f"batch size changed from {len(self.rows)} to {batch} without a RESET")
         limits = self.limits
         if batch * length > limits.max_frame_positions:
             raise LimitError(
                 f"{batch} x {length} positions in one frame exceed the server's --max-frame-positions "
                 f"{limits.max_frame_positions}; send the prompt in chunks"
             )
-        total = self.runner.seq_len + length
+        total = self.seq_len + length
         if total > limits.max_context:
             raise LimitError(f"sequence would reach {total} positions, over the server's --max-context {limits.max_context}")
         if batch * total * self.per_position > limits.max_kv_bytes:
@@ -117,17 +177,22 @@ class BodySession:
                 f"over the server's --max-session-kv {limits.max_kv_bytes >> 20} MiB"
             )
         hidden = frame.tensor()
-        param = next(self.runner.module.parameters(), None)
+        if not torch.isfinite(hidden).all():
+            raise WireError("hidden states contain NaN or infinite values")
+        if mask is not None and not ((mask == 0) | (mask == 1)).all():
+            raise WireError("mask values must be 0 or 1")
+        param = next(self.body.runner.module.parameters(), None)
         if param is not None:
             hidden = hidden.to(device=param.device, dtype=param.dtype)
-        return hidden
+        self._pending_mask = None
+        if not self.rows:
+            self.rows = [Sequence() for _ in range(batch)]
+        new_mask = torch.ones(batch, length, dtype=torch.long) if mask is None else mask.to(torch.long)
+        return Work(self, frame, hidden, new_mask)
 
-    def finish(self, frame: Frame, out: torch.Tensor) -> Frame:
-        """The reply to a HIDDEN frame whose step has run (alone or in a batch)."""
+    def finish(self, work: Work, out: torch.Tensor | None = None) -> Frame:
+        """The reply to a HIDDEN frame whose positions have all run."""
+        frame = work.frame
+        out = out if out is not None else torch.cat(work.outputs, dim=1)
         self.tokens += frame.shape[0] * frame.shape[1]
         return tensor_frame(MsgType.HIDDEN, out, frame.codec, self.session_id, frame.seq)
-
-    def _forward(self, frame: Frame) -> Frame:
-        hidden = self.prepare(frame)
-        mask, self._pending_mask = self._pending_mask, None
-        return self.finish(frame, self.runner(hidden, mask))

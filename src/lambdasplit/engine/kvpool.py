@@ -1,0 +1,130 @@
+"""KVPool: every session's body KV cache in one preallocated store of fixed-size blocks.
+
+The pool is sized once, from free memory, so admission control is a question of free blocks and
+the server never allocates KV memory mid-step. Each row of each session is a `Sequence` that owns
+whole blocks; a block is written only by its owner and zeroed when it is released, so no session
+ever reads or writes another's KV (block 0 is kept zero for the padding of batched gathers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK_SIZE = 16  # positions per block, as in vLLM: small enough that the last block wastes little
+
+
+@dataclass
+class Sequence:
+    """One row of one session: the blocks it owns and how far it has got."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # slots written (padding included)
+    valid: int = 0  # positions not masked out: the next position id
+
+
+class KVPool:
+    """Keys, values and a validity flag for up to `blocks x BLOCK_SIZE` slots, per layer.
+
+    On a GPU every block is allocated up front (`reserve` = blocks). In host memory the tensors
+    start at `reserve` blocks and double as blocks are handed out, so an idle CPU server holds
+    little; the budget, and so admission control, is the same.
+    """
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, blocks: int, dtype: torch.dtype,
+        device: torch.device | str, reserve: int | None = None,
+    ) -> None:
+        if blocks < 2:
+            raise ValueError("a KV pool needs at least two blocks (block 0 is the zero block)")
+        self.blocks = blocks
+        self.layers = layers
+        capacity = min(blocks, reserve or blocks) * BLOCK_SIZE
+        self.keys = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # keys a query may attend to
+        self._free = list(range(blocks - 1, 0, -1))  # pop() hands out low blocks first
+
+    @classmethod
+    def sized(
+        cls, layers: int, kv_heads: int, head_dim: int, budget_bytes: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVPool:
+        per_block = block_bytes(layers, kv_heads, head_dim, dtype)
+        reserve = None if torch.device(device).type == "cuda" else 64
+        return cls(layers, kv_heads, head_dim, max(2, budget_bytes // per_block), dtype, device, reserve)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks allocated now."""
+        return self.valid.shape[0] // BLOCK_SIZE
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.blocks - 1 - len(self._free)
+
+    @staticmethod
+    def blocks_for(length: int) -> int:
+        return -(-length // BLOCK_SIZE)
+
+    def grow(self, rows: list[Sequence], length: int) -> bool:
+        """Give every row blocks for `length` slots, all or none; False when the pool is short."""
+        need = [max(0, self.blocks_for(length) - len(row.blocks)) for row in rows]
+        if sum(need) > len(self._free):
+            return False
+        new = []
+        for row, n in zip(rows, need, strict=True):
+            new += [self._free.pop() for _ in range(n)]
+            row.blocks.extend(new[len(new) - n:])
+        highest = max(new, default=0)
+        if highest >= self.capacity:
+            self._expand(min(self.blocks, max(highest + 1, 2 * self.capacity)))
+        return True
+
+    def _expand(self, blocks: int) -> None:
+        extra = (blocks - self.capacity) * BLOCK_SIZE
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+        self.keys = [grown(t) for t in self.keys]
+        self.values = [grown(t) for t in self.values]
+        self.valid = grown(self.valid)
+
+    def release(self, rows: list[Sequence]) -> None:
+        """Zero and free the rows' blocks (zeroed: masked-out slots still enter the attention sums
+        multiplied by zero, and a NaN left behind would turn the next owner's output into NaN)."""
+        blocks = [b for row in rows for b in row.blocks]
+        for row in rows:
+            row.blocks, row.length, row.valid = [], 0, 0
+        if not blocks:
+            return
+        index = torch.tensor(blocks, device=self.valid.device)
+        for tensor in (*self.keys, *self.values, self.valid):
+            tensor.view(self.capacity, -1).index_fill_(0, index, 0)
+        self._free.extend(blocks)
+
+    def slots(self, rows: list[Sequence], start: int, stop: int) -> torch.Tensor:
+        """Slot indices of positions [start, stop) of each row: (rows, stop - start), on the host."""
+        offsets = torch.arange(start, stop)
+        table = torch.tensor([row.blocks[start // BLOCK_SIZE: self.blocks_for(stop)] for row in rows], dtype=torch.long)
+        local = offsets - (start // BLOCK_SIZE) * BLOCK_SIZE
+        return table[:, local // BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE
+
+    def gather_index(self, rows: list[Sequence], length: int) -> torch.Tensor:
+        """Slots of positions [0, length) of each row, padded with zero-block slots past its end."""
+        width = self.blocks_for(length)
+        table = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            own = row.blocks[:width]
+            table[i, : len(own)] = torch.tensor(own, dtype=torch.long)
+        return (table.unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(rows), -1)[:, :length]
+
+
+def block_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize * BLOCK_SIZE
