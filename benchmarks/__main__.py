@@ -1,4 +1,4 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `report`."""
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `report`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def gpu(
     from benchmarks.gpu import run_gpu
 
     typer.echo(f"wrote {run_gpu(models.split(','), reps, new_tokens)}")
+
+
+@app.command("serve-gpu")
+def serve_gpu(quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False) -> None:
+    """One CUDA GPU: the serving engine against unsplit generate() on random 7B-shaped weights."""
+    from benchmarks.serve_gpu import run_serve_gpu
+
+    run_serve_gpu(quick)
 
 
 @app.command()

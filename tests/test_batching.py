@@ -79,10 +79,10 @@ def test_one_step_of_decodes_and_prefill_chunks_equals_each_session_alone(bodies
 
 
 def test_the_pool_keeps_sessions_apart_and_zeroes_released_blocks():
-    pool = KVPool(layers=1, kv_heads=1, head_dim=2, blocks=4, dtype=torch.float32, device="cpu", reserve=2)
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, blocks=5, dtype=torch.float32, device="cpu", reserve=2)
     a, b = Sequence(), Sequence()
     assert pool.grow([a], BLOCK_SIZE + 1) and pool.capacity == 4  # doubled from 2 blocks on demand
-    assert not pool.grow([b], 2 * BLOCK_SIZE)  # only one block left: all or nothing
+    assert not pool.grow([b], 2 * BLOCK_SIZE)  # only one usable block left: all or nothing
     assert b.blocks == [] and pool.grow([b], BLOCK_SIZE)
     assert set(a.blocks).isdisjoint(b.blocks) and 0 not in a.blocks + b.blocks  # block 0 is the zero block
     pool.keys[0][pool.slots([a], 0, BLOCK_SIZE + 1).view(-1)] = float("nan")
@@ -185,8 +185,8 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
                             torch.float32)
     device = SplitDevice.load(llama, (2, 2))
     reference = LocalBody(BodyScheduler(bodies), Codec.FP32)
-    with ThreadServer(bodies, SchedulerLimits(kv_pool_bytes=6 * per_block, kv_wait=0.5)) as server:
-        assert server.scheduler.pool.blocks - 1 == 5
+    with ThreadServer(bodies, SchedulerLimits(kv_pool_bytes=7 * per_block, kv_wait=0.5)) as server:
+        assert server.scheduler.pool.usable_blocks == 5
         hog, hog_id = raw_session(server, device)
         hog.send(hidden_frame(hog_id, 1, 1, 40).to_bytes())  # 3 of the 5 blocks
         torch.testing.assert_close(_reply(hog, 1), reference.forward(hidden_frame(hog_id, 1, 1, 40).tensor()))

@@ -387,6 +387,22 @@ def serve(
     max_session_kv: Annotated[int, typer.Option(
         "--max-session-kv", min=1, help="MiB of body KV cache one session may hold."
     )] = defaults.MAX_SESSION_KV_MIB,
+    step_tokens: Annotated[int | None, typer.Option(
+        "--step-tokens", min=1,
+        help="Positions one batched body step runs: every session's decode step, then prefill chunks up to this "
+             "budget (default 256 on a GPU, 64 on the CPU).",
+    )] = None,
+    kv_pool: Annotated[int | None, typer.Option(
+        "--kv-pool", min=1,
+        help="MiB of the KV pool every session's body cache lives in (default: what --max-sessions sessions at "
+             "--max-session-kv need, capped at 90% of free GPU memory or half the free host memory).",
+    )] = None,
+    cuda_graphs: Annotated[bool, typer.Option(
+        "--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay captured batched decode steps (CUDA graphs)."
+    )] = True,
+    kv_wait: Annotated[float, typer.Option(
+        "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
+    )] = defaults.KV_WAIT_SECONDS,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
@@ -413,7 +429,8 @@ def serve(
         )
     _check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
     limits = SchedulerLimits(
-        max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20
+        max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20,
+        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait,
     )
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler
@@ -427,7 +444,8 @@ def serve(
         k_min, k_max, m = parse_split_range(split) if split else (None, None, None)
         parts = (k_min, m) if split else None
         scheduler = load_scheduler(
-            str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None
+            str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None,
+            cuda_graphs,
         )
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
     server = BodyServer(scheduler, config)

@@ -58,7 +58,7 @@ class BodyServer:
         scheduler.on_step = self.metrics.observe_forward
         scheduler.on_refusal = self.metrics.observe_refusal
         if scheduler.pool is not None:
-            self.metrics.kv_blocks.set(scheduler.pool.blocks - 1)
+            self.metrics.kv_blocks.set(scheduler.pool.usable_blocks)
         self.limits: Limits = scheduler.manifest.frame_limits(config.max_frame_bytes, scheduler.limits.max_context)
         self.port: int | None = None
 

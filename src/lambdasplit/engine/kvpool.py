@@ -3,7 +3,9 @@
 The pool is sized once, from free memory, so admission control is a question of free blocks and
 the server never allocates KV memory mid-step. Each row of each session is a `Sequence` that owns
 whole blocks; a block is written only by its owner and zeroed when it is released, so no session
-ever reads or writes another's KV (block 0 is kept zero for the padding of batched gathers).
+ever reads or writes another's KV. Block 0 is kept zero for the padding of batched gathers, and the
+last block is scratch that the padding rows of a CUDA-graph step write to (graphs run on a GPU,
+where the whole pool is allocated up front).
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ class KVPool:
         self, layers: int, kv_heads: int, head_dim: int, blocks: int, dtype: torch.dtype,
         device: torch.device | str, reserve: int | None = None,
     ) -> None:
-        if blocks < 2:
-            raise ValueError("a KV pool needs at least two blocks (block 0 is the zero block)")
+        if blocks < 3:
+            raise ValueError("a KV pool needs at least three blocks (the zero block, the scratch block, one to use)")
         self.blocks = blocks
         self.layers = layers
         capacity = min(blocks, reserve or blocks) * BLOCK_SIZE
         self.keys = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # keys a query may attend to
-        self._free = list(range(blocks - 1, 0, -1))  # pop() hands out low blocks first
+        self.scratch_slot = (blocks - 1) * BLOCK_SIZE
+        self._free = list(range(blocks - 2, 0, -1))  # pop() hands out low blocks first
 
     @classmethod
     def sized(
@@ -52,7 +55,7 @@ class KVPool:
     ) -> KVPool:
         per_block = block_bytes(layers, kv_heads, head_dim, dtype)
         reserve = None if torch.device(device).type == "cuda" else 64
-        return cls(layers, kv_heads, head_dim, max(2, budget_bytes // per_block), dtype, device, reserve)
+        return cls(layers, kv_heads, head_dim, max(3, budget_bytes // per_block), dtype, device, reserve)
 
     @property
     def capacity(self) -> int:
@@ -64,8 +67,13 @@ class KVPool:
         return len(self._free)
 
     @property
+    def usable_blocks(self) -> int:
+        """Blocks sessions can hold (all but the zero and scratch blocks)."""
+        return self.blocks - 2
+
+    @property
     def used_blocks(self) -> int:
-        return self.blocks - 1 - len(self._free)
+        return self.usable_blocks - len(self._free)
 
     @staticmethod
     def blocks_for(length: int) -> int:

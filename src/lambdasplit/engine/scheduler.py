@@ -309,6 +309,8 @@ class BodyScheduler:
         start = time.perf_counter()
         try:
             outs = body.step(pool, [w.chunk(take) for w, take in chosen])
+            if pool.valid.device.type == "cuda":
+                torch.cuda.synchronize(pool.valid.device)  # time the GPU work, not only its launch
         except Exception as exc:  # noqa: BLE001 - as in _handle: the step failed, close its sessions
             self._failed([w.session.session_id for w, _ in chosen], exc)
             return True
@@ -322,7 +324,7 @@ class BodyScheduler:
         if self.on_step is not None:
             rows = sum(len(w.rows) for w, _ in chosen)
             positions = sum(len(w.rows) * take for w, take in chosen)
-            self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.blocks - 1))
+            self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.usable_blocks))
         return True
 
     def _wait_for_kv(self, work: Work, now: float) -> None:
@@ -336,7 +338,7 @@ class BodyScheduler:
         self._refused("kv")
         work.future.set_exception(CapacityError(
             f"the server's KV pool has had no room for this frame for {self.limits.kv_wait:.0f} s "
-            f"({self.pool.free_blocks} of {self.pool.blocks - 1} blocks free); retry later",
+            f"({self.pool.free_blocks} of {self.pool.usable_blocks} blocks free); retry later",
             retry_after=defaults.CAPACITY_RETRY_AFTER,
         ))
 
@@ -378,7 +380,7 @@ class BodyScheduler:
             raise self._failed([session_id], exc) from None
         seconds = time.perf_counter() - start
         if self.on_step is not None and frame.type in (MsgType.HIDDEN, MsgType.TENSOR):
-            kv = (self.pool.used_blocks, self.pool.blocks - 1) if self.pool else (0, 0)
+            kv = (self.pool.used_blocks, self.pool.usable_blocks) if self.pool else (0, 0)
             self.on_step(StepStats(1, frame.shape[0], frame.shape[0], seconds, (), *kv))
         self.tokens_served += session.tokens - before
         return reply, seconds
@@ -406,7 +408,7 @@ def _make_pool(bodies: list[Body], limits: SchedulerLimits) -> KVPool | None:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     pool = KVPool.sized(widest.layers, heads, head_dim, pool_budget(limits, probe), probe.dtype, probe.device)
-    log.info("KV pool: %d blocks of %d positions (%d MiB)", pool.blocks - 1, BLOCK_SIZE,
+    log.info("KV pool: %d blocks of %d positions (%d MiB)", pool.usable_blocks, BLOCK_SIZE,
              pool.blocks * block_bytes(widest.layers, heads, head_dim, probe.dtype) >> 20)
     return pool
 
@@ -432,6 +434,7 @@ def load_scheduler(
     limits: SchedulerLimits = SchedulerLimits(),
     allow_shallow: bool = False,
     k_max: int | None = None,
+    cuda_graphs: bool = True,
 ) -> BodyScheduler:
     """The body of `source` (a model or an exported cloud part), ready to serve sessions.
 
@@ -446,6 +449,6 @@ def load_scheduler(
     torch_dtype = resolve_dtype(dtype, opened)
     runner = body_runner(opened, torch_dtype, device)
     variants = body_variants(opened, runner, k_max, torch_dtype, device) if k_max else []
-    bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype))]
-    bodies += [TextBody(r, m) for r, m in variants]
+    bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype), cuda_graphs)]
+    bodies += [TextBody(r, m, cuda_graphs) for r, m in variants]
     return BodyScheduler(bodies, limits)

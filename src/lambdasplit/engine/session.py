@@ -7,11 +7,13 @@ bytes) is checked before any compute or allocation.
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from lambdasplit.engine.graphs import DecodeGraphs
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.step import ATTENTION, Chunk, run_step
 from lambdasplit.errors import LimitError, WireError
@@ -45,10 +47,12 @@ class TextBody:
 
     runner: PartRunner
     manifest: PartManifest
+    cuda_graphs: bool = True  # replay captured decode steps on a GPU (engine.graphs)
 
     def __post_init__(self) -> None:
         if self.layers:
             self.runner.module.config._attn_implementation = ATTENTION
+        self._graphs: weakref.WeakKeyDictionary[KVPool, DecodeGraphs] = weakref.WeakKeyDictionary()
 
     @property
     def layers(self) -> int:
@@ -62,6 +66,10 @@ class TextBody:
 
     def step(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Run one batched forward over pieces of this body's sessions, whose KV is in `pool`."""
+        if self.cuda_graphs:
+            graphs = self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool))
+            if graphs.fits(chunks) and (out := graphs.run(chunks)) is not None:
+                return out
         return run_step(self.runner.module, pool, chunks)
 
 

@@ -1,0 +1,276 @@
+"""The serving engine on one GPU: unsplit baselines, the body's batched step, the load generator and
+bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16 weights).
+
+    PYTHONPATH=src:. python3 -m benchmarks serve-gpu [--quick]
+
+1. Unsplit `generate()` (eager, greedy): a batch of 64 prompts (aggregate tok/s) and batch 1 (ms/token).
+2. The body's batched step in process (`TextBody.step` over the KV pool): median step time for
+   1..256 decode rows, and a torch-profiler table of one 64-row step (where the time goes).
+3. A `lambdasplit serve` child on the same card and the load generator (`benchmarks.serve`) against
+   it: 1, 8, 64 and 256 concurrent sessions, then an open-loop arrival rate; the server's own step
+   count and forward seconds per run from /metrics.
+4. End to end, one session: the device parts on the same GPU, the body over loopback, against
+   unsplit batch-1 `generate()`, alternated.
+5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
+   greedy tokens differ, and the largest difference of the body's hidden states and the logits.
+
+Results to benchmarks/results/serve-gpu.json (written after every part) and serve-gpu.png.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import threading
+import time
+import urllib.request
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import alternate, environment, summarize, write
+from benchmarks.decode import split_run, unsplit_run
+from benchmarks.gpu import SHAPES, build_random
+from benchmarks.serve import Load, closed_loop, open_loop, plot
+
+NAME = "serve-gpu"
+DEVICE = "cuda"  # a CPU smoke run of the parts sets "cpu"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _generate_tok_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+    _sync()
+    return ids.shape[0] * new_tokens / (time.perf_counter() - start)
+
+
+def unsplit_baselines(model, vocab: int, prompt: int, steps: int, batch: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, prompt), generator=gen).cuda()
+    _generate_tok_s(model, ids[:, :8], 4)  # warm-up
+    runs = [_generate_tok_s(model, ids, steps) for _ in range(3)]
+    one = alternate({"unsplit": unsplit_run(model, ids[:1], steps)}, 3)["unsplit"]
+    return {
+        f"eager_generate_batch{batch}_tok_s": statistics.median(runs),
+        f"eager_generate_batch{batch}_runs": runs,
+        "eager_generate_batch1": summarize(one),
+    }
+
+
+def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
+    """Per row count: median decode-step time eager and through CUDA graphs, in process, on two
+    copies of the same sessions fed the same states (so the outputs can be compared too), and a
+    profile of one eager 64-row step."""
+    from lambdasplit.engine.kvpool import Sequence
+    from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+    from lambdasplit.engine.step import Chunk, run_step
+
+    scheduler = load_scheduler(str(path), (1, 1), "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=24 << 30))
+    body, pool = scheduler.bodies[0], scheduler.pool
+    hidden = body.runner.config.hidden_size
+    modes = {"eager": lambda chunks: run_step(body.runner.module, pool, chunks), "graphs": lambda chunks: body.step(pool, chunks)}
+    out: dict = {"context": context, "steps": []}
+    for rows in rows_list:
+        seqs = {mode: [Sequence() for _ in range(rows)] for mode in modes}
+        for i in range(0, rows, 64):  # prefill in groups so no single step is huge
+            prompt = torch.randn(min(64, rows - i), context, hidden, device=DEVICE, dtype=torch.bfloat16)
+            for mode in modes:
+                part = seqs[mode][i:i + 64]
+                assert pool.grow(part, context)
+                run_step(body.runner.module, pool, [Chunk(part, prompt, torch.ones(len(part), context, dtype=torch.long))])
+        one = torch.ones(rows, 1, dtype=torch.long)
+        times: dict = {mode: [] for mode in modes}
+        last: dict = {}
+        for _ in range(12):
+            step = torch.randn(rows, 1, hidden, device=DEVICE, dtype=torch.bfloat16)
+            for mode, fn in modes.items():
+                assert pool.grow(seqs[mode], seqs[mode][0].length + 1)
+                _sync()
+                start = time.perf_counter()
+                last[mode] = fn([Chunk(seqs[mode], step, one)])[0]
+                _sync()
+                times[mode].append(time.perf_counter() - start)
+        if rows == 64:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
+                assert pool.grow(seqs["eager"], seqs["eager"][0].length + 1)
+                run_step(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])
+                _sync()
+            key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+            out["profile_64_rows_eager"] = prof.key_averages().table(sort_by=key, row_limit=14)
+            out["profile_64_rows_eager_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        row = {"rows": rows, "graphs_vs_eager_max_abs_diff": (last["eager"] - last["graphs"]).abs().max().item()}
+        for mode in modes:
+            median = statistics.median(times[mode][2:])
+            row[f"{mode}_step_ms"] = median * 1000
+            row[f"{mode}_tok_s"] = rows / median
+        out["steps"].append(row)
+        print(f"[body step] {row}", flush=True)
+        pool.release([r for mode in modes for r in seqs[mode]])
+    scheduler.shutdown()
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _metrics(url: str) -> dict[str, float]:
+    base = url.replace("ws://", "http://")
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float) -> dict:
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.split.load import open_source
+
+    manifest = open_source(str(path), (1, 1)).manifest("device", torch.bfloat16).as_dict()
+    args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--max-sessions",
+            str(max(levels) + 64), "--max-context", "4096", "--kv-pool", str(32 << 10), "--min-free-memory", "0"]
+    out: dict = {"closed_loop": [], "open_loop": None}
+    with ServerProcess(*args, timeout=600) as server:
+        base = Load(server.url, manifest, None, prompt, steps, [])
+        closed_loop(base, 2, 2, 99)  # warm-up
+        for n in levels:
+            before = _metrics(server.url)
+            row = closed_loop(base, n, min(8, n), 0)
+            after = _metrics(server.url)
+            forwards = after["lambdasplit_forward_seconds_count"] - before["lambdasplit_forward_seconds_count"]
+            row["server_forwards"] = forwards
+            row["server_forward_ms_mean"] = 1000 * (after["lambdasplit_forward_seconds_sum"]
+                                                    - before["lambdasplit_forward_seconds_sum"]) / max(forwards, 1)
+            row["server_sessions_per_forward"] = (after["lambdasplit_step_sessions_sum"]
+                                                  - before["lambdasplit_step_sessions_sum"]) / max(forwards, 1)
+            out["closed_loop"].append(row)
+            print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
+                  f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "
+                  f"{row['server_sessions_per_forward']:.1f} sessions/forward, errors {row['errors']}", flush=True)
+        if rate:
+            out["open_loop"] = open_loop(base, rate, duration, 8, 0)
+            print(f"[serve] open loop {rate}/s: {out['open_loop']['aggregate_decode_tok_s']} tok/s, "
+                  f"ITL {out['open_loop']['itl_ms']}", flush=True)
+    return out
+
+
+class _Recorder:
+    """Wraps a tail runner: keeps the body's hidden states it is fed and its last-position logits."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.hidden, self.logits = runner, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, hidden, *args, **kwargs):
+        out = self.runner(hidden, *args, **kwargs)
+        self.hidden.append(hidden[:, -1].float().cpu())
+        self.logits.append(out[:, -1].float().cpu())
+        return out
+
+
+def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
+    """Greedy tokens and states of `devices` sessions run together against each run alone."""
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.device.connect import BodyConfig, connect_body
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingConfig
+    from lambdasplit.wire.codec import Codec
+
+    device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, device.config.vocab_size, (1, prompt + 3 * i), generator=gen) for i in range(devices)]
+    args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--kv-pool", "8192"]
+    with ServerProcess(*args, timeout=600) as server:
+        def run(i: int, results: dict) -> None:
+            mine = device.fork()
+            mine.tail = _Recorder(mine.tail)
+            body = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
+            ids = mine.generate_ids(body, prompts[i], None, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+            body.close()
+            results[i] = (ids.token_ids[0], torch.stack(mine.tail.hidden), torch.stack(mine.tail.logits))
+
+        alone: dict = {}
+        for i in range(devices):
+            run(i, alone)
+        together: dict = {}
+        threads = [threading.Thread(target=run, args=(i, together)) for i in range(devices)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    differ, hidden_diff, logit_diff, first = 0, 0.0, 0.0, []
+    for i in range(devices):
+        a, b = alone[i], together[i]
+        if a[0] != b[0]:
+            differ += 1
+            first.append(next(j for j, (x, y) in enumerate(zip(a[0], b[0], strict=True)) if x != y))
+        same = next((j for j, (x, y) in enumerate(zip(a[0], b[0], strict=True)) if x != y), len(a[0]))
+        # compare states only up to the first differing token: after it the sequences differ
+        hidden_diff = max(hidden_diff, (a[1][:same + 1] - b[1][:same + 1]).abs().max().item())
+        logit_diff = max(logit_diff, (a[2][:same + 1] - b[2][:same + 1]).abs().max().item())
+    out = {"devices": devices, "new_tokens": new_tokens, "sessions_with_different_tokens": differ,
+           "first_difference_at": first, "max_hidden_abs_diff": hidden_diff, "max_logit_abs_diff": logit_diff}
+    print(f"[bf16] {out}", flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_serve_gpu(quick: bool = False) -> dict:
+    logging.getLogger("lambdasplit").setLevel(logging.ERROR)
+    assert torch.cuda.is_available(), "the GPU serving suite needs a CUDA device"
+    steps, prompt = (16, 32) if quick else (64, 32)
+    levels = (1, 8) if quick else (1, 8, 64, 256)
+    path = build_random("llama2-7b")
+    payload: dict = {"suite": NAME, "environment": environment("cuda"), "model": "llama2-7b (random bf16)",
+                     "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16"}
+    unsplit = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to("cuda").eval()
+    payload["unsplit"] = unsplit_baselines(unsplit, SHAPES["llama2-7b"]["vocab_size"], prompt, steps, 64)
+    print(f"[unsplit] {payload['unsplit']}", flush=True)
+    write(NAME, payload)
+    payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 8, 64, 256), prompt + steps // 2)
+    write(NAME, payload)
+    payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0))
+    write(NAME, payload)
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.device.connect import BodyConfig, connect_body
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.wire.codec import Codec
+
+    with ServerProcess("--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16",
+                       "--kv-pool", "4096", timeout=600) as server:
+        device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
+        remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
+        ids = torch.randint(3, SHAPES["llama2-7b"]["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(3))
+        runs = alternate({"unsplit_generate": unsplit_run(unsplit, ids, steps),
+                          "split_gpu_loopback_bf16": split_run(device, remote, ids, steps)}, 3)
+        e2e = {n: summarize(r) for n, r in runs.items()}
+        e2e["latency_ratio_vs_unsplit"] = (e2e["split_gpu_loopback_bf16"]["per_token_ms"]["total"]
+                                           / e2e["unsplit_generate"]["per_token_ms"]["total"])
+        payload["end_to_end_batch1"] = e2e
+        print(f"[e2e] ratio {e2e['latency_ratio_vs_unsplit']:.3f}", flush=True)
+        remote.close()
+        del device
+    write(NAME, payload)
+    del unsplit
+    gc.collect()
+    torch.cuda.empty_cache()
+    payload["bf16_batched_vs_alone"] = divergence(path, 4 if quick else 16, prompt, 16 if quick else 32)
+    path_out = write(NAME, payload)
+    plot({**payload, "prompt_tokens": prompt, "decode_steps": steps}, path_out.with_suffix(".png"))
+    return payload
