@@ -26,3 +26,19 @@ def test_serve_load_generator_smoke(tmp_path, smollm2_dir, monkeypatch):
     assert row["aggregate_decode_tok_s"] > 0 and row["per_session_decode_tok_s_median"] > 0
     for key in ("ttft_ms", "itl_ms", "connect_ms"):
         assert 0 < row[key]["p50"] <= row[key]["p99"]
+
+
+def test_the_report_renders_the_serving_results_with_their_targets():
+    """`benchmarks report` turns the committed serve-gpu / serve-cpu-paged results into tables whose
+    target verdicts follow from the numbers in the JSON."""
+    from benchmarks.report import _load, serve_cpu_section, serve_gpu_section
+
+    gpu = _load("serve-gpu")
+    text = serve_gpu_section(gpu)
+    ratio = next(r for r in gpu["closed_loop"] if r["sessions"] == 64)["aggregate_decode_tok_s"] / gpu["unsplit"][
+        "eager_generate_batch64_tok_s"]
+    assert f"| {ratio:.2f}x | {'yes' if ratio >= 0.75 else 'no'} |" in text
+    assert text.count("\n| 1 |") == 2  # one row in the body-step table, one in the load-generator table
+    cpu = _load("serve-cpu-paged")
+    by = {r["sessions"]: r["aggregate_decode_tok_s"] for r in cpu["closed_loop"]}
+    assert f"**{by[8] / by[1]:.2f}x**" in serve_cpu_section(cpu, "serve-cpu-paged")

@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lambdasplit.device.body import BodyClient, LocalBody, load_local_body  # noqa: E402
+from lambdasplit.device.model import SplitModelForCausalLM  # noqa: E402
 from lambdasplit.device.runtime import GenerationResult, SplitDevice  # noqa: E402
 from lambdasplit.device.sampling import SamplingConfig  # noqa: E402
 from lambdasplit.split.spec import SplitSpec  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "LocalBody",
     "SamplingConfig",
     "SplitDevice",
+    "SplitModelForCausalLM",
     "SplitSpec",
     "load_local_body",
 ]

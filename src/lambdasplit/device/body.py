@@ -13,6 +13,7 @@ import torch
 from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
+from lambdasplit.wire.protocol import control_frame
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,18 @@ class BodyClient(ABC):
     def _reset(self) -> None:
         """Tell the body to drop its KV cache."""
 
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` positions of the body's KV cache (speculative decoding drops
+        the positions the tail rejected)."""
+        if not 0 <= length <= self._positions:
+            raise ValueError(f"cannot crop {self._positions} positions to {length}")
+        if length < self._positions:
+            self._positions = length
+            self._crop(length)
+
+    def _crop(self, length: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot crop the body's cache")
+
     def start_capture(self) -> None:
         log.warning("capturing every frame exchanged with the body (for audit)")
         self.captured = []
@@ -155,6 +168,10 @@ class LocalBody(BodyClient):
     def _reset(self) -> None:
         if self._session is not None:
             self.scheduler.submit(self._session, Frame(MsgType.RESET)).result()
+
+    def _crop(self, length: int) -> None:
+        if self._session is not None:
+            self.scheduler.submit(self._session, control_frame(MsgType.CROP, {"length": length}, self._session)).result()
 
     def close(self) -> None:
         if self._session is not None:

@@ -178,6 +178,16 @@ class RemoteBody(BodyClient):
             except _RETRYABLE:
                 self._drop()  # a fresh session starts empty anyway
 
+    def _crop(self, length: int) -> None:
+        # Kept for replay: a fresh session rebuilds the drafted positions, then crops them again.
+        frame = control_frame(MsgType.CROP, {"length": length})
+        self._history.append(frame)
+        if self._ws is not None:
+            try:
+                self._send(self._stamp(frame))
+            except _RETRYABLE:
+                self._drop()  # the next exchange reconnects and replays, CROP included
+
     def close(self) -> None:
         if self._ws is not None:
             try:

@@ -116,6 +116,21 @@ class KVPool:
             tensor.view(self.capacity, -1).index_fill_(0, index, 0)
         self._free.extend(blocks)
 
+    def truncate(self, rows: list[Sequence], length: int) -> None:
+        """Keep the first `length` positions of each row (rows of one session, all as long): the
+        dropped slots are zeroed, whole blocks past the end go back to the pool."""
+        if not rows or length >= rows[0].length:
+            return
+        device = self.valid.device
+        stale = self.slots(rows, length, rows[0].length).view(-1).to(device)
+        for tensor in (*self.keys, *self.values, self.valid):
+            tensor.index_fill_(0, stale, 0)
+        kept = self.valid[self.slots(rows, 0, length).to(device)].sum(-1).tolist() if length else [0] * len(rows)
+        keep = self.blocks_for(length)
+        for row, valid in zip(rows, kept, strict=True):
+            self._free.extend(row.blocks[keep:])
+            row.blocks, row.length, row.valid = row.blocks[:keep], length, int(valid)
+
     def slots(self, rows: list[Sequence], start: int, stop: int) -> torch.Tensor:
         """Slot indices of positions [start, stop) of each row: (rows, stop - start), on the host."""
         offsets = torch.arange(start, stop)

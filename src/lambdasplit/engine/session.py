@@ -20,6 +20,7 @@ from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
+from lambdasplit.wire.protocol import read_control
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,24 @@ class BodySession:
             self._check_rows(frame.shape[0])
             self._pending_mask = frame.tensor()
             return None
+        if frame.type == MsgType.CROP:
+            self._crop(read_control(frame, MsgType.CROP).get("length"))
+            return None
         if frame.type == MsgType.HIDDEN and not self.body.layers:  # an empty body passes states through
             work = self.prepare(frame)
             self.rows[0].length += work.remaining
             return self.finish(work, work.hidden)
         raise WireError(f"unexpected {frame.type.name} frame in an open session")
+
+    def _crop(self, length: object) -> None:
+        """Drop the positions after `length` (a device's rejected speculative positions)."""
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.seq_len:
+            raise WireError(f"CROP length must be an integer from 0 to the sequence's {self.seq_len} positions, got {length!r}")
+        if self.pool is not None:
+            self.pool.truncate(self.rows, length)
+        else:
+            for row in self.rows:
+                row.length = row.valid = length
 
     def _check_rows(self, batch: int) -> None:
         if batch > self.limits.max_batch:

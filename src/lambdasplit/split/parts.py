@@ -133,6 +133,17 @@ class PartRunner:
         self.cache = DynamicCache(config=self.config) if self.layers else None
         self.mask: torch.Tensor | None = None
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (cache and mask history)."""
+        if length >= self.seq_len:
+            return
+        if length == 0:
+            self.reset()
+            return
+        if self.cache is not None:
+            self.cache.crop(length - self.seq_len)  # negative: positions to remove, in every transformers 5.x
+        self.mask = self.mask[:, :length]
+
     @property
     def seq_len(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]

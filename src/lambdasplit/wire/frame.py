@@ -37,6 +37,7 @@ class MsgType(IntEnum):
     ERROR = 6  # JSON {"code", "message"}
     CLOSE = 7
     TENSOR = 8  # a named tensor of a diffusion step (rank 1-4); the header's slot byte names it
+    CROP = 9  # device -> cloud: JSON {"length": n}: keep only the first n positions of the body's KV
 
 
 class DType(IntEnum):

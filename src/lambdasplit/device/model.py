@@ -1,0 +1,136 @@
+"""SplitModelForCausalLM: the split model as a transformers model, so `generate()` drives it.
+
+Its forward runs head -> body client -> tail and returns `CausalLMOutputWithPast`; its `SplitCache`
+holds the head's and tail's KV here and stands for the body's KV on the server (its length). So
+every `generate()` feature (greedy, seeded sampling, repetition penalty, top-k/p, stop strings,
+streamers, left-padded batches) and `pipeline("text-generation")` work unchanged, and give the
+unsplit model's tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lambdasplit.device.body import BodyClient, load_local_body
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.split.parts import PartRunner
+
+# transformers renamed `past_key_values` to `cache` in 5.2x (generate's kwarg and the output field).
+CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+
+
+class SplitCache(Cache):
+    """The head's and tail's KV caches (local runners) and, through the body client's session, the
+    body's KV on the server; a new one starts a new sequence on all three."""
+
+    def __init__(self, head: PartRunner, tail: PartRunner, body: BodyClient) -> None:
+        super().__init__(layers=[])
+        self.head = PartRunner(head.module, "head", head.config)
+        self.tail = PartRunner(tail.module, "tail", tail.config)
+        self.body = body
+        body.reset()
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.head.seq_len
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        """Drop positions on head, tail and body: `crop(-k)` drops the last k (transformers'
+        assisted decoding, after the tail rejects draft tokens); a positive value is the length
+        to keep."""
+        length = self.get_seq_length() + max_length if max_length <= 0 else max_length
+        self.head.crop(length)
+        self.tail.crop(length)
+        self.body.crop(length)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """Head and tail on this machine, the body behind a `BodyClient` (in process or a server)."""
+
+    base_model_prefix = "split"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+
+    def __init__(self, device: SplitDevice, body: BodyClient) -> None:
+        super().__init__(device.config)
+        self.split_device = device
+        self.body = body
+        # Registered so that .device, .dtype and .to() see the device's weights.
+        self.head_module: nn.Module = device.head.module
+        self.tail_module: nn.Module = device.tail.module
+        path = device.opened.checkpoint.path
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            self.generation_config = GenerationConfig.from_model_config(device.config)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        source: str | os.PathLike[str] | None = None,
+        split: tuple[int, int] | None = None,
+        body: BodyClient | str | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+        **body_options: Any,
+    ) -> SplitModelForCausalLM:
+        """Load head and tail from `source`; `body` is a `BodyClient`, a server URL (`ws://`,
+        `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process."""
+        split_device = SplitDevice.load(source, split, dtype, device)
+        if isinstance(body, str):
+            from lambdasplit.device.connect import BodyConfig, connect_body
+
+            body = connect_body(BodyConfig(server=body, **body_options), split_device.manifest)
+        elif body is None:
+            body = load_local_body(None if source is None else str(source), split, dtype, device)
+        return cls(split_device, body).eval()
+
+    def new_cache(self) -> SplitCache:
+        return SplitCache(self.split_device.head, self.split_device.tail, self.body)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """Every generate() call starts a new sequence on head, body and tail (unless given a cache)."""
+        if model_kwargs.get(CACHE) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE] = self.new_cache()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SplitCache | None = None,
+        past_key_values: SplitCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Extend the sequence by input_ids' T positions. The runners derive position ids from the
+        mask columns exactly as the unsplit model does, so `position_ids` is not needed."""
+        state = cache if cache is not None else past_key_values
+        if state is None:
+            state = self.new_cache()
+        length = input_ids.shape[1]
+        columns = attention_mask[:, -length:] if attention_mask is not None else None
+        mask = columns if columns is not None and not bool(columns.all()) else None
+        hidden = state.head(input_ids, mask)
+        hidden = state.body.forward(hidden, mask)
+        # The runners work under inference_mode; a plain copy lets logits processors edit it in place.
+        logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep).clone()
+        return CausalLMOutputWithPast(logits=logits, **{CACHE: state})

@@ -1,0 +1,112 @@
+"""SplitModelForCausalLM (issue 13): transformers' own generate() and pipeline() drive the split
+model and give the unsplit model's tokens, with the body in process and behind a real server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer, pipeline
+
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.wire.codec import Codec
+from tests.conftest import oracle
+from tests.test_server_hardening import TOKEN, ThreadServer
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def split(llama):
+    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
+    model = SplitModelForCausalLM(SplitDevice.load(llama, (2, 2)), body).eval()
+    yield model
+    body.scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(split):
+    tok = split.split_device.tokenizer
+    tok.padding_side = "left"
+    return tok
+
+
+def _both(split, llama, inputs, seed=None, **kwargs):
+    outs = []
+    for model in (split, oracle(llama)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(model.generate(**inputs, **kwargs))
+    return outs
+
+
+def test_greedy_generate_equals_the_unsplit_model_and_the_cache_mirrors_the_length(split, llama, tokenizer):
+    inputs = tokenizer(["The capital of France is"], return_tensors="pt")
+    got, want = _both(split, llama, inputs, max_new_tokens=12, do_sample=False)
+    assert got.tolist() == want.tolist()
+    out = split(**inputs)
+    assert isinstance(out.cache if hasattr(out, "cache") else out.past_key_values, SplitCache)
+    assert torch.allclose(out.logits, oracle(llama)(**inputs).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
+    dict(do_sample=True, repetition_penalty=1.3, top_k=0),
+    dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
+])
+def test_sampling_and_logits_processors_equal_the_unsplit_model_with_the_same_seed(split, llama, tokenizer, options):
+    inputs = tokenizer(["Once upon a time"], return_tensors="pt")
+    got, want = _both(split, llama, inputs, seed=7, max_new_tokens=16, **options)
+    assert got.tolist() == want.tolist()
+
+
+def test_a_left_padded_batch_equals_the_unsplit_batch(split, llama, tokenizer):
+    inputs = tokenizer(["Hi", "The quick brown fox jumps over"], return_tensors="pt", padding=True)
+    assert inputs["attention_mask"][0, 0] == 0  # really padded
+    got, want = _both(split, llama, inputs, max_new_tokens=10, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+def test_stop_strings_and_a_streamer_match_the_unsplit_model(split, llama, tokenizer):
+    inputs = tokenizer(["Count: one, two,"], return_tensors="pt")
+    got, want = _both(split, llama, inputs, max_new_tokens=20, do_sample=False, stop_strings=[","], tokenizer=tokenizer)
+    assert got.tolist() == want.tolist()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=split.generate, kwargs=dict(**inputs, max_new_tokens=12, do_sample=False, streamer=streamer))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    reference = oracle(llama).generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert text == tokenizer.decode(reference[0, inputs["input_ids"].shape[1]:])
+
+
+def test_the_text_generation_pipeline_runs_the_split_model(split, llama, tokenizer):
+    args = dict(max_new_tokens=10, do_sample=False)
+    got = pipeline("text-generation", model=split, tokenizer=tokenizer)("Hello there", **args)
+    want = pipeline("text-generation", model=oracle(llama), tokenizer=tokenizer)("Hello there", **args)
+    assert got == want
+
+
+def test_generate_through_a_real_server_equals_the_unsplit_model(llama, tokenizer):
+    load = load_local_body(str(llama), (2, 2))
+    server = ThreadServer(load.scheduler.bodies)
+    try:
+        device = SplitDevice.load(llama, (2, 2))
+        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+        model = SplitModelForCausalLM(device, body)
+        inputs = tokenizer(["The capital of France is", "Paris"], return_tensors="pt", padding=True)
+        got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        body.close()
+        want = oracle(llama).generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert got.tolist() == want.tolist()
+    finally:
+        server.close()
+        load.scheduler.shutdown()

@@ -1,0 +1,111 @@
+"""Speculative decoding across the network (issue 13): the device drafts, the body verifies all
+draft positions in one frame, rejected positions are cropped on both sides (the CROP message)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.model import SplitModelForCausalLM
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import MsgType, parse_frame
+from lambdasplit.wire.protocol import control_frame
+from tests.conftest import oracle
+from tests.test_server_hardening import TOKEN, ThreadServer, expect_error, hidden_frame, raw_session
+
+REUSE = "Repeat exactly: the cat sat on the mat and the dog sat on the log. Repeat exactly: the cat sat on the mat and"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def local(llama):
+    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
+    yield body
+    body.scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    server = ThreadServer(local.scheduler.bodies)
+    yield server
+    server.close()
+
+
+def _logits(model, ids, chunks):
+    """Feed `ids` in the given chunk lengths through a fresh cache; the logits of every position."""
+    cache, outs, start = model.new_cache(), [], 0
+    for n in chunks:
+        outs.append(model(ids[:, start:start + n], cache=cache).logits)
+        start += n
+    return torch.cat(outs, dim=1), cache
+
+
+def test_cropping_drafted_positions_leaves_head_body_and_tail_as_if_never_drafted(llama, local):
+    model = SplitModelForCausalLM(SplitDevice.load(llama, (2, 2)), local)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30, 282, 4649]])
+    plain, _ = _logits(model, ids, [6, 1, 1, 1, 1, 1])
+    cache = model.new_cache()
+    model(ids[:, :6], cache=cache)
+    model(torch.tensor([[9, 9, 9, 9]]), cache=cache)  # a draft the tail rejects entirely
+    cache.crop(-4)
+    assert cache.get_seq_length() == 6 and local._positions == 6
+    rest = [model(ids[:, i:i + 1], cache=cache).logits for i in range(6, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(rest, dim=1), plain[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["in process", "server"])
+def test_prompt_lookup_greedy_equals_plain_greedy_and_the_unsplit_model(llama, local, server, where):
+    device = SplitDevice.load(llama, (2, 2))
+    body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+    model = SplitModelForCausalLM(device, body)
+    tok = device.tokenizer
+    inputs = tok([REUSE], return_tensors="pt")
+    start = body.stats.frames_from_cloud
+    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    middle = body.stats.frames_from_cloud
+    fast = model.generate(**inputs, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=6)
+    assert fast.tolist() == plain.tolist()
+    assert middle - start == 24  # one round trip per token (the prefill's gives the first)
+    assert body.stats.frames_from_cloud - middle < 24, "no draft was accepted"
+    assert fast.tolist() == oracle(llama).generate(**inputs, max_new_tokens=24, do_sample=False).tolist()
+    if where == "server":
+        body.close()
+
+
+def test_a_connection_lost_after_a_crop_replays_to_the_cropped_length(llama, server):
+    """Replay resends the drafted frame and then the CROP, so the fresh session's KV has the cropped
+    length, and the next positions equal a run that never drafted."""
+    device = SplitDevice.load(llama, (2, 2))
+    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+    model = SplitModelForCausalLM(device, body)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
+    plain, _ = _logits(model, ids, [5, 1, 1, 1, 1])
+    cache = model.new_cache()
+    model(ids[:, :5], cache=cache)
+    model(torch.cat([ids[:, 5:6], torch.tensor([[7, 7, 7]])], dim=1), cache=cache)  # first draft token right
+    cache.crop(-3)
+    body._ws.close()  # lost mid-verification, after the CROP
+    rest = [model(ids[:, i:i + 1], cache=cache).logits for i in range(6, ids.shape[1])]
+    assert body.reconnects == 1
+    torch.testing.assert_close(torch.cat(rest, dim=1), plain[:, 6:], atol=1e-5, rtol=1e-5)
+    body.close()
+
+
+@pytest.mark.parametrize("length", [-1, 99, "3", True, 2.5])
+def test_a_bad_crop_gets_a_protocol_error(llama, server, length):
+    device = SplitDevice.load(llama, (2, 2))
+    ws, session = raw_session(server, device)
+    ws.send(hidden_frame(session, 1, 1, 4).to_bytes())
+    assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
+    ws.send(control_frame(MsgType.CROP, {"length": length}, session).to_bytes())
+    error = expect_error(ws)
+    assert error["code"] == "protocol" and "CROP length" in error["message"], json.dumps(error)
