@@ -34,6 +34,8 @@ def write_report() -> Path:
         sections.append(serve_gpu_section(serve_gpu))
     if serve_cpu := _load("serve-cpu-paged"):
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
+    if speculative := _load("speculative-cpu"):
+        sections.append(speculative_section(speculative))
     for name in ("cpu", "cpu-quick"):
         data = _load(name)
         if data:
@@ -287,4 +289,18 @@ def serve_cpu_section(data: dict, name: str) -> str:
     if 1 in by and 8 in by:
         ratio = by[8]["aggregate_decode_tok_s"] / by[1]["aggregate_decode_tok_s"]
         lines += ["", f"8 sessions against 1: **{ratio:.2f}x** aggregate (target 2.5x: {'met' if ratio >= 2.5 else 'missed'})."]
+    return "\n".join(lines)
+
+
+def speculative_section(data: dict) -> str:
+    """Plain split decode against prompt lookup over the emulated WAN (issue 13)."""
+    lines = ["## Speculative decoding over an emulated WAN (`speculative-cpu`): SmolLM2, split 2,2, bf16 frames", "",
+             _env(data) + f"; {data['new_tokens']} new tokens per prompt, greedy, `prompt_lookup_num_tokens` "
+             f"{data['prompt_lookup_num_tokens']}; medians over each set's prompts (`benchmarks/prompts`).", "",
+             "| added RTT ms | set | plain tok/s | prompt lookup tok/s | speedup | tokens per round trip | same tokens | "
+             "unsplit local tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        local = f"{r['unsplit_local_tok_s']:.1f}" if "unsplit_local_tok_s" in r else "-"
+        lines.append(f"| {r['rtt_ms']} | {r['set']} | {r['plain_tok_s']:.1f} | {r['lookup_tok_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['lookup_tokens_per_trip']:.2f} | {'yes' if r['identical'] else 'no'} | {local} |")
     return "\n".join(lines)

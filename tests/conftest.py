@@ -64,6 +64,12 @@ def tiny_models(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
     return {t: build_tiny(t, root / t, smollm2_dir, seed=i) for i, t in enumerate(TINY)}
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_models) -> Path:
+    """The tiny seeded Llama most engine, wire and model tests run on."""
+    return tiny_models["llama"]
+
+
 _ORACLES: dict[Path, torch.nn.Module] = {}
 
 

@@ -27,11 +27,6 @@ from tests.test_server_hardening import IDS, TOKEN, ThreadServer, _vanish, expec
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return tiny_models["llama"]
-
-
-@pytest.fixture(scope="module")
 def bodies(llama):
     return load_scheduler(str(llama), (2, 2)).bodies
 

@@ -19,11 +19,6 @@ from tests.test_server_hardening import TOKEN, ThreadServer
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return tiny_models["llama"]
-
-
-@pytest.fixture(scope="module")
 def split(llama):
     body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
     model = SplitModelForCausalLM(SplitDevice.load(llama, (2, 2)), body).eval()

@@ -28,11 +28,6 @@ IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return tiny_models["llama"]
-
-
-@pytest.fixture(scope="module")
 def server(llama, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("tok") / "token"
     token_file.write_text(TOKEN)

@@ -41,11 +41,6 @@ SERVER_LOG = "lambdasplit.cloud.server"
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return tiny_models["llama"]
-
-
-@pytest.fixture(scope="module")
 def bodies(llama):
     """The hosted bodies (weights loaded once); every test server gets its own scheduler over them."""
     return load_scheduler(str(llama), (2, 2)).bodies

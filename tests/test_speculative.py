@@ -22,11 +22,6 @@ REUSE = "Repeat exactly: the cat sat on the mat and the dog sat on the log. Repe
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return tiny_models["llama"]
-
-
-@pytest.fixture(scope="module")
 def local(llama):
     body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
     yield body
