@@ -249,3 +249,35 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
         assert result.token_ids[0] == expected
         _vanish(stalled)
         server.wait_metric("lambdasplit_sessions_active", 0)
+
+
+def test_a_prefill_with_more_rows_than_the_step_budget_still_runs(bodies, llama):
+    """16 rows against --step-tokens 8: each step gives the prefill at least one position per row."""
+    device = SplitDevice.load(llama, (2, 2))
+    with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
+        ws, session = raw_session(server, device)
+        ws.send(hidden_frame(session, 1, 16, 5).to_bytes())
+        assert _reply(ws, 1).shape == (16, 5, 64)
+        ws.close()
+
+
+def test_hidden_states_must_be_floating_point():
+    from lambdasplit.errors import WireError
+    from lambdasplit.wire.frame import tensor_frame
+
+    frame = tensor_frame(MsgType.HIDDEN, torch.zeros(1, 1, 64, dtype=torch.uint8), Codec.NONE)
+    with pytest.raises(WireError, match="floating point"):
+        parse_frame(frame.to_bytes())
+
+
+def test_a_pool_that_cannot_grow_hands_the_blocks_back(monkeypatch):
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, blocks=8, dtype=torch.float32, device="cpu", reserve=2)
+    row = Sequence()
+
+    def no_memory(blocks):
+        raise MemoryError
+
+    monkeypatch.setattr(pool, "_expand", no_memory)
+    free = pool.free_blocks
+    assert not pool.grow([row], 3 * BLOCK_SIZE)
+    assert row.blocks == [] and pool.free_blocks == free

@@ -105,3 +105,9 @@ def test_generate_through_a_real_server_equals_the_unsplit_model(llama, tokenize
     finally:
         server.close()
         load.scheduler.shutdown()
+
+
+def test_beam_search_is_refused_rather_than_silently_wrong(split, tokenizer):
+    inputs = tokenizer(["Hello"], return_tensors="pt")
+    with pytest.raises(NotImplementedError, match="beam search"):
+        split.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)

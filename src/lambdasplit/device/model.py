@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lambdasplit.device.body import BodyClient, load_local_body
@@ -48,6 +49,14 @@ class SplitCache(Cache):
         assisted decoding, after the tail rejects draft tokens); a positive value is the length
         to keep."""
         length = self.get_seq_length() + max_length if max_length <= 0 else max_length
+        if not 0 <= length <= self.get_seq_length():
+            raise ValueError(f"cannot crop {self.get_seq_length()} positions to {length}")
+        for runner in (self.head, self.tail):  # checked before anything is cropped, so the parts stay in step
+            if runner.cache is not None and any(type(layer) is not DynamicLayer for layer in runner.cache.layers):
+                raise NotImplementedError(
+                    "speculative decoding needs full-attention layers on the device; this model's head or tail "
+                    "has sliding-window layers, which cannot be cropped yet"
+                )
         self.head.crop(length)
         self.tail.crop(length)
         self.body.crop(length)
@@ -55,6 +64,12 @@ class SplitCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return True
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported by the split model: the body's rows cannot be reordered yet")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("selecting rows of the split model's cache is not supported yet")
 
     @property
     def is_compileable(self) -> bool:

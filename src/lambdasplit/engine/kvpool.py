@@ -90,7 +90,13 @@ class KVPool:
             row.blocks.extend(new[len(new) - n:])
         highest = max(new, default=0)
         if highest >= self.capacity:
-            self._expand(min(self.blocks, max(highest + 1, 2 * self.capacity)))
+            try:
+                self._expand(min(self.blocks, max(highest + 1, 2 * self.capacity)))
+            except (RuntimeError, MemoryError):  # host memory ran out: hand the blocks back, the frame waits
+                for row, n in zip(rows, need, strict=True):
+                    del row.blocks[len(row.blocks) - n:]
+                self._free.extend(reversed(new))
+                return False
         return True
 
     def _expand(self, blocks: int) -> None:

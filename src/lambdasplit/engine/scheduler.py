@@ -283,6 +283,9 @@ class BodyScheduler:
         except LambdaSplitError as exc:
             queued.future.set_exception(exc)
             return
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory moving the frame: this session only
+            queued.future.set_exception(self._failed([session_id], exc))
+            return
         work.future, work.arrived = queued.future, queued.arrived
         self._last_used[session_id] = time.monotonic()
         self._active[session_id] = work
@@ -294,9 +297,9 @@ class BodyScheduler:
         chosen: list[tuple[Work, int]] = []
         for work in sorted(works, key=lambda w: w.remaining * len(w.rows)):  # decodes first
             rows = len(work.rows)
+            # Decodes always run; every waiting prefill gets the budget left, and at least one
+            # position per row, so no prompt waits for the decodes to thin out.
             take = work.remaining if work.remaining == 1 else min(work.remaining, max(1, budget // rows))
-            if work.remaining > 1 and budget < rows:
-                continue  # this step is full; the prefill resumes in the next one
             if not pool.grow(work.rows, work.rows[0].length + take):
                 self._wait_for_kv(work, now)
                 continue
@@ -347,7 +350,12 @@ class BodyScheduler:
         del self._active[session.session_id]
         self._last_used[session.session_id] = time.monotonic()
         self.tokens_served += work.frame.shape[0] * work.frame.shape[1]
-        work.future.set_result((session.finish(work), work.seconds))
+        try:
+            reply = session.finish(work)
+        except Exception as exc:  # noqa: BLE001 - encoding this session's reply failed: its future, no one else's
+            work.future.set_exception(self._failed([session.session_id], exc))
+            return
+        work.future.set_result((reply, work.seconds))
 
     def _failed(self, session_ids: list[bytes], exc: Exception) -> ComputeError:
         """Close sessions whose step failed inside the model (their caches may hold half a step);
@@ -358,7 +366,10 @@ class BodyScheduler:
             work = self._active.pop(session_id, None)
             if work is not None and work.future is not None and not work.future.done():
                 work.future.set_exception(error)
-            self._close(session_id)
+            try:
+                self._close(session_id)
+            except Exception:  # noqa: BLE001 - closing must not take the compute thread down with it
+                log.exception("closing session %s after a failed step", session_id.hex()[:8])
         if isinstance(exc, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
         log.debug("the body failed (%s: %s); %d session(s) closed", type(exc).__name__, first, len(session_ids))

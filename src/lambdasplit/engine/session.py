@@ -159,7 +159,7 @@ class BodySession:
         """Drop the positions after `length` (a device's rejected speculative positions)."""
         if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.seq_len:
             raise WireError(f"CROP length must be an integer from 0 to the sequence's {self.seq_len} positions, got {length!r}")
-        if self.pool is not None:
+        if self.pool is not None and self.body.layers:
             self.pool.truncate(self.rows, length)
         else:
             for row in self.rows:

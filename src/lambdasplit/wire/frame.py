@@ -162,6 +162,8 @@ def _check_tensor_header(
     if dtype != DType.UINT8 and codec == Codec.NONE:
         raise WireError("floating tensors need a codec")
     if type_ == MsgType.HIDDEN:
+        if dtype == DType.UINT8:
+            raise WireError("hidden states must be floating point (fp32, bf16 or fp16)")
         if len(shape) != 3:
             raise WireError(f"hidden states must be (B, T, D), got shape {shape}")
         if limits.hidden_size is not None and shape[2] != limits.hidden_size:
