@@ -42,6 +42,8 @@ def device(llama):
 
 def remote(device, url, **kwargs) -> RemoteBody:
     kwargs.setdefault("token", TOKEN)
+    # A TLS + WebSocket handshake once took over the 10 s default on the busy 2-core CI machine.
+    kwargs.setdefault("connect_timeout", 30.0)
     return RemoteBody(url, device.manifest, **kwargs)
 
 
