@@ -1,9 +1,9 @@
 """lambdasplit: split inference of generative models — head and tail on the device, body in the cloud.
 
-    from lambdasplit import SplitDevice, load_local_body, SamplingConfig
-    device = SplitDevice.load(split=(2, 2))          # embedded SmolLM2-135M-Instruct
-    body = load_local_body(split=(2, 2))             # or a RemoteBody for a server
-    print(device.generate(body, "What is the capital of France?").text)
+    from lambdasplit import SplitModelForCausalLM
+    model = SplitModelForCausalLM.from_pretrained(None, split=(2, 2))  # embedded SmolLM2; body="ws://..." for a server
+    tok = model.split_device.tokenizer
+    answer = tok.decode(model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8)[0])
 """
 
 import os
