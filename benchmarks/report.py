@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS
 
 DOCS = Path(__file__).parent.parent / "docs"
 PLOTS = DOCS / "img"
+
+
+def _pyplot():
+    """matplotlib (the `bench` extra) is needed for the plots only: the tables render without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _load(name: str) -> dict | None:
@@ -116,6 +121,7 @@ def cpu_section(data: dict, name: str) -> str:
 
 
 def _cpu_plot(data: dict, name: str) -> str:
+    plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     d = data["decode"]
     a.bar(list(d), [s["decode_tok_s"] for s in d.values()], color=["grey", "tab:blue", "tab:orange"])
@@ -172,6 +178,7 @@ def _gpu_plot(model: str, out: dict) -> str:
             labels.append(f"{split} b{batch[5:]}")
             for name in values:
                 values[name].append(row[batch][name]["per_token_ms"]["total"])
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.27
     for i, (name, vals) in enumerate(values.items()):
