@@ -1,4 +1,4 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `report`."""
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`, `report`."""
 
 from __future__ import annotations
 
@@ -98,6 +98,14 @@ def serve(
                         url or None, token, procs)
     path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload)
     typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
+
+
+@app.command("self-draft")
+def self_draft() -> None:
+    """Acceptance rate of drafting from the device's own head + tail (body skipped), per split."""
+    from benchmarks.self_draft import acceptance
+
+    typer.echo(f"wrote {acceptance()}")
 
 
 @app.command()

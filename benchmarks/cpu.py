@@ -102,7 +102,7 @@ def wan(device: SplitDevice, port: int, ids: torch.Tensor, new_tokens: int, quic
 def concurrency(device: SplitDevice, url: str, ids: torch.Tensor, new_tokens: int, counts: list[int]) -> list[dict]:
     rows = []
     for n in track(counts, description="concurrency", console=console):
-        devices = [device.fork() for _ in range(n)]
+        devices = [device] * n  # generate() gives each call its own caches
         bodies = [connect_body(BodyConfig(url, codec=Codec.BF16), device.manifest) for _ in range(n)]
         rows.append(concurrent_run(devices, bodies, ids, new_tokens))
         for body in bodies:

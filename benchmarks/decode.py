@@ -14,8 +14,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.common import Run
 from lambdasplit.device.body import BodyClient
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 
 
 class _StepClock(LogitsProcessor):
@@ -66,7 +66,7 @@ def split_run(
 
     def run() -> Run:
         before = body_compute() if body_compute else None
-        result = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        result = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
         t = result.timings
         steps = t.steps[1:]
         n = len(steps)
@@ -76,7 +76,7 @@ def split_run(
             "body_call": 1000 * statistics.median(s[1] for s in steps),
             "tail": 1000 * statistics.median(s[2] for s in steps),
             "serialization": 1000 * stats.codec_seconds / (n + 1),
-            "sampling": 1000 * t.sampling / t.tokens,
+            "generate_other": 1000 * (t.total - t.head - t.body - t.tail) / t.tokens,  # sampling, processors, streamer
             "total": 1000 * (t.total - t.prefill) / n,
         }
         if before is not None:
@@ -118,7 +118,7 @@ def concurrent_run(devices: list[SplitDevice], bodies: list[BodyClient], ids: to
     lock = threading.Lock()
 
     def one(device: SplitDevice, body: BodyClient) -> None:
-        result = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        result = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
         with lock:
             rates.append(result.timings.tokens_per_second)
 

@@ -134,7 +134,7 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
             if (k, m) == (1, 1):
                 row["concurrency"] = []
                 for n in (1, 4, 16):
-                    devices = [device.fork() for _ in range(n)]
+                    devices = [device] * n  # generate() gives each call its own caches
                     bodies = [connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest) for _ in range(n)]
                     row["concurrency"].append(concurrent_run(devices, bodies, prompts[1], 64))
                     for body in bodies:

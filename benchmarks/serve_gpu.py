@@ -187,8 +187,8 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     """Greedy tokens and states of `devices` sessions run together against each run alone."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
+    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
-    from lambdasplit.device.sampling import SamplingConfig
     from lambdasplit.wire.codec import Codec
 
     device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
@@ -197,10 +197,10 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--kv-pool", "8192"]
     with ServerProcess(*args, timeout=600) as server:
         def run(i: int, results: dict) -> None:
-            mine = device.fork()
+            mine = device
             mine.tail = _Recorder(mine.tail)
             body = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
-            ids = mine.generate_ids(body, prompts[i], None, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+            ids = mine.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
             body.close()
             results[i] = (ids.token_ids[0], torch.stack(mine.tail.hidden), torch.stack(mine.tail.logits))
 

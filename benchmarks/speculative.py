@@ -5,8 +5,9 @@ the prompt; chat: it does not).
     .venv/bin/python -m benchmarks.speculative [--quick]
 
 Through `benchmarks/netem.py`'s delay proxy at each added RTT, every prompt runs greedily through
-`SplitModelForCausalLM.generate()` (the split model's transformers path) plain and with
-`prompt_lookup_num_tokens`; both must give the same tokens. Reported per mode: decode tok/s
+the product's one generation path (`generate_ids`: transformers' `generate()` over
+`SplitModelForCausalLM`) plain and with `--speculate prompt-lookup` (adaptive draft length); both
+must give the same tokens. Self-drafting is measured separately (`benchmarks self-draft`). Reported per mode: decode tok/s
 (median over prompts), body round trips per generated token, and for prompt lookup the accepted
 tokens per round trip. Results to benchmarks/results/speculative-cpu.json.
 """
@@ -25,8 +26,9 @@ from transformers import AutoModelForCausalLM
 from benchmarks.common import environment, write
 from benchmarks.netem import DelayProxy
 from lambdasplit.cloud.process import ServerProcess
+from lambdasplit.device.body import BodyClient
 from lambdasplit.device.connect import BodyConfig, connect_body
-from lambdasplit.device.model import SplitModelForCausalLM
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.wire.codec import Codec
@@ -34,14 +36,12 @@ from lambdasplit.wire.codec import Codec
 PROMPTS = Path(__file__).parent / "prompts"
 
 
-def _run(model: SplitModelForCausalLM, inputs: dict, new_tokens: int, lookup: int) -> tuple[list[int], float, int]:
+def _run(device: SplitDevice, body: BodyClient, ids: torch.Tensor, new_tokens: int, lookup: int) -> tuple[list[int], float, int]:
     """(new token ids, seconds, body round trips) of one greedy generation."""
-    before = model.body.stats.frames_from_cloud
-    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra)
-    seconds = time.perf_counter() - start
-    return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, model.body.stats.frames_from_cloud - before
+    options = GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True,
+                                speculate="prompt-lookup" if lookup else None, draft_tokens=lookup or 8)
+    result = device.generate_ids(body, ids, None, options)
+    return result.token_ids[0], result.timings.total, result.round_trips
 
 
 def run(quick: bool = False) -> dict:
@@ -50,22 +50,21 @@ def run(quick: bool = False) -> dict:
     device = SplitDevice.load(None, (2, 2))
     sets = {name: json.loads((PROMPTS / f"{name}.json").read_text()) for name in ("reuse", "chat")}
     payload: dict = {"suite": "speculative-cpu", "environment": environment(), "split": [2, 2], "codec": "bf16",
-                     "new_tokens": new_tokens, "prompt_lookup_num_tokens": lookup, "rows": []}
+                     "new_tokens": new_tokens, "prompt_lookup_num_tokens": lookup, "draft_length": "adaptive (AdaptivePromptLookup)", "rows": []}
     local = AutoModelForCausalLM.from_pretrained(str(resolve_source(None).path), dtype=torch.float32).eval()
     with ServerProcess("--split", "2,2") as server:
         port = int(server.url.rsplit(":", 1)[1])
         for rtt in rtts:
             with DelayProxy(port, rtt) as proxy:
                 body = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), device.manifest)
-                model = SplitModelForCausalLM(device, body)
                 for name, prompts in sets.items():
                     row: dict = {"rtt_ms": rtt, "set": name, "plain_tok_s": [], "lookup_tok_s": [], "plain_trips_per_token": [],
                                  "lookup_trips_per_token": [], "identical": True}
                     for prompt in prompts:
                         ids = device.encode_chat([{"role": "user", "content": prompt}])
                         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                        plain, t_plain, trips_plain = _run(model, inputs, new_tokens, 0)
-                        fast, t_fast, trips_fast = _run(model, inputs, new_tokens, lookup)
+                        plain, t_plain, trips_plain = _run(device, body, ids, new_tokens, 0)
+                        fast, t_fast, trips_fast = _run(device, body, ids, new_tokens, lookup)
                         row["identical"] &= plain == fast
                         row["plain_tok_s"].append(new_tokens / t_plain)
                         row["lookup_tok_s"].append(new_tokens / t_fast)

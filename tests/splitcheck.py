@@ -8,26 +8,10 @@ from pathlib import Path
 import torch
 
 from lambdasplit.device.body import load_local_body
-from lambdasplit.device.runtime import GenerationResult, SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
-
-
-class LogitRecorder:
-    """Wraps the tail runner to keep each step's last-position logits."""
-
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.steps: list[torch.Tensor] = []
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def __call__(self, *args, **kwargs):
-        out = self.runner(*args, **kwargs)
-        self.steps.append(out[:, -1].clone())
-        return out
 
 
 @dataclass
@@ -54,12 +38,7 @@ def compare(
 ) -> Comparison:
     device = device or SplitDevice.load(source, split, allow_shallow=allow_shallow)
     body = load_local_body(source, split, codec=Codec.FP32, allow_shallow=allow_shallow)
-    recorder = LogitRecorder(device.tail)
-    device.tail = recorder
-    try:
-        result = device.generate_ids(body, input_ids, mask, SamplingConfig(max_new_tokens=new_tokens))
-    finally:
-        device.tail = recorder.runner
+    result = device.generate_ids(body, input_ids, mask, GenerationOptions(max_new_tokens=new_tokens), keep_logits=True)
     model = oracle(Path(source) if source else device.opened.checkpoint.path)
     with torch.no_grad():
         ref = model.generate(
@@ -68,7 +47,5 @@ def compare(
         )
     prompt_len = input_ids.shape[1]
     ref_ids = [trim(row[prompt_len:].tolist(), device.eos_ids) for row in ref.sequences]
-    steps = len(recorder.steps)
-    return Comparison(
-        result, torch.stack(recorder.steps), ref_ids, torch.stack(ref.logits[:steps]), list(body.stats.per_step)
-    )
+    steps = result.logits.shape[0]
+    return Comparison(result, result.logits, ref_ids, torch.stack(ref.logits[:steps]), list(body.stats.per_step))

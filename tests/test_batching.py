@@ -13,16 +13,15 @@ import pytest
 import torch
 
 from lambdasplit.device.body import LocalBody
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.engine.step import Chunk
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame
 from tests.conftest import oracle
-from tests.splitcheck import LogitRecorder
 from tests.test_server_hardening import IDS, TOKEN, ThreadServer, _vanish, expect_error, hidden_frame, raw_session
 
 
@@ -108,11 +107,8 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
     steps = []
     server.scheduler.on_step = lambda stats, record=server.scheduler.on_step: (steps.append(stats), record(stats))
     devices = [SplitDevice.load(llama, (2, 2)) for _ in prompts]
-    recorders = []
-    for device in devices:
-        recorders.append(LogitRecorder(device.tail))
-        device.tail = recorders[-1]
     results: dict[int, list[int]] = {}
+    logits: dict[int, torch.Tensor] = {}
     reconnects: dict[int, int] = {}
     started = [threading.Event() for _ in prompts]
 
@@ -120,25 +116,27 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
         if i:
             started[i - 1].wait(30)  # staggered starts
         body = RemoteBody(server.url, devices[i].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
-        stream = devices[i].stream_ids(body, torch.tensor([prompts[i]]), None,
-                                       SamplingConfig(max_new_tokens=new_tokens[i], ignore_eos=True))
-        tokens = [next(stream).token_ids[0]]
-        started[i].set()
-        for chunk in stream:
-            tokens.append(chunk.token_ids[0])
+        tokens: list[int] = []
+
+        def on_tokens(step: list[list[int]]) -> None:
+            tokens.extend(step[0])
+            started[i].set()
             if i == 2 and len(tokens) == 5:
                 body._ws.close()  # the connection drops mid-way: the device reconnects and replays
+
+        result = devices[i].generate_ids(body, torch.tensor([prompts[i]]), None, GenerationOptions(max_new_tokens=new_tokens[i], ignore_eos=True),
+                                         on_tokens=on_tokens, keep_logits=True)
         body.close()
-        results[i], reconnects[i] = tokens, body.reconnects
+        results[i], logits[i], reconnects[i] = result.token_ids[0], result.logits[:, 0], body.reconnects
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    for i, (tokens, logits) in enumerate(expected):
+    for i, (tokens, want) in enumerate(expected):
         assert results.get(i) == tokens, f"session {i}"
-        torch.testing.assert_close(torch.cat(recorders[i].steps), logits, atol=1e-4, rtol=0, msg=f"session {i}")
+        torch.testing.assert_close(logits[i], want, atol=1e-4, rtol=0, msg=f"session {i}")
     assert reconnects[2] == 1 and sum(reconnects.values()) == 1
     assert max(s.sessions for s in steps) > 1, "no step batched more than one session"
     assert any(s.sessions > 1 and s.positions > s.rows for s in steps), "no prefill chunk shared a step with decodes"
@@ -157,7 +155,7 @@ def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
     server = ThreadServer(bodies, SchedulerLimits(max_frame_positions=4))
     device = SplitDevice.load(llama, (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    result = device.generate_ids(body, torch.tensor([ids]), None, SamplingConfig(max_new_tokens=6, ignore_eos=True))
+    result = device.generate_ids(body, torch.tensor([ids]), None, GenerationOptions(max_new_tokens=6, ignore_eos=True))
     body.close()
     assert body.max_frame_positions == 4
     assert result.token_ids == [out[0, len(ids):].tolist()]
@@ -244,7 +242,7 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
         threading.Thread(target=flood, daemon=True).start()
         time.sleep(1.0)  # let the server's send to the stalled client back up
         body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=8, ignore_eos=True))
+        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8, ignore_eos=True))
         body.close()
         assert result.token_ids[0] == expected
         _vanish(stalled)

@@ -17,9 +17,9 @@ import uvicorn
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient, TransferStats, load_local_body
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.errors import (
     AuthError,
     CapacityError,
@@ -111,7 +111,7 @@ def _local_body():
 
 
 def _expected(device, ids, n):
-    return device.generate_ids(_local_body(), ids, None, SamplingConfig(max_new_tokens=n))
+    return device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=n))
 
 
 def _ids(device, prompt):
@@ -374,6 +374,6 @@ def test_generation_stops_at_the_step_after_cancel(device):
             cancel.set()
 
     ids = _ids(device, COUNTING)
-    result = device.generate_ids(_local_body(), ids, None, SamplingConfig(max_new_tokens=50), on_text, cancel=cancel)
+    result = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=50), on_text, cancel=cancel)
     assert result.finish_reasons == ["cancelled"] and 3 <= len(result.token_ids[0]) < 50
     assert result.token_ids[0] == _expected(device, ids, len(result.token_ids[0])).token_ids[0]

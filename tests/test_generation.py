@@ -3,8 +3,8 @@
 import torch
 
 from lambdasplit.device.body import load_local_body
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 from tests.conftest import oracle
 
 
@@ -16,7 +16,7 @@ def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(tiny_models):
     device, body = _pair(tiny_models["llama"])
     ids = torch.tensor([[1, 10, 20, 30]])
     run = lambda seed: device.generate_ids(  # noqa: E731
-        body, ids, None, SamplingConfig(max_new_tokens=12, greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=seed)
+        body, ids, None, GenerationOptions(max_new_tokens=12, greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=seed)
     ).token_ids[0]
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -25,8 +25,8 @@ def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(tiny_models):
 def test_top_k_one_equals_greedy(tiny_models):
     device, body = _pair(tiny_models["qwen3"])
     ids = torch.tensor([[1, 10, 20, 30]])
-    greedy = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=10)).token_ids
-    top1 = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=10, greedy=False, top_k=1, seed=3)).token_ids
+    greedy = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=10)).token_ids
+    top1 = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=10, greedy=False, top_k=1, seed=3)).token_ids
     assert greedy == top1
 
 
@@ -34,19 +34,19 @@ def test_repetition_penalty_matches_generate(tiny_models):
     source = tiny_models["mistral"]
     device, body = _pair(source)
     ids = torch.tensor([[1, 10, 20, 30, 10, 20]])
-    ours = device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=10, repetition_penalty=1.8)).token_ids[0]
+    ours = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=10, repetition_penalty=1.8)).token_ids[0]
     ref = oracle(source).generate(ids, max_new_tokens=10, do_sample=False, repetition_penalty=1.8)[0, 6:].tolist()
     assert ours == ref
 
 
 def test_stop_string_and_streaming(smollm2_dir):
     device, body = _pair(None)
-    full = device.generate(body, "List the numbers from 1 to 10, separated by commas.", SamplingConfig(max_new_tokens=40))
+    full = device.generate(body, "List the numbers from 1 to 10, separated by commas.", GenerationOptions(max_new_tokens=40))
     assert "5" in full.text
     pieces: list[str] = []
     stopped = device.generate(
         body, "List the numbers from 1 to 10, separated by commas.",
-        SamplingConfig(max_new_tokens=40, stop=("5",)), on_text=pieces.append,
+        GenerationOptions(max_new_tokens=40, stop=("5",)), on_text=pieces.append,
     )
     assert stopped.text == full.text[: full.text.index("5")]
     assert "".join(pieces) == stopped.text
@@ -58,5 +58,5 @@ def test_stop_string_and_streaming(smollm2_dir):
 def test_streamed_text_equals_final_text(smollm2_dir):
     device, body = _pair(None, (1, 1))
     pieces: list[str] = []
-    result = device.generate(body, "Write a haiku about autumn.", SamplingConfig(max_new_tokens=30), on_text=pieces.append)
+    result = device.generate(body, "Write a haiku about autumn.", GenerationOptions(max_new_tokens=30), on_text=pieces.append)
     assert "".join(pieces) == result.text and result.text

@@ -15,9 +15,9 @@ from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import load_local_body
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
@@ -49,13 +49,13 @@ def remote(device, url, **kwargs) -> RemoteBody:
 
 def local_ids(device, llama, ids=IDS, codec=Codec.FP32, n=12):
     body = load_local_body(llama, (2, 2), codec=codec)
-    return device.generate_ids(body, ids, None, SamplingConfig(max_new_tokens=n)).token_ids
+    return device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=n)).token_ids
 
 
 @pytest.mark.parametrize("codec", [Codec.FP32, Codec.BF16, Codec.INT8])
 def test_remote_equals_in_process(server, device, llama, codec):
     body = remote(device, server.url, codec=codec)
-    result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=12))
+    result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=12))
     body.close()
     assert result.token_ids == local_ids(device, llama, codec=codec)
     assert result.bytes_to_cloud == result.bytes_from_cloud > 0
@@ -64,8 +64,8 @@ def test_remote_equals_in_process(server, device, llama, codec):
 def test_batch_with_padding_over_the_network(server, device, llama):
     ids, mask = device.encode(["Hi", "A much longer prompt with many more tokens"])
     body = remote(device, server.url)
-    ours = device.generate_ids(body, ids, mask, SamplingConfig(max_new_tokens=8)).token_ids
-    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, SamplingConfig(max_new_tokens=8)).token_ids
+    ours = device.generate_ids(body, ids, mask, GenerationOptions(max_new_tokens=8)).token_ids
+    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, GenerationOptions(max_new_tokens=8)).token_ids
     assert ours == local
 
 
@@ -73,14 +73,14 @@ def test_batch_with_padding_over_the_network(server, device, llama):
 def test_missing_or_wrong_token_is_refused(server, device, token, needle):
     body = remote(device, server.url, token=token)
     with pytest.raises(AuthError, match=needle):
-        device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
+        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
 
 
 def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
     other = SplitDevice.load(llama, (1, 1))
     body = remote(other, server.url)
     with pytest.raises(MismatchError, match="do not match"):
-        other.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=2))
+        other.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
     assert any("do not match" in line for line in server.output)
 
 
@@ -137,7 +137,7 @@ def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
         try:
             dev = SplitDevice.load(llama, (2, 2))  # each device has its own head/tail caches
             body = remote(dev, server.url)
-            results[i] = dev.generate_ids(body, prompts[i], None, SamplingConfig(max_new_tokens=10)).token_ids
+            results[i] = dev.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=10)).token_ids
             body.close()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -166,13 +166,16 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
     first = ServerProcess(*args)
     body = remote(device, first.url, reconnect_window=120, backoff=0.2)
     restarted: list[ServerProcess] = []
-    tokens = []
+    tokens: list[int] = []
+
+    def on_tokens(step: list[list[int]]) -> None:
+        tokens.extend(step[0])
+        if len(tokens) == 7:
+            first.kill()
+            restarted.append(ServerProcess(*args, port=first.port))
+
     try:
-        for step, chunk in enumerate(device.stream_ids(body, IDS, None, SamplingConfig(max_new_tokens=16))):
-            tokens.append(chunk.token_ids[0])
-            if step == 6:
-                first.kill()
-                restarted.append(ServerProcess(*args, port=first.port))
+        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=16), on_tokens=on_tokens)
     finally:
         body.close()
         first.stop()
@@ -185,13 +188,17 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
 def test_idle_session_expires_and_the_device_recovers(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--session-ttl", "1") as proc:
         body = remote(device, proc.url, token=None)
-        stream = device.stream_ids(body, IDS, None, SamplingConfig(max_new_tokens=8))
-        tokens = [next(stream).token_ids[0]]
-        deadline = time.monotonic() + 30
-        while not any("expired" in line for line in proc.output):  # poll until the server expires it
-            assert time.monotonic() < deadline, "the server never expired the idle session"
-            time.sleep(0.05)
-        tokens += [chunk.token_ids[0] for chunk in stream]
+        tokens: list[int] = []
+
+        def on_tokens(step: list[list[int]]) -> None:
+            tokens.extend(step[0])
+            if len(tokens) == 1:  # idle after the first token until the server expires the session
+                deadline = time.monotonic() + 30
+                while not any("expired" in line for line in proc.output):
+                    assert time.monotonic() < deadline, "the server never expired the idle session"
+                    time.sleep(0.05)
+
+        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8), on_tokens=on_tokens)
         body.close()
         assert any("expired" in line for line in proc.output)
     assert body.reconnects == 1
@@ -201,11 +208,11 @@ def test_idle_session_expires_and_the_device_recovers(llama, device):
 def test_max_sessions_refuses_with_a_clear_error(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--max-sessions", "1") as proc:
         first = remote(device, proc.url, token=None)
-        device.generate_ids(first, IDS, None, SamplingConfig(max_new_tokens=2))
+        device.generate_ids(first, IDS, None, GenerationOptions(max_new_tokens=2))
         second = remote(device, proc.url, token=None, reconnect_window=1.0)
         with pytest.raises(CapacityError, match="limit of 1 sessions"):
             SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
-                second, IDS, None, SamplingConfig(max_new_tokens=2)
+                second, IDS, None, GenerationOptions(max_new_tokens=2)
             )
         first.close()
 
@@ -218,18 +225,18 @@ def test_tls_with_the_generated_ca(llama, device, tmp_path):
     with ServerProcess(*args) as proc:
         assert proc.url.startswith("wss://")
         body = remote(device, proc.url, token=None, tls_ca=paths["ca"])
-        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=6))
+        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=6))
         body.close()
         assert result.token_ids == local_ids(device, llama, n=6)
         untrusted = remote(device, proc.url, token=None)
         with pytest.raises(LambdaSplitError, match="TLS"):
-            device.generate_ids(untrusted, IDS, None, SamplingConfig(max_new_tokens=2))
+            device.generate_ids(untrusted, IDS, None, GenerationOptions(max_new_tokens=2))
 
 
 def test_metrics_count_what_crossed(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2") as proc:
         body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=5))
+        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=5))
         body.close()
         url = proc.url.replace("ws://", "http://") + "/metrics"
         deadline = time.monotonic() + 30
@@ -255,7 +262,7 @@ def test_exported_parts_on_both_sides(llama, tmp_path):
     device = SplitDevice.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
         body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=10))
+        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=10))
         body.close()
     assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)
 
@@ -270,7 +277,7 @@ def test_randomised_split_server_hosts_every_k_in_its_range(llama):
         for k in (1, 2, 3):
             device = SplitDevice.load(llama, (k, 2))
             body = remote(device, proc.url, token=None)
-            result = device.generate_ids(body, IDS, None, SamplingConfig(max_new_tokens=8))
+            result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8))
             body.close()
             assert result.token_ids[0] == want, k
         outside = SplitDevice.load(llama, (4, 2))

@@ -104,3 +104,57 @@ def test_a_bad_crop_gets_a_protocol_error(llama, server, length):
     ws.send(control_frame(MsgType.CROP, {"length": length}, session).to_bytes())
     error = expect_error(ws)
     assert error["code"] == "protocol" and "CROP length" in error["message"], json.dumps(error)
+
+
+@pytest.mark.parametrize("draft", ["llama", "qwen2"])
+def test_a_draft_model_gives_the_plain_greedy_tokens_over_the_network(tiny_models, server, draft):
+    """`--speculate PATH`: a local draft model with the same tokenizer. The target itself as draft
+    has every draft accepted; an unrelated random model has nearly every draft rejected (and cropped)."""
+    from lambdasplit.device.generation import GenerationOptions
+
+    device = SplitDevice.load(tiny_models["llama"], (2, 2))
+    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+    ids = device.tokenizer([REUSE], return_tensors="pt")["input_ids"]
+    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True))
+    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True,
+                                                                  speculate=str(tiny_models[draft]), draft_tokens=4))
+    body.close()
+    assert fast.token_ids == plain.token_ids
+    assert plain.round_trips == 16
+    if draft == "llama":
+        # Every draft is accepted; drafts stay short because transformers stops drafting where the
+        # draft's own confidence is below `assistant_confidence_threshold` (a random model's often is).
+        assert fast.round_trips <= plain.round_trips // 2, "the target as its own draft should have its drafts accepted"
+    else:
+        assert fast.round_trips >= 12, "a random draft model should be rejected almost always"
+
+
+def test_prompt_lookup_draft_length_follows_acceptance():
+    """Full acceptance grows the draft by 2, a rejection shrinks it by 1 (never below 1), and a step
+    where no n-gram matched (nothing drafted) changes nothing."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from lambdasplit.device.model import AdaptivePromptLookup
+
+    gen = PromptLookupCandidateGenerator(num_output_tokens=4, max_length=100, vocab_size=10)
+    gen.__class__ = AdaptivePromptLookup
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    candidates, _ = gen.get_candidates(ids)
+    assert gen.proposed == candidates.shape[1] - ids.shape[1] == 3  # "3 1 2" followed the earlier "1 2"
+    gen.update_candidate_strategy(ids, None, 3)
+    assert gen.num_output_tokens == 6
+    for _ in range(9):
+        gen.update_candidate_strategy(ids, None, 0)
+    assert gen.num_output_tokens == 1
+    gen.proposed = 0
+    gen.update_candidate_strategy(ids, None, 0)
+    assert gen.num_output_tokens == 1
+
+
+def test_self_drafting_is_refused_with_its_measured_acceptance(llama, local):
+    from lambdasplit.device.generation import GenerationOptions
+    from lambdasplit.errors import LambdaSplitError
+
+    device = SplitDevice.load(llama, (2, 2))
+    with pytest.raises(LambdaSplitError, match="benchmarks self-draft"):
+        device.generate_ids(local, torch.tensor([[1, 504, 3458]]), None, GenerationOptions(max_new_tokens=2, speculate="self"))

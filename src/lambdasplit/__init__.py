@@ -15,9 +15,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lambdasplit.device.body import BodyClient, LocalBody, load_local_body  # noqa: E402
-from lambdasplit.device.model import SplitModelForCausalLM  # noqa: E402
-from lambdasplit.device.runtime import GenerationResult, SplitDevice  # noqa: E402
-from lambdasplit.device.sampling import SamplingConfig  # noqa: E402
+from lambdasplit.device.generation import GenerationOptions, GenerationResult, generate_ids  # noqa: E402
+from lambdasplit.device.model import (
+    SplitCache,  # noqa: E402
+    SplitModelForCausalLM,  # noqa: E402
+)
+from lambdasplit.device.runtime import SplitDevice  # noqa: E402
 from lambdasplit.split.spec import SplitSpec  # noqa: E402
 from lambdasplit.wire.codec import Codec  # noqa: E402
 
@@ -25,11 +28,13 @@ __all__ = [
     "BodyClient",
     "Codec",
     "GenerationResult",
+    "GenerationOptions",
     "LocalBody",
-    "SamplingConfig",
+    "SplitCache",
     "SplitDevice",
     "SplitModelForCausalLM",
     "SplitSpec",
+    "generate_ids",
     "load_local_body",
 ]
 __version__ = "0.1.0"

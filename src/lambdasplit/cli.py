@@ -155,6 +155,20 @@ TokenOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", callback=_check_device, help="cpu or cuda.")]
 PortOpt = Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0 picks a free one).")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
+def _check_speculate(value: str | None) -> str | None:
+    if value is not None and value not in ("prompt-lookup", "self") and not Path(value).expanduser().exists():
+        raise typer.BadParameter(f"{value!r}: expected prompt-lookup, self, or the path of a draft model")
+    return value
+
+
+SpeculateOpt = Annotated[Optional[str], typer.Option(
+    "--speculate", callback=_check_speculate,
+    help="Speculative decoding (same output, fewer round trips): prompt-lookup drafts from n-grams of the prompt; "
+    "PATH is a small draft model with the same tokenizer; self is refused with its measured acceptance.",
+)]
+DraftOpt = Annotated[int, typer.Option(
+    "--draft-tokens", min=1, max=64, help="First draft length; it then grows after accepted drafts and shrinks after rejections."
+)]
 ReconnectOpt = Annotated[float, typer.Option(
     "--reconnect-window", min=0, help="Seconds to keep reconnecting (and replaying) after losing the body server."
 )]
@@ -251,16 +265,18 @@ def generate(
     reconnect_window: ReconnectOpt = defaults.RECONNECT_WINDOW,
     noise: Annotated[Optional[float], typer.Option(callback=_check_positive, help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
     noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = "all",
+    speculate: SpeculateOpt = None,
+    draft_tokens: DraftOpt = 8,
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
+    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
-    from lambdasplit.device.sampling import SamplingConfig
     from lambdasplit.wire.codec import Codec
 
     sampling_given = temperature is not None or top_p is not None or top_k is not None
     if greedy and sampling_given:
         raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k")
-    sampling = SamplingConfig(
+    sampling = GenerationOptions(
         max_new_tokens=max_new_tokens,
         greedy=not sampling_given,
         temperature=temperature if temperature is not None else 1.0,
@@ -269,6 +285,8 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=tuple(stop or ()),
+        speculate=speculate,
+        draft_tokens=draft_tokens,
     )
     wire = Codec.parse(codec)
     parts = _random_split(split)
@@ -592,8 +610,8 @@ def demo(
 
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
+    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
-    from lambdasplit.device.sampling import SamplingConfig
     from lambdasplit.wire.codec import Codec
 
     console = Console()
@@ -610,7 +628,7 @@ def demo(
         console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
         console.print(f"[bold]> {prompt}[/]")
         result = device.generate(
-            body, prompt, SamplingConfig(max_new_tokens=max_new_tokens),
+            body, prompt, GenerationOptions(max_new_tokens=max_new_tokens),
             on_text=lambda text: console.out(text, end="", highlight=False),
         )
         console.out("")
@@ -671,6 +689,8 @@ def gateway(
     codec: CodecOpt = "fp32",
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", callback=_check_text_file, help="Require this key from API clients.")] = None,
     dtype: DtypeOpt = None,
+    speculate: SpeculateOpt = None,
+    draft_tokens: DraftOpt = 8,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
     import uvicorn
@@ -691,7 +711,8 @@ def gateway(
     connect = functools.partial(connect_body, config, device.manifest)  # one body session per request
     name = model or "lambdasplit-default"
     typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 -> body at {server}")
-    uvicorn.run(create_app(device, connect, name, api_key), host=host, port=port, log_level="warning")
+    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -766,6 +787,8 @@ def ui(
     pipeline: PipelineOpt = None,
     image_server: Annotated[Optional[str], typer.Option("--image-server", callback=_check_server, help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
+    speculate: SpeculateOpt = None,
+    draft_tokens: DraftOpt = 8,
 ) -> None:
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
     import uvicorn
@@ -791,7 +814,8 @@ def ui(
     audit = load_audit(device.spec) if model is None else None
     typer.echo(f"lambdasplit UI: http://{host}:{port}/ (body {'at ' + server if server else 'in this process'})")
     sys.stdout.flush()
-    uvicorn.run(create_ui(device, body, info, load_image, audit), host=host, port=port, log_level="warning")
+    app_ = create_ui(device, body, info, load_image, audit, speculate=speculate, draft_tokens=draft_tokens)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def _image_loader(pipeline, image_server, token, tls_ca, codec):

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lambdasplit.device.body import BodyClient, load_local_body
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.errors import LambdaSplitError, PromptError
 from lambdasplit.split.parts import PartRunner
 
 # transformers renamed `past_key_values` to `cache` in 5.2x (generate's kwarg and the output field).
@@ -36,6 +39,7 @@ class SplitCache(Cache):
         self.head = PartRunner(head.module, "head", head.config)
         self.tail = PartRunner(tail.module, "tail", tail.config)
         self.body = body
+        self.steps: list[tuple[float, float, float]] = []  # (head, body, tail) seconds per forward
         body.reset()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -43,6 +47,12 @@ class SplitCache(Cache):
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """One full-attention sequence to generate(), which then feeds a continued cache only the
+        positions it lacks (the gateway's multi-turn reuse)."""
+        return [False]
 
     def crop(self, max_length: int) -> None:
         """Drop positions on head, tail and body: `crop(-k)` drops the last k (transformers'
@@ -76,6 +86,28 @@ class SplitCache(Cache):
         return False
 
 
+class AdaptivePromptLookup(PromptLookupCandidateGenerator):
+    """Prompt lookup whose draft length follows its acceptance, like transformers' "heuristic"
+    schedule for draft models: +2 after a fully accepted draft, -1 after a rejection. On chat that
+    never repeats the prompt the drafts shrink to one token, so rejected positions cost little."""
+
+    proposed = 0
+    longest = 64
+
+    def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> tuple:
+        out = super().get_candidates(input_ids, *args, **kwargs)
+        self.proposed = out[0].shape[1] - input_ids.shape[1]
+        return out
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        if not self.proposed:  # no n-gram matched: nothing was drafted, nothing to learn
+            return
+        if num_matches >= self.proposed:
+            self.num_output_tokens = min(self.num_output_tokens + 2, self.longest)
+        else:
+            self.num_output_tokens = max(1, self.num_output_tokens - 1)
+
+
 class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     """Head and tail on this machine, the body behind a `BodyClient` (in process or a server)."""
 
@@ -83,7 +115,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_cache_class = True
 
-    def __init__(self, device: SplitDevice, body: BodyClient) -> None:
+    def __init__(self, device: SplitDevice, body: BodyClient | None = None) -> None:
         super().__init__(device.config)
         self.split_device = device
         self.body = body
@@ -117,8 +149,63 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             body = load_local_body(None if source is None else str(source), split, dtype, device)
         return cls(split_device, body).eval()
 
-    def new_cache(self) -> SplitCache:
-        return SplitCache(self.split_device.head, self.split_device.tail, self.body)
+    cache_kwarg = CACHE  # generate()'s name for a cache passed in
+
+    def new_cache(self, body: BodyClient | None = None) -> SplitCache:
+        """A new sequence over `body` (default: the model's own), e.g. one per concurrent request."""
+        body = body or self.body
+        if body is None:
+            raise ValueError("this SplitModelForCausalLM has no body: pass one to new_cache(body)")
+        return SplitCache(self.split_device.head, self.split_device.tail, body)
+
+    def drafting_kwargs(self, options: Any, batch: int) -> dict[str, Any]:
+        """`generate()` arguments for `options.speculate` (see generation.SPECULATE_HELP)."""
+        mode = options.speculate
+        if mode is None:
+            return {}
+        if batch > 1:
+            raise PromptError("speculative decoding drafts for one sequence at a time; drop --speculate for batches")
+        if mode == "prompt-lookup":
+            return {"prompt_lookup_num_tokens": options.draft_tokens}
+        if mode == "self":
+            raise LambdaSplitError(
+                "self-drafting (head + tail without the body) is not offered: its drafts agree with the full model on "
+                "0-10% of tokens for splits up to 8,8 (`python3 -m benchmarks self-draft`), too few to pay for verifying "
+                "them; use --speculate prompt-lookup or a small draft model's path"
+            )
+        draft = self._draft_model(mode)
+        draft.generation_config.num_assistant_tokens = options.draft_tokens
+        draft.generation_config.num_assistant_tokens_schedule = "heuristic"  # adapts to the acceptance rate
+        return {"assistant_model": draft}
+
+    def _draft_model(self, path: str) -> PreTrainedModel:
+        """A small local model with this model's tokenizer, loaded once per path."""
+        from transformers import AutoModelForCausalLM
+
+        from lambdasplit.split.sources import resolve_source
+
+        drafts = self.__dict__.setdefault("_drafts", {})
+        if path not in drafts:
+            try:
+                checkpoint = resolve_source(path)
+            except LambdaSplitError as exc:
+                raise LambdaSplitError(f"--speculate {path}: {exc}") from None
+            draft = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=self.dtype).to(self.device).eval()
+            vocab = draft.config.get_text_config().vocab_size
+            if vocab != self.config.get_text_config().vocab_size:
+                raise LambdaSplitError(
+                    f"--speculate {path}: the draft model's vocabulary has {vocab} tokens, this model's "
+                    f"{self.config.get_text_config().vocab_size}; a draft model must share the tokenizer"
+                )
+            drafts[path] = draft
+        return drafts[path]
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' candidate generator, with prompt lookup made adaptive (AdaptivePromptLookup)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        if type(generator) is PromptLookupCandidateGenerator:
+            generator.__class__ = AdaptivePromptLookup
+        return generator
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Every generate() call starts a new sequence on head, body and tail (unless given a cache)."""
@@ -144,8 +231,12 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         length = input_ids.shape[1]
         columns = attention_mask[:, -length:] if attention_mask is not None else None
         mask = columns if columns is not None and not bool(columns.all()) else None
+        t0 = time.perf_counter()
         hidden = state.head(input_ids, mask)
+        t1 = time.perf_counter()
         hidden = state.body.forward(hidden, mask)
+        t2 = time.perf_counter()
         # The runners work under inference_mode; a plain copy lets logits processors edit it in place.
         logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep).clone()
+        state.steps.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return CausalLMOutputWithPast(logits=logits, **{CACHE: state})

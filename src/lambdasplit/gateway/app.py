@@ -4,8 +4,8 @@ hidden states leave the machine.
 Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions, each with SSE
 streaming (`data: ... [DONE]`) and usage counts (`stream_options.include_usage`).
 
-Requests run concurrently: each one gets its own device fork (shared weights, its own KV caches),
-its own body session from the `connect` factory and its own worker thread (torch releases the GIL).
+Requests run concurrently: each one is its own `generate()` over the shared weights (with its own
+head and tail KV caches), its own body session from the `connect` factory and its own worker thread (torch releases the GIL).
 When the client goes away the generation is cancelled before its next body call and the body
 session is closed. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
 with the HTTP status an OpenAI client expects (see `error_status`).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,8 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.runtime import GenerationCancelled, SplitDevice, StreamChunk
-from lambdasplit.device.sampling import SamplingConfig
+from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.errors import (
     CapacityError,
     LambdaSplitError,
@@ -71,9 +72,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 
-    def sampling(self, default_max: int) -> SamplingConfig:
+    def sampling(self, default_max: int) -> GenerationOptions:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingConfig(
+        return GenerationOptions(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
             greedy=self.temperature == 0.0,
             temperature=self.temperature or 1.0,
@@ -115,8 +116,6 @@ def error_status(exc: BaseException) -> tuple[int, str, str | None, float | None
         return 400, "invalid_request_error", exc.code.value, None
     if isinstance(exc, RemoteError):  # AuthError, MismatchError, ComputeError
         return 502, "server_error", exc.code.value, None
-    if isinstance(exc, GenerationCancelled):
-        return 499, "cancelled", "cancelled", None
     if isinstance(exc, LambdaSplitError):  # PromptError, bad sampling settings, ...
         return 400, "invalid_request_error", None, None
     return 500, "server_error", None, None
@@ -138,11 +137,20 @@ class _ClientGone(Exception):
     """The HTTP client disconnected while its request was running."""
 
 
+class _Piece:
+    """A streamed item: new text, or the number of tokens a step added."""
+
+    __slots__ = ("text", "tokens")
+
+    def __init__(self, text: str = "", tokens: int = 0) -> None:
+        self.text, self.tokens = text, tokens
+
+
 _END = object()
 
 
 class _Job:
-    """One request's generation, in its own thread, on its own device fork and body session.
+    """One request's generation, in its own thread, with its own body session and caches.
 
     `work(device, body, cancel, put)` streams items with `put` or returns one result; the body
     session is closed before the result (or the end marker) is delivered.
@@ -165,10 +173,9 @@ class _Job:
 
     def _run(self, device: SplitDevice, connect: BodyFactory, work: Callable[..., object]) -> None:
         try:
-            fork = device.fork()
             body = connect()
             try:
-                result = work(fork, body, self.cancel, self._put)
+                result = work(device, body, self.cancel, self._put)
             finally:
                 try:
                     body.close()
@@ -176,8 +183,6 @@ class _Job:
                     log.warning("closing a body session failed", exc_info=True)
             if result is not None:
                 self._put(result)
-        except GenerationCancelled:
-            log.info("generation cancelled: the client went away")
         except BaseException as exc:  # noqa: BLE001 - handed to the request, which answers it
             self._put(exc)
         finally:
@@ -208,9 +213,11 @@ def create_app(
     api_key: str | None = None,
     default_max_tokens: int = 256,
     poll_seconds: float = 0.05,
+    speculate: str | None = None,
+    draft_tokens: int = 8,
 ) -> FastAPI:
     """The gateway app. Every completion request calls `connect()` for a body session of its own
-    (closed when the request ends) and runs on a fork of `device`, so requests run concurrently."""
+    (closed when the request ends) and its own generate() over `device`, so requests run concurrently."""
     jobs: set[_Job] = set()
 
     @contextlib.asynccontextmanager
@@ -261,12 +268,12 @@ def create_app(
         return await _respond(req, request, ids, "text_completion")
 
     async def _respond(req: SamplingFields, request: Request, ids: torch.Tensor, kind: str) -> Any:
-        sampling = req.sampling(default_max_tokens)
+        sampling = dataclasses.replace(req.sampling(default_max_tokens), speculate=speculate, draft_tokens=draft_tokens)
         meta = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            def stream(dev: SplitDevice, body: BodyClient, cancel: threading.Event, put: Callable[[object], None]) -> None:
-                for chunk in dev.stream_ids(body, ids, None, sampling, cancel=cancel):
-                    put(chunk)
+            def stream(dev: SplitDevice, body: BodyClient, cancel: threading.Event, put: Callable[[object], None]) -> object:
+                return dev.generate_ids(body, ids, None, sampling, on_text=lambda text: put(_Piece(text=text)),
+                                        on_tokens=lambda step: put(_Piece(tokens=len(step[0]))), cancel=cancel)
 
             job = _Job(device, connect, stream, jobs)
             try:
@@ -279,7 +286,7 @@ def create_app(
             if isinstance(first, BaseException):
                 raise first
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = _sse(job, first, request, sampling, kind, meta, include_usage, ids.shape[1])
+            events = _sse(job, first, request, kind, meta, include_usage, ids.shape[1])
             return StreamingResponse(events, media_type="text/event-stream")
 
         def generate(dev: SplitDevice, body: BodyClient, cancel: threading.Event, _: Callable[[object], None]) -> object:
@@ -303,7 +310,7 @@ def create_app(
         return {**meta, "object": kind, "choices": [choice], "usage": usage}
 
     async def _sse(
-        job: _Job, first: object, request: Request, sampling: SamplingConfig, kind: str, meta: dict,
+        job: _Job, first: object, request: Request, kind: str, meta: dict,
         include_usage: bool, prompt_tokens: int,
     ) -> AsyncIterator[str]:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
@@ -330,15 +337,13 @@ def create_app(
                     yield f"data: {json.dumps(error_body(item))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
-                assert isinstance(item, StreamChunk)
-                count += 1
-                if item.token_ids[0] in device.eos_ids:
-                    reason = "stop"
-                if item.text:
-                    yield event(item.text, None)
+                if isinstance(item, GenerationResult):
+                    count, reason = len(item.token_ids[0]), item.finish_reasons[0]
+                elif isinstance(item, _Piece):
+                    count += item.tokens
+                    if item.text:
+                        yield event(item.text, None)
                 item = await job.next(request, poll_seconds)
-            if count < sampling.max_new_tokens:
-                reason = "stop"
             yield event(None, reason)
             if include_usage:
                 yield f"data: {json.dumps({**meta, 'object': chunk_kind, 'choices': [], 'usage': _usage(prompt_tokens, count)})}\n\n"

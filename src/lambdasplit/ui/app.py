@@ -24,8 +24,8 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from lambdasplit.device.body import BodyClient
+from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.sampling import SamplingConfig
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.frame import Limits, MsgType, parse_frame
 
@@ -109,11 +109,13 @@ def streamed(job: Callable[[Callable[[dict], None]], None], lock: threading.Lock
         yield _event(item)
 
 
-def chat_job(device: SplitDevice, body: BodyClient, req: ChatRequest) -> Callable[[Callable[[dict], None]], None]:
+def chat_job(
+    device: SplitDevice, body: BodyClient, req: ChatRequest, speculate: str | None = None, draft_tokens: int = 8,
+) -> Callable[[Callable[[dict], None]], None]:
     """Text pieces as they are generated, then one `done` with what crossed the network."""
-    sampling = SamplingConfig(
+    sampling = GenerationOptions(
         max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,
-        top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+        top_p=req.top_p, top_k=req.top_k, seed=req.seed, speculate=speculate, draft_tokens=draft_tokens,
     )
 
     def job(emit: Callable[[dict], None]) -> None:
@@ -145,6 +147,8 @@ def _chat_stats(device: SplitDevice, body: BodyClient, ids: torch.Tensor, result
         "frames": stats.frames_to_cloud + stats.frames_from_cloud,
         "tokens": len(result.token_ids[0]),
         "tokens_per_second": timings.tokens_per_second,
+        "round_trips": result.round_trips,
+        "tokens_per_round_trip": result.tokens_per_round_trip,
         "per_token_ms": {"device": max(total - cloud, 0.0), "cloud_network": cloud, "total": total},
         "saw": heatmap(uplink.tensor()) if uplink is not None else None,
         "kept_tokens": [device.tokenizer.decode([t]) for t in ids[0, :HEATMAP_POSITIONS].tolist()],
@@ -189,7 +193,7 @@ def load_audit(spec) -> dict[str, Any] | None:
 
 def create_ui(
     device: SplitDevice, body: BodyClient, info: dict[str, Any], load_image: Callable[[str, int], Any] | None = None,
-    audit: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None, speculate: str | None = None, draft_tokens: int = 8,
 ) -> FastAPI:
     app = FastAPI(title="lambdasplit", version="1", docs_url=None, redoc_url=None)
     lock = threading.Lock()
@@ -224,7 +228,7 @@ def create_ui(
 
     @app.post("/api/chat")
     def api_chat(req: ChatRequest) -> StreamingResponse:
-        return StreamingResponse(streamed(chat_job(device, body, req), lock), media_type="text/event-stream")
+        return StreamingResponse(streamed(chat_job(device, body, req, speculate, draft_tokens), lock), media_type="text/event-stream")
 
     @app.post("/api/image")
     def api_image(req: ImageRequest) -> StreamingResponse:

@@ -1,0 +1,298 @@
+"""The one generation path: the CLI, gateway, UI, demo, benchmarks and audit drive the split model
+through transformers' `generate()` here, and get back text, finish reasons and what crossed the network.
+
+What is ours is only what `generate()` does not give: our option names and checks, stop strings cut
+out of the streamed text (transformers stops at them but keeps them), cancellation between steps,
+and the per-forward head/body/tail timings and bytes the panel shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from lambdasplit.device.body import BodyClient
+from lambdasplit.errors import LambdaSplitError, PromptError
+
+if TYPE_CHECKING:
+    from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
+
+SPECULATE_HELP = "prompt-lookup (draft from n-grams of the prompt), self (head + tail without the body) or a PATH to a draft model"
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Our generation settings, checked with messages that name the CLI options, and turned into
+    `generate()` arguments. Greedy unless `greedy` is False."""
+
+    max_new_tokens: int = 128
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    speculate: str | None = None  # see SPECULATE_HELP
+    draft_tokens: int = 8  # the first draft's length; it then adapts to the acceptance rate
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LambdaSplitError("--max-new-tokens must be at least 1")
+        if self.temperature <= 0:
+            raise LambdaSplitError("--temperature must be > 0 (use --greedy for deterministic decoding)")
+        if not 0 < self.top_p <= 1:
+            raise LambdaSplitError("--top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise LambdaSplitError("--top-k must be >= 0 (0 disables it)")
+        if self.repetition_penalty <= 0:
+            raise LambdaSplitError("--repetition-penalty must be > 0")
+        if not 1 <= self.draft_tokens <= 64:
+            raise LambdaSplitError("--draft-tokens must be from 1 to 64")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The sampling arguments of `generate()` (drafting is added by the model)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        else:  # the model's generation_config may carry sampling defaults: greedy means none of them
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = self.max_new_tokens
+        if self.stop:
+            kwargs["stop_strings"] = list(self.stop)
+        return kwargs
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of one generation, and of each stage of every forward."""
+
+    total: float = 0.0
+    prefill: float = 0.0  # until the first new token
+    tokens: int = 0
+    steps: list[tuple[float, float, float]] = field(default_factory=list)  # (head, body, tail) per forward
+
+    @property
+    def head(self) -> float:
+        return sum(s[0] for s in self.steps)
+
+    @property
+    def body(self) -> float:  # network + body compute, as seen from the device
+        return sum(s[1] for s in self.steps)
+
+    @property
+    def tail(self) -> float:
+        return sum(s[2] for s in self.steps)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.total - self.prefill
+        return (self.tokens - 1) / decode if self.tokens > 1 and decode > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "head": self.head, "body": self.body, "tail": self.tail, "prefill": self.prefill,
+            "total": self.total, "tokens_per_second": self.tokens_per_second, "forwards": len(self.steps),
+        }
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    prompt_token_ids: list[list[int]]
+    token_ids: list[list[int]]
+    timings: Timings
+    bytes_to_cloud: int
+    bytes_from_cloud: int
+    finish_reasons: list[str] = field(default_factory=list)
+    round_trips: int = 0  # body exchanges: fewer than tokens when drafts are accepted
+    logits: torch.Tensor | None = None  # (new tokens, B, V), raw tail logits, when asked for
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def tokens_per_round_trip(self) -> float:
+        return len(self.token_ids[0]) / self.round_trips if self.round_trips else 0.0
+
+
+class TextStream(TextStreamer):
+    """A single row's new text, as transformers' TextStreamer decodes it (whole words and characters),
+    with stop strings cut out: text that might still become a stop string is held back."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stops: tuple[str, ...] = ()) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+        self.stopped = False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            return
+        self.pending += text
+        cuts = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if cuts:
+            self._emit(self.pending[: min(cuts)])
+            self.stopped = True
+            return
+        hold = 0 if stream_end else _stop_prefix(self.pending, self.stops)
+        self._emit(self.pending[: len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.on_text(text)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])), default=0)
+
+
+class _Steps(BaseStreamer):
+    """Sees every batch of new tokens: times the first one and hands each step's ids (one list per
+    row; several tokens per row when a draft was accepted) to a callback."""
+
+    def __init__(self, on_tokens: Callable[[list[list[int]]], None] | None, text: TextStream | None) -> None:
+        self.on_tokens = on_tokens
+        self.text = text
+        self.prompt = True
+        self.first_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.text is not None:
+            self.text.put(value)
+        if self.prompt:
+            self.prompt = False
+            return
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if self.on_tokens is not None:
+            rows = value.tolist()
+            self.on_tokens([r if isinstance(r, list) else [r] for r in rows] if value.dim() > 1 else [[t] for t in rows])
+
+    def end(self) -> None:
+        if self.text is not None:
+            self.text.end()
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops every row once `event` is set: at most one more body call happens after it."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generate_ids(
+    model: SplitModelForCausalLM,
+    body: BodyClient,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    options: GenerationOptions | None = None,
+    on_text: Callable[[str], None] | None = None,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    cancel: threading.Event | None = None,
+    keep_logits: bool = False,
+    cache: SplitCache | None = None,
+    **generate_kwargs: Any,
+) -> GenerationResult:
+    """One `model.generate()` over `body`: `on_text` gets a single row's text as it is produced,
+    `on_tokens` every step's new ids; once `cancel` is set the rows still running stop with reason
+    "cancelled".
+
+    `cache` continues a sequence: a `SplitCache` over `body` that already holds the first
+    `cache.get_seq_length()` positions of `input_ids` (crop it to the common prefix first), so only
+    the rest is sent. `generate_kwargs` go to `generate()` as they are (e.g. `logits_processor`).
+    """
+    options = options or GenerationOptions()
+    batch, prompt_len = input_ids.shape
+    if prompt_len == 0:
+        raise PromptError("the prompt is empty")
+    if prompt_len + options.max_new_tokens > model.split_device.max_context:
+        raise PromptError(
+            f"prompt of {prompt_len} tokens + {options.max_new_tokens} new tokens exceeds the model's "
+            f"context window of {model.split_device.max_context}"
+        )
+    tokenizer = model.split_device.tokenizer if model.split_device.has_tokenizer else None
+    if options.stop and tokenizer is None:
+        raise PromptError("stop strings need the model's tokenizer")
+    text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
+    steps = _Steps(on_tokens, text)
+    kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch) | generate_kwargs
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+    if keep_logits:
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)  # generate() samples from torch's global generator
+    device = model.device
+    ids = input_ids.to(device)
+    mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(ids)
+    if cache is None:
+        cache = model.new_cache(body)
+    elif cache.body is not body or cache.get_seq_length() >= prompt_len:
+        raise ValueError("a continued cache must belong to `body` and hold fewer positions than input_ids")
+    first_step = len(cache.steps)
+    body.stats.reset()
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, streamer=steps, tokenizer=tokenizer,
+        pad_token_id=model.split_device.pad_id, **{model.cache_kwarg: cache}, **kwargs,
+    )
+    timings = Timings(total=time.perf_counter() - start, steps=cache.steps[first_step:])
+    timings.prefill = (steps.first_at or time.perf_counter()) - start
+    sequences = out.sequences if keep_logits else out
+    texts, token_ids, reasons = _trim(model, sequences[:, prompt_len:].tolist(), options, cancel is not None and cancel.is_set())
+    timings.tokens = max(len(row) for row in token_ids)
+    return GenerationResult(
+        texts=texts,
+        prompt_token_ids=[row[m.bool()].tolist() for row, m in zip(input_ids, mask.cpu(), strict=True)],
+        token_ids=token_ids,
+        timings=timings,
+        bytes_to_cloud=body.stats.bytes_to_cloud,
+        bytes_from_cloud=body.stats.bytes_from_cloud,
+        finish_reasons=reasons,
+        round_trips=body.stats.frames_from_cloud,
+        logits=torch.stack(out.logits) if keep_logits else None,
+    )
+
+
+def _trim(
+    model: SplitModelForCausalLM, rows: list[list[int]], options: GenerationOptions, cancelled: bool
+) -> tuple[list[str], list[list[int]], list[str]]:
+    """Cut each row after its EOS and at the first stop string (with the padding generate() adds to
+    rows that finished early); decode the text; name why each row ended."""
+    device = model.split_device
+    tokenizer = device.tokenizer if device.has_tokenizer else None
+    eos = set(device.eos_ids)
+    texts, kept, reasons = [], [], []
+    for row in rows:
+        cut = None if options.ignore_eos else next((i + 1 for i, t in enumerate(row) if t in eos), None)
+        ids = row[:cut] if cut else row
+        reason = "stop" if cut else ("cancelled" if cancelled else "length")
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+        found = [text.index(s) for s in options.stop if s and s in text]
+        if found:
+            text, reason = text[: min(found)], "stop"
+            while len(ids) > 1 and ids[-1] == device.pad_id and device.pad_id not in eos:
+                ids = ids[:-1]
+        texts.append(text)
+        kept.append(ids)
+        reasons.append(reason)
+    return texts, kept, reasons
