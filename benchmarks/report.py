@@ -302,8 +302,9 @@ def serve_cpu_section(data: dict, name: str) -> str:
 def speculative_section(data: dict) -> str:
     """Plain split decode against prompt lookup over the emulated WAN (issue 13)."""
     lines = ["## Speculative decoding over an emulated WAN (`speculative-cpu`): SmolLM2, split 2,2, bf16 frames", "",
-             _env(data) + f"; {data['new_tokens']} new tokens per prompt, greedy, `prompt_lookup_num_tokens` "
-             f"{data['prompt_lookup_num_tokens']}; medians over each set's prompts (`benchmarks/prompts`).", "",
+             _env(data) + f"; {data['new_tokens']} new tokens per prompt, greedy, first draft "
+             f"{data['prompt_lookup_num_tokens']} tokens ({data.get('draft_length', 'fixed')}); medians over each set's "
+             "prompts (`benchmarks/prompts`).", "",
              "| added RTT ms | set | plain tok/s | prompt lookup tok/s | speedup | tokens per round trip | same tokens | "
              "unsplit local tok/s |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:

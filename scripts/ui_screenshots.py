@@ -35,20 +35,25 @@ def main() -> None:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
+            page.wait_for_selector("#layers span")
             page.fill("#max-new-tokens", "48")
-            page.fill("#chat-input", "What is split inference, in two sentences?")
-            page.click("#send")
-            page.wait_for_selector("#answer[data-state=done]", timeout=300_000)
+            # Two turns: the second sends only its new positions (the panel and the answer's line say how many).
+            for question in ("Write a Python function that adds two numbers.", "Now explain it in one sentence."):
+                page.fill("#chat-input", question)
+                page.click("#send")
+                page.wait_for_selector("#answer[data-state=done]", timeout=300_000)
             OUT.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(OUT / "ui-chat.png"))
             page.click("#tab-image")
-            page.fill("#image-steps", "12")
             page.select_option("#image-mode", "unet-split")
-            page.click("#image-go")
-            page.wait_for_selector("#image-state[data-state=done]", timeout=300_000)
-            page.screenshot(path=str(OUT / "ui-image.png"))
+            for seed in ("1", "0"):  # two images, so the gallery shows
+                page.fill("#image-seed", seed)
+                page.fill("#image-steps", "12")
+                page.click("#image-go")
+                page.wait_for_selector("#image-state[data-state=done]", timeout=300_000)
+            page.screenshot(path=str(OUT / "ui-image.png"), full_page=True)
             browser.close()
     finally:
         proc.terminate()

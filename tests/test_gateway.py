@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
+from transformers import GenerationConfig, LogitsProcessorList
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient, TransferStats, load_local_body
@@ -29,8 +31,12 @@ from lambdasplit.errors import (
     ProtocolError,
     UnavailableError,
 )
-from lambdasplit.gateway.app import create_app
+from lambdasplit.gateway.app import create_app, default_model_name
+from lambdasplit.gateway.conversations import Conversation, ConversationPool
+from lambdasplit.gateway.sampling import OpenAIPenalties
+from lambdasplit.gateway.schema import SamplingDefaults
 from lambdasplit.wire.codec import Codec
+from tests.conftest import oracle
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -82,8 +88,9 @@ def stack(device):
     with ServerProcess("--split", "2,2") as body_server:
         # fp32 on the wire, so that answers equal the in-process split's exactly (bf16 may flip near-ties)
         connect = lambda: RemoteBody(body_server.url, device.manifest, Codec.FP32)  # noqa: E731
-        with _serving(create_app(device, connect, "smollm2")) as url:
-            yield SimpleNamespace(url=url, device=device, body_server=body_server, client=_client(url))
+        # No multi-turn reuse here: these tests count the server's open sessions (reuse: the `reuse` fixture).
+        with _serving(create_app(device, connect, "smollm2", conversations=0)) as url:
+            yield SimpleNamespace(url=url, device=device, body_server=body_server, client=_client(url), connect=connect)
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +384,349 @@ def test_generation_stops_at_the_step_after_cancel(device):
     result = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=50), on_text, cancel=cancel)
     assert result.finish_reasons == ["cancelled"] and 3 <= len(result.token_ids[0]) < 50
     assert result.token_ids[0] == _expected(device, ids, len(result.token_ids[0])).token_ids[0]
+
+
+# --- issue 14: the OpenAI surface ------------------------------------------------------------------
+
+
+def _post(url: str, path: str, body: dict, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+
+
+def test_health_needs_no_key_and_models_do(failing):
+    assert httpx.get(f"{failing.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{failing.url}/v1/models", timeout=10).status_code == 401
+    listed = httpx.get(f"{failing.url}/v1/models/smollm2", headers={"Authorization": "Bearer secret"}, timeout=10).json()
+    assert listed == {"id": "smollm2", "object": "model", "created": 0, "owned_by": "lambdasplit"}
+
+
+def test_default_model_name_is_friendly(tmp_path):
+    assert default_model_name(None) == "SmolLM2-135M-Instruct"
+    assert default_model_name("default") == "SmolLM2-135M-Instruct"
+    assert default_model_name("models/qwen2.5-0.5b-instruct-q4_k_m.gguf") == "qwen2.5-0.5b-instruct-q4_k_m"
+    assert default_model_name(str(tmp_path / "llama-3.2-1b")) == "llama-3.2-1b"
+    assert default_model_name(str(tmp_path / "parts" / "device"), exported=True) == "parts"
+
+
+def test_unknown_model_is_404(gateway):
+    client, _ = gateway
+    with pytest.raises(openai.NotFoundError, match="gpt-4o") as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    assert caught.value.code == "model_not_found"
+
+
+def test_greedy_chat_equals_the_unsplit_model(gateway, smollm2_dir):
+    client, device = gateway
+    reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=16)
+    ids = device.encode_chat(MESSAGES)
+    unsplit = oracle(smollm2_dir).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert reply.choices[0].message.content == device.tokenizer.decode(unsplit[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "change, status, param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+        ({"tool_choice": "auto"}, 400, "tool_choice"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"frobnicate": 1}, 400, "frobnicate"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"temperature": 3}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"n": 99}, 400, "n"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"logit_bias": {"999999": 5}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400,
+         "messages.0.content.image_url"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400, "messages.0.tool"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0"),
+        ({"messages": []}, 400, "messages"),
+        ({"max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "other"}, 404, "model"),
+    ],
+)
+def test_unsupported_and_invalid_fields_are_openai_errors(stack, change, status, param):
+    body = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 4, **change}
+    response = _post(stack.url, "/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param or (error["param"] or "").startswith(param), error
+
+
+def test_invalid_json_and_completion_fields_are_400(stack):
+    response = httpx.post(f"{stack.url}/v1/completions", content=b"{not json", timeout=30)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    for change, param in [({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 6}, "logprobs"),
+                          ({"echo": True, "logprobs": 1}, "echo"), ({"prompt": [[1, 2], "x"]}, "prompt"), ({"prompt": ""}, "prompt")]:
+        response = _post(stack.url, "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 2, **change})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (change, response.text)
+
+
+def test_content_parts_and_null_assistant_content(gateway):
+    client, device = gateway
+    messages = [
+        {"role": "developer", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "Answer in one word."},
+    ]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=12)
+    plain = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital\nof France?"},
+             {"role": "assistant", "content": ""}, {"role": "user", "content": "Answer in one word."}]
+    assert reply.choices[0].message.content == _expected(device, device.encode_chat(plain), 12).text
+
+
+def test_n_choices_are_batch_rows(gateway):
+    client, device = gateway
+    greedy = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=10, n=2)
+    expected = _expected(device, device.encode_chat(MESSAGES), 10)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert [c.message.content for c in greedy.choices] == [expected.text] * 2
+    assert greedy.usage.completion_tokens == 2 * len(expected.token_ids[0])
+    assert greedy.usage.prompt_tokens == device.encode_chat(MESSAGES).shape[1]
+    sampled = client.completions.create(model="smollm2", prompt="Once upon a time", temperature=1.0, max_tokens=12, n=3, seed=5)
+    texts = [c.text for c in sampled.choices]
+    assert len(texts) == 3 and len(set(texts)) > 1  # sampled rows differ
+    # two prompts x n=2: choices in prompt order, each prompt's rows greedy and equal
+    both = client.completions.create(model="smollm2", prompt=["The sky is", "Water is"], temperature=0, max_tokens=5, n=2)
+    want = [_expected(device, _ids(device, p), 5).text for p in ("The sky is", "Water is")]
+    assert [c.text for c in both.choices] == [want[0], want[0], want[1], want[1]]
+
+
+def test_streaming_n_and_stop_per_row(gateway):
+    client, device = gateway
+    texts, reasons = {}, {}
+    for chunk in client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=16, n=2,
+                                                stop=["."], stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    expected = device.generate_ids(_local_body(), device.encode_chat(MESSAGES), None, GenerationOptions(max_new_tokens=16, stop=(".",)))
+    assert texts == {0: expected.text, 1: expected.text} and "." not in expected.text
+    assert reasons == {0: expected.finish_reasons[0], 1: expected.finish_reasons[0]}
+
+
+def _raw_logprobs(device, ids, n):
+    """The unsplit-equivalent local split's raw log-softmax at each of n greedy steps."""
+    result = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=n), keep_logits=True)
+    return result, torch.log_softmax(result.logits[:, 0].float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models(gateway):
+    client, device = gateway
+    reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    result, logprobs = _raw_logprobs(device, device.encode_chat(MESSAGES), 6)
+    content = reply.choices[0].logprobs.content
+    assert [device.tokenizer.decode([t]) for t in result.token_ids[0]] == [c.token for c in content]
+    for step, (entry, token) in enumerate(zip(content, result.token_ids[0], strict=True)):
+        assert entry.logprob == pytest.approx(logprobs[step, token].item(), abs=1e-4)
+        top = logprobs[step].topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+        assert entry.bytes == list(entry.token.encode())
+    # streamed: the same entries, chunk by chunk
+    streamed = [e for chunk in client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=6,
+                                                               logprobs=True, top_logprobs=3, stream=True)
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_completion_logprobs_shape(gateway):
+    client, device = gateway
+    reply = client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4, logprobs=2)
+    result, logprobs = _raw_logprobs(device, _ids(device, "The sky is"), 4)
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text == result.text
+    assert lp.token_logprobs == pytest.approx([logprobs[i, t].item() for i, t in enumerate(result.token_ids[0])], abs=1e-4)
+    assert all(len(top) == 2 and tok in top for top, tok in zip(lp.top_logprobs, lp.tokens, strict=True))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    echoed = client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4, echo=True)
+    assert echoed.choices[0].text == "The sky is" + result.text
+
+
+def test_openai_penalties_follow_the_formula():
+    scores = torch.zeros(1, 6)
+    ids = torch.tensor([[5, 5, 1, 1, 1, 3]])  # prompt [5, 5]; generated: 1 three times, 3 once
+    out = OpenAIPenalties(prompt_len=2, presence=0.5, frequency=0.25)(ids, scores.clone())
+    assert out.tolist() == [[0.0, -(0.5 + 0.75), 0.0, -(0.5 + 0.25), 0.0, 0.0]]  # the prompt's 5 is not penalised
+
+
+def test_penalties_and_logit_bias_change_the_tokens(gateway):
+    client, device = gateway
+    prompt = COUNTING
+    ids = _ids(device, prompt)
+    plain = _expected(device, ids, 16)
+    penalised = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=1.0)
+    processor = LogitsProcessorList([OpenAIPenalties(ids.shape[1], presence=1.0, frequency=2.0)])
+    want = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=16), logits_processor=processor)
+    assert penalised.choices[0].text == want.text != plain.text
+    token = device.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    biased = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=3, logit_bias={str(token): 100})
+    assert biased.choices[0].text == device.tokenizer.decode([token] * 3)
+
+
+def test_response_format_json_schema(gateway):
+    client, _ = gateway
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "is_capital": {"type": "boolean"}},
+              "required": ["city", "is_capital"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=48,
+        messages=[{"role": "user", "content": "Give the capital of France and its population as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    assert json.loads(reply.choices[0].message.content) == {"city": "Paris", "is_capital": True}
+    assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def tuned(stack):
+    """A gateway whose model defaults (as from generation_config.json) say greedy."""
+    with _serving(create_app(stack.device, stack.connect, "smollm2", conversations=0,
+                             sampling_defaults=SamplingDefaults(temperature=0.0))) as url:
+        yield _client(url)
+
+
+def test_sampling_defaults_come_from_the_generation_config(tuned, device):
+    assert SamplingDefaults.from_generation_config(GenerationConfig(temperature=0.6, top_p=0.9)) == SamplingDefaults(0.6, 0.9, 0, 1.0)
+    assert SamplingDefaults.from_generation_config(GenerationConfig()) == SamplingDefaults()  # transformers' own defaults are not the model's
+    reply = tuned.completions.create(model="smollm2", prompt="The sky is", max_tokens=8)  # no temperature: the model's (0) applies
+    assert reply.choices[0].text == _expected(device, _ids(device, "The sky is"), 8).text
+
+
+def test_sync_and_async_clients_stream_16_concurrent_requests_two_abandoned(stack):
+    """16 streaming requests at once (the async client); two clients leave mid-stream; then a new
+    request is answered, correctly, and every body session is closed."""
+    import asyncio
+
+    prompts = ["The three primary colors are", "My favourite recipe for soup is", COUNTING, "The sky is"]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str | None:
+        stream = await client.completions.create(model="smollm2", prompt=prompts[i % 4], temperature=0, max_tokens=10, stream=True)
+        text = []
+        async for chunk in stream:
+            text.append(chunk.choices[0].text if chunk.choices else "")
+            if i in (3, 7) and len(text) == 2:
+                await stream.close()  # this client goes away
+                return None
+        return "".join(text)
+
+    async def main() -> list[str | None]:
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(16)))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(main())
+    expected = [_expected(stack.device, _ids(stack.device, p), 10).text for p in prompts]
+    for i, text in enumerate(texts):
+        assert text == (None if i in (3, 7) else expected[i % 4])
+    _idle(stack.body_server)
+    reply = stack.client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4)
+    assert reply.choices[0].text == _expected(stack.device, _ids(stack.device, "The sky is"), 4).text
+
+
+# --- issue 14 part 2: multi-turn reuse ---------------------------------------------------------
+
+
+@pytest.fixture
+def reuse(stack):
+    app = create_app(stack.device, stack.connect, "smollm2", conversations=2)
+    with _serving(app) as url:
+        yield SimpleNamespace(url=url, pool=app.state.conversations)
+    app.state.conversations.close()
+
+
+def _turn(url: str, messages: list[dict]) -> httpx.Response:
+    response = _post(url, "/v1/chat/completions", {"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 12})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_a_conversations_next_turn_sends_only_its_new_positions(stack, reuse):
+    device = stack.device
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    one = _turn(reuse.url, first)
+    assert one.headers["x-lambdasplit-cached-tokens"] == "0" and len(reuse.pool) == 1
+    answer = one.json()["choices"][0]["message"]["content"]
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
+
+    before = _metrics(stack.body_server)["lambdasplit_tokens_served_total"]
+    reused = _turn(reuse.url, second)
+    served_reused = _metrics(stack.body_server)["lambdasplit_tokens_served_total"] - before
+    before = _metrics(stack.body_server)["lambdasplit_tokens_served_total"]
+    fresh = _turn(stack.url, second)  # the same request without reuse
+    served_fresh = _metrics(stack.body_server)["lambdasplit_tokens_served_total"] - before
+
+    # What the kept cache held: turn one's prompt and answer but its last token; turn two shares a prefix of it.
+    ids1 = device.encode_chat(first)[0].tolist()
+    held = (ids1 + _expected(device, device.encode_chat(first), 12).token_ids[0])[:-1]
+    ids2 = device.encode_chat(second)[0].tolist()
+    shared = next((i for i, (a, b) in enumerate(zip(held, ids2, strict=False)) if a != b), min(len(held), len(ids2)))
+    assert shared > len(ids1)
+    assert int(reused.headers["x-lambdasplit-cached-tokens"]) == shared
+    assert reused.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": shared}
+    assert served_fresh - served_reused == shared  # the body computed only the new positions
+    bytes_reused, bytes_fresh = int(reused.headers["x-lambdasplit-bytes-to-cloud"]), int(fresh.headers["x-lambdasplit-bytes-to-cloud"])
+    assert bytes_fresh - bytes_reused == shared * device.config.hidden_size * 4  # fp32 hidden states not re-sent
+    assert reused.json()["choices"][0]["message"]["content"] == fresh.json()["choices"][0]["message"]["content"]
+    # An unrelated conversation does not take the kept one over: it starts its own session.
+    other = _turn(reuse.url, [{"role": "user", "content": "Name a colour."}])
+    assert other.headers["x-lambdasplit-cached-tokens"] == "0" and len(reuse.pool) == 2
+
+
+class _Closable:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_conversation_pool_is_lru_with_a_ttl():
+    now = [0.0]
+    pool = ConversationPool(capacity=2, ttl=10, clock=lambda: now[0])
+    convs = [Conversation(_Closable(), None, prompt_len=3, tokens=[1, 2, 3, 4, i]) for i in range(3)]  # type: ignore[arg-type]
+    for conv in convs:
+        pool.put(conv)
+    assert convs[0].body.closed and len(pool) == 2  # the least recently used one was closed
+    assert pool.take([9, 9, 9]) is None  # shares nothing
+    assert pool.take([1, 2]) is None  # does not contain the kept prompt
+    taken, shared = pool.take([1, 2, 3, 4, 2, 7])
+    assert taken is convs[2] and shared == 5 and len(pool) == 1
+    now[0] = 11.0
+    pool.expire()
+    assert convs[1].body.closed and len(pool) == 0
+
+
+def test_a_repeated_one_token_prompt_starts_a_fresh_cache(reuse, device):
+    """The kept conversation holds the whole one-token prompt: nothing can be reused (one position
+    must be sent), so the turn starts a fresh cache on the kept session instead of failing."""
+    want = _expected(device, _ids(device, "Hello"), 4).text
+    for _ in range(2):
+        reply = httpx.post(f"{reuse.url}/v1/completions", json={"model": "smollm2", "prompt": "Hello", "max_tokens": 4,
+                                                                  "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == want
+
+
+def test_a_stop_string_only_counts_in_generated_text(stack):
+    """"\\n\\n" straddling the prompt's last "\\n" and the first new token does not stop (OpenAI's rule)."""
+    reply = httpx.post(f"{stack.url}/v1/completions", json={"model": "smollm2", "prompt": "Line one\n", "max_tokens": 8,
+                                                              "temperature": 0, "stop": ["\n\n"]}, timeout=120).json()
+    choice = reply["choices"][0]
+    assert "\n\n" not in choice["text"]
+    assert choice["finish_reason"] == "stop" or reply["usage"]["completion_tokens"] == 8
+
+
+def test_too_many_rows_and_huge_bodies_are_refused(stack):
+    rows = httpx.post(f"{stack.url}/v1/completions", json={"model": "smollm2", "prompt": ["a", "b"], "n": 9}, timeout=60)
+    assert rows.status_code == 400 and rows.json()["error"]["param"] == "n"
+    huge = httpx.post(f"{stack.url}/v1/completions", content=b"{" + b" " * (5 << 20) + b"}",
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert huge.status_code == 413 and "error" in huge.json()

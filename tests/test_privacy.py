@@ -113,3 +113,24 @@ def test_learned_inversion_reads_states_and_noise_defeats_it(model):
     # Chance is 1/512; the random 8-layer model mixes context strongly, so K = 1 is the fair test.
     assert acc_clean >= 0.5, acc_clean
     assert acc_noisy <= 0.2, acc_noisy
+
+
+def test_generator_prior_names_a_row_the_decoy_generator_could_not_produce():
+    """Decoy names come from Faker's lists: a real name outside them gives the real row away (the audit
+    reports this; pseudonymising first removes it, since the real row then carries a generated name too)."""
+    from lambdasplit.privacy.distinguish import GeneratorPriorDistinguisher
+    from lambdasplit.privacy.pseudonym import Detector
+
+    prior = GeneratorPriorDistinguisher(None, Detector())
+    values = [[("PERSON", "Mary Smith")], [("PERSON", "Zyxwa Qortho")], [("PERSON", "John Miller")]]
+    scores = prior.scores(["", "", ""], values)
+    assert max(range(3), key=scores.__getitem__) == 1
+    assert prior.looks_generated("EMAIL", "j.miller@smithmail.com") and not prior.looks_generated("EMAIL", "j.miller@gmail.com")
+
+
+def test_decoy_summary_counts_ties_as_expected_success():
+    from lambdasplit.privacy.pii_audit import _decoy_summary
+
+    rows = [{"mode": "decoys", "length_matched": True, "by_n": {"1": {"lm": {"row": 0.5, "identifiers": 0.5}}}}]
+    (entry,) = _decoy_summary(rows, (1,))
+    assert entry["chance"] == 0.5 and entry["lm_row"] == 0.5

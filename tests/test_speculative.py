@@ -130,8 +130,8 @@ def test_a_draft_model_gives_the_plain_greedy_tokens_over_the_network(tiny_model
 
 
 def test_prompt_lookup_draft_length_follows_acceptance():
-    """Full acceptance grows the draft by 2, a rejection shrinks it by 1 (never below 1), and a step
-    where no n-gram matched (nothing drafted) changes nothing."""
+    """Full acceptance grows the draft by 2, a rejection shrinks it by 1; a rejected one-token draft
+    pauses drafting for 1, 2, 4 ... steps; a step where nothing was drafted changes nothing."""
     from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
     from lambdasplit.device.model import AdaptivePromptLookup
@@ -143,12 +143,21 @@ def test_prompt_lookup_draft_length_follows_acceptance():
     assert gen.proposed == candidates.shape[1] - ids.shape[1] == 3  # "3 1 2" followed the earlier "1 2"
     gen.update_candidate_strategy(ids, None, 3)
     assert gen.num_output_tokens == 6
-    for _ in range(9):
+    for _ in range(5):
         gen.update_candidate_strategy(ids, None, 0)
-    assert gen.num_output_tokens == 1
+    assert gen.num_output_tokens == 1 and gen.pause == 0
+    for pause in (1, 2, 4):  # each rejected one-token draft doubles the pause
+        gen.update_candidate_strategy(ids, None, 0)
+        assert gen.pause == pause
+        for _ in range(pause):
+            assert gen.get_candidates(ids)[0].shape == ids.shape  # paused: no draft
+        gen.get_candidates(ids)
+        assert gen.proposed == 1
+    gen.update_candidate_strategy(ids, None, 1)  # accepted: drafting resumes at full pace
+    assert gen.backoff == 0 and gen.num_output_tokens == 3
     gen.proposed = 0
     gen.update_candidate_strategy(ids, None, 0)
-    assert gen.num_output_tokens == 1
+    assert gen.num_output_tokens == 3
 
 
 def test_self_drafting_is_refused_with_its_measured_acceptance(llama, local):

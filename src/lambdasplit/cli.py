@@ -267,6 +267,8 @@ def generate(
     noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = "all",
     speculate: SpeculateOpt = None,
     draft_tokens: DraftOpt = 8,
+    pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: replace names, e-mails, numbers and other identifiers with stand-ins on the device and restore them in the answer (see docs/privacy.md).")] = False,
+    decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: run the prompt among N decoy rows that differ in its identifiers (every row runs to --max-new-tokens).")] = 0,
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
     from lambdasplit.device.generation import GenerationOptions
@@ -302,21 +304,36 @@ def generate(
             raise LambdaSplitError("--noise-on must be all, prompt or decode")
         body.uplink_defense = GaussianNoise(noise, noise_on)
     on_text = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    protected = None
     try:
-        result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)
+        if pseudonymize or decoys:
+            from lambdasplit.privacy.protect import ProtectedChat, Protection
+
+            if raw:
+                raise LambdaSplitError("--pseudonymize and --decoys work on chat prompts; drop --raw")
+            protected = ProtectedChat(device, Protection(pseudonymize, decoys)).generate(
+                body, [{"role": "user", "content": prompt}], sampling, on_text=on_text)
+            result = protected.result
+            result.texts[protected.real_row] = protected.text
+        else:
+            result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)
     finally:
         body.close()
+    row = protected.real_row if protected else 0
     if as_json:
         payload = {
-            "text": result.text,
-            "prompt_token_ids": result.prompt_token_ids[0],
-            "token_ids": result.token_ids[0],
-            "finish_reason": result.finish_reasons[0],
+            "text": result.texts[row],
+            "prompt_token_ids": result.prompt_token_ids[row],
+            "token_ids": result.token_ids[row],
+            "finish_reason": result.finish_reasons[row],
             "split": device.spec.as_dict(),
             "codec": wire.name.lower(),
             "bytes": {"to_cloud": result.bytes_to_cloud, "from_cloud": result.bytes_from_cloud},
             "timings": result.timings.as_dict(),
         }
+        if protected is not None:
+            payload["cloud_prompt"] = protected.cloud_prompt  # what the cloud can recover of the real row
+            payload["rows"] = len(protected.rows)
         typer.echo(json.dumps(payload))
     else:
         typer.echo()
@@ -428,6 +445,11 @@ def serve(
     pipeline: PipelineOpt = None,
     mode: ModeOpt = "paper",
     k: BlocksOpt = 1,
+    tensor_parallel: Annotated[int, typer.Option(
+        "--tensor-parallel", min=1,
+        help="Cut the body's layers over this many GPUs of this host (torch.distributed, NCCL); relaunches itself "
+             "under torchrun, rank 0 serves the network.",
+    )] = 1,
 ) -> None:
     """Serve the body to devices over WebSocket (one persistent connection per device): a language
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
@@ -439,6 +461,14 @@ def serve(
 
     if part is not None and model is not None:
         raise LambdaSplitError("give either --part or --model, not both")
+    tp = _tensor_parallel(tensor_parallel, pipeline)
+    if tp is not None and not tp.leader:
+        from lambdasplit.engine.scheduler import follow_leader
+        from lambdasplit.split.spec import parse_split_range
+
+        k_min, _, m = parse_split_range(split) if split else (None, None, None)
+        follow_leader(str(part) if part else model, (k_min, m) if split else None, dtype, tp, allow_shallow)
+        return
     token = read_token(token_file)
     if token is None and not is_loopback(host) and not insecure_no_auth:
         raise LambdaSplitError(
@@ -463,7 +493,7 @@ def serve(
         parts = (k_min, m) if split else None
         scheduler = load_scheduler(
             str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None,
-            cuda_graphs,
+            cuda_graphs, tp,
         )
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
     server = BodyServer(scheduler, config)
@@ -487,6 +517,26 @@ def serve(
         asyncio.run(run())
     except OSError as exc:
         raise _bind_error(host, port, exc) from None
+
+
+def _tensor_parallel(ranks: int, pipeline: str | None):
+    """This process's tensor-parallel group for `--tensor-parallel N`: relaunch under torchrun
+    (which starts N copies of this command) unless already inside it."""
+    import os
+
+    if ranks == 1:
+        return None
+    if pipeline is not None:
+        raise LambdaSplitError("--tensor-parallel serves text bodies only; drop --pipeline")
+    if "WORLD_SIZE" not in os.environ:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "lambdasplit.cli", *sys.argv[1:]]
+        os.execv(sys.executable, args)
+    from lambdasplit.engine.parallel import TensorParallel
+
+    tp = TensorParallel.from_env()
+    if tp is None or tp.world != ranks:
+        raise LambdaSplitError(f"--tensor-parallel {ranks} inside a torchrun group of {os.environ['WORLD_SIZE']}")
+    return tp
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> LambdaSplitError:
@@ -691,13 +741,15 @@ def gateway(
     dtype: DtypeOpt = None,
     speculate: SpeculateOpt = None,
     draft_tokens: DraftOpt = 8,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id for API clients (default: the model file's or directory's name).")] = None,
+    conversations: Annotated[int, typer.Option(min=0, help="Conversations whose body session is kept for their next turn (0: off); each holds a session on the body server.")] = 16,
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions) backed by split inference."""
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /health) backed by split inference; see docs/gateway.md."""
     import uvicorn
 
     from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice
-    from lambdasplit.gateway.app import create_app
+    from lambdasplit.gateway.app import create_app, default_model_name
     from lambdasplit.security import is_loopback, read_token
     from lambdasplit.wire.codec import Codec
 
@@ -709,9 +761,9 @@ def gateway(
     config = BodyConfig.from_options(server, token_file, tls_ca=tls_ca, codec=Codec.parse(codec),
                                      reconnect_window=reconnect_window)
     connect = functools.partial(connect_body, config, device.manifest)  # one body session per request
-    name = model or "lambdasplit-default"
-    typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 -> body at {server}")
-    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens)
+    name = model_name or default_model_name(model, device.opened.exported is not None)
+    typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 (model {name}) -> body at {server}")
+    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens, conversations=conversations)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
@@ -728,6 +780,10 @@ def audit(
     pipeline: Annotated[Optional[str], typer.Option("--pipeline", help="Audit a split diffusion pipeline instead (a directory, tiny-sdxl or tiny-sd): image leakage per mode and K.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps of the audited image (with --pipeline).")] = 20,
     quick: Annotated[bool, typer.Option(help="Reduced audit: 3 prompts, splits 1,1 and 4,4, four defenses; about 10 minutes on a laptop CPU (the full audit takes hours).")] = False,
+    identifiers: Annotated[bool, typer.Option("--identifiers", help="Audit pseudonymisation and decoy rows instead, on the held-out identifier set (one split: the first --split, default 2,2).")] = False,
+    identifier_set: Annotated[str, typer.Option("--identifier-set", help="With --identifiers: heldout or tune.")] = "heldout",
+    decoys: Annotated[str, typer.Option("--decoys", help="With --identifiers: decoy counts N to measure, comma-separated.")] = "1,3,7",
+    attack_prompts: Annotated[int, typer.Option("--attack-prompts", help="With --identifiers: prompts whose captured frames are attacked.")] = 12,
 ) -> None:
     """Measure what a curious cloud or an eavesdropper recovers from the hidden states, per defense."""
     from rich.console import Console
@@ -744,6 +800,21 @@ def audit(
             audit_pipeline(pipeline, "a lighthouse at dusk, oil painting", steps, out,
                            lambda label: progress.update(task, description=label))
         typer.echo(f"wrote {out / 'diffusion.md'}, {out / 'diffusion.json'}")
+        return
+
+    if identifiers:
+        from lambdasplit.privacy.pii_audit import PiiAuditConfig, run_pii_audit
+        from lambdasplit.privacy.report import write_pii_report
+
+        if identifier_set not in ("heldout", "tune"):
+            raise LambdaSplitError("--identifier-set must be heldout or tune")
+        pii_config = PiiAuditConfig(source=model, split=_split(split[0]) if split else (2, 2), prompt_set=identifier_set, prompts=prompts,
+                                    attack_prompts=attack_prompts, decoys=tuple(int(n) for n in decoys.split(",")), max_new_tokens=max_new_tokens)
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+            task = progress.add_task("auditing identifiers", total=None)
+            result = run_pii_audit(pii_config, lambda label, done, total: progress.update(task, description=label, completed=done, total=total))
+        paths = write_pii_report(result, out, "lambdasplit " + " ".join(sys.argv[1:]))
+        typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
         return
 
     config = AuditConfig(source=model, max_new_tokens=max_new_tokens, prompts=prompts, inversion_steps=inversion_steps)
@@ -789,6 +860,8 @@ def ui(
     image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
     speculate: SpeculateOpt = None,
     draft_tokens: DraftOpt = 8,
+    pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: chats are pseudonymised on the device (identifiers replaced by stand-ins, restored in the answer); the panel shows what the cloud can recover.")] = False,
+    decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: each chat runs among N decoy rows that differ in its identifiers.")] = 0,
 ) -> None:
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
     import uvicorn
@@ -806,15 +879,21 @@ def ui(
     device = SplitDevice.load(model, parts, dtype)
     _warn_without_chat_template(device)
     # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
-    body = _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0,
-                 reconnect_window=5.0)
+    def connect():  # one body session per conversation of the page
+        return _body(device, model, parts, dtype, wire, False, server, token_file, tls_ca, connect_timeout=5.0,
+                     reconnect_window=5.0)
+
+    connect().close()  # an in-process body loads now rather than on the first message; a remote one connects lazily
     load_image = _image_loader(pipeline, image_server, token, tls_ca, wire) if image else None
     info = {"model": model or "SmolLM2-135M-Instruct", "server": server, "image_server": image_server,
             "image_note": _image_note(pipeline, image_server)}
     audit = load_audit(device.spec) if model is None else None
     typer.echo(f"lambdasplit UI: http://{host}:{port}/ (body {'at ' + server if server else 'in this process'})")
     sys.stdout.flush()
-    app_ = create_ui(device, body, info, load_image, audit, speculate=speculate, draft_tokens=draft_tokens)
+    from lambdasplit.privacy.protect import Protection
+
+    protection = Protection(pseudonymize, decoys) if pseudonymize or decoys else None
+    app_ = create_ui(device, connect, info, load_image, audit, speculate=speculate, draft_tokens=draft_tokens, protection=protection)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 SPECULATE_HELP = "prompt-lookup (draft from n-grams of the prompt), self (head + tail without the body) or a PATH to a draft model"
 
 
+class GenerationCancelled(LambdaSplitError):
+    """The caller's `cancel` event was set before the generation started."""
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Our generation settings, checked with messages that name the CLI options, and turned into
@@ -57,6 +61,8 @@ class GenerationOptions:
             raise LambdaSplitError("--repetition-penalty must be > 0")
         if not 1 <= self.draft_tokens <= 64:
             raise LambdaSplitError("--draft-tokens must be from 1 to 64")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise LambdaSplitError("--seed must be from 0 to 2**63 - 1")
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The sampling arguments of `generate()` (drafting is added by the model)."""
@@ -69,8 +75,6 @@ class GenerationOptions:
             kwargs["repetition_penalty"] = self.repetition_penalty
         if self.ignore_eos:
             kwargs["min_new_tokens"] = self.max_new_tokens
-        if self.stop:
-            kwargs["stop_strings"] = list(self.stop)
         return kwargs
 
 
@@ -189,6 +193,20 @@ class _Steps(BaseStreamer):
             self.text.end()
 
 
+class _StopStrings(StoppingCriteria):
+    """Stops a row once its generated text contains a stop string. Only the new tokens count (as
+    OpenAI and vLLM match stops): transformers' `stop_strings` also matches across the prompt's end."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...], prompt_len: int) -> None:
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(s for s in stops if s), prompt_len
+        self.window = 2 * max(len(s) for s in self.stops) + 8  # tokens: each decodes to at least one character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        tails = input_ids[:, self.prompt_len:][:, -self.window:].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 class _Cancelled(StoppingCriteria):
     """Stops every row once `event` is set: at most one more body call happens after it."""
 
@@ -235,8 +253,15 @@ def generate_ids(
     text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
     steps = _Steps(on_tokens, text)
     kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch) | generate_kwargs
+    criteria = StoppingCriteriaList()
+    if options.stop:
+        criteria.append(_StopStrings(tokenizer, options.stop, prompt_len))
     if cancel is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        if cancel.is_set():  # stopped before it began: not even the prompt goes to the body
+            raise GenerationCancelled("the generation was cancelled before it started")
+        criteria.append(_Cancelled(cancel))
+    if criteria:
+        kwargs["stopping_criteria"] = criteria
     if keep_logits:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
     if options.seed is not None:
@@ -273,6 +298,20 @@ def generate_ids(
     )
 
 
+def _completes_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tuple[str, ...]) -> int:
+    """The fewest leading tokens of `ids` whose text contains a stop string (binary search: a
+    longer prefix's text contains a shorter one's)."""
+    low, high = 1, len(ids)
+    while low < high:
+        mid = (low + high) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=True)
+        if any(s and s in text for s in stops):
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
 def _trim(
     model: SplitModelForCausalLM, rows: list[list[int]], options: GenerationOptions, cancelled: bool
 ) -> tuple[list[str], list[list[int]], list[str]]:
@@ -290,8 +329,7 @@ def _trim(
         found = [text.index(s) for s in options.stop if s and s in text]
         if found:
             text, reason = text[: min(found)], "stop"
-            while len(ids) > 1 and ids[-1] == device.pad_id and device.pad_id not in eos:
-                ids = ids[:-1]
+            ids = ids[: _completes_stop(tokenizer, ids, options.stop)]  # not the padding generate() adds after it
         texts.append(text)
         kept.append(ids)
         reasons.append(reason)

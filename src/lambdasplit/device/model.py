@@ -58,6 +58,7 @@ class SplitCache(Cache):
         """Drop positions on head, tail and body: `crop(-k)` drops the last k (transformers'
         assisted decoding, after the tail rejects draft tokens); a positive value is the length
         to keep."""
+        max_length = int(max_length)  # transformers 5.17 passes a 0-d tensor
         length = self.get_seq_length() + max_length if max_length <= 0 else max_length
         if not 0 <= length <= self.get_seq_length():
             raise ValueError(f"cannot crop {self.get_seq_length()} positions to {length}")
@@ -88,24 +89,36 @@ class SplitCache(Cache):
 
 class AdaptivePromptLookup(PromptLookupCandidateGenerator):
     """Prompt lookup whose draft length follows its acceptance, like transformers' "heuristic"
-    schedule for draft models: +2 after a fully accepted draft, -1 after a rejection. On chat that
-    never repeats the prompt the drafts shrink to one token, so rejected positions cost little."""
+    schedule for draft models: +2 after a fully accepted draft, -1 after a rejection. A one-token
+    draft that is rejected pauses drafting for 1, 2, 4 ... up to 16 steps, so chat that never
+    repeats the prompt decodes almost as plain decoding does (every drafted position costs the
+    device a head, tail and LM-head pass, and the body a position)."""
 
     proposed = 0
     longest = 64
+    pause = 0  # steps left without drafting
+    backoff = 0  # the next pause's length
 
     def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> tuple:
+        if self.pause:
+            self.pause -= 1
+            self.proposed = 0
+            return input_ids, None
         out = super().get_candidates(input_ids, *args, **kwargs)
         self.proposed = out[0].shape[1] - input_ids.shape[1]
         return out
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
-        if not self.proposed:  # no n-gram matched: nothing was drafted, nothing to learn
+        if not self.proposed:  # no n-gram matched or paused: nothing was drafted, nothing to learn
             return
         if num_matches >= self.proposed:
             self.num_output_tokens = min(self.num_output_tokens + 2, self.longest)
-        else:
-            self.num_output_tokens = max(1, self.num_output_tokens - 1)
+            self.backoff = 0
+        elif self.num_output_tokens > 1:
+            self.num_output_tokens -= 1
+        elif num_matches == 0:
+            self.backoff = min(2 * self.backoff or 1, 16)
+            self.pause = self.backoff
 
 
 class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):

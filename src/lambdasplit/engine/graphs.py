@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lambdasplit.engine.kvpool import KVPool
-from lambdasplit.engine.step import STEP_KWARG, Chunk, StepPlan, _Group
+from lambdasplit.engine.step import STEP_KWARG, Chunk, Group, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class DecodeGraphs:
         write = torch.full((rows,), pool.scratch_slot, dtype=torch.long, device=device)
         gather = torch.zeros(rows, length, dtype=torch.long, device=device)
         query = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        group = _Group(0, rows, 1, gather, query)
+        group = Group(0, rows, 1, gather, query)
         kwargs = {"inputs_embeds": hidden, "position_ids": positions, "use_cache": False,
                   STEP_KWARG: StepPlan(pool, write, [group])}
         try:

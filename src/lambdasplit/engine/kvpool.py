@@ -48,6 +48,7 @@ class KVPool:
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # keys a query may attend to
         self.scratch_slot = (blocks - 1) * BLOCK_SIZE
         self._free = list(range(blocks - 2, 0, -1))  # pop() hands out low blocks first
+        self.zeroed: list[torch.Tensor] | None = None  # slots zeroed since the last step, when a mirror asks
 
     @classmethod
     def sized(
@@ -120,6 +121,8 @@ class KVPool:
         index = torch.tensor(blocks, device=self.valid.device)
         for tensor in (*self.keys, *self.values, self.valid):
             tensor.view(self.capacity, -1).index_fill_(0, index, 0)
+        if self.zeroed is not None:
+            self.zeroed.append((index[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=index.device)).view(-1))
         self._free.extend(blocks)
 
     def truncate(self, rows: list[Sequence], length: int) -> None:
@@ -131,6 +134,8 @@ class KVPool:
         stale = self.slots(rows, length, rows[0].length).view(-1).to(device)
         for tensor in (*self.keys, *self.values, self.valid):
             tensor.index_fill_(0, stale, 0)
+        if self.zeroed is not None:
+            self.zeroed.append(stale)
         kept = self.valid[self.slots(rows, 0, length).to(device)].sum(-1).tolist() if length else [0] * len(rows)
         keep = self.blocks_for(length)
         for row, valid in zip(rows, kept, strict=True):

@@ -7,6 +7,8 @@ bytes) is checked before any compute or allocation.
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -15,12 +17,15 @@ import torch
 
 from lambdasplit.engine.graphs import DecodeGraphs
 from lambdasplit.engine.kvpool import KVPool, Sequence
+from lambdasplit.engine.parallel import StepMirror
 from lambdasplit.engine.step import ATTENTION, Chunk, run_step
 from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
 from lambdasplit.wire.protocol import read_control
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class TextBody:
     runner: PartRunner
     manifest: PartManifest
     cuda_graphs: bool = True  # replay captured decode steps on a GPU (engine.graphs)
+    shards: int = 1  # tensor-parallel ranks the layers are cut over (each pool holds 1/shards of the KV heads)
+    mirror: StepMirror | None = None  # tensor parallel: sends each step to the other ranks
 
     def __post_init__(self) -> None:
         if self.layers:
@@ -67,6 +74,12 @@ class TextBody:
 
     def step(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Run one batched forward over pieces of this body's sessions, whose KV is in `pool`."""
+        if self.mirror is not None:  # every rank must run the same eager step (no graphs under TP yet)
+            try:
+                return run_step(self.runner.module, pool, chunks, self.mirror.publish)
+            except Exception:  # the other ranks are mid-collective: there is no step to go back to
+                log.critical("a tensor-parallel step failed on rank 0; stopping the group", exc_info=True)
+                os._exit(1)
         if self.cuda_graphs:
             graphs = self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool))
             if graphs.fits(chunks) and (out := graphs.run(chunks)) is not None:

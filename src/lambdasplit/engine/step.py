@@ -15,6 +15,7 @@ work of per-row batches (and 714 tok/s against eager batch-64 generate()'s 1,948
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ class Chunk:
 
 
 @dataclass
-class _Group:
+class Group:
     """The pieces of one step that share T: one padded SDPA call per layer."""
 
     start: int  # first packed position
@@ -70,7 +71,7 @@ class StepPlan:
 
     pool: KVPool
     write: torch.Tensor  # (N,) slot of each packed position
-    groups: list[_Group]
+    groups: list[Group]
 
 
 def paged_attention(
@@ -137,7 +138,7 @@ def plan_step(pool: KVPool, chunks: list[Chunk]) -> tuple[StepPlan, torch.Tensor
             row.valid += int(row_mask.sum())
         query_slot = torch.tensor(first).unsqueeze(-1) + torch.arange(length)
         longest = -(-max(row.length for row in rows) // BLOCK_SIZE) * BLOCK_SIZE  # whole blocks: fewer shapes
-        groups.append(_Group(packed, len(rows), length, pool.gather_index(rows, longest).to(device), query_slot.to(device)))
+        groups.append(Group(packed, len(rows), length, pool.gather_index(rows, longest).to(device), query_slot.to(device)))
         for i in members:
             starts[i] = packed
             packed += chunks[i].hidden.shape[0] * length
@@ -149,10 +150,22 @@ def plan_step(pool: KVPool, chunks: list[Chunk]) -> tuple[StepPlan, torch.Tensor
 
 
 @torch.inference_mode()
-def run_step(module: nn.Module, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
-    """One forward of `module` (a body whose attention is `ATTENTION`) over every chunk; (B, T, D) each."""
+def forward_plan(module: nn.Module, plan: StepPlan, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The body's forward over a planned step's packed positions: (1, N, D)."""
+    return module(inputs_embeds=hidden, position_ids=position_ids, use_cache=False, **{STEP_KWARG: plan}).last_hidden_state
+
+
+@torch.inference_mode()
+def run_step(
+    module: nn.Module, pool: KVPool, chunks: list[Chunk],
+    publish: Callable[[StepPlan, torch.Tensor, torch.Tensor], None] | None = None,
+) -> list[torch.Tensor]:
+    """One forward of `module` (a body whose attention is `ATTENTION`) over every chunk; (B, T, D)
+    each. `publish` sees the planned step first (tensor parallel: rank 0 sends it to the others)."""
     plan, hidden, position_ids, starts = plan_step(pool, chunks)
-    out = module(inputs_embeds=hidden, position_ids=position_ids, use_cache=False, **{STEP_KWARG: plan}).last_hidden_state
+    if publish is not None:
+        publish(plan, hidden, position_ids)
+    out = forward_plan(module, plan, hidden, position_ids)
     results = []
     for chunk, start in zip(chunks, starts, strict=True):
         rows, length = chunk.hidden.shape[0], chunk.hidden.shape[1]

@@ -63,3 +63,46 @@ def _pareto(summary: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_pii_report(result: dict, out: Path, command: str) -> dict[str, Path]:
+    """report.json and report.md of the identifier audit (privacy/pii_audit.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    recall, cfg = result["recall"], result["config"]
+    lines = ["# lambdasplit identifier audit: pseudonymisation and decoy rows", "", f"Reproduce: `{command}`", "",
+             f"Split K,M = {cfg['split'][0]},{cfg['split'][1]}; prompt set `{cfg['prompt_set']}`; {cfg['max_new_tokens']} greedy new tokens.", "",
+             "## Detector recall (an identifier left in the sent text is a leak)", "",
+             "| kind | planted | hidden | recall |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['planted']} | {v['hidden']} | {fmt(v['recall'])} |" for k, v in recall["per_kind"].items()]
+    lines += [f"| all | {recall['planted']} | {sum(v['hidden'] for v in recall['per_kind'].values())} | {fmt(recall['overall'])} |", "",
+              "Missed: " + ("; ".join(f"{m['kind']} `{m['text']}`" for m in recall["misses"]) or "none"), "",
+              "## Curious cloud's vocabulary matching on the captured frames", "",
+              "| defense | real identifiers recovered verbatim | stand-ins recovered verbatim |", "|---|---|---|"]
+    for mode, v in result["attack_summary"].items():
+        lines.append(f"| {mode} | {fmt(v['real_recovered'])} | {fmt(v['stand_ins_recovered'])} |")
+    q = result["quality_summary"]
+    checks = result["decoy_checks"]
+    lines += ["", "## Quality (restored greedy answer vs the unprotected one)", "",
+              f"{q['prompts']} prompts: equal {fmt(q['equal'])}; differing where the answer reproduces an identifier "
+              f"{fmt(q['identifier_dependent'])}; differing otherwise {fmt(q['differs_otherwise'])}; mean character ROUGE-L of the "
+              f"differing answers {fmt(q['rouge_l_of_differences'])}.", "",
+              f"Decoys (N = 3): the real row's answer equals the undefended answer for {sum(c['equal'] for c in checks)} "
+              f"of {len(checks)} prompts.", "",
+              "## Decoys: attacker's success at naming the real row / the real identifiers", ""]
+    summary = result["decoy_summary"]
+    if summary:
+        names = [k[: -len("_row")] for k in summary[0] if k.endswith("_row")]
+        lines += ["| defense | N | chance | length matched | " + " | ".join(f"{n}: row / identifiers" for n in names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        for s in summary:
+            cells = " | ".join(f"{fmt(s[f'{n}_row'])} / {fmt(s[f'{n}_identifiers'])}" for n in names)
+            lines.append(f"| {s['mode']} | {s['n']} | {fmt(s['chance'])} | {fmt(s['length_matched'])} | {cells} |")
+    lines += ["", "## Cost per generated token (this machine)", "",
+              "| N | rows | bytes up / token | bytes down / token | decode s / token | vs N = 0 |", "|---|---|---|---|---|---|"]
+    for c in result["cost"]:
+        lines.append(f"| {c['n']} | {c['rows']} | {c['bytes_to_cloud_per_token']:.0f} | {c['bytes_from_cloud_per_token']:.0f} | "
+                     f"{c['decode_seconds_per_token']:.4f} | {fmt(c['time_vs_n0'])} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return {"json": out / "report.json", "md": out / "report.md"}

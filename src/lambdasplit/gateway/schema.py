@@ -1,0 +1,379 @@
+"""Request parsing for the gateway: the OpenAI request bodies are validated against the `openai`
+package's own TypedDicts (`CompletionCreateParams` of chat and of legacy completions), so field
+names, types and enums track the API; what those types cannot say (bounds, what this gateway
+supports) is checked here, and every refusal is an `APIError` in OpenAI's shape.
+
+A field the API defines but the gateway cannot honour (tools, audio, images, ...) is a 400 naming
+it, never silently dropped; so is a field the API does not define (OpenAI's own "Unrecognized
+request argument supplied").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai.types import completion_create_params as completion_params
+from openai.types.chat import completion_create_params as chat_params
+from pydantic import TypeAdapter, ValidationError
+
+MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs` (OpenAI: 0..20)
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions `logprobs` (OpenAI: 0..5)
+
+# (non-streaming, streaming) request types: `stream` is a Literal in each.
+_CHAT = (chat_params.CompletionCreateParamsNonStreaming, chat_params.CompletionCreateParamsStreaming)
+_COMPLETION = (completion_params.CompletionCreateParamsNonStreaming, completion_params.CompletionCreateParamsStreaming)
+_ADAPTERS: dict[type, TypeAdapter] = {t: TypeAdapter(t) for t in _CHAT + _COMPLETION}
+
+
+class APIError(Exception):
+    """An error the gateway itself answers (bad request, wrong key, unknown model), in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type_, code, param
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", code, param)
+
+
+def unsupported(param: str, why: str = "") -> APIError:
+    return bad_request(f"`{param}` is not supported by this gateway{': ' + why if why else ''}", param, "unsupported_parameter")
+
+
+# Fields of the API that are accepted only at the value that means "off" (so a client library that
+# always sends them still works); any other value is refused as unsupported.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (False, True),  # meaningless without tools, which are refused
+    "modalities": (["text"],),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+}
+
+# Supported fields; `user` (an end-user id for abuse monitoring) is accepted and does not change the output.
+CHAT_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
+    "stream_options", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "response_format", "user",
+})
+COMPLETION_FIELDS = frozenset({
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "echo", "best_of", "user",
+})  # `suffix` (insertion) is refused
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What the request asks of the sampler, with the model's defaults filled in."""
+
+    max_tokens: int | None
+    greedy: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top alternatives per token (0: only the chosen token), None: no logprobs
+    json_schema: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: list[str | list[int]]  # text, or token ids
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    echo: bool = False
+    json_schema: dict[str, Any] | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The model's own sampling settings (its generation_config.json), used where a request omits
+    them, as vLLM does; without them OpenAI's defaults (temperature 1, top_p 1) apply."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, config: Any) -> SamplingDefaults:
+        """Only the values the file sets: transformers fills unset ones with its own defaults, which
+        are not the model author's choice (e.g. top_k 50)."""
+        values = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+        picked = {k: values[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if values.get(k) is not None}
+        return cls(**picked)
+
+
+def _validate(types: tuple[type, type], payload: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """`payload` validated as the openai TypedDict of its kind (streaming or not), after refusing
+    fields it does not define and fields this gateway does not support."""
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("`stream` must be a boolean", "stream")
+    typed = types[1] if stream else types[0]
+    fields = set(typed.__required_keys__) | set(typed.__optional_keys__)  # type: ignore[attr-defined]
+    for name in payload:
+        if name not in fields:
+            raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+    for name, value in payload.items():
+        if name in allowed or value is None:
+            continue
+        if name in _OFF_VALUES and value in _OFF_VALUES[name]:
+            continue
+        raise unsupported(name)
+    try:
+        return _materialize(_ADAPTERS[typed].validate_python(dict(payload)))
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _materialize(value: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """The openai TypedDicts declare lists as `Iterable`, which pydantic validates lazily: iterate
+    them now so that every error is found before generation starts, named by its full path."""
+    if isinstance(value, dict):
+        return {k: _materialize(v, (*path, k)) for k, v in value.items()}
+    if isinstance(value, str | bytes | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Iterable):
+        try:
+            items = list(value)
+        except ValidationError as exc:
+            raise _validation_error(exc, path) from None
+        return [_materialize(v, (*path, i)) for i, v in enumerate(items)]
+    return value
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal", "function-after", "function-plain"})
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic location as a dotted field path, without the union members it tried (type names
+    such as `ChatCompletionUserMessageParam` or `list[int]`)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in _TYPE_NAMES))]
+    return ".".join(parts)
+
+
+def _validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> APIError:
+    problems = [(_field_path((*prefix, *e["loc"])), e["msg"]) for e in exc.errors()] or [("", "invalid request")]
+    param = problems[0][0] or None
+    seen: list[str] = []
+    for where, msg in problems:
+        text = f"{where or 'body'}: {msg}"
+        if text not in seen:
+            seen.append(text)
+    return bad_request("; ".join(seen[:4]), param)
+
+
+def _number(payload: Mapping[str, Any], name: str, low: float, high: float, default: float, low_open: bool = False) -> float:
+    value = payload.get(name)
+    if value is None:
+        return default
+    value = float(value)
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise bad_request(f"`{name}` must be in {bound}, got {value}", name)
+    return value
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise bad_request(f"`stop` takes at most {MAX_STOPS} sequences, got {len(stops)}", "stop")
+    if any(not s for s in stops):
+        raise bad_request("`stop` sequences must not be empty", "stop")
+    return tuple(stops)
+
+
+def _logit_bias(bias: Any, vocab_size: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"`logit_bias` keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"`logit_bias` token {token} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+        if not -100 <= value <= 100:
+            raise bad_request(f"`logit_bias` values must be in [-100, 100], got {value}", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _sampling(payload: Mapping[str, Any], defaults: SamplingDefaults, vocab_size: int, max_tokens: int | None) -> Sampling:
+    temperature = _number(payload, "temperature", 0.0, 2.0, defaults.temperature)
+    count = payload.get("max_completion_tokens") or max_tokens
+    if count is not None and count < 1:
+        raise bad_request("`max_tokens` must be at least 1", "max_tokens")
+    seed = payload.get("seed")
+    return Sampling(
+        max_tokens=count,
+        greedy=temperature == 0.0,
+        temperature=temperature or 1.0,
+        top_p=_number(payload, "top_p", 0.0, 1.0, defaults.top_p, low_open=True),
+        top_k=defaults.top_k,
+        repetition_penalty=defaults.repetition_penalty,
+        seed=int(seed) if seed is not None else None,
+        stop=_stops(payload.get("stop")),
+        presence_penalty=_number(payload, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=_number(payload, "frequency_penalty", -2.0, 2.0, 0.0),
+        logit_bias=_logit_bias(payload.get("logit_bias"), vocab_size),
+    )
+
+
+def _count(payload: Mapping[str, Any], name: str, high: int) -> int:
+    value = payload.get(name)
+    value = 1 if value is None else int(value)
+    if not 1 <= value <= high:
+        raise bad_request(f"`{name}` must be from 1 to {high}, got {value}", name)
+    return value
+
+
+def _include_usage(payload: Mapping[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    if options and not payload.get("stream"):
+        raise bad_request("`stream_options` is only allowed with `stream: true`", "stream_options")
+    return bool(options and options.get("include_usage"))
+
+
+def _json_schema(format_: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema to constrain decoding to, or None for free text.
+
+    `json_object` is refused: lm-format-enforcer's schema-less JSON mode lets a small model close an
+    object after a trailing comma (invalid JSON), so it cannot be promised.
+    """
+    if not format_ or format_.get("type") == "text":
+        return None
+    if format_.get("type") == "json_schema":
+        schema = (format_.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict) or not schema:
+            raise bad_request("`response_format.json_schema.schema` must be a non-empty JSON schema", "response_format")
+        return schema
+    raise unsupported("response_format", f"type {format_.get('type')!r}; use json_schema with a schema")
+
+
+def _message_text(message: Mapping[str, Any], index: int) -> str:
+    """A message's content as one string: text parts joined with newlines (as vLLM does); other
+    parts (images, audio, files) cannot reach a text-only model."""
+    content = message.get("content")
+    if content is None:
+        if message.get("role") != "assistant":
+            raise bad_request(f"messages[{index}].content must not be null", f"messages.{index}.content")
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise unsupported(f"messages.{index}.content.{part.get('type')}", "this model reads text parts only")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    if not messages:
+        raise bad_request("`messages` must not be empty", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            raise unsupported(f"messages.{i}.{role if role in ('tool', 'function') else 'tool_calls'}", "tools are not supported")
+        entry = {"role": "system" if role == "developer" else role, "content": _message_text(message, i)}
+        if message.get("name"):
+            entry["name"] = message["name"]
+        out.append(entry)
+    return out
+
+
+def _object(payload: Any) -> Mapping[str, Any]:
+    if not isinstance(payload, Mapping):
+        raise bad_request("the request body must be a JSON object")
+    return payload
+
+
+def parse_chat(payload: Any, defaults: SamplingDefaults, vocab_size: int, max_n: int) -> ChatRequest:
+    """A chat request checked against openai's `CompletionCreateParams` and this gateway's limits."""
+    body = _validate(_CHAT, _object(payload), CHAT_FIELDS)
+    top = body.get("top_logprobs")
+    if top is not None and not body.get("logprobs"):
+        raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"`top_logprobs` must be from 0 to {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+    return ChatRequest(
+        model=body["model"],
+        messages=_messages(body["messages"]),
+        sampling=_sampling(body, defaults, vocab_size, body.get("max_tokens")),
+        n=_count(body, "n", max_n),
+        stream=bool(body.get("stream")),
+        include_usage=_include_usage(body),
+        logprobs=(top or 0) if body.get("logprobs") else None,
+        json_schema=_json_schema(body.get("response_format")),
+    )
+
+
+def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes: a string, strings, token ids, lists of token ids."""
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise bad_request("`prompt` must be a string, a list of strings, token ids or lists of token ids", "prompt")
+    for p in prompts:
+        if isinstance(p, list) and any(not 0 <= t < vocab_size for t in p):
+            raise bad_request(f"`prompt` token ids must be in 0..{vocab_size - 1}", "prompt")
+    return prompts
+
+
+def parse_completion(payload: Any, defaults: SamplingDefaults, vocab_size: int, max_n: int) -> CompletionRequest:
+    """A legacy completions request checked against openai's `CompletionCreateParams`."""
+    payload = _object(payload)
+    # The prompt is checked by _prompts: pydantic's lazy `Iterable[int]` would take [[1, 2]] for token ids.
+    body = _validate(_COMPLETION, {**payload, "prompt": ""} if "prompt" in payload else payload, COMPLETION_FIELDS)
+    echo = body.get("echo")
+    n = _count(body, "n", max_n)
+    if body.get("best_of") not in (None, 1, n):
+        raise unsupported("best_of", "only best_of == n (no ranking of extra samples)")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise bad_request(f"`logprobs` must be from 0 to {MAX_COMPLETION_LOGPROBS}, got {logprobs}", "logprobs")
+    if echo and logprobs is not None:
+        raise unsupported("echo", "with logprobs (prompt logprobs are not computed)")
+    return CompletionRequest(
+        model=body["model"],
+        prompts=_prompts(payload["prompt"], vocab_size),
+        sampling=_sampling(body, defaults, vocab_size, body.get("max_tokens")),
+        n=n,
+        stream=bool(body.get("stream")),
+        include_usage=_include_usage(body),
+        logprobs=logprobs,
+        echo=bool(echo),
+    )

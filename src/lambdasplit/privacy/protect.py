@@ -1,0 +1,157 @@
+"""The device-side defenses against a curious cloud, as one call: pseudonymise the conversation, hide it
+among decoy rows, generate, and hand back only the real row's answer with the stand-ins restored.
+
+`ProtectedChat` is what the CLI (`generate --pseudonymize --decoys N`), the gateway and the UI call; it
+lives as long as the conversation, because the stand-ins (and each decoy row's) must stay consistent
+across turns. Nothing it holds ever leaves the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lambdasplit.device.body import BodyClient
+from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message, detect_messages
+from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Which defenses run: `pseudonymize` identifiers, and hide the conversation among `decoys` rows.
+    `seed` makes stand-ins and the real row's position reproducible (tests, the audit); leave it None in use."""
+
+    pseudonymize: bool = False
+    decoys: int = 0
+    seed: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pseudonymize or self.decoys > 0
+
+
+@dataclass
+class ProtectedResult:
+    text: str  # the real row's answer, restored
+    sent_text: str  # the real row's answer as generated (with stand-ins): what the cloud can read
+    cloud_prompt: str  # the real row's prompt as the model saw it (chat template applied): what the cloud can recover
+    rows: list[str]  # every row's prompt text, real one included (decoys: what the cloud holds as candidates)
+    real_row: int
+    result: GenerationResult  # the batch's raw result (bytes, timings, every row's ids)
+    replacements: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, real, stand-in)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.result.token_ids[self.real_row]
+
+
+class ProtectedChat:
+    """One conversation under `protection` on `device`; call `generate` once per turn with the whole history."""
+
+    def __init__(self, device: SplitDevice, protection: Protection, detector: Detector | None = None) -> None:
+        self.device, self.protection = device, protection
+        self.detector = detector or Detector()
+        self.pseudonymizer = Pseudonymizer(self.detector, StandIns(protection.seed)) if protection.pseudonymize else None
+        self.decoys = DecoyMaker(self._length, protection.decoys, None if protection.seed is None else protection.seed + 7919) \
+            if protection.decoys else None
+
+    def _length(self, messages: list[dict[str, str]]) -> int:
+        return int(self.device.encode_chat(messages).shape[1])
+
+    def prepare(self, messages: list[dict[str, str]]) -> DecoyBatch:
+        """The rows the device will send: pseudonymised, then among decoys (the real row at a secret position)."""
+        if self.pseudonymizer is not None:
+            done = [(m, self.pseudonymizer.pseudonymize(str(m.get("content", "")))) for m in messages]
+            parsed = [Message(str(m.get("role", "user")), p.text, p.spans) for m, p in done]
+        elif self.decoys is not None:
+            parsed = detect_messages(messages, self.detector)
+        else:
+            parsed = [Message(str(m.get("role", "user")), str(m.get("content", ""))) for m in messages]
+        if self.decoys is None:
+            return DecoyBatch([[{"role": m.role, "content": m.content} for m in parsed]], 0, True)
+        return self.decoys.make(parsed)
+
+    def generate(self, body: BodyClient, messages: list[dict[str, str]], options: GenerationOptions | None = None,
+                 on_text: Callable[[str], None] | None = None, **generate_kwargs: Any) -> ProtectedResult:
+        """Generate the real row's answer; `on_text` gets it restored, as it is produced.
+
+        With decoys every row runs to `max_new_tokens` (EOS does not stop the batch, so the stream's
+        length and timing say nothing about the real row) and the real row is cut at its first EOS."""
+        options = options or GenerationOptions()
+        batch = self.prepare(messages)
+        ids, mask = self._encode(batch.rows)
+        restorer = self.pseudonymizer.restorer() if self.pseudonymizer is not None else None
+        stream = _RowStream(self.device, batch.real_row, on_text, restorer) if on_text is not None else None
+        if self.decoys is not None:
+            generate_kwargs = {"eos_token_id": None, **generate_kwargs}  # logits untouched, unlike min_new_tokens
+        result = self.device.generate_ids(body, ids, mask, options, on_tokens=stream.put if stream else None, **generate_kwargs)
+        if stream is not None:
+            stream.end()
+        sent = result.texts[batch.real_row]
+        text = self.pseudonymizer.restore(sent) if self.pseudonymizer is not None else sent
+        tok = self.device.tokenizer
+        rows = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
+        replacements = []
+        if self.pseudonymizer is not None:
+            replacements = [(k, self.pseudonymizer.stand_ins.reals[(k, n)], v) for (k, n), v in self.pseudonymizer.stand_ins.values.items()
+                            if k != "DOMAIN"]
+        return ProtectedResult(text, sent, rows[batch.real_row], rows, batch.real_row, result, replacements)
+
+    def _encode(self, rows: list[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row through the chat template, left-padded (no padding when the decoys matched the length)."""
+        encoded = [self.device.encode_chat(r)[0] for r in rows]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(rows), width), self.device.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
+        return ids, mask
+
+
+class _RowStream:
+    """Streams one row's text from every step's ids: decoded incrementally, cut at the row's first EOS,
+    with stand-ins restored (held back while a stand-in may still be forming)."""
+
+    def __init__(self, device: SplitDevice, row: int, on_text: Callable[[str], None], restorer: StreamRestorer | None) -> None:
+        self.tokenizer, self.eos = device.tokenizer, set(device.eos_ids)
+        self.row, self.on_text, self.restorer = row, on_text, restorer
+        self.ids: list[int] = []
+        self.shown = 0
+        self.done = False
+
+    def put(self, step: list[list[int]]) -> None:
+        if self.done:
+            return
+        for token in step[self.row]:
+            if token in self.eos:
+                self.done = True
+                break
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not self.done:  # a character still incomplete
+            return
+        self._emit(text[self.shown:])
+        self.shown = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._emit(text[self.shown:])
+        self.shown = len(text)
+        if self.restorer is not None:
+            rest = self.restorer.flush()
+            if rest:
+                self.on_text(rest)
+
+    def _emit(self, text: str) -> None:
+        if self.restorer is not None:
+            text = self.restorer.feed(text)
+        if text:
+            self.on_text(text)

@@ -1,0 +1,145 @@
+"""Pseudonymisation and decoy rows: identifiers never reach the recoverable prompt (the real attack is
+run on the captured frames of a seeded model), stand-ins are consistent and restored, and the real
+row's answer under decoys equals the undefended answer."""
+
+import re
+
+import pytest
+
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.generation import GenerationOptions
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.privacy.attacks import Attacker
+from lambdasplit.privacy.capture import observe
+from lambdasplit.privacy.decoys import DecoyMaker, Message
+from lambdasplit.privacy.pii_audit import decoy_cost, detector_recall, load_pii_prompts
+from lambdasplit.privacy.protect import ProtectedChat, Protection
+from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns
+from lambdasplit.split.load import open_source
+
+PROMPT = ("Hi, I'm Margaret Okafor and my email is m.okafor@brightmail.net, phone +44 7700 900123, card 4539 1488 0343 6467. "
+          "Please write to my landlord about the heater at 14 Elm Grove Road.")
+REAL = ["Margaret Okafor", "m.okafor@brightmail.net", "+44 7700 900123", "4539 1488 0343 6467", "14 Elm Grove Road"]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return Detector()
+
+
+def test_detector_finds_every_kind_of_the_tuning_set(detector):
+    recall = detector_recall(load_pii_prompts("tune"), detector)
+    assert recall["overall"] == 1.0, recall["misses"]
+    assert len(load_pii_prompts("heldout")) >= 100
+
+
+def test_stand_ins_are_consistent_derived_and_restored(detector):
+    p = Pseudonymizer(detector, StandIns(3))
+    first = p.pseudonymize(PROMPT)
+    assert not any(r in first.text for r in REAL)
+    assert [s.kind for s in first.originals] == ["PERSON", "EMAIL", "PHONE", "CREDIT_CARD", "ADDRESS"]
+    name = first.spans[0].text
+    first_name, last_name = name.split()
+    email = first.spans[1].text
+    assert email.startswith(f"{first_name[0].lower()}.") and last_name.lower() in email  # derived from the stand-in name
+    assert first.spans[2].text.startswith("+44 ")
+    again = p.pseudonymize("Margaret Okafor again, and Margaret alone.")
+    assert again.text.startswith(name) and f"{first_name} alone" in again.text
+    assert p.restore(first.text) == PROMPT
+    assert p.restore(f"Dear {first_name}, ...") == "Dear Margaret, ..."
+
+
+def test_card_iban_and_date_stand_ins_stay_valid():
+    s = StandIns(0)
+    card = re.sub(r"\D", "", s.get("CREDIT_CARD", "4539 1488 0343 6467"))
+    total = sum(int(d) if i % 2 == 0 else sum(divmod(int(d) * 2, 10)) for i, d in enumerate(reversed(card)))
+    assert total % 10 == 0 and card[0] == "4"
+    iban = s.get("IBAN", "GB29 NWBK 6016 1331 9268 19").replace(" ", "")
+    assert iban[:2] == "GB" and int("".join(str(int(c, 36)) for c in iban[4:] + iban[:4])) % 97 == 1
+    day, month, year = map(int, s.get("DATE", "30/04/1970").split("/"))
+    assert 1 <= day <= 28 and 1 <= month <= 12 and 1964 <= year <= 1976
+
+
+def test_streamed_restoration_equals_whole_restoration(detector):
+    p = Pseudonymizer(detector, StandIns(5))
+    sent = p.pseudonymize(PROMPT).text
+    restorer = p.restorer()
+    pieces = [sent[i:i + 3] for i in range(0, len(sent), 3)]
+    assert "".join(restorer.feed(x) for x in pieces) + restorer.flush() == PROMPT
+
+
+def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, detector):
+    """The curious cloud's vocabulary matching recovers the prompt it was sent exactly, and that prompt
+    holds the stand-ins, not one real identifier."""
+    device = SplitDevice.load(llama, (1, 2))
+    attacker = Attacker(open_source(llama, None, allow_shallow=True), budget=49152)
+    matcher = attacker.matcher(1)
+    matcher.tol, matcher.patience = 1e-6, 10**9  # a random tiny model ranks some true tokens low: search until an exact match
+    body = load_local_body(llama, (1, 2))
+    body.captured = []
+    chat = ProtectedChat(device, Protection(pseudonymize=True, seed=0), detector)
+    result = chat.generate(body, [{"role": "user", "content": PROMPT}], GenerationOptions(max_new_tokens=4))
+    prompt_ids = result.result.prompt_token_ids[0]
+    recovered = attacker.match(1, observe(body.captured).uplink[0][0]).token_ids
+    assert recovered == prompt_ids
+    text = device.tokenizer.decode(recovered)
+    assert not any(r in text for r in REAL)
+    assert all(stand_in in text for _, _, stand_in in result.replacements)
+
+
+def test_real_row_under_decoys_equals_the_undefended_output(llama, detector):
+    device = SplitDevice.load(llama, (2, 2))
+    messages = [{"role": "user", "content": PROMPT}]
+    options = GenerationOptions(max_new_tokens=12)
+    base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(messages), None, options)
+    streamed = []
+    chat = ProtectedChat(device, Protection(decoys=3, seed=1), detector)
+    result = chat.generate(load_local_body(llama, (2, 2)), messages, options, on_text=streamed.append)
+    assert len(result.rows) == 4 and len({len(r) for r in result.result.prompt_token_ids}) == 1  # same token length, no padding
+    assert result.token_ids == base.token_ids[0] and result.text == base.text
+    assert "".join(streamed) == result.text
+    assert len(result.result.timings.steps) == options.max_new_tokens  # every row ran to the end: EOS did not stop the batch
+    decoys = [r for i, r in enumerate(result.rows) if i != result.real_row]
+    assert all("Margaret Okafor" not in r and "4539 1488 0343 6467" not in r for r in decoys)
+
+
+def test_decoy_rows_keep_their_stand_ins_across_turns(detector):
+    maker = DecoyMaker(lambda messages: sum(len(m["content"].split()) for m in messages), n=3, seed=4)
+    turn = [Message("user", "Write to Margaret Okafor.", detector.find("Write to Margaret Okafor."))]
+    first = maker.make(turn)
+    second = maker.make(turn + [Message("assistant", "Done."), Message("user", "Margaret Okafor again.",
+                                                                       detector.find("Margaret Okafor again."))])
+    assert first.real_row == second.real_row and first.length_matched
+    for a, b in zip(first.rows, second.rows, strict=True):
+        name = a[0]["content"][len("Write to "):-1]
+        assert b[2]["content"] == f"{name} again."
+
+
+def test_decoy_cost_scales_bytes_with_rows(llama):
+    device = SplitDevice.load(llama, (2, 2))
+    cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),
+                      GenerationOptions(max_new_tokens=4))
+    assert [c["rows"] for c in cost] == [1, 4]
+    assert cost[1]["bytes_to_cloud_per_token"] > 3 * cost[0]["bytes_to_cloud_per_token"]
+
+
+def test_the_ui_pseudonymises_and_shows_what_the_cloud_can_recover(llama):
+    """`lambdasplit ui --pseudonymize --decoys 1`: the answer streams restored, the done event's
+    cloud prompt holds stand-ins instead of the real identifiers, and two rows went to the body."""
+    import json as _json
+
+    from fastapi.testclient import TestClient
+
+    from lambdasplit.ui.app import create_ui
+
+    device = SplitDevice.load(llama, (2, 2))
+    ui = create_ui(device, lambda: load_local_body(str(llama), (2, 2)), {"model": "tiny"}, protection=Protection(True, 1, seed=3))
+    prompt = "Write to John Smith at john.smith@example.com about his invoice."
+    with TestClient(ui) as client:
+        reply = client.post("/api/chat", json={"messages": [{"role": "user", "content": prompt}], "max_new_tokens": 6})
+        events = [_json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: ")]
+    done = events[-1]
+    assert done["type"] == "done" and done["rows"] == 2
+    assert "John Smith" not in done["cloud_prompt"] and "john.smith@example.com" not in done["cloud_prompt"]
+    assert "invoice" in done["cloud_prompt"]
+    assert "".join(e["text"] for e in events if e["type"] == "token") == done["text"]
