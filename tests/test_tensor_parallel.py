@@ -77,3 +77,19 @@ def test_a_model_that_does_not_divide_over_the_ranks_is_refused(llama):
     config = AutoConfig.from_pretrained(llama)  # 4 attention heads, 2 KV heads: not over 3 ranks
     with pytest.raises(LambdaSplitError, match="num_attention_heads .4. divisible by 3"):
         TensorParallel(0, 3, torch.device("cpu")).shard(torch.nn.Module(), config)
+
+
+def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
+    """Mistral's layers take their window from the config (4 positions here): the other rank builds
+    its sliding masks from the mirrored slot validity, so a sequence longer than the window equals
+    the unsplit model."""
+    mistral = tiny_models["mistral"]
+    device = SplitDevice.load(mistral, (2, 2))
+    with ServerProcess("--model", str(mistral), "--split", "2,2", "--tensor-parallel", "2", "--kv-pool", "8") as proc:
+        body = RemoteBody(proc.url, device.manifest, Codec.FP32)
+        result = device.generate_ids(body, torch.tensor([PROMPTS[2]]), None, GenerationOptions(max_new_tokens=8, ignore_eos=True),
+                                     keep_logits=True)
+        body.close()
+    tokens, logits = _expected(mistral, PROMPTS[2], 8)
+    assert result.token_ids[0] == tokens
+    torch.testing.assert_close(result.logits[:, 0], logits, atol=1e-4, rtol=0)

@@ -183,7 +183,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         if mode == "self":
             raise LambdaSplitError(
                 "self-drafting (head + tail without the body) is not offered: its drafts agree with the full model on "
-                "0-10% of tokens for splits up to 8,8 (`python3 -m benchmarks self-draft`), too few to pay for verifying "
+                "0-12% of tokens for splits up to 8,8 (`python3 -m benchmarks self-draft`), too few to pay for verifying "
                 "them; use --speculate prompt-lookup or a small draft model's path"
             )
         draft = self._draft_model(mode)
