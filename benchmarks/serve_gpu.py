@@ -135,13 +135,14 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
-def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float) -> dict:
+def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
+                   extra: tuple[str, ...] = ()) -> dict:
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.split.load import open_source
 
     manifest = open_source(str(path), (1, 1)).manifest("device", torch.bfloat16).as_dict()
     args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--max-sessions",
-            str(max(levels) + 64), "--max-context", "4096", "--kv-pool", str(32 << 10), "--min-free-memory", "0"]
+            str(max(levels) + 64), "--max-context", "4096", "--kv-pool", str(32 << 10), "--min-free-memory", "0", *extra]
     out: dict = {"closed_loop": [], "open_loop": None}
     with ServerProcess(*args, timeout=600) as server:
         base = Load(server.url, manifest, None, prompt, steps, [])
@@ -209,10 +210,14 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
             run(i, alone)
         together: dict = {}
         threads = [threading.Thread(target=run, args=(i, together)) for i in range(devices)]
+        before = _metrics(server.url)
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        after = _metrics(server.url)
+    forwards = after["lambdasplit_forward_seconds_count"] - before["lambdasplit_forward_seconds_count"]
+    sessions = after["lambdasplit_step_sessions_sum"] - before["lambdasplit_step_sessions_sum"]
     differ, hidden_diff, logit_diff, first = 0, 0.0, 0.0, []
     for i in range(devices):
         a, b = alone[i], together[i]
@@ -224,7 +229,8 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
         hidden_diff = max(hidden_diff, (a[1][:same + 1] - b[1][:same + 1]).abs().max().item())
         logit_diff = max(logit_diff, (a[2][:same + 1] - b[2][:same + 1]).abs().max().item())
     out = {"devices": devices, "new_tokens": new_tokens, "sessions_with_different_tokens": differ,
-           "first_difference_at": first, "max_hidden_abs_diff": hidden_diff, "max_logit_abs_diff": logit_diff}
+           "first_difference_at": first, "max_hidden_abs_diff": hidden_diff, "max_logit_abs_diff": logit_diff,
+           "sessions_per_forward_together": sessions / max(forwards, 1)}
     print(f"[bf16] {out}", flush=True)
     gc.collect()
     torch.cuda.empty_cache()
@@ -247,6 +253,9 @@ def run_serve_gpu(quick: bool = False) -> dict:
     write(NAME, payload)
     payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0))
     write(NAME, payload)
+    if not quick:  # the same 64 sessions with steps that start on whatever frames have arrived
+        payload["step_wait_0"] = load_generator(path, prompt, steps, (64,), 0, 0, ("--step-wait", "0"))["closed_loop"][0]
+        write(NAME, payload)
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice

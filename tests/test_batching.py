@@ -18,9 +18,11 @@ from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.session import decode_hidden
 from lambdasplit.engine.step import Chunk
+from lambdasplit.errors import WireError
 from lambdasplit.wire.codec import Codec
-from lambdasplit.wire.frame import MsgType, parse_frame
+from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
 from tests.conftest import oracle
 from tests.test_server_hardening import IDS, TOKEN, ThreadServer, _vanish, expect_error, hidden_frame, raw_session
 
@@ -279,3 +281,51 @@ def test_a_pool_that_cannot_grow_hands_the_blocks_back(monkeypatch):
     free = pool.free_blocks
     assert not pool.grow([row], 3 * BLOCK_SIZE)
     assert row.blocks == [] and pool.free_blocks == free
+
+
+def test_frames_decoded_together_equal_each_alone_and_a_bad_frame_fails_alone():
+    gen = torch.Generator().manual_seed(2)
+    poisoned = torch.randn(1, 2, 8, generator=gen)
+    poisoned[0, 1, 3] = float("nan")
+    tensors = [torch.randn(1, 1, 8, generator=gen), torch.randn(2, 3, 8, generator=gen), poisoned,
+               torch.randn(1, 4, 8, generator=gen)]
+    frames = [tensor_frame(MsgType.HIDDEN, t, codec, bytes(16), i)
+              for i, (t, codec) in enumerate(zip(tensors, [Codec.FP32, Codec.BF16, Codec.FP32, Codec.FP32], strict=True))]
+    states = decode_hidden(frames, torch.device("cpu"), torch.float32)
+    for i in (0, 1, 3):
+        assert torch.equal(states[i], frames[i].tensor().float()), i
+    assert isinstance(states[2], WireError) and "NaN" in str(states[2])
+
+
+def _reply(future):
+    reply, _ = future.result(timeout=60)
+    return reply
+
+
+def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bodies):
+    """With a step wait, a decode frame that arrives 0.3 s after another session's joins its step;
+    a session that never comes back holds the others up for the step wait only."""
+    width = bodies[0].runner.config.hidden_size
+    scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=3.0))
+    steps = []
+    scheduler.on_step = steps.append
+    a, b = scheduler.open_session().result(10), scheduler.open_session().result(10)
+
+    def frame(session, seq, length):
+        return tensor_frame(MsgType.HIDDEN, torch.randn(1, length, width), Codec.FP32, session, seq)
+
+    first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
+    [_reply(f) for f in first]
+    steps.clear()
+    late = scheduler.submit(a, frame(a, 2, 1))
+    time.sleep(0.3)
+    assert not late.done(), "the step did not wait for the second session"
+    both = [late, scheduler.submit(b, frame(b, 2, 1))]
+    [_reply(f) for f in both]
+    assert [s.sessions for s in steps] == [2]
+    scheduler.limits = SchedulerLimits(step_wait=0.2)
+    steps.clear()
+    alone = scheduler.submit(a, frame(a, 3, 1))  # b never sends again
+    assert _reply(alone).shape == (1, 1, width)
+    assert [s.sessions for s in steps] == [1]
+    scheduler.shutdown()

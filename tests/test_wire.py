@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lambdasplit.errors import WireError
-from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.codec import Codec, encode_tensor, encode_tensors
 from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame, tensor_frame
 
 
@@ -95,3 +95,13 @@ def test_flipped_header_bytes_are_caught_or_consistent(position, value):
 def test_bytes_frame_round_trip():
     frame = parse_frame(Frame(MsgType.ERROR, payload=b'{"message": "x"}').to_bytes())
     assert frame.type == MsgType.ERROR and frame.payload == b'{"message": "x"}'
+
+
+@pytest.mark.parametrize("codec", [Codec.FP32, Codec.BF16, Codec.FP16, Codec.INT8])
+def test_tensors_encoded_together_equal_each_encoded_alone(codec):
+    """The server encodes a step's replies in one conversion and host copy; the bytes must be the
+    ones encode_tensor gives each reply alone (shapes of a decode step and of a prefill)."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(1, 1, 24, generator=gen), torch.randn(3, 5, 24, generator=gen).bfloat16(),
+               torch.randn(2, 1, 24, generator=gen)]
+    assert encode_tensors(tensors, codec) == [encode_tensor(t, codec) for t in tensors]

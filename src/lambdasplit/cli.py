@@ -438,6 +438,11 @@ def serve(
     kv_wait: Annotated[float, typer.Option(
         "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
     )] = defaults.KV_WAIT_SECONDS,
+    step_wait: Annotated[float, typer.Option(
+        "--step-wait", min=0,
+        help="Milliseconds a batched step waits for the sessions the previous step answered to send their next "
+             "frame (fewer, fuller steps; 0: start on whatever has arrived).",
+    )] = defaults.STEP_WAIT_SECONDS * 1000,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
@@ -478,7 +483,7 @@ def serve(
     _check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
     limits = SchedulerLimits(
         max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20,
-        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait,
+        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000,
     )
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler

@@ -28,13 +28,21 @@ LENGTH_BUCKET = 64  # keys; with 256, a 256-row step at ~100 keys took 46 ms in 
 
 @dataclass
 class _Graph:
+    """A captured step and its static inputs. The integer inputs are views of one device buffer
+    (`indices`), filled from one pinned host buffer (`staging`) by a single copy per step."""
+
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # (1, rows, D)
-    positions: torch.Tensor  # (1, rows)
-    write: torch.Tensor  # (rows,)
-    gather: torch.Tensor  # (rows, length)
-    query: torch.Tensor  # (rows, 1)
+    indices: torch.Tensor  # (rows * (4 + length),) int64: positions, write, query, mask, gather
+    staging: torch.Tensor  # the same, in pinned host memory
+    copied: torch.cuda.Event  # the last copy out of `staging` is done: it may be written again
     out: torch.Tensor  # (1, rows, D)
+
+
+def _views(buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """positions (1, rows), write (rows,), query (rows, 1), mask (rows,), gather (rows, length) of `buffer`."""
+    positions, write, query, mask, gather = buffer.split([rows, rows, rows, rows, buffer.numel() - 4 * rows])
+    return positions.view(1, rows), write, query.view(rows, 1), mask, gather.view(rows, -1)
 
 
 class DecodeGraphs:
@@ -66,42 +74,42 @@ class DecodeGraphs:
         graph = self._graphs.get((bucket, length)) or self._capture(bucket, length)
         if graph is None:
             return None
-        pool, device = self.pool, self.pool.valid.device
+        pool = self.pool
         mask = torch.cat([chunk.mask for chunk in chunks]).view(-1).to(torch.long)
-        write = torch.full((bucket,), pool.scratch_slot, dtype=torch.long)
-        write[:n] = torch.cat([pool.slots([row], row.length, row.length + 1).view(-1) for row in rows])
-        positions = torch.zeros(1, bucket, dtype=torch.long)
+        graph.copied.synchronize()
+        positions, write, query, valid, gather = _views(graph.staging, bucket)
+        write.fill_(pool.scratch_slot)
+        write[:n] = torch.tensor(pool.next_slots(rows))
+        positions.zero_()
         positions[0, :n] = (torch.tensor([row.valid for row in rows]) + mask - 1) * mask
-        gather = torch.zeros(bucket, length, dtype=torch.long)
+        gather.zero_()
         gather[:n] = pool.gather_index(rows, length)
-        query = torch.zeros(bucket, 1, dtype=torch.long)
+        query.zero_()
         query[:n, 0] = torch.tensor([row.length for row in rows])
-        pool.valid[write[:n].to(device)] = mask.bool().to(device)
-        graph.hidden.zero_()
+        valid.zero_()
+        valid[:n] = mask
+        graph.indices.copy_(graph.staging, non_blocking=True)  # one host-to-device copy for every index
+        graph.copied.record()
+        _, static_write, _, static_valid, _ = _views(graph.indices, bucket)
+        pool.valid[static_write[:n]] = static_valid[:n].bool()
+        graph.hidden[0, n:].zero_()
         graph.hidden[0, :n] = torch.cat([chunk.hidden[:, 0] for chunk in chunks])
-        for static, value in ((graph.write, write), (graph.positions, positions), (graph.gather, gather),
-                              (graph.query, query)):
-            static.copy_(value, non_blocking=True)
         for row, m in zip(rows, mask.tolist(), strict=True):
             row.length += 1
             row.valid += m
         graph.graph.replay()
-        out, start = [], 0
-        for chunk in chunks:
-            b = chunk.hidden.shape[0]
-            out.append(graph.out[0, start: start + b].unsqueeze(1).clone())
-            start += b
-        return out
+        out = graph.out[0, :n].clone()  # one copy; the next replay overwrites the static output
+        return list(out.unsqueeze(1).split([chunk.hidden.shape[0] for chunk in chunks]))
 
     def _capture(self, rows: int, length: int) -> _Graph | None:
         pool, device = self.pool, self.pool.valid.device
         width = self.module.config.hidden_size
         dtype = pool.keys[0].dtype if pool.keys else torch.float32
         hidden = torch.zeros(1, rows, width, dtype=dtype, device=device)
-        positions = torch.zeros(1, rows, dtype=torch.long, device=device)
-        write = torch.full((rows,), pool.scratch_slot, dtype=torch.long, device=device)
-        gather = torch.zeros(rows, length, dtype=torch.long, device=device)
-        query = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        indices = torch.zeros(rows * (4 + length), dtype=torch.long, device=device)
+        staging = torch.zeros(rows * (4 + length), dtype=torch.long, pin_memory=True)
+        positions, write, query, _, gather = _views(indices, rows)
+        write.fill_(pool.scratch_slot)
         group = Group(0, rows, 1, gather, query)
         kwargs = {"inputs_embeds": hidden, "position_ids": positions, "use_cache": False,
                   STEP_KWARG: StepPlan(pool, write, [group])}
@@ -123,6 +131,6 @@ class DecodeGraphs:
             return None
         self._memory = self._memory or graph.pool()
         log.info("captured the decode step for %d rows x %d keys", rows, length)
-        captured = _Graph(graph, hidden, positions, write, gather, query, out)
+        captured = _Graph(graph, hidden, indices, staging, torch.cuda.Event(), out)
         self._graphs[(rows, length)] = captured
         return captured

@@ -149,13 +149,15 @@ class KVPool:
         local = offsets - (start // BLOCK_SIZE) * BLOCK_SIZE
         return table[:, local // BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE
 
+    def next_slots(self, rows: list[Sequence]) -> list[int]:
+        """The slot each row writes its next position to (a decode step), as plain ints."""
+        return [row.blocks[row.length // BLOCK_SIZE] * BLOCK_SIZE + row.length % BLOCK_SIZE for row in rows]
+
     def gather_index(self, rows: list[Sequence], length: int) -> torch.Tensor:
         """Slots of positions [0, length) of each row, padded with zero-block slots past its end."""
         width = self.blocks_for(length)
-        table = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            own = row.blocks[:width]
-            table[i, : len(own)] = torch.tensor(own, dtype=torch.long)
+        table = torch.tensor([row.blocks[:width] + [0] * (width - len(row.blocks[:width])) for row in rows],
+                             dtype=torch.long).view(len(rows), width)
         return (table.unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(rows), -1)[:, :length]
 
 

@@ -129,8 +129,12 @@ def plan_step(pool: KVPool, chunks: list[Chunk]) -> tuple[StepPlan, torch.Tensor
         rows = [row for i in members for row in chunks[i].rows]
         first = [row.length for row in rows]
         masks = torch.cat([chunks[i].mask for i in members]).to(torch.long)
-        writes.append(pool.slots(rows, first[0], first[0] + length) if len(set(first)) == 1 else
-                      torch.cat([pool.slots([row], row.length, row.length + length) for row in rows]))
+        if length == 1:
+            writes.append(torch.tensor(pool.next_slots(rows)).view(-1, 1))
+        elif len(set(first)) == 1:
+            writes.append(pool.slots(rows, first[0], first[0] + length))
+        else:
+            writes.append(torch.cat([pool.slots([row], row.length, row.length + length) for row in rows]))
         valid = torch.tensor([row.valid for row in rows]).unsqueeze(-1)
         positions.append(((valid + masks.cumsum(-1) - 1) * masks).view(-1))
         for row, row_mask in zip(rows, masks, strict=True):
