@@ -37,11 +37,15 @@ def gpu(
 
 
 @app.command("serve-gpu")
-def serve_gpu(quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False) -> None:
+def serve_gpu(
+    quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False,
+    exactness_only: Annotated[bool, typer.Option(
+        help="Only compare 64 sessions' bf16 replies together against alone; merged into serve-gpu.json.")] = False,
+) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() on random 7B-shaped weights."""
-    from benchmarks.serve_gpu import run_serve_gpu
+    from benchmarks.serve_gpu import run_exactness, run_serve_gpu
 
-    run_serve_gpu(quick)
+    run_exactness() if exactness_only else run_serve_gpu(quick)
 
 
 @app.command()

@@ -259,10 +259,14 @@ def serve_gpu_section(data: dict) -> str:
     lines += ["", "### Load generator against `lambdasplit serve` on the same card", ""]
     lines += _closed_loop_table(data["closed_loop"], data.get("open_loop"))
     lines += ["", "Server ms per forward is the mean of /metrics' `lambdasplit_forward_seconds` over the run."]
-    if wait0 := data.get("step_wait_0"):
-        lines += ["", f"The same 64 sessions with `--step-wait 0` (a step starts on whatever frames have arrived): "
-                  f"{wait0['aggregate_decode_tok_s']:.0f} tok/s, ITL p50 / p99 {_ms(wait0['itl_ms'])} ms, "
-                  f"{wait0['server_sessions_per_forward']:.1f} sessions per forward."]
+    if ablations := data.get("ablations"):
+        lines += ["", "The same 64 sessions against a server with one setting changed:", "",
+                  "| server | aggregate decode tok/s | ITL p50 / p99 ms | server ms per forward | sessions per forward |",
+                  "|---|---|---|---|---|"]
+        for name, r in {"defaults (uvloop, --step-wait 2)": closed.get(64), **ablations}.items():
+            if r:
+                lines.append(f"| `{name}` | {r['aggregate_decode_tok_s']:.0f} | {_ms(r['itl_ms'])} | "
+                             f"{r['server_forward_ms_mean']:.1f} | {r['server_sessions_per_forward']:.1f} |")
     split_ms = e2e["split_gpu_loopback_bf16"]["per_token_ms"]["total"]
     lines += ["", f"End to end, one session, device parts on the same GPU, body over loopback: {split_ms:.1f} ms/token "
               f"against unsplit eager {e2e['unsplit_generate']['per_token_ms']['total']:.1f} "

@@ -42,6 +42,7 @@ class Load:
     steps: int
     seeds: list[int]
     arrivals: list[float] | None = None  # seconds after the start; None: closed loop, all at once
+    keep_replies: bool = False  # return every reply's payload (to compare sessions run together and alone)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -117,6 +118,8 @@ class Client:
             if reply.type == MsgType.ERROR:
                 read_control(reply, MsgType.HIDDEN)  # raises the server's typed error
             rec["replies"] += 1
+            if self.load.keep_replies:
+                rec.setdefault("payloads", []).append(reply.payload)
             if reply.type != MsgType.HIDDEN or reply.seq != seq or reply.shape != frame.shape:
                 rec["bad_replies"] += 1
             if seq == 1:

@@ -7,8 +7,10 @@ bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16
 2. The body's batched step in process (`TextBody.step` over the KV pool): median step time for
    1..256 decode rows, and a torch-profiler table of one 64-row step (where the time goes).
 3. A `lambdasplit serve` child on the same card and the load generator (`benchmarks.serve`) against
-   it: 1, 8, 64 and 256 concurrent sessions, then an open-loop arrival rate; the server's own step
-   count and forward seconds per run from /metrics.
+   it: 1, 8, 64 and 256 concurrent sessions (each level run once unmeasured first, so the CUDA
+   graphs it needs are captured outside the measurement), then an open-loop arrival rate; the
+   server's own step count and forward seconds per run from /metrics. Then 64 sessions against
+   servers with one setting changed (`--no-uvloop`, `--step-wait 0`, `--step-wait 10`).
 4. End to end, one session: the device parts on the same GPU, the body over loopback, against
    unsplit batch-1 `generate()`, alternated.
 5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
@@ -19,6 +21,7 @@ Results to benchmarks/results/serve-gpu.json (written after every part) and serv
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import statistics
@@ -32,7 +35,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks.common import alternate, environment, summarize, write
 from benchmarks.decode import split_run, unsplit_run
 from benchmarks.gpu import SHAPES, build_random
-from benchmarks.serve import Load, closed_loop, open_loop, plot
+from benchmarks.serve import Load, closed_loop, drive, open_loop, plot
 
 NAME = "serve-gpu"
 DEVICE = "cuda"  # a CPU smoke run of the parts sets "cpu"
@@ -148,6 +151,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
         base = Load(server.url, manifest, None, prompt, steps, [])
         closed_loop(base, 2, 2, 99)  # warm-up
         for n in levels:
+            closed_loop(base, n, min(8, n), 1000 + n)  # the same load first: its CUDA graphs are captured once, here
             before = _metrics(server.url)
             row = closed_loop(base, n, min(8, n), 0)
             after = _metrics(server.url)
@@ -161,6 +165,8 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
             print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
                   f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "
                   f"{row['server_sessions_per_forward']:.1f} sessions/forward, errors {row['errors']}", flush=True)
+        if levels[-1] >= 64:
+            out["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
         if rate:
             out["open_loop"] = open_loop(base, rate, duration, 8, 0)
             print(f"[serve] open loop {rate}/s: {out['open_loop']['aggregate_decode_tok_s']} tok/s, "
@@ -168,19 +174,46 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
     return out
 
 
-class _Recorder:
-    """Wraps a tail runner: keeps the body's hidden states it is fed and its last-position logits."""
+def batched_vs_alone(url: str, base: Load, sessions: int = 64, alone: int = 8) -> dict:
+    """The body's bf16 replies for `sessions` sessions run together against the first `alone` of
+    them each run by itself (the same seeded frames): how many differ, and by how much."""
+    import numpy as np
 
-    def __init__(self, runner) -> None:
-        self.runner, self.hidden, self.logits = runner, [], []
+    def states(payloads: list[bytes]) -> list[np.ndarray]:
+        return [np.frombuffer(p, dtype=np.uint16).astype(np.uint32) << 16 for p in payloads]  # bf16 -> f32 bits
+
+    keep = dataclasses.replace(base, keep_replies=True)
+    before = _metrics(url)
+    together = {r["seed"]: r for r in drive([dataclasses.replace(keep, seeds=s) for s in
+                                             (list(range(i, sessions, 8)) for i in range(8))])}
+    after = _metrics(url)
+    differ, worst = 0, 0.0
+    for seed in range(alone):
+        solo = drive([dataclasses.replace(keep, seeds=[seed])])[0]
+        a, b = states(solo["payloads"]), states(together[seed]["payloads"])
+        diffs = [np.abs(x.view(np.float32) - y.view(np.float32)).max() for x, y in zip(a, b, strict=True)]
+        differ += any(d > 0 for d in diffs)
+        worst = max(worst, float(max(diffs)))
+    forwards = after["lambdasplit_forward_seconds_count"] - before["lambdasplit_forward_seconds_count"]
+    out = {"sessions_together": sessions, "sessions_compared": alone, "sessions_with_different_states": differ,
+           "max_hidden_abs_diff": worst, "sessions_per_forward_together":
+           (after["lambdasplit_step_sessions_sum"] - before["lambdasplit_step_sessions_sum"]) / max(forwards, 1)}
+    print(f"[bf16 batched vs alone] {out}", flush=True)
+    return out
+
+
+class _Recorder:
+    """Wraps a body client: keeps the last position of every hidden state the body returns."""
+
+    def __init__(self, body) -> None:
+        self.body, self.hidden = body, []
 
     def __getattr__(self, name):
-        return getattr(self.runner, name)
+        return getattr(self.body, name)
 
-    def __call__(self, hidden, *args, **kwargs):
-        out = self.runner(hidden, *args, **kwargs)
-        self.hidden.append(hidden[:, -1].float().cpu())
-        self.logits.append(out[:, -1].float().cpu())
+    def forward(self, hidden, attention_mask=None):
+        out = self.body.forward(hidden, attention_mask)
+        self.hidden.append(out[:, -1].float().cpu())
         return out
 
 
@@ -198,12 +231,11 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--kv-pool", "8192"]
     with ServerProcess(*args, timeout=600) as server:
         def run(i: int, results: dict) -> None:
-            mine = device
-            mine.tail = _Recorder(mine.tail)
-            body = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
-            ids = mine.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
+            body = _Recorder(connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest))
+            out = device.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True),
+                                      keep_logits=True)
             body.close()
-            results[i] = (ids.token_ids[0], torch.stack(mine.tail.hidden), torch.stack(mine.tail.logits))
+            results[i] = (out.token_ids[0], torch.stack(body.hidden), out.logits[:, 0].float().cpu())
 
         alone: dict = {}
         for i in range(devices):
@@ -253,8 +285,12 @@ def run_serve_gpu(quick: bool = False) -> dict:
     write(NAME, payload)
     payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0))
     write(NAME, payload)
-    if not quick:  # the same 64 sessions with steps that start on whatever frames have arrived
-        payload["step_wait_0"] = load_generator(path, prompt, steps, (64,), 0, 0, ("--step-wait", "0"))["closed_loop"][0]
+    if not quick:  # the same 64 sessions on asyncio's own event loop, and with steps that start on whatever has arrived
+        payload["ablations"] = {
+            name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
+            for name, args in (("--no-uvloop", ("--no-uvloop",)), ("--step-wait 0", ("--step-wait", "0")),
+                               ("--step-wait 10", ("--step-wait", "10")))
+        }
         write(NAME, payload)
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
@@ -282,4 +318,25 @@ def run_serve_gpu(quick: bool = False) -> dict:
     payload["bf16_batched_vs_alone"] = divergence(path, 4 if quick else 16, prompt, 16 if quick else 32)
     path_out = write(NAME, payload)
     plot({**payload, "prompt_tokens": prompt, "decode_steps": steps}, path_out.with_suffix(".png"))
+    return payload
+
+
+def run_exactness() -> dict:
+    """`--exactness-only`: the bf16 batched-against-alone comparison alone, added to serve-gpu.json."""
+    import json
+
+    from benchmarks.common import RESULTS
+    from lambdasplit.cloud.process import ServerProcess
+    from lambdasplit.split.load import open_source
+
+    path = build_random("llama2-7b")
+    manifest = open_source(str(path), (1, 1)).manifest("device", torch.bfloat16).as_dict()
+    payload = json.loads((RESULTS / f"{NAME}.json").read_text())
+    with ServerProcess("--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16",
+                       "--max-sessions", "128", "--kv-pool", str(32 << 10), "--min-free-memory", "0", timeout=600) as server:
+        base = Load(server.url, manifest, None, 32, 64, [])
+        closed_loop(base, 64, 8, 1000)  # warm-up: capture the CUDA graphs
+        payload["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
+        payload["bf16_frames_batched_vs_alone"]["environment"] = environment("cuda")
+    write(NAME, payload)
     return payload

@@ -297,14 +297,14 @@ def test_frames_decoded_together_equal_each_alone_and_a_bad_frame_fails_alone():
     assert isinstance(states[2], WireError) and "NaN" in str(states[2])
 
 
-def _reply(future):
+def _answer(future):
     reply, _ = future.result(timeout=60)
     return reply
 
 
 def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bodies):
     """With a step wait, a decode frame that arrives 0.3 s after another session's joins its step;
-    a session that never comes back holds the others up for the step wait only."""
+    a session that never comes back holds the others up for the step wait only (after the last step)."""
     width = bodies[0].runner.config.hidden_size
     scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=3.0))
     steps = []
@@ -315,17 +315,17 @@ def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bod
         return tensor_frame(MsgType.HIDDEN, torch.randn(1, length, width), Codec.FP32, session, seq)
 
     first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
-    [_reply(f) for f in first]
+    [_answer(f) for f in first]
     steps.clear()
     late = scheduler.submit(a, frame(a, 2, 1))
     time.sleep(0.3)
     assert not late.done(), "the step did not wait for the second session"
     both = [late, scheduler.submit(b, frame(b, 2, 1))]
-    [_reply(f) for f in both]
+    [_answer(f) for f in both]
     assert [s.sessions for s in steps] == [2]
     scheduler.limits = SchedulerLimits(step_wait=0.2)
     steps.clear()
     alone = scheduler.submit(a, frame(a, 3, 1))  # b never sends again
-    assert _reply(alone).shape == (1, 1, width)
+    assert _answer(alone).shape == (1, 1, width)
     assert [s.sessions for s in steps] == [1]
     scheduler.shutdown()

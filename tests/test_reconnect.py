@@ -45,6 +45,7 @@ LOGGER = "lambdasplit.device.remote"
 
 # What the fake does with connection number n (0-based): a Script returns one of
 #   ("http", status, headers)          refuse the upgrade with an HTTP status
+#   ("hangup",)                        drop the connection before answering the upgrade
 #   ("refuse", code, retry_after)      answer HELLO with an ERROR frame and close
 #   ("welcome", manifest)              a session; optional ("welcome", manifest, fail_at, code)
 #                                      sends ERROR `code` (or drops the socket when code is None)
@@ -85,10 +86,13 @@ class FakeBody:
     def _http(self, connection, request):
         n = len(self.connections)
         action = self._step(n)
-        if action[0] != "http":
+        if action[0] not in ("http", "hangup"):
             return None
         self.connections.append([])
         self.times.append(time.monotonic())
+        if action[0] == "hangup":
+            connection.transport.abort()  # what the response below is written to is gone
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "")
         response = connection.respond(http.HTTPStatus(action[1]), "refused\n")
         for key, value in action[2].items():
             response.headers[key] = value
@@ -170,6 +174,20 @@ def test_a_server_never_reached_fails_fast_with_one_error_and_no_warnings(caplog
     assert time.monotonic() - start < 5  # was 32-38 s of retries
     assert "\n" not in str(info.value)
     assert warnings(caplog) == []  # was 7 "lost the body server" warnings
+
+
+def test_a_first_connection_dropped_before_the_handshake_answer_is_retried_once_quietly(caplog):
+    """A busy server (or the proxy in front of it) may hang up on the opening handshake: one retry."""
+    caplog.set_level(logging.INFO, LOGGER)
+    with FakeBody(lambda n: ("hangup",) if n == 0 else ok(n)) as fake:
+        remote = body(fake.url)
+        assert torch.equal(remote.forward(X), X)
+        remote.close()
+        assert len(fake.connections) == 2 and warnings(caplog) == []
+    with FakeBody(lambda n: ("hangup",)) as fake:
+        with pytest.raises(UnavailableError, match="cannot reach the body server"):
+            body(fake.url).forward(X)
+        assert len(fake.connections) == 2  # one retry, not the reconnect window
 
 
 def test_plain_ws_to_a_tls_port_says_use_wss(tmp_path, caplog):

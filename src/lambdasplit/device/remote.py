@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (ConnectionClosed, OSError, TimeoutError, InvalidHandshake)  # transport failures
+_TRANSIENT_FIRST = (ConnectionRefusedError, ConnectionResetError, EOFError, InvalidMessage)
 MAX_BACKOFF = 4.0  # seconds between two reconnect attempts, at most
 
 
@@ -149,8 +150,11 @@ class RemoteBody(BodyClient):
             return delay
         if not self._connected_once and not isinstance(exc, RemoteError):
             # Never reached: a wrong URL or a server that is not running. Say so now.
-            if attempts == 1 and isinstance(exc, ConnectionRefusedError) and not exhausted:
-                return min(self.backoff, remaining)  # one quiet retry: the server may be starting
+            if attempts == 1 and isinstance(exc, _TRANSIENT_FIRST) and not exhausted:
+                # One quiet retry: the server may be starting, or a busy server (or the proxy in
+                # front of it) hung up before answering the opening handshake.
+                log.info("the first connection to %s failed (%s); retrying once", self.url, _describe(exc))
+                return min(self.backoff, remaining)
             raise UnavailableError(f"cannot reach the body server at {self.url}: {_describe(exc)}") from None
         if exhausted:
             if isinstance(exc, RemoteError):
