@@ -271,12 +271,7 @@ def serve_gpu_section(data: dict) -> str:
     lines += ["", f"End to end, one session, device parts on the same GPU, body over loopback: {split_ms:.1f} ms/token "
               f"against unsplit eager {e2e['unsplit_generate']['per_token_ms']['total']:.1f} "
               f"(**{e2e['latency_ratio_vs_unsplit']:.3f}x**).", "",
-              f"bf16 under batching: {bf16['devices']} devices generating {bf16['new_tokens']} tokens at once against "
-              f"each alone: {bf16['sessions_with_different_tokens']} sessions with different greedy tokens, largest "
-              f"hidden-state difference {bf16['max_hidden_abs_diff']:.3g}, largest logit difference "
-              f"{bf16['max_logit_abs_diff']:.3g}"
-              + (f" ({bf16['sessions_per_forward_together']:.1f} sessions per server step while together)."
-                 if "sessions_per_forward_together" in bf16 else "."), "", "### Targets (issue 12)", "",
+              *_bf16_lines(bf16, data.get("bf16_frames_batched_vs_alone")), "", "### Targets (issue 12)", "",
               "| target | measured | met |", "|---|---|---|"]
 
     def target(name: str, value: str, ok: bool) -> None:
@@ -284,16 +279,40 @@ def serve_gpu_section(data: dict) -> str:
 
     if 64 in closed:
         ratio = closed[64]["aggregate_decode_tok_s"] / base
-        target("64 sessions: aggregate decode >= 0.75x unsplit eager batch-64 generate()", f"{ratio:.2f}x", ratio >= 0.75)
+        best = closed[64]["aggregate_decode_tok_s"] / max(u["eager_generate_batch64_runs"])
+        target("64 sessions: aggregate decode >= 0.75x unsplit eager batch-64 generate()",
+               f"{ratio:.2f}x of the median run ({best:.2f}x of the best)", ratio >= 0.75)
         itl = closed[64]["itl_ms"]
         target("64 sessions: ITL p99 <= 3x p50", f"{itl['p99'] / itl['p50']:.1f}x", itl["p99"] <= 3 * itl["p50"])
+    if (open_loop := data.get("open_loop")) and open_loop.get("itl_ms", {}).get("p50"):
+        itl = open_loop["itl_ms"]
+        target(f"... while new sessions prefill (open loop, {open_loop['rate_per_s']:g} arrivals/s)",
+               f"{itl['p99'] / itl['p50']:.1f}x", itl["p99"] <= 3 * itl["p50"])
     one_row = next(s for s in data["body_step"]["steps"] if s["rows"] == 1)
-    target("one session: body step <= 10 ms server-side", f"{one_row['graphs_step_ms']:.1f} ms (ITL p50 "
-           f"{closed[1]['itl_ms']['p50']:.1f} ms through the server)" if 1 in closed else f"{one_row['graphs_step_ms']:.1f} ms",
-           one_row["graphs_step_ms"] <= 10)
+    server_ms = closed[1]["server_forward_ms_mean"] if 1 in closed else one_row["graphs_step_ms"]
+    target("one session: body step <= 10 ms server-side", f"{server_ms:.1f} ms in the server ({one_row['graphs_step_ms']:.1f} "
+           "in process)", server_ms <= 10)
     target("one session end to end <= 1.0x unsplit eager", f"{e2e['latency_ratio_vs_unsplit']:.3f}x", e2e["latency_ratio_vs_unsplit"] <= 1.0)
     target("stretch: <= 7 ms/token end to end", f"{split_ms:.1f} ms", split_ms <= 7)
     return "\n".join(lines)
+
+
+def _bf16_lines(threads: dict, frames: dict | None) -> list[str]:
+    """bf16 under batching: whole devices together against alone, and the body's replies to 64 sessions' frames."""
+    spf = threads.get("sessions_per_forward_together")
+    lines = [f"bf16 under batching, {threads['devices']} devices (threads of one process) generating {threads['new_tokens']} "
+             f"tokens at once against each alone: {threads['sessions_with_different_tokens']} sessions with different "
+             f"greedy tokens, largest hidden-state difference {threads['max_hidden_abs_diff']:.3g}, largest logit "
+             f"difference {threads['max_logit_abs_diff']:.3g}"
+             + (f"; but the server's steps held {spf:.1f} sessions on average, so these devices were hardly batched."
+                if spf is not None and spf < 1.5 else f" ({spf:.1f} sessions per server step)." if spf else ".")]
+    if frames:
+        lines += ["", f"The body's bf16 replies to {frames['sessions_together']} load-generator sessions run together "
+                  f"({frames['sessions_per_forward_together']:.1f} sessions per step) against {frames['sessions_compared']} of "
+                  f"them each run alone with the same frames: **{frames['sessions_with_different_states']} of "
+                  f"{frames['sessions_compared']} differ**, largest difference {frames['max_hidden_abs_diff']:.3g}."
+                  + (f" ({frames['note']}.)" if frames.get("note") else "")]
+    return lines
 
 
 def serve_cpu_section(data: dict, name: str) -> str:

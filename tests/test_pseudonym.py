@@ -115,6 +115,26 @@ def test_decoy_rows_keep_their_stand_ins_across_turns(detector):
         assert b[2]["content"] == f"{name} again."
 
 
+def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, detector):
+    """The cloud saw every row's first answer; in the second turn each row's history must be that
+    row's own, or the one row whose history matches what it generated is the real one."""
+    device = SplitDevice.load(llama, (2, 2))
+    options = GenerationOptions(max_new_tokens=8)
+    for protection in (Protection(decoys=3, seed=2), Protection(pseudonymize=True, decoys=3, seed=2)):
+        chat = ProtectedChat(device, protection, detector)
+        messages = [{"role": "user", "content": PROMPT}]
+        first = chat.generate(load_local_body(llama, (2, 2)), messages, options)
+        assert len(set(first.result.texts)) > 1  # the rows answered differently: the check below can fail
+        follow = [*messages, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Shorter, please."}]
+        batch = chat.prepare(follow)
+        assert batch.real_row == first.real_row
+        assert [row[1]["content"] for row in batch.rows] == first.result.texts
+        second = chat.generate(load_local_body(llama, (2, 2)), follow, options)
+        if not protection.pseudonymize:  # the real row's answer is the undefended one in every turn
+            base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(follow), None, options)
+            assert second.token_ids == base.token_ids[0]
+
+
 def test_decoy_cost_scales_bytes_with_rows(llama):
     device = SplitDevice.load(llama, (2, 2))
     cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),

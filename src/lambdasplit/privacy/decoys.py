@@ -4,7 +4,10 @@ of the same kind, chosen so that each row has exactly the real row's token lengt
 
 The cloud (which can invert every row) then holds N + 1 candidates. What it can still do is rank
 them: privacy/distinguish.py holds the distinguishers the audit runs against this generator. Rows
-keep their stand-ins across turns (one `StandIns` per row, as the real row keeps its identifiers).
+keep their stand-ins across turns (one `StandIns` per row, as the real row keeps its identifiers),
+and in later turns each row's history carries that row's own earlier answers (`Message.per_row`):
+the cloud saw every row's answer, so a decoy row whose history held the real answer with its
+stand-ins swapped in would give the real row away at the second turn.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lambdasplit.privacy.pseudonym import Detector, Span, StandIns
+from lambdasplit.privacy.pseudonym import Span, StandIns
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ class Message:
     role: str
     content: str
     spans: list[Span] = field(default_factory=list)
+    per_row: list[str] | None = None  # this message in every row (the real one included): each row's own answer
 
 
 @dataclass
@@ -34,7 +38,7 @@ class DecoyBatch:
 
     rows: list[list[dict[str, str]]]
     real_row: int
-    length_matched: bool  # every decoy row has the real row's token length
+    length_matched: bool  # every decoy row's spans have the real spans' token length (in turn 1: the real row's length)
     values: list[list[tuple[str, str]]] = field(default_factory=list)  # per row: (kind, value) of each span, in order
 
 
@@ -64,15 +68,23 @@ class DecoyMaker:
         self._draws = 0
 
     def make(self, messages: list[Message]) -> DecoyBatch:
-        real = [{"role": m.role, "content": m.content} for m in messages]
-        target = self.length(real)
+        """The batch for `messages`. A row's own earlier answers (`per_row`) may differ in length from
+        the real row's; its spans' stand-ins are then drawn to change its length by nothing."""
+        real = [{"role": m.role, "content": m.per_row[self.real_row] if m.per_row else m.content} for m in messages]
         decoys, matched = [], True
         for i, stand_ins in enumerate(self.rows):
+            at = i if i < self.real_row else i + 1  # this decoy's position in the batch
+
+            def row_of(values: StandIns | None, at: int = at) -> list[dict[str, str]]:
+                return [{"role": m.role, "content": m.per_row[at] if m.per_row else
+                         (m.content if values is None else substitute(m, values))} for m in messages]
+
+            target = self.length(row_of(None))  # the real spans in this row's own history
             best, best_gap = None, None
             for _ in range(self.tries):
                 self._draws += 1
                 trial = stand_ins.fork(self.seed * 1_000_003 + self._draws)
-                row = [{"role": m.role, "content": substitute(m, trial)} for m in messages]
+                row = row_of(trial)
                 gap = abs(self.length(row) - target)
                 if best_gap is None or gap < best_gap:
                     best, best_gap, best_stand_ins = row, gap, trial
@@ -80,7 +92,7 @@ class DecoyMaker:
                     break
             if best_gap:
                 matched = False
-                log.warning("decoy row %d: no draw of %d matched the real row's %d tokens (off by %d)", i, self.tries, target, best_gap)
+                log.warning("decoy row %d: no draw of %d matched the real spans' token length (off by %d)", i, self.tries, best_gap)
             self.rows[i] = best_stand_ins
             decoys.append(best)
         rows = decoys[: self.real_row] + [real] + decoys[self.real_row:]
@@ -89,7 +101,3 @@ class DecoyMaker:
         values = values[: self.real_row] + [[(s.kind, s.text) for s in spans]] + values[self.real_row:]
         return DecoyBatch(rows, self.real_row, matched, values)
 
-
-def detect_messages(messages: list[dict[str, str]], detector: Detector) -> list[Message]:
-    """Spans of every message: the decoys vary what the detector finds (with pseudonymisation, the stand-ins)."""
-    return [Message(str(m.get("role", "user")), str(m.get("content", "")), detector.find(str(m.get("content", "")))) for m in messages]

@@ -18,7 +18,7 @@ import torch
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationOptions, GenerationResult
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message, detect_messages
+from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
 from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
 
 log = logging.getLogger(__name__)
@@ -62,22 +62,35 @@ class ProtectedChat:
         self.pseudonymizer = Pseudonymizer(self.detector, StandIns(protection.seed)) if protection.pseudonymize else None
         self.decoys = DecoyMaker(self._length, protection.decoys, None if protection.seed is None else protection.seed + 7919) \
             if protection.decoys else None
+        self._answers: dict[str, list[str]] = {}  # with decoys: a restored answer -> every row's own answer that turn
+        self._warned = False
 
     def _length(self, messages: list[dict[str, str]]) -> int:
         return int(self.device.encode_chat(messages).shape[1])
 
     def prepare(self, messages: list[dict[str, str]]) -> DecoyBatch:
-        """The rows the device will send: pseudonymised, then among decoys (the real row at a secret position)."""
-        if self.pseudonymizer is not None:
-            done = [(m, self.pseudonymizer.pseudonymize(str(m.get("content", "")))) for m in messages]
-            parsed = [Message(str(m.get("role", "user")), p.text, p.spans) for m, p in done]
-        elif self.decoys is not None:
-            parsed = detect_messages(messages, self.detector)
-        else:
-            parsed = [Message(str(m.get("role", "user")), str(m.get("content", ""))) for m in messages]
+        """The rows the device will send: pseudonymised, then among decoys (the real row at a secret
+        position). With decoys, an earlier answer of this conversation is, in each row, that row's own."""
+        parsed = [self._parse(m) for m in messages]
         if self.decoys is None:
             return DecoyBatch([[{"role": m.role, "content": m.content} for m in parsed]], 0, True)
         return self.decoys.make(parsed)
+
+    def _parse(self, message: dict[str, str]) -> Message:
+        role, content = str(message.get("role", "user")), str(message.get("content", ""))
+        if self.decoys is not None and role == "assistant":
+            if (rows := self._answers.get(content.strip())) is not None:
+                return Message(role, rows[self.decoys.real_row], per_row=rows)
+            if not self._warned:
+                self._warned = True
+                log.warning("an assistant message this conversation did not generate: every decoy row gets it with "
+                            "its own stand-ins, which a cloud that saw the rows' earlier answers can tell from the real row")
+        if self.pseudonymizer is not None:
+            done = self.pseudonymizer.pseudonymize(content)
+            return Message(role, done.text, done.spans)
+        if self.decoys is not None:
+            return Message(role, content, self.detector.find(content))
+        return Message(role, content)
 
     def generate(self, body: BodyClient, messages: list[dict[str, str]], options: GenerationOptions | None = None,
                  on_text: Callable[[str], None] | None = None, **generate_kwargs: Any) -> ProtectedResult:
@@ -97,6 +110,8 @@ class ProtectedChat:
             stream.end()
         sent = result.texts[batch.real_row]
         text = self.pseudonymizer.restore(sent) if self.pseudonymizer is not None else sent
+        if self.decoys is not None:
+            self._answers[text.strip()] = list(result.texts)
         tok = self.device.tokenizer
         rows = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
         replacements = []
