@@ -4,10 +4,14 @@ runs on two CPU ranks over gloo; on GPUs it is NCCL (benchmarks/tensor_parallel.
 
 from __future__ import annotations
 
+import json
+import signal
 import threading
 
+import psutil
 import pytest
 import torch
+from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.generation import GenerationOptions
@@ -16,6 +20,8 @@ from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.parallel import TensorParallel
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
+from lambdasplit.wire.protocol import BODY_PATH, control_frame
 from tests.conftest import oracle
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314, 253], [1, 2030, 30], [1, 253, 2030, 30, 282, 4649, 314, 253, 504, 3458, 282]]
@@ -93,3 +99,48 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     tokens, logits = _expected(mistral, PROMPTS[2], 8)
     assert result.token_ids[0] == tokens
     torch.testing.assert_close(result.logits[:, 0], logits, atol=1e-4, rtol=0)
+
+
+def _hostile(url: str, device: SplitDevice, frame: bytes) -> dict:
+    """One raw session that sends `frame` after HELLO: the server's ERROR frame, decoded."""
+    with connect(url + BODY_PATH, compression=None, open_timeout=10) as ws:
+        ws.send(control_frame(MsgType.HELLO, {"protocol": 1, "manifest": device.manifest.as_dict(), "codec": "fp32"}).to_bytes())
+        session = parse_frame(ws.recv(timeout=10)).session
+        ws.send(frame(session) if callable(frame) else frame)
+        reply = parse_frame(ws.recv(timeout=30))
+        assert reply.type == MsgType.ERROR, reply.type
+        return json.loads(reply.payload)
+
+
+def test_hostile_frames_get_errors_and_leave_every_rank_serving_exactly(llama, tp_server):
+    """NaN, a wrong width and garbage are refused on rank 0 before any step is mirrored; a session
+    afterwards still equals the unsplit model on both ranks."""
+    device = SplitDevice.load(llama, (2, 2))
+    width = device.manifest.hidden_size
+    nan = torch.full((1, 3, width), float("nan"))
+    bad = {
+        "NaN": lambda s: tensor_frame(MsgType.HIDDEN, nan, Codec.FP32, s, 1).to_bytes(),
+        "width": lambda s: tensor_frame(MsgType.HIDDEN, torch.zeros(1, 3, width + 1), Codec.FP32, s, 1).to_bytes(),
+        "garbage": b"\x00garbage" * 9,
+    }
+    for name, frame in bad.items():
+        error = _hostile(tp_server.url, device, frame)
+        assert error.get("code") and error.get("message"), (name, error)
+    body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
+    result = device.generate_ids(body, torch.tensor([PROMPTS[1]]), None, GenerationOptions(max_new_tokens=6, ignore_eos=True))
+    body.close()
+    assert result.token_ids[0] == _expected(llama, PROMPTS[1], 6)[0]
+
+
+def test_sigint_stops_torchrun_and_every_rank(llama):
+    """Ctrl-C on `serve --tensor-parallel 2`: torchrun forwards it, and no rank outlives it."""
+    proc = ServerProcess("--model", str(llama), "--split", "2,2", "--tensor-parallel", "2", "--kv-pool", "8")
+    try:
+        ranks = psutil.Process(proc.proc.pid).children(recursive=True)
+        assert len([r for r in ranks if "lambdasplit.cli" in " ".join(r.cmdline())]) == 2
+        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert alive == [], [r.pid for r in alive]
+    finally:
+        proc.kill()
