@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -33,8 +34,11 @@ from lambdasplit.errors import (
 )
 from lambdasplit.gateway.app import create_app, default_model_name
 from lambdasplit.gateway.conversations import Conversation, ConversationPool
+from lambdasplit.gateway.protected import ProtectedChats
 from lambdasplit.gateway.sampling import OpenAIPenalties
 from lambdasplit.gateway.schema import SamplingDefaults
+from lambdasplit.privacy.capture import observe
+from lambdasplit.privacy.protect import ProtectedChat, Protection
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 
@@ -730,3 +734,215 @@ def test_too_many_rows_and_huge_bodies_are_refused(stack):
     huge = httpx.post(f"{stack.url}/v1/completions", content=b"{" + b" " * (5 << 20) + b"}",
                       headers={"content-type": "application/json"}, timeout=60)
     assert huge.status_code == 413 and "error" in huge.json()
+
+
+# --- gateway --pseudonymize / --decoys N -------------------------------------------------------
+
+IDENTIFIED = [{"role": "user", "content": "My name is Margaret Okafor and my email is m.okafor@brightmail.net. "
+                                          "Write a short e-mail greeting to me."}]
+REAL_IDS = ["Margaret", "Okafor", "m.okafor@brightmail.net"]
+MESSAGES_WITH_NAME = [{"role": "system", "content": "You are terse."},
+                      {"role": "user", "content": "What is the capital of France? Margaret Okafor asks."}]
+
+
+@pytest.fixture(scope="module")
+def protected(stack):
+    """Gateways with the defenses (seeded ones, and one drawing stand-ins as in use), with multi-turn
+    reuse on (protected requests must not use it); every body session they open keeps its frames."""
+    sessions: list = []
+
+    def connect():
+        body = stack.connect()
+        body.captured = []
+        sessions.append(body)
+        return body
+
+    apps = {name: create_app(stack.device, connect, "smollm2", conversations=2, protection=protection)
+            for name, protection in (("pseudonymize", Protection(pseudonymize=True, seed=0)), ("decoys", Protection(decoys=2, seed=1)),
+                                     ("unseeded", Protection(pseudonymize=True)))}
+    with contextlib.ExitStack() as servers:
+        urls = {name: servers.enter_context(_serving(app)) for name, app in apps.items()}
+        yield SimpleNamespace(urls=urls, apps=apps, sessions=sessions, device=stack.device, connect=stack.connect,
+                              plain=stack.client, clients={name: _client(url) for name, url in urls.items()})
+
+
+def _chat(client: openai.OpenAI, messages: list[dict], stream: bool = False, **kw) -> tuple[str, str, object]:
+    """(text, finish_reason, usage) of a greedy chat answer, streamed or not."""
+    kw = {"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 16, **kw}
+    if not stream:
+        reply = client.chat.completions.create(**kw)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+    pieces, reasons, usage = [], [], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert len(reasons) == 1
+    return "".join(pieces), reasons[0], usage
+
+
+def _uplink(body) -> list[torch.Tensor]:
+    """The hidden states the cloud received from one body session, frame by frame."""
+    return observe(body.captured).uplink
+
+
+def _direct(protected, protection: Protection, messages: list[dict], tokens: int = 16, **kw):
+    """ProtectedChat run directly on a body session of the same server, and that session's frames."""
+    body = protected.connect()
+    body.captured = []
+    try:
+        done = ProtectedChat(protected.device, protection).generate(body, messages, GenerationOptions(max_new_tokens=tokens), **kw)
+    finally:
+        body.close()
+    return done, _uplink(body)
+
+
+def test_pseudonymize_answers_as_protected_chat_and_sends_only_stand_ins(protected):
+    """The greedy answer equals ProtectedChat's for the same seed, with the real identifiers restored;
+    the cloud received exactly the hidden states of ProtectedChat's prompt, which holds none of them
+    (the inversion attack recovers that prompt: tests/test_pseudonym.py)."""
+    text, reason, usage = _chat(protected.clients["pseudonymize"], IDENTIFIED)
+    sent = _uplink(protected.sessions[-1])
+    done, direct = _direct(protected, Protection(pseudonymize=True, seed=0), IDENTIFIED)
+    assert text == done.text and reason == done.result.finish_reasons[0]
+    assert "Margaret Okafor" in text and not any(r in done.sent_text for r in REAL_IDS)  # the model wrote stand-ins; restored
+    assert usage.prompt_tokens == len(done.result.prompt_token_ids[0]) and usage.completion_tokens == len(done.token_ids)
+    assert len(sent) == len(direct) and all(torch.equal(a, b) for a, b in zip(sent, direct, strict=True))
+    assert not any(r in done.cloud_prompt for r in REAL_IDS) and "Write a short e-mail greeting" in done.cloud_prompt
+    plain = _uplink_of_plain(protected, IDENTIFIED)
+    assert sent[0].shape != plain.shape or not torch.equal(sent[0], plain)  # not what the undefended request sends
+    assert len(protected.apps["pseudonymize"].state.conversations) == 0  # no kept KV: the cloud holds the stand-ins' prompt
+
+
+def _uplink_of_plain(protected, messages: list[dict]) -> torch.Tensor:
+    """The prompt's hidden states as an undefended request sends them."""
+    body = protected.connect()
+    body.captured = []
+    try:
+        protected.device.generate_ids(body, protected.device.encode_chat(messages), None, GenerationOptions(max_new_tokens=1))
+    finally:
+        body.close()
+    return _uplink(body)[0]
+
+
+@pytest.mark.parametrize("name", ["pseudonymize", "decoys"])
+def test_protected_streamed_chunks_join_to_the_answer(protected, name):
+    client, tokens = protected.clients[name], 16 if name == "pseudonymize" else 8
+    assert _chat(client, IDENTIFIED, stream=True, max_tokens=tokens)[:2] == _chat(client, IDENTIFIED, max_tokens=tokens)[:2]
+
+
+def test_decoys_run_a_batch_of_three_and_return_the_undefended_answer(protected):
+    text, reason, usage = _chat(protected.clients["decoys"], MESSAGES_WITH_NAME, max_tokens=12)
+    sent = _uplink(protected.sessions[-1])
+    plain = protected.plain.chat.completions.create(model="smollm2", messages=MESSAGES_WITH_NAME, temperature=0, max_tokens=12)
+    assert sent[0].shape[0] == 3 and not any(torch.equal(sent[0][i], sent[0][j]) for i, j in ((0, 1), (0, 2), (1, 2)))  # real + 2 decoys
+    assert text == plain.choices[0].message.content and reason == plain.choices[0].finish_reason == "stop"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    assert usage.completion_tokens < 12 and len(sent) == 12  # the real row ended; every row ran to max_tokens
+    # a stop string cuts the real row's answer as it would the undefended one, and the batch still runs to the end
+    text, reason, usage = _chat(protected.clients["decoys"], MESSAGES_WITH_NAME, max_tokens=12, stop=["Paris"])
+    plain = protected.plain.chat.completions.create(model="smollm2", messages=MESSAGES_WITH_NAME, temperature=0, max_tokens=12,
+                                                    stop=["Paris"])
+    assert (text, reason, usage.completion_tokens) == (plain.choices[0].message.content, "stop", plain.usage.completion_tokens)
+    assert len(_uplink(protected.sessions[-1])) == 12
+
+
+def test_a_conversations_next_turn_keeps_its_stand_ins(protected):
+    """Stand-ins drawn as in use (no seed): the second turn (same opening) reuses the first turn's
+    ProtectedChat, so the cloud's hidden states of the shared prefix are the same; another opening
+    gets its own."""
+    client, chats = protected.clients["unseeded"], protected.apps["unseeded"].state.protected
+    first, _, _ = _chat(client, IDENTIFIED)
+    one = _uplink(protected.sessions[-1])[0]
+    with chats.chat(IDENTIFIED) as chat:
+        stand_in = chat.pseudonymizer.stand_ins.get("PERSON", "Margaret Okafor")
+    second = IDENTIFIED + [{"role": "assistant", "content": first}, {"role": "user", "content": "Sign it from Margaret Okafor."}]
+    _chat(client, second)
+    two = _uplink(protected.sessions[-1])[0]
+    assert two.shape[1] > one.shape[1] and torch.allclose(two[:, : one.shape[1]], one, atol=1e-4)
+    with chats.chat(second) as again:
+        assert again is chat and again.pseudonymizer.stand_ins.get("PERSON", "Margaret Okafor") == stand_in
+    kept = len(chats)
+    _chat(client, [{"role": "user", "content": "Who is Margaret Okafor?"}])
+    assert len(chats) == kept + 1 and len(protected.apps["unseeded"].state.conversations) == 0
+
+
+def test_a_decoy_conversations_second_turn_gives_each_row_its_own_answer_cut_at_the_stop(protected, caplog):
+    """The client keeps the answer up to its stop string; in the next turn every row's history is
+    that row's own first answer cut at the same token, so no row's history stands out to the cloud."""
+    client, chats = protected.clients["decoys"], protected.apps["decoys"].state.protected
+    opening = [{"role": "user", "content": "Margaret Okafor asks: name three French cities."}]
+    first, reason, usage = _chat(client, opening, max_tokens=12, stop=[" of"])
+    assert reason == "stop"
+    follow = [*opening, {"role": "assistant", "content": first}, {"role": "user", "content": "And Italian ones?"}]
+    with chats.chat(follow) as chat, caplog.at_level(logging.WARNING, "lambdasplit.privacy.protect"):
+        batch = chat.prepare(follow)
+    assert not [r for r in caplog.records if "did not generate" in r.getMessage()]
+    assert batch.rows[batch.real_row][1]["content"] == first
+    decoys = [row[1]["content"] for i, row in enumerate(batch.rows) if i != batch.real_row]
+    assert len(decoys) == 2 and all(d != first for d in decoys)
+    tok = protected.device.tokenizer
+    assert all(len(tok(d, add_special_tokens=False)["input_ids"]) <= usage.completion_tokens for d in decoys)
+
+
+def test_a_stop_string_naming_a_real_identifier_stops_the_restored_answer(protected):
+    """The model writes the stand-in (it never writes "Margaret": the first test), so the stop is
+    matched on the restored text the client reads."""
+    client = protected.clients["pseudonymize"]
+    full, _, full_usage = _chat(client, IDENTIFIED)
+    stop = "Sender: Margaret"
+    assert stop in full
+    for stream in (False, True):
+        text, reason, usage = _chat(client, IDENTIFIED, stream=stream, stop=[stop])
+        assert (text, reason) == (full[: full.index(stop)], "stop")
+        assert usage.completion_tokens < full_usage.completion_tokens
+
+
+def test_protected_sampling_fields_pass_through(protected):
+    client = protected.clients["pseudonymize"]
+    penalised, _, _ = _chat(client, IDENTIFIED, frequency_penalty=2.0, presence_penalty=1.0, max_tokens=10)
+    processors = LogitsProcessorList([OpenAIPenalties(None, presence=1.0, frequency=2.0)])
+    done, _ = _direct(protected, Protection(pseudonymize=True, seed=0), IDENTIFIED, 10, logits_processor=processors)
+    assert penalised == done.text != _chat(client, IDENTIFIED, max_tokens=10)[0]
+    sampled = [_chat(client, IDENTIFIED, temperature=1.0, seed=3, max_tokens=6)[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("name", ["pseudonymize", "decoys"])
+@pytest.mark.parametrize("path, change, param", [
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "response_format"),
+    ("/v1/completions", {"prompt": "Hi"}, "prompt"),
+])
+def test_protected_requests_refuse_what_they_cannot_honour(protected, name, path, change, param):
+    body = {"model": "smollm2", "max_tokens": 4, **({} if path == "/v1/completions" else {"messages": IDENTIFIED}), **change}
+    response = _post(protected.urls[name], path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, "unsupported_parameter", "invalid_request_error")
+    assert ("--pseudonymize" if name == "pseudonymize" else "--decoys 2") in error["message"]
+    if name == "decoys" and param == "n":
+        assert "--decoys uses the batch's rows" in error["message"]
+
+
+def test_protected_conversations_are_lru_with_a_ttl(device):
+    now = [0.0]
+    chats = ProtectedChats(device, Protection(pseudonymize=True, seed=0), capacity=2, ttl=10, clock=lambda: now[0])
+    opening = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi Anna Schmidt."}]
+    seen = []
+    for messages in (opening, opening + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More."}],
+                     [{"role": "user", "content": "Other."}]):
+        with chats.chat(messages) as chat:
+            seen.append(chat)
+    assert seen[0] is seen[1] is not seen[2] and len(chats) == 2
+    with chats.chat([{"role": "user", "content": "Third."}]):
+        pass
+    with chats.chat(opening) as chat:  # the least recently used one was forgotten
+        assert chat is not seen[0]
+    now[0] = 11.0
+    chats.expire()
+    assert len(chats) == 0

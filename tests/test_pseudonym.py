@@ -47,6 +47,11 @@ def test_stand_ins_are_consistent_derived_and_restored(detector):
     assert again.text.startswith(name) and f"{first_name} alone" in again.text
     assert p.restore(first.text) == PROMPT
     assert p.restore(f"Dear {first_name}, ...") == "Dear Margaret, ..."
+    recased = last_name[0] + last_name[1:].swapcase()  # the model re-cases a stand-in it copies ("McFarland")
+    assert p.restore(f"Mrs {recased} and {last_name.lower()}") == f"Mrs Okafor and {last_name.lower()}"  # a lower-case word stays
+    restorer = p.restorer()
+    text = f"Dear {first_name} {recased}, thanks."
+    assert "".join(restorer.feed(text[i:i + 2]) for i in range(0, len(text), 2)) + restorer.flush() == "Dear Margaret Okafor, thanks."
 
 
 def test_card_iban_and_date_stand_ins_stay_valid():

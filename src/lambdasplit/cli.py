@@ -766,6 +766,8 @@ def gateway(
     draft_tokens: DraftOpt = 8,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id for API clients (default: the model file's or directory's name).")] = None,
     conversations: Annotated[int, typer.Option(min=0, help="Conversations whose body session is kept for their next turn (0: off); each holds a session on the body server.")] = 16,
+    pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: replace names, e-mails, numbers and other identifiers in chat requests with stand-ins on the device and restore them in the answer (see docs/gateway.md).")] = False,
+    decoys: Annotated[int, typer.Option("--decoys", min=0, max=defaults.MAX_BATCH - 1, help="Defense: run each chat request among N decoy rows that differ in its identifiers (every row runs to max_tokens).")] = 0,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /health) backed by split inference; see docs/gateway.md."""
     import uvicorn
@@ -773,6 +775,8 @@ def gateway(
     from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.gateway.app import create_app, default_model_name
+    from lambdasplit.gateway.protected import flags as protected_flags
+    from lambdasplit.privacy.protect import Protection
     from lambdasplit.security import is_loopback, read_token
     from lambdasplit.wire.codec import Codec
 
@@ -785,8 +789,11 @@ def gateway(
                                      reconnect_window=reconnect_window)
     connect = functools.partial(connect_body, config, device.manifest)  # one body session per request
     name = model_name or default_model_name(model, device.opened.exported is not None)
-    typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 (model {name}) -> body at {server}")
-    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens, conversations=conversations)
+    protection = Protection(pseudonymize, decoys)
+    defenses = f", defenses: {protected_flags(protection)}" if protection.active else ""
+    typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 (model {name}{defenses}) -> body at {server}")
+    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens, conversations=conversations,
+                      protection=protection)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

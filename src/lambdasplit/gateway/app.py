@@ -11,7 +11,9 @@ Requests run concurrently: each one is its own `generate()` over the shared weig
 head and tail KV caches, and its own logits processors: gateway/sampling.py), its own body session
 and its own worker thread (torch releases the GIL). When the client goes away the generation is
 cancelled before its next body call and the body session is closed. A finished single-sequence
-request's session is kept for the conversation's next turn (gateway/conversations.py). Errors use
+request's session is kept for the conversation's next turn (gateway/conversations.py). With
+`protection` (`gateway --pseudonymize`, `--decoys N`) chat requests run through their
+conversation's `ProtectedChat` instead (gateway/protected.py), on a fresh session each. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status an OpenAI
 client expects (see `error_status`).
 """
@@ -27,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,15 @@ from lambdasplit.errors import (
     UnavailableError,
 )
 from lambdasplit.gateway.conversations import Conversation, ConversationPool
+from lambdasplit.gateway.protected import (
+    PROTECTED_CHATS,
+    PROTECTED_TTL,
+    ProtectedChats,
+    first_stop,
+    refuse_completions,
+    refuse_unprotectable,
+    tokens_to_stop,
+)
 from lambdasplit.gateway.sampling import (
     NEUTRAL_GENERATE_KWARGS,
     JsonSchemaConstraint,
@@ -73,6 +84,7 @@ from lambdasplit.gateway.schema import (
     parse_chat,
     parse_completion,
 )
+from lambdasplit.privacy.protect import ProtectedResult, Protection
 from lambdasplit.security import token_matches
 
 log = logging.getLogger(__name__)
@@ -137,7 +149,8 @@ def error_response(exc: BaseException) -> JSONResponse:
 @dataclass
 class _Plan:
     """One request, ready to generate: every row's prompt ids (n rows per prompt), the options and
-    what the answer must carry."""
+    what the answer must carry. A protected chat carries its `messages`: its `ProtectedChat` builds
+    the rows that are sent (its one row here is the real prompt, never sent)."""
 
     chat: bool
     rows: list[list[int]]
@@ -149,6 +162,7 @@ class _Plan:
     stream: bool
     include_usage: bool
     echo: list[str] = field(default_factory=list)  # per row: the prompt text to put before the answer
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -166,6 +180,7 @@ class _Outcome:
     result: GenerationResult
     logprobs: list[list[TokenLogprob]]
     cached_tokens: int
+    prompt_tokens: int  # what usage reports: the prompts', or a protected request's real row's
 
 
 _END = object()
@@ -265,13 +280,16 @@ class _ClientGone(Exception):
 class _Generator:
     """Runs plans on the device: body sessions (fresh or a kept conversation's), processors, the call."""
 
-    def __init__(self, device: SplitDevice, connect: BodyFactory, pool: ConversationPool, speculate: str | None) -> None:
-        self.device, self.connect, self.pool, self.speculate = device, connect, pool, speculate
+    def __init__(self, device: SplitDevice, connect: BodyFactory, pool: ConversationPool, speculate: str | None,
+                 protected: ProtectedChats | None = None) -> None:
+        self.device, self.connect, self.pool, self.speculate, self.protected = device, connect, pool, speculate, protected
         self.constraint = JsonSchemaConstraint(device.tokenizer, device.eos_ids) if device.has_tokenizer else None
 
     def run(self, plan: _Plan, cancel: threading.Event, put: Callable[[object], None]) -> _Outcome:
         """Generate `plan`; a single-row plan continues a kept conversation when its prompt extends
         one, and a reused session that turns out expired is replaced by a fresh one once."""
+        if plan.messages is not None:
+            return self._run_protected(plan, plan.messages, cancel, put)
         single = len(plan.rows) == 1 and self.pool.enabled
         taken = self.pool.take(plan.rows[0]) if single else None
         if taken is not None:
@@ -322,12 +340,46 @@ class _Generator:
                 conv.tokens, conv.prompt_len = held, len(plan.rows[0])
                 keep = len(held) == conv.cache.get_seq_length()
             logprobs = [entries[: len(tokens)] for entries, tokens in zip(collector.logprobs, result.token_ids, strict=True)]
-            return _Outcome(result, logprobs, cached)
+            return _Outcome(result, logprobs, cached, plan.prompt_tokens)
         finally:
             if keep and conv is not None:
                 self.pool.put(conv)
             else:
                 _close(body)
+
+    def _run_protected(self, plan: _Plan, messages: list[dict[str, str]], cancel: threading.Event,
+                       put: Callable[[object], None]) -> _Outcome:
+        """A chat through its conversation's `ProtectedChat`, on a fresh body session: a kept one
+        holds a prompt the cloud never saw (the cloud holds the pseudonymised or decoy rows).
+
+        Stop strings are matched on the restored text. Without decoys a stop ends the generation
+        (through `cancel`, at the next step, as a client leaving would); with decoys every row still
+        runs to max_tokens (a row that stopped early would stand out) and the answer is cut."""
+        assert self.protected is not None
+        decoys = self.protected.protection.decoys > 0
+        stops = plan.options.stop
+        shown = TextStream(self.device.tokenizer, (lambda text: put(_Step({0: text}, {}))) if plan.stream else _drop, stops)
+
+        def on_text(text: str) -> None:
+            shown.on_finalized_text(text)
+            if shown.stopped and not decoys:
+                cancel.set()
+
+        options = replace(plan.options, stop=(), speculate=None if decoys else plan.options.speculate)
+        processors = logits_processors(plan.sampling, None, None, None)  # penalties take the batch's width from its first step
+        with self.protected.chat(messages) as chat:
+            body = self.connect()  # once the conversation's turn has begun: no session waits on its lock
+            try:
+                done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel, logits_processor=processors,
+                                     **NEUTRAL_GENERATE_KWARGS)
+            finally:
+                _close(body)
+            restore = chat.pseudonymizer.restore if chat.pseudonymizer is not None else _same
+            outcome = _real_row(self.device, done, stops, restore)
+            if outcome.result.texts[0] != done.text:  # the client keeps the answer up to its stop string
+                chat.remember_cut(done, outcome.result.texts[0], len(outcome.result.token_ids[0]))
+        shown.on_finalized_text("", stream_end=True)
+        return outcome
 
     def _align(self, conv: Conversation, prompt: list[int], shared: int) -> int:
         """Crop a kept sequence to what `prompt` shares with it (at least one position stays to be
@@ -342,6 +394,28 @@ class _Generator:
             except NotImplementedError:
                 conv.cache, keep = self.device.model.new_cache(conv.body), 0
         return keep
+
+
+def _drop(_: str) -> None:
+    """Where a non-streamed protected answer's text goes as it is produced: only its stop strings are watched."""
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def _real_row(device: SplitDevice, done: ProtectedResult, stops: tuple[str, ...], restore: Callable[[str], str]) -> _Outcome:
+    """The outcome as the client sees it: the real row alone, restored, cut at its first stop string;
+    usage counts the real row's tokens (up to the one completing the stop)."""
+    row, result = done.real_row, done.result
+    text, ids, reason = done.text, done.token_ids, result.finish_reasons[row]
+    cut = first_stop(text, stops)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+        ids = ids[: tokens_to_stop(device.tokenizer, restore, ids, stops)]
+    prompt = result.prompt_token_ids[row]
+    real = replace(result, texts=[text], prompt_token_ids=[prompt], token_ids=[ids], finish_reasons=[reason], logits=None)
+    return _Outcome(real, [[]], 0, len(prompt))
 
 
 def _close(body: BodyClient) -> None:
@@ -378,14 +452,20 @@ def create_app(
     conversation_ttl: float = CONVERSATION_TTL,
     max_n: int = 16,
     sampling_defaults: SamplingDefaults | None = None,
+    protection: Protection | None = None,
+    protected_chats: int = PROTECTED_CHATS,
+    protected_ttl: float = PROTECTED_TTL,
 ) -> FastAPI:
     """The gateway app. Every completion request runs on a body session of its own (`connect()`,
     or a kept conversation's: at most `conversations` are kept, 0 turns reuse off) and its own
     generate() over `device`, so requests run concurrently. `sampling_defaults` default to the
-    model's generation_config.json."""
+    model's generation_config.json. An active `protection` runs chat requests through the
+    defenses (the stand-ins of at most `protected_chats` conversations are kept, each for
+    `protected_ttl` idle seconds) and refuses raw completions; its `seed` is for tests only."""
     jobs: set[_Job] = set()
     pool = ConversationPool(conversations, conversation_ttl)
-    generator = _Generator(device, connect, pool, speculate)
+    protected = ProtectedChats(device, protection, protected_chats, protected_ttl) if protection is not None and protection.active else None
+    generator = _Generator(device, connect, pool, speculate, protected)
     defaults = sampling_defaults or SamplingDefaults.from_generation_config(device.model.generation_config)
     vocab_size = int(device.config.get_text_config().vocab_size)
 
@@ -393,6 +473,8 @@ def create_app(
         while True:
             await asyncio.sleep(max(1.0, conversation_ttl / 4))
             await asyncio.to_thread(pool.expire)
+            if protected is not None:
+                protected.expire()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -405,6 +487,7 @@ def create_app(
 
     app = FastAPI(title="lambdasplit gateway", version="1", lifespan=lifespan)
     app.state.conversations = pool
+    app.state.protected = protected
 
     def check_key(request: Request) -> None:
         if api_key is not None and not token_matches(request.headers.get("authorization"), api_key):
@@ -462,20 +545,25 @@ def create_app(
         check_key(request)
         req = parse_chat(await payload(request), defaults, vocab_size, max_n)
         check_model(req.model)
+        if protected is not None:
+            refuse_unprotectable(req, protected.protection)
         ids = device.encode_chat(req.messages)[0].tolist()
-        plan = _plan(True, [ids], req, [])
+        plan = _plan(True, [ids], req, [], req.messages if protected is not None else None)
         return await _respond(plan, request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
         check_key(request)
+        if protected is not None:
+            raise refuse_completions(protected.protection)
         req = parse_completion(await payload(request), defaults, vocab_size, max_n)
         check_model(req.model)
         prompts = [_encode(device, p) for p in req.prompts]
         echo = [device.tokenizer.decode(p) if isinstance(p, list) else p for p in req.prompts] if req.echo else []
         return await _respond(_plan(False, prompts, req, echo), request)
 
-    def _plan(chat: bool, prompts: list[list[int]], req: ChatRequest | CompletionRequest, echo: list[str]) -> _Plan:
+    def _plan(chat: bool, prompts: list[list[int]], req: ChatRequest | CompletionRequest, echo: list[str],
+              messages: list[dict[str, str]] | None = None) -> _Plan:
         """Rows (n per prompt) and options; speculation drafts one sequence at a time and would
         record logprobs of rejected drafts, so it is used only for one row without logprobs."""
         s = req.sampling
@@ -488,7 +576,7 @@ def create_app(
             top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=s.stop, speculate=drafting, draft_tokens=draft_tokens,
         )
         return _Plan(chat, rows, sum(len(p) for p in prompts), s, options, req.logprobs, req.json_schema, req.stream,
-                     req.include_usage, [e for e in echo for _ in range(req.n)])
+                     req.include_usage, [e for e in echo for _ in range(req.n)], messages)
 
     async def _respond(plan: _Plan, request: Request) -> Any:
         meta = {"id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
@@ -556,7 +644,7 @@ def create_app(
                     for i, reason in enumerate(item.result.finish_reasons):
                         yield event(chunk(i, None, _reason(reason), None))
                     if plan.include_usage:
-                        usage = _usage(plan, item)
+                        usage = _usage(item)
                         final = (ChatCompletionChunk(**meta, object="chat.completion.chunk", choices=[], usage=usage) if plan.chat
                                  else Completion(**meta, object="text_completion", choices=[], usage=usage))
                         yield event(final)
@@ -584,11 +672,11 @@ def _encode(device: SplitDevice, prompt: str | list[int]) -> list[int]:
     return device.tokenizer(prompt)["input_ids"]
 
 
-def _usage(plan: _Plan, outcome: _Outcome) -> CompletionUsage:
+def _usage(outcome: _Outcome) -> CompletionUsage:
     completion = sum(len(t) for t in outcome.result.token_ids)
     details = PromptTokensDetails(cached_tokens=outcome.cached_tokens) if outcome.cached_tokens else None
-    return CompletionUsage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
-                           total_tokens=plan.prompt_tokens + completion, prompt_tokens_details=details)
+    return CompletionUsage(prompt_tokens=outcome.prompt_tokens, completion_tokens=completion,
+                           total_tokens=outcome.prompt_tokens + completion, prompt_tokens_details=details)
 
 
 def _token_text(device: SplitDevice, token: int) -> str:
@@ -626,7 +714,7 @@ def _completion_logprobs(device: SplitDevice, entries: list[TokenLogprob], top: 
 
 def _answer(device: SplitDevice, plan: _Plan, meta: dict[str, Any], outcome: _Outcome) -> dict[str, Any]:
     """The non-streamed response body."""
-    result, usage = outcome.result, _usage(plan, outcome)
+    result, usage = outcome.result, _usage(outcome)
     if plan.chat:
         choices = [
             Choice(index=i, message=ChatCompletionMessage(role="assistant", content=text), finish_reason=_reason(reason),

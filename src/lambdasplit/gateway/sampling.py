@@ -36,12 +36,16 @@ NEUTRAL_GENERATE_KWARGS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "to
 class OpenAIPenalties(LogitsProcessor):
     """OpenAI's presence and frequency penalties, over the tokens generated so far (not the prompt,
     as vLLM counts them): logit[t] -= presence * (count[t] > 0) + frequency * count[t].
-    transformers has no processor with this definition (its repetition penalty divides)."""
+    transformers has no processor with this definition (its repetition penalty divides).
+    `prompt_len` None takes the width of the first ids it sees, the prompt's (for a batch built
+    elsewhere: a protected request's rows)."""
 
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+    def __init__(self, prompt_len: int | None, presence: float, frequency: float) -> None:
         self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
         generated = input_ids[:, self.prompt_len:]
         if generated.shape[1] == 0:
             return scores
@@ -127,7 +131,7 @@ class JsonSchemaConstraint:
 
 
 def logits_processors(
-    sampling: Sampling, prompt_len: int, recorder: LogprobRecorder | None, constraint: LogitsProcessor | None
+    sampling: Sampling, prompt_len: int | None, recorder: LogprobRecorder | None, constraint: LogitsProcessor | None
 ) -> LogitsProcessorList:
     """Every processor of one request, in the order described in the module docstring."""
     processors: list[LogitsProcessor] = [recorder] if recorder is not None else []

@@ -120,6 +120,17 @@ class ProtectedChat:
                             if k != "DOMAIN"]
         return ProtectedResult(text, sent, rows[batch.real_row], rows, batch.real_row, result, replacements)
 
+    def remember_cut(self, done: ProtectedResult, text: str, tokens: int) -> None:
+        """The caller keeps only `text` of the answer, cut at a stop string that the answer's token
+        number `tokens` completes: in later turns the real row's history is `text` and each decoy
+        row's is its own answer before that token."""
+        if self.decoys is None:
+            return
+        tok = self.device.tokenizer
+        rows = [tok.decode(ids[: tokens - 1], skip_special_tokens=True) for ids in done.result.token_ids]
+        rows[done.real_row] = self.pseudonymizer.pseudonymize(text).text if self.pseudonymizer is not None else text
+        self._answers[text.strip()] = rows
+
     def _encode(self, rows: list[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row through the chat template, left-padded (no padding when the decoys matched the length)."""
         encoded = [self.device.encode_chat(r)[0] for r in rows]

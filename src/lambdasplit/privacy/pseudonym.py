@@ -477,9 +477,20 @@ class Pseudonymizer:
         mapping = self.reverse_map()
         if not mapping:
             return text
-        # Whole words only: a stand-in surname such as "White" must not rewrite "whiteboard".
-        pattern = re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in sorted(mapping, key=len, reverse=True)))
-        return pattern.sub(lambda m: mapping[m.group()], text)
+        # Whole words only: a stand-in surname such as "White" must not rewrite "whiteboard". The model
+        # may re-case a stand-in it copies ("Mcfarland" -> "McFarland"): a capitalised variant is
+        # restored too, a lower-case one ("white") is an ordinary word and stays.
+        folded = {k.casefold(): v for k, v in mapping.items()}
+        pattern = re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in sorted(mapping, key=len, reverse=True)),
+                             re.IGNORECASE)
+
+        def real(match: re.Match) -> str:
+            found = match.group()
+            if found in mapping:
+                return mapping[found]
+            return folded[found.casefold()] if found[:1].isupper() else found
+
+        return pattern.sub(real, text)
 
     def restorer(self) -> StreamRestorer:
         return StreamRestorer(self)
@@ -491,15 +502,16 @@ class StreamRestorer:
 
     def __init__(self, pseudonymizer: Pseudonymizer) -> None:
         self.pseudonymizer = pseudonymizer
-        self.keys = sorted(pseudonymizer.reverse_map(), key=len, reverse=True)
+        self.keys = sorted((k.casefold() for k in pseudonymizer.reverse_map()), key=len, reverse=True)
         self.pending = ""
 
     def feed(self, text: str) -> str:
         self.pending += text
+        tail = self.pending.casefold()  # restore() also takes re-cased stand-ins
         # The longest end of the text that is the start of a stand-in, or a whole stand-in that may still grow
         # into a longer one ("Maria" / "Maria Lopez").
-        hold = max((n for k in self.keys for n in range(min(len(k), len(self.pending)), 0, -1)
-                    if k.startswith(self.pending[-n:]) and (n < len(k) or any(o != k and o.startswith(k) for o in self.keys))),
+        hold = max((n for k in self.keys for n in range(min(len(k), len(tail)), 0, -1)
+                    if k.startswith(tail[-n:]) and (n < len(k) or any(o != k and o.startswith(k) for o in self.keys))),
                    default=0)
         ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return self.pseudonymizer.restore(ready)

@@ -1,0 +1,140 @@
+"""The device-side identifier defenses on the gateway (`gateway --pseudonymize`, `--decoys N`).
+
+A chat request runs through `ProtectedChat` (privacy/protect.py): its identifiers are replaced by
+stand-ins, it runs among decoy rows, and only the real row's answer comes back, restored. The API is
+stateless, so a conversation's `ProtectedChat` is found again by a hash of its opening (the messages
+up to the first user message), which every turn of a chat repeats: the stand-ins, and each decoy
+row's, stay the same across turns. Decoys need that: a row whose identifiers changed between turns
+while the real row's did not would give the real row away. `ProtectedChats` keeps them LRU with an
+idle limit; they hold no body session, only the mapping, which never leaves the device.
+
+Request features whose result would not be the restored answer are refused (`refuse_unprotectable`),
+and stop strings are matched on the restored answer (the text the client reads): the text the model
+writes holds stand-ins, in which a stop string naming a real identifier never occurs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.gateway.schema import APIError, ChatRequest, bad_request
+from lambdasplit.privacy.protect import ProtectedChat, Protection
+from lambdasplit.privacy.pseudonym import Detector
+
+PROTECTED_CHATS = 256  # conversations whose stand-ins are kept
+PROTECTED_TTL = 3600.0  # idle seconds before a conversation's stand-ins are forgotten (a later turn gets new ones)
+
+
+def opening_key(messages: list[dict[str, str]]) -> str:
+    """A conversation's key: a hash of its messages up to and including the first user message."""
+    end = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+    opening = [[m.get("role", ""), m.get("content", "")] for m in messages[: end + 1]]
+    return hashlib.sha256(json.dumps(opening).encode()).hexdigest()
+
+
+@dataclass
+class _Kept:
+    chat: ProtectedChat
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    used: float = 0.0
+
+
+class ProtectedChats:
+    """The `ProtectedChat` of each conversation, at most `capacity`, forgotten after `ttl` idle seconds."""
+
+    def __init__(self, device: SplitDevice, protection: Protection, capacity: int = PROTECTED_CHATS, ttl: float = PROTECTED_TTL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity < 1:
+            raise ValueError("protected conversations need capacity >= 1")
+        self.device, self.protection, self.capacity, self.ttl, self.clock = device, protection, capacity, ttl, clock
+        self.detector = Detector()  # shared: its analyzer and name lists are loaded once
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+    @contextlib.contextmanager
+    def chat(self, messages: list[dict[str, str]]) -> Iterator[ProtectedChat]:
+        """The conversation's `ProtectedChat` for one turn; turns of one conversation run one at a
+        time (its stand-ins and decoy rows change as it runs)."""
+        self.expire()
+        key = opening_key(messages)
+        with self._lock:
+            kept = self._kept.pop(key, None) or _Kept(ProtectedChat(self.device, self.protection, self.detector))
+            kept.used = self.clock()
+            self._kept[key] = kept
+            while len(self._kept) > self.capacity:
+                self._kept.popitem(last=False)
+        with kept.lock:
+            try:
+                yield kept.chat
+            finally:
+                kept.used = self.clock()
+
+    def expire(self) -> None:
+        """Forget every conversation idle for longer than `ttl`."""
+        now = self.clock()
+        with self._lock:
+            for key in [k for k, c in self._kept.items() if now - c.used > self.ttl]:
+                del self._kept[key]
+
+
+def flags(protection: Protection) -> str:
+    """The gateway options in force, as the user typed them."""
+    named = (["--pseudonymize"] if protection.pseudonymize else []) + ([f"--decoys {protection.decoys}"] if protection.decoys else [])
+    return " ".join(named)
+
+
+def _refused(protection: Protection, param: str, why: str) -> APIError:
+    return bad_request(f"`{param}` cannot be honoured under {flags(protection)}: {why}", param, "unsupported_parameter")
+
+
+def refuse_unprotectable(req: ChatRequest, protection: Protection) -> None:
+    """400 for a chat request asking for what a protected answer cannot give."""
+    if req.n > 1:
+        rows = "; --decoys uses the batch's rows for its decoys" if protection.decoys else ""
+        raise _refused(protection, "n", f"a protected request runs one conversation{rows}")
+    if req.logprobs is not None:
+        why = ("they would score the tokens the model wrote, which hold the stand-ins, not the restored answer" if protection.pseudonymize
+               else "they are not recorded for the real row of a decoy batch")
+        raise _refused(protection, "logprobs", why)
+    if req.json_schema is not None:
+        why = ("the schema would constrain the text with stand-ins, and restoring the real values can break it" if protection.pseudonymize
+               else "every row of a decoy batch runs past its end, which the schema constraint does not allow")
+        raise _refused(protection, "response_format", why)
+
+
+def refuse_completions(protection: Protection) -> APIError:
+    """The 400 for /v1/completions: the defenses work on chat messages."""
+    return _refused(protection, "prompt", "a raw prompt has no chat messages to protect; use /v1/chat/completions")
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string begins in `text`, or None."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def tokens_to_stop(tokenizer: PreTrainedTokenizerBase, restore: Callable[[str], str], ids: list[int], stops: tuple[str, ...]) -> int:
+    """The fewest leading tokens of `ids` whose restored text contains a stop string (what the
+    answer's usage counts; a longer prefix's text contains a shorter one's)."""
+    low, high = 1, len(ids)
+    while low < high:
+        mid = (low + high) // 2
+        if first_stop(restore(tokenizer.decode(ids[:mid], skip_special_tokens=True)), stops) is not None:
+            high = mid
+        else:
+            low = mid + 1
+    return high
