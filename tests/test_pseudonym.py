@@ -140,6 +140,23 @@ def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, de
             assert second.token_ids == base.token_ids[0]
 
 
+def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
+    """`generate --stop` under pseudonymisation: the stop names what the user reads (a real name the
+    model never writes); the answer is cut there and, without decoys, generation ends there."""
+    device = SplitDevice.load(llama, (2, 2))
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector)
+    full = chat.generate(load_local_body(llama, (2, 2)), messages, GenerationOptions(max_new_tokens=12))
+    assert len(full.text) > 4
+    stop = full.text[2:4]  # two characters of the restored answer
+    streamed = []
+    cut = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector).generate(
+        load_local_body(llama, (2, 2)), messages, GenerationOptions(max_new_tokens=12, stop=(stop,)), on_text=streamed.append)
+    assert cut.text == full.text[: full.text.index(stop)] == "".join(streamed)
+    assert cut.result.finish_reasons[cut.real_row] == "stop" and len(cut.token_ids) < len(full.token_ids)
+    assert len(cut.result.timings.steps) < 12  # it stopped generating
+
+
 def test_decoy_cost_scales_bytes_with_rows(llama):
     device = SplitDevice.load(llama, (2, 2))
     cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),

@@ -62,10 +62,8 @@ from lambdasplit.gateway.protected import (
     PROTECTED_CHATS,
     PROTECTED_TTL,
     ProtectedChats,
-    first_stop,
     refuse_completions,
     refuse_unprotectable,
-    tokens_to_stop,
 )
 from lambdasplit.gateway.sampling import (
     NEUTRAL_GENERATE_KWARGS,
@@ -351,22 +349,12 @@ class _Generator:
                        put: Callable[[object], None]) -> _Outcome:
         """A chat through its conversation's `ProtectedChat`, on a fresh body session: a kept one
         holds a prompt the cloud never saw (the cloud holds the pseudonymised or decoy rows).
-
-        Stop strings are matched on the restored text. Without decoys a stop ends the generation
-        (through `cancel`, at the next step, as a client leaving would); with decoys every row still
-        runs to max_tokens (a row that stopped early would stand out) and the answer is cut."""
+        `ProtectedChat` matches stop strings on the restored text."""
         assert self.protected is not None
         decoys = self.protected.protection.decoys > 0
-        stops = plan.options.stop
-        shown = TextStream(self.device.tokenizer, (lambda text: put(_Step({0: text}, {}))) if plan.stream else _drop, stops)
-
-        def on_text(text: str) -> None:
-            shown.on_finalized_text(text)
-            if shown.stopped and not decoys:
-                cancel.set()
-
-        options = replace(plan.options, stop=(), speculate=None if decoys else plan.options.speculate)
+        options = replace(plan.options, speculate=None if decoys else plan.options.speculate)
         processors = logits_processors(plan.sampling, None, None, None)  # penalties take the batch's width from its first step
+        on_text = (lambda text: put(_Step({0: text}, {}))) if plan.stream else None
         with self.protected.chat(messages) as chat:
             body = self.connect()  # once the conversation's turn has begun: no session waits on its lock
             try:
@@ -374,12 +362,7 @@ class _Generator:
                                      **NEUTRAL_GENERATE_KWARGS)
             finally:
                 _close(body)
-            restore = chat.pseudonymizer.restore if chat.pseudonymizer is not None else _same
-            outcome = _real_row(self.device, done, stops, restore)
-            if outcome.result.texts[0] != done.text:  # the client keeps the answer up to its stop string
-                chat.remember_cut(done, outcome.result.texts[0], len(outcome.result.token_ids[0]))
-        shown.on_finalized_text("", stream_end=True)
-        return outcome
+        return _real_row(done)
 
     def _align(self, conv: Conversation, prompt: list[int], shared: int) -> int:
         """Crop a kept sequence to what `prompt` shares with it (at least one position stays to be
@@ -396,25 +379,12 @@ class _Generator:
         return keep
 
 
-def _drop(_: str) -> None:
-    """Where a non-streamed protected answer's text goes as it is produced: only its stop strings are watched."""
-
-
-def _same(text: str) -> str:
-    return text
-
-
-def _real_row(device: SplitDevice, done: ProtectedResult, stops: tuple[str, ...], restore: Callable[[str], str]) -> _Outcome:
-    """The outcome as the client sees it: the real row alone, restored, cut at its first stop string;
-    usage counts the real row's tokens (up to the one completing the stop)."""
+def _real_row(done: ProtectedResult) -> _Outcome:
+    """The outcome as the client sees it: the real row alone, restored; usage counts its tokens."""
     row, result = done.real_row, done.result
-    text, ids, reason = done.text, done.token_ids, result.finish_reasons[row]
-    cut = first_stop(text, stops)
-    if cut is not None:
-        text, reason = text[:cut], "stop"
-        ids = ids[: tokens_to_stop(device.tokenizer, restore, ids, stops)]
     prompt = result.prompt_token_ids[row]
-    real = replace(result, texts=[text], prompt_token_ids=[prompt], token_ids=[ids], finish_reasons=[reason], logits=None)
+    real = replace(result, texts=[done.text], prompt_token_ids=[prompt], token_ids=[done.token_ids],
+                   finish_reasons=[result.finish_reasons[row]], logits=None)
     return _Outcome(real, [[]], 0, len(prompt))
 
 

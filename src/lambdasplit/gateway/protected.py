@@ -8,9 +8,8 @@ row's, stay the same across turns. Decoys need that: a row whose identifiers cha
 while the real row's did not would give the real row away. `ProtectedChats` keeps them LRU with an
 idle limit; they hold no body session, only the mapping, which never leaves the device.
 
-Request features whose result would not be the restored answer are refused (`refuse_unprotectable`),
-and stop strings are matched on the restored answer (the text the client reads): the text the model
-writes holds stand-ins, in which a stop string naming a real identifier never occurs.
+Request features whose result would not be the restored answer are refused (`refuse_unprotectable`);
+`ProtectedChat` matches stop strings on the restored answer (the text the client reads).
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-from transformers import PreTrainedTokenizerBase
 
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.gateway.schema import APIError, ChatRequest, bad_request
@@ -120,21 +117,3 @@ def refuse_completions(protection: Protection) -> APIError:
     """The 400 for /v1/completions: the defenses work on chat messages."""
     return _refused(protection, "prompt", "a raw prompt has no chat messages to protect; use /v1/chat/completions")
 
-
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string begins in `text`, or None."""
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def tokens_to_stop(tokenizer: PreTrainedTokenizerBase, restore: Callable[[str], str], ids: list[int], stops: tuple[str, ...]) -> int:
-    """The fewest leading tokens of `ids` whose restored text contains a stop string (what the
-    answer's usage counts; a longer prefix's text contains a shorter one's)."""
-    low, high = 1, len(ids)
-    while low < high:
-        mid = (low + high) // 2
-        if first_stop(restore(tokenizer.decode(ids[:mid], skip_special_tokens=True)), stops) is not None:
-            high = mid
-        else:
-            low = mid + 1
-    return high

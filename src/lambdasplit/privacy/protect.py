@@ -9,14 +9,16 @@ across turns. Nothing it holds ever leaves the device.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.generation import GenerationOptions, GenerationResult, TextStream
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
 from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
@@ -97,39 +99,61 @@ class ProtectedChat:
         """Generate the real row's answer; `on_text` gets it restored, as it is produced.
 
         With decoys every row runs to `max_new_tokens` (EOS does not stop the batch, so the stream's
-        length and timing say nothing about the real row) and the real row is cut at its first EOS."""
+        length and timing say nothing about the real row) and the real row is cut at its first EOS.
+
+        Stop strings (`options.stop`) are matched on the restored answer, the text the user reads
+        (one naming a real identifier never occurs in the text the model writes). Without decoys a
+        stop ends the generation; with decoys the batch still runs to the end (a row that stopped
+        early would stand out) and the answer is cut."""
         options = options or GenerationOptions()
+        stops = tuple(s for s in options.stop if s)
+        options = replace(options, stop=())
         batch = self.prepare(messages)
         ids, mask = self._encode(batch.rows)
         restorer = self.pseudonymizer.restorer() if self.pseudonymizer is not None else None
-        stream = _RowStream(self.device, batch.real_row, on_text, restorer) if on_text is not None else None
+        shown = None
+        if stops:
+            cancel = generate_kwargs["cancel"] = generate_kwargs.get("cancel") or threading.Event()
+            shown = TextStream(self.device.tokenizer, on_text or _drop, stops)
+
+            def watch(text: str) -> None:
+                shown.on_finalized_text(text)
+                if shown.stopped and self.decoys is None:
+                    cancel.set()
+
+        sink = watch if shown is not None else on_text
+        stream = _RowStream(self.device, batch.real_row, sink, restorer) if sink is not None else None
         if self.decoys is not None:
             generate_kwargs = {"eos_token_id": None, **generate_kwargs}  # logits untouched, unlike min_new_tokens
         result = self.device.generate_ids(body, ids, mask, options, on_tokens=stream.put if stream else None, **generate_kwargs)
         if stream is not None:
             stream.end()
-        sent = result.texts[batch.real_row]
-        text = self.pseudonymizer.restore(sent) if self.pseudonymizer is not None else sent
+        if shown is not None:
+            shown.on_finalized_text("", stream_end=True)
+        row = batch.real_row
+        sent = result.texts[row]
+        text = self._restore(sent)
+        answers = list(result.texts)
+        if (cut := first_stop(text, stops)) is not None:
+            text, kept = text[:cut], tokens_to_stop(self.device.tokenizer, self._restore, result.token_ids[row], stops)
+            token_ids, reasons = list(result.token_ids), list(result.finish_reasons)
+            token_ids[row], reasons[row] = token_ids[row][:kept], "stop"
+            result = replace(result, token_ids=token_ids, finish_reasons=reasons)
+            # In later turns the real row's history is the cut answer, each decoy row's its own before that token.
+            answers = [self.device.tokenizer.decode(r[: kept - 1], skip_special_tokens=True) for r in token_ids]
+            answers[row] = self.pseudonymizer.pseudonymize(text).text if self.pseudonymizer is not None else text
         if self.decoys is not None:
-            self._answers[text.strip()] = list(result.texts)
+            self._answers[text.strip()] = answers
         tok = self.device.tokenizer
         rows = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
         replacements = []
         if self.pseudonymizer is not None:
             replacements = [(k, self.pseudonymizer.stand_ins.reals[(k, n)], v) for (k, n), v in self.pseudonymizer.stand_ins.values.items()
                             if k != "DOMAIN"]
-        return ProtectedResult(text, sent, rows[batch.real_row], rows, batch.real_row, result, replacements)
+        return ProtectedResult(text, sent, rows[row], rows, row, result, replacements)
 
-    def remember_cut(self, done: ProtectedResult, text: str, tokens: int) -> None:
-        """The caller keeps only `text` of the answer, cut at a stop string that the answer's token
-        number `tokens` completes: in later turns the real row's history is `text` and each decoy
-        row's is its own answer before that token."""
-        if self.decoys is None:
-            return
-        tok = self.device.tokenizer
-        rows = [tok.decode(ids[: tokens - 1], skip_special_tokens=True) for ids in done.result.token_ids]
-        rows[done.real_row] = self.pseudonymizer.pseudonymize(text).text if self.pseudonymizer is not None else text
-        self._answers[text.strip()] = rows
+    def _restore(self, text: str) -> str:
+        return self.pseudonymizer.restore(text) if self.pseudonymizer is not None else text
 
     def _encode(self, rows: list[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row through the chat template, left-padded (no padding when the decoys matched the length)."""
@@ -140,6 +164,29 @@ class ProtectedChat:
         for i, e in enumerate(encoded):
             ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
         return ids, mask
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string begins in `text`, or None."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def tokens_to_stop(tokenizer: PreTrainedTokenizerBase, restore: Callable[[str], str], ids: list[int], stops: tuple[str, ...]) -> int:
+    """The fewest leading tokens of `ids` whose restored text contains a stop string (what usage
+    counts; a longer prefix's text contains a shorter one's)."""
+    low, high = 1, len(ids)
+    while low < high:
+        mid = (low + high) // 2
+        if first_stop(restore(tokenizer.decode(ids[:mid], skip_special_tokens=True)), stops) is not None:
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
+def _drop(_: str) -> None:
+    """Where the answer's text goes when only its stop strings are watched."""
 
 
 class _RowStream:
