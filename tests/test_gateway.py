@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import socket
 import threading
 import time
@@ -868,22 +867,19 @@ def test_a_conversations_next_turn_keeps_its_stand_ins(protected):
     assert len(chats) == kept + 1 and len(protected.apps["unseeded"].state.conversations) == 0
 
 
-def test_a_decoy_conversations_second_turn_gives_each_row_its_own_answer_cut_at_the_stop(protected, caplog):
+def test_a_decoy_conversations_second_turn_gives_each_row_its_own_answer_cut_at_the_stop(protected):
     """The client keeps the answer up to its stop string; in the next turn every row's history is
-    that row's own first answer cut at the same token, so no row's history stands out to the cloud."""
+    that row's own first answer cut at its own first stop, as a client of that row would keep it."""
     client, chats = protected.clients["decoys"], protected.apps["decoys"].state.protected
     opening = [{"role": "user", "content": "Margaret Okafor asks: name three French cities."}]
     first, reason, usage = _chat(client, opening, max_tokens=12, stop=[" of"])
     assert reason == "stop"
     follow = [*opening, {"role": "assistant", "content": first}, {"role": "user", "content": "And Italian ones?"}]
-    with chats.chat(follow) as chat, caplog.at_level(logging.WARNING, "lambdasplit.privacy.protect"):
-        batch = chat.prepare(follow)
-    assert not [r for r in caplog.records if "did not generate" in r.getMessage()]
+    with chats.chat(follow) as chat:
+        batch = chat.prepare(follow)  # the history is known: no DecoyHistoryError
     assert batch.rows[batch.real_row][1]["content"] == first
     decoys = [row[1]["content"] for i, row in enumerate(batch.rows) if i != batch.real_row]
-    assert len(decoys) == 2 and all(d != first for d in decoys)
-    tok = protected.device.tokenizer
-    assert all(len(tok(d, add_special_tokens=False)["input_ids"]) <= usage.completion_tokens for d in decoys)
+    assert len(decoys) == 2 and all(d != first and " of" not in d for d in decoys)  # each cut at its own first stop
 
 
 def test_a_stop_string_naming_a_real_identifier_stops_the_restored_answer(protected):
@@ -946,3 +942,22 @@ def test_protected_conversations_are_lru_with_a_ttl(device):
     now[0] = 11.0
     chats.expire()
     assert len(chats) == 0
+
+
+def test_a_decoy_turn_whose_history_the_gateway_did_not_generate_is_refused(protected):
+    """Under --decoys each row's history must be its own earlier answers; an answer the gateway never
+    gave (an edited history, or one it no longer holds) would show the cloud the real row: a 400."""
+    edited = [*MESSAGES_WITH_NAME, {"role": "assistant", "content": "Paris, of course."}, {"role": "user", "content": "Why?"}]
+    response = _post(protected.urls["decoys"], "/v1/chat/completions", {"model": "smollm2", "max_tokens": 4, "messages": edited})
+    assert response.status_code == 400, response.text
+    assert "not an answer this conversation generated" in response.json()["error"]["message"]
+
+
+def test_the_user_field_keeps_two_users_conversations_apart(device):
+    chats = ProtectedChats(device, Protection(pseudonymize=True))
+    opening = [{"role": "user", "content": "Hi, I am Anna Schmidt."}]
+    seen = []
+    for user in ("alice", "bob", "alice"):
+        with chats.chat(opening, user) as chat:
+            seen.append(chat)
+    assert seen[0] is seen[2] and seen[0] is not seen[1]

@@ -2,6 +2,7 @@
 run on the captured frames of a seeded model), stand-ins are consistent and restored, and the real
 row's answer under decoys equals the undefended answer."""
 
+import random
 import re
 
 import pytest
@@ -71,6 +72,16 @@ def test_streamed_restoration_equals_whole_restoration(detector):
     restorer = p.restorer()
     pieces = [sent[i:i + 3] for i in range(0, len(sent), 3)]
     assert "".join(restorer.feed(x) for x in pieces) + restorer.flush() == PROMPT
+    first, last = p.pseudonymize("Margaret Okafor").text.split()
+    tricky = [f"{sent} {first} {last}board", f"{last.upper()} x", f"{first.lower()}!", f"x{first} {last}", f"{last}s and {last}."]
+    chunks = random.Random(0)
+    for text in tricky:  # a stand-in split anywhere, or followed by more of a word, restores as the whole text does
+        for _ in range(20):
+            restorer, out, at = p.restorer(), "", 0
+            while at < len(text):
+                size = chunks.randint(1, 4)
+                out, at = out + restorer.feed(text[at:at + size]), at + size
+            assert out + restorer.flush() == p.restore(text), text
 
 
 def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, detector):

@@ -440,8 +440,8 @@ def serve(
     )] = defaults.KV_WAIT_SECONDS,
     step_wait: Annotated[float, typer.Option(
         "--step-wait", min=0,
-        help="Milliseconds after a batched step during which the next waits for the sessions it answered to send "
-             "their next frame (fewer, fuller steps; 0: start on whatever has arrived).",
+        help="Milliseconds the next batched step waits, from its first frame, for the sessions the last step "
+             "answered to send their next frame (fewer, fuller steps; 0: start on whatever has arrived).",
     )] = defaults.STEP_WAIT_SECONDS * 1000,
     uvloop: Annotated[bool, typer.Option(
         "--uvloop/--no-uvloop", help="Run the network on uvloop's event loop (C; less host time per frame) when it is installed."

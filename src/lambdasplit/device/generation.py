@@ -207,7 +207,7 @@ class _StopStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
-class _Cancelled(StoppingCriteria):
+class EventStopping(StoppingCriteria):
     """Stops every row once `event` is set: at most one more body call happens after it."""
 
     def __init__(self, event: threading.Event) -> None:
@@ -253,13 +253,13 @@ def generate_ids(
     text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
     steps = _Steps(on_tokens, text)
     kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch) | generate_kwargs
-    criteria = StoppingCriteriaList()
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # the caller's, and ours
     if options.stop:
         criteria.append(_StopStrings(tokenizer, options.stop, prompt_len))
     if cancel is not None:
         if cancel.is_set():  # stopped before it began: not even the prompt goes to the body
             raise GenerationCancelled("the generation was cancelled before it started")
-        criteria.append(_Cancelled(cancel))
+        criteria.append(EventStopping(cancel))
     if criteria:
         kwargs["stopping_criteria"] = criteria
     if keep_logits:

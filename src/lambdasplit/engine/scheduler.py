@@ -224,16 +224,19 @@ class BodyScheduler:
                 progressed = True
 
     def _gather(self) -> None:
-        """Hold the next step for up to `step_wait` seconds after the last one ended while sessions
-        it answered have not sent their next frame yet (the caller holds `_wake`).
+        """Hold the next step for up to `step_wait` seconds, from the first waiting frame's arrival
+        (or the last step's end, if it came during that step), while sessions the last step answered
+        have not sent their next frame yet (the caller holds `_wake`).
 
-        Their devices answer within a round trip of each other, and a step started on the first
-        few frames runs again for the rest: 64 closed-loop sessions on one GPU settled into two
-        alternating steps of about 32 sessions each (`benchmarks serve-gpu`).
+        Their devices answer within a round trip of each other, so their frames arrive close
+        together however long the round trip; a step started on the first few runs again for the
+        rest. On one GPU, 64 closed-loop sessions held 56 sessions per step without the wait and 59
+        with 2 ms (`benchmarks serve-gpu`, ablations).
         """
         if not self.limits.step_wait or not self._frames or not self._answered:
             return
-        deadline = self._answered_at + self.limits.step_wait
+        first = min(q.arrived for _, q in self._frames)
+        deadline = max(self._answered_at, first) + self.limits.step_wait
         while not (self._stopping or self._calls):
             back = {s for s, _ in self._frames if s in self._answered} | (self._answered & self._queues.keys())
             left = deadline - time.monotonic()

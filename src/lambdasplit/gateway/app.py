@@ -161,6 +161,7 @@ class _Plan:
     include_usage: bool
     echo: list[str] = field(default_factory=list)  # per row: the prompt text to put before the answer
     messages: list[dict[str, str]] | None = None
+    user: str | None = None  # a protected chat's end user (its conversations are kept apart from others')
 
 
 @dataclass
@@ -355,7 +356,7 @@ class _Generator:
         options = replace(plan.options, speculate=None if decoys else plan.options.speculate)
         processors = logits_processors(plan.sampling, None, None, None)  # penalties take the batch's width from its first step
         on_text = (lambda text: put(_Step({0: text}, {}))) if plan.stream else None
-        with self.protected.chat(messages) as chat:
+        with self.protected.chat(messages, plan.user) as chat:
             body = self.connect()  # once the conversation's turn has begun: no session waits on its lock
             try:
                 done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel, logits_processor=processors,
@@ -519,6 +520,7 @@ def create_app(
             refuse_unprotectable(req, protected.protection)
         ids = device.encode_chat(req.messages)[0].tolist()
         plan = _plan(True, [ids], req, [], req.messages if protected is not None else None)
+        plan.user = req.user
         return await _respond(plan, request)
 
     @app.post("/v1/completions", response_model=None)

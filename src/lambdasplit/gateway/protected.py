@@ -32,11 +32,12 @@ PROTECTED_CHATS = 256  # conversations whose stand-ins are kept
 PROTECTED_TTL = 3600.0  # idle seconds before a conversation's stand-ins are forgotten (a later turn gets new ones)
 
 
-def opening_key(messages: list[dict[str, str]]) -> str:
-    """A conversation's key: a hash of its messages up to and including the first user message."""
+def opening_key(messages: list[dict[str, str]], user: str | None = None) -> str:
+    """A conversation's key: a hash of the request's `user` and its messages up to and including the
+    first user message. Two users' chats that open alike ("Hi") share a key unless `user` tells them apart."""
     end = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
     opening = [[m.get("role", ""), m.get("content", "")] for m in messages[: end + 1]]
-    return hashlib.sha256(json.dumps(opening).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([user, opening]).encode()).hexdigest()
 
 
 @dataclass
@@ -63,17 +64,18 @@ class ProtectedChats:
             return len(self._kept)
 
     @contextlib.contextmanager
-    def chat(self, messages: list[dict[str, str]]) -> Iterator[ProtectedChat]:
+    def chat(self, messages: list[dict[str, str]], user: str | None = None) -> Iterator[ProtectedChat]:
         """The conversation's `ProtectedChat` for one turn; turns of one conversation run one at a
-        time (its stand-ins and decoy rows change as it runs)."""
+        time (its stand-ins and decoy rows change as it runs). A conversation in a turn is never evicted."""
         self.expire()
-        key = opening_key(messages)
+        key = opening_key(messages, user)
         with self._lock:
             kept = self._kept.pop(key, None) or _Kept(ProtectedChat(self.device, self.protection, self.detector))
             kept.used = self.clock()
             self._kept[key] = kept
-            while len(self._kept) > self.capacity:
-                self._kept.popitem(last=False)
+            idle = [k for k, c in self._kept.items() if not c.lock.locked() and c is not kept]
+            for old in idle[: max(0, len(self._kept) - self.capacity)]:
+                del self._kept[old]
         with kept.lock:
             try:
                 yield kept.chat
@@ -84,7 +86,7 @@ class ProtectedChats:
         """Forget every conversation idle for longer than `ttl`."""
         now = self.clock()
         with self._lock:
-            for key in [k for k, c in self._kept.items() if now - c.used > self.ttl]:
+            for key in [k for k, c in self._kept.items() if now - c.used > self.ttl and not c.lock.locked()]:
                 del self._kept[key]
 
 

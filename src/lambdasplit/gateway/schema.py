@@ -95,6 +95,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: int | None  # top alternatives per token (0: only the chosen token), None: no logprobs
     json_schema: dict[str, Any] | None
+    user: str | None = None  # the end user's id: under --pseudonymize/--decoys it keeps users' conversations apart
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,7 @@ def parse_chat(payload: Any, defaults: SamplingDefaults, vocab_size: int, max_n:
         include_usage=_include_usage(body),
         logprobs=(top or 0) if body.get("logprobs") else None,
         json_schema=_json_schema(body.get("response_format")),
+        user=body["user"] if isinstance(body.get("user"), str) else None,
     )
 
 

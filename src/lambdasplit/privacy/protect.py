@@ -8,22 +8,20 @@ across turns. Nothing it holds ever leaves the device.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult, TextStream
+from lambdasplit.device.generation import EventStopping, GenerationOptions, GenerationResult, TextStream
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.errors import PromptError
 from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
 from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,10 @@ class ProtectedResult:
         return self.result.token_ids[self.real_row]
 
 
+class DecoyHistoryError(PromptError):
+    """A turn under decoys whose history holds an answer this conversation did not generate."""
+
+
 class ProtectedChat:
     """One conversation under `protection` on `device`; call `generate` once per turn with the whole history."""
 
@@ -64,8 +66,8 @@ class ProtectedChat:
         self.pseudonymizer = Pseudonymizer(self.detector, StandIns(protection.seed)) if protection.pseudonymize else None
         self.decoys = DecoyMaker(self._length, protection.decoys, None if protection.seed is None else protection.seed + 7919) \
             if protection.decoys else None
-        self._answers: dict[str, list[str]] = {}  # with decoys: a restored answer -> every row's own answer that turn
-        self._warned = False
+        # (which answer of the conversation, its restored text) -> every row's own answer, as sent next turn
+        self._answers: dict[tuple[int, str], list[str]] = {}
 
     def _length(self, messages: list[dict[str, str]]) -> int:
         return int(self.device.encode_chat(messages).shape[1])
@@ -73,20 +75,28 @@ class ProtectedChat:
     def prepare(self, messages: list[dict[str, str]]) -> DecoyBatch:
         """The rows the device will send: pseudonymised, then among decoys (the real row at a secret
         position). With decoys, an earlier answer of this conversation is, in each row, that row's own."""
-        parsed = [self._parse(m) for m in messages]
+        parsed, answers = [], 0
+        for m in messages:
+            parsed.append(self._parse(m, answers))
+            answers += parsed[-1].role == "assistant"
         if self.decoys is None:
             return DecoyBatch([[{"role": m.role, "content": m.content} for m in parsed]], 0, True)
         return self.decoys.make(parsed)
 
-    def _parse(self, message: dict[str, str]) -> Message:
+    def _parse(self, message: dict[str, str], answer: int) -> Message:
+        """One message as the rows carry it; `answer` counts the assistant messages before it. An
+        answer this conversation generated goes out as generated (each row's own), not re-pseudonymised."""
         role, content = str(message.get("role", "user")), str(message.get("content", ""))
-        if self.decoys is not None and role == "assistant":
-            if (rows := self._answers.get(content.strip())) is not None:
-                return Message(role, rows[self.decoys.real_row], per_row=rows)
-            if not self._warned:
-                self._warned = True
-                log.warning("an assistant message this conversation did not generate: every decoy row gets it with "
-                            "its own stand-ins, which a cloud that saw the rows' earlier answers can tell from the real row")
+        if role == "assistant" and (self.decoys is not None or self.pseudonymizer is not None):
+            rows = self._answers.get((answer, content.strip()))
+            if rows is not None:
+                real = self.decoys.real_row if self.decoys is not None else 0
+                return Message(role, rows[real], per_row=rows if self.decoys is not None else None)
+            if self.decoys is not None:
+                raise DecoyHistoryError(
+                    f"assistant message {answer + 1} is not an answer this conversation generated (an edited or "
+                    "foreign history, or one the device no longer holds): with decoys every row's history must be "
+                    "that row's own earlier answers, or the cloud can tell the real row; start a new conversation")
         if self.pseudonymizer is not None:
             done = self.pseudonymizer.pseudonymize(content)
             return Message(role, done.text, done.spans)
@@ -106,22 +116,26 @@ class ProtectedChat:
         stop ends the generation; with decoys the batch still runs to the end (a row that stopped
         early would stand out) and the answer is cut."""
         options = options or GenerationOptions()
-        stops = tuple(s for s in options.stop if s)
+        stops = tuple(x for x in options.stop if x)
         options = replace(options, stop=())
         batch = self.prepare(messages)
+        history = sum(m.get("role") == "assistant" for m in messages)  # this answer's number in later turns
         ids, mask = self._encode(batch.rows)
         restorer = self.pseudonymizer.restorer() if self.pseudonymizer is not None else None
-        shown = None
+        sink, shown = on_text, None
         if stops:
-            cancel = generate_kwargs["cancel"] = generate_kwargs.get("cancel") or threading.Event()
+            stopped = threading.Event()  # not the caller's `cancel`: a stop is not the user cancelling
+            kwargs_stop = list(generate_kwargs.pop("stopping_criteria", None) or [])
+            if self.decoys is None:
+                kwargs_stop.append(EventStopping(stopped))
+            generate_kwargs["stopping_criteria"] = StoppingCriteriaList(kwargs_stop)
             shown = TextStream(self.device.tokenizer, on_text or _drop, stops)
 
-            def watch(text: str) -> None:
+            def sink(text: str) -> None:
                 shown.on_finalized_text(text)
-                if shown.stopped and self.decoys is None:
-                    cancel.set()
+                if shown.stopped:
+                    stopped.set()
 
-        sink = watch if shown is not None else on_text
         stream = _RowStream(self.device, batch.real_row, sink, restorer) if sink is not None else None
         if self.decoys is not None:
             generate_kwargs = {"eos_token_id": None, **generate_kwargs}  # logits untouched, unlike min_new_tokens
@@ -133,17 +147,16 @@ class ProtectedChat:
         row = batch.real_row
         sent = result.texts[row]
         text = self._restore(sent)
-        answers = list(result.texts)
+        answers = list(result.texts)  # what each row's "client" keeps: its answer, cut at its own first stop
         if (cut := first_stop(text, stops)) is not None:
             text, kept = text[:cut], tokens_to_stop(self.device.tokenizer, self._restore, result.token_ids[row], stops)
             token_ids, reasons = list(result.token_ids), list(result.finish_reasons)
             token_ids[row], reasons[row] = token_ids[row][:kept], "stop"
             result = replace(result, token_ids=token_ids, finish_reasons=reasons)
-            # In later turns the real row's history is the cut answer, each decoy row's its own before that token.
-            answers = [self.device.tokenizer.decode(r[: kept - 1], skip_special_tokens=True) for r in token_ids]
-            answers[row] = self.pseudonymizer.pseudonymize(text).text if self.pseudonymizer is not None else text
-        if self.decoys is not None:
-            self._answers[text.strip()] = answers
+            answers = [a if (c := first_stop(a, stops)) is None else a[:c] for a in answers]
+            answers[row] = self._sent_prefix(sent, text)
+        if self.decoys is not None or self.pseudonymizer is not None:
+            self._answers[(history, text.strip())] = answers
         tok = self.device.tokenizer
         rows = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
         replacements = []
@@ -154,6 +167,13 @@ class ProtectedChat:
 
     def _restore(self, text: str) -> str:
         return self.pseudonymizer.restore(text) if self.pseudonymizer is not None else text
+
+    def _sent_prefix(self, sent: str, shown: str) -> str:
+        """The start of the generated `sent` that restores to `shown` (the answer cut at a stop string)."""
+        if self.pseudonymizer is None:
+            return shown
+        return next((sent[:p] for p in range(len(sent) + 1) if self._restore(sent[:p]) == shown),
+                    self.pseudonymizer.pseudonymize(shown).text)
 
     def _encode(self, rows: list[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row through the chat template, left-padded (no padding when the decoys matched the length)."""

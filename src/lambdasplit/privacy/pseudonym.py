@@ -473,49 +473,69 @@ class Pseudonymizer:
             out.setdefault(stand_in, real)
         return out
 
-    def restore(self, text: str) -> str:
+    def restore(self, text: str, before: str = "") -> str:
+        """`text` with every stand-in mapped back; `before` is text already shown just before it
+        (context for the word boundary only, not returned)."""
         mapping = self.reverse_map()
         if not mapping:
             return text
         # Whole words only: a stand-in surname such as "White" must not rewrite "whiteboard". The model
         # may re-case a stand-in it copies ("Mcfarland" -> "McFarland"): a capitalised variant is
         # restored too, a lower-case one ("white") is an ordinary word and stays.
-        folded = {k.casefold(): v for k, v in mapping.items()}
         pattern = re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in sorted(mapping, key=len, reverse=True)),
                              re.IGNORECASE)
 
         def real(match: re.Match) -> str:
             found = match.group()
+            if match.start() < len(before):
+                return found
             if found in mapping:
                 return mapping[found]
-            return folded[found.casefold()] if found[:1].isupper() else found
+            if not found[:1].isupper():
+                return found
+            return next((v for k, v in mapping.items() if re.fullmatch(re.escape(k), found, re.IGNORECASE)), found)
 
-        return pattern.sub(real, text)
+        return pattern.sub(real, before + text)[len(before):]
 
     def restorer(self) -> StreamRestorer:
         return StreamRestorer(self)
 
 
 class StreamRestorer:
-    """Restores streamed text piece by piece: text that might still grow into a stand-in is held back
-    until it cannot (the way stop strings are held back), so no stand-in is ever shown half-restored."""
+    """Restores streamed text piece by piece, equal to restoring it whole: text from a word start
+    that might still grow into a stand-in, or is one that the next character may turn into a longer
+    word ("White" / "Whiteboard"), is held back until it cannot (the way stop strings are held back)."""
 
     def __init__(self, pseudonymizer: Pseudonymizer) -> None:
         self.pseudonymizer = pseudonymizer
-        self.keys = sorted((k.casefold() for k in pseudonymizer.reverse_map()), key=len, reverse=True)
+        self.keys = [k.lower() for k in pseudonymizer.reverse_map()]
         self.pending = ""
+        self.shown = ""  # the last character shown: the word-boundary context of the next piece
 
     def feed(self, text: str) -> str:
         self.pending += text
-        tail = self.pending.casefold()  # restore() also takes re-cased stand-ins
-        # The longest end of the text that is the start of a stand-in, or a whole stand-in that may still grow
-        # into a longer one ("Maria" / "Maria Lopez").
-        hold = max((n for k in self.keys for n in range(min(len(k), len(tail)), 0, -1)
-                    if k.startswith(tail[-n:]) and (n < len(k) or any(o != k and o.startswith(k) for o in self.keys))),
-                   default=0)
-        ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return self.pseudonymizer.restore(ready)
+        hold = next((p for p in range(len(self.pending)) if self._may_begin(p)), len(self.pending))
+        ready, self.pending = self.pending[:hold], self.pending[hold:]
+        return self._show(ready)
 
     def flush(self) -> str:
         ready, self.pending = self.pending, ""
-        return self.pseudonymizer.restore(ready)
+        return self._show(ready)
+
+    def _may_begin(self, at: int) -> bool:
+        """A stand-in may begin at `at`: a word starts there and the rest is the start of one (or all of it)."""
+        before = self.pending[at - 1] if at else self.shown
+        if before and _WORD.match(before):
+            return False
+        rest = self.pending[at:].lower()
+        return any(k.startswith(rest) for k in self.keys)
+
+    def _show(self, ready: str) -> str:
+        if not ready:
+            return ""
+        out = self.pseudonymizer.restore(ready, self.shown)
+        self.shown = ready[-1]
+        return out
+
+
+_WORD = re.compile(r"\w")
