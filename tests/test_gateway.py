@@ -865,6 +865,9 @@ def test_a_conversations_next_turn_keeps_its_stand_ins(protected):
     kept = len(chats)
     _chat(client, [{"role": "user", "content": "Who is Margaret Okafor?"}])
     assert len(chats) == kept + 1 and len(protected.apps["unseeded"].state.conversations) == 0
+    for user in ("alice", "bob"):  # the same opening from two end users: two mappings
+        _chat(client, [{"role": "user", "content": "Who is Margaret Okafor?"}], max_tokens=2, user=user)
+    assert len(chats) == kept + 3
 
 
 def test_a_decoy_conversations_second_turn_gives_each_row_its_own_answer_cut_at_the_stop(protected):

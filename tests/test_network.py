@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -248,6 +249,17 @@ def test_metrics_count_what_crossed(llama, device):
     assert values["lambdasplit_bytes_out_total"] == result.bytes_from_cloud
     assert values["lambdasplit_sessions_total"] == 1
     assert 'lambdasplit_step_seconds_quantile{quantile="0.5"}' in text
+
+
+@pytest.mark.parametrize("loop", ["--uvloop", "--no-uvloop"])
+def test_ctrl_c_stops_the_server_with_a_session_open(llama, device, loop):
+    """SIGINT ends `serve` on either event loop, also while a device holds a session."""
+    with ServerProcess("--model", str(llama), "--split", "2,2", loop) as proc:
+        body = remote(device, proc.url, token=None)
+        assert device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2)).token_ids == local_ids(device, llama, n=2)
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.proc.wait(timeout=30) == 130  # the CLI's exit status for an interrupt
+        body.close()
 
 
 def test_non_loopback_bind_needs_a_token(llama):

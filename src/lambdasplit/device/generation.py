@@ -298,14 +298,21 @@ def generate_ids(
     )
 
 
-def _completes_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tuple[str, ...]) -> int:
-    """The fewest leading tokens of `ids` whose text contains a stop string (binary search: a
-    longer prefix's text contains a shorter one's)."""
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string begins in `text`, or None."""
+    found = [text.index(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def completes_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tuple[str, ...],
+                   shown: Callable[[str], str] | None = None) -> int:
+    """The fewest leading tokens of `ids` whose text (as `shown` turns it, e.g. restored from stand-ins)
+    contains a stop string (binary search: a longer prefix's text contains a shorter one's)."""
     low, high = 1, len(ids)
     while low < high:
         mid = (low + high) // 2
         text = tokenizer.decode(ids[:mid], skip_special_tokens=True)
-        if any(s and s in text for s in stops):
+        if first_stop(shown(text) if shown is not None else text, stops) is not None:
             high = mid
         else:
             low = mid + 1
@@ -326,10 +333,9 @@ def _trim(
         ids = row[:cut] if cut else row
         reason = "stop" if cut else ("cancelled" if cancelled else "length")
         text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
-        found = [text.index(s) for s in options.stop if s and s in text]
-        if found:
-            text, reason = text[: min(found)], "stop"
-            ids = ids[: _completes_stop(tokenizer, ids, options.stop)]  # not the padding generate() adds after it
+        if (cut := first_stop(text, options.stop)) is not None:
+            text, reason = text[:cut], "stop"
+            ids = ids[: completes_stop(tokenizer, ids, options.stop)]  # not the padding generate() adds after it
         texts.append(text)
         kept.append(ids)
         reasons.append(reason)

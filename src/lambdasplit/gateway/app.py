@@ -519,8 +519,7 @@ def create_app(
         if protected is not None:
             refuse_unprotectable(req, protected.protection)
         ids = device.encode_chat(req.messages)[0].tolist()
-        plan = _plan(True, [ids], req, [], req.messages if protected is not None else None)
-        plan.user = req.user
+        plan = _plan(True, [ids], req, [], req.messages if protected is not None else None, req.user)
         return await _respond(plan, request)
 
     @app.post("/v1/completions", response_model=None)
@@ -535,7 +534,7 @@ def create_app(
         return await _respond(_plan(False, prompts, req, echo), request)
 
     def _plan(chat: bool, prompts: list[list[int]], req: ChatRequest | CompletionRequest, echo: list[str],
-              messages: list[dict[str, str]] | None = None) -> _Plan:
+              messages: list[dict[str, str]] | None = None, user: str | None = None) -> _Plan:
         """Rows (n per prompt) and options; speculation drafts one sequence at a time and would
         record logprobs of rejected drafts, so it is used only for one row without logprobs."""
         s = req.sampling
@@ -548,7 +547,7 @@ def create_app(
             top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=s.stop, speculate=drafting, draft_tokens=draft_tokens,
         )
         return _Plan(chat, rows, sum(len(p) for p in prompts), s, options, req.logprobs, req.json_schema, req.stream,
-                     req.include_usage, [e for e in echo for _ in range(req.n)], messages)
+                     req.include_usage, [e for e in echo for _ in range(req.n)], messages, user)
 
     async def _respond(plan: _Plan, request: Request) -> Any:
         meta = {"id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}

@@ -14,10 +14,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import EventStopping, GenerationOptions, GenerationResult, TextStream
+from lambdasplit.device.generation import (
+    EventStopping,
+    GenerationOptions,
+    GenerationResult,
+    TextStream,
+    completes_stop,
+    first_stop,
+)
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.errors import PromptError
 from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
@@ -149,7 +156,7 @@ class ProtectedChat:
         text = self._restore(sent)
         answers = list(result.texts)  # what each row's "client" keeps: its answer, cut at its own first stop
         if (cut := first_stop(text, stops)) is not None:
-            text, kept = text[:cut], tokens_to_stop(self.device.tokenizer, self._restore, result.token_ids[row], stops)
+            text, kept = text[:cut], completes_stop(self.device.tokenizer, result.token_ids[row], stops, self._restore)
             token_ids, reasons = list(result.token_ids), list(result.finish_reasons)
             token_ids[row], reasons[row] = token_ids[row][:kept], "stop"
             result = replace(result, token_ids=token_ids, finish_reasons=reasons)
@@ -184,25 +191,6 @@ class ProtectedChat:
         for i, e in enumerate(encoded):
             ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
         return ids, mask
-
-
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string begins in `text`, or None."""
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def tokens_to_stop(tokenizer: PreTrainedTokenizerBase, restore: Callable[[str], str], ids: list[int], stops: tuple[str, ...]) -> int:
-    """The fewest leading tokens of `ids` whose restored text contains a stop string (what usage
-    counts; a longer prefix's text contains a shorter one's)."""
-    low, high = 1, len(ids)
-    while low < high:
-        mid = (low + high) // 2
-        if first_stop(restore(tokenizer.decode(ids[:mid], skip_special_tokens=True)), stops) is not None:
-            high = mid
-        else:
-            low = mid + 1
-    return high
 
 
 def _drop(_: str) -> None:
