@@ -446,6 +446,11 @@ def serve(
     uvloop: Annotated[bool, typer.Option(
         "--uvloop/--no-uvloop", help="Run the network on uvloop's event loop (C; less host time per frame) when it is installed."
     )] = True,
+    engine_process: Annotated[bool, typer.Option(
+        "--engine-process/--in-process",
+        help="Run the scheduler and the model in their own process, apart from the network front end, so the "
+             "compute loop never waits on the Python serving sockets (not with --tensor-parallel).",
+    )] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
@@ -493,17 +498,24 @@ def serve(
 
         if part is not None or model is not None or split is not None:
             raise LambdaSplitError("--pipeline serves a diffusion UNet; drop --part, --model and --split")
-        scheduler = load_diffusion_scheduler(pipeline, mode, k, dtype, device, limits)
+        build, args = load_diffusion_scheduler, (pipeline, mode, k, dtype, device, limits)
     else:
         from lambdasplit.split.spec import parse_split_range
 
         k_min, k_max, m = parse_split_range(split) if split else (None, None, None)
         parts = (k_min, m) if split else None
-        scheduler = load_scheduler(
+        build, args = load_scheduler, (
             str(part) if part else model, parts, dtype, device, limits, allow_shallow, k_max if k_max != k_min else None,
             cuda_graphs, tp,
         )
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
+    if engine_process and tp is None:
+        from lambdasplit.engine.core import EngineClient
+
+        scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes,
+                                       setup=functools.partial(_quiet_libraries, logging.getLogger().level <= logging.INFO))
+    else:
+        scheduler = build(*args)
     server = BodyServer(scheduler, config)
 
     async def run() -> None:

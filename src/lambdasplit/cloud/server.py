@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from lambdasplit import defaults
 from lambdasplit.cloud.metrics import ServerMetrics
+from lambdasplit.engine.core import EngineClient
 from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.errors import (
     ErrorCode,
@@ -51,7 +52,7 @@ class ServerConfig:
 
 
 class BodyServer:
-    def __init__(self, scheduler: BodyScheduler, config: ServerConfig) -> None:
+    def __init__(self, scheduler: BodyScheduler | EngineClient, config: ServerConfig) -> None:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
@@ -107,6 +108,9 @@ class BodyServer:
         """Plain HTTP: health and metrics; the body endpoint requires the bearer token."""
         path = request.path.split("?")[0]
         if path == "/healthz":
+            health = self.scheduler.health() if hasattr(self.scheduler, "health") else {"ok": True}
+            if not health.get("ok", False):
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"unhealthy: {health.get('reason')}\n")
             return connection.respond(http.HTTPStatus.OK, "ok\n")
         auth = request.headers.get_all("Authorization")
         if len(auth) > 1:

@@ -145,15 +145,7 @@ class BodyScheduler:
 
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
         """The index of the hosted body that fits the device's parts, or the reason none does."""
-        problem = None
-        for index, body in enumerate(self.bodies):
-            problem = body.manifest.compatible_with(theirs)
-            if problem is None:
-                return index, None
-        if len(self.bodies) > 1:
-            starts = ", ".join(str(b.manifest.body[0]) for b in self.bodies)
-            problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
-        return None, problem
+        return match_body([b.manifest for b in self.bodies], theirs)
 
     def parse_manifest(self, data: dict) -> Any:
         """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
@@ -478,6 +470,19 @@ class BodyScheduler:
             self.on_step(StepStats(1, frame.shape[0], frame.shape[0], seconds, (), *kv))
         self.tokens_served += session.tokens - before
         return reply, seconds
+
+
+def match_body(manifests: list[Any], theirs: Any) -> tuple[int | None, str | None]:
+    """The index of the hosted body manifest that fits the device's parts, or the reason none does."""
+    problem = None
+    for index, manifest in enumerate(manifests):
+        problem = manifest.compatible_with(theirs)
+        if problem is None:
+            return index, None
+    if len(manifests) > 1:
+        starts = ", ".join(str(m.body[0]) for m in manifests)
+        problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
+    return None, problem
 
 
 def pool_budget(limits: SchedulerLimits, probe: torch.Tensor | None) -> int:
