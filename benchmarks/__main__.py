@@ -41,11 +41,19 @@ def serve_gpu(
     quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False,
     exactness_only: Annotated[bool, typer.Option(
         help="Only compare 64 sessions' bf16 replies together against alone; merged into serve-gpu.json.")] = False,
+    parts: Annotated[str, typer.Option(
+        help="Comma-separated parts to run (unsplit, steps, serve, ablations, e2e, bf16), merged into an existing "
+             "serve-gpu.json; default all. Each part fits one 10-minute call.")] = "",
 ) -> None:
-    """One CUDA GPU: the serving engine against unsplit generate() on random 7B-shaped weights."""
-    from benchmarks.serve_gpu import run_exactness, run_serve_gpu
+    """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
+    on random 7B-shaped weights."""
+    from benchmarks.serve_gpu import PARTS, run_exactness, run_serve_gpu
 
-    run_exactness() if exactness_only else run_serve_gpu(quick)
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) or PARTS
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    run_exactness() if exactness_only else run_serve_gpu(quick, chosen)
 
 
 @app.command()
