@@ -106,3 +106,14 @@ def test_engine_client_serves_a_scheduler_in_a_child(llama, device):
     assert not engine.process.is_alive()
     with pytest.raises(ComputeError):
         engine.open_session(0).result(timeout=5)
+
+
+def test_a_burst_of_replies_is_one_batch_message_read_back_in_order():
+    from lambdasplit.engine.core import HEADER, LENGTH, Kind, _unbatch
+
+    members = [HEADER.pack(Kind.VALUE, i) + f"[{i}]".encode() for i in range(1, 5)]
+    batch = HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in members)
+    read = _unbatch(memoryview(batch))
+    assert [(k, r, bytes(b)) for k, r, b in read] == [(Kind.VALUE, i, f"[{i}]".encode()) for i in range(1, 5)]
+    single = _unbatch(memoryview(members[0]))
+    assert [(k, r, bytes(b)) for k, r, b in single] == [(Kind.VALUE, 1, b"[1]")]

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<BQ")  # op or kind, request id
 RESULT = struct.Struct("<dB")  # compute seconds, whether a reply frame follows
+LENGTH = struct.Struct("<I")  # a message's length inside a BATCH
 HEARTBEAT_SECONDS = 0.5
 READY_TIMEOUT = 900.0  # seconds a model may take to load (a 7B body from a slow disk)
 
@@ -71,6 +72,7 @@ class Kind(IntEnum):
     READY = 6  # JSON: manifests, limits, pool size
     HEARTBEAT = 7  # JSON: the compute loop's health
     FAILED = 8  # JSON {"message"}: the engine could not start
+    BATCH = 9  # several messages, each prefixed by its length (u32): one pipe write per burst
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,20 @@ class _EngineLoop:
         self.outbox.put(HEADER.pack(kind, request) + body)
 
     def _write(self) -> None:
+        """Send what is queued; the replies a step completes together leave in one write."""
         while (message := self.outbox.get()) is not None:
+            burst = [message]
+            while len(burst) < 256:
+                try:
+                    more = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.outbox.put(None)
+                    break
+                burst.append(more)
+            if len(burst) > 1:
+                message = HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in burst)
             try:
                 self.conn.send_bytes(message)
             except (OSError, ValueError):
@@ -334,12 +349,11 @@ class EngineClient:
                 message = self.conn.recv_bytes()
             except (EOFError, OSError):
                 break
-            kind, request = HEADER.unpack_from(message)
-            body = memoryview(message)[HEADER.size:]
-            try:
-                self._deliver(Kind(kind), request, body)
-            except Exception:  # noqa: BLE001 - a metrics callback must not stop the replies
-                log.exception("handling a message from the engine process")
+            for kind, request, body in _unbatch(memoryview(message)):
+                try:
+                    self._deliver(kind, request, body)
+                except Exception:  # noqa: BLE001 - a metrics callback must not stop the replies
+                    log.exception("handling a message from the engine process")
         self.process.join(timeout=2)  # for its exit status
         self._fail_all(f"the engine process stopped (exit status {self.process.exitcode})")
 
@@ -385,6 +399,21 @@ class EngineClient:
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(ComputeError(f"{reason}; reconnect to replay the session"))
+
+
+def _unbatch(message: memoryview) -> list[tuple[Kind, int, memoryview]]:
+    """The messages in one pipe read: itself, or the members of a BATCH."""
+    kind, request = HEADER.unpack_from(message)
+    if kind != Kind.BATCH:
+        return [(Kind(kind), request, message[HEADER.size:])]
+    out, at = [], HEADER.size
+    while at < len(message):
+        (length,) = LENGTH.unpack_from(message, at)
+        member = message[at + LENGTH.size: at + LENGTH.size + length]
+        kind, request = HEADER.unpack_from(member)
+        out.append((Kind(kind), request, member[HEADER.size:]))
+        at += LENGTH.size + length
+    return out
 
 
 def _shape(data: bytes) -> tuple[int, ...]:
