@@ -44,6 +44,6 @@ class EngineHealth:
             return "the compute thread is not running"
         stalled = (time.monotonic() if now is None else now) - self.last_beat
         if stalled > self.stall_timeout:
-            return (f"the compute loop has been inside one step for {stalled:.0f} s "
+            return (f"the compute loop has been inside one step for {stalled:.1f} s "
                     f"(over the {self.stall_timeout:g} s --stall-timeout)")
         return None

@@ -363,14 +363,14 @@ class BodyScheduler:
         starting: list[tuple[bytes, _Queued]] = []
         for session_id in list(self._queues):
             queue = self._queues[session_id]
-            while queue and session_id not in self._active:
+            while queue and session_id not in self._active and session_id in self._queues:
                 progressed = True
                 queued = queue.popleft()
                 if self._admit(session_id, queued):
                     starting.append((session_id, queued))
                     break
-            if not queue:
-                del self._queues[session_id]
+            if not queue or session_id not in self.sessions:  # done, or closed by a failed frame
+                self._queues.pop(session_id, None)
         self._start(starting)
         groups: dict[int, list[Work]] = {}
         for work in self._reserve():
