@@ -97,7 +97,7 @@ def test_engine_client_serves_a_scheduler_in_a_child(llama, device):
         frame = tensor_frame(MsgType.HIDDEN, hidden, Codec.FP32, session, seq=1)
         reply, seconds = engine.submit(session, frame).result(timeout=60)
         assert reply.shape == (1, 3, device.config.hidden_size) and seconds > 0
-        assert engine.health()["ok"]
+        assert engine.health.problem() is None
         engine.close_session(session).result(timeout=60)
         with pytest.raises(ExpiredError):
             engine.submit(session, Frame(MsgType.RESET, session)).result(timeout=60)

@@ -30,7 +30,12 @@ SESSION_TTL = 300.0  # idle seconds before the server closes a session
 HANDSHAKE_TIMEOUT = 10.0
 MAX_FRAME_BYTES = 64 << 20
 CAPACITY_RETRY_AFTER = 2.0  # seconds the server suggests after a capacity refusal
+# A compute loop that spends longer than this in one step while work waits reads as wedged:
+# /healthz answers 503 (a load balancer stops sending devices). A prefill chunk takes well under
+# a second on a GPU and a few seconds on 2 CPU cores; a hung collective never ends.
+STALL_TIMEOUT_SECONDS = 60.0
+SHUTDOWN_TIMEOUT = 30.0  # seconds a server's shutdown waits for the compute thread's current step
 
 CONNECT_TIMEOUT = 10.0
-REPLY_TIMEOUT = 60.0
+REPLY_TIMEOUT = 60.0  # seconds a device waits for the body's reply (over the network or in process)
 RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body server

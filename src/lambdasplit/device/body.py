@@ -6,16 +6,22 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
+from lambdasplit import defaults
 from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
+from lambdasplit.errors import UnavailableError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import control_frame
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -135,20 +141,37 @@ class LocalBody(BodyClient):
     """The body in this process, reached through the same frames, scheduler and limits as a server.
 
     Each LocalBody holds one session on `scheduler`; several LocalBodies may share one scheduler
-    (the gateway opens one per request), exactly as devices share a server.
+    (the gateway opens one per request), exactly as devices share a server. Every wait for the
+    scheduler ends within `timeout` seconds, as a remote device's wait for a reply does.
     """
 
-    def __init__(self, scheduler: BodyScheduler, codec: Codec = Codec.FP32, limits: Limits | None = None) -> None:
+    def __init__(self, scheduler: BodyScheduler, codec: Codec = Codec.FP32, limits: Limits | None = None,
+                 timeout: float = defaults.REPLY_TIMEOUT) -> None:
         self.scheduler = scheduler
         self.codec = codec
         self.limits = limits or scheduler.manifest.frame_limits()
         self.stats = TransferStats()
         self.max_frame_positions = scheduler.limits.max_frame_positions
+        self.timeout = timeout
         self._session: bytes | None = None
+
+    def _wait(self, future: Future[T]) -> T:
+        """The scheduler's answer, or an error once `timeout` has passed (the compute thread is stuck)."""
+        try:
+            return future.result(self.timeout)
+        except FutureTimeout:
+            future.cancel()  # a call not started yet never runs
+            if self._session is not None:  # the frame may still run: this session's cache is no longer ours
+                self.scheduler.close_session(self._session)
+                self._session = None
+            raise UnavailableError(
+                f"the in-process body did not answer within {self.timeout:g} s "
+                f"({self.scheduler.health.problem() or 'its compute thread is busy'})"
+            ) from None
 
     def _session_id(self) -> bytes:
         if self._session is None:
-            self._session = self.scheduler.open_session().result()
+            self._session = self._wait(self.scheduler.open_session())
         return self._session
 
     def _exchange(self, frames: list[Frame]) -> Frame:
@@ -158,7 +181,7 @@ class LocalBody(BodyClient):
             data = frame.to_bytes()
             if self.captured is not None:
                 self.captured.append(("to_cloud", data))
-            reply, _ = self.scheduler.submit(session, parse_frame(data, self.limits)).result()
+            reply, _ = self._wait(self.scheduler.submit(session, parse_frame(data, self.limits)))
         assert reply is not None, "the last frame of an exchange is always answered"
         data = reply.to_bytes()
         if self.captured is not None:
@@ -167,15 +190,15 @@ class LocalBody(BodyClient):
 
     def _reset(self) -> None:
         if self._session is not None:
-            self.scheduler.submit(self._session, Frame(MsgType.RESET)).result()
+            self._wait(self.scheduler.submit(self._session, Frame(MsgType.RESET)))
 
     def _crop(self, length: int) -> None:
         if self._session is not None:
-            self.scheduler.submit(self._session, control_frame(MsgType.CROP, {"length": length}, self._session)).result()
+            self._wait(self.scheduler.submit(self._session, control_frame(MsgType.CROP, {"length": length}, self._session)))
 
     def close(self) -> None:
         if self._session is not None:
-            self.scheduler.close_session(self._session).result()
+            self._wait(self.scheduler.close_session(self._session))
             self._session = None
 
 

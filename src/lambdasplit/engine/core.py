@@ -198,10 +198,9 @@ class _EngineLoop:
             self._send(Kind.VALUE, request, _json(convert(future.result())))
 
     def _heartbeat(self) -> None:
-        health = getattr(self.scheduler, "health", None)
+        """Every HEARTBEAT_SECONDS: the compute loop's own health (None: alive and moving)."""
         while not self.stopping.wait(HEARTBEAT_SECONDS):
-            state = health() if health is not None else {"ok": True}
-            self._send(Kind.HEARTBEAT, 0, _json(state if isinstance(state, dict) else dataclasses.asdict(state)))
+            self._send(Kind.HEARTBEAT, 0, _json(self.scheduler.health.problem()))
 
     def _send(self, kind: Kind, request: int, body: bytes) -> None:
         self.outbox.put(HEADER.pack(kind, request) + body)
@@ -250,7 +249,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self._next = 0
         self._dead: str | None = None  # why the engine is gone
-        self._health: dict = {"ok": True}
+        self._problem: str | None = None  # the compute loop's, as last reported
         self._beat = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
@@ -303,16 +302,21 @@ class EngineClient:
     def submit(self, session_id: bytes, frame: Any) -> Future[tuple[EncodedReply | None, float]]:
         return self._request(Op.SUBMIT, session_id + frame.to_bytes(), "frame")
 
-    def health(self) -> dict:
-        """The compute loop's health as the engine last reported it, and the process's own."""
+    @property
+    def health(self) -> EngineClient:
+        """What `/healthz` asks (`health.problem()`), as `BodyScheduler.health` answers it."""
+        return self
+
+    def problem(self) -> str | None:
+        """None while the engine process is alive, reporting, and its compute loop moving; else why not."""
         if self._dead is not None:
-            return {"ok": False, "reason": self._dead}
+            return self._dead
         if not self.process.is_alive():
-            return {"ok": False, "reason": f"the engine process exited with status {self.process.exitcode}"}
+            return f"the engine process exited with status {self.process.exitcode}"
         silent = time.monotonic() - self._beat
         if silent > max(10 * HEARTBEAT_SECONDS, 5.0):
-            return {"ok": False, "reason": f"the engine process has not reported for {silent:.0f} s"}
-        return self._health
+            return f"the engine process has not reported for {silent:.0f} s"
+        return self._problem
 
     def shutdown(self) -> None:
         with self._lock:
@@ -359,7 +363,7 @@ class EngineClient:
 
     def _deliver(self, kind: Kind, request: int, body: memoryview) -> None:
         if kind == Kind.HEARTBEAT:
-            self._health, self._beat = json.loads(bytes(body)), time.monotonic()
+            self._problem, self._beat = json.loads(bytes(body)), time.monotonic()
             return
         if kind == Kind.STEP:
             if self.on_step is not None:
