@@ -9,6 +9,7 @@ real `lambdasplit serve`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import logging
 import secrets
@@ -17,13 +18,17 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import torch
 from websockets.asyncio.server import serve
 
+from lambdasplit import defaults
 from lambdasplit.device import remote as remote_module
 from lambdasplit.device.remote import RemoteBody
+from lambdasplit.diffusion.device import RemoteUNet
+from lambdasplit.diffusion.protocol import Slot
 from lambdasplit.errors import (
     AuthError,
     CapacityError,
@@ -33,7 +38,7 @@ from lambdasplit.errors import (
 )
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
-from lambdasplit.wire.frame import MsgType, parse_frame
+from lambdasplit.wire.frame import Frame, MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import control_frame, error_frame
 
 D = 8
@@ -43,6 +48,7 @@ DEVICE = PartManifest(
 )
 CLOUD = PartManifest(**{**DEVICE.__dict__, "role": "cloud"})
 LOGGER = "lambdasplit.device.remote"
+T = TypeVar("T")
 
 # What the fake does with connection number n (0-based): a Script returns one of
 #   ("http", status, headers)          refuse the upgrade with an HTTP status
@@ -57,9 +63,11 @@ Script = Callable[[int], tuple]
 class FakeBody:
     """A WebSocket server in a thread that plays a Script; records what each connection received."""
 
-    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None, **serve_options: object) -> None:
+        """`serve_options` go to websockets' `serve` (e.g. a small `write_limit` and `max_queue`)."""
         self.script = script
         self.tls = tls
+        self.serve_options = serve_options
         self.connections: list[list[int]] = []  # per connection: the first value of every HIDDEN frame
         self.times: list[float] = []  # when each connection arrived (monotonic)
         self._ready = threading.Event()
@@ -76,7 +84,9 @@ class FakeBody:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
-        async with serve(self._handle, "127.0.0.1", 0, ssl=self.tls, process_request=self._http, compression=None) as srv:
+        async with serve(
+            self._handle, "127.0.0.1", 0, ssl=self.tls, process_request=self._http, compression=None, **self.serve_options
+        ) as srv:
             self.port = srv.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop
@@ -131,8 +141,8 @@ class FakeBody:
             await ws.send(message)  # an identity body: the reply is the frame itself
 
     def close(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        if self._loop is not None and self._stop is not None and not self._stop.done():
+            self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
         self._thread.join(10)
 
     def __enter__(self) -> FakeBody:
@@ -287,6 +297,128 @@ def test_the_reconnect_window_bounds_an_outage_and_ends_without_a_last_sleep(cap
     assert clock.sleeps == [0.25, 0.5, 0.75]
     assert "connection refused" in str(info.value)
     assert len(warnings(caplog)) == 1
+
+
+WIDE = dataclasses.replace(DEVICE, hidden_size=2048)  # one fp32 position is an 8 KiB frame, as in issue 21
+WIDE_CLOUD = dataclasses.replace(WIDE, role="cloud")
+
+
+def finish_within(action: Callable[[], T], deadline: float, on_timeout: Callable[[], None]) -> T:
+    """`action`'s result, run in a thread; a wedged action fails the test at `deadline` (seconds)
+    after `on_timeout` (which must unblock it) instead of hanging the run."""
+    done: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(action())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if thread.is_alive():
+        on_timeout()
+        thread.join(30)
+        pytest.fail(f"still not finished after {deadline:g} s: wedged")
+    if errors:
+        raise errors[0]
+    return done[0]
+
+
+def test_a_replay_of_thousands_of_frames_finishes_against_a_flow_controlled_server(caplog):
+    """Issue 21: a replay that sent every frame before reading a reply wedged both ends once the
+    server (answering one frame at a time, awaiting each send) stopped reading. Every 10th step
+    also drafts a position and crops it (a CROP frame gets no reply but is replayed)."""
+    caplog.set_level(logging.INFO, LOGGER)
+    steps = 3000
+    lost = steps + steps // 10 + 1  # the HIDDEN frame whose reply the first connection never sends
+    script = lambda n: ("welcome", WIDE_CLOUD, lost, None) if n == 0 else ("welcome", WIDE_CLOUD)  # noqa: E731
+    position = torch.zeros(1, 1, WIDE.hidden_size)
+    sent: list[int] = []
+    with FakeBody(script, write_limit=4096, max_queue=4) as fake:
+        remote = RemoteBody(fake.url, WIDE, codec=Codec.FP32)
+        for i in range(steps):
+            sent.append(i)
+            assert torch.equal(remote.forward(position + i), position + i)
+            if i % 10 == 9:  # a rejected draft: sent, answered, then cropped away
+                sent.append(-i)
+                remote.forward(position - i)
+                remote.crop(i + 1)
+        out = finish_within(lambda: remote.forward(position + steps), 300, fake.close)
+        remote.close()
+    assert torch.equal(out, position + steps)
+    assert remote.reconnects == 1
+    assert len(fake.connections) == 2
+    assert fake.connections[0] == sent + [steps]  # the last one's reply was lost with the connection
+    assert fake.connections[1] == sent + [steps]  # replayed in the same order, then sent again
+    assert f"replaying {len(sent) + steps // 10} frames" in " ".join(warnings(caplog))
+
+
+class InMemoryBody(RemoteBody):
+    """A RemoteBody whose body is in memory and consumes frames only when the device reads a reply
+    (the slowest server there is); records what was in flight as each frame went out."""
+
+    def __init__(self) -> None:
+        super().__init__("ws://127.0.0.1:1", WIDE, codec=Codec.FP32)
+        self.unread: list[Frame] = []  # sent, not yet consumed by the body
+        self.log: list[tuple[Frame, int, int, bool]] = []  # (frame, frames and bytes in flight, a reply due)
+
+    def _ensure_connected(self, deadline: float | None = None) -> None:
+        self._connected_once = True
+
+    def _send(self, frame: Frame) -> None:
+        due = any(self.expects_reply(f) for f in self.unread)
+        self.log.append((frame, len(self.unread), sum(f.size for f in self.unread), due))
+        self.unread.append(frame)
+
+    def _recv(self, timeout: float) -> Frame:
+        while self.unread:
+            frame = self.unread.pop(0)
+            if self.expects_reply(frame):
+                return frame  # an identity body
+        raise AssertionError("the device read a reply nothing asked for")
+
+
+class InMemoryUNet(InMemoryBody):
+    expects_reply = RemoteUNet.expects_reply
+    kept_for_replay = RemoteUNet.kept_for_replay
+
+
+def hidden(value: float, positions: int = 1) -> Frame:
+    return tensor_frame(MsgType.HIDDEN, torch.full((1, positions, WIDE.hidden_size), value), Codec.FP32)
+
+
+def test_the_send_window_bounds_frames_and_bytes_ahead_of_the_oldest_unread_reply():
+    """Unanswered frames (MASK, CROP) count in the window; one frame larger than the window's
+    bytes goes alone; the frames go out unchanged and in order."""
+    big = defaults.SEND_WINDOW_BYTES // (4 * WIDE.hidden_size) + 1  # positions of a frame over the bytes bound
+    frames = []
+    for i in range(60):
+        frames.append(hidden(i, big if i % 20 == 10 else 1))
+        if i % 3 == 0:
+            frames.append(control_frame(MsgType.CROP, {"length": i}))
+        if i % 7 == 0:
+            frames.append(tensor_frame(MsgType.MASK, torch.ones(1, 1, dtype=torch.bool), Codec.NONE))
+    remote = InMemoryBody()
+    last = remote.exchange(frames)
+    assert torch.equal(last, frames[-1].tensor())
+    assert [(f.type, f.payload) for f, *_ in remote.log] == [(f.type, f.payload) for f in frames]
+    for frame, in_flight, in_flight_bytes, due in remote.log:  # so a big frame goes alone
+        assert not due or (in_flight < defaults.SEND_WINDOW_FRAMES and in_flight_bytes + frame.size <= defaults.SEND_WINDOW_BYTES)
+    assert max(in_flight for _, in_flight, _, due in remote.log if due) == defaults.SEND_WINDOW_FRAMES - 1  # pipelined
+    assert remote.unread == []
+
+
+def test_a_diffusion_step_sends_its_unanswered_conditioning_and_reads_one_reply():
+    text = tensor_frame(MsgType.TENSOR, torch.ones(2, 77, 2048), Codec.FP32, slot=Slot.TEXT)  # over 1 MiB, no reply
+    step = [tensor_frame(MsgType.TENSOR, torch.ones(1), Codec.FP32, slot=Slot.TIMESTEP),
+            tensor_frame(MsgType.TENSOR, torch.full((2, 4, 8, 8), 3.0), Codec.FP32, slot=Slot.SAMPLE)]
+    remote = InMemoryUNet()
+    for _ in range(2 * defaults.SEND_WINDOW_FRAMES):
+        assert torch.equal(remote.exchange([text, *step]), step[-1].tensor())
+    assert remote.unread == [] and len(remote.log) == 6 * defaults.SEND_WINDOW_FRAMES
 
 
 # ---- refusals -------------------------------------------------------------------------------------

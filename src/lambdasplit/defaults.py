@@ -39,3 +39,10 @@ SHUTDOWN_TIMEOUT = 30.0  # seconds a server's shutdown waits for the compute thr
 CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 60.0  # seconds a device waits for the body's reply (over the network or in process)
 RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body server
+# What a device sends ahead of the oldest reply it has not read yet (a replay resends thousands of
+# frames). The server answers one frame at a time and awaits each send, so a device that sent
+# everything first wedged both ends once websockets' flow control stopped them reading. Fewer
+# frames than websockets' receive queue (16 messages, both ends) means neither end ever stops
+# reading; the bytes bound what waits at the server per session (a larger frame goes alone).
+SEND_WINDOW_FRAMES = 8
+SEND_WINDOW_BYTES = 4 << 20

@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -219,6 +220,7 @@ class RemoteBody(BodyClient):
             ws = connect(
                 self.url, ssl=self.ssl, additional_headers=headers, compression=None, proxy=None,
                 open_timeout=open_timeout, max_size=None, ping_interval=20, ping_timeout=self.timeout,
+                max_queue=2 * defaults.SEND_WINDOW_FRAMES,  # every reply the send window lets come fits
             )
         except InvalidStatus as exc:
             raise self._status_error(exc) from None
@@ -300,20 +302,30 @@ class RemoteBody(BodyClient):
         return reply
 
     def _pipeline(self, frames: list[Frame]) -> Frame | None:
-        """Send all frames, then read one reply per answered frame, in order; return the last reply."""
-        pending = []
+        """Send frames in order, reading one reply per answered frame as it comes; return the last.
+
+        At most a window of frames and bytes (defaults.SEND_WINDOW_*) goes out ahead of the oldest
+        unread reply, counting unanswered frames (CROP, MASK, diffusion conditioning) too; a frame
+        is only held back while a reply is due, so one larger than the window goes alone."""
+        window = SendWindow(defaults.SEND_WINDOW_FRAMES, defaults.SEND_WINDOW_BYTES)
+        reply = None
         for frame in frames:
             stamped = self._stamp(frame)
+            while window.full(stamped.size):
+                reply = self._read_reply(window.answered())
             self._send(stamped)
-            if self.expects_reply(stamped):
-                pending.append(stamped)
-        reply = None
-        for sent in pending:
-            reply = self._recv(self.timeout)
-            if reply.type == MsgType.ERROR:
-                read_control(reply, sent.type)
-            if reply.type != sent.type or reply.seq != sent.seq:
-                raise WireError(f"expected the reply to frame {sent.seq}, got {reply.type.name} {reply.seq}")
+            window.sent(stamped, self.expects_reply(stamped))
+        while window.waiting:
+            reply = self._read_reply(window.answered())
+        return reply
+
+    def _read_reply(self, sent: Frame) -> Frame:
+        """The reply to `sent`, the oldest answered frame still without one."""
+        reply = self._recv(self.timeout)
+        if reply.type == MsgType.ERROR:
+            read_control(reply, sent.type)
+        if reply.type != sent.type or reply.seq != sent.seq:
+            raise WireError(f"expected the reply to frame {sent.seq}, got {reply.type.name} {reply.seq}")
         return reply
 
     def _stamp(self, frame: Frame) -> Frame:
@@ -347,6 +359,37 @@ class RemoteBody(BodyClient):
             except Exception:  # noqa: BLE001 - the connection is already broken
                 pass
         self._ws = None
+
+
+class SendWindow:
+    """Frames sent but not yet known to be consumed by the server, in order.
+
+    The server handles one connection's frames in order, so a reply to an answered frame means that
+    frame and every frame before it were consumed: reading it frees all of them at once."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self.frames = self.bytes = 0  # sent so far
+        self.freed_frames = self.freed_bytes = 0  # consumed, as far as the replies read tell
+        self.waiting: deque[tuple[Frame, int, int]] = deque()  # answered frames without a reply yet
+
+    def full(self, size: int) -> bool:
+        """Whether a reply must be read before a frame of `size` bytes goes out."""
+        if not self.waiting:
+            return False  # nothing to read: the server is not blocked on us, so sending is safe
+        in_flight = self.frames - self.freed_frames
+        return in_flight >= self.max_frames or self.bytes - self.freed_bytes + size > self.max_bytes
+
+    def sent(self, frame: Frame, answered: bool) -> None:
+        self.frames += 1
+        self.bytes += frame.size
+        if answered:
+            self.waiting.append((frame, self.frames, self.bytes))
+
+    def answered(self) -> Frame:
+        """The oldest answered frame, whose reply the caller reads now."""
+        frame, self.freed_frames, self.freed_bytes = self.waiting.popleft()
+        return frame
 
 
 def _describe(exc: Exception | None) -> str:
