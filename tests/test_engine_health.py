@@ -16,25 +16,17 @@ import pytest
 import torch
 
 from lambdasplit.device.body import LocalBody
-from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.frames import frame_problem
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.errors import ComputeError, ExpiredError, UnavailableError, WireError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import DType, Frame, MsgType, parse_frame, tensor_frame
+from tests import test_server_hardening as hardening
 from tests.test_server_hardening import D, ThreadServer, expect_error, hello, hidden_frame, raw_connect, raw_session
 
+bodies, device = hardening.bodies, hardening.device  # the same module-scoped fixtures (weights loaded once per module)
+
 WAIT = 30  # seconds any poll below may take before the test fails
-
-
-@pytest.fixture(scope="module")
-def bodies(llama):
-    return load_scheduler(str(llama), (2, 2)).bodies
-
-
-@pytest.fixture(scope="module")
-def device(llama):
-    return SplitDevice.load(llama, (2, 2))
 
 
 @pytest.fixture
