@@ -408,6 +408,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a burst may take to be answered")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens per victim generation")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="an extra option for `lambdasplit serve` (repeat it), e.g. --serve-arg=--engine-process")
     args = parser.parse_args()
 
     from lambdasplit.cloud.process import ServerProcess
@@ -429,7 +431,7 @@ def main() -> int:
         if re.search(r"Traceback|failed a step|compute thread stopped", line):
             problems.append(line.rstrip())
 
-    serve_args = ["--split", args.split, *(["--model", args.model] if args.model else [])]
+    serve_args = ["--split", args.split, *(["--model", args.model] if args.model else []), *args.serve_arg]
     with ServerProcess(*serve_args, on_line=watch) as server:
         body = RemoteBody(server.url, device.manifest, Codec.FP32, reconnect_window=0)
         target = Target(server.url, None, device.manifest.as_dict(), device.manifest.hidden_size)
