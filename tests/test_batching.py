@@ -320,8 +320,10 @@ def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bod
     def frame(session, seq, length):
         return tensor_frame(MsgType.HIDDEN, torch.randn(1, length, width), Codec.FP32, session, seq)
 
-    first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
+    with scheduler._wake:  # both first frames queue before the loop looks: one step, so neither waits on the other
+        first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
     [_answer(f) for f in first]
+    assert [s.sessions for s in steps] == [2]
     steps.clear()
     holding = threading.Event()  # set when the loop, holding a's frame, starts its wait for b's
     gather = scheduler._gather
