@@ -47,6 +47,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     return {
+        "valid": str(valid),
         "corrupt": str(_model_dir(root, "corrupt", config, os.urandom(64))),
         "truncated": str(_model_dir(root, "truncated", config, whole[: len(whole) // 2])),
         "badjson": str(_model_dir(root, "badjson", "{")),
@@ -82,6 +83,9 @@ CASES = {
     "negative K (info)": (["info", "--split", "-1,2"], "'-1,2': expected K,M"),
     "negative K (audit)": (["audit", "--split", "2,-2"], "'2,-2': expected K,M"),
     "certs into a file": (["certs", "--out", "{unwritable}"], "cannot write the certificates"),
+    "zero denoising steps": (["image", "a fox", "--steps", "0"], "'--steps'"),
+    "negative denoising steps": (["image", "a fox", "--steps", "-3"], "'--steps'"),
+    "split leaving the body empty": (["info", "--model", "{valid}", "--split", "1,1"], "leaving the body (cloud) empty"),
 }
 if not torch.cuda.is_available():
     CASES["cuda without a GPU"] = (["serve", "--device", "cuda"], "no CUDA GPU is available")
