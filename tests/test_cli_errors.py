@@ -75,6 +75,8 @@ CASES = {
     "port too large": (["serve", "--port", "99999"], "'--port'"),
     "negative port": (["serve", "--port", "-1"], "'--port'"),
     "port in use": (["serve", "--port", "{taken}"], "already in use"),
+    "gateway port in use": (["gateway", "--server", "ws://127.0.0.1:1", "--port", "{taken}"], "already in use"),
+    "ui port in use": (["ui", "--port", "{taken}"], "already in use"),
     "zero sessions": (["serve", "--max-sessions", "0"], "'--max-sessions'"),
     "negative context": (["serve", "--max-context", "-1"], "'--max-context'"),
     "negative TTL": (["serve", "--session-ttl", "-5"], "-5 is not a positive number"),
