@@ -413,7 +413,9 @@ def serve(
     session_ttl: Annotated[float, typer.Option(
         "--session-ttl", callback=_check_positive, help="Idle seconds before a session expires."
     )] = 300.0,
-    max_context: Annotated[int, typer.Option("--max-context", min=1, help="Positions per session.")] = 4096,
+    max_context: Annotated[Optional[int], typer.Option(
+        "--max-context", min=1, help="Positions per session row (default: the model's context window)."
+    )] = None,
     min_free_memory_mb: Annotated[int, typer.Option("--min-free-memory", min=0, help="Refuse sessions below this many MiB free.")] = 512,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Rows (B) per session.")] = defaults.MAX_BATCH,
     max_frame_positions: Annotated[int, typer.Option(

@@ -203,10 +203,17 @@ class RemoteBody(BodyClient):
 
     # connection
     def frame_positions(self) -> int | None:
-        """The server announces its bound in WELCOME: connect first, under the reconnect policy."""
+        self._welcomed()
+        return self.max_frame_positions
+
+    def context_limit(self) -> int | None:
+        self._welcomed()  # so a prompt too long for the server fails before its prefill, not after
+        return self.max_context
+
+    def _welcomed(self) -> None:
+        """The server announces its limits in WELCOME: connect first, under the reconnect policy."""
         if self._ws is None:
             self._with_policy(lambda: None)
-        return self.max_frame_positions
 
     def _ensure_connected(self, deadline: float | None = None) -> None:
         if self._ws is not None:
@@ -260,10 +267,9 @@ class RemoteBody(BodyClient):
             self.close()
             raise MismatchError(f"the body server's part does not match this device's: {problem}")
         self.server_manifest = server
-        limits = welcome.get("limits")
-        positions = limits.get("max_frame_positions") if isinstance(limits, dict) else None
-        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
-            self.max_frame_positions = positions  # prompts are sent in chunks that fit
+        limits = welcome.get("limits") if isinstance(welcome.get("limits"), dict) else {}
+        self.max_frame_positions = _positive(limits.get("max_frame_positions"), self.max_frame_positions)  # prompts go in chunks that fit
+        self.max_context = _positive(limits.get("max_context"), self.max_context)  # checked before a prompt is sent
         self._session = session
         self._connected_once = True
         if self._history:
@@ -356,6 +362,11 @@ def _describe(exc: Exception | None) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is `lambdasplit serve` running there?)"
     return f"{type(exc).__name__}: {text}"
+
+
+def _positive(value: object, otherwise: int | None) -> int | None:
+    """A limit from WELCOME if it is a positive integer, else `otherwise` (a server may not send it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else otherwise
 
 
 def _seconds(header: str | None) -> float | None:

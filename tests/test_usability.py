@@ -1,0 +1,70 @@
+"""Defects a new user met trying the product (issue 21 item 14), each checked where it was found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lambdasplit.device.generation import GenerationOptions
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+from lambdasplit.errors import MismatchError, PromptError
+from lambdasplit.wire.codec import Codec
+from tests.test_server_hardening import TOKEN, ThreadServer
+
+
+@pytest.fixture(scope="module")
+def bodies(llama):
+    return load_scheduler(str(llama), (2, 2)).bodies
+
+
+def _remote(server: ThreadServer, device: SplitDevice) -> RemoteBody:
+    return RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+
+
+def test_the_servers_context_defaults_to_the_models_window(llama, bodies):
+    """It was 4096 whatever the model (SmolLM2's window is 8192); the tiny model's is 256."""
+    server = ThreadServer(bodies)
+    device = SplitDevice.load(llama, (2, 2))
+    body = _remote(server, device)
+    try:
+        assert server.scheduler.limits.max_context == device.config.max_position_embeddings == 256
+        assert body.context_limit() == 256  # announced in WELCOME
+    finally:
+        body.close()
+        server.close()
+
+
+def test_a_prompt_over_the_servers_max_context_fails_before_any_hidden_state_is_sent(llama, bodies):
+    """With prompts sent in chunks the server refused only the chunk that crossed --max-context,
+    after prefilling the ones before it (18 s of a long prompt); now the device checks first."""
+    server = ThreadServer(bodies, SchedulerLimits(max_context=16, max_frame_positions=4))
+    device = SplitDevice.load(llama, (2, 2))
+    body = _remote(server, device)
+    try:
+        with pytest.raises(PromptError, match="prompt of 14 tokens \\+ 4 new tokens exceeds the body server's --max-context of 16"):
+            device.generate_ids(body, torch.arange(1, 15).unsqueeze(0), None, GenerationOptions(max_new_tokens=4))
+        assert body.stats.bytes_to_cloud == 0 and server.metric("lambdasplit_tokens_served_total") == 0
+        result = device.generate_ids(body, torch.arange(1, 13).unsqueeze(0), None, GenerationOptions(max_new_tokens=4))
+        assert len(result.token_ids[0]) <= 4
+    finally:
+        body.close()
+        server.close()
+
+
+def test_a_text_device_at_an_image_server_and_the_reverse_are_told_what_each_serves(llama, bodies):
+    """It said "malformed pipeline manifest: family is missing"."""
+    from lambdasplit.diffusion.cloud import load_diffusion_scheduler
+    from lambdasplit.diffusion.device import SplitPipeline
+
+    device = SplitDevice.load(llama, (2, 2))
+    with ThreadServer(load_diffusion_scheduler(None, "paper", 1).bodies) as image, ThreadServer(bodies) as text:
+        with pytest.raises(MismatchError, match="this server serves a diffusion pipeline, but the device holds a language "
+                                                "model; point the device at a server started with `lambdasplit serve --model"):
+            _remote(image, device).frame_positions()
+        pipeline = SplitPipeline.load(None, "paper", 1, server=text.url, token=TOKEN)
+        with pytest.raises(MismatchError, match="this server serves a language model, but the device holds a diffusion "
+                                                "pipeline; .* `lambdasplit serve --pipeline`"):
+            pipeline.generate("a fox", 1)
+        pipeline.close()
