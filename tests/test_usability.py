@@ -9,7 +9,7 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
-from lambdasplit.errors import MismatchError, PromptError
+from lambdasplit.errors import LambdaSplitError, MismatchError, PromptError
 from lambdasplit.wire.codec import Codec
 from tests.test_server_hardening import TOKEN, ThreadServer
 
@@ -68,3 +68,18 @@ def test_a_text_device_at_an_image_server_and_the_reverse_are_told_what_each_ser
                                                 "pipeline; .* `lambdasplit serve --pipeline`"):
             pipeline.generate("a fox", 1)
         pipeline.close()
+
+
+def test_a_tls_name_mismatch_lists_the_names_the_certificate_has(bodies, llama, tmp_path):
+    """The hint suggested wss://localhost:PORT for a certificate that does not list localhost."""
+    from lambdasplit.security import make_certificates, server_ssl_context
+
+    paths = make_certificates(tmp_path, ["body.example.org", "10.1.2.3"])
+    device = SplitDevice.load(llama, (2, 2))
+    with ThreadServer(bodies, tls=server_ssl_context(paths["cert"], paths["key"])) as server:
+        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, tls_ca=paths["ca"])
+        with pytest.raises(LambdaSplitError) as refused:
+            body.frame_positions()
+    message = str(refused.value)
+    assert f"the certificate is for body.example.org, 10.1.2.3: connect with one of those (wss://NAME:{server.port})" in message
+    assert "localhost" not in message and "\n" not in message

@@ -45,7 +45,7 @@ from lambdasplit.errors import (
     UnavailableError,
     WireError,
 )
-from lambdasplit.security import client_ssl_context
+from lambdasplit.security import certificate_names, client_ssl_context, peer_certificate
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
@@ -232,13 +232,9 @@ class RemoteBody(BodyClient):
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
-            reason = exc.verify_message or str(exc)
-            hint = (
-                "connect with a host name the certificate lists (e.g. wss://localhost:PORT), or make one for this "
-                "name with `lambdasplit certs --host NAME`"
-                if "mismatch" in reason.lower() or "not valid for" in reason.lower()
-                else "pass the server's CA with --tls-ca"
-            )
+            reason = (exc.verify_message or str(exc)).rstrip(".")
+            mismatch = "mismatch" in reason.lower() or "not valid for" in reason.lower()
+            hint = self._name_hint(open_timeout) if mismatch else "pass the server's CA with --tls-ca"
             raise LambdaSplitError(f"TLS with {self.url} failed: {reason}; {hint}") from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise LambdaSplitError(
@@ -274,6 +270,17 @@ class RemoteBody(BodyClient):
         self._connected_once = True
         if self._history:
             self._replay()
+
+    def _name_hint(self, timeout: float) -> str:
+        """What to connect to instead when the certificate is not for the URL's host: the names it
+        lists (read from the server), never a guess such as localhost that it may not list."""
+        parts = urlsplit(self.url)
+        der = peer_certificate(parts.hostname or "", parts.port or 443, min(timeout, 5.0))
+        names = certificate_names(der) if der else []
+        make = "or make a certificate for this name with `lambdasplit certs --host NAME`"
+        if not names:
+            return f"connect with a host name the server's certificate lists, {make}"
+        return f"the certificate is for {', '.join(names)}: connect with one of those (wss://NAME:{parts.port}), {make}"
 
     def _status_error(self, exc: InvalidStatus) -> RemoteError:
         """The typed error for an HTTP status that refused the WebSocket upgrade."""
@@ -381,12 +388,4 @@ def _seconds(header: str | None) -> float | None:
 def _speaks_tls(url: str, timeout: float) -> bool:
     """Whether `url`'s host:port completes a TLS handshake (certificate not checked: a probe only)."""
     parts = urlsplit(url)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=parts.hostname):
-                return True
-    except (OSError, ValueError):
-        return False
+    return peer_certificate(parts.hostname or "", parts.port or 80, timeout) is not None
