@@ -185,6 +185,27 @@ def _body(device, model, parts, dtype, codec, allow_shallow, server, token_file,
     return connect_body(config, device.manifest)
 
 
+def _check_in_process(model: str | None, server: str | None, decoys: int) -> None:
+    """Without --server the body runs in this process: refuse, before anything loads, what cannot
+    run there (a device part has no body; decoy rows beyond the in-process --max-batch)."""
+    if server is not None:
+        return
+    if model is not None and Path(model).expanduser().is_dir():
+        from lambdasplit.split.manifest import PartManifest
+
+        exported = PartManifest.read(Path(model).expanduser())
+        if exported is not None and exported.role == "device":
+            raise LambdaSplitError(
+                f"{model} is an exported device part (head and tail only): its body runs on a server, so pass "
+                "--server ws://HOST:PORT of `lambdasplit serve --part DIR/cloud`"
+            )
+    if decoys + 1 > defaults.MAX_BATCH:
+        raise LambdaSplitError(
+            f"--decoys {decoys}: {decoys + 1} rows exceed the {defaults.MAX_BATCH} rows the body in this process runs "
+            f"per session; use --decoys {defaults.MAX_BATCH - 1} or fewer, or a --server started with a larger --max-batch"
+        )
+
+
 def _warn_without_chat_template(device) -> None:
     """SplitDevice falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
     without one); an instruction-tuned model then answers worse, so say it once."""
@@ -291,6 +312,7 @@ def generate(
         draft_tokens=draft_tokens,
     )
     wire = Codec.parse(codec)
+    _check_in_process(model, server, decoys)
     parts = _random_split(split)
     device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
     if not raw:
@@ -785,6 +807,7 @@ def gateway(
     api_key = read_token(api_key_file)
     if api_key is None and not is_loopback(host):
         raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
+    _check_bindable(host, port)  # one line now, not a banner and then uvicorn's raw [Errno 98]
     device = SplitDevice.load(model, _split(split), dtype)
     _warn_without_chat_template(device)
     config = BodyConfig.from_options(server, token_file, tls_ca=tls_ca, codec=Codec.parse(codec),
@@ -905,6 +928,8 @@ def ui(
 
     if not is_loopback(host):
         raise LambdaSplitError(f"the UI has no login; refusing to serve it on {host} (keep it on 127.0.0.1)")
+    _check_bindable(host, port)
+    _check_in_process(model, server, decoys)
     token = read_token(token_file)
     wire = Codec.parse(codec)
     parts = _split(split)
