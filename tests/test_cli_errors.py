@@ -95,6 +95,10 @@ CASES = {
     "negative denoising steps": (["image", "a fox", "--steps", "-3"], "'--steps'"),
     "device part without --server": (["generate", "hi", "--model", "{device_part}"], "pass --server ws://HOST:PORT"),
     "device part without --server (ui)": (["ui", "--port", "0", "--model", "{device_part}"], "is an exported device part"),
+    "prompt and --prompt-file": (["generate", "hi", "--prompt-file", "{token}"], "one of them"),
+    "no prompt": (["generate"], "give the prompt as an argument"),
+    "prompt file not UTF-8": (["generate", "--prompt-file", "{token}"], "is not UTF-8 text"),
+    "prompt file missing": (["generate", "--prompt-file", "{unwritable}"], "cannot read the prompt file"),
     "too many decoys in process": (["generate", "hi", "--decoys", "99"], "--decoys 99: 100 rows exceed the 16 rows"),
     "split leaving the body empty": (["info", "--model", "{valid}", "--split", "1,1"], "leaving the body (cloud) empty"),
 }

@@ -83,3 +83,21 @@ def test_a_tls_name_mismatch_lists_the_names_the_certificate_has(bodies, llama, 
     message = str(refused.value)
     assert f"the certificate is for body.example.org, 10.1.2.3: connect with one of those (wss://NAME:{server.port})" in message
     assert "localhost" not in message and "\n" not in message
+
+
+def test_generate_reads_the_prompt_from_stdin_or_a_file(llama, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prompt = "A prompt with \"quotes\", $dollars and\na second line"
+    (tmp_path / "prompt.txt").write_text(prompt + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "lambdasplit.cli", "generate", "--model", str(llama), "-n", "2", "--json", "--raw"]
+    ids = []
+    for args, stdin in (([prompt], None), (["-"], prompt + "\n"), (["--prompt-file", str(tmp_path / "prompt.txt")], None)):
+        proc = subprocess.run([*base, *args], input=stdin, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        ids.append(json.loads(proc.stdout)["prompt_token_ids"])
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 10

@@ -206,6 +206,26 @@ def _check_in_process(model: str | None, server: str | None, decoys: int) -> Non
         )
 
 
+def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt: the argument, standard input for `-`, or --prompt-file's text (a long prompt does
+    not fit a shell argument comfortably); the final newline a file or pipe ends with is dropped."""
+    if (prompt is None) == (prompt_file is None):
+        raise LambdaSplitError("give the prompt as an argument, as - (read from standard input) or with --prompt-file F: one of them")
+    if prompt_file is not None:
+        try:
+            data, source = prompt_file.read_bytes(), str(prompt_file)
+        except OSError as exc:
+            raise LambdaSplitError(f"cannot read the prompt file {prompt_file}: {exc.strerror}") from None
+    elif prompt == "-":
+        data, source = sys.stdin.buffer.read(), "standard input"
+    else:
+        return prompt
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError:
+        raise LambdaSplitError(f"the prompt in {source} is not UTF-8 text") from None
+
+
 def _warn_without_chat_template(device) -> None:
     """SplitDevice falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
     without one); an instruction-tuned model then answers worse, so say it once."""
@@ -264,7 +284,10 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(callback=_check_text, help="The prompt (the chat template is applied unless --raw).")],
+    prompt: Annotated[Optional[str], typer.Argument(
+        callback=_check_text, help="The prompt (the chat template is applied unless --raw); - reads it from standard input.",
+    )] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from this UTF-8 file.")] = None,
     model: ModelOpt = None,
     split: RangeSplitOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
@@ -296,6 +319,7 @@ def generate(
     from lambdasplit.device.runtime import SplitDevice
     from lambdasplit.wire.codec import Codec
 
+    prompt = _prompt_text(prompt, prompt_file)
     sampling_given = temperature is not None or top_p is not None or top_k is not None
     if greedy and sampling_given:
         raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k")
