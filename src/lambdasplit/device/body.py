@@ -130,7 +130,9 @@ class BodyClient(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot crop the body's cache")
 
     def start_capture(self) -> None:
-        log.warning("capturing every frame exchanged with the body (for audit)")
+        # info, not a warning: capture is only ever asked for (demo, audits, the UI's image tab), and
+        # the demo's first line was this warning.
+        log.info("capturing every frame exchanged with the body (for audit)")
         self.captured = []
 
     def close(self) -> None:  # noqa: B027 - optional hook: bodies without resources keep this no-op
