@@ -418,3 +418,17 @@ def test_the_page_fits_the_window_with_a_long_pseudonymised_prompt(browser, loca
     page.click("#tab-image")
     assert page.is_visible("#image-go") and page.evaluate("document.documentElement.scrollWidth") <= width
     page.close()
+
+
+def test_the_page_and_the_audit_page_load_without_a_404(browser, local_ui):
+    """/favicon.ico answered 404 (the browser asks for it on every page)."""
+    page = browser.new_page()
+    failed: list[str] = []
+    page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
+    _open(page, local_ui.url)
+    page.goto(local_ui.url + "/audit")
+    page.wait_for_load_state("networkidle")
+    page.close()
+    assert failed == []
+    with urllib.request.urlopen(local_ui.url + "/favicon.ico", timeout=10) as response:
+        assert response.headers["Content-Type"] == "image/svg+xml" and response.read().startswith(b"<svg")
