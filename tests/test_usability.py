@@ -101,3 +101,23 @@ def test_generate_reads_the_prompt_from_stdin_or_a_file(llama, tmp_path):
         assert proc.returncode == 0, proc.stderr
         ids.append(json.loads(proc.stdout)["prompt_token_ids"])
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 10
+
+
+def test_the_gateway_answers_unknown_routes_in_openais_shape_and_dates_its_model(llama):
+    from fastapi.testclient import TestClient
+
+    from lambdasplit.gateway.app import create_app
+
+    device = SplitDevice.load(llama, (2, 2))
+    client = TestClient(create_app(device, lambda: None, "tiny", conversations=0))
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        response = client.request(method, path)
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None and error["code"] is None
+        assert error["message"].endswith(f"({method} {path})")
+    assert client.get("/v1/nothing").json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
+    assert client.get("/v1/chat/completions").headers["allow"] == "POST"
+    created = client.get("/v1/models").json()["data"][0]["created"]
+    assert created == int((llama / "model.safetensors").stat().st_mtime) > 0
+    assert client.get("/v1/models/tiny").json()["created"] == created
