@@ -121,3 +121,17 @@ def test_the_gateway_answers_unknown_routes_in_openais_shape_and_dates_its_model
     created = client.get("/v1/models").json()["data"][0]["created"]
     assert created == int((llama / "model.safetensors").stat().st_mtime) > 0
     assert client.get("/v1/models/tiny").json()["created"] == created
+
+
+def test_quick_benchmark_results_go_where_git_ignores_them():
+    """`benchmarks cpu --quick` rewrote the committed benchmarks/results/cpu-quick.json."""
+    import subprocess
+
+    from benchmarks.common import RESULTS, results_dir
+
+    def ignored(path) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=RESULTS.parent).returncode == 0
+
+    assert results_dir(False) == RESULTS and results_dir(True, RESULTS) == RESULTS
+    assert ignored(results_dir(True) / "cpu-quick.json") and ignored(results_dir(True) / "serve-cpu-quick.png")
+    assert not ignored(RESULTS / "cpu-quick.json")
