@@ -135,3 +135,23 @@ def test_quick_benchmark_results_go_where_git_ignores_them():
     assert results_dir(False) == RESULTS and results_dir(True, RESULTS) == RESULTS
     assert ignored(results_dir(True) / "cpu-quick.json") and ignored(results_dir(True) / "serve-cpu-quick.png")
     assert not ignored(RESULTS / "cpu-quick.json")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["serve", "--help"]])
+def test_help_imports_neither_torch_nor_transformers(args):
+    """`lambdasplit --help` took 3 s (6-8 s on a loaded machine): the package imported torch and
+    transformers up front, and the app's callback imported transformers to quiet it. Now 0.2-0.4 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lambdasplit.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert "Usage:" in proc.stdout and proc.stdout.splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_help_after_double_dash_is_an_argument():
+    from lambdasplit.cli import _asks_for_help
+
+    assert _asks_for_help(["generate", "--help"]) and not _asks_for_help(["generate", "--", "--help"])
+    assert not _asks_for_help(["generate", "hello"])

@@ -279,7 +279,14 @@ def _random_split(text: str | None) -> tuple[int, int] | None:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False) -> None:
-    _quiet_libraries(verbose)
+    if not _asks_for_help():  # quieting transformers imports it: seconds that `COMMAND --help` does not need
+        _quiet_libraries(verbose)
+
+
+def _asks_for_help(argv: list[str] | None = None) -> bool:
+    """`--help` before any `--`: click prints the help and runs nothing else."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--help" in (args[:args.index("--")] if "--" in args else args)
 
 
 @app.command()
