@@ -155,3 +155,41 @@ def test_help_after_double_dash_is_an_argument():
 
     assert _asks_for_help(["generate", "--help"]) and not _asks_for_help(["generate", "--", "--help"])
     assert not _asks_for_help(["generate", "hello"])
+
+
+def test_the_gguf_conversion_says_each_step_before_it_runs(tmp_path, monkeypatch):
+    """16 s passed between "converting ..." and the tensor bar with nothing on screen."""
+    import logging
+
+    import transformers
+
+    from lambdasplit.split import sources
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("lambdasplit.progress")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    steps: list[tuple[str, list[str]]] = []
+
+    def step(name):
+        def load(*args, **kwargs):
+            steps.append((name, said[1:]))
+            if name == "model":
+                raise ValueError("stop here")
+        return load
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", step("tokenizer"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", step("model"))
+    monkeypatch.setenv("LAMBDASPLIT_CACHE", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    try:
+        with pytest.raises(LambdaSplitError, match="not a readable GGUF model"):
+            sources.converted_gguf(gguf)
+    finally:
+        logger.removeHandler(handler)
+    tokenizer, weights = "reading the tokenizer of model.gguf ...", "reading the weights of model.gguf (every tensor is dequantized to float32) ..."
+    assert said[0].startswith("converting model.gguf to safetensors")
+    assert steps == [("tokenizer", [tokenizer]), ("model", [tokenizer, weights])]
