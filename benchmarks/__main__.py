@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+OUT_HELP = ("Directory for the result (default benchmarks/results; with --quick benchmarks/results/local, which git "
+            "ignores: pass --out benchmarks/results to refresh the committed quick result).")
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -15,12 +18,15 @@ def cpu(
     reps: Annotated[int, typer.Option(help="Repetitions per candidate (alternating).")] = 0,
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 0,
     split: Annotated[str, typer.Option(help="K,M")] = "2,2",
+    out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Embedded SmolLM2 on this CPU: unsplit generate() vs split in-process vs split over loopback."""
+    from benchmarks.common import results_dir
     from benchmarks.cpu import run_cpu
 
     k, m = (int(x) for x in split.split(","))
-    path = run_cpu(quick=quick, reps=reps or (3 if quick else 5), new_tokens=new_tokens or (32 if quick else 128), split=(k, m))
+    path = run_cpu(quick=quick, reps=reps or (3 if quick else 5), new_tokens=new_tokens or (32 if quick else 128), split=(k, m),
+                   out=results_dir(quick, out))
     typer.echo(f"wrote {path}")
 
 
@@ -97,10 +103,10 @@ def serve(
     token_file: Annotated[str, typer.Option("--token-file", help="Bearer token for --url.")] = "",
     procs: Annotated[int, typer.Option(help="Client processes (default min(4, max(2, cores))).")] = 0,
     name: Annotated[str, typer.Option(help="Result name (default serve-cpu, or serve-cpu-quick).")] = "",
+    out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Load generator: many concurrent devices (separate processes) against one body server."""
-    from pathlib import Path
-
+    from benchmarks.common import results_dir
     from benchmarks.serve import run_serve, write_results
 
     k, m = (int(x) for x in split.split(","))
@@ -108,7 +114,7 @@ def serve(
     token = Path(token_file).read_text().strip() if token_file else None
     payload = run_serve(model or None, (k, m), prompt, steps or (16 if quick else 64), levels, rate, duration,
                         url or None, token, procs)
-    path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload)
+    path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload, results_dir(quick, out))
     typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
 
 

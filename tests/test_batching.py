@@ -209,7 +209,7 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
 
 def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies, llama):
     device = SplitDevice.load(llama, (2, 2))
-    with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
+    with ThreadServer(bodies, SchedulerLimits(step_tokens=8, max_context=4096)) as server:  # past the tiny model's 256
         steps = []
         server.scheduler.on_step = steps.append
         decoder, decoder_id = raw_session(server, device)
@@ -231,7 +231,7 @@ def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies,
 def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodies, llama):
     device = SplitDevice.load(llama, (2, 2))
     expected = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, IDS.shape[1]:].tolist()
-    with ThreadServer(bodies) as server:
+    with ThreadServer(bodies, SchedulerLimits(max_context=4096)) as server:  # the flood runs past the tiny model's 256
         stalled, stalled_id = raw_session(server, device)
 
         def flood() -> None:  # 16 rows x 128 positions: 512 KiB replies, never read

@@ -401,11 +401,12 @@ def _post(url: str, path: str, body: dict, key: str | None = None) -> httpx.Resp
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
 
 
-def test_health_needs_no_key_and_models_do(failing):
+def test_health_needs_no_key_and_models_do(failing, device):
     assert httpx.get(f"{failing.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{failing.url}/v1/models", timeout=10).status_code == 401
     listed = httpx.get(f"{failing.url}/v1/models/smollm2", headers={"Authorization": "Bearer secret"}, timeout=10).json()
-    assert listed == {"id": "smollm2", "object": "model", "created": 0, "owned_by": "lambdasplit"}
+    created = int(max(f.stat().st_mtime for f in device.opened.checkpoint.files))  # the weights' mtime, not 0
+    assert listed == {"id": "smollm2", "object": "model", "created": created, "owned_by": "lambdasplit"}
 
 
 def test_default_model_name_is_friendly(tmp_path):

@@ -9,7 +9,7 @@ GATEWAY_PORT = 8471
 UI_PORT = 8472
 
 MAX_SESSIONS = 64
-MAX_CONTEXT = 4096  # positions per session (bounds each body KV cache)
+MAX_CONTEXT = 4096  # positions per session where the model states no window (serve defaults to the model's)
 MAX_BATCH = 16  # rows per session
 # Positions (B x T) one frame may ask for. One frame runs on the compute thread while every other
 # session waits, so this bounds the stall: 4,096 positions of SmolLM2's 26-layer body take about

@@ -46,7 +46,7 @@ from lambdasplit.errors import (
     UnavailableError,
     WireError,
 )
-from lambdasplit.security import client_ssl_context
+from lambdasplit.security import certificate_names, client_ssl_context, peer_certificate
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
@@ -204,10 +204,17 @@ class RemoteBody(BodyClient):
 
     # connection
     def frame_positions(self) -> int | None:
-        """The server announces its bound in WELCOME: connect first, under the reconnect policy."""
+        self._welcomed()
+        return self.max_frame_positions
+
+    def context_limit(self) -> int | None:
+        self._welcomed()  # so a prompt too long for the server fails before its prefill, not after
+        return self.max_context
+
+    def _welcomed(self) -> None:
+        """The server announces its limits in WELCOME: connect first, under the reconnect policy."""
         if self._ws is None:
             self._with_policy(lambda: None)
-        return self.max_frame_positions
 
     def _ensure_connected(self, deadline: float | None = None) -> None:
         if self._ws is not None:
@@ -227,13 +234,9 @@ class RemoteBody(BodyClient):
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
-            reason = exc.verify_message or str(exc)
-            hint = (
-                "connect with a host name the certificate lists (e.g. wss://localhost:PORT), or make one for this "
-                "name with `lambdasplit certs --host NAME`"
-                if "mismatch" in reason.lower() or "not valid for" in reason.lower()
-                else "pass the server's CA with --tls-ca"
-            )
+            reason = (exc.verify_message or str(exc)).rstrip(".")
+            mismatch = "mismatch" in reason.lower() or "not valid for" in reason.lower()
+            hint = self._name_hint(open_timeout) if mismatch else "pass the server's CA with --tls-ca"
             raise LambdaSplitError(f"TLS with {self.url} failed: {reason}; {hint}") from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise LambdaSplitError(
@@ -262,14 +265,24 @@ class RemoteBody(BodyClient):
             self.close()
             raise MismatchError(f"the body server's part does not match this device's: {problem}")
         self.server_manifest = server
-        limits = welcome.get("limits")
-        positions = limits.get("max_frame_positions") if isinstance(limits, dict) else None
-        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
-            self.max_frame_positions = positions  # prompts are sent in chunks that fit
+        limits = welcome.get("limits") if isinstance(welcome.get("limits"), dict) else {}
+        self.max_frame_positions = _positive(limits.get("max_frame_positions"), self.max_frame_positions)  # prompts go in chunks that fit
+        self.max_context = _positive(limits.get("max_context"), self.max_context)  # checked before a prompt is sent
         self._session = session
         self._connected_once = True
         if self._history:
             self._replay()
+
+    def _name_hint(self, timeout: float) -> str:
+        """What to connect to instead when the certificate is not for the URL's host: the names it
+        lists (read from the server), never a guess such as localhost that it may not list."""
+        parts = urlsplit(self.url)
+        der = peer_certificate(parts.hostname or "", parts.port or 443, min(timeout, 5.0))
+        names = certificate_names(der) if der else []
+        make = "or make a certificate for this name with `lambdasplit certs --host NAME`"
+        if not names:
+            return f"connect with a host name the server's certificate lists, {make}"
+        return f"the certificate is for {', '.join(names)}: connect with one of those (wss://NAME:{parts.port}), {make}"
 
     def _status_error(self, exc: InvalidStatus) -> RemoteError:
         """The typed error for an HTTP status that refused the WebSocket upgrade."""
@@ -401,6 +414,11 @@ def _describe(exc: Exception | None) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _positive(value: object, otherwise: int | None) -> int | None:
+    """A limit from WELCOME if it is a positive integer, else `otherwise` (a server may not send it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else otherwise
+
+
 def _seconds(header: str | None) -> float | None:
     """A Retry-After header's delay in seconds (the HTTP-date form is ignored)."""
     try:
@@ -413,12 +431,4 @@ def _seconds(header: str | None) -> float | None:
 def _speaks_tls(url: str, timeout: float) -> bool:
     """Whether `url`'s host:port completes a TLS handshake (certificate not checked: a probe only)."""
     parts = urlsplit(url)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=parts.hostname):
-                return True
-    except (OSError, ValueError):
-        return False
+    return peer_certificate(parts.hostname or "", parts.port or 80, timeout) is not None

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
@@ -43,7 +43,7 @@ FREE_MEMORY_TTL = 0.02  # seconds a free-memory reading is reused for (per frame
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_sessions: int = defaults.MAX_SESSIONS
-    max_context: int = defaults.MAX_CONTEXT
+    max_context: int | None = None  # positions per row; None: the model's window (max_position_embeddings)
     min_free_memory: int = defaults.MIN_FREE_MEMORY_MIB << 20
     max_batch: int = defaults.MAX_BATCH
     max_frame_positions: int = defaults.MAX_FRAME_POSITIONS
@@ -127,7 +127,7 @@ class BodyScheduler:
             raise ValueError("a scheduler needs at least one body")
         self.bodies = bodies  # several for randomised split points, sharing the weight tensors
         self.manifest = bodies[0].manifest
-        self.limits = limits
+        self.limits = limits if limits.max_context else replace(limits, max_context=_context_window(bodies))
         self.pool = _make_pool(bodies, limits)
         self._mirrors = [b.mirror for b in bodies if isinstance(b, TextBody) and b.mirror is not None]
         for mirror in self._mirrors:
@@ -163,7 +163,7 @@ class BodyScheduler:
 
     def parse_manifest(self, data: dict) -> Any:
         """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
-        return type(self.manifest).from_dict(data)
+        return type(self.manifest).from_peer(data)
 
     def open_session(self, body: int = 0) -> Future[bytes]:
         return self._call(self._open, body)
@@ -615,6 +615,17 @@ def pool_budget(limits: SchedulerLimits, probe: torch.Tensor | None) -> int:
     share = 0.9 if probe is not None and probe.device.type == "cuda" else 0.5
     spare = max(0, _free_memory(probe) - limits.min_free_memory)
     return min(limits.max_sessions * limits.max_session_kv_bytes, int(share * spare))
+
+
+def _context_window(bodies: list[Body]) -> int:
+    """The model's context window, the default --max-context: with a smaller one (it was 4096) a
+    longer prompt ran its first frames' prefill before the server refused it."""
+    for body in bodies:
+        if isinstance(body, TextBody):
+            window = getattr(body.runner.config, "max_position_embeddings", None)
+            if isinstance(window, int) and window > 0:
+                return window
+    return defaults.MAX_CONTEXT
 
 
 def _make_pool(bodies: list[Body], limits: SchedulerLimits) -> KVPool | None:
