@@ -273,7 +273,8 @@ def serve_gpu_section(data: dict) -> str:
         lines += ["", "The same 64 sessions against a server with one setting changed:", "",
                   "| server | aggregate decode tok/s | ITL p50 / p99 ms | server ms per forward | sessions per forward |",
                   "|---|---|---|---|---|"]
-        for name, r in {"defaults (engine process, uvloop, --step-wait 2)": closed.get(64), **ablations}.items():
+        rows = {"defaults (engine process, uvloop, --step-wait 2)": closed.get(64)} if "default" not in ablations else {}
+        for name, r in {**rows, **ablations}.items():
             if r:
                 lines.append(f"| `{name}` | {r['aggregate_decode_tok_s']:.0f} | {_ms(r['itl_ms'])} | "
                              f"{r['server_forward_ms_mean']:.1f} | {r['server_sessions_per_forward']:.1f} |")

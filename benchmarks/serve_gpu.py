@@ -363,10 +363,10 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
     if "serve" in parts:
         payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, profile=not quick))
         write(NAME, payload)
-    if "ablations" in parts and not quick:  # 64 sessions with one setting changed
+    if "ablations" in parts and not quick:  # 64 sessions with one setting changed, and unchanged (its own baseline)
         payload["ablations"] = {
             name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
-            for name, args in (("--in-process", ("--in-process",)), ("--no-uvloop", ("--no-uvloop",)),
+            for name, args in (("default", ()), ("--in-process", ("--in-process",)), ("--no-uvloop", ("--no-uvloop",)),
                                ("--step-wait 0", ("--step-wait", "0")))
         }
         write(NAME, payload)
