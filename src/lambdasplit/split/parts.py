@@ -89,6 +89,8 @@ def _build(
         module = (AutoModelForCausalLM if role == "tail" else AutoModel).from_config(sub, dtype=dtype)
     base = module.model if role == "tail" else module
     base.embed_tokens = base.embed_tokens if role == "head" else None
+    if role == "tail":  # no embeddings to tie lm_head to here: the split model ties it to the head's
+        module.all_tied_weights_keys = {}
     if role != "tail":
         base.norm = nn.Identity()
     keys = part_keys(checkpoint.keys, spec, role, tied)
