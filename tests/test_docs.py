@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from lambdasplit.child import ChildProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -306,32 +308,16 @@ def test_command_block_runs(block, tmp_path):
     print("\n".join(done))
 
 
-class Background:
+class Background(ChildProcess):
     """A long-running command, up once `ready` shows up in its output."""
 
     def __init__(self, argv: list[str], cwd: Path, ready: str, timeout: float = 180) -> None:
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if ready in line:
-                return
-        self.stop()
-        raise AssertionError(f"{shlex.join(argv)} never printed {ready!r}:\n{''.join(self.lines)[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        super().__init__(argv, name=shlex.join(argv), env=ENV, cwd=cwd)
+        try:
+            self.wait_for_line(re.escape(ready), timeout)
+        except BaseException:
+            self.stop()
+            raise
 
 
 @pytest.mark.slow  # export + certs + server + generate + gateway: ~40 s on 2 cores
