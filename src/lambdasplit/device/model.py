@@ -25,7 +25,7 @@ from lambdasplit.device.body import BodyClient
 from lambdasplit.errors import LambdaSplitError, PromptError
 from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
 from lambdasplit.split.manifest import PartManifest
-from lambdasplit.split.parts import PartRunner
+from lambdasplit.split.parts import BUILD_LOCK, PartRunner
 
 # transformers renamed `past_key_values` to `cache` in 5.2x (generate's kwarg and the output field).
 CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
@@ -148,7 +148,8 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.generation_config = GenerationConfig.from_pretrained(opened.checkpoint.path)
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(opened.config)
-        self.post_init()
+        with BUILD_LOCK:  # the tie assigns a parameter: not while another thread builds a part
+            self.post_init()
 
     @classmethod
     def from_source(
