@@ -6,13 +6,12 @@
     tok = AutoTokenizer.from_pretrained(model.name_or_path)
     answer = tok.decode(model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8)[0])
 
-Importing the package loads the device side only: `LocalBody` and `load_local_body` (the body in
-this process) come from `lambdasplit.engine.local` when first used, so a device that reaches its
-body over the network never loads the server's engine.
+Every exported name is imported on first use (PEP 562), and only from the device side, except
+`LocalBody` and `load_local_body` (the body in this process, `lambdasplit.engine.local`): a device
+that reaches its body over the network never loads the server's engine.
 """
 
 import os
-from typing import Any
 
 # Head, body and tail take turns: while one process waits on the network the other computes. OpenMP
 # threads that spin after each op would steal the cores the other side needs (measured on 2 cores:
@@ -20,37 +19,37 @@ from typing import Any
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lambdasplit.device.body import BodyClient  # noqa: E402
-from lambdasplit.device.generation import GenerationOptions, GenerationResult, generate_ids  # noqa: E402
-from lambdasplit.device.model import SplitCache, SplitModelForCausalLM  # noqa: E402
-from lambdasplit.device.runtime import SplitDevice  # noqa: E402
-from lambdasplit.device.tokens import PromptTokenizer  # noqa: E402
-from lambdasplit.split.spec import SplitSpec  # noqa: E402
-from lambdasplit.wire.codec import Codec  # noqa: E402
+import importlib
 
-_ENGINE = ("LocalBody", "load_local_body")  # the in-process body: imported on first use
+# Exported names, imported on first use (PEP 562): `import lambdasplit` (and every CLI start, even
+# `lambdasplit --help`) no longer imports torch and transformers up front (--help: 3 s -> 0.3 s).
+_EXPORTS = {
+    "BodyClient": "lambdasplit.device.body",
+    "LocalBody": "lambdasplit.engine.local",  # the in-process body: the engine loads only when asked for
+    "load_local_body": "lambdasplit.engine.local",
+    "GenerationOptions": "lambdasplit.device.generation",
+    "GenerationResult": "lambdasplit.device.generation",
+    "generate_ids": "lambdasplit.device.generation",
+    "SplitCache": "lambdasplit.device.model",
+    "SplitModelForCausalLM": "lambdasplit.device.model",
+    "SplitDevice": "lambdasplit.device.runtime",
+    "PromptTokenizer": "lambdasplit.device.tokens",
+    "SplitSpec": "lambdasplit.split.spec",
+    "Codec": "lambdasplit.wire.codec",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _ENGINE:
-        from lambdasplit.engine import local
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lambdasplit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
-        return getattr(local, name)
-    raise AttributeError(f"module 'lambdasplit' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "BodyClient",
-    "Codec",
-    "GenerationResult",
-    "GenerationOptions",
-    "LocalBody",
-    "PromptTokenizer",
-    "SplitCache",
-    "SplitDevice",
-    "SplitModelForCausalLM",
-    "SplitSpec",
-    "generate_ids",
-    "load_local_body",
-]
 __version__ = "0.1.0"

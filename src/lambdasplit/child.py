@@ -30,12 +30,13 @@ _Child = TypeVar("_Child", bound="ChildProcess")
 
 class ChildProcess:
     """`argv` in a child; its merged stdout and stderr go to `log` if given, else to `output` (the
-    last 200 lines) through a reader thread."""
+    last 200 lines) through a reader thread, which also hands each line to `on_line` if given."""
 
     def __init__(self, argv: list[str], *, name: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, on_line: Callable[[str], None] | None = None) -> None:
         self.name = name  # for messages: "the body server did not start ..."
         self.log = log
+        self.on_line = on_line  # sees every line the child prints (the reader thread calls it)
         self.output: deque[str] = deque(maxlen=200)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._waiting = True  # lines are queued only until the child is ready
@@ -56,6 +57,8 @@ class ChildProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
             if self._waiting:
                 self._lines.put(line)
         self._lines.put(_EOF)

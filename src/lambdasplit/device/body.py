@@ -47,8 +47,10 @@ class BodyClient(ABC):
     # Opt-in record of every frame exchanged, for audits: [("to_cloud" | "from_cloud", bytes)].
     captured: list[tuple[str, bytes]] | None = None
     _positions: int = 0
-    # The body's bound on B x T per frame (from the server's WELCOME, or the local scheduler).
+    # The body's bounds on B x T per frame and on positions per row (from the server's WELCOME, or
+    # the local scheduler).
     max_frame_positions: int | None = None
+    max_context: int | None = None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back.
@@ -80,6 +82,10 @@ class BodyClient(ABC):
     def frame_positions(self) -> int | None:
         """The body's bound on B x T per frame, if it has one."""
         return self.max_frame_positions
+
+    def context_limit(self) -> int | None:
+        """The body's bound on positions per row (a server's --max-context), if it has one."""
+        return self.max_context
 
     def exchange(self, frames: list[Frame]) -> torch.Tensor:
         """Deliver encoded frames (the last one is answered) and decode the reply, counting bytes and
@@ -126,7 +132,9 @@ class BodyClient(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot crop the body's cache")
 
     def start_capture(self) -> None:
-        log.warning("capturing every frame exchanged with the body (for audit)")
+        # info, not a warning: capture is only ever asked for (demo, audits, the UI's image tab), and
+        # the demo's first line was this warning.
+        log.info("capturing every frame exchanged with the body (for audit)")
         self.captured = []
 
     def close(self) -> None:  # noqa: B027 - optional hook: bodies without resources keep this no-op
