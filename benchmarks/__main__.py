@@ -128,9 +128,11 @@ def self_draft() -> None:
 
 @app.command()
 def report() -> None:
-    """Plots and docs/benchmarks.md tables from benchmarks/results/*.json."""
+    """Plots and docs/benchmarks.md tables from benchmarks/results/*.json; docs/privacy.md tables from docs/audit/*/report.json."""
+    from benchmarks.privacy_tables import write_privacy_tables
     from benchmarks.report import write_report
 
+    typer.echo(f"wrote {write_privacy_tables()}")
     typer.echo(f"wrote {write_report()}")
 
 

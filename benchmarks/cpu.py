@@ -15,9 +15,9 @@ from benchmarks.decode import concurrent_run, kv_bytes_per_session, metrics_read
 from benchmarks.memory import device_vs_unsplit
 from benchmarks.netem import DelayProxy
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE
 

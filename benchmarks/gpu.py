@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from benchmarks.common import alternate, environment, summarize, write
 from benchmarks.decode import concurrent_run, kv_bytes_per_session, metrics_reader, split_run, unsplit_run
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 
 SHAPES = {

@@ -51,9 +51,9 @@ def _sync() -> None:
 
 def exact(tp: TensorParallel) -> dict | None:
     from benchmarks.gpu import build_random
-    from lambdasplit.device.body import LocalBody
     from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.engine.local import LocalBody
     from lambdasplit.engine.scheduler import SchedulerLimits, follow_leader, load_scheduler
 
     path = build_random("llama2-7b") if tp.leader else None

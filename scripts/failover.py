@@ -19,7 +19,6 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from lambdasplit.child import ChildProcess
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
@@ -83,7 +83,7 @@ class Cluster:
     start_timeout: float = 180.0
     servers: list[ServerProcess] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    haproxy: subprocess.Popen | None = None
+    haproxy: ChildProcess | None = None
     tls: dict[str, Path] | None = None
     url: str = ""
 
@@ -127,8 +127,7 @@ class Cluster:
         env = {**os.environ, "LS_BIND": f"127.0.0.1:{port}", "LS_HAPROXY_SOCKET": str(self.stats_socket),
                "LS_STATS_BIND": f"127.0.0.1:{free_port()}", "LS_HAPROXY_LOG": "127.0.0.1:9"}  # logs to the discard port
         env.update({var: f"127.0.0.1:{proc.port}" for (_, var), proc in zip(declared, self.servers, strict=True)})
-        with open(self.workdir / "haproxy.log", "w") as log:  # the child keeps its own descriptor
-            self.haproxy = subprocess.Popen(haproxy_command(self.config), env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.haproxy = ChildProcess(haproxy_command(self.config), name="haproxy", env=env, log=self.workdir / "haproxy.log")
         self.url = f"wss://127.0.0.1:{port}"
         self.wait_states({name: "UP" for name in self.names}, self.start_timeout, checked=True)
 
@@ -156,13 +155,8 @@ class Cluster:
         return [s for s in started if isinstance(s, ServerProcess)]
 
     def stop(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.terminate()
-            try:
-                self.haproxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
-                self.haproxy.wait(timeout=10)
+        if self.haproxy is not None:
+            self.haproxy.stop()
         for proc in self.servers:
             proc.stop()
 
@@ -200,8 +194,8 @@ class Cluster:
                 states = {}
             if all(states.get(n, ("",))[0] == s and (not checked or states[n][1] == "L7OK") for n, s in want.items()):
                 return
-            if self.haproxy is not None and self.haproxy.poll() is not None:
-                raise LambdaSplitError(f"haproxy exited with status {self.haproxy.returncode}: {self._haproxy_log()}")
+            if self.haproxy is not None and self.haproxy.proc.poll() is not None:
+                raise LambdaSplitError(f"haproxy exited with status {self.haproxy.proc.returncode}: {self._haproxy_log()}")
             if time.monotonic() > deadline:
                 raise LambdaSplitError(f"HAProxy did not report {want} within {timeout:g} s: {states}; {self._haproxy_log()}")
             time.sleep(0.1)
@@ -277,7 +271,7 @@ def run_trial(cluster: Cluster, device: SplitDevice, input_ids: torch.Tensor, ne
             took_over.append(cluster.landed_on())
         if len(tokens) == kill_after and not killed:
             index = cluster.landed_on()
-            cluster.servers[index].kill()  # Popen.kill: SIGKILL, no goodbye on the socket
+            cluster.servers[index].kill()  # SIGKILL, no goodbye on the socket
             killed.append(index)
 
     start = time.monotonic()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
+
+from lambdasplit.child import ChildProcess
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "img"
 
@@ -24,14 +24,16 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lambdasplit.cli", "ui", "--port", str(port)])
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(url + "/api/info", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    proc = ChildProcess([sys.executable, "-m", "lambdasplit.cli", "ui", "--port", str(port)], name="lambdasplit ui")
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/api/info", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        proc.wait_until(answers, timeout=120)
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -56,8 +58,7 @@ def main() -> None:
             page.screenshot(path=str(OUT / "ui-image.png"), full_page=True)
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proc.stop()
     print(f"wrote {OUT / 'ui-chat.png'} and {OUT / 'ui-image.png'}")
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions, GenerationResult
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 

@@ -12,11 +12,11 @@ import urllib.request
 import pytest
 import torch
 
-from lambdasplit.device.body import LocalBody
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.engine.session import decode_hidden
 from lambdasplit.engine.step import Chunk

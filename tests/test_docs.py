@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from lambdasplit.child import ChildProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -306,32 +308,16 @@ def test_command_block_runs(block, tmp_path):
     print("\n".join(done))
 
 
-class Background:
+class Background(ChildProcess):
     """A long-running command, up once `ready` shows up in its output."""
 
     def __init__(self, argv: list[str], cwd: Path, ready: str, timeout: float = 180) -> None:
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if ready in line:
-                return
-        self.stop()
-        raise AssertionError(f"{shlex.join(argv)} never printed {ready!r}:\n{''.join(self.lines)[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        super().__init__(argv, name=shlex.join(argv), env=ENV, cwd=cwd)
+        try:
+            self.wait_for_line(re.escape(ready), timeout)
+        except BaseException:
+            self.stop()
+            raise
 
 
 @pytest.mark.slow  # export + certs + server + generate + gateway: ~40 s on 2 cores
@@ -413,3 +399,32 @@ def test_inline_commands_use_existing_flags():
             if unknown:
                 problems.append(f"{path.name}: lambdasplit {subcommand}{rest}: {', '.join(sorted(unknown))}")
     assert not problems, "\n".join(problems)
+
+
+def _tables_outside(text: str, start: str, end: str) -> list[str]:
+    """The markdown table rows of `text` outside the generated sections (start ... end markers)."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith(end):
+            inside = False
+        elif line.startswith(start):
+            inside = True
+        elif not inside and line.startswith("|"):
+            rows.append(line)
+    return rows
+
+
+def test_generated_tables_are_what_the_committed_data_gives():
+    """docs/benchmarks.md's results section and docs/privacy.md's tables are rendered from committed
+    JSON (`python -m benchmarks report`): a hand edit, or data changed without re-rendering, fails here,
+    and so does a table of measured numbers written by hand next to them."""
+    from benchmarks import privacy_tables, report
+
+    benchmarks_md = (ROOT / "docs" / "benchmarks.md").read_text()
+    generated = benchmarks_md.partition(report.START)[2].partition(report.END)[0]
+    assert generated == "\n" + report.generated_section() + "\n", "docs/benchmarks.md: rerun `python -m benchmarks report`"
+    privacy_md = privacy_tables.PAGE.read_text()
+    assert sorted(m["name"] for m in privacy_tables.SECTION.finditer(privacy_md)) == sorted(privacy_tables.TABLES)
+    assert privacy_md == privacy_tables.render(privacy_md), "docs/privacy.md: rerun `python -m benchmarks report`"
+    by_hand = [row for row in _tables_outside(privacy_md, "<!-- generated:", "<!-- generated:end") if re.search(r"\d\.\d", row)]
+    assert by_hand == [], "measured numbers in a hand-written table of docs/privacy.md"

@@ -15,8 +15,8 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from lambdasplit.device.body import LocalBody
 from lambdasplit.engine.frames import frame_problem
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.errors import ComputeError, ExpiredError, UnavailableError, WireError
 from lambdasplit.wire.codec import Codec

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.core import EngineClient, _error_dict, _error_from
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
 from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LimitError
 from lambdasplit.wire.codec import Codec

@@ -13,7 +13,7 @@ PROMPT = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30, 4093, 198, 
 
 
 @pytest.mark.parametrize("model_type", list(TINY))
-@pytest.mark.parametrize("split", [(1, 1), (2, 2), (3, 2), (1, 5), (5, 1), (2, 3)])
+@pytest.mark.parametrize("split", [(1, 1), (2, 2), (3, 2), (1, 4), (4, 1), (2, 3)])
 def test_tiny_models_match_generate(tiny_models, model_type, split):
     result = compare(tiny_models[model_type], split, PROMPT, new_tokens=10)
     assert result.split.token_ids == result.oracle_ids

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.export import export_parts
 from lambdasplit.split.manifest import PartManifest, hash_files
@@ -122,7 +122,7 @@ def test_tampered_part_is_refused(tiny_models, tmp_path):
 PEAK_SCRIPT = """
 import re, sys, psutil, torch, transformers
 import transformers.models.llama.modeling_llama
-from lambdasplit.device.body import LocalBody
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.device.runtime import SplitDevice
 kind, path, tokenizer_dir = sys.argv[1:]
 transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # both sides need one: not part of the comparison

@@ -9,10 +9,10 @@ import logging
 
 import torch
 
-from lambdasplit.device.body import LocalBody
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.wire.codec import Codec
 from scripts.fuzz_server import Target, fuzz

@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, LogitsProcessorList
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import BodyClient, TransferStats, load_local_body
+from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import (
     AuthError,
     CapacityError,

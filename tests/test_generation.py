@@ -2,9 +2,9 @@
 
 import torch
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from tests.conftest import oracle
 
 

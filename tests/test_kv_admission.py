@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from lambdasplit.device.body import LocalBody
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.kvpool import block_bytes
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.errors import CapacityError, LimitError
 from lambdasplit.wire.codec import Codec

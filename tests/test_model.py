@@ -7,12 +7,12 @@ import threading
 
 import pytest
 import torch
-from transformers import TextIteratorStreamer, pipeline
+from transformers import AutoTokenizer, TextIteratorStreamer, pipeline
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 from tests.test_server_hardening import TOKEN, ThreadServer
@@ -21,14 +21,14 @@ from tests.test_server_hardening import TOKEN, ThreadServer
 @pytest.fixture(scope="module")
 def split(llama):
     body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
-    model = SplitModelForCausalLM(SplitDevice.load(llama, (2, 2)), body).eval()
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
     yield model
     body.scheduler.shutdown()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(split):
-    tok = split.split_device.tokenizer
+    tok = AutoTokenizer.from_pretrained(split.name_or_path)
     tok.padding_side = "left"
     return tok
 
@@ -96,7 +96,7 @@ def test_generate_through_a_real_server_equals_the_unsplit_model(llama, tokenize
     try:
         device = SplitDevice.load(llama, (2, 2))
         body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-        model = SplitModelForCausalLM(device, body)
+        model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
         inputs = tokenizer(["The capital of France is", "Paris"], return_tensors="pt", padding=True)
         got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         body.close()
@@ -131,3 +131,15 @@ def test_a_continued_cache_sends_only_the_new_positions_and_gives_the_fresh_toke
     assert turn2.bytes_to_cloud < fresh.bytes_to_cloud / 2  # 4 new prompt positions + 4 decodes, against 14 + 4
     for b in (body, fresh_body):
         b.scheduler.shutdown()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_model_owns_its_parts_and_post_init_ties_the_lm_head_only_when_the_config_does(tiny_models, family):
+    """Like a transformers model: the head's and tail's modules are its children and post_init ties
+    the tail's LM head to the head's embedding where the config ties them (llama), not otherwise (qwen2)."""
+    model = SplitModelForCausalLM.from_source(tiny_models[family], (2, 2))
+    assert model.head.module is model.head_module and model.tail.module is model.tail_module
+    tied = model.config.tie_word_embeddings
+    assert tied == (family == "llama")
+    assert model.all_tied_weights_keys == ({"tail_module.lm_head.weight": "head_module.embed_tokens.weight"} if tied else {})
+    assert (model.tail_module.lm_head.weight is model.head_module.embed_tokens.weight) == tied

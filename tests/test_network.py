@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.defenses import GaussianNoise

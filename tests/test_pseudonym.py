@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe
 from lambdasplit.privacy.decoys import DecoyMaker, Message

@@ -22,10 +22,10 @@ from websockets.sync.client import connect
 
 from lambdasplit import defaults
 from lambdasplit.cloud.server import BodyServer, ServerConfig
-from lambdasplit.device.body import LocalBody
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.engine.session import kv_bytes_per_position
 from lambdasplit.errors import ComputeError, WireError

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.model import SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame
 from lambdasplit.wire.protocol import control_frame
@@ -45,7 +45,7 @@ def _logits(model, ids, chunks):
 
 
 def test_cropping_drafted_positions_leaves_head_body_and_tail_as_if_never_drafted(llama, local):
-    model = SplitModelForCausalLM(SplitDevice.load(llama, (2, 2)), local)
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=local)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30, 282, 4649]])
     plain, _ = _logits(model, ids, [6, 1, 1, 1, 1, 1])
     cache = model.new_cache()
@@ -61,7 +61,7 @@ def test_cropping_drafted_positions_leaves_head_body_and_tail_as_if_never_drafte
 def test_prompt_lookup_greedy_equals_plain_greedy_and_the_unsplit_model(llama, local, server, where):
     device = SplitDevice.load(llama, (2, 2))
     body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    model = SplitModelForCausalLM(device, body)
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
     tok = device.tokenizer
     inputs = tok([REUSE], return_tensors="pt")
     start = body.stats.frames_from_cloud
@@ -81,7 +81,7 @@ def test_a_connection_lost_after_a_crop_replays_to_the_cropped_length(llama, ser
     length, and the next positions equal a run that never drafted."""
     device = SplitDevice.load(llama, (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
-    model = SplitModelForCausalLM(device, body)
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
     plain, _ = _logits(model, ids, [5, 1, 1, 1, 1])
     cache = model.new_cache()
@@ -132,12 +132,9 @@ def test_a_draft_model_gives_the_plain_greedy_tokens_over_the_network(tiny_model
 def test_prompt_lookup_draft_length_follows_acceptance():
     """Full acceptance grows the draft by 2, a rejection shrinks it by 1; a rejected one-token draft
     pauses drafting for 1, 2, 4 ... steps; a step where nothing was drafted changes nothing."""
-    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
-
     from lambdasplit.device.model import AdaptivePromptLookup
 
-    gen = PromptLookupCandidateGenerator(num_output_tokens=4, max_length=100, vocab_size=10)
-    gen.__class__ = AdaptivePromptLookup
+    gen = AdaptivePromptLookup(num_output_tokens=4, max_length=100, vocab_size=10)
     ids = torch.tensor([[1, 2, 3, 1, 2]])
     candidates, _ = gen.get_candidates(ids)
     assert gen.proposed == candidates.shape[1] - ids.shape[1] == 3  # "3 1 2" followed the earlier "1 2"

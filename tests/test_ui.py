@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lambdasplit.child import ChildProcess, child_env
 from lambdasplit.cloud.process import ServerProcess
 
 CLI = [sys.executable, "-m", "lambdasplit.cli"]
@@ -35,33 +36,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class UIProcess:
+class UIProcess(ChildProcess):
     """`lambdasplit ui` in a child process, ready once /api/info answers."""
 
     def __init__(self, *args: str, timeout: float = 180.0) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen([*CLI, "ui", "--port", str(self.port), *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lambdasplit ui exited: {self.proc.stdout.read()}")
-            try:
-                urllib.request.urlopen(self.url + "/api/info", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("lambdasplit ui did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
+        super().__init__([*CLI, "ui", "--port", str(self.port), *args], name="lambdasplit ui", env=child_env())
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.wait_until(self._answers, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.url + "/api/info", timeout=2)
+            return True
+        except OSError:
+            return False
 
 
 @pytest.fixture(scope="module")

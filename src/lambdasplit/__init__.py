@@ -1,9 +1,14 @@
 """lambdasplit: split inference of generative models — head and tail on the device, body in the cloud.
 
+    from transformers import AutoTokenizer
     from lambdasplit import SplitModelForCausalLM
     model = SplitModelForCausalLM.from_pretrained(None, split=(2, 2))  # embedded SmolLM2; body="ws://..." for a server
-    tok = model.split_device.tokenizer
+    tok = AutoTokenizer.from_pretrained(model.name_or_path)
     answer = tok.decode(model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8)[0])
+
+Every exported name is imported on first use (PEP 562), and only from the device side, except
+`LocalBody` and `load_local_body` (the body in this process, `lambdasplit.engine.local`): a device
+that reaches its body over the network never loads the server's engine.
 """
 
 import os
@@ -20,14 +25,15 @@ import importlib
 # `lambdasplit --help`) no longer imports torch and transformers up front (--help: 3 s -> 0.3 s).
 _EXPORTS = {
     "BodyClient": "lambdasplit.device.body",
-    "LocalBody": "lambdasplit.device.body",
-    "load_local_body": "lambdasplit.device.body",
+    "LocalBody": "lambdasplit.engine.local",  # the in-process body: the engine loads only when asked for
+    "load_local_body": "lambdasplit.engine.local",
     "GenerationOptions": "lambdasplit.device.generation",
     "GenerationResult": "lambdasplit.device.generation",
     "generate_ids": "lambdasplit.device.generation",
     "SplitCache": "lambdasplit.device.model",
     "SplitModelForCausalLM": "lambdasplit.device.model",
     "SplitDevice": "lambdasplit.device.runtime",
+    "PromptTokenizer": "lambdasplit.device.tokens",
     "SplitSpec": "lambdasplit.split.spec",
     "Codec": "lambdasplit.wire.codec",
 }

@@ -8,18 +8,20 @@ In-process bodies with the same source share one scheduler (one copy of the weig
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lambdasplit import defaults
-from lambdasplit.device.body import BodyClient, LocalBody
+from lambdasplit.device.body import BodyClient
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
 from lambdasplit.security import read_token
 from lambdasplit.split.manifest import Manifest
 from lambdasplit.wire.codec import Codec
+
+if TYPE_CHECKING:
+    from lambdasplit.engine.scheduler import BodyScheduler
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ def connect_body(
             config.server, manifest, config.codec, token=config.token, tls_ca=config.tls_ca,
             timeout=config.timeout, connect_timeout=config.connect_timeout, reconnect_window=config.reconnect_window,
         )
-    else:
-        scheduler = local() if local else _local_scheduler(
+    else:  # the engine is imported only here: a device with a server never loads it
+        from lambdasplit.engine.local import LocalBody, shared_scheduler
+
+        scheduler = local() if local else shared_scheduler(
             config.source, config.split, config.dtype, config.device, config.allow_shallow
         )
         body = LocalBody(scheduler, config.codec)
@@ -72,9 +76,3 @@ def connect_body(
         body.start_capture()
     return body
 
-
-@functools.cache
-def _local_scheduler(
-    source: str | None, split: tuple[int, int] | None, dtype: str | None, device: str, allow_shallow: bool
-) -> BodyScheduler:
-    return load_scheduler(source, split, dtype, device, allow_shallow=allow_shallow)

@@ -12,17 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from lambdasplit.device.body import BodyClient
+from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
+from lambdasplit.device.tokens import PromptTokenizer
 from lambdasplit.errors import LambdaSplitError, PromptError
-
-if TYPE_CHECKING:
-    from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 
 SPECULATE_HELP = "prompt-lookup (draft from n-grams of the prompt), self (head + tail without the body) or a PATH to a draft model"
 
@@ -228,6 +227,7 @@ def _check_context(window: int, served: int | None, prompt_len: int, new_tokens:
 
 def generate_ids(
     model: SplitModelForCausalLM,
+    tokens: PromptTokenizer,
     body: BodyClient,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -239,7 +239,7 @@ def generate_ids(
     cache: SplitCache | None = None,
     **generate_kwargs: Any,
 ) -> GenerationResult:
-    """One `model.generate()` over `body`: `on_text` gets a single row's text as it is produced,
+    """One `model.generate()` over `body`, with `tokens` for text, EOS and padding: `on_text` gets a single row's text as it is produced,
     `on_tokens` every step's new ids; once `cancel` is set the rows still running stop with reason
     "cancelled".
 
@@ -251,8 +251,8 @@ def generate_ids(
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise PromptError("the prompt is empty")
-    _check_context(model.split_device.max_context, body.context_limit(), prompt_len, options.max_new_tokens)
-    tokenizer = model.split_device.tokenizer if model.split_device.has_tokenizer else None
+    _check_context(model.max_context, body.context_limit(), prompt_len, options.max_new_tokens)
+    tokenizer = tokens.tokenizer if tokens.has_tokenizer else None
     if options.stop and tokenizer is None:
         raise PromptError("stop strings need the model's tokenizer")
     text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
@@ -283,12 +283,12 @@ def generate_ids(
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids, attention_mask=mask, streamer=steps, tokenizer=tokenizer,
-        pad_token_id=model.split_device.pad_id, **{model.cache_kwarg: cache}, **kwargs,
+        pad_token_id=tokens.pad_id, **{model.cache_kwarg: cache}, **kwargs,
     )
     timings = Timings(total=time.perf_counter() - start, steps=cache.steps[first_step:])
     timings.prefill = (steps.first_at or time.perf_counter()) - start
     sequences = out.sequences if keep_logits else out
-    texts, token_ids, reasons = _trim(model, sequences[:, prompt_len:].tolist(), options, cancel is not None and cancel.is_set())
+    texts, token_ids, reasons = _trim(tokens, sequences[:, prompt_len:].tolist(), options, cancel is not None and cancel.is_set())
     timings.tokens = max(len(row) for row in token_ids)
     return GenerationResult(
         texts=texts,
@@ -325,13 +325,12 @@ def completes_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tu
 
 
 def _trim(
-    model: SplitModelForCausalLM, rows: list[list[int]], options: GenerationOptions, cancelled: bool
+    tokens: PromptTokenizer, rows: list[list[int]], options: GenerationOptions, cancelled: bool
 ) -> tuple[list[str], list[list[int]], list[str]]:
     """Cut each row after its EOS and at the first stop string (with the padding generate() adds to
     rows that finished early); decode the text; name why each row ended."""
-    device = model.split_device
-    tokenizer = device.tokenizer if device.has_tokenizer else None
-    eos = set(device.eos_ids)
+    tokenizer = tokens.tokenizer if tokens.has_tokenizer else None
+    eos = set(tokens.eos_ids)
     texts, kept, reasons = [], [], []
     for row in rows:
         cut = None if options.ignore_eos else next((i + 1 for i, t in enumerate(row) if t in eos), None)

@@ -21,10 +21,11 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lambdasplit.device.body import BodyClient, load_local_body
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.body import BodyClient
 from lambdasplit.errors import LambdaSplitError, PromptError
-from lambdasplit.split.parts import PartRunner
+from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
+from lambdasplit.split.manifest import PartManifest
+from lambdasplit.split.parts import BUILD_LOCK, PartRunner
 
 # transformers renamed `past_key_values` to `cache` in 5.2x (generate's kwarg and the output field).
 CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
@@ -122,24 +123,49 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
 
 
 class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
-    """Head and tail on this machine, the body behind a `BodyClient` (in process or a server)."""
+    """Head and tail on this machine, the body behind a `BodyClient` (in process or a server).
+
+    Like a transformers model it owns its config and its modules (the head's and the tail's), and
+    `post_init` ties the tail's LM head to the head's embedding where the config ties them; the
+    parts come loaded (`from_source`), so nothing is initialised.
+    """
 
     base_model_prefix = "split"
     main_input_name = "input_ids"
     _supports_cache_class = True
+    _tied_weights_keys = {"tail_module.lm_head.weight": "head_module.embed_tokens.weight"}
 
-    def __init__(self, device: SplitDevice, body: BodyClient | None = None) -> None:
-        super().__init__(device.config)
-        self.split_device = device
+    def __init__(self, opened: OpenedSource, head: PartRunner, tail: PartRunner, manifest: PartManifest,
+                 body: BodyClient | None = None) -> None:
+        super().__init__(opened.config)
+        self.opened, self.spec, self.manifest = opened, opened.spec, manifest
+        self.head, self.tail = head, tail  # the runners SplitCache copies, one per sequence
         self.body = body
         # Registered so that .device, .dtype and .to() see the device's weights.
-        self.head_module: nn.Module = device.head.module
-        self.tail_module: nn.Module = device.tail.module
-        path = device.opened.checkpoint.path
+        self.head_module: nn.Module = head.module
+        self.tail_module: nn.Module = tail.module
         try:
-            self.generation_config = GenerationConfig.from_pretrained(path)
+            self.generation_config = GenerationConfig.from_pretrained(opened.checkpoint.path)
         except OSError:
-            self.generation_config = GenerationConfig.from_model_config(device.config)
+            self.generation_config = GenerationConfig.from_model_config(opened.config)
+        with BUILD_LOCK:  # the tie assigns a parameter: not while another thread builds a part
+            self.post_init()
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str | os.PathLike[str] | None = None,
+        split: tuple[int, int] | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+        allow_shallow: bool = False,
+    ) -> SplitModelForCausalLM:
+        """Head and tail of a model source or an exported device part, with no body yet (one is
+        given per sequence: `new_cache(body)`)."""
+        opened = open_source(source, split, allow_shallow)
+        torch_dtype = resolve_dtype(dtype, opened)
+        head, tail = device_runners(opened, torch_dtype, device)
+        return cls(opened, head, tail, opened.manifest("device", torch_dtype)).eval()
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -153,14 +179,21 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> SplitModelForCausalLM:
         """Load head and tail from `source`; `body` is a `BodyClient`, a server URL (`ws://`,
         `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process."""
-        split_device = SplitDevice.load(source, split, dtype, device)
+        model = cls.from_source(source, split, dtype, device)
         if isinstance(body, str):
             from lambdasplit.device.connect import BodyConfig, connect_body
 
-            body = connect_body(BodyConfig(server=body, **body_options), split_device.manifest)
-        elif body is None:
+            body = connect_body(BodyConfig(server=body, **body_options), model.manifest)
+        elif body is None:  # the engine is imported only for a body in this process
+            from lambdasplit.engine.local import load_local_body
+
             body = load_local_body(None if source is None else str(source), split, dtype, device)
-        return cls(split_device, body).eval()
+        model.body = body
+        return model
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
 
     cache_kwarg = CACHE  # generate()'s name for a cache passed in
 
@@ -169,7 +202,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         body = body or self.body
         if body is None:
             raise ValueError("this SplitModelForCausalLM has no body: pass one to new_cache(body)")
-        return SplitCache(self.split_device.head, self.split_device.tail, body)
+        return SplitCache(self.head, self.tail, body)
 
     def drafting_kwargs(self, options: Any, batch: int) -> dict[str, Any]:
         """`generate()` arguments for `options.speculate` (see generation.SPECULATE_HELP)."""
@@ -216,12 +249,22 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             drafts[path] = draft
         return drafts[path]
 
-    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' candidate generator, with prompt lookup made adaptive (AdaptivePromptLookup)."""
-        generator = super()._get_candidate_generator(*args, **kwargs)
-        if type(generator) is PromptLookupCandidateGenerator:
-            generator.__class__ = AdaptivePromptLookup
-        return generator
+    def _get_candidate_generator(self, generation_config: GenerationConfig, input_ids: torch.LongTensor,
+                                 inputs_tensor: torch.Tensor, logits_processor: Any, model_kwargs: dict,
+                                 *args: Any, **kwargs: Any) -> Any:
+        """Prompt lookup drafts with AdaptivePromptLookup; other drafting is transformers' own."""
+        if generation_config.prompt_lookup_num_tokens is None:
+            return super()._get_candidate_generator(
+                generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, *args, **kwargs
+            )
+        return AdaptivePromptLookup(
+            eos_token_id=generation_config._eos_token_tensor,
+            num_output_tokens=generation_config.prompt_lookup_num_tokens,
+            max_matching_ngram_size=generation_config.max_matching_ngram_size or 2,
+            max_length=generation_config.max_length,
+            logits_processor=logits_processor,
+            vocab_size=self.config.get_text_config().vocab_size,
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Every generate() call starts a new sequence on head, body and tail (unless given a cache)."""

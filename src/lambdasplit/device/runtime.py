@@ -1,51 +1,34 @@
-"""SplitDevice: what runs on the phone or laptop — tokenizer, head and tail, loaded from a source.
+"""SplitDevice: what runs on the phone or laptop — the split model (head and tail) and its tokenizer.
 
-Token ids and text stay here; only hidden states go to the body through a BodyClient. Generation is
-transformers' `generate()` over `SplitModelForCausalLM` (device/model.py, device/generation.py).
+Token ids and text stay here; only hidden states go to the body through a BodyClient. The model
+(device/model.py) and the tokenizer (device/tokens.py) know nothing of each other; generation
+(device/generation.py) takes both, and this class pairs them for the CLI, gateway, UI and audit.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.errors import PromptError
-from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
-from lambdasplit.split.manifest import PartManifest
-from lambdasplit.split.parts import PartRunner
-
-if TYPE_CHECKING:
-    from lambdasplit.device.generation import GenerationOptions, GenerationResult
-    from lambdasplit.device.model import SplitModelForCausalLM
+from lambdasplit.device.generation import GenerationOptions, GenerationResult, generate_ids
+from lambdasplit.device.model import SplitModelForCausalLM
+from lambdasplit.device.tokens import PromptTokenizer
 
 
 class SplitDevice:
-    """Head and tail of a split model, with the tokenizer."""
+    """Head and tail of a split model (as a transformers model), with the tokenizer."""
 
-    def __init__(
-        self,
-        opened: OpenedSource,
-        head: PartRunner,
-        tail: PartRunner,
-        tokenizer: PreTrainedTokenizerBase | None,
-        manifest: PartManifest,
-    ) -> None:
-        self.opened = opened
-        self.spec = opened.spec
-        self.config = opened.config
-        self.head = head
-        self.tail = tail
-        self._tokenizer = tokenizer
-        self.manifest = manifest
-        self.eos_ids = _eos_ids(opened, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer is not None else getattr(self.config, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        self._model: SplitModelForCausalLM | None = None
+    def __init__(self, model: SplitModelForCausalLM, tokens: PromptTokenizer) -> None:
+        self.model = model  # the body is given per generation
+        self.tokens = tokens
+        self.opened, self.spec, self.config = model.opened, model.spec, model.config
+        self.head, self.tail, self.manifest = model.head, model.tail, model.manifest
+        self.eos_ids, self.pad_id = tokens.eos_ids, tokens.pad_id
 
     @classmethod
     def load(
@@ -57,56 +40,28 @@ class SplitDevice:
         allow_shallow: bool = False,
     ) -> SplitDevice:
         """Load head + tail (and the tokenizer) from a model source or an exported device part."""
-        opened = open_source(source, split, allow_shallow)
-        torch_dtype = resolve_dtype(dtype, opened)
-        head, tail = device_runners(opened, torch_dtype, device)
-        tokenizer = _load_tokenizer(opened)
-        return cls(opened, head, tail, tokenizer, opened.manifest("device", torch_dtype))
+        model = SplitModelForCausalLM.from_source(source, split, dtype, device, allow_shallow)
+        return cls(model, PromptTokenizer.load(model.opened))
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+        return self.model.max_context
 
     @property
     def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None
+        return self.tokens.has_tokenizer
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise PromptError(f"{self.opened.checkpoint.path} has no tokenizer; only token ids can be generated")
-        return self._tokenizer
+        return self.tokens.tokenizer
 
     def encode_chat(self, messages: list[dict[str, str]]) -> torch.Tensor:
         """Token ids (1, T) of a multi-turn conversation through the model's chat template."""
-        if not messages or not any(str(m.get("content", "")).strip() for m in messages):
-            raise PromptError("the conversation is empty")
-        if self.tokenizer.chat_template is None:
-            text = "\n".join(str(m.get("content", "")) for m in messages)
-            return self.tokenizer(text, return_tensors="pt")["input_ids"]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return self.tokens.encode_chat(messages)
 
     def encode(self, prompts: str | list[str], raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, left-padded; the chat template is applied unless `raw`."""
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not texts or any(not t.strip() for t in texts):
-            raise PromptError("the prompt is empty")
-        use_template = not raw and self.tokenizer.chat_template is not None
-        if use_template:
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
-                )
-                for t in texts
-            ]
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token_id = self.pad_id
-        batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=not use_template
-        )
-        return batch["input_ids"], batch["attention_mask"]
+        return self.tokens.encode(prompts, raw)
 
     def generate(
         self,
@@ -123,39 +78,5 @@ class SplitDevice:
     def generate_ids(self, body: BodyClient, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      options: GenerationOptions | None = None, on_text: Callable[[str], None] | None = None,
                      **kwargs: Any) -> GenerationResult:
-        """`generation.generate_ids` through this device's `SplitModelForCausalLM` (transformers' generate())."""
-        from lambdasplit.device.generation import generate_ids
-
-        return generate_ids(self.model, body, input_ids, attention_mask, options, on_text, **kwargs)
-
-    @property
-    def model(self) -> SplitModelForCausalLM:
-        """This device as a transformers model (made once; the body is given per generation)."""
-        if self._model is None:
-            from lambdasplit.device.model import SplitModelForCausalLM
-
-            self._model = SplitModelForCausalLM(self).eval()
-        return self._model
-
-
-def _load_tokenizer(opened: OpenedSource) -> PreTrainedTokenizerBase | None:
-    """The checkpoint's tokenizer; None for weight-only directories (benchmarks with random weights)."""
-    path = opened.checkpoint.path
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    return AutoTokenizer.from_pretrained(str(path), config=opened.config)  # an exported part's config.json is a stub
-
-
-def _eos_ids(opened: OpenedSource, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
-    """EOS ids from generation_config.json (as generate() uses them), else the tokenizer's."""
-    ids: list[int] = []
-    try:
-        eos = GenerationConfig.from_pretrained(str(opened.checkpoint.path)).eos_token_id
-    except OSError:
-        eos = getattr(opened.config, "eos_token_id", None)
-    for value in eos if isinstance(eos, list) else [eos]:
-        if value is not None:
-            ids.append(int(value))
-    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+        """`generation.generate_ids` with this device's model and tokenizer (transformers' generate())."""
+        return generate_ids(self.model, self.tokens, body, input_ids, attention_mask, options, on_text, **kwargs)

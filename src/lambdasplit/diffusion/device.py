@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,14 +23,15 @@ from lambdasplit.device.body import BodyClient
 from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.diffusion import unet as cut
-from lambdasplit.diffusion.cloud import load_unet_body
 from lambdasplit.diffusion.parts import PipelineManifest, PipelineSource, load_unet, open_pipeline
 from lambdasplit.diffusion.protocol import Slot
-from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.errors import LambdaSplitError, SplitError
 from lambdasplit.split.manifest import DTYPE_NAMES
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
+
+if TYPE_CHECKING:
+    from lambdasplit.engine.scheduler import BodyScheduler
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +239,13 @@ def decode_latents(pipe, latents: torch.Tensor):
 
 
 def _local_scheduler(opened: PipelineSource, mode: str, k: int, dtype: torch.dtype, device: str) -> BodyScheduler:
-    """The cloud part in this process, reached through the same frames and scheduler as a server."""
+    """The cloud part in this process, reached through the same frames and scheduler as a server
+    (imported only here: a device with a server never loads the cloud side or the engine)."""
     if opened.exported:
         raise LambdaSplitError(f"{opened.path} is an exported device part; give --server to reach its cloud part")
+    from lambdasplit.diffusion.cloud import load_unet_body
+    from lambdasplit.engine.scheduler import BodyScheduler
+
     return BodyScheduler([load_unet_body(str(opened.path), mode, k, DTYPE_NAMES[dtype], device)])
 
 

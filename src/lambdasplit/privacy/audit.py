@@ -15,9 +15,9 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from lambdasplit.device.body import LocalBody, load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import LocalBody, load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.defenses import GaussianNoise, random_split_point

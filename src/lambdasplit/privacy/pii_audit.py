@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
-from lambdasplit.device.body import BodyClient, load_local_body
+from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.distinguish import DISTINGUISHERS, Distinguisher

@@ -21,7 +21,10 @@ from lambdasplit.split.adapters import Adapter, adapter_for
 from lambdasplit.split.checkpoint import Checkpoint
 from lambdasplit.split.spec import SplitSpec
 
-_BUILD_LOCK = threading.Lock()
+# accelerate's init_empty_weights patches nn.Module globally: while a part is built, a parameter
+# assigned in any thread (load_state_dict, a weight tie) lands on the meta device. Whoever assigns
+# parameters to a loaded model holds this lock (the builds here, SplitModelForCausalLM's post_init).
+BUILD_LOCK = threading.Lock()
 EMBED_KEY = "model.embed_tokens.weight"
 NORM_KEY = "model.norm.weight"
 LM_HEAD_KEY = "lm_head.weight"
@@ -67,9 +70,7 @@ def build_part(
     config = config or checkpoint.config
     adapter = adapter_for(config)
     sub = adapter.sub_config(config, *spec.range(role))
-    # accelerate's init_empty_weights patches nn.Module globally (it also catches the parameters that
-    # load_state_dict assigns), so concurrent builds in other threads must wait for the whole build.
-    with _BUILD_LOCK:
+    with BUILD_LOCK:  # the whole build runs under init_empty_weights
         return _build(checkpoint, spec, role, dtype, device, config, sub, shared or {})
 
 
@@ -89,6 +90,8 @@ def _build(
         module = (AutoModelForCausalLM if role == "tail" else AutoModel).from_config(sub, dtype=dtype)
     base = module.model if role == "tail" else module
     base.embed_tokens = base.embed_tokens if role == "head" else None
+    if role == "tail":  # no embeddings to tie lm_head to here: the split model ties it to the head's
+        module.all_tied_weights_keys = {}
     if role != "tail":
         base.norm = nn.Identity()
     keys = part_keys(checkpoint.keys, spec, role, tied)
