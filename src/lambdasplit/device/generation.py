@@ -24,7 +24,8 @@ from lambdasplit.errors import LambdaSplitError, PromptError
 if TYPE_CHECKING:
     from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 
-SPECULATE_HELP = "prompt-lookup (draft from n-grams of the prompt), self (head + tail without the body) or a PATH to a draft model"
+SPECULATE_HELP = ("prompt-lookup (draft from n-grams of the prompt), draft-head[:DIR] (a trained draft head on the device), "
+                  "self (head + tail without the body) or a PATH to a draft model")
 
 
 class GenerationCancelled(LambdaSplitError):
@@ -122,6 +123,7 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)
     round_trips: int = 0  # body exchanges: fewer than tokens when drafts are accepted
     logits: torch.Tensor | None = None  # (new tokens, B, V), raw tail logits, when asked for
+    drafting: dict[str, float] | None = None  # a draft head's counts and device time (draft.DraftStats)
 
     @property
     def text(self) -> str:
@@ -295,6 +297,7 @@ def generate_ids(
         finish_reasons=reasons,
         round_trips=body.stats.frames_from_cloud,
         logits=torch.stack(out.logits) if keep_logits else None,
+        drafting=cache.draft_stats.as_dict() if cache.draft_stats is not None else None,
     )
 
 
