@@ -359,14 +359,15 @@ def train_draft(
     epochs: Annotated[int, typer.Option("--epochs", min=1, max=1000)] = 6,
     device: DeviceOpt = "cpu",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Train on the first N prompts only.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, max=4096, help="Longest training answer.")] = 160,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, max=4096, help="Longest training answer.")] = 128,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Keep the generated answers and features in this file (safetensors) and reuse them when model, prompts and --max-new-tokens match.")] = None,
 ) -> None:
     """Train a draft head for --speculate draft-head:DIR by self-distillation: the model answers the
     prompts greedily, and one decoder layer learns to predict its next final feature and token (EAGLE-1)."""
     from lambdasplit.device.train_draft import TrainSettings
     from lambdasplit.device.train_draft import train_draft as run
 
-    meta = run(model, _split(split), out, prompts, device, TrainSettings(epochs=epochs, limit=limit, max_new_tokens=max_new_tokens))
+    meta = run(model, _split(split), out, prompts, device, TrainSettings(epochs=epochs, limit=limit, max_new_tokens=max_new_tokens), data)
     held = meta["heldout_chat"]
     typer.echo(f"{out}: {meta['size']['head_parameters']:,} parameters ({meta['size']['ratio']:.1%} of the device's parts); "
                f"loss {meta['training']['epoch_losses'][0]:.3f} -> {meta['training']['epoch_losses'][-1]:.3f}; held-out chat "

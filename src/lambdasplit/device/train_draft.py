@@ -45,7 +45,7 @@ class TrainSettings:
     lr: float = 1e-3
     batch: int = 16  # sequences per training step
     gen_batch: int = 32  # prompts answered at once
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     draft_vocab: int = 8192
     intermediate_size: int | None = None  # None: the widest MLP (multiple of 32) within the size budget
     noise: float = 0.1  # feature noise (relative to their RMS) so the head tolerates its own errors
