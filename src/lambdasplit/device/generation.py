@@ -276,6 +276,7 @@ def generate_ids(
     elif cache.body is not body or cache.get_seq_length() >= prompt_len:
         raise ValueError("a continued cache must belong to `body` and hold fewer positions than input_ids")
     first_step = len(cache.steps)
+    cache.on_features = cache.draft_stats = None  # a continued cache's last turn may have drafted; this one sets its own
     body.stats.reset()
     start = time.perf_counter()
     out = model.generate(

@@ -145,22 +145,6 @@ def fit_intermediate(config: Any, device_params: int, budget: float = SIZE_BUDGE
     return min(width, int(text.intermediate_size))
 
 
-def init_from_last_layer(head: DraftHead, model: PreTrainedModel) -> None:
-    """Start the draft layer from the model's last decoder layer: attention and norms as they are,
-    the MLP's most important neurons (largest up x down norms) for the narrower MLP."""
-    last = model.model.layers[-1].state_dict()
-    own = head.model.layers[0].state_dict()
-    keep = None
-    if "mlp.down_proj.weight" in last:
-        importance = last["mlp.down_proj.weight"].norm(dim=0) * last["mlp.up_proj.weight"].norm(dim=1)
-        keep = torch.topk(importance, head.intermediate_size).indices.sort().values
-    for key, value in own.items():
-        source = last[key]
-        if source.shape != value.shape and keep is not None:
-            source = source[:, keep] if key.endswith("down_proj.weight") else source[keep]
-        value.copy_(source)
-
-
 def train(head: DraftHead, samples: list[Sample], embed: torch.nn.Module, lm_rows: torch.Tensor, settings: TrainSettings,
           device: torch.device) -> list[float]:
     """EAGLE-1's objective; returns the mean loss of every epoch."""
@@ -306,7 +290,6 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
     width = settings.intermediate_size or fit_intermediate(model.config, device_params)
     vocab = draft_vocabulary(data, settings.draft_vocab, _eos_ids(model))
     head = DraftHead(model.config, width, vocab).to(target)
-    init_from_last_layer(head, model)
     head_params = sum(p.numel() for p in head.parameters())
     embed = model.get_input_embeddings()
     lm_rows = model.get_output_embeddings().weight[vocab.to(target)].detach()
