@@ -41,7 +41,8 @@ def write_report() -> Path:
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
     for name in ("speculative-cpu", "speculative-cpu-quick"):
         if speculative := _load(name):
-            sections.append(speculative_section(speculative, name))
+            rows = speculative["rows"]
+            sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
     for name in ("cpu", "cpu-quick"):
         data = _load(name)
         if data:
@@ -346,4 +347,19 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
                      f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
                      f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
                      f"{'yes' if r['identical'] else 'no'} | {local} |")
+    return "\n".join(lines)
+
+
+def lookup_section(data: dict) -> str:
+    """Issue 13's run (plain split decode against prompt lookup), in its own format."""
+    lines = ["## Speculative decoding over an emulated WAN (`speculative-cpu`): SmolLM2, split 2,2, bf16 frames", "",
+             _env(data) + f"; {data['new_tokens']} new tokens per prompt, greedy, first draft "
+             f"{data['prompt_lookup_num_tokens']} tokens ({data.get('draft_length', 'fixed')}); medians over each set's "
+             "prompts (`benchmarks/prompts`).", "",
+             "| added RTT ms | set | plain tok/s | prompt lookup tok/s | speedup | tokens per round trip | same tokens | "
+             "unsplit local tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        local = f"{r['unsplit_local_tok_s']:.1f}" if "unsplit_local_tok_s" in r else "-"
+        lines.append(f"| {r['rtt_ms']} | {r['set']} | {r['plain_tok_s']:.1f} | {r['lookup_tok_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['lookup_tokens_per_trip']:.2f} | {'yes' if r['identical'] else 'no'} | {local} |")
     return "\n".join(lines)

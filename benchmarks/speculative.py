@@ -51,12 +51,12 @@ def _run(device: SplitDevice, body: BodyClient, ids: torch.Tensor, new_tokens: i
 def _sets(quick: bool) -> dict[str, list[str]]:
     chat = json.loads((DRAFT_PROMPTS / "heldout_chat.json").read_text())
     reuse = json.loads((PROMPTS / "reuse.json").read_text())
-    return {"chat (held out)": chat[:4] if quick else chat[:12], "reuse": reuse[:2] if quick else reuse}
+    return {"chat (held out)": chat[:4] if quick else chat[:8], "reuse": reuse[:2] if quick else reuse}
 
 
 def run(quick: bool = False) -> dict:
     rtts = (0, 50) if quick else (0, 50, 100)
-    new_tokens, draft = (32, 6) if quick else (64, 6)
+    new_tokens, draft = (32, 6) if quick else (48, 6)
     device = SplitDevice.load(None, (2, 2))
     sets = _sets(quick)
     payload: dict = {"suite": "speculative-cpu" + ("-quick" if quick else ""), "environment": environment(), "split": [2, 2],
