@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lambdasplit.errors import SourceError
-from lambdasplit.split.checkpoint import model_fingerprint
+from lambdasplit.split.checkpoint import PART_CONFIG_NAME, model_fingerprint
 from lambdasplit.split.load import open_source, resolve_dtype
 from lambdasplit.split.manifest import MANIFEST_NAME, PartManifest, check_output_dir, hash_files, prepare_output_dir
 from lambdasplit.split.parts import part_keys
@@ -53,7 +54,8 @@ def export_parts(
         keys = sorted({key for role in roles for key in part_keys(checkpoint.keys, spec, role, tied)})
         tensors = {k: v.contiguous() for k, v in checkpoint.read(keys, torch_dtype).items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(str(directory))
+        config.to_json_file(str(directory / PART_CONFIG_NAME))
+        (directory / "config.json").write_text(json.dumps(_config_stub(side, spec.range("body")), indent=2) + "\n")
         if side == "device":
             for name in _DEVICE_EXTRA_FILES:
                 if (checkpoint.path / name).is_file():
@@ -65,3 +67,15 @@ def export_parts(
         written[side] = directory
     return written
 
+
+
+def _config_stub(side: str, body: tuple[int, int]) -> dict[str, str]:
+    """config.json of a part: a model type transformers does not know, so AutoConfig, AutoModel* and
+    pipeline() refuse the directory instead of filling the other side's layers with random weights."""
+    holds = "embeddings, the head and tail layers and the LM head" if side == "device" else (
+        f"decoder layers {body[0]}..{body[1] - 1} only")
+    return {
+        "model_type": f"lambdasplit_{side}_part",
+        "note": f"The {side} part of a model split by lambdasplit: it holds the {holds}, so it cannot run alone "
+                f"or in transformers. Load it with lambdasplit; the model's config is in {PART_CONFIG_NAME}.",
+    }
