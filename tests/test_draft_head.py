@@ -4,30 +4,41 @@ gives exactly the plain greedy tokens, in process and over a server, also across
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from lambdasplit.device import draft_prompts
 from lambdasplit.device.body import load_local_body
-from lambdasplit.device.draft import SHIPPED, DraftHeadError, read_meta
+from lambdasplit.device.draft import SHIPPED, DraftHead, DraftHeadError, read_meta
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.device.train_draft import TrainSettings, train_draft
+from lambdasplit.device.train_draft import Objective, TrainSettings, answer, draft_vocabulary, train, train_draft
 from lambdasplit.wire.codec import Codec
+from scripts import eval_draft
 from tests.conftest import oracle
 from tests.test_server_hardening import TOKEN, ThreadServer
 
-PROMPTS = ["Tell me about the sea.", "Write a poem about trees.", "What is a cat?", "Explain rain."]
+PROMPTS = ["Tell me about the sea.", "Write a poem about trees.", "What is a cat?", "Explain rain.",
+           "Tell me about the moon.", "Write a poem about rivers.", "What is a dog?", "Explain snow."]
 
 
 @pytest.fixture(scope="module")
 def trained(llama, tmp_path_factory):
-    """A head trained on the tiny model's own answers to PROMPTS (the held-out set is the shipped one)."""
+    """A head trained on the tiny model's own answers to PROMPTS, greedy and sampled (two of them
+    validate; the held-out set is the shipped one). Hard labels: the random model's next-token
+    distributions are nearly uniform, and a head that learns them is never confident enough to draft."""
     root = tmp_path_factory.mktemp("draft")
     prompts = root / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
-    settings = TrainSettings(epochs=30, lr=3e-3, max_new_tokens=24, heldout_limit=2, gen_batch=4, batch=4, draft_vocab=1024)
+    settings = TrainSettings(epochs=24, lr=3e-3, max_new_tokens=24, heldout_limit=2, gen_batch=4, batch=4, draft_vocab=1024,
+                             sampled=0.5, validation=0.25, validation_replays=2, hard_labels=True)
     meta = train_draft(str(llama), (2, 2), root / "head", prompts, "cpu", settings)
     return root / "head", meta
 
@@ -46,12 +57,17 @@ def server(local):
     server.close()
 
 
-def test_training_reduces_the_loss_and_writes_a_head_within_the_size_budget(trained):
+def test_training_reduces_the_loss_improves_acceptance_and_writes_a_head_within_the_size_budget(trained):
     directory, meta = trained
-    losses = meta["training"]["epoch_losses"]
-    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    training = meta["training"]
+    losses = training["epoch_losses"]
+    assert len(losses) == training["epochs"] == 24 and losses[-1] < 0.75 * losses[0]
+    first, best = training["history"][0], training["history"][training["best_epoch"] - 1]
+    assert best["depth1"] > first["depth1"] and best["depth2"] > first["depth2"], training["history"]
+    assert meta["validation"]["prompts"] == meta["validation"]["answers"] == 2 and meta["validation"]["tokens_per_round_trip"] >= 1.0
     assert meta["size"]["ratio"] <= 0.05 and meta["size"]["split"] == [2, 2]
-    assert meta["training"]["prompts"] == len(PROMPTS) and meta["heldout_chat"]["prompts"] == 2
+    assert training["prompts"] == len(PROMPTS) and meta["heldout_chat"]["prompts"] == 2
+    assert training["answers"] == 6 + 3 and training["greedy_answers"] == 6  # 6 greedy, 3 sampled; 2 validate
     assert read_meta(directory)["intermediate_size"] == meta["intermediate_size"]
     assert (directory / "draft_head.safetensors").stat().st_size < 4 * meta["size"]["head_parameters"] + 1024 * 64
 
@@ -134,3 +150,56 @@ def test_a_head_for_another_model_or_a_broken_directory_is_refused(llama, local,
         device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
     with pytest.raises(DraftHeadError, match="not a draft head directory"):
         device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
+
+
+def test_generated_training_prompts_are_many_distinct_deterministic_and_never_near_the_held_out_chat_set():
+    prompts = draft_prompts.generate(6000, seed=0)
+    assert len(prompts) == len(set(prompts)) == 6000
+    assert prompts[:50] == draft_prompts.generate(50, seed=0) and prompts[:50] != draft_prompts.generate(50, seed=1)
+    held = draft_prompts.heldout_prompts()
+    assert len(held) == 40 and not set(held) & set(prompts)
+    held_words = [draft_prompts.words(h) for h in held]
+    nearest = max(draft_prompts.similarity(draft_prompts.words(p), h) for p in prompts for h in held_words)
+    assert nearest < draft_prompts.NEAR
+    kinds = {p.split()[0] for p in prompts}  # opening words: explanations, how-tos, code, arithmetic, rewriting...
+    assert {"Explain", "How", "Write", "What", "Translate", "Suggest", "Pretend", "Solve", "Rewrite", "Compare"} <= kinds
+    assert len(kinds) > 30
+
+
+def test_a_spent_time_budget_stops_generation_and_training_gracefully(llama):
+    """Generation takes no batch after its deadline; training ends after the epoch in which its
+    deadline passed (the plan shrinks to what fits) and keeps the best epoch's weights."""
+    model = oracle(llama)
+    tokenizer = AutoTokenizer.from_pretrained(str(llama))
+    settings = TrainSettings(epochs=50, max_new_tokens=8, gen_batch=2, batch=2, draft_vocab=256)
+    assert answer(model, tokenizer, PROMPTS, settings, "test", deadline=time.monotonic() - 1) == []
+    samples = answer(model, tokenizer, PROMPTS[:4], settings, "test", temperature=0.7)
+    assert len(samples) == 4 and all(len(s.features) == len(s.ids) - 1 for s in samples)
+    vocab = draft_vocabulary(samples, settings.draft_vocab, [0])
+    head = DraftHead(model.config, 64, vocab)
+    lm_rows = model.get_output_embeddings().weight[vocab].detach()
+    objective = Objective(model.get_input_embeddings(), lm_rows, torch.tensor(1.0), settings, torch.device("cpu"))
+    result = train(head, samples[:3], samples[3:], objective, deadline=time.monotonic())
+    assert result["epochs"] == 1 and result["best_epoch"] == 1 and set(result["history"][0]) == {"epoch", "loss", "depth1", "depth2"}
+
+
+def test_eval_script_counts_round_trips_and_checks_tokens_against_plain_decoding(llama, trained, tmp_path):
+    """scripts/eval_draft.py (what scripts/train_draft_gpu.sh runs after training), on the CPU."""
+    out = tmp_path / "eval.json"
+    assert eval_draft.main(["--model", str(llama), "--head", str(trained[0]), "--limit", "1", "--new-tokens", "12",
+                            "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == report["of"] == 1 and report["identical"] and report["device"] == "cpu"
+    modes = report["modes"]
+    assert modes["plain"]["tokens"] == modes["draft-head"]["tokens"] == modes["plain"]["round_trips"]
+    assert modes["plain"]["tokens_per_round_trip"] == 1.0
+    assert modes["draft-head"]["tokens_per_round_trip"] == modes["draft-head"]["tokens"] / modes["draft-head"]["round_trips"]
+    assert modes["draft-head"]["drafted"] > 0
+
+
+def test_the_gpu_training_script_is_valid_bash_and_stops_without_both_model_halves(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "train_draft_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PARTS": str(tmp_path / "parts"), "GGUF": str(tmp_path / "m.gguf")}
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 3 and "send the other half" in done.stderr
