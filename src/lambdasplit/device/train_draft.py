@@ -245,8 +245,8 @@ def train(head: DraftHead, samples: list[Sample], validation: list[Sample], obje
         epoch += 1
         record = {"epoch": epoch, "loss": epoch_loss / max(weight, 1), **validate(head, validation, objective)}
         history.append(record)
-        progress.info("epoch %d/%d: loss %.4f, validation top-1 depth 1 %.3f, depth 2 %.3f", epoch, plan["epochs"],
-                      record["loss"], record.get("depth1", 0.0), record.get("depth2", 0.0))
+        checked = f", validation top-1 depth 1 {record['depth1']:.3f}, depth 2 {record['depth2']:.3f}" if validation else ""
+        progress.info("epoch %d/%d: loss %.4f%s", epoch, plan["epochs"], record["loss"], checked)
         score = record.get("depth1", 0.0) + record.get("depth2", 0.0) if validation else -record["loss"]
         if best is None or score > best[0]:
             best = (score, copy.deepcopy(head.state_dict()))
