@@ -51,8 +51,10 @@ def generated_section(draw: bool = False) -> str:
         sections.append(serve_gpu_section(serve_gpu))
     if serve_cpu := _load("serve-cpu-paged"):
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
-    if speculative := _load("speculative-cpu"):
-        sections.append(speculative_section(speculative))
+    for name in ("speculative-cpu", "speculative-cpu-quick"):
+        if speculative := _load(name):
+            rows = speculative["rows"]
+            sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
     for name in ("cpu", "cpu-quick"):
         data = _load(name)
         if data:
@@ -351,8 +353,29 @@ def serve_cpu_section(data: dict, name: str) -> str:
     return "\n".join(lines)
 
 
-def speculative_section(data: dict) -> str:
-    """Plain split decode against prompt lookup over the emulated WAN (issue 13)."""
+def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
+    """Plain split decode against prompt lookup and the draft head over the emulated WAN (issues 13, 24)."""
+    prompts = ", ".join(f"{k}: {v}" for k, v in data["prompts"].items())
+    lines = [f"## Speculative decoding over an emulated WAN (`{name}`): SmolLM2, split 2,2, bf16 frames", "",
+             _env(data) + f"; greedy, answers end at EOS or {data['new_tokens']} tokens, drafts of at most "
+             f"{data['draft_tokens']} tokens; prompts per set: {prompts}. tok/s: median over prompts (prefill included); "
+             "tokens per round trip: counted over the set.", "",
+             "| added RTT ms | set | plain tok/s | prompt lookup tok/s (x) | draft head tok/s (x) | tokens per round trip: "
+             "lookup / draft head | draft head acceptance | device ms per drafted token | same tokens | unsplit local tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        m = r["modes"]
+        plain, lookup, head = m["plain"], m["prompt-lookup"], m["draft-head"]
+        local = f"{m['unsplit local']['tok_s']:.1f}" if "unsplit local" in m else "-"
+        lines.append(f"| {r['rtt_ms']} | {r['set']} | {plain['tok_s']:.1f} | {lookup['tok_s']:.1f} ({lookup['tok_s'] / plain['tok_s']:.2f}x) | "
+                     f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
+                     f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
+                     f"{'yes' if r['identical'] else 'no'} | {local} |")
+    return "\n".join(lines)
+
+
+def lookup_section(data: dict) -> str:
+    """Issue 13's run (plain split decode against prompt lookup), in its own format."""
     lines = ["## Speculative decoding over an emulated WAN (`speculative-cpu`): SmolLM2, split 2,2, bf16 frames", "",
              _env(data) + f"; {data['new_tokens']} new tokens per prompt, greedy, first draft "
              f"{data['prompt_lookup_num_tokens']} tokens ({data.get('draft_length', 'fixed')}); medians over each set's "

@@ -413,10 +413,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from lambdasplit.cloud.process import ServerProcess
-    from lambdasplit.device.body import load_local_body
     from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.remote import RemoteBody
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.engine.local import load_local_body
 
     split = tuple(int(x) for x in args.split.split(","))
     device = SplitDevice.load(args.model, split)

@@ -251,7 +251,7 @@ def test_markdown_is_rendered_and_model_output_cannot_run_script(browser, local_
         page.wait_for_selector("#answer[data-state=done]")
     sent = requests[0]
     assert sent["messages"][0] == {"role": "system", "content": "Answer in markdown."}
-    assert sent["messages"][1] == {"role": "user", "content": "<b>not bold</b>"} and sent["speculate"] is True
+    assert sent["messages"][1] == {"role": "user", "content": "<b>not bold</b>"} and sent["speculate"] == "prompt-lookup"
     assert page.input_value("#system-prompt") == "Answer in markdown."  # kept across the reload
 
     page.click("#answer pre .copy-code")
@@ -308,6 +308,10 @@ def test_speculative_decoding_switch_shows_tokens_per_round_trip(browser, local_
     assert drafted["text"] == plain["text"]  # greedy: drafting changes the round trips, never the answer
     assert drafted["round_trips"] < plain["round_trips"] and drafted["per_trip"] > 1.0
     assert "prompt-lookup" in page.inner_text("#round-trips")
+    page.click("#clear")
+    page.select_option("#speculate-mode", "draft-head")  # the trained head shipped for the embedded model
+    headed = _turn(page, prompt)
+    assert headed["text"] == plain["text"] and "draft-head" in page.inner_text("#round-trips")
     page.close()
 
 

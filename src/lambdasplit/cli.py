@@ -156,14 +156,21 @@ DeviceOpt = Annotated[str, typer.Option("--device", callback=_check_device, help
 PortOpt = Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0 picks a free one).")]
 CaOpt = Annotated[Optional[Path], typer.Option("--tls-ca", help="CA certificate that signed the server's (wss://).")]
 def _check_speculate(value: str | None) -> str | None:
-    if value is not None and value not in ("prompt-lookup", "self") and not Path(value).expanduser().exists():
-        raise typer.BadParameter(f"{value!r}: expected prompt-lookup, self, or the path of a draft model")
+    if value is None or value in ("prompt-lookup", "self", "draft-head"):
+        return value
+    if value.startswith("draft-head:"):
+        if not Path(value.partition(":")[2]).expanduser().is_dir():
+            raise typer.BadParameter(f"{value!r}: {value.partition(':')[2]!r} is not a directory (a draft head from train-draft)")
+        return value
+    if not Path(value).expanduser().exists():
+        raise typer.BadParameter(f"{value!r}: expected prompt-lookup, draft-head[:DIR], self, or the path of a draft model")
     return value
 
 
 SpeculateOpt = Annotated[Optional[str], typer.Option(
     "--speculate", callback=_check_speculate,
     help="Speculative decoding (same output, fewer round trips): prompt-lookup drafts from n-grams of the prompt; "
+    "draft-head drafts with the trained head shipped for the embedded model (draft-head:DIR: one from train-draft); "
     "PATH is a small draft model with the same tokenizer; self is refused with its measured acceptance.",
 )]
 DraftOpt = Annotated[int, typer.Option(
@@ -383,13 +390,54 @@ def generate(
             "codec": wire.name.lower(),
             "bytes": {"to_cloud": result.bytes_to_cloud, "from_cloud": result.bytes_from_cloud},
             "timings": result.timings.as_dict(),
+            "round_trips": result.round_trips,
+            "tokens_per_round_trip": result.tokens_per_round_trip,
         }
+        if result.drafting is not None:
+            payload["drafting"] = result.drafting
         if protected is not None:
             payload["cloud_prompt"] = protected.cloud_prompt  # what the cloud can recover of the real row
             payload["rows"] = len(protected.rows)
         typer.echo(json.dumps(payload))
     else:
         typer.echo()
+
+
+@app.command("train-draft")
+def train_draft(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the head (draft_head.safetensors + draft_head.json).")],
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", callback=_check_text_file, help="JSON list of training prompts (default: --prompt-count generated ones).")] = None,
+    prompt_count: Annotated[int, typer.Option("--prompt-count", min=1, help="Generated training prompts (without --prompts).")] = 6000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, max=1000, help="Epochs at most (--max-minutes may stop sooner).")] = 6,
+    device: DeviceOpt = "cpu",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Train on the first N prompts only.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=8, max=4096, help="Longest training answer.")] = 128,
+    sampled: Annotated[float, typer.Option("--sampled", min=0.0, max=1.0, help="Share of the prompts that also get an answer sampled at --temperature.")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.01, max=2.0, help="Temperature of the sampled answers.")] = 0.7,
+    gen_batch: Annotated[int, typer.Option("--gen-batch", min=1, help="Prompts answered at once.")] = 32,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Answers per training step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", min=1e-6, max=1.0)] = 1e-3,
+    heldout_limit: Annotated[Optional[int], typer.Option("--heldout-limit", min=1, help="Measure on the first N held-out chat prompts only.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", min=0.1, help="Time budget of the whole run: generation, then training, stop at their share and the head is saved.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Keep the generated answers and features in this file (safetensors) and reuse them when model, prompts and generation settings match.")] = None,
+) -> None:
+    """Train a draft head for --speculate draft-head:DIR by self-distillation: the model answers the
+    prompts, and one decoder layer learns to predict its next final feature and token (EAGLE). --model
+    takes a model directory or a .gguf file."""
+    from lambdasplit.device.train_draft import TrainSettings
+    from lambdasplit.device.train_draft import train_draft as run
+
+    settings = TrainSettings(epochs=epochs, limit=limit, max_new_tokens=max_new_tokens, prompt_count=prompt_count, sampled=sampled,
+                             temperature=temperature, gen_batch=gen_batch, batch=batch, lr=lr, heldout_limit=heldout_limit,
+                             max_minutes=max_minutes)
+    meta = run(model, _split(split), out, prompts, device, settings, data)
+    held, trained = meta["heldout_chat"], meta["training"]
+    typer.echo(f"{out}: {meta['size']['head_parameters']:,} parameters ({meta['size']['ratio']:.1%} of the device's parts); "
+               f"{trained['answers']} answers, {trained['epochs']} epochs, loss {trained['epoch_losses'][0]:.3f} -> "
+               f"{trained['epoch_losses'][-1]:.3f}; held-out chat {held['tokens_per_round_trip']:.2f} tokens per round trip "
+               f"({held['acceptance']:.0%} of drafts accepted)")
 
 
 @app.command()

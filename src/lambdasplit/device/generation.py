@@ -23,7 +23,8 @@ from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 from lambdasplit.device.tokens import PromptTokenizer
 from lambdasplit.errors import LambdaSplitError, PromptError
 
-SPECULATE_HELP = "prompt-lookup (draft from n-grams of the prompt), self (head + tail without the body) or a PATH to a draft model"
+SPECULATE_HELP = ("prompt-lookup (draft from n-grams of the prompt), draft-head[:DIR] (a trained draft head on the device), "
+                  "self (head + tail without the body) or a PATH to a draft model")
 
 
 class GenerationCancelled(LambdaSplitError):
@@ -121,6 +122,7 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)
     round_trips: int = 0  # body exchanges: fewer than tokens when drafts are accepted
     logits: torch.Tensor | None = None  # (new tokens, B, V), raw tail logits, when asked for
+    drafting: dict[str, float] | None = None  # a draft head's counts and device time (draft.DraftStats)
 
     @property
     def text(self) -> str:
@@ -279,6 +281,7 @@ def generate_ids(
     elif cache.body is not body or cache.get_seq_length() >= prompt_len:
         raise ValueError("a continued cache must belong to `body` and hold fewer positions than input_ids")
     first_step = len(cache.steps)
+    cache.on_features = cache.draft_stats = None  # a continued cache's last turn may have drafted; this one sets its own
     body.stats.reset()
     start = time.perf_counter()
     out = model.generate(
@@ -300,6 +303,7 @@ def generate_ids(
         finish_reasons=reasons,
         round_trips=body.stats.frames_from_cloud,
         logits=torch.stack(out.logits) if keep_logits else None,
+        drafting=cache.draft_stats.as_dict() if cache.draft_stats is not None else None,
     )
 
 

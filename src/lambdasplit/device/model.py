@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ class SplitCache(Cache):
         self.tail = PartRunner(tail.module, "tail", tail.config)
         self.body = body
         self.steps: list[tuple[float, float, float]] = []  # (head, body, tail) seconds per forward
+        self.on_features: Callable[[torch.Tensor], None] | None = None  # a draft head's input (device/draft.py)
+        self.draft_stats: Any = None  # what that draft head did (draft.DraftStats)
         body.reset()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -213,6 +216,10 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise PromptError("speculative decoding drafts for one sequence at a time; drop --speculate for batches")
         if mode == "prompt-lookup":
             return {"prompt_lookup_num_tokens": options.draft_tokens}
+        if mode == "draft-head" or mode.startswith("draft-head:"):
+            from lambdasplit.device.draft import drafting_kwargs
+
+            return drafting_kwargs(self, mode, options.draft_tokens)
         if mode == "self":
             raise LambdaSplitError(
                 "self-drafting (head + tail without the body) is not offered: its drafts agree with the full model on "
@@ -252,7 +259,12 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _get_candidate_generator(self, generation_config: GenerationConfig, input_ids: torch.LongTensor,
                                  inputs_tensor: torch.Tensor, logits_processor: Any, model_kwargs: dict,
                                  *args: Any, **kwargs: Any) -> Any:
-        """Prompt lookup drafts with AdaptivePromptLookup; other drafting is transformers' own."""
+        """The draft head's generator (device/draft.py) when generate() was given a `Drafter`; prompt
+        lookup drafts with AdaptivePromptLookup; other drafting is transformers' own."""
+        from lambdasplit.device.draft import Drafter, DraftHeadCandidates
+
+        if isinstance(drafter := kwargs.get("assistant_model"), Drafter):
+            return DraftHeadCandidates(drafter, model_kwargs[CACHE], generation_config, logits_processor)
         if generation_config.prompt_lookup_num_tokens is None:
             return super()._get_candidate_generator(
                 generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, *args, **kwargs
@@ -296,6 +308,6 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = state.body.forward(hidden, mask)
         t2 = time.perf_counter()
         # The runners work under inference_mode; a plain copy lets logits processors edit it in place.
-        logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep).clone()
+        logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep, on_features=state.on_features).clone()
         state.steps.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return CausalLMOutputWithPast(logits=logits, **{CACHE: state})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,11 +158,13 @@ class PartRunner:
 
     @torch.inference_mode()
     def __call__(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+        on_features: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Extend the sequence by x's T positions; ids for the head, hidden states otherwise.
 
-        Returns hidden states (head, body) or logits (tail) for the new positions.
+        Returns hidden states (head, body) or logits (tail) for the new positions. The tail hands
+        `on_features` the final norm's output at every new position (a draft head's input).
         """
         batch, length = x.shape[0], x.shape[1]
         device = x.device
@@ -175,7 +178,7 @@ class PartRunner:
         self.mask = mask
         inputs = {"input_ids": x} if self.role == "head" else {"inputs_embeds": x}
         if self.layers == 0:
-            return self._no_layers(x, logits_to_keep)
+            return self._no_layers(x, logits_to_keep, on_features)
         kwargs = {
             **inputs,
             "attention_mask": mask,
@@ -184,16 +187,22 @@ class PartRunner:
             "use_cache": True,
         }
         if self.role == "tail":
-            return self.module(**kwargs, logits_to_keep=logits_to_keep).logits
+            # transformers' hidden_states[-1] is the final norm's output (last_hidden_state)
+            out = self.module(**kwargs, logits_to_keep=logits_to_keep, output_hidden_states=on_features is not None)
+            if on_features is not None:
+                on_features(out.hidden_states[-1])
+            return out.logits
         return self.module(**kwargs).last_hidden_state
 
-    def _no_layers(self, x: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    def _no_layers(self, x: torch.Tensor, logits_to_keep: int, on_features: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
         """A part with no decoder layers (K=0, an empty body, M=0): only its non-layer modules run."""
         if self.role == "head":
             return self.module.embed_tokens(x)
         if self.role == "body":
             return x
-        hidden = self.module.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        logits = self.module.lm_head(hidden)
+        hidden = self.module.model.norm(x)
+        if on_features is not None:
+            on_features(hidden)
+        logits = self.module.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / softcap) * softcap if softcap else logits

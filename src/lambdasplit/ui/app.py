@@ -62,7 +62,8 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000)
     seed: int | None = None
-    speculate: bool | None = None  # None: as the UI was started (--speculate)
+    # None: as the UI was started (--speculate); a mode: prompt-lookup, draft-head or the UI's own --speculate
+    speculate: bool | str | None = None
 
 
 class ImageRequest(BaseModel):
@@ -250,9 +251,14 @@ class Conversations:
 
 
 def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> GenerationOptions:
-    """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off."""
+    """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off,
+    or names the mode: prompt-lookup, draft-head (the shipped head) or the one the UI was started with."""
     mode = speculate
-    if req.speculate is not None:
+    if isinstance(req.speculate, str):
+        if req.speculate not in ("prompt-lookup", "draft-head", speculate):
+            raise LambdaSplitError(f"speculate must be prompt-lookup, draft-head{f' or {speculate}' if speculate else ''}")
+        mode = req.speculate
+    elif req.speculate is not None:
         mode = (speculate or "prompt-lookup") if req.speculate else None
     return GenerationOptions(
         max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,

@@ -244,7 +244,8 @@ async function runTurn() {
   const request = {
     conversation: chat.conversation, messages: system.concat(chat.messages.map(({role, content: c}) => ({role, content: c}))),
     max_new_tokens: number("max-new-tokens") ?? 64, temperature: number("temperature") ?? 0,
-    top_p: number("top-p") ?? 1, top_k: number("top-k") ?? 0, seed: number("seed"), speculate: $("speculate").checked,
+    top_p: number("top-p") ?? 1, top_k: number("top-k") ?? 0, seed: number("seed"),
+    speculate: $("speculate").checked ? $("speculate-mode").value : false,
   };
   let text = "";
   let stats = null;
@@ -447,6 +448,10 @@ async function start() {
   $("model").textContent = `${info.model} · K=${s.head[1]}, M=${s.layers - s.tail[0]} of ${s.layers} layers`;
   $("where").textContent = info.server ? `body at ${info.server}` : "body in this process";
   $("speculate").checked = !!info.speculate;
+  if (info.speculate && ![...$("speculate-mode").options].some((o) => o.value === info.speculate)) {
+    $("speculate-mode").add(new Option(info.speculate, info.speculate));  // the UI's own --speculate (a draft model)
+  }
+  if (info.speculate) $("speculate-mode").value = info.speculate;
   drawLayers(s);
   if (info.audit) {
     const a = info.audit;

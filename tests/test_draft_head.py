@@ -1,0 +1,205 @@
+"""The trained draft head (issue 24): training runs and learns on a tiny model, and drafting with it
+gives exactly the plain greedy tokens, in process and over a server, also across a lost connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lambdasplit.device import draft_prompts
+from lambdasplit.device.draft import SHIPPED, DraftHead, DraftHeadError, read_meta
+from lambdasplit.device.generation import GenerationOptions
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.train_draft import Objective, TrainSettings, answer, draft_vocabulary, train, train_draft
+from lambdasplit.engine.local import load_local_body
+from lambdasplit.wire.codec import Codec
+from scripts import eval_draft
+from tests.conftest import oracle
+from tests.test_server_hardening import TOKEN, ThreadServer
+
+PROMPTS = ["Tell me about the sea.", "Write a poem about trees.", "What is a cat?", "Explain rain.",
+           "Tell me about the moon.", "Write a poem about rivers.", "What is a dog?", "Explain snow."]
+
+
+@pytest.fixture(scope="module")
+def trained(llama, tmp_path_factory):
+    """A head trained on the tiny model's own answers to PROMPTS, greedy and sampled (two of them
+    validate; the held-out set is the shipped one). Hard labels: the random model's next-token
+    distributions are nearly uniform, and a head that learns them is never confident enough to draft."""
+    root = tmp_path_factory.mktemp("draft")
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    settings = TrainSettings(epochs=24, lr=3e-3, max_new_tokens=24, heldout_limit=2, gen_batch=4, batch=4, draft_vocab=1024,
+                             sampled=0.5, validation=0.25, validation_replays=2, hard_labels=True)
+    meta = train_draft(str(llama), (2, 2), root / "head", prompts, "cpu", settings)
+    return root / "head", meta
+
+
+@pytest.fixture(scope="module")
+def local(llama):
+    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
+    yield body
+    body.scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    server = ThreadServer(local.scheduler.bodies)
+    yield server
+    server.close()
+
+
+def test_training_reduces_the_loss_improves_acceptance_and_writes_a_head_within_the_size_budget(trained):
+    directory, meta = trained
+    training = meta["training"]
+    losses = training["epoch_losses"]
+    assert len(losses) == training["epochs"] == 24 and losses[-1] < 0.75 * losses[0]
+    first, best = training["history"][0], training["history"][training["best_epoch"] - 1]
+    assert best["depth1"] > first["depth1"] and best["depth2"] > first["depth2"], training["history"]
+    assert meta["validation"]["prompts"] == meta["validation"]["answers"] == 2 and meta["validation"]["tokens_per_round_trip"] >= 1.0
+    assert meta["size"]["ratio"] <= 0.05 and meta["size"]["split"] == [2, 2]
+    assert training["prompts"] == len(PROMPTS) and meta["heldout_chat"]["prompts"] == 2
+    assert training["answers"] == 6 + 3 and training["greedy_answers"] == 6  # 6 greedy, 3 sampled; 2 validate
+    assert read_meta(directory)["intermediate_size"] == meta["intermediate_size"]
+    assert (directory / "draft_head.safetensors").stat().st_size < 4 * meta["size"]["head_parameters"] + 1024 * 64
+
+
+def test_the_tail_hands_the_draft_head_the_unsplit_models_final_features(llama, local):
+    device = SplitDevice.load(llama, (2, 2))
+    model = device.model
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    cache = model.new_cache(local)
+    seen = []
+    cache.on_features = seen.append
+    model(ids[:, :4], cache=cache)
+    model(ids[:, 4:], cache=cache)
+    expected = oracle(llama)(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(torch.cat(seen, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["in process", "server"])
+def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, local, server, trained, where):
+    device = SplitDevice.load(llama, (2, 2))
+    body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+    ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True))
+    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True,
+                                                                  speculate=f"draft-head:{trained[0]}", draft_tokens=6))
+    if where == "server":
+        body.close()
+    assert fast.token_ids == plain.token_ids
+    reference = oracle(llama).generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    assert fast.token_ids[0] == reference.tolist()
+    assert plain.round_trips == 24 and fast.round_trips < 24
+    assert fast.drafting["accepted"] > 0 and fast.drafting["drafted"] > fast.drafting["accepted"], fast.drafting
+    assert fast.tokens_per_round_trip == 24 / fast.round_trips
+
+
+def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server, trained):
+    """The socket drops right after the first CROP of a rejected draft: the device reconnects,
+    replays (CROP included), and the tokens stay the plain ones."""
+    device = SplitDevice.load(llama, (2, 2))
+    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+    ids = device.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True))
+    crop, dropped = body._crop, []
+
+    def crop_then_drop(length: int) -> None:
+        crop(length)
+        if not dropped:
+            dropped.append(length)
+            body._ws.close()
+
+    body._crop = crop_then_drop
+    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True,
+                                                                  speculate=f"draft-head:{trained[0]}", draft_tokens=6))
+    body.close()
+    assert dropped and body.reconnects == 1
+    assert fast.token_ids == plain.token_ids
+
+
+def test_sampling_with_the_draft_head_gives_draft_probabilities_and_runs_exactly_at_low_temperature(llama, local, trained):
+    """Speculative sampling needs q: the generator returns the draft's processed logits. At a
+    temperature where sampling is argmax, the tokens are the greedy ones."""
+    device = SplitDevice.load(llama, (2, 2))
+    ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    greedy = device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True))
+    options = GenerationOptions(max_new_tokens=16, ignore_eos=True, greedy=False, temperature=1e-4, seed=3,
+                                speculate=f"draft-head:{trained[0]}", draft_tokens=6)
+    sampled = device.generate_ids(local, ids, None, options)
+    assert sampled.token_ids == greedy.token_ids
+    assert sampled.drafting["drafted"] > 0
+
+
+def test_a_head_for_another_model_or_a_broken_directory_is_refused(llama, local, trained, tmp_path):
+    device = SplitDevice.load(llama, (2, 2))
+    ids = torch.tensor([[1, 504, 3458]])
+    with pytest.raises(DraftHeadError, match="hidden_size 576"):
+        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate="draft-head"))
+    assert read_meta(SHIPPED)["hidden_size"] == 576
+    (tmp_path / "draft_head.json").write_text("{not json")
+    with pytest.raises(DraftHeadError, match="not valid JSON"):
+        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
+    with pytest.raises(DraftHeadError, match="not a draft head directory"):
+        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
+
+
+def test_generated_training_prompts_are_many_distinct_deterministic_and_never_near_the_held_out_chat_set():
+    prompts = draft_prompts.generate(6000, seed=0)
+    assert len(prompts) == len(set(prompts)) == 6000
+    assert prompts[:50] == draft_prompts.generate(50, seed=0) and prompts[:50] != draft_prompts.generate(50, seed=1)
+    held = draft_prompts.heldout_prompts()
+    assert len(held) == 40 and not set(held) & set(prompts)
+    held_words = [draft_prompts.words(h) for h in held]
+    nearest = max(draft_prompts.similarity(draft_prompts.words(p), h) for p in prompts for h in held_words)
+    assert nearest < draft_prompts.NEAR
+    kinds = {p.split()[0] for p in prompts}  # opening words: explanations, how-tos, code, arithmetic, rewriting...
+    assert {"Explain", "How", "Write", "What", "Translate", "Suggest", "Pretend", "Solve", "Rewrite", "Compare"} <= kinds
+    assert len(kinds) > 30
+
+
+def test_a_spent_time_budget_stops_generation_and_training_gracefully(llama):
+    """Generation takes no batch after its deadline; training ends after the epoch in which its
+    deadline passed (the plan shrinks to what fits) and keeps the best epoch's weights."""
+    model = oracle(llama)
+    tokenizer = AutoTokenizer.from_pretrained(str(llama))
+    settings = TrainSettings(epochs=50, max_new_tokens=8, gen_batch=2, batch=2, draft_vocab=256)
+    assert answer(model, tokenizer, PROMPTS, settings, "test", deadline=time.monotonic() - 1) == []
+    samples = answer(model, tokenizer, PROMPTS[:4], settings, "test", temperature=0.7)
+    assert len(samples) == 4 and all(len(s.features) == len(s.ids) - 1 for s in samples)
+    vocab = draft_vocabulary(samples, settings.draft_vocab, [0])
+    head = DraftHead(model.config, 64, vocab)
+    lm_rows = model.get_output_embeddings().weight[vocab].detach()
+    objective = Objective(model.get_input_embeddings(), lm_rows, torch.tensor(1.0), settings, torch.device("cpu"))
+    result = train(head, samples[:3], samples[3:], objective, deadline=time.monotonic())
+    assert result["epochs"] == 1 and result["best_epoch"] == 1 and set(result["history"][0]) == {"epoch", "loss", "depth1", "depth2"}
+
+
+def test_eval_script_counts_round_trips_and_checks_tokens_against_plain_decoding(llama, trained, tmp_path):
+    """scripts/eval_draft.py (what scripts/train_draft_gpu.sh runs after training), on the CPU."""
+    out = tmp_path / "eval.json"
+    assert eval_draft.main(["--model", str(llama), "--head", str(trained[0]), "--limit", "1", "--new-tokens", "12",
+                            "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == report["of"] == 1 and report["identical"] and report["device"] == "cpu"
+    modes = report["modes"]
+    assert modes["plain"]["tokens"] == modes["draft-head"]["tokens"] == modes["plain"]["round_trips"]
+    assert modes["plain"]["tokens_per_round_trip"] == 1.0
+    assert modes["draft-head"]["tokens_per_round_trip"] == modes["draft-head"]["tokens"] / modes["draft-head"]["round_trips"]
+    assert modes["draft-head"]["drafted"] > 0
+
+
+def test_the_gpu_training_script_is_valid_bash_and_stops_without_both_model_halves(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "train_draft_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PARTS": str(tmp_path / "parts"), "GGUF": str(tmp_path / "m.gguf")}
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 3 and "send the other half" in done.stderr
