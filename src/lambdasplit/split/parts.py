@@ -105,13 +105,14 @@ def _build(
         base.norm = nn.Identity()
     keys = part_keys(checkpoint.keys, spec, role, tied)
     wanted = [k for k in keys if k not in shared]
-    tensors = checkpoint.read(wanted, dtype=dtype)
+    tensors = checkpoint.read([k for k in wanted if not split_companion(k)[1]], dtype=dtype)
+    tensors.update(checkpoint.read([k for k in wanted if split_companion(k)[1]]))  # scales stay as stored (bf16)
     tensors.update({k: v for k, v in shared.items() if split_companion(k)[0] in keys})
     state = {renamed(k, role, start): v.to(device) for k, v in tensors.items()}
     state = prepare_quantized(module, state, quantize, dtype)
     module.load_state_dict(state, strict=True, assign=True)
     module.to(device)
-    finish_quantized(module)
+    finish_quantized(module, shared.values())
     return module.eval()
 
 
