@@ -86,9 +86,9 @@ def run_agreement(models: dict[str, str | None], split: tuple[int, int], new_tok
                   batch: int = 8) -> Path:
     prompts = json.loads(PROMPTS.read_text())[: limit or None]
     payload = {"environment": environment(), "results": []}
-    for name, source in models.items():
+    for model, source in models.items():
         row = compare(source, split, ["bfloat16", "int8", "int4"], prompts, new_tokens, batch)
-        row["model"] = name
+        row["model"] = model
         payload["results"].append(row)
         write(name, payload)
     return write(name, payload)
