@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+OUT_HELP = ("Directory for the result (default benchmarks/results; with --quick benchmarks/results/local, which git "
+            "ignores: pass --out benchmarks/results to refresh the committed quick result).")
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -16,12 +19,15 @@ def cpu(
     reps: Annotated[int, typer.Option(help="Repetitions per candidate (alternating).")] = 0,
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 0,
     split: Annotated[str, typer.Option(help="K,M")] = "2,2",
+    out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Embedded SmolLM2 on this CPU: unsplit generate() vs split in-process vs split over loopback."""
+    from benchmarks.common import results_dir
     from benchmarks.cpu import run_cpu
 
     k, m = (int(x) for x in split.split(","))
-    path = run_cpu(quick=quick, reps=reps or (3 if quick else 5), new_tokens=new_tokens or (32 if quick else 128), split=(k, m))
+    path = run_cpu(quick=quick, reps=reps or (3 if quick else 5), new_tokens=new_tokens or (32 if quick else 128), split=(k, m),
+                   out=results_dir(quick, out))
     typer.echo(f"wrote {path}")
 
 
@@ -42,11 +48,19 @@ def serve_gpu(
     quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False,
     exactness_only: Annotated[bool, typer.Option(
         help="Only compare 64 sessions' bf16 replies together against alone; merged into serve-gpu.json.")] = False,
+    parts: Annotated[str, typer.Option(
+        help="Comma-separated parts to run (unsplit, steps, serve, ablations, e2e, bf16), merged into an existing "
+             "serve-gpu.json; default all. Each part fits one 10-minute call.")] = "",
 ) -> None:
-    """One CUDA GPU: the serving engine against unsplit generate() on random 7B-shaped weights."""
-    from benchmarks.serve_gpu import run_exactness, run_serve_gpu
+    """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
+    on random 7B-shaped weights."""
+    from benchmarks.serve_gpu import PARTS, run_exactness, run_serve_gpu
 
-    run_exactness() if exactness_only else run_serve_gpu(quick)
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) or PARTS
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    run_exactness() if exactness_only else run_serve_gpu(quick, chosen)
 
 
 @app.command()
@@ -90,10 +104,10 @@ def serve(
     token_file: Annotated[str, typer.Option("--token-file", help="Bearer token for --url.")] = "",
     procs: Annotated[int, typer.Option(help="Client processes (default min(4, max(2, cores))).")] = 0,
     name: Annotated[str, typer.Option(help="Result name (default serve-cpu, or serve-cpu-quick).")] = "",
+    out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Load generator: many concurrent devices (separate processes) against one body server."""
-    from pathlib import Path
-
+    from benchmarks.common import results_dir
     from benchmarks.serve import run_serve, write_results
 
     k, m = (int(x) for x in split.split(","))
@@ -101,7 +115,7 @@ def serve(
     token = Path(token_file).read_text().strip() if token_file else None
     payload = run_serve(model or None, (k, m), prompt, steps or (16 if quick else 64), levels, rate, duration,
                         url or None, token, procs)
-    path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload)
+    path, png = write_results(name or ("serve-cpu-quick" if quick else "serve-cpu"), payload, results_dir(quick, out))
     typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
 
 

@@ -15,6 +15,13 @@ import torch
 import transformers
 
 RESULTS = Path(__file__).parent / "results"
+# Where --quick runs write by default: ignored by git, so checking a change never rewrites a
+# committed result that docs/benchmarks.md reports (pass --out benchmarks/results to refresh one).
+LOCAL_RESULTS = RESULTS / "local"
+
+
+def results_dir(quick: bool, out: Path | None = None) -> Path:
+    return out if out is not None else LOCAL_RESULTS if quick else RESULTS
 
 
 def environment(device: str = "cpu") -> dict:
@@ -74,9 +81,10 @@ def summarize(runs: list[Run]) -> dict:
     return out
 
 
-def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(name: str, payload: dict, directory: Path | None = None) -> Path:
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=_default))
     return path
 

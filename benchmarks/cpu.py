@@ -34,7 +34,7 @@ def prompt_ids(device: SplitDevice, length: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def run_cpu(quick: bool, reps: int, new_tokens: int, split: tuple[int, int]) -> Path:
+def run_cpu(quick: bool, reps: int, new_tokens: int, split: tuple[int, int], out: Path | None = None) -> Path:
     logging.getLogger("lambdasplit").setLevel(logging.ERROR)
     torch.manual_seed(0)
     device = SplitDevice.load(None, split)
@@ -68,7 +68,7 @@ def run_cpu(quick: bool, reps: int, new_tokens: int, split: tuple[int, int]) -> 
         "decode_ratio_loopback_vs_unsplit": {"target": ">= 0.95", "measured": summary["split_loopback_bf16"]["ratio_vs_unsplit"]},
         "header_bytes_per_frame": {"target": "<= 64", "measured": HEADER_SIZE},
     }
-    return write(results["suite"], results)
+    return write(results["suite"], results, out)
 
 
 def codec_bytes(device: SplitDevice, url: str, ids: torch.Tensor) -> dict:

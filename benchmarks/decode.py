@@ -32,7 +32,9 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-def unsplit_run(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> Callable[[], Run]:
+def unsplit_run(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> Callable[[], Run]:
+    """`generate_kwargs`: e.g. cache_implementation="static" (on a GPU transformers then compiles the
+    decoding forward with torch.compile itself)."""
     device = next(model.parameters()).device
     ids = ids.to(device)
 
@@ -42,7 +44,7 @@ def unsplit_run(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> C
         with torch.inference_mode():
             model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+                do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **generate_kwargs,
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)

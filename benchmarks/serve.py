@@ -357,6 +357,6 @@ def plot(payload: dict, path: Path) -> Path | None:
     return path
 
 
-def write_results(name: str, payload: dict) -> tuple[Path, Path | None]:
-    path = write(name, {"suite": name, **payload})
-    return path, plot(payload, RESULTS / f"{name}.png")
+def write_results(name: str, payload: dict, directory: Path | None = None) -> tuple[Path, Path | None]:
+    path = write(name, {"suite": name, **payload}, directory)
+    return path, plot(payload, (directory or RESULTS) / f"{name}.png")

@@ -24,10 +24,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
+import shutil
 import statistics
+import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -46,27 +50,35 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _generate_tok_s(model, ids: torch.Tensor, new_tokens: int) -> float:
-    _sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
-    _sync()
-    return ids.shape[0] * new_tokens / (time.perf_counter() - start)
+STATIC = {"cache_implementation": "static"}  # transformers then compiles the decoding forward (torch.compile)
 
 
-def unsplit_baselines(model, vocab: int, prompt: int, steps: int, batch: int) -> dict:
+def _generate_tok_s(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> float:
+    """Aggregate decode tok/s of one batched generate(): decode steps only (from the first generated
+    token to the last, stamped by a logits processor), as the load generator counts them."""
+    run = unsplit_run(model, ids, new_tokens, **kwargs)()
+    return ids.shape[0] * run.decode_tok_s
+
+
+def unsplit_baselines(model, vocab: int, prompt: int, steps: int, batch: int, sizes: tuple[int, ...] = (64, 256)) -> dict:
+    """Unsplit generate() at batch 1 and the load generator's batch sizes: eager, and with a static
+    cache + torch.compile (the strongest plain-transformers baseline: compiled once per batch size,
+    in warm-up runs outside the measurement)."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, prompt), generator=gen).cuda()
-    _generate_tok_s(model, ids[:, :8], 4)  # warm-up
-    runs = [_generate_tok_s(model, ids, steps) for _ in range(3)]
-    one = alternate({"unsplit": unsplit_run(model, ids[:1], steps)}, 3)["unsplit"]
-    return {
-        f"eager_generate_batch{batch}_tok_s": statistics.median(runs),
-        f"eager_generate_batch{batch}_runs": runs,
-        "eager_generate_batch1": summarize(one),
-    }
+    ids = torch.randint(3, vocab, (max(sizes), prompt), generator=gen).cuda()
+    out: dict = {}
+    for size in sizes:
+        for name, kwargs in (("eager", {}), ("static_compile", STATIC)):
+            for _ in range(2):  # warm-up: compile (static) and allocator
+                _generate_tok_s(model, ids[:size], steps, **kwargs)
+            runs = [_generate_tok_s(model, ids[:size], steps, **kwargs) for _ in range(3)]
+            out[f"{name}_generate_batch{size}_tok_s"] = statistics.median(runs)
+            out[f"{name}_generate_batch{size}_runs"] = runs
+            print(f"[unsplit] {name} batch {size}: {runs}", flush=True)
+    ones = alternate({"eager": unsplit_run(model, ids[:1], steps), "static_compile": unsplit_run(model, ids[:1], steps, **STATIC)}, 3)
+    out["eager_generate_batch1"] = summarize(ones["eager"])
+    out["static_compile_generate_batch1"] = summarize(ones["static_compile"])
+    return out
 
 
 def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
@@ -139,7 +151,7 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
-                   extra: tuple[str, ...] = ()) -> dict:
+                   extra: tuple[str, ...] = (), profile: bool = False) -> dict:
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.split.load import open_source
 
@@ -152,9 +164,12 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
         closed_loop(base, 2, 2, 99)  # warm-up
         for n in levels:
             closed_loop(base, n, min(8, n), 1000 + n)  # the same load first: its CUDA graphs are captured once, here
+            spies = _py_spy(server.proc.pid, f"{n}sessions") if profile and n == 64 else []
             before = _metrics(server.url)
             row = closed_loop(base, n, min(8, n), 0)
             after = _metrics(server.url)
+            if spies:
+                out["py_spy_64_sessions"] = _py_spy_summary(spies)
             forwards = after["lambdasplit_forward_seconds_count"] - before["lambdasplit_forward_seconds_count"]
             row["server_forwards"] = forwards
             row["server_forward_ms_mean"] = 1000 * (after["lambdasplit_forward_seconds_sum"]
@@ -172,6 +187,52 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
             print(f"[serve] open loop {rate}/s: {out['open_loop']['aggregate_decode_tok_s']} tok/s, "
                   f"ITL {out['open_loop']['itl_ms']}", flush=True)
     return out
+
+
+def _py_spy(pid: int, label: str, seconds: int = 6) -> list[tuple[str, subprocess.Popen, Path]]:
+    """py-spy records the server's front end and its engine process while a level runs (raw
+    collapsed stacks, with idle frames, GIL holder marked); [] when py-spy is not installed."""
+    import psutil
+
+    if shutil.which("py-spy") is None:
+        print("[py-spy] not installed; no profile", flush=True)
+        return []
+    targets = [("front_end", pid)] + [("engine", c.pid) for c in psutil.Process(pid).children()
+                                      if "spawn_main" in " ".join(c.cmdline())]
+    out = []
+    for name, target in targets:
+        path = Path(os.environ.get("OUT", "/tmp")) / f"py-spy-{label}-{name}.txt"
+        proc = subprocess.Popen(["py-spy", "record", "--pid", str(target), "--duration", str(seconds), "--rate", "200",
+                                 "--format", "raw", "--idle", "--gil", "--threads", "--nonblocking", "--output", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out.append((name, proc, path))
+    return out
+
+
+def _py_spy_summary(spies: list[tuple[str, subprocess.Popen, Path]], top: int = 25) -> dict:
+    """Per process: samples per thread, and the functions holding the most samples (self and total)."""
+    summary: dict = {}
+    for name, proc, path in spies:
+        _, err = proc.communicate(timeout=120)
+        if not path.is_file():
+            summary[name] = {"error": (err or "").strip()[-500:]}
+            continue
+        threads: dict[str, int] = {}
+        own: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            samples = int(count)
+            threads[frames[0]] = threads.get(frames[0], 0) + samples
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+            for frame in set(frames[1:]):
+                total[frame] = total.get(frame, 0) + samples
+        best = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
+        summary[name] = {"threads": best(threads), "self": best(own), "total": best(total)}
+    return summary
 
 
 def batched_vs_alone(url: str, base: Load, sessions: int = 64, alone: int = 8) -> dict:
@@ -269,29 +330,73 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     return out
 
 
-def run_serve_gpu(quick: bool = False) -> dict:
+PARTS = ("unsplit", "steps", "serve", "ablations", "e2e", "bf16")
+
+
+def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
+    """The suite, or some of its parts (each part merges its results into serve-gpu.json and writes
+    it before the next starts, so a run split over several 10-minute calls builds one file)."""
+    import json
+
+    from benchmarks.common import RESULTS
+
     logging.getLogger("lambdasplit").setLevel(logging.ERROR)
     assert torch.cuda.is_available(), "the GPU serving suite needs a CUDA device"
     steps, prompt = (16, 32) if quick else (64, 32)
     levels = (1, 8) if quick else (1, 8, 64, 256)
     path = build_random("llama2-7b")
-    payload: dict = {"suite": NAME, "environment": environment("cuda"), "model": "llama2-7b (random bf16)",
-                     "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16"}
-    unsplit = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to("cuda").eval()
-    payload["unsplit"] = unsplit_baselines(unsplit, SHAPES["llama2-7b"]["vocab_size"], prompt, steps, 64)
-    print(f"[unsplit] {payload['unsplit']}", flush=True)
-    write(NAME, payload)
-    payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 8, 64, 256), prompt + steps // 2)
-    write(NAME, payload)
-    payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0))
-    write(NAME, payload)
-    if not quick:  # the same 64 sessions on asyncio's own event loop, and with steps that start on whatever has arrived
+    previous = RESULTS / f"{NAME}.json"
+    payload: dict = json.loads(previous.read_text()) if parts != PARTS and previous.is_file() else {}
+    payload.update({"suite": NAME, "environment": environment("cuda"), "model": "llama2-7b (random bf16)",
+                    "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16"})
+    if "unsplit" in parts:
+        unsplit = _load_unsplit(path)
+        sizes = (8,) if quick else (64, 256)
+        payload["unsplit"] = unsplit_baselines(unsplit, SHAPES["llama2-7b"]["vocab_size"], prompt, steps, 64, sizes)
+        print(f"[unsplit] {payload['unsplit']}", flush=True)
+        write(NAME, payload)
+        del unsplit
+        _free_gpu()  # the compiled static caches of batch 256 would leave the server too little memory on an 80 GB card
+    if "steps" in parts:
+        payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 8, 64, 256), prompt + steps // 2)
+        write(NAME, payload)
+    if "serve" in parts:
+        payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, profile=not quick))
+        write(NAME, payload)
+    if "ablations" in parts and not quick:  # 64 sessions with one setting changed
         payload["ablations"] = {
             name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
-            for name, args in (("--no-uvloop", ("--no-uvloop",)), ("--step-wait 0", ("--step-wait", "0")),
-                               ("--step-wait 10", ("--step-wait", "10")))
+            for name, args in (("--in-process", ("--in-process",)), ("--no-uvloop", ("--no-uvloop",)),
+                               ("--step-wait 0", ("--step-wait", "0")))
         }
         write(NAME, payload)
+    if "e2e" in parts:
+        unsplit = _load_unsplit(path)
+        payload["end_to_end_batch1"] = end_to_end(path, unsplit, prompt, steps)
+        write(NAME, payload)
+        del unsplit
+        _free_gpu()
+    if "bf16" in parts:
+        payload["bf16_batched_vs_alone"] = divergence(path, 4 if quick else 16, prompt, 16 if quick else 32)
+    path_out = write(NAME, payload)
+    if "closed_loop" in payload:
+        plot({**payload, "prompt_tokens": prompt, "decode_steps": steps}, path_out.with_suffix(".png"))
+    return payload
+
+
+def _load_unsplit(path):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to("cuda").eval()
+
+
+def _free_gpu() -> None:
+    torch._dynamo.reset()  # compiled graphs hold their static caches
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def end_to_end(path, unsplit, prompt: int, steps: int) -> dict:
+    """One session, the device parts on the same GPU and the body over loopback, against unsplit
+    batch-1 generate(), eager and static cache + compile, alternated."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
     from lambdasplit.device.runtime import SplitDevice
@@ -303,22 +408,17 @@ def run_serve_gpu(quick: bool = False) -> dict:
         remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
         ids = torch.randint(3, SHAPES["llama2-7b"]["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(3))
         runs = alternate({"unsplit_generate": unsplit_run(unsplit, ids, steps),
+                          "unsplit_static_compile": unsplit_run(unsplit, ids, steps, **STATIC),
                           "split_gpu_loopback_bf16": split_run(device, remote, ids, steps)}, 3)
         e2e = {n: summarize(r) for n, r in runs.items()}
-        e2e["latency_ratio_vs_unsplit"] = (e2e["split_gpu_loopback_bf16"]["per_token_ms"]["total"]
-                                           / e2e["unsplit_generate"]["per_token_ms"]["total"])
-        payload["end_to_end_batch1"] = e2e
-        print(f"[e2e] ratio {e2e['latency_ratio_vs_unsplit']:.3f}", flush=True)
+        split_ms = e2e["split_gpu_loopback_bf16"]["per_token_ms"]["total"]
+        e2e["latency_ratio_vs_unsplit"] = split_ms / e2e["unsplit_generate"]["per_token_ms"]["total"]
+        e2e["latency_ratio_vs_static_compile"] = split_ms / e2e["unsplit_static_compile"]["per_token_ms"]["total"]
+        print(f"[e2e] ratio {e2e['latency_ratio_vs_unsplit']:.3f} vs eager, "
+              f"{e2e['latency_ratio_vs_static_compile']:.3f} vs static+compile", flush=True)
         remote.close()
         del device
-    write(NAME, payload)
-    del unsplit
-    gc.collect()
-    torch.cuda.empty_cache()
-    payload["bf16_batched_vs_alone"] = divergence(path, 4 if quick else 16, prompt, 16 if quick else 32)
-    path_out = write(NAME, payload)
-    plot({**payload, "prompt_tokens": prompt, "decode_steps": steps}, path_out.with_suffix(".png"))
-    return payload
+    return e2e
 
 
 def run_exactness() -> dict:

@@ -209,7 +209,7 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
 
 def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies, llama):
     device = SplitDevice.load(llama, (2, 2))
-    with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
+    with ThreadServer(bodies, SchedulerLimits(step_tokens=8, max_context=4096)) as server:  # past the tiny model's 256
         steps = []
         server.scheduler.on_step = steps.append
         decoder, decoder_id = raw_session(server, device)
@@ -231,7 +231,7 @@ def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies,
 def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodies, llama):
     device = SplitDevice.load(llama, (2, 2))
     expected = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, IDS.shape[1]:].tolist()
-    with ThreadServer(bodies) as server:
+    with ThreadServer(bodies, SchedulerLimits(max_context=4096)) as server:  # the flood runs past the tiny model's 256
         stalled, stalled_id = raw_session(server, device)
 
         def flood() -> None:  # 16 rows x 128 positions: 512 KiB replies, never read
@@ -242,7 +242,12 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
                 pass
 
         threading.Thread(target=flood, daemon=True).start()
-        time.sleep(1.0)  # let the server's send to the stalled client back up
+        # Once the body has answered a frame of the flood, the server is sending to a client that
+        # never reads (and soon blocked on it): the next device must not wait behind it.
+        deadline = time.monotonic() + 60
+        while server.scheduler.tokens_served < 16 * 128:
+            assert time.monotonic() < deadline, "the stalled client's first frame was never answered"
+            time.sleep(0.01)  # polling
         body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
         result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8, ignore_eos=True))
         body.close()
@@ -302,11 +307,12 @@ def _answer(future):
     return reply
 
 
-def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bodies):
-    """With a step wait, a decode frame that arrives 0.3 s after another session's joins its step;
-    a session that never comes back holds the others up for the step wait only (after the last step)."""
+def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bodies, monkeypatch):
+    """With a step wait, a decode frame that arrives while the compute loop already holds another
+    session's joins its step; a session that never comes back holds the others up for the step
+    wait only (after the last step)."""
     width = bodies[0].runner.config.hidden_size
-    scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=3.0))
+    scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=600.0))
     steps = []
     scheduler.on_step = steps.append
     a, b = scheduler.open_session().result(10), scheduler.open_session().result(10)
@@ -314,11 +320,22 @@ def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bod
     def frame(session, seq, length):
         return tensor_frame(MsgType.HIDDEN, torch.randn(1, length, width), Codec.FP32, session, seq)
 
-    first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
+    with scheduler._wake:  # both first frames queue before the loop looks: one step, so neither waits on the other
+        first = [scheduler.submit(s, frame(s, 1, 3)) for s in (a, b)]
     [_answer(f) for f in first]
+    assert [s.sessions for s in steps] == [2]
     steps.clear()
+    holding = threading.Event()  # set when the loop, holding a's frame, starts its wait for b's
+    gather = scheduler._gather
+
+    def signalling_gather() -> None:  # the loop calls it holding the lock, which its wait releases
+        if scheduler._frames:
+            holding.set()
+        gather()
+
+    monkeypatch.setattr(scheduler, "_gather", signalling_gather)
     late = scheduler.submit(a, frame(a, 2, 1))
-    time.sleep(0.3)
+    assert holding.wait(30)
     assert not late.done(), "the step did not wait for the second session"
     both = [late, scheduler.submit(b, frame(b, 2, 1))]
     [_answer(f) for f in both]

@@ -112,7 +112,9 @@ def test_generate_with_server_equals_in_process(smollm2_dir, tmp_path):
 
 
 def test_demo_shows_the_split_and_no_plaintext_on_the_wire(smollm2_dir):
-    out = run("demo", "-n", "12").stdout
+    proc = run("demo", "-n", "12")
+    out = proc.stdout
+    assert "WARNING" not in proc.stderr, proc.stderr  # its frame capture is asked for, not a warning
     assert "Paris" in out
     assert "cloud" in out and "2..27" in out and "decode bytes per token" in out
     assert "2,356 / 2,356" in out  # 52-byte header + 576 x 4 bytes, each way

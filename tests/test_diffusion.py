@@ -92,6 +92,14 @@ def test_bad_k_is_a_clear_error(pipelines):
         SplitPipeline.load(pipelines["sdxl"], "unet-split", 3)
 
 
+@pytest.mark.parametrize("steps", [0, -3])
+def test_a_step_count_below_one_is_refused(pipelines, steps):
+    """0 divided by zero inside diffusers; -3 quietly ran no step and "succeeded"."""
+    pipe = SplitPipeline.load(pipelines["sdxl"], "paper")
+    with pytest.raises(LambdaSplitError, match=f"steps must be at least 1, not {steps}"):
+        pipe.generate(PROMPT, steps)
+
+
 def test_the_tiny_pipeline_is_deterministic(tmp_path, pipelines):
     again = build_tiny_pipeline("sdxl", tmp_path / "again")
     assert unet_fingerprint(again / "unet") == unet_fingerprint(pipelines["sdxl"] / "unet")

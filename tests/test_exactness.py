@@ -23,7 +23,7 @@ def test_tiny_models_match_generate(tiny_models, model_type, split):
 
 @pytest.mark.parametrize("model_type", list(TINY))
 def test_shallow_edges_match_generate(tiny_models, model_type):
-    for split in [(0, 3), (3, 0), (0, 0), (0, 6), (6, 0)]:
+    for split in [(0, 3), (3, 0), (0, 0), (0, 5), (5, 0)]:
         result = compare(tiny_models[model_type], split, PROMPT, new_tokens=6, allow_shallow=True)
         assert result.split.token_ids == result.oracle_ids, split
         assert result.max_logit_error < TOL, split
@@ -39,7 +39,7 @@ def test_left_padded_batch_matches_generate(tiny_models, model_type):
     assert result.max_logit_error < TOL
 
 
-@pytest.mark.parametrize("split", [(2, 2), (1, 1), (1, 28), (28, 1), (15, 15), (14, 15)])
+@pytest.mark.parametrize("split", [(2, 2), (1, 1), (1, 28), (28, 1), (15, 14), (14, 15)])
 def test_smollm2_matches_generate(smollm2_dir, split):
     device = SplitDevice.load(None, split)
     ids, _ = device.encode("What is the capital of France?")

@@ -14,7 +14,7 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.export import export_parts
-from lambdasplit.split.manifest import PartManifest
+from lambdasplit.split.manifest import PartManifest, hash_files
 from tests.conftest import build_tiny, oracle
 
 
@@ -48,8 +48,8 @@ def test_manifests_describe_the_split(exported):
     assert (device["layers"], device["hidden_size"]) == (6, 64)
     assert device["head"] == [0, 2] and device["body"] == [2, 5] and device["tail"] == [5, 6]
     # Every file a part's loader reads is hashed, not only the weights.
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(device["files"])
-    assert set(cloud["files"]) == {"model.safetensors", "config.json"}
+    assert {"model.safetensors", "config.json", "part_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(device["files"])
+    assert set(cloud["files"]) == {"model.safetensors", "config.json", "part_config.json"}
     for part, manifest in (("device", device), ("cloud", cloud)):
         for name, digest in manifest["files"].items():
             assert hashlib.sha256((exported[part] / name).read_bytes()).hexdigest() == digest
@@ -75,6 +75,38 @@ def test_wrong_part_or_split_is_refused(exported):
         load_local_body(exported["device"])
     with pytest.raises(SplitError, match="exported with split 2,1"):
         SplitDevice.load(exported["device"], (1, 1))
+
+
+@pytest.mark.parametrize("side", ["device", "cloud"])
+def test_transformers_refuses_an_exported_part(exported, side):
+    """Issue 21 item 11: a part's config.json declared the whole model, so transformers built it with
+    the other side's layers random and answered garbage; now it refuses the directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+
+    for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained,
+                 lambda path: pipeline("text-generation", model=path)):
+        with pytest.raises(ValueError, match=f"lambdasplit_{side}_part"):
+            load(str(exported[side]))
+    stub = json.loads((exported[side] / "config.json").read_text())
+    assert "cannot run alone" in stub["note"] and "part_config.json" in stub["note"]
+
+
+def test_a_part_exported_with_the_models_config_json_still_loads(exported, tiny_models, tmp_path):
+    """Parts exported before part_config.json held the real config in config.json; they load as before."""
+    import shutil
+
+    old = {}
+    for side in ("device", "cloud"):
+        old[side] = shutil.copytree(exported[side], tmp_path / side)
+        (old[side] / "part_config.json").replace(old[side] / "config.json")
+        manifest = PartManifest.read(old[side])
+        manifest.files = hash_files(old[side])
+        (old[side] / "manifest.json").write_text(manifest.to_json())
+    device = SplitDevice.load(old["device"])
+    ids = torch.tensor([[1, 22, 333, 4444, 5555, 66]])
+    result = device.generate_ids(load_local_body(old["cloud"]), ids, None, GenerationOptions(max_new_tokens=8))
+    ref = oracle(tiny_models["qwen2"]).generate(ids, max_new_tokens=8, do_sample=False)
+    assert result.token_ids[0] == ref[0, ids.shape[1]:].tolist()
 
 
 def test_tampered_part_is_refused(tiny_models, tmp_path):
@@ -174,11 +206,11 @@ def test_planted_safetensors_in_an_exported_part_is_refused(tiny_models, tmp_pat
 
 def test_modified_config_or_tokenizer_is_refused(tiny_models, tmp_path):
     parts = export_parts(tiny_models["qwen2"], (2, 1), tmp_path)
-    config_path = parts["cloud"] / "config.json"
+    config_path = parts["cloud"] / "part_config.json"
     config = json.loads(config_path.read_text())
     config["rms_norm_eps"] = 0.5
     config_path.write_text(json.dumps(config))
-    with pytest.raises(SourceError, match=r"config\.json: sha256 does not match the manifest"):
+    with pytest.raises(SourceError, match=r"part_config\.json: sha256 does not match the manifest"):
         load_local_body(parts["cloud"])
     tokenizer = parts["device"] / "tokenizer_config.json"
     tokenizer.write_text(tokenizer.read_text() + " ")

@@ -196,3 +196,77 @@ def test_the_ui_pseudonymises_and_shows_what_the_cloud_can_recover(llama):
     assert "John Smith" not in done["cloud_prompt"] and "john.smith@example.com" not in done["cloud_prompt"]
     assert "invoice" in done["cloud_prompt"]
     assert "".join(e["text"] for e in events if e["type"] == "token") == done["text"]
+
+
+def test_a_stand_in_cut_short_at_the_end_is_never_restored_in_part(detector):
+    """The token limit can fall inside a stand-in: "Rose Carr" of "Rose Carrillo" must not become
+    the real first name spliced with a piece of the stand-in surname ("Margaret Carr")."""
+    p = Pseudonymizer(detector, StandIns(11))
+    first, last = p.pseudonymize("Write to Margaret Okafor.").text[len("Write to "):-1].split()
+    for cut in range(1, len(last)):
+        text = f"Dear {first} {last[:cut]}"
+        assert p.restore(text) == text, text
+        restorer = p.restorer()
+        assert "".join(restorer.feed(c) for c in text) + restorer.flush() == text
+    cases = [(f"Dear {first} {last}", "Dear Margaret Okafor"), (f"Dear {first}", "Dear Margaret"), (f"Dear {first} ", "Dear Margaret "),
+             (f"Dear {first} {last}, and {first} {last[:2]}", f"Dear Margaret Okafor, and {first} {last[:2]}")]
+    for text, real in cases:
+        assert p.restore(text) == real, text
+        restorer = p.restorer()
+        assert "".join(restorer.feed(c) for c in text) + restorer.flush() == real
+
+
+QUASI = [  # (text, the real values that must not reach the cloud, what stays)
+    ("Forward my post to 221B Baker Street, London NW1 6XE.", ["221B Baker Street", "London", "NW1 6XE"], "Street, "),
+    ("I was born 14 March 1985 and need a new passport.", ["14 March 1985", "March"], "I was born "),
+    ("Write to the White House, 1600 Pennsylvania Avenue NW, Washington, DC 20500.", ["Washington", "20500"], ", DC "),
+    ("Meine Adresse: Invalidenstraße 116, 10115 Berlin.", ["Invalidenstraße 116", "10115", "Berlin"], "Meine Adresse: "),
+    ("Ich wohne in Hamburg, geboren am 3. Mai 1990.", ["Hamburg", "Mai"], "Ich wohne in "),
+]
+
+
+@pytest.mark.parametrize("text, real, kept", QUASI)
+def test_postcodes_cities_and_dates_in_words_are_replaced(detector, text, real, kept):
+    """Issue 21: these quasi-identifiers reached the cloud as they were."""
+    sent = Pseudonymizer(detector, StandIns(2)).pseudonymize(text).text
+    assert not any(r in sent for r in real) and kept in sent, sent
+
+
+def test_quasi_identifier_stand_ins_keep_format_and_country():
+    from lambdasplit.privacy.quasi import city_country, postcode_format
+
+    s = StandIns(5)
+    for real in ("NW1 6XE", "SW1A 2AA", "M5H 2S6", "1015 CS"):
+        value = s.get("POSTCODE", real)
+        assert value != real and postcode_format(real).fullmatch(value), (real, value)
+    assert re.fullmatch(r"D-\d{5}", s.get("POSTCODE", "D-80331")) and re.fullmatch(r"\d{5}-\d{4}", s.get("POSTCODE", "62704-1234"))
+    for real, country in (("Berlin", "DE"), ("Washington", "US"), ("Toronto", "CA"), ("Sevilla", "ES"), ("Fürth-Süd", "DE")):
+        value = s.get("CITY", real)
+        assert value != real and city_country(value) == country, (real, value)
+    assert s.get("CITY", "PARIS").isupper()
+    day, month, year = s.get("DATE", "14th of March, 1985").replace(" of", "").replace(",", "").split()
+    assert month in {"January", "February", "April", "May", "June", "July", "August", "September", "October", "November",
+                     "December"} and 1979 <= int(year) <= 1991
+    assert day == f"{int(day[:-2])}{ {1: 'st', 2: 'nd', 3: 'rd', 21: 'st', 22: 'nd', 23: 'rd'}.get(int(day[:-2]), 'th') }"
+    assert s.get("DATE", "7 de julio de 1992").split()[2] in {"enero", "febrero", "marzo", "abril", "mayo", "junio", "agosto",
+                                                              "septiembre", "octubre", "noviembre", "diciembre"}
+
+
+@pytest.mark.parametrize("text", ["In 2019 Google released a new phone.", "The capital of France is Paris.",
+                                  "I live in Germany and love it.", "We met in March and again on Friday."])
+def test_places_and_dates_need_an_address_or_a_cue(detector, text):
+    assert not [s for s in detector.find(text) if s.kind in ("CITY", "POSTCODE", "DATE")]
+
+
+def test_documented_held_out_recall_is_the_measured_one(detector):
+    """docs/privacy.md's recall table is what `detector_recall` measures on the held-out set now."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in doc.splitlines()
+            if line.startswith(("| kind |", "| planted |", "| recall |"))}
+    recall = detector_recall(load_pii_prompts("heldout"), detector)
+    kinds = rows["kind"][:-1]
+    assert kinds == list(recall["per_kind"])
+    assert [int(x) for x in rows["planted"]] == [v["planted"] for v in recall["per_kind"].values()] + [recall["planted"]]
+    assert rows["recall"] == [f"{v['recall']:.2f}" for v in recall["per_kind"].values()] + [f"{recall['overall']:.2f}"]

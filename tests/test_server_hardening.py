@@ -28,7 +28,7 @@ from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
 from lambdasplit.engine.session import kv_bytes_per_position
-from lambdasplit.errors import WireError
+from lambdasplit.errors import ComputeError, WireError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import BODY_PATH, control_frame, error_frame
@@ -388,29 +388,61 @@ def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_se
     caplog.set_level(logging.INFO)
     failing, failing_id = raw_session(plain_server, device)
     healthy, healthy_id = raw_session(plain_server, device)
-    body = plain_server.scheduler.sessions[failing_id].body
-    monkeypatch.setattr(body, "step", FailingStep(body.step, error, [0]))  # the next step (failing's) fails
-    caplog.clear()
-    failing.send(hidden_frame(failing_id, 1, 1, 5).to_bytes())
-    reply = expect_error(failing)
-    assert reply["code"] == "compute"
-    assert f"the body failed to run this step ({type(error).__name__}: {str(error).splitlines()[0]})" == reply["message"]
-    lines = problems(caplog)
-    assert len(lines) == 1, [r.getMessage() for r in lines]
-    assert "(compute)" in lines[0].getMessage() and "second line" not in lines[0].getMessage()
-    assert "\n" not in lines[0].getMessage()
-    assert_no_tracebacks(caplog)
-    assert failing_id not in plain_server.scheduler.sessions
+    try:
+        body = plain_server.scheduler.sessions[failing_id].body
+        monkeypatch.setattr(body, "step", FailingStep(body.step, error, [0]))  # the next step (failing's) fails
+        caplog.clear()
+        failing.send(hidden_frame(failing_id, 1, 1, 5).to_bytes())
+        reply = expect_error(failing)
+        # The session was closed, and counted, before its ERROR frame was sent.
+        assert failing_id not in plain_server.scheduler.sessions
+        assert plain_server.metric("lambdasplit_sessions_active") == 1
+        assert reply["code"] == "compute"
+        assert f"the body failed to run this step ({type(error).__name__}: {str(error).splitlines()[0]})" == reply["message"]
+        lines = problems(caplog)
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert "(compute)" in lines[0].getMessage() and "second line" not in lines[0].getMessage()
+        assert "\n" not in lines[0].getMessage()
+        assert_no_tracebacks(caplog)
 
-    # The other session is unaffected and exact: the same hidden states as the in-process split.
-    frame = hidden_frame(healthy_id, 1, 1, 5)
-    healthy.send(frame.to_bytes())
-    out = parse_frame(healthy.recv(timeout=15))
-    assert out.type == MsgType.HIDDEN and out.seq == 1
-    local_body.reset()
-    assert torch.equal(out.tensor(), local_body.forward(frame.tensor()))
-    healthy.close()
+        # The other session is unaffected and exact: the same hidden states as the in-process split.
+        frame = hidden_frame(healthy_id, 1, 1, 5)
+        healthy.send(frame.to_bytes())
+        out = parse_frame(healthy.recv(timeout=15))
+        assert out.type == MsgType.HIDDEN and out.seq == 1
+        local_body.reset()
+        assert torch.equal(out.tensor(), local_body.forward(frame.tensor()))
+    finally:  # a failure here must not leave a session open for the module's later tests
+        healthy.close()
+        failing.close()
     plain_server.wait_metric("lambdasplit_sessions_active", 0)
+
+
+def test_a_failed_steps_sessions_are_closed_before_their_frames_are_answered(bodies):
+    """Whoever reads the compute error (the server, then the device) finds the session gone."""
+    scheduler = BodyScheduler(bodies)
+    body = bodies[0]
+    gate, release = threading.Event(), threading.Event()
+
+    def fail_when_released(*args, **kwargs):
+        gate.set()
+        assert release.wait(30)
+        raise RuntimeError("boom")
+
+    body.step = fail_when_released
+    try:
+        session = scheduler.open_session().result(10)
+        future = scheduler.submit(session, hidden_frame(session, 1, 1, 3))
+        assert gate.wait(30)
+        open_when_answered = []  # a done-callback runs on the thread that answers, at that moment
+        future.add_done_callback(lambda f: open_when_answered.append(session in scheduler.sessions))
+        release.set()
+        with pytest.raises(ComputeError, match="RuntimeError: boom"):
+            future.result(30)
+        assert open_when_answered == [False]
+    finally:
+        del body.step
+        scheduler.shutdown()
 
 
 def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bodies, device, llama, caplog, monkeypatch):
@@ -477,6 +509,7 @@ def test_hostile_manifest_strings_are_logged_escaped(plain_server, device, field
 @pytest.mark.parametrize("code", ["auth", "capacity", "compute", "expired", "mismatch", "limit", "not-a-code"])
 def test_an_error_frame_instead_of_hello_gets_protocol(plain_server, code, caplog):
     caplog.set_level(logging.INFO)
+    plain_server.wait_metric("lambdasplit_sessions_active", 0)  # the module's earlier sessions are all closed
     ws = raw_connect(plain_server)
     ws.send(error_frame(code, "I am the server now\n\x1b[2J", retry_after=999).to_bytes())
     error = expect_error(ws)

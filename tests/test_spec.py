@@ -19,6 +19,12 @@ def test_invalid_splits_are_refused(k, m):
         SplitSpec.create(k, m, 10, allow_shallow=True)
 
 
+@pytest.mark.parametrize("k,m", [(5, 5), (10, 0), (0, 10)])
+def test_a_split_that_leaves_the_body_empty_is_refused(k, m):
+    with pytest.raises(SplitError, match="leaving the body \\(cloud\\) empty; choose K \\+ M < 10"):
+        SplitSpec.create(k, m, 10, allow_shallow=True)
+
+
 @pytest.mark.parametrize("k,m,word", [(0, 2, "embeddings"), (2, 0, "LM head")])
 def test_shallow_splits_need_explicit_permission(k, m, word):
     with pytest.raises(SplitError, match=word):

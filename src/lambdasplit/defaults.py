@@ -9,7 +9,7 @@ GATEWAY_PORT = 8471
 UI_PORT = 8472
 
 MAX_SESSIONS = 64
-MAX_CONTEXT = 4096  # positions per session (bounds each body KV cache)
+MAX_CONTEXT = 4096  # positions per session where the model states no window (serve defaults to the model's)
 MAX_BATCH = 16  # rows per session
 # Positions (B x T) one frame may ask for. One frame runs on the compute thread while every other
 # session waits, so this bounds the stall: 4,096 positions of SmolLM2's 26-layer body take about
@@ -30,7 +30,19 @@ SESSION_TTL = 300.0  # idle seconds before the server closes a session
 HANDSHAKE_TIMEOUT = 10.0
 MAX_FRAME_BYTES = 64 << 20
 CAPACITY_RETRY_AFTER = 2.0  # seconds the server suggests after a capacity refusal
+# A compute loop that spends longer than this in one step while work waits reads as wedged:
+# /healthz answers 503 (a load balancer stops sending devices). A prefill chunk takes well under
+# a second on a GPU and a few seconds on 2 CPU cores; a hung collective never ends.
+STALL_TIMEOUT_SECONDS = 60.0
+SHUTDOWN_TIMEOUT = 30.0  # seconds a server's shutdown waits for the compute thread's current step
 
 CONNECT_TIMEOUT = 10.0
-REPLY_TIMEOUT = 60.0
+REPLY_TIMEOUT = 60.0  # seconds a device waits for the body's reply (over the network or in process)
 RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body server
+# What a device sends ahead of the oldest reply it has not read yet (a replay resends thousands of
+# frames). The server answers one frame at a time and awaits each send, so a device that sent
+# everything first wedged both ends once websockets' flow control stopped them reading. Fewer
+# frames than websockets' receive queue (16 messages, both ends) means neither end ever stops
+# reading; the bytes bound what waits at the server per session (a larger frame goes alone).
+SEND_WINDOW_FRAMES = 8
+SEND_WINDOW_BYTES = 4 << 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hmac
 import ipaddress
+import socket
 import ssl
 from pathlib import Path
 
@@ -63,6 +64,31 @@ def client_ssl_context(ca: str | Path | None) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise LambdaSplitError(f"cannot load the CA certificate {ca}: {exc}") from None
     return context
+
+
+def peer_certificate(host: str, port: int, timeout: float) -> bytes | None:
+    """The certificate (DER) a TLS server presents, read without verifying it (for error hints
+    only), or None when host:port does not complete a TLS handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                return tls.getpeercert(binary_form=True) or b""
+    except (OSError, ValueError):
+        return None
+
+
+def certificate_names(der: bytes) -> list[str]:
+    """The host names and addresses a certificate is valid for (its subjectAltName entries)."""
+    from cryptography import x509
+
+    try:
+        names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return []
+    return [*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
 
 
 def make_certificates(out: str | Path, hosts: list[str], days: int = 30) -> dict[str, Path]:

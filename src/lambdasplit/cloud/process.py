@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from lambdasplit.errors import LambdaSplitError
 
@@ -23,8 +24,10 @@ class ServerProcess:
     prints nothing (a blocking readline would wait forever); on failure the error carries the
     child's last lines."""
 
-    def __init__(self, *args: str, port: int = 0, timeout: float = 120.0, command: list[str] | None = None) -> None:
+    def __init__(self, *args: str, port: int = 0, timeout: float = 120.0, command: list[str] | None = None,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self.args = [*args, "--port", str(port)]
+        self.on_line = on_line  # sees every line the child prints (the reader thread calls it)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         # `command` replaces `python -m lambdasplit.cli serve` (tests use it to stand in a silent child).
         self.proc = subprocess.Popen(
@@ -48,6 +51,8 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
             if self._waiting:
                 self._lines.put(line)
         self._lines.put(_EOF)

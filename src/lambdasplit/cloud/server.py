@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from lambdasplit import defaults
 from lambdasplit.cloud.metrics import ServerMetrics
+from lambdasplit.engine.core import EngineClient
 from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.errors import (
     ErrorCode,
@@ -51,7 +52,7 @@ class ServerConfig:
 
 
 class BodyServer:
-    def __init__(self, scheduler: BodyScheduler, config: ServerConfig) -> None:
+    def __init__(self, scheduler: BodyScheduler | EngineClient, config: ServerConfig) -> None:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
@@ -61,6 +62,7 @@ class BodyServer:
             self.metrics.kv_blocks.set(scheduler.pool.usable_blocks)
         self.limits: Limits = scheduler.manifest.frame_limits(config.max_frame_bytes, scheduler.limits.max_context)
         self.port: int | None = None
+        self._healthy = True  # what /healthz last answered
 
     async def run(self, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set (or forever). Binding errors propagate as OSError."""
@@ -99,7 +101,10 @@ class BodyServer:
         idle = self.config.session_ttl + self.config.handshake_timeout
         while True:
             await asyncio.sleep(max(1.0, self.config.session_ttl / 4))
-            closed = await asyncio.wrap_future(self.scheduler.reap(idle))
+            try:
+                closed = await asyncio.wrap_future(self.scheduler.reap(idle))
+            except LambdaSplitError:  # the compute loop has stopped: /healthz says so
+                continue
             if closed:
                 self.metrics.sessions_active.dec(closed)
 
@@ -107,7 +112,7 @@ class BodyServer:
         """Plain HTTP: health and metrics; the body endpoint requires the bearer token."""
         path = request.path.split("?")[0]
         if path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "ok\n")
+            return self._health(connection)
         auth = request.headers.get_all("Authorization")
         if len(auth) > 1:
             log.warning("refused a request from %s: %d Authorization headers", connection.remote_address, len(auth))
@@ -127,6 +132,16 @@ class BodyServer:
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
         return None
 
+    def _health(self, connection: ServerConnection) -> Response:
+        """200 `ok` while the compute loop is alive and not stuck in a step; else 503 and why."""
+        problem = self.scheduler.health.problem()
+        if (problem is None) != self._healthy:  # one log line per change, not one per check
+            self._healthy = problem is None
+            (log.info if self._healthy else log.error)("health: %s", problem or "the compute loop is running again")
+        if problem is None:
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"unhealthy: {problem}\n")
+
     async def _connection(self, ws: ServerConnection) -> None:
         # The session is registered in `opened` before WELCOME is sent, so a device that vanishes
         # between HELLO and WELCOME cannot leak it.
@@ -137,11 +152,17 @@ class BodyServer:
         except ConnectionClosed:
             log.info("device disconnected")
         except Exception as exc:  # noqa: BLE001 - one log line, never a traceback
-            await self._refuse(ws, exc, opened[0] if opened else None)
+            session = opened[0] if opened else None
+            await self._end_session(opened)  # before the ERROR frame: a device that reads it finds its session gone
+            await self._refuse(ws, exc, session)
         finally:
-            if opened:
-                await asyncio.wrap_future(self.scheduler.close_session(opened[0]))
-                self.metrics.sessions_active.dec()
+            await self._end_session(opened)
+
+    async def _end_session(self, opened: list[bytes]) -> None:
+        """Close the connection's session, once."""
+        if opened:
+            await asyncio.wrap_future(self.scheduler.close_session(opened.pop()))
+            self.metrics.sessions_active.dec()
 
     async def _refuse(self, ws: ServerConnection, exc: Exception, session: bytes | None) -> None:
         code = _code(exc)

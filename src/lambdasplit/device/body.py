@@ -6,16 +6,22 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
+from lambdasplit import defaults
 from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
+from lambdasplit.errors import UnavailableError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame, tensor_frame
 from lambdasplit.wire.protocol import control_frame
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,8 +51,10 @@ class BodyClient(ABC):
     # Opt-in record of every frame exchanged, for audits: [("to_cloud" | "from_cloud", bytes)].
     captured: list[tuple[str, bytes]] | None = None
     _positions: int = 0
-    # The body's bound on B x T per frame (from the server's WELCOME, or the local scheduler).
+    # The body's bounds on B x T per frame and on positions per row (from the server's WELCOME, or
+    # the local scheduler).
     max_frame_positions: int | None = None
+    max_context: int | None = None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back.
@@ -78,6 +86,10 @@ class BodyClient(ABC):
     def frame_positions(self) -> int | None:
         """The body's bound on B x T per frame, if it has one."""
         return self.max_frame_positions
+
+    def context_limit(self) -> int | None:
+        """The body's bound on positions per row (a server's --max-context), if it has one."""
+        return self.max_context
 
     def exchange(self, frames: list[Frame]) -> torch.Tensor:
         """Deliver encoded frames (the last one is answered) and decode the reply, counting bytes and
@@ -124,7 +136,9 @@ class BodyClient(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot crop the body's cache")
 
     def start_capture(self) -> None:
-        log.warning("capturing every frame exchanged with the body (for audit)")
+        # info, not a warning: capture is only ever asked for (demo, audits, the UI's image tab), and
+        # the demo's first line was this warning.
+        log.info("capturing every frame exchanged with the body (for audit)")
         self.captured = []
 
     def close(self) -> None:  # noqa: B027 - optional hook: bodies without resources keep this no-op
@@ -135,20 +149,38 @@ class LocalBody(BodyClient):
     """The body in this process, reached through the same frames, scheduler and limits as a server.
 
     Each LocalBody holds one session on `scheduler`; several LocalBodies may share one scheduler
-    (the gateway opens one per request), exactly as devices share a server.
+    (the gateway opens one per request), exactly as devices share a server. Every wait for the
+    scheduler ends within `timeout` seconds, as a remote device's wait for a reply does.
     """
 
-    def __init__(self, scheduler: BodyScheduler, codec: Codec = Codec.FP32, limits: Limits | None = None) -> None:
+    def __init__(self, scheduler: BodyScheduler, codec: Codec = Codec.FP32, limits: Limits | None = None,
+                 timeout: float = defaults.REPLY_TIMEOUT) -> None:
         self.scheduler = scheduler
         self.codec = codec
         self.limits = limits or scheduler.manifest.frame_limits()
         self.stats = TransferStats()
         self.max_frame_positions = scheduler.limits.max_frame_positions
+        self.max_context = scheduler.limits.max_context
+        self.timeout = timeout
         self._session: bytes | None = None
+
+    def _wait(self, future: Future[T]) -> T:
+        """The scheduler's answer, or an error once `timeout` has passed (the compute thread is stuck)."""
+        try:
+            return future.result(self.timeout)
+        except FutureTimeout:
+            future.cancel()  # a call not started yet never runs
+            if self._session is not None:  # the frame may still run: this session's cache is no longer ours
+                self.scheduler.close_session(self._session)
+                self._session = None
+            raise UnavailableError(
+                f"the in-process body did not answer within {self.timeout:g} s "
+                f"({self.scheduler.health.problem() or 'its compute thread is busy'})"
+            ) from None
 
     def _session_id(self) -> bytes:
         if self._session is None:
-            self._session = self.scheduler.open_session().result()
+            self._session = self._wait(self.scheduler.open_session())
         return self._session
 
     def _exchange(self, frames: list[Frame]) -> Frame:
@@ -158,7 +190,7 @@ class LocalBody(BodyClient):
             data = frame.to_bytes()
             if self.captured is not None:
                 self.captured.append(("to_cloud", data))
-            reply, _ = self.scheduler.submit(session, parse_frame(data, self.limits)).result()
+            reply, _ = self._wait(self.scheduler.submit(session, parse_frame(data, self.limits)))
         assert reply is not None, "the last frame of an exchange is always answered"
         data = reply.to_bytes()
         if self.captured is not None:
@@ -167,15 +199,15 @@ class LocalBody(BodyClient):
 
     def _reset(self) -> None:
         if self._session is not None:
-            self.scheduler.submit(self._session, Frame(MsgType.RESET)).result()
+            self._wait(self.scheduler.submit(self._session, Frame(MsgType.RESET)))
 
     def _crop(self, length: int) -> None:
         if self._session is not None:
-            self.scheduler.submit(self._session, control_frame(MsgType.CROP, {"length": length}, self._session)).result()
+            self._wait(self.scheduler.submit(self._session, control_frame(MsgType.CROP, {"length": length}, self._session)))
 
     def close(self) -> None:
         if self._session is not None:
-            self.scheduler.close_session(self._session).result()
+            self._wait(self.scheduler.close_session(self._session))
             self._session = None
 
 

@@ -217,6 +217,15 @@ class EventStopping(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _check_context(window: int, served: int | None, prompt_len: int, new_tokens: int) -> None:
+    """Refuse a sequence longer than the model's window or the body's --max-context before any of it
+    is sent (the server would refuse it only once its prefill reached the limit)."""
+    limit, what = (served, "the body server's --max-context") if served is not None and served < window else (
+        window, "the model's context window")
+    if prompt_len + new_tokens > limit:
+        raise PromptError(f"prompt of {prompt_len} tokens + {new_tokens} new tokens exceeds {what} of {limit}")
+
+
 def generate_ids(
     model: SplitModelForCausalLM,
     body: BodyClient,
@@ -242,11 +251,7 @@ def generate_ids(
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise PromptError("the prompt is empty")
-    if prompt_len + options.max_new_tokens > model.split_device.max_context:
-        raise PromptError(
-            f"prompt of {prompt_len} tokens + {options.max_new_tokens} new tokens exceeds the model's "
-            f"context window of {model.split_device.max_context}"
-        )
+    _check_context(model.split_device.max_context, body.context_limit(), prompt_len, options.max_new_tokens)
     tokenizer = model.split_device.tokenizer if model.split_device.has_tokenizer else None
     if options.stop and tokenizer is None:
         raise PromptError("stop strings need the model's tokenizer")

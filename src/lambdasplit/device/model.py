@@ -197,6 +197,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         """A small local model with this model's tokenizer, loaded once per path."""
         from transformers import AutoModelForCausalLM
 
+        from lambdasplit.split.manifest import PartManifest
         from lambdasplit.split.sources import resolve_source
 
         drafts = self.__dict__.setdefault("_drafts", {})
@@ -205,6 +206,8 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
                 checkpoint = resolve_source(path)
             except LambdaSplitError as exc:
                 raise LambdaSplitError(f"--speculate {path}: {exc}") from None
+            if PartManifest.read(checkpoint.path) is not None:
+                raise LambdaSplitError(f"--speculate {path}: an exported part holds only some layers; a draft model must be whole")
             draft = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=self.dtype).to(self.device).eval()
             vocab = draft.config.get_text_config().vocab_size
             if vocab != self.config.get_text_config().vocab_size:

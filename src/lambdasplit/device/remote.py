@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -45,7 +46,7 @@ from lambdasplit.errors import (
     UnavailableError,
     WireError,
 )
-from lambdasplit.security import client_ssl_context
+from lambdasplit.security import certificate_names, client_ssl_context, peer_certificate
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
@@ -203,10 +204,17 @@ class RemoteBody(BodyClient):
 
     # connection
     def frame_positions(self) -> int | None:
-        """The server announces its bound in WELCOME: connect first, under the reconnect policy."""
+        self._welcomed()
+        return self.max_frame_positions
+
+    def context_limit(self) -> int | None:
+        self._welcomed()  # so a prompt too long for the server fails before its prefill, not after
+        return self.max_context
+
+    def _welcomed(self) -> None:
+        """The server announces its limits in WELCOME: connect first, under the reconnect policy."""
         if self._ws is None:
             self._with_policy(lambda: None)
-        return self.max_frame_positions
 
     def _ensure_connected(self, deadline: float | None = None) -> None:
         if self._ws is not None:
@@ -219,19 +227,16 @@ class RemoteBody(BodyClient):
             ws = connect(
                 self.url, ssl=self.ssl, additional_headers=headers, compression=None, proxy=None,
                 open_timeout=open_timeout, max_size=None, ping_interval=20, ping_timeout=self.timeout,
+                max_queue=2 * defaults.SEND_WINDOW_FRAMES,  # every reply the send window lets come fits
             )
         except InvalidStatus as exc:
             raise self._status_error(exc) from None
         except InvalidURI as exc:
             raise LambdaSplitError(f"bad server URL {self.url!r}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
-            reason = exc.verify_message or str(exc)
-            hint = (
-                "connect with a host name the certificate lists (e.g. wss://localhost:PORT), or make one for this "
-                "name with `lambdasplit certs --host NAME`"
-                if "mismatch" in reason.lower() or "not valid for" in reason.lower()
-                else "pass the server's CA with --tls-ca"
-            )
+            reason = (exc.verify_message or str(exc)).rstrip(".")
+            mismatch = "mismatch" in reason.lower() or "not valid for" in reason.lower()
+            hint = self._name_hint(open_timeout) if mismatch else "pass the server's CA with --tls-ca"
             raise LambdaSplitError(f"TLS with {self.url} failed: {reason}; {hint}") from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise LambdaSplitError(
@@ -260,14 +265,24 @@ class RemoteBody(BodyClient):
             self.close()
             raise MismatchError(f"the body server's part does not match this device's: {problem}")
         self.server_manifest = server
-        limits = welcome.get("limits")
-        positions = limits.get("max_frame_positions") if isinstance(limits, dict) else None
-        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
-            self.max_frame_positions = positions  # prompts are sent in chunks that fit
+        limits = welcome.get("limits") if isinstance(welcome.get("limits"), dict) else {}
+        self.max_frame_positions = _positive(limits.get("max_frame_positions"), self.max_frame_positions)  # prompts go in chunks that fit
+        self.max_context = _positive(limits.get("max_context"), self.max_context)  # checked before a prompt is sent
         self._session = session
         self._connected_once = True
         if self._history:
             self._replay()
+
+    def _name_hint(self, timeout: float) -> str:
+        """What to connect to instead when the certificate is not for the URL's host: the names it
+        lists (read from the server), never a guess such as localhost that it may not list."""
+        parts = urlsplit(self.url)
+        der = peer_certificate(parts.hostname or "", parts.port or 443, min(timeout, 5.0))
+        names = certificate_names(der) if der else []
+        make = "or make a certificate for this name with `lambdasplit certs --host NAME`"
+        if not names:
+            return f"connect with a host name the server's certificate lists, {make}"
+        return f"the certificate is for {', '.join(names)}: connect with one of those (wss://NAME:{parts.port}), {make}"
 
     def _status_error(self, exc: InvalidStatus) -> RemoteError:
         """The typed error for an HTTP status that refused the WebSocket upgrade."""
@@ -300,20 +315,30 @@ class RemoteBody(BodyClient):
         return reply
 
     def _pipeline(self, frames: list[Frame]) -> Frame | None:
-        """Send all frames, then read one reply per answered frame, in order; return the last reply."""
-        pending = []
+        """Send frames in order, reading one reply per answered frame as it comes; return the last.
+
+        At most a window of frames and bytes (defaults.SEND_WINDOW_*) goes out ahead of the oldest
+        unread reply, counting unanswered frames (CROP, MASK, diffusion conditioning) too; a frame
+        is only held back while a reply is due, so one larger than the window goes alone."""
+        window = SendWindow(defaults.SEND_WINDOW_FRAMES, defaults.SEND_WINDOW_BYTES)
+        reply = None
         for frame in frames:
             stamped = self._stamp(frame)
+            while window.full(stamped.size):
+                reply = self._read_reply(window.answered())
             self._send(stamped)
-            if self.expects_reply(stamped):
-                pending.append(stamped)
-        reply = None
-        for sent in pending:
-            reply = self._recv(self.timeout)
-            if reply.type == MsgType.ERROR:
-                read_control(reply, sent.type)
-            if reply.type != sent.type or reply.seq != sent.seq:
-                raise WireError(f"expected the reply to frame {sent.seq}, got {reply.type.name} {reply.seq}")
+            window.sent(stamped, self.expects_reply(stamped))
+        while window.waiting:
+            reply = self._read_reply(window.answered())
+        return reply
+
+    def _read_reply(self, sent: Frame) -> Frame:
+        """The reply to `sent`, the oldest answered frame still without one."""
+        reply = self._recv(self.timeout)
+        if reply.type == MsgType.ERROR:
+            read_control(reply, sent.type)
+        if reply.type != sent.type or reply.seq != sent.seq:
+            raise WireError(f"expected the reply to frame {sent.seq}, got {reply.type.name} {reply.seq}")
         return reply
 
     def _stamp(self, frame: Frame) -> Frame:
@@ -349,6 +374,37 @@ class RemoteBody(BodyClient):
         self._ws = None
 
 
+class SendWindow:
+    """Frames sent but not yet known to be consumed by the server, in order.
+
+    The server handles one connection's frames in order, so a reply to an answered frame means that
+    frame and every frame before it were consumed: reading it frees all of them at once."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self.frames = self.bytes = 0  # sent so far
+        self.freed_frames = self.freed_bytes = 0  # consumed, as far as the replies read tell
+        self.waiting: deque[tuple[Frame, int, int]] = deque()  # answered frames without a reply yet
+
+    def full(self, size: int) -> bool:
+        """Whether a reply must be read before a frame of `size` bytes goes out."""
+        if not self.waiting:
+            return False  # nothing to read: the server is not blocked on us, so sending is safe
+        in_flight = self.frames - self.freed_frames
+        return in_flight >= self.max_frames or self.bytes - self.freed_bytes + size > self.max_bytes
+
+    def sent(self, frame: Frame, answered: bool) -> None:
+        self.frames += 1
+        self.bytes += frame.size
+        if answered:
+            self.waiting.append((frame, self.frames, self.bytes))
+
+    def answered(self) -> Frame:
+        """The oldest answered frame, whose reply the caller reads now."""
+        frame, self.freed_frames, self.freed_bytes = self.waiting.popleft()
+        return frame
+
+
 def _describe(exc: Exception | None) -> str:
     if exc is None:
         return "unknown error"
@@ -356,6 +412,11 @@ def _describe(exc: Exception | None) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is `lambdasplit serve` running there?)"
     return f"{type(exc).__name__}: {text}"
+
+
+def _positive(value: object, otherwise: int | None) -> int | None:
+    """A limit from WELCOME if it is a positive integer, else `otherwise` (a server may not send it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else otherwise
 
 
 def _seconds(header: str | None) -> float | None:
@@ -370,12 +431,4 @@ def _seconds(header: str | None) -> float | None:
 def _speaks_tls(url: str, timeout: float) -> bool:
     """Whether `url`'s host:port completes a TLS handshake (certificate not checked: a probe only)."""
     parts = urlsplit(url)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=parts.hostname):
-                return True
-    except (OSError, ValueError):
-        return False
+    return peer_certificate(parts.hostname or "", parts.port or 80, timeout) is not None

@@ -146,7 +146,7 @@ def _load_tokenizer(opened: OpenedSource) -> PreTrainedTokenizerBase | None:
     path = opened.checkpoint.path
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), config=opened.config)  # an exported part's config.json is a stub
 
 
 def _eos_ids(opened: OpenedSource, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:

@@ -194,6 +194,8 @@ class SplitPipeline:
     ) -> ImageResult:
         """One image (PIL, or a float array with output_type="np"); `on_step(step, total, latents)`
         after every denoising step."""
+        if steps < 1:  # diffusers divides by the step count (0) or quietly runs none (negative)
+            raise LambdaSplitError(f"steps must be at least 1, not {steps}")
         width, height = size or (None, None)
         do_cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
         self.unet.begin_image(guidance if do_cfg else None)

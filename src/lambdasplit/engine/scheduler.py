@@ -14,18 +14,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import torch
 
 from lambdasplit import defaults
+from lambdasplit.engine.frames import frame_problem
+from lambdasplit.engine.health import EngineHealth
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, block_bytes
 from lambdasplit.engine.parallel import StepMirror, TensorParallel
 from lambdasplit.engine.session import SessionLimits, TextBody, Work, decode_hidden
-from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError
+from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError, LimitError, WireError
 from lambdasplit.wire.codec import Codec, encode_tensor, encode_tensors
 from lambdasplit.wire.frame import Frame, MsgType
 
@@ -41,7 +43,7 @@ FREE_MEMORY_TTL = 0.02  # seconds a free-memory reading is reused for (per frame
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_sessions: int = defaults.MAX_SESSIONS
-    max_context: int = defaults.MAX_CONTEXT
+    max_context: int | None = None  # positions per row; None: the model's window (max_position_embeddings)
     min_free_memory: int = defaults.MIN_FREE_MEMORY_MIB << 20
     max_batch: int = defaults.MAX_BATCH
     max_frame_positions: int = defaults.MAX_FRAME_POSITIONS
@@ -50,6 +52,7 @@ class SchedulerLimits:
     kv_pool_bytes: int | None = None  # None: sized from free memory (see pool_budget)
     kv_wait: float = defaults.KV_WAIT_SECONDS
     step_wait: float = defaults.STEP_WAIT_SECONDS  # how long a step waits for the last step's sessions to come back
+    stall_timeout: float = defaults.STALL_TIMEOUT_SECONDS  # one step longer than this reads as a wedged engine
 
     def session(self) -> SessionLimits:
         return SessionLimits(self.max_context, self.max_batch, self.max_frame_positions, self.max_session_kv_bytes)
@@ -108,9 +111,15 @@ class BodyScheduler:
     body, the next HIDDEN frame of every session that has one: all decode positions, then prefill
     positions up to `step_tokens` in all (a long prompt runs in chunks over several steps, so it
     never stalls the others' decode for longer than one chunk), as one forward (`engine.step`).
-    KV lives in one `KVPool`; a frame the pool has no room for waits up to `kv_wait` seconds for
-    another session to finish, then gets a capacity error. MASK, RESET and diffusion frames run
-    alone, between steps.
+    KV lives in one `KVPool`. A frame reserves the blocks for all its positions before its first
+    chunk runs (two long prompts growing chunk by chunk could otherwise fill the pool between them
+    and stall everyone). Older sessions come first: a frame short of blocks takes them from the
+    youngest sessions holding some (preempted: closed with a retryable capacity error, so their
+    devices replay), or, with none younger, waits up to `kv_wait` seconds, then gets a capacity
+    error. MASK, RESET and diffusion frames run alone, between steps.
+
+    Every future it hands out is answered, whatever happens: a frame refused at the door, a
+    transport that cancelled its wait, a step that failed, a shutdown or a dead compute thread.
     """
 
     def __init__(self, bodies: list[Body], limits: SchedulerLimits = SchedulerLimits()) -> None:
@@ -118,7 +127,7 @@ class BodyScheduler:
             raise ValueError("a scheduler needs at least one body")
         self.bodies = bodies  # several for randomised split points, sharing the weight tensors
         self.manifest = bodies[0].manifest
-        self.limits = limits
+        self.limits = limits if limits.max_context else replace(limits, max_context=_context_window(bodies))
         self.pool = _make_pool(bodies, limits)
         self._mirrors = [b.mirror for b in bodies if isinstance(b, TextBody) and b.mirror is not None]
         for mirror in self._mirrors:
@@ -126,11 +135,13 @@ class BodyScheduler:
         probe = bodies[0].memory_probe()
         on_gpu = probe is not None and probe.device.type == "cuda"
         self.step_tokens = limits.step_tokens or (defaults.STEP_TOKENS if on_gpu else defaults.STEP_TOKENS_CPU)
-        self.sessions: dict[bytes, Session] = {}
+        self.hidden_size: int | None = getattr(self.manifest, "hidden_size", None)
+        self.sessions: dict[bytes, Session] = {}  # in the order they opened: the oldest first
         self._last_used: dict[bytes, float] = {}
+        self._preempted: dict[bytes, CapacityError] = {}  # closed to free KV, until the transport closes them too
         self.tokens_served = 0
         self.on_step: Callable[[StepStats], None] | None = None  # called on the compute thread
-        self.on_refusal: Callable[[str], None] | None = None  # "sessions", "kv" or "memory"
+        self.on_refusal: Callable[[str], None] | None = None  # "sessions", "kv", "preempt" or "memory"
         self._queues: dict[bytes, deque[_Queued]] = {}
         self._active: dict[bytes, Work] = {}
         self._calls: deque[tuple[Future, Callable, tuple]] = deque()
@@ -140,77 +151,98 @@ class BodyScheduler:
         self._answered: set[bytes] = set()  # sessions the last step answered, and when (see _gather)
         self._answered_at = 0.0
         self._stopping = False
+        self._closed: ComputeError | None = None  # set (under _wake) once the loop will take nothing more
+        self.health = EngineHealth(limits.stall_timeout)
         self._thread = threading.Thread(target=self._loop, name="body-compute", daemon=True)
+        self.health.thread = self._thread
         self._thread.start()
 
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
         """The index of the hosted body that fits the device's parts, or the reason none does."""
-        problem = None
-        for index, body in enumerate(self.bodies):
-            problem = body.manifest.compatible_with(theirs)
-            if problem is None:
-                return index, None
-        if len(self.bodies) > 1:
-            starts = ", ".join(str(b.manifest.body[0]) for b in self.bodies)
-            problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
-        return None, problem
+        return match_body([b.manifest for b in self.bodies], theirs)
 
     def parse_manifest(self, data: dict) -> Any:
         """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
-        return type(self.manifest).from_dict(data)
+        return type(self.manifest).from_peer(data)
 
     def open_session(self, body: int = 0) -> Future[bytes]:
         return self._call(self._open, body)
 
     def close_session(self, session_id: bytes) -> Future[None]:
-        return self._call(self._close, session_id)
+        """Close a session (after its loop has stopped there is nothing left to close: resolves at once)."""
+        return self._call(self._forget, session_id, noop_when_closed=True)
 
     def reap(self, idle_seconds: float) -> Future[int]:
         """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
         return self._call(self._reap, idle_seconds)
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
-        """Queue one frame for its session; resolves to (reply or None, compute seconds)."""
+        """Queue one frame for its session; resolves to (reply or None, compute seconds). A frame
+        whose kind or shape is wrong is refused here, before it is queued."""
         future: Future[tuple[Frame | None, float]] = Future()
+        problem = frame_problem(frame, self.hidden_size)
+        if problem is not None:
+            future.set_exception(WireError(problem))
+            return future
         with self._wake:
+            if self._closed is not None:
+                future.set_exception(self._closed)
+                return future
             self._frames.append((session_id, _Queued(frame, future, time.monotonic())))
             self._wake.notify()
         return future
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = defaults.SHUTDOWN_TIMEOUT) -> None:
+        """Stop the compute thread after its current step; every frame and call still waiting is
+        failed with a compute error (a device replays it elsewhere)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join()
-        for future, *_ in self._calls:
-            future.cancel()
-        for _, queued in self._frames:
-            queued.future.cancel()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the compute thread did not stop within %.0f s of shutdown (a step is stuck)", timeout)
         for mirror in self._mirrors:  # the other tensor-parallel ranks exit their loops
             mirror.stop()
 
-    def _call(self, fn: Callable, *args: Any) -> Future:
+    def _call(self, fn: Callable, *args: Any, noop_when_closed: bool = False) -> Future:
         future: Future = Future()
         with self._wake:
-            if self._stopping:
-                raise RuntimeError("the scheduler is shut down")
+            if self._closed is not None:
+                if noop_when_closed:
+                    future.set_result(None)
+                else:
+                    future.set_exception(self._closed)
+                return future
             self._calls.append((future, fn, args))
             self._wake.notify()
         return future
 
     def _loop(self) -> None:
+        reason = "the server is shutting down"
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a bug outside any step: say so, fail what waits, end
+            reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            log.critical("the body compute thread stopped (%s)", reason, exc_info=True)
+        finally:
+            self._drain(reason)
+
+    def _serve(self) -> None:
         progressed = True
         while True:
+            self.health.beat()
             with self._wake:
                 idle = not (self._calls or self._frames or (progressed and (self._queues or self._active)))
                 if idle and not self._stopping:
-                    # Work that waits for KV space is retried every 10 ms; otherwise sleep until woken.
-                    self._wake.wait(timeout=0.01 if self._active else None)
+                    # Work that waits for KV space is retried every 10 ms; an idle loop still ticks,
+                    # so its heartbeat stays fresh.
+                    self._wake.wait(timeout=0.01 if self._active else self.health.tick)
                 self._gather()
                 if self._stopping:
                     return
                 calls, self._calls = self._calls, deque()
                 frames, self._frames = self._frames, []
+            self.health.beat()
             for future, fn, args in calls:
                 if future.set_running_or_notify_cancel():
                     _resolve(future, fn, *args)
@@ -222,6 +254,22 @@ class BodyScheduler:
                 log.exception("the body scheduler failed a step")
                 self._failed(list(self._active), exc)
                 progressed = True
+
+    def _drain(self, reason: str) -> None:
+        """The loop has ended: refuse what comes next, and fail every frame and call still waiting."""
+        error = ComputeError(f"the body server's compute loop has stopped ({reason}); reconnect")
+        with self._wake:
+            self._closed = error
+            calls, self._calls = self._calls, deque()
+            frames, self._frames = self._frames, []
+        self.health.stop(reason)
+        waiting = [f for f, *_ in calls] + [q.future for _, q in frames]
+        waiting += [q.future for queue in self._queues.values() for q in queue]
+        waiting += [w.future for w in self._active.values() if w.future is not None]
+        self._queues.clear()
+        self._active.clear()
+        for future in waiting:
+            _settle(future, error=error)
 
     def _gather(self) -> None:
         """Hold the next step for up to `step_wait` seconds, from the first waiting frame's arrival
@@ -258,16 +306,21 @@ class BodyScheduler:
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
 
-    def _close(self, session_id: bytes) -> None:
+    def _close(self, session_id: bytes, error: Exception | None = None) -> None:
+        """Close a session and fail its waiting frames with `error` (default: expired)."""
         session = self.sessions.pop(session_id, None)
         self._last_used.pop(session_id, None)
         work = self._active.pop(session_id, None)
         waiting = [q.future for q in self._queues.pop(session_id, ())] + ([work.future] if work else [])
         for future in waiting:
-            if not future.done():
-                future.set_exception(ExpiredError("session is closed or expired; reconnect"))
+            _settle(future, error=error or ExpiredError("session is closed or expired; reconnect"))
         if session is not None:
             session.close()
+
+    def _forget(self, session_id: bytes) -> None:
+        """The transport is done with a session (closed, or after it preempted one)."""
+        self._preempted.pop(session_id, None)
+        self._close(session_id)
 
     def _reap(self, idle_seconds: float) -> int:
         now = time.monotonic()
@@ -302,27 +355,29 @@ class BodyScheduler:
         starting: list[tuple[bytes, _Queued]] = []
         for session_id in list(self._queues):
             queue = self._queues[session_id]
-            while queue and session_id not in self._active:
+            while queue and session_id not in self._active and session_id in self._queues:
                 progressed = True
                 queued = queue.popleft()
                 if self._admit(session_id, queued):
                     starting.append((session_id, queued))
                     break
-            if not queue:
-                del self._queues[session_id]
+            if not queue or session_id not in self.sessions:  # done, or closed by a failed frame
+                self._queues.pop(session_id, None)
         self._start(starting)
         groups: dict[int, list[Work]] = {}
-        for work in self._active.values():
+        for work in self._reserve():
             groups.setdefault(id(work.session.body), []).append(work)
         for works in groups.values():
             progressed |= self._step(works[0].session.body, works)
         return progressed
 
     def _admit(self, session_id: bytes, queued: _Queued) -> bool:
-        """Handle a non-batched frame now (False), or check a HIDDEN frame for a step (True)."""
+        """Handle a non-batched frame now (False), or check a HIDDEN frame for a step (True). A
+        frame that fails here fails alone."""
         session = self.sessions.get(session_id)
         if session is None:
-            queued.future.set_exception(ExpiredError("session is closed or expired; reconnect"))
+            _settle(queued.future, error=self._preempted.get(session_id)
+                    or ExpiredError("session is closed or expired; reconnect"))
             return False
         if session.batch_key(queued.frame) is None:
             _resolve(queued.future, self._handle, session_id, queued.frame)
@@ -331,7 +386,11 @@ class BodyScheduler:
             self._check_memory(session.new_bytes(queued.frame), "this frame")
             session.check(queued.frame)
         except LambdaSplitError as exc:
-            queued.future.set_exception(exc)
+            _settle(queued.future, error=exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a bug in a check: this session's, not its step's
+            log.exception("checking a frame of session %s failed", session_id.hex()[:8])
+            _settle(queued.future, error=self._failed([session_id], exc))
             return False
         return True
 
@@ -347,20 +406,77 @@ class BodyScheduler:
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory moving the frames: these sessions only
                 error = self._failed([s for s, _ in members], exc)
                 for _, queued in members:
-                    if not queued.future.done():
-                        queued.future.set_exception(error)
+                    _settle(queued.future, error=error)
                 continue
             for (session_id, queued), hidden in zip(members, states, strict=True):
                 if isinstance(hidden, Exception):
-                    queued.future.set_exception(hidden)
+                    _settle(queued.future, error=hidden)
                     continue
                 work = self.sessions[session_id].prepare(queued.frame, hidden)
                 work.future, work.arrived = queued.future, queued.arrived
                 self._last_used[session_id] = time.monotonic()
                 self._active[session_id] = work
 
+    def _reserve(self) -> list[Work]:
+        """The works whose frames hold KV blocks for all their positions, claimed oldest session
+        first; a work that cannot get them waits (or, after `kv_wait`, gets a capacity error)."""
+        if self.pool is None:
+            return list(self._active.values())
+        ready, now = [], time.monotonic()
+        for session_id in [s for s in self.sessions if s in self._active]:  # oldest first
+            work = self._active.get(session_id)
+            if work is None:  # preempted by an older session in this pass
+                continue
+            try:
+                claimed = self._claim(work)
+            except LimitError as exc:
+                del self._active[session_id]
+                _settle(work.future, error=exc)
+                continue
+            if claimed:
+                work.waiting_since = None
+                ready.append(work)
+            else:
+                self._wait_for_kv(work, now)
+        return ready
+
+    def _claim(self, work: Work) -> bool:
+        """Give every row of `work` the blocks for all its positions; preempt younger sessions for
+        them if that is enough. False: they must wait. LimitError: they would never fit."""
+        pool, rows = self.pool, work.rows
+        target = rows[0].length + work.remaining
+        if pool.grow(rows, target):
+            return True
+        need = sum(max(0, pool.blocks_for(target) - len(row.blocks)) for row in rows)
+        if len(rows) * pool.blocks_for(target) > pool.usable_blocks:
+            raise LimitError(
+                f"{len(rows)} rows x {target} positions need {len(rows) * pool.blocks_for(target)} KV blocks; the "
+                f"server's KV pool has {pool.usable_blocks} (--kv-pool)"
+            )
+        order = list(self.sessions)
+        younger = [s for s in reversed(order[order.index(work.session.session_id) + 1:]) if _held(self.sessions[s])]
+        if pool.free_blocks + sum(_held(self.sessions[s]) for s in younger) < need:
+            return False  # preempting them all would not be enough: wait for older sessions to finish
+        for victim in younger:  # the youngest first, only as many as it takes
+            self._preempt(victim, work.session.session_id)
+            if pool.grow(rows, target):
+                return True
+        return False
+
+    def _preempt(self, session_id: bytes, by: bytes) -> None:
+        """Close a session to give its KV blocks to an older one; its device replays on a new session."""
+        self._refused("preempt")
+        log.info("session %s preempted: session %s needed its KV blocks", session_id.hex()[:8], by.hex()[:8])
+        error = CapacityError(
+            "preempted: the server's KV pool is full and an older session needed this session's blocks; "
+            "reconnect and replay", retry_after=defaults.CAPACITY_RETRY_AFTER,
+        )
+        self._preempted[session_id] = error
+        self._close(session_id, error)
+
     def _step(self, body: Any, works: list[Work]) -> bool:
-        """One forward over every decode step and as many prefill positions as the budget allows."""
+        """One forward over every decode step and as many prefill positions as the budget allows
+        (every work already holds its blocks)."""
         pool, now = self.pool, time.monotonic()
         budget = self.step_tokens
         chosen: list[tuple[Work, int]] = []
@@ -369,10 +485,6 @@ class BodyScheduler:
             # Decodes always run; every waiting prefill gets the budget left, and at least one
             # position per row, so no prompt waits for the decodes to thin out.
             take = work.remaining if work.remaining == 1 else min(work.remaining, max(1, budget // rows))
-            if not pool.grow(work.rows, work.rows[0].length + take):
-                self._wait_for_kv(work, now)
-                continue
-            work.waiting_since = None
             budget -= rows * take
             chosen.append((work, take))
         if not chosen:
@@ -411,7 +523,7 @@ class BodyScheduler:
         session_id = work.session.session_id
         del self._active[session_id]
         self._refused("kv")
-        work.future.set_exception(CapacityError(
+        _settle(work.future, error=CapacityError(
             f"the server's KV pool has had no room for this frame for {self.limits.kv_wait:.0f} s "
             f"({self.pool.free_blocks} of {self.pool.usable_blocks} blocks free); retry later",
             retry_after=defaults.CAPACITY_RETRY_AFTER,
@@ -436,23 +548,24 @@ class BodyScheduler:
                 try:
                     reply = work.session.finish(work, payload if payload is not None else encode_tensor(out, codec))
                 except Exception as exc:  # noqa: BLE001 - this session's reply failed: its future, no one else's
-                    work.future.set_exception(self._failed([work.session.session_id], exc))
+                    _settle(work.future, error=self._failed([work.session.session_id], exc))
                     continue
-                work.future.set_result((reply, work.seconds))
+                _settle(work.future, (reply, work.seconds))
 
     def _failed(self, session_ids: list[bytes], exc: Exception) -> ComputeError:
         """Close sessions whose step failed inside the model (their caches may hold half a step);
-        their frames in flight get the compute error."""
+        their frames in flight get the compute error, after the close (so a device that reads the
+        error finds its session gone)."""
         first = (str(exc).splitlines() or [""])[0][:300]
         error = ComputeError(f"the body failed to run this step ({type(exc).__name__}: {first})")
         for session_id in session_ids:
             work = self._active.pop(session_id, None)
-            if work is not None and work.future is not None and not work.future.done():
-                work.future.set_exception(error)
             try:
                 self._close(session_id)
             except Exception:  # noqa: BLE001 - closing must not take the compute thread down with it
                 log.exception("closing session %s after a failed step", session_id.hex()[:8])
+            if work is not None and work.future is not None:
+                _settle(work.future, error=error)
         if isinstance(exc, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
         log.debug("the body failed (%s: %s); %d session(s) closed", type(exc).__name__, first, len(session_ids))
@@ -480,6 +593,19 @@ class BodyScheduler:
         return reply, seconds
 
 
+def match_body(manifests: list[Any], theirs: Any) -> tuple[int | None, str | None]:
+    """The index of the hosted body manifest that fits the device's parts, or the reason none does."""
+    problem = None
+    for index, manifest in enumerate(manifests):
+        problem = manifest.compatible_with(theirs)
+        if problem is None:
+            return index, None
+    if len(manifests) > 1:
+        starts = ", ".join(str(m.body[0]) for m in manifests)
+        problem = f"this server runs bodies starting at layers {starts}; the device's is {theirs.body}. {problem}"
+    return None, problem
+
+
 def pool_budget(limits: SchedulerLimits, probe: torch.Tensor | None) -> int:
     """KV pool bytes: --kv-pool if given, else what every session at its KV limit would need,
     capped at 90% of free GPU memory (the pool is allocated up front) or half the free host memory
@@ -489,6 +615,17 @@ def pool_budget(limits: SchedulerLimits, probe: torch.Tensor | None) -> int:
     share = 0.9 if probe is not None and probe.device.type == "cuda" else 0.5
     spare = max(0, _free_memory(probe) - limits.min_free_memory)
     return min(limits.max_sessions * limits.max_session_kv_bytes, int(share * spare))
+
+
+def _context_window(bodies: list[Body]) -> int:
+    """The model's context window, the default --max-context: with a smaller one (it was 4096) a
+    longer prompt ran its first frames' prefill before the server refused it."""
+    for body in bodies:
+        if isinstance(body, TextBody):
+            window = getattr(body.runner.config, "max_position_embeddings", None)
+            if isinstance(window, int) and window > 0:
+                return window
+    return defaults.MAX_CONTEXT
 
 
 def _make_pool(bodies: list[Body], limits: SchedulerLimits) -> KVPool | None:
@@ -509,9 +646,28 @@ def _make_pool(bodies: list[Body], limits: SchedulerLimits) -> KVPool | None:
 
 def _resolve(future: Future, fn: Callable, *args: Any) -> None:
     try:
-        future.set_result(fn(*args))
+        value = fn(*args)
     except Exception as exc:  # noqa: BLE001 - delivered to the waiting transport, which reports it
-        future.set_exception(exc)
+        _settle(future, error=exc)
+        return
+    _settle(future, value)
+
+
+def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
+    """Answer a future unless it is answered already or was cancelled (its transport stopped
+    waiting): one waiter that left must never keep the loop from answering the others."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+def _held(session: Session) -> int:
+    """KV blocks a session's rows hold (sessions of bodies without a pool hold none)."""
+    return sum(len(row.blocks) for row in getattr(session, "rows", ()))
 
 
 def _free_memory(param: torch.Tensor | None) -> int:

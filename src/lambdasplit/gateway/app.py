@@ -45,6 +45,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogpr
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
 from openai.types.completion_usage import PromptTokensDetails
+from starlette.exceptions import HTTPException
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
@@ -439,6 +440,7 @@ def create_app(
     generator = _Generator(device, connect, pool, speculate, protected)
     defaults = sampling_defaults or SamplingDefaults.from_generation_config(device.model.generation_config)
     vocab_size = int(device.config.get_text_config().vocab_size)
+    created = _created(device)
 
     async def reap() -> None:
         while True:
@@ -481,6 +483,8 @@ def create_app(
             return json.loads(body)
         except ValueError as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # json.loads nests one C call per level; the body was short enough to be read
+            raise bad_request("the request body is nested too deeply") from None
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -489,6 +493,14 @@ def create_app(
     @app.exception_handler(LambdaSplitError)
     async def _split_error(_: Request, exc: LambdaSplitError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _no_route(request: Request, exc: HTTPException) -> JSONResponse:
+        """An unknown path or method, in OpenAI's shape ("Invalid URL (GET /v1/x)"), not FastAPI's {"detail": ...}."""
+        what = "Invalid URL" if exc.status_code == 404 else str(exc.detail)
+        response = error_response(APIError(exc.status_code, f"{what} ({request.method} {request.url.path})"))
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -503,13 +515,13 @@ def create_app(
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
         check_key(request)
-        return {"object": "list", "data": [_model(model_name)]}
+        return {"object": "list", "data": [_model(model_name, created)]}
 
     @app.get("/v1/models/{name:path}")
     def model(name: str, request: Request) -> dict[str, Any]:
         check_key(request)
         check_model(name)
-        return _model(model_name)
+        return _model(model_name, created)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
@@ -629,8 +641,15 @@ def create_app(
     return app
 
 
-def _model(name: str) -> dict[str, Any]:
-    return Model(id=name, object="model", created=0, owned_by="lambdasplit").model_dump(mode="json", exclude_unset=True)
+def _model(name: str, created: int) -> dict[str, Any]:
+    return Model(id=name, object="model", created=created, owned_by="lambdasplit").model_dump(mode="json", exclude_unset=True)
+
+
+def _created(device: SplitDevice) -> int:
+    """`created` of /v1/models: when the model's weights were written (the newest weight file's
+    mtime; 0 was every model's), or now where there are none to read."""
+    files = device.opened.checkpoint.files
+    return int(max(f.stat().st_mtime for f in files)) if files else int(time.time())
 
 
 def _encode(device: SplitDevice, prompt: str | list[int]) -> list[int]:

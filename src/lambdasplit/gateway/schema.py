@@ -11,17 +11,22 @@ request argument supplied").
 from __future__ import annotations
 
 import math
+import re
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from openai.types import completion_create_params as completion_params
+from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat import completion_create_params as chat_params
 from pydantic import TypeAdapter, ValidationError
 
 MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
 MAX_TOP_LOGPROBS = 20  # chat `top_logprobs` (OpenAI: 0..20)
 MAX_COMPLETION_LOGPROBS = 5  # legacy completions `logprobs` (OpenAI: 0..5)
+MAX_DEPTH = 64  # nesting of the request's JSON (a JSON schema in `response_format` is the deepest field)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # (non-streaming, streaming) request types: `stream` is a Literal in each.
 _CHAT = (chat_params.CompletionCreateParamsNonStreaming, chat_params.CompletionCreateParamsStreaming)
@@ -231,6 +236,8 @@ def _sampling(payload: Mapping[str, Any], defaults: SamplingDefaults, vocab_size
     if count is not None and count < 1:
         raise bad_request("`max_tokens` must be at least 1", "max_tokens")
     seed = payload.get("seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request(f"`seed` must be from 0 to 2**63 - 1, got {seed}", "seed")
     return Sampling(
         max_tokens=count,
         greedy=temperature == 0.0,
@@ -313,12 +320,110 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 def _object(payload: Any) -> Mapping[str, Any]:
     if not isinstance(payload, Mapping):
         raise bad_request("the request body must be a JSON object")
+    _check_text(payload)
     return payload
+
+
+def _check_text(payload: Mapping[str, Any]) -> None:
+    """Every string of the body, keys included, is Unicode text, and the body is at most MAX_DEPTH deep.
+
+    JSON can escape a lone UTF-16 surrogate ("\\ud800"); it decodes to a Python string that is not
+    text: the tokenizer cannot encode it and no response can quote it (UTF-8 refuses it). Walked
+    without recursion, so no nesting depth can exhaust the stack."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), payload)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep", _dotted(path[:1]))
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise bad_request(f"`{_dotted(path)}` is not valid Unicode text (it holds a lone surrogate)", _dotted(path))
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    where = f"a field name in `{_dotted(path)}`" if path else "a field name"
+                    raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate)", _dotted(path) or None)
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), item) for i, item in enumerate(value))
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(map(str, path))
+
+
+def _content_shapes() -> dict[str, tuple[bool, frozenset[str]]]:
+    """Per role of openai's `ChatCompletionMessageParam`: whether its content may be null, and the
+    `type`s of the content parts it takes (read from the TypedDicts, so it tracks the API)."""
+    shapes = {}
+    for typed in typing.get_args(ChatCompletionMessageParam):
+        hints = typing.get_type_hints(typed)
+        options = typing.get_args(hints["content"]) or (hints["content"],)
+        parts: set[str] = set()
+        for option in options:
+            if typing.get_origin(option) is Iterable:
+                part = typing.get_args(option)[0]
+                for member in typing.get_args(part) if typing.get_origin(part) is typing.Union else (part,):
+                    parts.update(typing.get_args(typing.get_type_hints(member)["type"]))
+        for role in typing.get_args(hints["role"]):
+            shapes[role] = (type(None) in options, frozenset(parts))
+    return shapes
+
+
+_CONTENT_SHAPES = _content_shapes()
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_messages(messages: Any) -> None:
+    """Each message's role and content shape as openai's message types define them, with one clear
+    error naming the field: content is a string, or (where the role takes them) null or a list of
+    content parts, each an object whose `type` the role takes, a text part with a string `text`.
+    A part this gateway cannot read (an image) is valid here and refused as unsupported later."""
+    if not isinstance(messages, list):
+        raise bad_request(f"`messages` must be a list of message objects, got {_json_type(messages)}", "messages")
+    roles = ", ".join(repr(r) for r in _CONTENT_SHAPES)
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, Mapping):
+            raise bad_request(f"`{where}` must be a message object, got {_json_type(message)}", where)
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _CONTENT_SHAPES:
+            raise bad_request(f"`{where}.role` must be one of {roles}, got {_json_type(role)}"
+                              + (f" {role!r}" if isinstance(role, str) else ""), f"{where}.role")
+        nullable, part_types = _CONTENT_SHAPES[role]
+        content = message.get("content")
+        if content is None:
+            if not nullable:
+                raise bad_request(f"`{where}.content` is required for a {role} message and must not be null", f"{where}.content")
+        elif not isinstance(content, str) and not (isinstance(content, list) and part_types):
+            kinds = "a string or a list of content parts" if part_types else "a string"
+            raise bad_request(f"`{where}.content` must be {kinds}, got {_json_type(content)}", f"{where}.content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"{where}.content.{j}", role, part_types)
+
+
+def _check_part(part: Any, where: str, role: str, types: frozenset[str]) -> None:
+    if not isinstance(part, Mapping):
+        raise bad_request(f"`{where}` must be a content part object, got {_json_type(part)}", where)
+    kind = part.get("type")
+    if not isinstance(kind, str) or kind not in types:
+        raise bad_request(f"`{where}.type` must be one of {', '.join(sorted(map(repr, types)))} in a {role} message, got "
+                          f"{_json_type(kind)}" + (f" {kind!r}" if isinstance(kind, str) else ""), f"{where}.type")
+    for name in ("text", "refusal"):
+        if kind == name and not isinstance(part.get(name), str):
+            raise bad_request(f"`{where}.{name}` must be a string, got {_json_type(part.get(name))}", f"{where}.{name}")
 
 
 def parse_chat(payload: Any, defaults: SamplingDefaults, vocab_size: int, max_n: int) -> ChatRequest:
     """A chat request checked against openai's `CompletionCreateParams` and this gateway's limits."""
-    body = _validate(_CHAT, _object(payload), CHAT_FIELDS)
+    payload = _object(payload)
+    if "messages" in payload:
+        _check_messages(payload["messages"])
+    body = _validate(_CHAT, payload, CHAT_FIELDS)
     top = body.get("top_logprobs")
     if top is not None and not body.get("logprobs"):
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")

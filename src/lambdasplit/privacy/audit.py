@@ -251,7 +251,8 @@ def _quality(config: AuditConfig, defense: Defense, k: int, m: int) -> dict:
     if defense.tls or defense.random_split:
         return {"kl": 0.0, "perplexity_delta": 0.0, "note": "exact: the split output is unchanged"}
     device = SplitDevice.load(config.source, (k, m))
-    ids = device.tokenizer(heldout_text(), return_tensors="pt")["input_ids"][:, :512]
+    # At most the model's window: past it the numbers say nothing (and the body refuses it).
+    ids = device.tokenizer(heldout_text(), return_tensors="pt")["input_ids"][:, :min(512, device.max_context)]
     clean_body, body = load_local_body(config.source, (k, m)), _body(config, defense, k, m)
 
     def logits(b) -> torch.Tensor:

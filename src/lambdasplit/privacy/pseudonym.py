@@ -8,9 +8,10 @@ detector's recall per kind next to the leak.
 Detection is Presidio's analyzer with its pattern recognizers (e-mail, phone, credit card, IBAN, IP,
 dates) on its no-op NLP engine (no spaCy model is loaded or downloaded), plus recognizers of ours for
 names (Faker's first- and last-name lists of many locales, with capitalisation and title/context
-cues), account and ID numbers and street addresses. Stand-ins come from Faker in the locale the real
-value looks like it came from, keep the format (separators, digit counts, check digits) and are kept
-consistent: the same real value always gets the same stand-in within one `Pseudonymizer`.
+cues), account and ID numbers, street addresses, and the quasi-identifiers of privacy/quasi.py
+(postcodes, the city of an address, dates written in words). Stand-ins come from Faker in the locale
+the real value looks like it came from, keep the format (separators, digit counts, check digits) and
+are kept consistent: the same real value always gets the same stand-in within one `Pseudonymizer`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from lambdasplit.privacy import quasi
+
 log = logging.getLogger(__name__)
 
-KINDS = ("PERSON", "EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "ACCOUNT", "ID", "ADDRESS", "DATE", "IP")
+KINDS = ("PERSON", "EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "ACCOUNT", "ID", "ADDRESS", "POSTCODE", "CITY", "DATE", "IP")
 LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "pt_BR", "nl_NL", "sv_SE", "tr_TR", "en_IN", "pl_PL")
 # Presidio's entity names -> ours.
 _PRESIDIO_KINDS = {"EMAIL_ADDRESS": "EMAIL", "PHONE_NUMBER": "PHONE", "CREDIT_CARD": "CREDIT_CARD", "IBAN_CODE": "IBAN",
-                   "IP_ADDRESS": "IP", "DATE_TIME": "DATE"}
+                   "IP_ADDRESS": "IP", "DATE_TIME": "DATE", quasi.IDENTIFYING_DATE: "DATE"}
 # Which kind wins when two detected spans of equal length overlap.
-_PRIORITY = {k: i for i, k in enumerate(("EMAIL", "IBAN", "CREDIT_CARD", "IP", "DATE", "PHONE", "ACCOUNT", "ID", "ADDRESS", "PERSON"))}
+_PRIORITY = {k: i for i, k in enumerate(("EMAIL", "IBAN", "CREDIT_CARD", "IP", "DATE", "POSTCODE", "PHONE", "ACCOUNT", "ID", "ADDRESS",
+                                         "CITY", "PERSON"))}
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "SE", "PL", "BR", "IN", "CH", "AT", "PT", "MX", "IE", "BE", "TR")
 
 _UPPER = "A-ZÀ-ÖØ-ÞĀ-ſ"
@@ -58,7 +62,9 @@ _STREET_PREFIX = r"(?:Calle|Avenida|Av\.|Rua|Rue|Avenue|Boulevard|Via|Viale|Piaz
 _STREET_COMPOUND = r"(?:straße|strasse|str\.|weg|gasse|allee|platz|laan|straat|gracht|plein|vägen|gatan|sokak|caddesi)"
 _ADDRESS_PATTERNS = (
     rf"\b\d{{1,5}}[a-zA-Z]?,?\s+(?:{_WORD}\s+){{0,3}}{_STREET_WORDS}(?![\w])",  # 14 Elm Grove Road
-    rf"\b{_STREET_PREFIX}\s+(?:(?:de|del|de la|da|do|dos|des|di|della|du|le|la)\s+)?(?:{_WORD}\s*){{1,3}},?\s*(?:n[º°.]?\s*)?\d{{1,5}}[a-zA-Z]?\b",
+    # Calle Mayor 5, Via Roma, 12 (after a comma at most 4 digits: "Rue de Rivoli, 75001 Paris" ends in a postcode)
+    rf"\b{_STREET_PREFIX}\s+(?:(?:de|del|de la|da|do|dos|des|di|della|du|le|la)\s+)?(?:{_WORD}\s*){{1,3}}"
+    rf"(?:,\s*(?:n[º°.]?\s*)?\d{{1,4}}|(?:n[º°.]?\s*)?\d{{1,5}})[a-zA-Z]?\b",
     rf"\b\d{{1,5}},?\s+{_STREET_PREFIX}\s+(?:(?:de|del|de la|du|des|le|la)\s+)?(?:{_WORD}\s*){{1,3}}",  # 12 rue de la Paix
     rf"\b[{_UPPER}][a-zà-öø-ÿß]+{_STREET_COMPOUND}\s*\d{{1,5}}[a-zA-Z]?\b",  # Hauptstraße 5
 )
@@ -122,9 +128,9 @@ class Detector:
         self.lexicon = name_lexicon()
 
     def find(self, text: str) -> list[Span]:
-        found = [Span(r.start, r.end, _PRESIDIO_KINDS.get(r.entity_type, r.entity_type), text[r.start:r.end])
-                 for r in self.engine.analyze(text, language="en") if r.score >= self.min_score]
-        found = [s for s in found if s.kind != "DATE" or _is_identifying_date(s.text)]
+        results = [r for r in self.engine.analyze(text, language="en") if r.score >= self.min_score]
+        found = [Span(r.start, r.end, _PRESIDIO_KINDS.get(r.entity_type, r.entity_type), text[r.start:r.end]) for r in results
+                 if r.entity_type != "DATE_TIME" or _is_identifying_date(text[r.start:r.end])]
         found += self._names(text)
         return _resolve(found)
 
@@ -222,6 +228,11 @@ def _analyzer():
     }
     for kind, patterns in ours.items():
         registry.add_recognizer(PatternRecognizer(supported_entity=kind, patterns=patterns, supported_language="en", name=f"lambdasplit-{kind}"))
+    not_place = frozenset(_NOT_NAMES | _TITLES | {"Please", "Thanks", "Regards", "Best", "Send", "Ship", "Post", "Mail", "Our", "Your",
+                                                  "Their", "His", "Her", "We", "You", "He", "She", "They", "This", "That", "Yes", "No",
+                                                  "ZIP", "PLZ", "CEP", "CAP", "CP", "PIN", "PO", "Box"})
+    registry.add_recognizer(quasi.place_recognizer("|".join(_ADDRESS_PATTERNS), not_place))
+    registry.add_recognizer(quasi.date_recognizer())
     engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}])
     return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
 
@@ -280,6 +291,10 @@ class StandIns:
             return ".".join(str(self.rng.randint(1, 254)) for _ in range(4)) if real.count(".") == 3 else self._digits(real)
         if kind == "ADDRESS":
             return self._address(real)
+        if kind == "POSTCODE":
+            return self._postcode(real)
+        if kind == "CITY":
+            return quasi.city_stand_in(real, self.rng)
         if kind == "PHONE":
             return self._digits(real, keep_prefix=_country_prefix(real))
         return self._digits(real)
@@ -352,7 +367,10 @@ class StandIns:
 
     def _date(self, real: str) -> str:
         """Same format; a 4-digit (or > 31) group is a year and moves by up to 6 years, a group > 12 is a day
-        (redrawn 1-28), any other a day or month (redrawn 1-12): valid in every field order."""
+        (redrawn 1-28), any other a day or month (redrawn 1-12): valid in every field order. A month
+        name becomes another month of its language, and English and French ordinals follow the day."""
+        numeric = not re.search(r"[^\W\d_]", real)  # 03/07/1985 keeps its zero padding; 3 March 1985 gets none
+
         def redraw(m: re.Match) -> str:
             g = m.group()
             n = int(g)
@@ -360,9 +378,24 @@ class StandIns:
                 return str(max(1900, n + self.rng.randint(-6, 6)))
             if n > 31:
                 return f"{(n + self.rng.randint(-6, 6)) % 100:02d}"
-            return str(self.rng.randint(1, 28 if n > 12 else 12)).zfill(len(g))
+            day = str(self.rng.randint(1, 28 if n > 12 else 12))
+            return day.zfill(len(g)) if numeric or g.startswith("0") else day
 
-        return re.sub(r"\d+", redraw, real)
+        value = re.sub(r"\d+", redraw, real)
+        value = re.sub(r"[^\W\d_]+", lambda m: quasi.month_stand_in(m.group(), self.rng), value)
+        return quasi.fix_ordinals(value)
+
+    def _postcode(self, real: str) -> str:
+        """Digits and letters redrawn in place, until the result is valid where the format restricts
+        them (UK, Canada, the Netherlands); a country prefix ("D-") is kept."""
+        prefix = re.match(r"[A-Z]{1,2}-", real)
+        valid = quasi.postcode_format(real)
+        value = real
+        for _ in range(100):
+            value = self._digits(real, keep_prefix=prefix.end() if prefix else 0)
+            if valid is None or valid.fullmatch(value):
+                break
+        return value
 
     def _address(self, real: str) -> str:
         """House numbers redrawn; the street's name words replaced by a surname of the same locale; the street type kept."""
@@ -475,10 +508,22 @@ class Pseudonymizer:
 
     def restore(self, text: str, before: str = "") -> str:
         """`text` with every stand-in mapped back; `before` is text already shown just before it
-        (context for the word boundary only, not returned)."""
+        (context for the word boundary only, not returned).
+
+        `text` is taken to end where the answer ends: a stand-in cut short there (the token limit
+        fell inside it) stays as written, since restoring the name parts it holds would splice a
+        real name with a piece of a stand-in ("Rose Carr" of "Rose Carrillo" -> "Margaret Carr")."""
         mapping = self.reverse_map()
         if not mapping:
             return text
+        whole = before + text
+        cut = _partial_stand_in(whole, mapping, len(before))
+        return self._restore_complete(whole[:cut], mapping, len(before)) + whole[cut:]
+
+    def _restore_complete(self, whole: str, mapping: dict[str, str], shown: int) -> str:
+        """`whole[shown:]` with every stand-in mapped back (`whole[:shown]` is word-boundary context)."""
+        if len(whole) <= shown:
+            return ""
         # Whole words only: a stand-in surname such as "White" must not rewrite "whiteboard". The model
         # may re-case a stand-in it copies ("Mcfarland" -> "McFarland"): a capitalised variant is
         # restored too, a lower-case one ("white") is an ordinary word and stays.
@@ -487,7 +532,7 @@ class Pseudonymizer:
 
         def real(match: re.Match) -> str:
             found = match.group()
-            if match.start() < len(before):
+            if match.start() < shown:
                 return found
             if found in mapping:
                 return mapping[found]
@@ -495,10 +540,25 @@ class Pseudonymizer:
                 return found
             return next((v for k, v in mapping.items() if re.fullmatch(re.escape(k), found, re.IGNORECASE)), found)
 
-        return pattern.sub(real, before + text)[len(before):]
+        return pattern.sub(real, whole)[shown:]
 
     def restorer(self) -> StreamRestorer:
         return StreamRestorer(self)
+
+
+def _partial_stand_in(text: str, mapping: dict[str, str], start: int) -> int:
+    """Where a stand-in cut short by the end of `text` begins (at or after `start`), or len(text):
+    the earliest word start from which the rest is a proper prefix of a stand-in and, trailing
+    spaces aside, not a whole one ("Rose Carr" of "Rose Carrillo"; "Rose " is the whole part "Rose")."""
+    keys = {k.casefold() for k in mapping}
+    longest = max(map(len, keys))
+    for at in range(max(start, len(text) - longest), len(text)):
+        if at and _WORD.match(text[at - 1]):
+            continue
+        rest = text[at:].casefold()
+        if rest.rstrip() not in keys and any(k.startswith(rest) for k in keys):
+            return at
+    return len(text)
 
 
 class StreamRestorer:

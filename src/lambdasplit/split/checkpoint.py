@@ -24,6 +24,10 @@ from lambdasplit.paths import cache_dir
 
 # Config keys that describe how a file was written rather than the model itself.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "quantization_config", "dtype", "torch_dtype"}
+# An exported part keeps the model's config here; its config.json is a stub that transformers refuses,
+# so `from_pretrained(DIR/device)` cannot build the whole model around a part's few layers (the
+# missing layers would be random). Parts exported before this have the real config in config.json.
+PART_CONFIG_NAME = "part_config.json"
 
 
 @dataclass
@@ -47,13 +51,15 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> PretrainedConfig:
+        part_config = self.path / PART_CONFIG_NAME
         try:
-            return AutoConfig.from_pretrained(str(self.path))
+            return AutoConfig.from_pretrained(str(part_config if part_config.is_file() else self.path))
         except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
             # transformers says "not a valid JSON file" (OSError), an unknown model_type (ValueError),
             # or a field of the wrong type (huggingface_hub's validation error, a ValueError).
             reason = " ".join(str(exc).split())
-            raise SourceError(f"{self.path / 'config.json'}: not a usable model config ({reason[:200]})") from None
+            name = PART_CONFIG_NAME if part_config.is_file() else "config.json"
+            raise SourceError(f"{self.path / name}: not a usable model config ({reason[:200]})") from None
 
     @property
     def keys(self) -> list[str]:

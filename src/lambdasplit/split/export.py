@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from lambdasplit.errors import SourceError
-from lambdasplit.split.checkpoint import model_fingerprint
+from lambdasplit.split.checkpoint import PART_CONFIG_NAME, model_fingerprint
 from lambdasplit.split.load import open_source, resolve_dtype
 from lambdasplit.split.manifest import MANIFEST_NAME, PartManifest, check_output_dir, hash_files, prepare_output_dir
 from lambdasplit.split.parts import part_keys
@@ -69,10 +70,12 @@ def export_parts(
 
 
 def write_part(directory: Path, tensors: dict[str, torch.Tensor], config, manifest: PartManifest, extra: list[Path] = ()) -> None:
-    """Fill the empty `directory` with one part: weights, config, the `extra` files that exist (tokenizer)
-    and the manifest, which hashes them all."""
+    """Fill the empty `directory` with one part: weights, the model's config (in part_config.json, under a
+    config.json stub), the `extra` files that exist (tokenizer) and the manifest, which hashes them all."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    config.save_pretrained(str(directory))
+    config.to_json_file(str(directory / PART_CONFIG_NAME))
+    stub = _config_stub(manifest.role, manifest.body)
+    (directory / "config.json").write_text(json.dumps(stub, indent=2) + "\n")
     for path in extra:
         if path.is_file():
             shutil.copy2(path, directory / path.name)
@@ -80,3 +83,14 @@ def write_part(directory: Path, tensors: dict[str, torch.Tensor], config, manife
     (directory / MANIFEST_NAME).write_text(manifest.to_json())
     log.info("wrote %s part (%d tensors) to %s", manifest.role, len(tensors), directory)
 
+
+def _config_stub(side: str, body: tuple[int, int]) -> dict[str, str]:
+    """config.json of a part: a model type transformers does not know, so AutoConfig, AutoModel* and
+    pipeline() refuse the directory instead of filling the other side's layers with random weights."""
+    holds = "embeddings, the head and tail layers and the LM head" if side == "device" else (
+        f"decoder layers {body[0]}..{body[1] - 1} only")
+    return {
+        "model_type": f"lambdasplit_{side}_part",
+        "note": f"The {side} part of a model split by lambdasplit: it holds the {holds}, so it cannot run alone "
+                f"or in transformers. Load it with lambdasplit; the model's config is in {PART_CONFIG_NAME}.",
+    }

@@ -121,8 +121,9 @@ def body_variants(
 ) -> list[tuple[PartRunner, PartManifest]]:
     """Bodies starting at K+1..k_max (for randomised split points), built on `widest`'s tensors."""
     spec = opened.spec
-    if not spec.k < k_max <= spec.layers - spec.m:
-        raise SplitError(f"a K range {spec.k}-{k_max} needs {spec.k} < {k_max} <= {spec.layers - spec.m} (L - M)")
+    if not spec.k < k_max < spec.layers - spec.m:
+        raise SplitError(f"a K range {spec.k}-{k_max} needs {spec.k} < {k_max} < {spec.layers - spec.m} (L - M: "
+                         "K = L - M would leave the body empty)")
     params = widest.module.state_dict()
     tied = bool(getattr(opened.config, "tie_word_embeddings", False))
     variants = []

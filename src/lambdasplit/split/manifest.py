@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from lambdasplit.defaults import MAX_FRAME_BYTES
-from lambdasplit.errors import LambdaSplitError, SourceError, WireError
+from lambdasplit.errors import LambdaSplitError, MismatchError, SourceError, WireError
 from lambdasplit.split.checkpoint import file_sha256
 from lambdasplit.split.quantize import SCHEMES
 from lambdasplit.split.spec import SplitSpec
@@ -38,6 +38,9 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_FILES = 4096
 HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
+# Each kind of manifest (its KIND) by a field only it has, and the server that serves it: a device of
+# one kind at a server of the other is told so, not that a field of the other kind is missing.
+_KINDS = {"layers": ("a language model", "serve --model or --part"), "family": ("a diffusion pipeline", "serve --pipeline")}
 _SIDES = {"cloud": ("the server's body", "has"), "device": ("the device's parts", "have"), "full": ("the full model", "has")}
 
 
@@ -259,6 +262,16 @@ class Manifest(ABC):
     @abstractmethod
     def from_dict(cls, data: Any) -> Manifest:
         """Parse a manifest from disk or the network; anything malformed raises WireError."""
+
+    @classmethod
+    def from_peer(cls, data: Any) -> Manifest:
+        """The device's manifest from its HELLO, parsed as this server's kind; a device of the other
+        kind (a text client at an image server, or the reverse) gets a MismatchError saying so."""
+        for key, (kind, server) in _KINDS.items():
+            if isinstance(data, dict) and key in data and kind != cls.KIND:
+                raise MismatchError(f"this server serves {cls.KIND}, but the device holds {kind}; "
+                                    f"point the device at a server started with `lambdasplit {server}`")
+        return cls.from_dict(data)
 
     @abstractmethod
     def frame_limits(self, max_payload: int = MAX_FRAME_BYTES, max_tokens: int | None = None) -> Limits:

@@ -30,8 +30,15 @@ class SplitSpec:
 
     @classmethod
     def create(cls, k: int, m: int, layers: int, allow_shallow: bool = False) -> SplitSpec:
-        """Validate a split, refusing the trivially invertible shallow edges unless asked for."""
+        """Validate a split, refusing the trivially invertible shallow edges unless asked for and
+        always a body with no layers (the cloud would compute nothing; internal views such as an
+        attack's tail-only runner build SplitSpec directly)."""
         spec = cls(k, m, layers)
+        if k + m == layers:
+            raise SplitError(
+                f"split K={k}, M={m}: K + M = {layers} is every one of the model's {layers} decoder layers, "
+                f"leaving the body (cloud) empty; choose K + M < {layers}"
+            )
         if not allow_shallow and k == 0:
             raise SplitError(
                 "K=0 sends raw token embeddings to the cloud, which map back to the prompt by a table "

@@ -46,7 +46,7 @@ DISCONNECT_POLL = 0.05  # seconds between checks that the page is still listenin
 Emit = Callable[[dict], None]
 Job = Callable[[Emit, threading.Event], None]
 STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css", "vendor/marked.umd.js": "text/javascript",
-                "vendor/purify.min.js": "text/javascript"}
+                "vendor/purify.min.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 
 
 class Message(BaseModel):
@@ -422,6 +422,11 @@ def create_ui(
         if name not in STATIC_TYPES:
             return Response(status_code=404)
         return Response(static.joinpath(name).read_text(), media_type=STATIC_TYPES[name])
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        """Browsers ask for /favicon.ico whatever the page links (the /audit page links none): the SVG, not a 404."""
+        return asset("favicon.svg")
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page() -> str:
