@@ -164,3 +164,42 @@ def test_a_gguf_exports_in_bfloat16_by_default(tmp_path):
     device = SplitDevice.load(parts["device"])
     ids, _ = device.encode("The capital of France is", raw=True)
     assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, GenerationOptions(max_new_tokens=4)).token_ids[0]) == 4
+
+
+def test_cli_generate_quantizes_the_device(llama):
+    """`generate --quantize int8` gives the tokens of the same int8 device loaded in Python."""
+    cmd = [sys.executable, "-m", "lambdasplit.cli", "generate", "--model", str(llama), "--split", "2,2", "--quantize", "int8",
+           "-n", "6", "--json", "--raw", "Hello there"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+    device = SplitDevice.load(llama, (2, 2), quantize="int8")
+    ids, _ = device.encode("Hello there", raw=True)
+    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, GenerationOptions(max_new_tokens=6)).token_ids
+    assert out["token_ids"] == expected[0]
+
+
+@pytest.mark.parametrize("command", [["gateway", "--server", "ws://127.0.0.1:9"], ["ui", "--no-image"]])
+def test_gateway_and_ui_load_a_quantized_device(llama, monkeypatch, command):
+    """gateway and ui pass --quantize to the device they serve (uvicorn is not started here)."""
+    from typer.testing import CliRunner
+
+    from lambdasplit.cli import app
+
+    loaded: list[SplitDevice] = []
+    original = SplitDevice.load
+    monkeypatch.setattr(SplitDevice, "load", staticmethod(lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]))
+    served: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda app_, **_: served.append(app_))
+    result = CliRunner().invoke(app, [*command, "--model", str(llama), "--split", "2,2", "--quantize", "int4", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(served) == 1 and [d.manifest.quantize for d in loaded] == ["int4"]
+    assert isinstance(loaded[0].head.module.layers[0].mlp.up_proj, QuantizedLinear)
+
+
+def test_from_pretrained_quantizes_the_device(llama):
+    from lambdasplit.device.model import SplitModelForCausalLM
+
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), quantize="int4")
+    assert isinstance(model.split_device.tail.module.lm_head, QuantizedLinear)
+    out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
+    device = SplitDevice.load(llama, (2, 2), quantize="int4")
+    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=5)).token_ids
