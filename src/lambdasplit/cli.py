@@ -131,7 +131,8 @@ RangeSplitOpt = Annotated[
 ShallowOpt = Annotated[
     bool, typer.Option("--allow-shallow", help="Allow K=0 or M=0, which expose the prompt or the output trivially.")
 ]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16: what the parts compute in and send; device and server must agree. Default: an exported part's own, else float32 (export from a .gguf: bfloat16).")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: the device's head, tail, LM head and embeddings stored quantized (CPU); the body is unchanged. A quantized export loads quantized.")]
 ServerOpt = Annotated[
     Optional[str],
     typer.Option("--server", callback=_check_server, help="Body server URL, ws://HOST:PORT or wss://HOST:PORT."),
@@ -316,6 +317,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
     codec: Annotated[str, typer.Option(help="Wire codec for hidden states: fp32, bf16, fp16, int8 (lossy).")] = "fp32",
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     allow_shallow: ShallowOpt = False,
     server: ServerOpt = None,
     token_file: TokenOpt = None,
@@ -352,7 +354,7 @@ def generate(
     wire = Codec.parse(codec)
     _check_in_process(model, server, decoys)
     parts = _random_split(split)
-    device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow)
+    device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow, quantize=quantize)
     if not raw:
         _warn_without_chat_template(device)
     body = _body(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca,
@@ -441,13 +443,15 @@ def train_draft(
 
 
 @app.command()
-def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None, allow_shallow: ShallowOpt = False) -> None:
-    """Show the architecture, L, D, and the parameters and memory of each part."""
+def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
+         allow_shallow: ShallowOpt = False) -> None:
+    """Show the architecture, L, D, and each part's parameters, bytes and precision (as stored in an
+    exported part; otherwise as --dtype / --quantize would store them)."""
     from rich.console import Console
     from rich.table import Table
 
     from lambdasplit.split.inspect import part_sizes
-    from lambdasplit.split.load import open_source, resolve_dtype
+    from lambdasplit.split.load import open_source, resolve_dtype, resolve_quantize
 
     opened = open_source(model, _split(split), allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
@@ -458,11 +462,11 @@ def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None,
         f"vocab = {config.vocab_size}  dtype = {str(torch_dtype).removeprefix('torch.')}"
     )
     console.print(f"source: {opened.checkpoint.path}", soft_wrap=True)
-    table = Table("part", "runs on", "layers", "parameters", "memory")
-    for role, size in part_sizes(opened, torch_dtype).items():
+    table = Table("part", "runs on", "layers", "parameters", "bytes", "precision")
+    for role, size in part_sizes(opened, torch_dtype, resolve_quantize(quantize, opened)).items():
         start, stop = opened.spec.range(role)
         where = "cloud" if role == "body" else "device"
-        table.add_row(role, where, f"[{start}, {stop})", f"{size.parameters:,}", f"{size.bytes / 2**20:.1f} MiB")
+        table.add_row(role, where, f"[{start}, {stop})", f"{size.parameters:,}", f"{size.bytes / 2**20:.1f} MiB", size.precision)
     console.print(table)
 
 
@@ -472,6 +476,7 @@ def export(
     model: ModelOpt = None,
     split: SplitOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     allow_shallow: ShallowOpt = False,
     pipeline: PipelineOpt = None,
     mode: ModeOpt = "paper",
@@ -487,15 +492,15 @@ def export(
         from lambdasplit.diffusion.parts import export_pipeline
         from lambdasplit.split.manifest import dtype_named
 
-        if model is not None or split is not None:
-            raise LambdaSplitError("--pipeline exports a diffusion pipeline; drop --model and --split")
+        if model is not None or split is not None or quantize is not None:
+            raise LambdaSplitError("--pipeline exports a diffusion pipeline; drop --model, --split and --quantize")
         written = export_pipeline(pipeline, mode, k, out, dtype_named(dtype), force=force)
         for side, directory in written.items():
             typer.echo(f"{side}: {directory}")
         return
     from lambdasplit.split.export import export_parts
 
-    written = export_parts(model, _split(split), out, dtype, allow_shallow, force=force)
+    written = export_parts(model, _split(split), out, dtype, allow_shallow, force=force, quantize=quantize)
     for side, directory in written.items():
         typer.echo(f"{side}: {directory}")
 
@@ -883,6 +888,7 @@ def gateway(
     codec: CodecOpt = "fp32",
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", callback=_check_text_file, help="Require this key from API clients.")] = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     speculate: SpeculateOpt = None,
     draft_tokens: DraftOpt = 8,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id for API clients (default: the model file's or directory's name).")] = None,
@@ -905,7 +911,7 @@ def gateway(
     if api_key is None and not is_loopback(host):
         raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
     _check_bindable(host, port)  # one line now, not a banner and then uvicorn's raw [Errno 98]
-    device = SplitDevice.load(model, _split(split), dtype)
+    device = SplitDevice.load(model, _split(split), dtype, quantize=quantize)
     _warn_without_chat_template(device)
     config = BodyConfig.from_options(server, token_file, tls_ca=tls_ca, codec=Codec.parse(codec),
                                      reconnect_window=reconnect_window)
@@ -1007,6 +1013,7 @@ def ui(
     tls_ca: CaOpt = None,
     codec: CodecOpt = "fp32",
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     pipeline: PipelineOpt = None,
     image_server: Annotated[Optional[str], typer.Option("--image-server", callback=_check_server, help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
@@ -1030,7 +1037,7 @@ def ui(
     token = read_token(token_file)
     wire = Codec.parse(codec)
     parts = _split(split)
-    device = SplitDevice.load(model, parts, dtype)
+    device = SplitDevice.load(model, parts, dtype, quantize=quantize)
     _warn_without_chat_template(device)
     # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
     def connect():  # one body session per conversation of the page

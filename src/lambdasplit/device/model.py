@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.errors import LambdaSplitError, PromptError
-from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype
+from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype, resolve_quantize
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import BUILD_LOCK, PartRunner
 
@@ -162,13 +162,15 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str | None = None,
         device: str = "cpu",
         allow_shallow: bool = False,
+        quantize: str | None = None,
     ) -> SplitModelForCausalLM:
         """Head and tail of a model source or an exported device part, with no body yet (one is
-        given per sequence: `new_cache(body)`)."""
+        given per sequence: `new_cache(body)`); `quantize` (int8, int4) stores their weights quantized."""
         opened = open_source(source, split, allow_shallow)
         torch_dtype = resolve_dtype(dtype, opened)
-        head, tail = device_runners(opened, torch_dtype, device)
-        return cls(opened, head, tail, opened.manifest("device", torch_dtype)).eval()
+        quantize = resolve_quantize(quantize, opened)
+        head, tail = device_runners(opened, torch_dtype, device, quantize)
+        return cls(opened, head, tail, opened.manifest("device", torch_dtype, quantize)).eval()
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -178,11 +180,13 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         body: BodyClient | str | None = None,
         dtype: str | None = None,
         device: str = "cpu",
+        quantize: str | None = None,
         **body_options: Any,
     ) -> SplitModelForCausalLM:
         """Load head and tail from `source`; `body` is a `BodyClient`, a server URL (`ws://`,
-        `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process."""
-        model = cls.from_source(source, split, dtype, device)
+        `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process.
+        `quantize` (int8, int4) quantizes head and tail weights; the body is unaffected."""
+        model = cls.from_source(source, split, dtype, device, quantize=quantize)
         if isinstance(body, str):
             from lambdasplit.device.connect import BodyConfig, connect_body
 

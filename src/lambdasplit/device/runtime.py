@@ -38,9 +38,11 @@ class SplitDevice:
         dtype: str | None = None,
         device: str = "cpu",
         allow_shallow: bool = False,
+        quantize: str | None = None,
     ) -> SplitDevice:
-        """Load head + tail (and the tokenizer) from a model source or an exported device part."""
-        model = SplitModelForCausalLM.from_source(source, split, dtype, device, allow_shallow)
+        """Load head + tail (and the tokenizer) from a model source or an exported device part;
+        `quantize` (int8, int4) stores their weights quantized (split/quantize.py)."""
+        model = SplitModelForCausalLM.from_source(source, split, dtype, device, allow_shallow, quantize)
         return cls(model, PromptTokenizer.load(model.opened))
 
     @property

@@ -8,31 +8,59 @@ import torch
 from safetensors import safe_open
 
 from lambdasplit.split.load import OpenedSource
+from lambdasplit.split.manifest import DTYPE_NAMES
 from lambdasplit.split.parts import part_keys
+from lambdasplit.split.quantize import ZERO, scheme_for, split_companion, stored_bytes
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 
 
 @dataclass
 class PartSize:
     parameters: int
     bytes: int
+    precision: str
 
 
-def part_sizes(opened: OpenedSource, dtype: torch.dtype) -> dict[str, PartSize]:
+def part_sizes(opened: OpenedSource, dtype: torch.dtype, quantize: str | None = None) -> dict[str, PartSize]:
+    """Each part's parameters, bytes and precision: as stored for an exported part, else as `dtype`
+    (the device parts as `quantize`, when given) would store them."""
     checkpoint = opened.checkpoint
     tied = bool(getattr(opened.config, "tie_word_embeddings", False))
-    available = set(checkpoint.keys)
-    counts: dict[str, int] = {}
+    stored: dict[str, tuple[list[int], int]] = {}
     for file in checkpoint.files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                numel = 1
-                for dim in handle.get_slice(key).get_shape():
-                    numel *= dim
-                counts[key] = numel
-    sizes = {}
+                tensor = handle.get_slice(key)
+                stored[key] = (list(tensor.get_shape()), _ITEMSIZE.get(tensor.get_dtype(), 4))
+    exported = opened.exported is not None
+    if exported:
+        quantize = opened.exported.quantize
     itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {}
     for role in ("head", "body", "tail"):
-        keys = [k for k in part_keys(checkpoint.keys, opened.spec, role, tied) if k in available]
-        params = sum(counts[k] for k in keys)
-        sizes[role] = PartSize(params, params * itemsize)
+        scheme = None if role == "body" else quantize
+        params = size = 0
+        for key in (k for k in part_keys(checkpoint.keys, opened.spec, role, tied) if k in stored):
+            shape, stored_itemsize = stored[key]
+            numel = _numel(shape)
+            if not split_companion(key)[1]:
+                params += numel * (2 if key + ZERO in stored else 1)  # an int4 weight holds two values per byte
+            if exported:
+                size += numel * stored_itemsize
+            else:
+                size += stored_bytes(tuple(shape), scheme_for(key, scheme) if scheme and key.endswith(".weight") else None, itemsize)
+        sizes[role] = PartSize(params, size, _precision(scheme, dtype))
     return sizes
+
+
+def _numel(shape: list[int]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
+
+
+def _precision(scheme: str | None, dtype: torch.dtype) -> str:
+    """int8 / int4 (whose embeddings and LM head are int8: split/quantize.py), else the dtype."""
+    return scheme or DTYPE_NAMES[dtype]

@@ -12,6 +12,7 @@ from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
 from lambdasplit.split.manifest import PartManifest, dtype_named
 from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part, part_keys, renamed
+from lambdasplit.split.quantize import check_scheme, embedding_tensors
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.split.spec import SplitSpec
 
@@ -28,10 +29,10 @@ class OpenedSource:
     def config(self):
         return self.checkpoint.config
 
-    def manifest(self, role: str, dtype: torch.dtype) -> PartManifest:
+    def manifest(self, role: str, dtype: torch.dtype, quantize: str | None = None) -> PartManifest:
         """The manifest this side presents in a handshake."""
         fingerprint = self.exported.fingerprint if self.exported else model_fingerprint(self.checkpoint)
-        return PartManifest.describe(role, self.config, fingerprint, self.spec, dtype)
+        return PartManifest.describe(role, self.config, fingerprint, self.spec, dtype, quantize)
 
     def require(self, role: str) -> None:
         """Refuse to load a part from an exported directory that does not hold it."""
@@ -76,23 +77,38 @@ def part_runner(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     shared: dict[str, torch.Tensor] | None = None,
+    quantize: str | None = None,
 ) -> PartRunner:
     adapter = adapter_for(opened.config)
-    module = build_part(opened.checkpoint, opened.spec, role, dtype, device, opened.config, shared)
+    module = build_part(opened.checkpoint, opened.spec, role, dtype, device, opened.config, shared, quantize)
     return PartRunner(module, role, adapter.sub_config(opened.config, *opened.spec.range(role)))
 
 
 def device_runners(
-    opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu"
+    opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu", quantize: str | None = None
 ) -> tuple[PartRunner, PartRunner]:
-    """Head and tail; a tied embedding matrix is loaded once and shared by both."""
+    """Head and tail; a tied embedding matrix is loaded once and shared by both. `quantize` (int8,
+    int4) quantizes their weights on load; a quantized export loads quantized either way."""
     opened.require("device")
-    head = part_runner(opened, "head", dtype, device)
+    quantize = resolve_quantize(quantize, opened)
+    if quantize is not None and torch.device(device).type != "cpu":
+        raise SourceError(f"--quantize {quantize} runs on the CPU (PyTorch's CPU kernels); drop it or use --device cpu")
+    head = part_runner(opened, "head", dtype, device, quantize=quantize)
     shared = None
     if getattr(opened.config, "tie_word_embeddings", False):
-        shared = {EMBED_KEY: head.module.embed_tokens.weight}
-    tail = part_runner(opened, "tail", dtype, device, shared)
+        shared = embedding_tensors(head.module.embed_tokens, EMBED_KEY)
+    tail = part_runner(opened, "tail", dtype, device, shared, quantize)
     return head, tail
+
+
+def resolve_quantize(name: str | None, opened: OpenedSource) -> str | None:
+    """The device parts' weight precision: a quantized export's own (a different --quantize is
+    refused: the full-precision weights are gone), else `name`."""
+    check_scheme(name)
+    stored = opened.exported.quantize if opened.exported else None
+    if stored is not None and name is not None and name != stored:
+        raise SourceError(f"{opened.checkpoint.path} holds {stored} weights; --quantize {name} needs an export from the full model")
+    return stored or name
 
 
 def body_runner(opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu") -> PartRunner:

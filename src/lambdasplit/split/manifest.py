@@ -24,6 +24,7 @@ import torch
 from lambdasplit.defaults import MAX_FRAME_BYTES
 from lambdasplit.errors import LambdaSplitError, MismatchError, SourceError, WireError
 from lambdasplit.split.checkpoint import file_sha256
+from lambdasplit.split.quantize import SCHEMES
 from lambdasplit.split.spec import SplitSpec
 from lambdasplit.wire.frame import Limits
 
@@ -109,6 +110,10 @@ class Fields:
         if pattern is not None and not pattern.fullmatch(value):
             raise self.fail(name, f"= {shown(value)} is not a valid value")
         return value
+
+    def optional_string(self, name: str, choices: Iterable[str]) -> str | None:
+        """An absent or null field is None; otherwise one of `choices`."""
+        return None if self.data.get(name) is None else self.string(name, choices=choices)
 
     def pair(self, name: str, high: int) -> tuple[int, int]:
         value = self._get(name)
@@ -339,6 +344,9 @@ class PartManifest(Manifest):
     dtype: str
     files: dict[str, str] = field(default_factory=dict)  # relative file name -> sha256, every file of the part
     format_version: int = FORMAT_VERSION
+    # The device parts' weight precision (int8, int4; None: `dtype`). The device's own business: the
+    # body never sees these weights, so it is not among MATCH.
+    quantize: str | None = None
 
     KIND: ClassVar[str] = "a language model"
     MATCH: ClassVar[tuple[str, ...]] = ("fingerprint", "layers", "hidden_size", "head", "body", "tail", "dtype")
@@ -376,10 +384,13 @@ class PartManifest(Manifest):
             dtype=fields.string("dtype", choices=DTYPES),
             files=fields.files(),
             format_version=fields.version(FORMAT_VERSION),
+            quantize=fields.optional_string("quantize", choices=SCHEMES),
         )
 
     @classmethod
-    def describe(cls, role: str, config, fingerprint: str, spec: SplitSpec, dtype: torch.dtype) -> PartManifest:
+    def describe(
+        cls, role: str, config, fingerprint: str, spec: SplitSpec, dtype: torch.dtype, quantize: str | None = None
+    ) -> PartManifest:
         return cls(
             role=role,
             model_type=config.model_type,
@@ -390,4 +401,5 @@ class PartManifest(Manifest):
             body=spec.range("body"),
             tail=spec.range("tail"),
             dtype=DTYPE_NAMES[dtype],
+            quantize=quantize,
         )

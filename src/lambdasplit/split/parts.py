@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, Pretrain
 
 from lambdasplit.split.adapters import Adapter, adapter_for
 from lambdasplit.split.checkpoint import Checkpoint
+from lambdasplit.split.quantize import COMPANIONS, finish_quantized, prepare_quantized, split_companion
 from lambdasplit.split.spec import SplitSpec
 
 # accelerate's init_empty_weights patches nn.Module globally: while a part is built, a parameter
@@ -40,11 +41,18 @@ def part_keys(checkpoint_keys: list[str], spec: SplitSpec, role: str, tied: bool
     if role == "tail":
         keys.append(NORM_KEY)
         keys.append(EMBED_KEY if tied or LM_HEAD_KEY not in checkpoint_keys else LM_HEAD_KEY)
-    return keys
+    present = set(checkpoint_keys)  # a quantized part's embedding / LM head bring their scales (and zeros)
+    return keys + [k + s for k in keys if k in (EMBED_KEY, LM_HEAD_KEY) for s in COMPANIONS if k + s in present]
 
 
 def renamed(key: str, role: str, start: int) -> str:
-    """Checkpoint key -> key inside the part module (layers renumbered from 0)."""
+    """Checkpoint key -> key inside the part module (layers renumbered from 0); a quantized weight's
+    scale and zero follow their weight."""
+    key, suffix = split_companion(key)
+    return _renamed(key, role, start) + suffix
+
+
+def _renamed(key: str, role: str, start: int) -> str:
     prefix = "model." if role == "tail" else ""
     layer = Adapter.layer_key(key)
     if layer is not None:
@@ -62,17 +70,20 @@ def build_part(
     device: str | torch.device = "cpu",
     config: PretrainedConfig | None = None,
     shared: dict[str, torch.Tensor] | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """The `role` part as an eval-mode module holding only its own weights.
 
     `shared` lets the device reuse a tensor already loaded for another part (the tied embedding
-    matrix serves both the head's lookup and the tail's LM head).
+    matrix serves both the head's lookup and the tail's LM head). `quantize` (int8, int4) stores the
+    part's projections and embeddings quantized (split/quantize.py); weights that arrive quantized
+    (an exported quantized part) load as such either way.
     """
     config = config or checkpoint.config
     adapter = adapter_for(config)
     sub = adapter.sub_config(config, *spec.range(role))
     with BUILD_LOCK:  # the whole build runs under init_empty_weights
-        return _build(checkpoint, spec, role, dtype, device, config, sub, shared or {})
+        return _build(checkpoint, spec, role, dtype, device, config, sub, shared or {}, quantize)
 
 
 def _build(
@@ -84,6 +95,7 @@ def _build(
     config: PretrainedConfig,
     sub: PretrainedConfig,
     shared: dict[str, torch.Tensor],
+    quantize: str | None,
 ) -> nn.Module:
     start, _ = spec.range(role)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -97,11 +109,14 @@ def _build(
         base.norm = nn.Identity()
     keys = part_keys(checkpoint.keys, spec, role, tied)
     wanted = [k for k in keys if k not in shared]
-    tensors = checkpoint.read(wanted, dtype=dtype)
-    tensors.update({k: v for k, v in shared.items() if k in keys})
+    tensors = checkpoint.read([k for k in wanted if not split_companion(k)[1]], dtype=dtype)
+    tensors.update(checkpoint.read([k for k in wanted if split_companion(k)[1]]))  # scales stay as stored (bf16)
+    tensors.update({k: v for k, v in shared.items() if split_companion(k)[0] in keys})
     state = {renamed(k, role, start): v.to(device) for k, v in tensors.items()}
+    state = prepare_quantized(module, state, quantize, dtype)
     module.load_state_dict(state, strict=True, assign=True)
     module.to(device)
+    finish_quantized(module, shared.values())
     return module.eval()
 
 

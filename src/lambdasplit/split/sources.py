@@ -52,6 +52,11 @@ def resolve_source(source: str | os.PathLike[str] | None) -> Checkpoint:
     raise SourceError(f"model source {str(source)!r}: expected a model directory, a part directory or a .gguf file")
 
 
+def is_gguf(source: str | os.PathLike[str] | None) -> bool:
+    """Whether `source` names a GGUF file (the embedded default is one)."""
+    return source is None or str(source) == DEFAULT_MODEL or str(source).endswith(".gguf")
+
+
 def converted_gguf(gguf: Path) -> Path:
     """Convert a GGUF file once to a cached safetensors directory; later loads take well under 2 s."""
     stat = gguf.stat()

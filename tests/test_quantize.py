@@ -1,0 +1,205 @@
+"""Quantized device parts (split/quantize.py): the kernels compute what the stored values say, an
+export holds them quantized and loads back quantized, and a server generates for such a device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lambdasplit.cloud.process import ServerProcess
+from lambdasplit.device.body import load_local_body
+from lambdasplit.device.generation import GenerationOptions
+from lambdasplit.device.remote import RemoteBody
+from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.errors import LambdaSplitError, SourceError
+from lambdasplit.split.export import export_parts
+from lambdasplit.split.manifest import PartManifest
+from lambdasplit.split.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    dequantize,
+    quantize_weight,
+)
+
+IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
+
+
+def _loaded(module: nn.Module, scheme: str, weight: torch.Tensor, **extra: torch.Tensor) -> nn.Module:
+    stored = {"weight" + suffix: value for suffix, value in quantize_weight(weight, scheme).items()}
+    module.load_state_dict({**stored, **extra}, strict=True, assign=True)
+    return module
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_linear_computes_its_stored_values(scheme):
+    """The CPU kernel's output equals bf16 inputs times the dequantized weight (fp32 sums, bf16 out)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 48, bias=True)
+    weight = linear.weight.detach()
+    layer = _loaded(QuantizedLinear(linear, scheme), scheme, weight, bias=linear.bias.detach())
+    stored = quantize_weight(weight, scheme)
+    values = dequantize(stored[""], stored["_scale"], stored.get("_zero"))
+    step = stored["_scale"].float().max().item()
+    assert (values - weight).abs().max().item() <= step * (0.5 if scheme == "int8" else 1.0)  # int4 may clip
+    layer.prepare()
+    x = torch.randn(2, 3, 96)
+    want = x.to(torch.bfloat16).float() @ values.T + linear.bias.detach()
+    got = layer(x)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_embedding_dequantizes_rows_and_keeps_gemmas_scale(scheme):
+    torch.manual_seed(0)
+    table = nn.Embedding(64, 32)
+    table.scalar_embed_scale = 32**0.5  # what Gemma3TextScaledWordEmbedding carries
+    layer = _loaded(QuantizedEmbedding(table, scheme, torch.float32), scheme, table.weight.detach())
+    stored = quantize_weight(table.weight.detach(), scheme)
+    values = dequantize(stored[""], stored["_scale"], stored.get("_zero"))
+    ids = torch.tensor([[3, 0, 63, 3]])
+    assert torch.equal(layer(ids), values[ids] * torch.tensor(32**0.5))
+
+
+def test_int4_refuses_shapes_the_kernel_cannot_take():
+    with pytest.raises(SourceError, match="divisible by 16"):
+        quantize_weight(torch.randn(40, 64), "int4")
+    with pytest.raises(SourceError, match="divisible by 32"):
+        quantize_weight(torch.randn(64, 48), "int4")
+
+
+@pytest.fixture(scope="module")
+def int4_parts(llama, tmp_path_factory):
+    return export_parts(llama, (2, 2), tmp_path_factory.mktemp("int4"), quantize="int4")
+
+
+def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
+    device_dir = int4_parts["device"]
+    manifest = PartManifest.read(device_dir)
+    assert manifest.quantize == "int4" and manifest.dtype == "float32"
+    assert PartManifest.read(int4_parts["cloud"]).quantize is None
+    with safe_open(str(device_dir / "model.safetensors"), framework="pt") as handle:
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == "U8"  # two 4-bit values per byte
+    assert dtypes["model.embed_tokens.weight"] == "I8"  # int4 parts keep the tied embedding / LM head int8
+    assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"
+    device = SplitDevice.load(device_dir)
+    assert device.manifest.quantize == "int4"
+    assert isinstance(device.head.module.layers[0].mlp.up_proj, QuantizedLinear)
+    assert isinstance(device.head.module.embed_tokens, QuantizedEmbedding)
+    assert isinstance(device.tail.module.lm_head, QuantizedLinear)
+    # The same weights quantized at load give the same tokens as the export.
+    on_load = SplitDevice.load(llama, (2, 2), quantize="int4")
+    body = load_local_body(llama, (2, 2))
+    options = GenerationOptions(max_new_tokens=8)
+    exported = device.generate_ids(body, IDS, None, options).token_ids
+    assert exported == on_load.generate_ids(body, IDS, None, options).token_ids
+
+
+def test_a_server_generates_for_a_quantized_device(int4_parts, llama):
+    """The CI check of issue 25: the body server (float32, unchanged) serves an int4 device part."""
+    device = SplitDevice.load(int4_parts["device"])
+    with ServerProcess("--part", str(int4_parts["cloud"])) as proc:
+        body = RemoteBody(proc.url, device.manifest, connect_timeout=30.0)
+        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=10))
+        body.close()
+    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=10))
+    assert len(result.token_ids[0]) == 10 and result.token_ids == local.token_ids
+
+
+def test_logits_stay_close_to_float32(llama):
+    """int8 device parts move the tiny model's logits by little next to their spread (measured: 12% of
+    the standard deviation at most), and no position's argmax changes."""
+    reference = SplitDevice.load(llama, (2, 2))
+    quantized = SplitDevice.load(llama, (2, 2), quantize="int8")
+    body = load_local_body(llama, (2, 2))
+    logits = []
+    for device in (reference, quantized):
+        model = device.model
+        logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
+    assert (logits[0] - logits[1]).abs().max() < 0.2 * logits[0].std()
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+
+
+def test_a_quantized_export_refuses_another_scheme_and_a_gpu(int4_parts, llama):
+    with pytest.raises(SourceError, match="holds int4 weights; --quantize int8 needs an export from the full model"):
+        SplitDevice.load(int4_parts["device"], quantize="int8")
+    with pytest.raises(SourceError, match="runs on the CPU"):
+        SplitDevice.load(llama, (2, 2), device="cuda", quantize="int8")
+    with pytest.raises(LambdaSplitError, match="unknown --quantize 'int2'"):
+        SplitDevice.load(llama, (2, 2), quantize="int2")
+
+
+def test_info_shows_bytes_and_precision_of_each_part(int4_parts):
+    out = subprocess.run([sys.executable, "-m", "lambdasplit.cli", "info", "--model", str(int4_parts["device"])],
+                         capture_output=True, text=True, check=True, env=None).stdout
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+    assert "int4" in rows["head"] and "int4" in rows["tail"] and "MiB" in rows["head"]
+    assert " 0.0 MiB" in rows["body"]
+
+
+def test_manifest_quantize_field_is_checked():
+    base = json.loads(PartManifest(
+        role="device", model_type="llama", fingerprint="0" * 64, layers=4, hidden_size=8, head=(0, 1), body=(1, 3),
+        tail=(3, 4), dtype="float32").to_json())
+    assert PartManifest.from_dict(base).quantize is None
+    assert PartManifest.from_dict({**base, "quantize": "int8"}).quantize == "int8"
+    with pytest.raises(LambdaSplitError, match="quantize = 'fp8' is not one of int8, int4"):
+        PartManifest.from_dict({**base, "quantize": "fp8"})
+
+
+@pytest.mark.slow
+def test_a_gguf_exports_in_bfloat16_by_default(tmp_path):
+    """The embedded GGUF (4-bit weights) is not blown up to float32 unless --dtype asks for it."""
+    parts = export_parts(None, (1, 1), tmp_path / "a", quantize="int8")
+    assert PartManifest.read(parts["device"]).dtype == "bfloat16" == PartManifest.read(parts["cloud"]).dtype
+    with safe_open(str(parts["cloud"] / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("model.layers.1.mlp.up_proj.weight").get_dtype() == "BF16"
+    device = SplitDevice.load(parts["device"])
+    ids, _ = device.encode("The capital of France is", raw=True)
+    assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, GenerationOptions(max_new_tokens=4)).token_ids[0]) == 4
+
+
+def test_cli_generate_quantizes_the_device(llama):
+    """`generate --quantize int8` gives the tokens of the same int8 device loaded in Python."""
+    cmd = [sys.executable, "-m", "lambdasplit.cli", "generate", "--model", str(llama), "--split", "2,2", "--quantize", "int8",
+           "-n", "6", "--json", "--raw", "Hello there"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+    device = SplitDevice.load(llama, (2, 2), quantize="int8")
+    ids, _ = device.encode("Hello there", raw=True)
+    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, GenerationOptions(max_new_tokens=6)).token_ids
+    assert out["token_ids"] == expected[0]
+
+
+@pytest.mark.parametrize("command", [["gateway", "--server", "ws://127.0.0.1:9"], ["ui", "--no-image"]])
+def test_gateway_and_ui_load_a_quantized_device(llama, monkeypatch, command):
+    """gateway and ui pass --quantize to the device they serve (uvicorn is not started here)."""
+    from typer.testing import CliRunner
+
+    from lambdasplit.cli import app
+
+    loaded: list[SplitDevice] = []
+    original = SplitDevice.load
+    monkeypatch.setattr(SplitDevice, "load", staticmethod(lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]))
+    served: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda app_, **_: served.append(app_))
+    result = CliRunner().invoke(app, [*command, "--model", str(llama), "--split", "2,2", "--quantize", "int4", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(served) == 1 and [d.manifest.quantize for d in loaded] == ["int4"]
+    assert isinstance(loaded[0].head.module.layers[0].mlp.up_proj, QuantizedLinear)
+
+
+def test_from_pretrained_quantizes_the_device(llama):
+    from lambdasplit.device.model import SplitModelForCausalLM
+
+    model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), quantize="int4")
+    assert isinstance(model.split_device.tail.module.lm_head, QuantizedLinear)
+    out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
+    device = SplitDevice.load(llama, (2, 2), quantize="int4")
+    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=5)).token_ids
