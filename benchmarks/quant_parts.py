@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from benchmarks.agreement import PROMPTS, argmaxes, greedy
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 
 SPLIT = (2, 2)
 DEFAULT = ["emb:id", "bf16", "real-int8", "real-int4", "emb:c8", "lm:c8", "layers:c8", "emb:c8+lm:c8+layers:c8",

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from torch import nn
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.body import load_local_body
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError, SourceError
 from lambdasplit.split.export import export_parts
 from lambdasplit.split.manifest import PartManifest
@@ -199,7 +199,7 @@ def test_from_pretrained_quantizes_the_device(llama):
     from lambdasplit.device.model import SplitModelForCausalLM
 
     model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), quantize="int4")
-    assert isinstance(model.split_device.tail.module.lm_head, QuantizedLinear)
+    assert isinstance(model.tail.module.lm_head, QuantizedLinear)
     out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
     device = SplitDevice.load(llama, (2, 2), quantize="int4")
     assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=5)).token_ids
