@@ -282,7 +282,7 @@ def serve_gpu_section(data: dict) -> str:
         lines += ["", "The same 64 sessions against a server with one setting changed:", "",
                   "| server | aggregate decode tok/s | ITL p50 / p99 ms | server ms per forward | sessions per forward |",
                   "|---|---|---|---|---|"]
-        rows = {"defaults (engine process, uvloop, --step-wait 2)": closed.get(64)} if "default" not in ablations else {}
+        rows = {"defaults (uvloop, --step-wait 2)": closed.get(64)} if "default" not in ablations else {}
         for name, r in {**rows, **ablations}.items():
             if r:
                 lines.append(f"| `{name}` | {r['aggregate_decode_tok_s']:.0f} | {_ms(r['itl_ms'])} | "

@@ -366,7 +366,7 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
     if "ablations" in parts and not quick:  # 64 sessions with one setting changed, and unchanged (its own baseline)
         payload["ablations"] = {
             name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
-            for name, args in (("default", ()), ("--in-process", ("--in-process",)), ("--no-uvloop", ("--no-uvloop",)),
+            for name, args in (("default", ()), ("--engine-process", ("--engine-process",)), ("--no-uvloop", ("--no-uvloop",)),
                                ("--step-wait 0", ("--step-wait", "0")))
         }
         write(NAME, payload)

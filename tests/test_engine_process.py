@@ -1,4 +1,4 @@
-"""The engine core in its own process (`serve --engine-process`, the default on a GPU): exact replies,
+"""The engine core in its own process (`serve --engine-process`, opt-in): exact replies,
 typed errors across the pipe, and a dead engine seen by /healthz and by the sessions."""
 
 from __future__ import annotations
