@@ -1,10 +1,13 @@
 """Sampling, stop strings and streaming behave as users expect (checked against transformers)."""
 
+import threading
+
+import pytest
 import torch
 
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.engine.local import load_local_body
+from lambdasplit.engine.local import LocalBody, load_local_body
 from tests.conftest import oracle
 
 
@@ -20,6 +23,41 @@ def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(tiny_models):
     ).token_ids[0]
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_concurrent_seeded_requests_sample_as_they_do_alone(tiny_models):
+    """Two seeded requests on one shared model, in lockstep (a barrier at every step, so their draws
+    interleave), give each the tokens it gives alone: each request samples with its own generator.
+    (Reseeding torch's global generator, as before, let each request draw from the other's stream.)"""
+    device, body = _pair(tiny_models["llama"])
+    other = LocalBody(body.scheduler)
+    ids = torch.tensor([[1, 10, 20, 30]])
+    options = {seed: GenerationOptions(max_new_tokens=16, greedy=False, temperature=1.5, seed=seed, ignore_eos=True)
+               for seed in (1, 2)}
+    alone = {seed: device.generate_ids(body, ids, None, options[seed]).token_ids[0] for seed in (1, 2)}
+    lockstep = threading.Barrier(2, timeout=120)
+    together: dict[int, list[int]] = {}
+
+    def run(seed: int, row_body: LocalBody) -> None:
+        result = device.generate_ids(row_body, ids, None, options[seed], on_tokens=lambda _: lockstep.wait())
+        together[seed] = result.token_ids[0]
+
+    threads = [threading.Thread(target=run, args=(1, body)), threading.Thread(target=run, args=(2, other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert together == alone
+    assert alone[1] != alone[2]
+
+
+def test_generate_kwargs_may_not_override_the_options(tiny_models):
+    """A sampling argument given both by GenerationOptions and as a generate() keyword is refused
+    (the gateway's temperature=1.0 keyword used to replace the options' temperature silently)."""
+    device, body = _pair(tiny_models["llama"])
+    options = GenerationOptions(max_new_tokens=4, greedy=False, temperature=0.5, seed=1)
+    with pytest.raises(ValueError, match="temperature, top_p come from GenerationOptions"):
+        device.generate_ids(body, torch.tensor([[1, 10, 20, 30]]), None, options, temperature=1.0, top_p=1.0)
 
 
 def test_top_k_one_equals_greedy(tiny_models):

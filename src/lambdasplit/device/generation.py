@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from lambdasplit.device.body import BodyClient
@@ -29,6 +39,35 @@ SPECULATE_HELP = ("prompt-lookup (draft from n-grams of the prompt), draft-head[
 
 class GenerationCancelled(LambdaSplitError):
     """The caller's `cancel` event was set before the generation started."""
+
+
+class SeededSampling(LogitsProcessor):
+    """Draws each row's next token from the processed scores with this request's own `torch.Generator`
+    and leaves only that token possible, so generate()'s multinomial (which reads torch's global
+    generator, shared by every thread) can pick nothing else. Reseeding the global generator made two
+    concurrent seeded requests draw from one stream; generate() takes no generator argument.
+    It runs after temperature, top-k and top-p (`GenerationOptions.sampling_processors`)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float().cpu(), dim=-1)
+        chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list[LogitsProcessor]:
+    """Temperature, top-k and top-p as processors, in transformers' order, only those that change
+    anything (the gateway's sampler and a seeded request's `sampling_processors` both use them)."""
+    warpers: list[LogitsProcessor] = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
 
 
 @dataclass(frozen=True)
@@ -67,15 +106,23 @@ class GenerationOptions:
     def generate_kwargs(self) -> dict[str, Any]:
         """The sampling arguments of `generate()` (drafting is added by the model)."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
-        if not self.greedy:
+        if not self.greedy and self.seed is None:
             kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
-        else:  # the model's generation_config may carry sampling defaults: greedy means none of them
+        else:  # greedy: none of generation_config's sampling defaults; seeded: sampling_processors() sample
             kwargs.update(temperature=None, top_k=None, top_p=None)
         if self.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = self.repetition_penalty
         if self.ignore_eos:
             kwargs["min_new_tokens"] = self.max_new_tokens
         return kwargs
+
+    def sampling_processors(self) -> list[LogitsProcessor]:
+        """With a seed: temperature, top-k and top-p in transformers' order, then the draw with the
+        request's own generator. generate() puts a caller's processors before the warpers it builds,
+        so a seeded request builds its warpers here and generate() builds none (`generate_kwargs`)."""
+        if self.greedy or self.seed is None:
+            return []
+        return [*sampling_warpers(self.temperature, self.top_k, self.top_p), SeededSampling(self.seed)]
 
 
 @dataclass
@@ -259,7 +306,12 @@ def generate_ids(
         raise PromptError("stop strings need the model's tokenizer")
     text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
     steps = _Steps(on_tokens, text)
-    kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch) | generate_kwargs
+    kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch)
+    if clash := sorted(kwargs.keys() & generate_kwargs.keys()):
+        raise ValueError(f"generate_ids: {', '.join(clash)} come from GenerationOptions, not from generate_kwargs")
+    kwargs |= generate_kwargs
+    if sampling := options.sampling_processors():
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *sampling])
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # the caller's, and ours
     if options.stop:
         criteria.append(_StopStrings(tokenizer, options.stop, prompt_len))
@@ -271,8 +323,6 @@ def generate_ids(
         kwargs["stopping_criteria"] = criteria
     if keep_logits:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
-    if options.seed is not None:
-        torch.manual_seed(options.seed)  # generate() samples from torch's global generator
     device = model.device
     ids = input_ids.to(device)
     mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(ids)

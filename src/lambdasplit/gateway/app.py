@@ -67,7 +67,6 @@ from lambdasplit.gateway.protected import (
     refuse_unprotectable,
 )
 from lambdasplit.gateway.sampling import (
-    NEUTRAL_GENERATE_KWARGS,
     JsonSchemaConstraint,
     LogprobRecorder,
     TokenLogprob,
@@ -332,7 +331,7 @@ class _Generator:
             processors = logits_processors(plan.sampling, ids.shape[1], recorder, constraint)
             result = self.device.generate_ids(
                 body, ids, mask, plan.options, on_tokens=collector.on_tokens, cancel=cancel,
-                cache=conv.cache if conv is not None else None, logits_processor=processors, **NEUTRAL_GENERATE_KWARGS,
+                cache=conv.cache if conv is not None else None, logits_processor=processors,
             )
             collector.finish()
             if conv is not None and result.finish_reasons[0] != "cancelled":
@@ -360,8 +359,7 @@ class _Generator:
         with self.protected.chat(messages, plan.user) as chat:
             body = self.connect()  # once the conversation's turn has begun: no session waits on its lock
             try:
-                done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel, logits_processor=processors,
-                                     **NEUTRAL_GENERATE_KWARGS)
+                done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel, logits_processor=processors)
             finally:
                 _close(body)
         return _real_row(done)
@@ -554,9 +552,11 @@ def create_app(
         if len(rows) > MAX_ROWS:
             raise bad_request(f"{len(prompts)} prompt(s) x n={req.n} is {len(rows)} rows; at most {MAX_ROWS} run as one batch", "n")
         drafting = speculate if len(rows) == 1 and req.logprobs is None else None
+        # temperature, top_p and top_k are applied by the request's processors (gateway/sampling.py), so
+        # the options leave generate()'s own neutral; the seed drives the request's own generator
         options = GenerationOptions(
-            max_new_tokens=s.max_tokens or default_max_tokens, greedy=s.greedy, temperature=s.temperature,
-            top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=s.stop, speculate=drafting, draft_tokens=draft_tokens,
+            max_new_tokens=s.max_tokens or default_max_tokens, greedy=s.greedy, seed=s.seed, stop=s.stop,
+            speculate=drafting, draft_tokens=draft_tokens,
         )
         return _Plan(chat, rows, sum(len(p) for p in prompts), s, options, req.logprobs, req.json_schema, req.stream,
                      req.include_usage, [e for e in echo for _ in range(req.n)], messages, user)

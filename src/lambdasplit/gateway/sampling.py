@@ -1,7 +1,8 @@
 """The gateway's sampler: OpenAI's sampling fields as transformers logits processors.
 
-The gateway hands `generate()` a complete `LogitsProcessorList` and switches off the processors
-`generate()` would build itself (temperature 1, top_p 1, no top_k). That fixes the order — raw
+The gateway hands `generate()` a complete `LogitsProcessorList`, and its `GenerationOptions` leave
+the processors `generate()` would build itself neutral (temperature 1, top_p 1, no top_k; a seed
+samples with the request's own generator, `device/generation.py`'s SeededSampling, appended last). That fixes the order — raw
 logits are recorded for `logprobs` first (vLLM's default, "raw_logprobs"), then repetition,
 presence/frequency penalties, `logit_bias`, the JSON-schema constraint, and only then temperature,
 top-k and top-p, as transformers orders its own — and lets each request carry its own processors
@@ -22,15 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
+from lambdasplit.device.generation import sampling_warpers
 from lambdasplit.gateway.schema import Sampling
-
-# generate()'s own sampling settings that build no processor of its own.
-NEUTRAL_GENERATE_KWARGS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "repetition_penalty": None}
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -144,10 +140,5 @@ def logits_processors(
     if constraint is not None:
         processors.append(constraint)
     if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k:
-            processors.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
+        processors.extend(sampling_warpers(sampling.temperature, sampling.top_k, sampling.top_p))
     return LogitsProcessorList(processors)
