@@ -78,3 +78,24 @@ def oracle(directory: Path) -> torch.nn.Module:
     if directory not in _ORACLES:
         _ORACLES[directory] = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     return _ORACLES[directory]
+
+
+@pytest.fixture(scope="module")
+def local(llama):
+    """A split-2,2 body in this process (fp32 frames), shared by a test module."""
+    from lambdasplit.engine.local import load_local_body
+    from lambdasplit.wire.codec import Codec
+
+    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
+    yield body
+    body.scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    """A body server in a thread over `local`'s bodies."""
+    from tests.test_server_hardening import ThreadServer
+
+    server = ThreadServer(local.scheduler.bodies)
+    yield server
+    server.close()

@@ -19,11 +19,10 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.train_draft import Objective, TrainSettings, answer, draft_vocabulary, train, train_draft
-from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from scripts import eval_draft
 from tests.conftest import oracle
-from tests.test_server_hardening import TOKEN, ThreadServer
+from tests.test_server_hardening import TOKEN
 
 PROMPTS = ["Tell me about the sea.", "Write a poem about trees.", "What is a cat?", "Explain rain.",
            "Tell me about the moon.", "Write a poem about rivers.", "What is a dog?", "Explain snow."]
@@ -43,18 +42,6 @@ def trained(llama, tmp_path_factory):
     return root / "head", meta
 
 
-@pytest.fixture(scope="module")
-def local(llama):
-    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
-    yield body
-    body.scheduler.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(local):
-    server = ThreadServer(local.scheduler.bodies)
-    yield server
-    server.close()
 
 
 def test_training_reduces_the_loss_improves_acceptance_and_writes_a_head_within_the_size_budget(trained):

@@ -11,28 +11,15 @@ import torch
 from lambdasplit.device.model import SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame
 from lambdasplit.wire.protocol import control_frame
 from tests.conftest import oracle
-from tests.test_server_hardening import TOKEN, ThreadServer, expect_error, hidden_frame, raw_session
+from tests.test_server_hardening import TOKEN, expect_error, hidden_frame, raw_session
 
 REUSE = "Repeat exactly: the cat sat on the mat and the dog sat on the log. Repeat exactly: the cat sat on the mat and"
 
 
-@pytest.fixture(scope="module")
-def local(llama):
-    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
-    yield body
-    body.scheduler.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(local):
-    server = ThreadServer(local.scheduler.bodies)
-    yield server
-    server.close()
 
 
 def _logits(model, ids, chunks):
