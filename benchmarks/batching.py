@@ -15,7 +15,7 @@ import time
 import torch
 
 from lambdasplit.engine.kvpool import Sequence
-from lambdasplit.engine.scheduler import load_scheduler
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.step import Chunk
 
 

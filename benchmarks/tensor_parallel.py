@@ -53,8 +53,9 @@ def exact(tp: TensorParallel) -> dict | None:
     from benchmarks.gpu import build_random
     from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.engine.loading import follow_leader, load_scheduler
     from lambdasplit.engine.local import LocalBody
-    from lambdasplit.engine.scheduler import SchedulerLimits, follow_leader, load_scheduler
+    from lambdasplit.engine.scheduler import SchedulerLimits
 
     path = build_random("llama2-7b") if tp.leader else None
     dist.barrier()

@@ -16,8 +16,9 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.engine.session import decode_hidden
 from lambdasplit.engine.step import Chunk
 from lambdasplit.errors import WireError

@@ -18,8 +18,9 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.core import EngineClient, _error_dict, _error_from
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import load_local_body
-from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import SchedulerLimits
 from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LimitError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame

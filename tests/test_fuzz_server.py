@@ -12,8 +12,9 @@ import torch
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.wire.codec import Codec
 from scripts.fuzz_server import Target, fuzz
 from tests.test_server_hardening import IDS, TOKEN, ThreadServer, assert_no_tracebacks

@@ -167,3 +167,10 @@ def test_the_package_graph_has_no_circle_and_is_the_one_docs_architecture_draws(
         f"docs/architecture.md's import graph differs from the code's imports; between the {GRAPH_START} "
         f"markers it should read:\n```text\n{render(edges)}\n```"
     )
+
+
+def test_the_scheduler_module_schedules_and_loads_no_model():
+    """engine/scheduler.py neither loads a model (`split.load`) nor bootstraps tensor parallel
+    (`engine.parallel`), not even inside a function: both are engine/loading.py's."""
+    imports = _module_graph(lazy=True)["lambdasplit.engine.scheduler"]
+    assert imports & {"lambdasplit.split.load", "lambdasplit.engine.parallel"} == set()

@@ -15,8 +15,9 @@ from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.kvpool import block_bytes
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.errors import CapacityError, LimitError
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle

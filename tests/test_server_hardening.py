@@ -25,8 +25,9 @@ from lambdasplit.cloud.server import BodyServer, ServerConfig
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
-from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits, load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.engine.session import kv_bytes_per_position
 from lambdasplit.errors import ComputeError, WireError
 from lambdasplit.wire.codec import Codec

@@ -8,7 +8,8 @@ import torch
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
-from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+from lambdasplit.engine.loading import load_scheduler
+from lambdasplit.engine.scheduler import SchedulerLimits
 from lambdasplit.errors import LambdaSplitError, MismatchError, PromptError
 from lambdasplit.wire.codec import Codec
 from tests.test_server_hardening import TOKEN, ThreadServer

@@ -582,14 +582,15 @@ def serve(
     import asyncio
 
     from lambdasplit.cloud.server import BodyServer, ServerConfig
-    from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+    from lambdasplit.engine.loading import load_scheduler
+    from lambdasplit.engine.scheduler import SchedulerLimits
     from lambdasplit.security import is_loopback, read_token, server_ssl_context
 
     if part is not None and model is not None:
         raise LambdaSplitError("give either --part or --model, not both")
     tp = _tensor_parallel(tensor_parallel, pipeline)
     if tp is not None and not tp.leader:
-        from lambdasplit.engine.scheduler import follow_leader
+        from lambdasplit.engine.loading import follow_leader
         from lambdasplit.split.spec import parse_split_range
 
         k_min, _, m = parse_split_range(split) if split else (None, None, None)

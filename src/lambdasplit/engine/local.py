@@ -14,7 +14,8 @@ from typing import TypeVar
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient, TransferStats
-from lambdasplit.engine.scheduler import BodyScheduler, load_scheduler
+from lambdasplit.engine.loading import load_scheduler
+from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.errors import UnavailableError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, Limits, MsgType, parse_frame
