@@ -86,7 +86,8 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
     copies of the same sessions fed the same states (so the outputs can be compared too), and a
     profile of one eager 64-row step."""
     from lambdasplit.engine.kvpool import Sequence
-    from lambdasplit.engine.scheduler import SchedulerLimits, load_scheduler
+    from lambdasplit.engine.loading import load_scheduler
+    from lambdasplit.engine.scheduler import SchedulerLimits
     from lambdasplit.engine.step import Chunk, run_step
 
     scheduler = load_scheduler(str(path), (1, 1), "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=24 << 30))

@@ -670,12 +670,3 @@ def _free_memory(param: torch.Tensor | None) -> int:
         return torch.cuda.mem_get_info(param.device)[0]
     return psutil.virtual_memory().available
 
-
-def __getattr__(name: str) -> Any:
-    """`load_scheduler` lives in `engine.loading`; benchmarks/serve_gpu.py (owned by the serving
-    work, not edited here) still imports it from this module."""
-    if name == "load_scheduler":
-        from lambdasplit.engine.loading import load_scheduler
-
-        return load_scheduler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
