@@ -12,6 +12,9 @@
 # validation and held-out acceptance), $OUT/train.log, and $OUT/eval.json (tokens per round trip on
 # the held-out chat set: plain vs prompt lookup vs the new head, greedy, identical tokens asserted).
 # --quick: a few prompts and tokens on the CPU, to check the whole path in a minute or two.
+# Knobs (environment): TRAIN_MINUTES (5.5: train-draft's --max-minutes), GEN_BATCH (256 prompts
+# answered at once), EVAL_MINUTES (1.5), STAGE=all|train|eval (eval: measure $HEAD, default $OUT/head, only, so a
+# longer training and a longer evaluation can each take one call of the machine).
 set -euo pipefail
 : "${OUT:?set OUT to the output directory}"
 PY=${PYTHON:-python3}
@@ -47,20 +50,27 @@ if [ "${1:-}" = "--quick" ]; then
   EVAL=(--limit 1 --new-tokens 16 --max-minutes 2)
 else
   DEVICE=cuda
-  TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch 256 --batch 32 --epochs 40 --max-minutes 5.5)
-  EVAL=(--new-tokens 128 --max-minutes 1.5)
+  TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-256}" --batch 32
+         --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.5}")
+  EVAL=(--new-tokens 128 --max-minutes "${EVAL_MINUTES:-1.5}")
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 fi
 
 start=$(date +%s)
-if ! "$PY" -m lambdasplit.cli train-draft --model "$GGUF" --split 2,2 --device "$DEVICE" --out "$OUT/head" "${TRAIN[@]}" \
+STAGE=${STAGE:-all}
+if [ "$STAGE" != eval ] && ! "$PY" -m lambdasplit.cli train-draft --model "$GGUF" --split 2,2 --device "$DEVICE" --out "$OUT/head" "${TRAIN[@]}" \
     2> "$OUT/train.log"; then
   tail -n 40 "$OUT/train.log" >&2
   exit 1
 fi
-grep "lambdasplit:" "$OUT/train.log" | tail -n 12 || true
-cp "$OUT/head/draft_head.json" "$OUT/train.json"
-echo "trained in $(( $(date +%s) - start )) s; evaluating"
-"$PY" scripts/eval_draft.py --model "$GGUF" --head "$OUT/head" --device "$DEVICE" --out "$OUT/eval.json" "${EVAL[@]}" \
+if [ "$STAGE" != eval ]; then
+  grep "lambdasplit:" "$OUT/train.log" | tail -n 12 || true
+  cp "$OUT/head/draft_head.json" "$OUT/train.json"
+  echo "trained in $(( $(date +%s) - start )) s"
+fi
+[ "$STAGE" = train ] && exit 0
+HEAD=${HEAD:-$OUT/head}
+echo "evaluating $HEAD"
+"$PY" scripts/eval_draft.py --model "$GGUF" --head "$HEAD" --device "$DEVICE" --out "$OUT/eval.json" "${EVAL[@]}" \
   2> "$OUT/eval.log" || { tail -n 20 "$OUT/eval.log" >&2; exit 1; }
 echo "done in $(( $(date +%s) - start )) s"
