@@ -455,6 +455,8 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
             write_data(data_file, key, data)
     else:
         progress.info("answers and features from %s", data_file)
+    if target.type == "cuda":  # give generate()'s KV caches back: cuBLAS must still find memory for training
+        torch.cuda.empty_cache()
     if not data.train:
         raise LambdaSplitError("no training answers were generated within the time budget; give --max-minutes more")
     generated = time.monotonic()
