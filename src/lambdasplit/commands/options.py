@@ -1,5 +1,5 @@
-"""The options the `lambdasplit` commands share, their checks and parameter types (cli.py's half
-that says what a value may be; cli.py says what each command does with it).
+"""What the `lambdasplit` commands share: their common options, checks and parameter types, and the
+few steps several commands take (the prompt's text, the body connection, the chat-template warning).
 
 Every check runs while the command line is parsed, before any model loads, and a bad value is one
 `error: Invalid value for '--OPTION': ...` line. `--split` is a parameter type: its text becomes a
@@ -11,7 +11,9 @@ through `click_type=` is not possible: typer >= 0.22 vendors its own click and d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 from urllib.parse import urlsplit
@@ -188,3 +190,84 @@ ReconnectOpt = Annotated[float, typer.Option(
     "--reconnect-window", min=0, help="Seconds to keep reconnecting (and replaying) after losing the body server."
 )]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n")]
+
+
+def point(split: SplitChoice | None) -> tuple[int, int] | None:
+    """(K, M) of a --split, or None where it was not given (the model's default then applies)."""
+    return split.point if split else None
+
+
+def device_split(split: SplitChoice | None) -> tuple[int, int] | None:
+    """K,M as given, or a K drawn with `secrets` from KMIN-KMAX (the cloud still learns K: it runs
+    layers K..L-M; this hides K from an eavesdropper and varies it across sessions)."""
+    if split is None or not split.ranged:
+        return point(split)
+    from lambdasplit.privacy.defenses import random_split_point
+
+    return random_split_point(split.k_min, split.k_max), split.m
+
+
+def body_client(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **options):
+    """The BodyClient: a session on --server, else on the body in this process."""
+    from lambdasplit.device.connect import BodyConfig, connect_body
+
+    config = BodyConfig.from_options(
+        server, token_file, tls_ca=tls_ca, codec=codec, source=model, split=parts, dtype=dtype,
+        allow_shallow=allow_shallow, **options,
+    )
+    return connect_body(config, device.manifest)
+
+
+def check_local_body(model: str | None, server: str | None, decoys: int) -> None:
+    """Without --server the body runs in this process: refuse, before anything loads, what cannot run there."""
+    if server is None:
+        from lambdasplit.device.connect import check_in_process
+
+        check_in_process(model, decoys)
+
+
+def prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt: the argument, standard input for `-`, or --prompt-file's text (a long prompt does
+    not fit a shell argument comfortably); the final newline a file or pipe ends with is dropped."""
+    if (prompt is None) == (prompt_file is None):
+        raise LambdaSplitError("give the prompt as an argument, as - (read from standard input) or with --prompt-file F: one of them")
+    if prompt_file is not None:
+        try:
+            data, source = prompt_file.read_bytes(), str(prompt_file)
+        except OSError as exc:
+            raise LambdaSplitError(f"cannot read the prompt file {prompt_file}: {exc.strerror}") from None
+    elif prompt == "-":
+        data, source = sys.stdin.buffer.read(), "standard input"
+    else:
+        return prompt
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError:
+        raise LambdaSplitError(f"the prompt in {source} is not UTF-8 text") from None
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated option's items."""
+    return [item.strip() for item in text.split(",")]
+
+
+def warn_without_chat_template(device) -> None:
+    """SplitDevice falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
+    without one); an instruction-tuned model then answers worse, so say it once."""
+    if device.has_tokenizer and device.tokenizer.chat_template is None:
+        typer.echo(
+            f"warning: the tokenizer of {device.opened.checkpoint.path.name} has no chat template; "
+            "prompts are sent raw, as with --raw",
+            err=True,
+        )
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr, updated by the yielded `report(label, done, total)`."""
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda label, done, total: progress.update(task, description=label, completed=done, total=total)
