@@ -129,3 +129,24 @@ def test_generate_json_with_the_shipped_draft_head_reports_round_trips_and_keeps
     assert plain["round_trips"] == len(plain["token_ids"]) and plain["tokens_per_round_trip"] == 1.0
     assert drafted["tokens_per_round_trip"] == len(drafted["token_ids"]) / drafted["round_trips"]
     assert drafted["drafting"]["drafted"] > 0 and "drafting" not in plain
+
+
+@pytest.mark.parametrize("argv,value,expected", [
+    (["generate", "hi"], "-1,2", "expected K,M or KMIN-KMAX,M with non-negative integers, e.g. 2,2 or 1-4,2"),
+    (["serve"], "4-1,2", "the K range must rise, e.g. 1-4,2"),
+    (["info"], "1-4,2", "expected K,M with two non-negative integers, e.g. 2,2"),
+    (["export", "--out", "unused"], "2", "expected K,M with two non-negative integers"),
+    (["gateway", "--server", "ws://127.0.0.1:1"], "a,b", "expected K,M with two non-negative integers"),
+    (["ui"], "2;2", "expected K,M with two non-negative integers"),
+    (["audit", "--split", "2,2"], "2,-2", "expected K,M with two non-negative integers"),  # each repeat is checked
+])
+def test_split_parameter_type_names_the_option_the_value_and_the_grammar(monkeypatch, capsys, argv, value, expected):
+    """--split is parsed while the command line is (the SplitChoice parameter type), before anything loads."""
+    from lambdasplit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lambdasplit", *argv, "--split", value])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Invalid value for '--split': {value!r}: {expected}") and err.count("\n") == 1, err

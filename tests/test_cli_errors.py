@@ -177,20 +177,22 @@ def test_gguf_tensor_bar_is_ours_and_restored(capsys):
 
 
 def test_warning_when_the_tokenizer_has_no_chat_template(capsys):
-    from types import SimpleNamespace
+    """On a real SplitDevice (the check once read an attribute the device no longer had, so it never warned)."""
+    import copy
 
-    from lambdasplit.cli import _warn_without_chat_template
+    from lambdasplit.commands.options import warn_without_chat_template
+    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.tokens import PromptTokenizer
 
-    def device(template):
-        return SimpleNamespace(_tokenizer=SimpleNamespace(chat_template=template),
-                               opened=SimpleNamespace(checkpoint=SimpleNamespace(path=Path("/m/gemma-3-1b"))))
-
-    _warn_without_chat_template(device("{{ messages }}"))
+    device = SplitDevice.load(None, (2, 2))
+    warn_without_chat_template(device)
     assert capsys.readouterr().err == ""
-    _warn_without_chat_template(device(None))
+    untemplated = copy.deepcopy(device.tokenizer)
+    untemplated.chat_template = None
+    warn_without_chat_template(SplitDevice(device.model, PromptTokenizer(device.opened, untemplated)))
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "gemma-3-1b has no chat template; prompts are sent raw" in err
+    assert f"{device.opened.checkpoint.path.name} has no chat template; prompts are sent raw" in err
 
 
 def test_audit_progress_counts_every_unit(tmp_path, smollm2_dir):

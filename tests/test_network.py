@@ -299,12 +299,12 @@ def test_randomised_split_server_hosts_every_k_in_its_range(llama):
 
 def test_split_range_parsing():
     from lambdasplit.errors import SplitError
-    from lambdasplit.split.spec import parse_split_range
+    from lambdasplit.split.spec import SplitChoice
 
-    assert parse_split_range("2,2") == (2, 2, 2)
-    assert parse_split_range("1-4, 2") == (1, 4, 2)
+    assert SplitChoice.parse("2,2") == SplitChoice(2, 2, 2) and not SplitChoice.parse("2,2").ranged
+    assert SplitChoice.parse("1-4, 2") == SplitChoice(1, 4, 2)
     with pytest.raises(SplitError, match="must rise"):
-        parse_split_range("4-1,2")
+        SplitChoice.parse("4-1,2")
 
 
 # ---- control messages (wire/protocol.py) ----------------------------------------------------------

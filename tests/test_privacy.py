@@ -134,3 +134,18 @@ def test_decoy_summary_counts_ties_as_expected_success():
     rows = [{"mode": "decoys", "length_matched": True, "by_n": {"1": {"lm": {"row": 0.5, "identifiers": 0.5}}}}]
     (entry,) = _decoy_summary(rows, (1,))
     assert entry["chance"] == 0.5 and entry["lm_row"] == 0.5
+
+
+def test_audit_options_quick_policy_and_unknown_names():
+    """`lambdasplit audit --quick` is AuditConfig.from_options' policy; what the user gives still wins."""
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.privacy.audit import ATTACKS, DEFENSES, AuditConfig
+
+    full = AuditConfig.from_options(None, None, list(ATTACKS), None, None, 24, 300)
+    assert (full.splits, full.defenses, full.prompts, full.max_new_tokens) == ([(1, 1), (2, 2), (4, 4), (8, 8)], list(DEFENSES), None, 24)
+    quick = AuditConfig.from_options(None, [(2, 2)], ["tail-replay"], None, None, 24, 300, quick=True)
+    assert (quick.splits, quick.prompts, quick.max_new_tokens, quick.inversion_steps) == ([(2, 2)], 3, 12, 100)
+    assert quick.defenses == ["none", "tls", "int8", "noise-1.0"]
+    assert AuditConfig.from_options(None, None, ["tail-replay"], ["int8"], 5, 24, 300, quick=True).defenses == ["int8"]
+    with pytest.raises(LambdaSplitError, match="unknown defense or attack: noise-9, mind-reading"):
+        AuditConfig.from_options(None, None, ["mind-reading"], ["noise-9"], None, 24, 300)

@@ -2,7 +2,7 @@ import pytest
 
 from lambdasplit.errors import SplitError, UnsupportedArchitectureError
 from lambdasplit.split.adapters import adapter_for
-from lambdasplit.split.spec import SplitSpec, parse_split
+from lambdasplit.split.spec import SplitChoice, SplitSpec
 
 
 def test_ranges_cover_all_layers_once():
@@ -33,9 +33,24 @@ def test_shallow_splits_need_explicit_permission(k, m, word):
 
 
 def test_parse_split():
-    assert parse_split("4, 1") == (4, 1)
+    assert SplitChoice.parse("4, 1", ranged=False).point == (4, 1)
+    assert SplitChoice.parse(" 1 - 4 ,2") == SplitChoice(1, 4, 2) and str(SplitChoice(1, 4, 2)) == "1-4,2"
     with pytest.raises(SplitError, match="K,M"):
-        parse_split("4")
+        SplitChoice.parse("4")
+
+
+@pytest.mark.parametrize("text,ranged,message", [
+    ("-1,2", True, "'-1,2': expected K,M or KMIN-KMAX,M with non-negative integers, e.g. 2,2 or 1-4,2"),
+    ("2,-2", False, "'2,-2': expected K,M with two non-negative integers, e.g. 2,2"),
+    ("1-4,2", False, "'1-4,2': expected K,M with two non-negative integers"),
+    ("2;2", True, "'2;2': expected K,M or KMIN-KMAX,M"),
+    ("4-1,2", True, "'4-1,2': the K range must rise, e.g. 1-4,2"),
+    ("2-2,2", True, "'2-2,2': the K range must rise"),
+])
+def test_bad_split_says_what_was_expected(text, ranged, message):
+    with pytest.raises(SplitError) as caught:
+        SplitChoice.parse(text, ranged)
+    assert str(caught.value).startswith(message)
 
 
 def test_unsupported_architecture_names_the_supported_ones():

@@ -46,3 +46,52 @@ RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body se
 # reading; the bytes bound what waits at the server per session (a larger frame goes alone).
 SEND_WINDOW_FRAMES = 8
 SEND_WINDOW_BYTES = 4 << 20
+
+# The CLI's other defaults (its --help shows each). Library code that has the same setting reads it
+# from here too: split/load.py (SPLIT), privacy/audit.py, privacy/pii_audit.py, device/train_draft.py.
+HOST = "127.0.0.1"  # every server binds loopback unless told otherwise
+DEVICE = "cpu"  # torch device the parts run on
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # the model used when none is given
+SPLIT = (2, 2)  # K layers in the head, M in the tail
+CODEC = "fp32"  # wire codec of hidden states (exact)
+MAX_NEW_TOKENS = 128  # generate
+DEMO_MAX_NEW_TOKENS = 64
+DEMO_PROMPT = "What is the capital of France?"
+REPETITION_PENALTY = 1.0  # none
+DRAFT_TOKENS = 8  # first speculative draft length; it then adapts
+NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode
+GATEWAY_CONVERSATIONS = 16  # finished conversations whose body session is kept for a follow-up
+# The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.
+UI_CONNECT_TIMEOUT = 5.0
+UI_RECONNECT_WINDOW = 5.0
+CERT_HOSTS = ("localhost", "127.0.0.1")
+TENSOR_PARALLEL = 1  # GPUs one body is cut over
+
+# Split diffusion
+DIFFUSION_MODE = "paper"  # the cloud runs the whole UNet; "unet-split": only its inner blocks
+UNET_OUTER_BLOCKS = 1  # unet-split: outer down/up blocks kept on the device
+IMAGE_STEPS = 20
+IMAGE_GUIDANCE = 5.0
+IMAGE_SEED = 0
+IMAGE_OUT = "image.png"
+
+# Privacy audit
+AUDIT_SPLITS = ((1, 1), (2, 2), (4, 4), (8, 8))
+AUDIT_OUT = "audit"
+AUDIT_MAX_NEW_TOKENS = 24
+INVERSION_STEPS = 300  # training steps of the learned inverter, per K
+AUDIT_IMAGE_PROMPT = "a lighthouse at dusk, oil painting"
+PII_PROMPT_SET = "heldout"  # or "tune"
+PII_DECOYS = (1, 3, 7)  # decoy counts the identifier audit measures
+PII_ATTACK_PROMPTS = 12  # prompts whose frames are attacked (vocabulary matching costs seconds each)
+
+# Draft-head training (train-draft)
+DRAFT_PROMPT_COUNT = 6000  # generated prompts when no --prompts file is given
+DRAFT_EPOCHS = 6  # at most; a time budget may stop sooner
+DRAFT_MAX_NEW_TOKENS = 128
+DRAFT_SAMPLED = 0.0  # share of the prompts that also get a sampled answer
+DRAFT_TEMPERATURE = 0.7  # of those sampled answers
+DRAFT_GEN_BATCH = 32  # prompts answered at once
+DRAFT_BATCH = 16  # sequences per training step
+DRAFT_LR = 1e-3
+AUDIT_ATTACKS = ("tail-replay", "vocab-matching", "split-probing", "learned-inversion")  # all of them

@@ -14,7 +14,9 @@ import http
 import logging
 import socket
 import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -32,6 +34,7 @@ from lambdasplit.errors import (
     RemoteError,
     WireError,
 )
+from lambdasplit.listen import bind_error
 from lambdasplit.security import token_matches
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import HEADER_SIZE, Frame, Limits, MsgType, parse_frame
@@ -42,13 +45,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
+    host: str = defaults.HOST
     port: int = defaults.SERVE_PORT
     token: str | None = None
     tls: ssl.SSLContext | None = None
     session_ttl: float = defaults.SESSION_TTL  # idle seconds before a session is closed
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_frame_bytes: int = defaults.MAX_FRAME_BYTES
+
+
+def _event_loop(use_uvloop: bool) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop.run where asked for and installed (its loop and transports are C: on the serving
+    benchmark the asyncio machinery was the largest share of the event loop thread), else asyncio.run."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed; serving on asyncio's event loop")
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 class BodyServer:
@@ -90,6 +106,35 @@ class BodyServer:
             finally:
                 reaper.cancel()
         self.scheduler.shutdown()
+
+    def serve_forever(self, use_uvloop: bool = True, on_listening: Callable[[], None] = lambda: None) -> None:
+        """Serve in this thread until interrupted; `on_listening()` once the socket is bound. A bind
+        failure is one LambdaSplitError (`lambdasplit.listen.bind_error`), never a wait on a server
+        that will not start."""
+
+        async def serve_until_stopped() -> None:
+            ready = asyncio.Event()
+            task = asyncio.create_task(self.run(ready))
+            # A bind failure ends the task before `ready` is set: wait for whichever comes first.
+            waiting = asyncio.create_task(ready.wait())
+            await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.is_set():
+                waiting.cancel()
+                await task  # raises the OSError
+                raise LambdaSplitError("the body server stopped before it was listening")
+            on_listening()
+            await task
+
+        try:
+            _event_loop(use_uvloop)(serve_until_stopped())
+        except OSError as exc:
+            raise bind_error(self.config.host, self.config.port, exc) from None
+
+    @property
+    def serving(self) -> str:
+        """What this server hosts, in words (the manifest's summary of every body)."""
+        first, *others = [body.manifest for body in self.scheduler.bodies]
+        return first.summary(others)
 
     @property
     def url(self) -> str:

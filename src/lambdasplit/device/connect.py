@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.remote import RemoteBody
+from lambdasplit.errors import LambdaSplitError
 from lambdasplit.security import read_token
-from lambdasplit.split.manifest import Manifest
+from lambdasplit.split.manifest import Manifest, PartManifest
 from lambdasplit.wire.codec import Codec
 
 if TYPE_CHECKING:
@@ -40,13 +41,30 @@ class BodyConfig:
     source: str | None = None
     split: tuple[int, int] | None = None
     dtype: str | None = None
-    device: str = "cpu"
+    device: str = defaults.DEVICE
     allow_shallow: bool = False
 
     @classmethod
     def from_options(cls, server: str | None, token_file: Path | None = None, **fields) -> BodyConfig:
         """A config from CLI options: the token is read (and checked) from its file."""
         return cls(server=server, token=read_token(token_file), **fields)
+
+
+def check_in_process(source: str | None, decoys: int = 0) -> None:
+    """Refuse, before anything loads, what a body in this process cannot run: an exported device
+    part (it has no body; that runs on a server) or decoy rows beyond the in-process --max-batch."""
+    if source is not None and Path(source).expanduser().is_dir():
+        exported = PartManifest.read(Path(source).expanduser())
+        if exported is not None and exported.role == "device":
+            raise LambdaSplitError(
+                f"{source} is an exported device part (head and tail only): its body runs on a server, so pass "
+                "--server ws://HOST:PORT of `lambdasplit serve --part DIR/cloud`"
+            )
+    if decoys + 1 > defaults.MAX_BATCH:
+        raise LambdaSplitError(
+            f"--decoys {decoys}: {decoys + 1} rows exceed the {defaults.MAX_BATCH} rows the body in this process runs "
+            f"per session; use --decoys {defaults.MAX_BATCH - 1} or fewer, or a --server started with a larger --max-batch"
+        )
 
 
 def connect_body(

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
 from lambdasplit.device.draft import Drafter, DraftHead, DraftHeadCandidates, embedding_fingerprint
 from lambdasplit.errors import LambdaSplitError
@@ -53,14 +54,14 @@ GENERATION_SHARE, TRAINING_SHARE = 0.45, 0.85
 
 @dataclass
 class TrainSettings:
-    epochs: int = 6  # at most; a time budget may stop sooner
-    lr: float = 1e-3
-    batch: int = 16  # sequences per training step
-    gen_batch: int = 32  # prompts answered at once
-    max_new_tokens: int = 128
-    prompt_count: int = 6000  # generated prompts when no --prompts file is given
-    sampled: float = 0.0  # share of the prompts that also get a sampled answer
-    temperature: float = 0.7  # of those sampled answers
+    epochs: int = defaults.DRAFT_EPOCHS
+    lr: float = defaults.DRAFT_LR
+    batch: int = defaults.DRAFT_BATCH
+    gen_batch: int = defaults.DRAFT_GEN_BATCH
+    max_new_tokens: int = defaults.DRAFT_MAX_NEW_TOKENS
+    prompt_count: int = defaults.DRAFT_PROMPT_COUNT
+    sampled: float = defaults.DRAFT_SAMPLED
+    temperature: float = defaults.DRAFT_TEMPERATURE
     validation: float = 0.05  # share of the prompts held out to validate (greedy answers only)
     draft_vocab: int = 8192
     intermediate_size: int | None = None  # None: the widest MLP (multiple of 32) within the size budget
@@ -72,7 +73,7 @@ class TrainSettings:
     limit: int | None = None  # only the first N prompts (tests)
     heldout_limit: int | None = None
     validation_replays: int = 32  # validation answers the final acceptance replay runs over
-    draft_tokens: int = 8  # chain length of the acceptance measurement
+    draft_tokens: int = defaults.DRAFT_TOKENS  # chain length of the acceptance measurement
     max_minutes: float | None = None  # whole run, model loading included
 
 

@@ -10,6 +10,7 @@ pipeline's image.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,6 +229,31 @@ class SplitPipeline:
 
     def close(self) -> None:
         self.unet.link.close()
+
+
+
+class SplitPipelines:
+    """The split pipelines of one source, loaded on first use per (mode, K) and kept: the UI's
+    image tab asks for any mode and K, and loading one takes seconds."""
+
+    def __init__(self, pipeline: str | None, server: str | None, token: str | None, tls_ca: str | Path | None,
+                 codec: Codec) -> None:
+        self.pipeline, self.server, self.token, self.tls_ca, self.codec = pipeline, server, token, tls_ca, codec
+        self._loaded: dict[tuple[str, int], SplitPipeline] = {}
+        self._lock = threading.Lock()  # two requests for one (mode, K) load it once
+
+    def __call__(self, mode: str, k: int) -> SplitPipeline:
+        with self._lock:
+            if (mode, k) not in self._loaded:
+                self._loaded[(mode, k)] = SplitPipeline.load(self.pipeline, mode, k, codec=self.codec, server=self.server,
+                                                             token=self.token, tls_ca=self.tls_ca)
+            return self._loaded[(mode, k)]
+
+    @property
+    def note(self) -> str:
+        """Which pipeline, and where its UNet part runs, in words."""
+        name = self.pipeline or "tiny-sdxl (small offline SDXL-shaped pipeline with random weights: expect noise-like pictures)"
+        return f"pipeline: {name}; UNet part {'at ' + self.server if self.server else 'in this process'}"
 
 
 def decode_latents(pipe, latents: torch.Tensor):

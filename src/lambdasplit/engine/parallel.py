@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,18 @@ class TensorParallel:
             device = torch.device("cpu")
             dist.init_process_group("gloo")
         return cls(dist.get_rank(), world, device)
+
+    @classmethod
+    def join(cls, ranks: int, command: list[str]) -> TensorParallel:
+        """This process's place in a group of `ranks`. Outside torchrun, this process is replaced by
+        torchrun starting `ranks` copies of `command` (Python's arguments: `-m lambdasplit.cli serve ...`)."""
+        if "WORLD_SIZE" not in os.environ:
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+            os.execv(sys.executable, [sys.executable, *torchrun, *command])
+        tp = cls.from_env()
+        if tp is None or tp.world != ranks:
+            raise LambdaSplitError(f"--tensor-parallel {ranks} inside a torchrun group of {os.environ['WORLD_SIZE']}")
+        return tp
 
     @property
     def leader(self) -> bool:

@@ -15,9 +15,11 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from lambdasplit import defaults
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.local import LocalBody, load_local_body
+from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.defenses import GaussianNoise, random_split_point
@@ -48,7 +50,7 @@ DEFENSES = {
     "noise-1.0": Defense("noise-1.0", noise=(1.0, "all")),
     "noise-1.0-prompt": Defense("noise-1.0-prompt", noise=(1.0, "prompt")),
 }
-ATTACKS = ("tail-replay", "vocab-matching", "split-probing", "learned-inversion")
+ATTACKS = defaults.AUDIT_ATTACKS
 PROBE_KS = [1, 2, 4, 8]
 
 
@@ -71,14 +73,37 @@ def heldout_text() -> str:
 @dataclass
 class AuditConfig:
     source: str | None = None
-    splits: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (2, 2), (4, 4), (8, 8)])
+    splits: list[tuple[int, int]] = field(default_factory=lambda: list(defaults.AUDIT_SPLITS))
     defenses: list[str] = field(default_factory=lambda: list(DEFENSES))
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     prompts: int | None = None
-    max_new_tokens: int = 24
+    max_new_tokens: int = defaults.AUDIT_MAX_NEW_TOKENS
     budget: int = 512  # candidate tokens per position the matcher may try
-    inversion_steps: int = 300  # training steps of the learned inverter, per K
+    inversion_steps: int = defaults.INVERSION_STEPS
     seed: int = 0
+
+    @classmethod
+    def from_options(
+        cls, source: str | None, splits: list[tuple[int, int]] | None, attacks: list[str], defenses: list[str] | None,
+        prompts: int | None, max_new_tokens: int, inversion_steps: int, quick: bool = False,
+    ) -> AuditConfig:
+        """`lambdasplit audit`'s settings. `quick` is the reduced audit (about 10 minutes on a laptop
+        CPU, against hours): 3 prompts, splits 1,1 and 4,4, four defenses, shorter answers and
+        inverter training; given splits, defenses and prompts still win. Unknown names are refused."""
+        config = cls(source=source, max_new_tokens=max_new_tokens, prompts=prompts, inversion_steps=inversion_steps,
+                     attacks=attacks)
+        if quick:
+            config.splits, config.prompts, config.max_new_tokens = [(1, 1), (4, 4)], prompts or 3, 12
+            config.inversion_steps = min(inversion_steps, 100)
+            config.defenses = ["none", "tls", "int8", "noise-1.0"]
+        if splits:
+            config.splits = splits
+        if defenses is not None:
+            config.defenses = defenses
+        unknown = [d for d in config.defenses if d not in DEFENSES] + [a for a in config.attacks if a not in ATTACKS]
+        if unknown:
+            raise LambdaSplitError(f"unknown defense or attack: {', '.join(unknown)}")
+        return config
 
 
 def public_corpus(tokenizer) -> list[int]:

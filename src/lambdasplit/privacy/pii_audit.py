@@ -22,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
+from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.local import load_local_body
+from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
 from lambdasplit.privacy.distinguish import DISTINGUISHERS, Distinguisher
@@ -44,7 +46,10 @@ class PiiSample:
     pii: tuple[tuple[str, str], ...]  # (text, kind)
 
 
-def load_pii_prompts(name: str = "heldout", limit: int | None = None) -> list[PiiSample]:
+PII_PROMPT_SETS = ("heldout", "tune")
+
+
+def load_pii_prompts(name: str = defaults.PII_PROMPT_SET, limit: int | None = None) -> list[PiiSample]:
     """`heldout` (what the docs report) or `tune` (what the detector was adjusted on)."""
     text = resources.files("lambdasplit.privacy").joinpath(f"data/pii-{name}.jsonl").read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -54,16 +59,20 @@ def load_pii_prompts(name: str = "heldout", limit: int | None = None) -> list[Pi
 @dataclass
 class PiiAuditConfig:
     source: str | None = None
-    split: tuple[int, int] = (2, 2)
-    prompt_set: str = "heldout"
+    split: tuple[int, int] = defaults.SPLIT
+    prompt_set: str = defaults.PII_PROMPT_SET
     prompts: int | None = None  # quality and decoy prompts (default: all)
-    attack_prompts: int = 12  # prompts whose frames are attacked (vocabulary matching costs seconds per prompt)
+    attack_prompts: int = defaults.PII_ATTACK_PROMPTS
     decoy_checks: int = 8  # prompts whose real row under N = 3 decoys is compared with the undefended answer
-    decoys: tuple[int, ...] = (1, 3, 7)
-    max_new_tokens: int = 24
+    decoys: tuple[int, ...] = defaults.PII_DECOYS
+    max_new_tokens: int = defaults.AUDIT_MAX_NEW_TOKENS
     budget: int = 512
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prompt_set not in PII_PROMPT_SETS:
+            raise LambdaSplitError(f"identifier set {self.prompt_set!r}: expected {' or '.join(PII_PROMPT_SETS)}")
 
 
 def _messages(prompt: str) -> list[dict[str, str]]:

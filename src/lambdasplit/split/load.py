@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lambdasplit import defaults
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
@@ -15,8 +16,6 @@ from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part, part_keys
 from lambdasplit.split.quantize import check_scheme, embedding_tensors
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.split.spec import SplitSpec
-
-DEFAULT_SPLIT = (2, 2)
 
 
 @dataclass
@@ -61,7 +60,7 @@ def open_source(
                 f"--split {split[0]},{split[1]} does not apply to it"
             )
         return OpenedSource(checkpoint, exported.spec, exported)
-    k, m = split if split is not None else DEFAULT_SPLIT
+    k, m = split if split is not None else defaults.SPLIT
     spec = SplitSpec.create(k, m, checkpoint.config.num_hidden_layers, allow_shallow=allow_shallow)
     return OpenedSource(checkpoint, spec, None)
 

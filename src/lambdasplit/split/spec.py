@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lambdasplit.errors import SplitError
@@ -70,23 +71,43 @@ class SplitSpec:
         }
 
 
-def parse_split(text: str) -> tuple[int, int]:
-    """Parse 'K,M' from the command line."""
-    parts = text.replace(" ", "").split(",")
-    if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-        raise SplitError(f"--split {text!r}: expected two integers 'K,M', e.g. --split 2,2")
-    return int(parts[0]), int(parts[1])
+# The --split grammar, in one place: K,M or KMIN-KMAX,M with non-negative integers.
+_SPLIT = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?,\s*(\d+)\s*$")
 
 
-def parse_split_range(text: str) -> tuple[int, int, int]:
-    """Parse 'K,M' or 'KMIN-KMAX,M' (a randomised split: the device draws K per session)."""
-    head, _, tail = text.replace(" ", "").partition(",")
-    low, dash, high = head.partition("-")
-    if not dash:
-        k, m = parse_split(text)
-        return k, k, m
-    k_min, m = parse_split(f"{low},{tail}")
-    k_max, _ = parse_split(f"{high},{tail}")
-    if k_max <= k_min:
-        raise SplitError(f"--split {text!r}: the K range must rise, e.g. 1-4,2")
-    return k_min, k_max, m
+@dataclass(frozen=True)
+class SplitChoice:
+    """A --split as written: K,M, or KMIN-KMAX,M (a randomised split: the device draws K per
+    session, the server hosts every body in the range). Whether K+M fits the model is checked
+    later, by SplitSpec, once L is known."""
+
+    k_min: int
+    k_max: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str, ranged: bool = True) -> SplitChoice:
+        """`text` as K,M (or, where `ranged`, KMIN-KMAX,M); SplitError says what was expected."""
+        match = _SPLIT.match(text)
+        if match is None or (match[2] is not None and not ranged):
+            expected = "K,M or KMIN-KMAX,M with non-negative integers, e.g. 2,2 or 1-4,2" if ranged else (
+                "K,M with two non-negative integers, e.g. 2,2")
+            raise SplitError(f"{text!r}: expected {expected}")
+        k_min, m = int(match[1]), int(match[3])
+        k_max = int(match[2]) if match[2] is not None else k_min
+        if k_max <= k_min and match[2] is not None:
+            raise SplitError(f"{text!r}: the K range must rise, e.g. 1-4,2")
+        return cls(k_min, k_max, m)
+
+    @property
+    def point(self) -> tuple[int, int]:
+        """(K, M) of a fixed split; of a range, its lowest K (the widest body, which the server loads)."""
+        return self.k_min, self.m
+
+    @property
+    def ranged(self) -> bool:
+        return self.k_max != self.k_min
+
+    def __str__(self) -> str:
+        return f"{self.k_min}-{self.k_max},{self.m}" if self.ranged else f"{self.k_min},{self.m}"
+
