@@ -281,7 +281,8 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
             continue
         finite = torch.isfinite(flat).all(dim=-1)
         oks = [True] * len(members) if bool(finite.all()) else [bool(ok.all()) for ok in finite.split(sizes)]
-        moved = flat.to(device=device, dtype=dtype or flat.dtype).split(sizes)
+        # Not waiting for the device: with async scheduling a step may be running (the copy queues behind it).
+        moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True).split(sizes)
         for i, ok, states in zip(members, oks, moved, strict=True):
             results[i] = states.view(frames[i].shape) if ok else WireError("hidden states contain NaN or infinite values")
     return results
