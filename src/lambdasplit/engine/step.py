@@ -8,6 +8,11 @@ gathered into one padded batch and attend with SDPA under a mask built once per 
 attends only to its own keys, at its own position ids, so the result equals running each session
 alone.
 
+The scheduler plans a step as one `Step` (host tensors: slot mapping, position ids, block tables,
+from each chunk's `ChunkPlan`), which the eager forward, the CUDA-graph replay and the
+tensor-parallel broadcast consume alike. Running it never moves a row; `Step.commit()` does,
+once it ran, and `Step.rollback()` undoes the writes of a step that failed.
+
 transformers' own `paged|sdpa` (its continuous batching) instead attends the packed sequence to
 every sequence's keys through one N x total-KV mask; with 64 decode rows that is 64x the attention
 work of per-row batches (and 714 tok/s against eager batch-64 generate()'s 1,948 on an H100).
