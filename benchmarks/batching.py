@@ -24,7 +24,7 @@ def _sessions(body, pool, n: int, hidden: int) -> list[list[Sequence]]:
     for i in range(n):
         rows, length = [Sequence()], 32 + 3 * i  # different lengths
         assert pool.grow(rows, length)
-        body.step(pool, [Chunk(rows, torch.randn(1, length, hidden), torch.ones(1, length, dtype=torch.long))])
+        body.run(pool, [Chunk(rows, torch.randn(1, length, hidden), torch.ones(1, length, dtype=torch.long))])
         out.append(rows)
     return out
 
@@ -45,9 +45,9 @@ def main(counts: list[int]) -> None:
                 start = time.perf_counter()
                 if mode == "alone":
                     for chunk in chunks:
-                        body.step(pool, [chunk])
+                        body.run(pool, [chunk])
                 else:
-                    body.step(pool, chunks)
+                    body.run(pool, chunks)
                 times.append(time.perf_counter() - start)
             pool.release([row for rows in sessions for row in rows])
             print(f"{n} sessions, {mode}: {statistics.median(times) * 1000:.1f} ms per step of all sessions")

@@ -10,7 +10,7 @@ bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16
    it: 1, 8, 64 and 256 concurrent sessions (each level run once unmeasured first, so the CUDA
    graphs it needs are captured outside the measurement), then an open-loop arrival rate; the
    server's own step count and forward seconds per run from /metrics. Then 64 sessions against
-   servers with one setting changed (`--no-uvloop`, `--step-wait 0`, `--step-wait 10`).
+   servers with one setting changed (`--engine-process`, `--no-uvloop`, `--step-wait 0`, `--no-async-schedule`).
 4. End to end, one session: the device parts on the same GPU, the body over loopback, against
    unsplit batch-1 `generate()`, alternated.
 5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
@@ -88,12 +88,12 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
     from lambdasplit.engine.kvpool import Sequence
     from lambdasplit.engine.loading import load_scheduler
     from lambdasplit.engine.scheduler import SchedulerLimits
-    from lambdasplit.engine.step import Chunk, run_step
+    from lambdasplit.engine.step import Chunk, run_chunks
 
     scheduler = load_scheduler(str(path), (1, 1), "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=24 << 30))
     body, pool = scheduler.bodies[0], scheduler.pool
     hidden = body.runner.config.hidden_size
-    modes = {"eager": lambda chunks: run_step(body.runner.module, pool, chunks), "graphs": lambda chunks: body.step(pool, chunks)}
+    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks), "graphs": lambda chunks: body.run(pool, chunks)}
     out: dict = {"context": context, "steps": []}
     for rows in rows_list:
         seqs = {mode: [Sequence() for _ in range(rows)] for mode in modes}
@@ -102,7 +102,7 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
             for mode in modes:
                 part = seqs[mode][i:i + 64]
                 assert pool.grow(part, context)
-                run_step(body.runner.module, pool, [Chunk(part, prompt, torch.ones(len(part), context, dtype=torch.long))])
+                run_chunks(body.runner.module, pool, [Chunk(part, prompt, torch.ones(len(part), context, dtype=torch.long))])
         one = torch.ones(rows, 1, dtype=torch.long)
         times: dict = {mode: [] for mode in modes}
         last: dict = {}
@@ -120,7 +120,7 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
 
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
                 assert pool.grow(seqs["eager"], seqs["eager"][0].length + 1)
-                run_step(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])
+                run_chunks(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])
                 _sync()
             key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
             out["profile_64_rows_eager"] = prof.key_averages().table(sort_by=key, row_limit=14)
@@ -368,7 +368,7 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
         payload["ablations"] = {
             name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
             for name, args in (("default", ()), ("--engine-process", ("--engine-process",)), ("--no-uvloop", ("--no-uvloop",)),
-                               ("--step-wait 0", ("--step-wait", "0")))
+                               ("--step-wait 0", ("--step-wait", "0")), ("--no-async-schedule", ("--no-async-schedule",)))
         }
         write(NAME, payload)
     if "e2e" in parts:

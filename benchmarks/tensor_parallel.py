@@ -30,7 +30,7 @@ from benchmarks.common import environment, write
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.parallel import StepMirror, TensorParallel, follow
 from lambdasplit.engine.scheduler import BodyScheduler
-from lambdasplit.engine.step import ATTENTION, Chunk, run_step
+from lambdasplit.engine.step import ATTENTION, Chunk, run_chunks
 from lambdasplit.split.parts import cache_kwarg
 
 SEVENTY_B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -93,7 +93,7 @@ def _hidden_error(parallel: BodyScheduler, single: BodyScheduler) -> dict:
         row = Sequence([], 0, 0)
         pool.grow([row], 128)
         hidden = torch.randn(1, 128, body.runner.config.hidden_size, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
-        outs.append(body.step(pool, [Chunk([row], hidden, torch.ones(1, 128, dtype=torch.long))])[0].float())
+        outs.append(body.run(pool, [Chunk([row], hidden, torch.ones(1, 128, dtype=torch.long))])[0].float())
         pool.release([row])
     diff = (outs[0] - outs[1]).abs()
     return {"max_abs": float(diff.max()), "relative_rms": float(diff.pow(2).mean().sqrt() / outs[1].pow(2).mean().sqrt())}
@@ -144,17 +144,17 @@ def scale(tp: TensorParallel, layers: int) -> dict | None:
         pool.grow(seqs, CONTEXT + 64)
         for seq in seqs:  # the context, one prefill chunk per row
             prompt = torch.randn(1, CONTEXT, config.hidden_size, device=tp.device, dtype=torch.bfloat16)
-            run_step(module, pool, [Chunk([seq], prompt, torch.ones(1, CONTEXT, dtype=torch.long))], mirror.publish)
+            run_chunks(module, pool, [Chunk([seq], prompt, torch.ones(1, CONTEXT, dtype=torch.long))], mirror.publish)
         one = torch.ones(1, 1, dtype=torch.long)
         decode = [Chunk([seq], torch.randn(1, 1, config.hidden_size, device=tp.device, dtype=torch.bfloat16), one) for seq in seqs]
         times = []
         for _ in range(24):
             _sync()
             start = time.perf_counter()
-            run_step(module, pool, decode, mirror.publish)
+            run_chunks(module, pool, decode, mirror.publish)
             _sync()
             times.append(time.perf_counter() - start)
-        allreduce = _allreduce_ms(lambda decode=decode: run_step(module, pool, decode, mirror.publish))
+        allreduce = _allreduce_ms(lambda decode=decode: run_chunks(module, pool, decode, mirror.publish))
         median = statistics.median(times[4:])
         steps[rows] = {"step_ms": 1000 * median, "tok_s": rows / median, "allreduce_ms_per_step": allreduce}
         print(f"rank0: {rows} rows: {1000 * median:.2f} ms/step, {rows / median:.0f} tok/s, all-reduce {allreduce} ms", flush=True)

@@ -43,7 +43,7 @@ def _run(body, pool, rows, pieces):
     """Run pieces [(row list, hidden, mask)] as one step on `pool`."""
     for seqs, hidden, _ in pieces:
         assert pool.grow(seqs, seqs[0].length + hidden.shape[1])
-    return body.step(pool, [Chunk(seqs, hidden, mask) for seqs, hidden, mask in pieces])
+    return body.run(pool, [Chunk(seqs, hidden, mask) for seqs, hidden, mask in pieces])
 
 
 def test_one_step_of_decodes_and_prefill_chunks_equals_each_session_alone(bodies):

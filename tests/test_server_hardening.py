@@ -365,18 +365,20 @@ def test_two_authorization_headers_get_400_before_auth(plain_server, path, caplo
 
 
 class FailingStep:
-    """Wraps a body's batched `step`; its call number `fail_at` (1-based, counted in `calls`)
-    raises `error`; every other call runs the body."""
+    """Wraps a body's batched `step`; its calls number `fail_at` (1-based, counted in `calls`) and
+    the next ones, `times` calls in all, raise `error`; every other call runs the body. By default
+    it fails as many times as the scheduler runs a failed step, so the step's sessions are closed."""
 
-    def __init__(self, step, error: BaseException, calls: list[int], fail_at: int = 1) -> None:
+    def __init__(self, step, error: BaseException, calls: list[int], fail_at: int = 1,
+                 times: int = defaults.STEP_RETRIES + 1) -> None:
         self._step = step
         self._error = error
         self._calls = calls
-        self._fail_at = fail_at
+        self._failing = range(fail_at, fail_at + times)
 
     def __call__(self, *args, **kwargs):
         self._calls[0] += 1
-        if self._calls[0] == self._fail_at:
+        if self._calls[0] in self._failing:
             raise self._error
         return self._step(*args, **kwargs)
 
@@ -400,10 +402,11 @@ def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_se
         assert plain_server.metric("lambdasplit_sessions_active") == 1
         assert reply["code"] == "compute"
         assert f"the body failed to run this step ({type(error).__name__}: {str(error).splitlines()[0]})" == reply["message"]
-        lines = problems(caplog)
-        assert len(lines) == 1, [r.getMessage() for r in lines]
-        assert "(compute)" in lines[0].getMessage() and "second line" not in lines[0].getMessage()
-        assert "\n" not in lines[0].getMessage()
+        lines = [r.getMessage() for r in problems(caplog)]
+        assert len(lines) == 2, lines  # the step failed, ran again (nothing committed), failed again
+        assert "nothing was committed, running it again" in lines[0]
+        assert "(compute)" in lines[1] and "second line" not in lines[0] + lines[1]
+        assert "\n" not in lines[0] + lines[1]
         assert_no_tracebacks(caplog)
 
         # The other session is unaffected and exact: the same hidden states as the in-process split.
@@ -448,7 +451,7 @@ def test_a_failed_steps_sessions_are_closed_before_their_frames_are_answered(bod
 
 def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bodies, device, llama, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    calls = [0]  # body steps over all sessions: the 4th (a decode step, so there is history) fails
+    calls = [0]  # body steps over all sessions: the 4th (a decode step, so there is history) fails, and its rerun
 
     with ThreadServer(bodies) as server:
         for body in server.scheduler.bodies:  # an instance attribute, undone by monkeypatch
@@ -459,7 +462,7 @@ def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bo
         finally:
             remote.close()
         assert remote.reconnects == 1  # one fresh session, on which the 3 earlier frames were replayed
-        assert calls[0] == 1 + 11 + 1 + 3  # prefill, 11 decode steps, the failed one, 3 replayed frames
+        assert calls[0] == 1 + 11 + 2 + 3  # prefill, 11 decode steps, the failed one twice, 3 replayed frames
         assert server.metric("lambdasplit_sessions_total") == 2
     model = oracle(llama)
     with torch.no_grad():

@@ -87,6 +87,10 @@ def serve(
         help="Milliseconds the next batched step waits, from its first frame, for the sessions the last step "
              "answered to send their next frame (fewer, fuller steps; 0: start on whatever has arrived).",
     )] = defaults.STEP_WAIT_SECONDS * 1000,
+    async_schedule: Annotated[bool | None, typer.Option(
+        "--async-schedule/--no-async-schedule",
+        help="Plan the next batched step while the device runs this one (default: on a GPU, not on the CPU).",
+    )] = None,
     stall_timeout: Annotated[float, typer.Option(
         "--stall-timeout", callback=check_positive,
         help="Seconds the compute loop may spend in one step before /healthz answers 503 (a wedged engine).",
@@ -143,7 +147,7 @@ def serve(
     check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
     limits = SchedulerLimits(
         max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20,
-        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000, stall_timeout,
+        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000, stall_timeout, async_schedule,
     )
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler

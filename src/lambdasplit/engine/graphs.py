@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lambdasplit.engine.kvpool import KVPool
-from lambdasplit.engine.step import STEP_KWARG, Chunk, Group, StepPlan
+from lambdasplit.engine.step import STEP_KWARG, Group, Step, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -55,51 +55,42 @@ class DecodeGraphs:
         self._memory = None  # one graph memory pool for every bucket
         self.failed = False  # a capture failed once: run eagerly from then on
 
-    def fits(self, chunks: list[Chunk]) -> bool:
+    def fits(self, step: Step) -> bool:
         """A decode-only step small enough for a bucket, on a GPU."""
-        return (
-            not self.failed
-            and self.pool.valid.device.type == "cuda"
-            and all(c.hidden.shape[1] == 1 for c in chunks)
-            and sum(c.hidden.shape[0] for c in chunks) <= ROW_BUCKETS[-1]
-        )
+        return not self.failed and self.pool.valid.device.type == "cuda" and step.decode_only and step.rows <= ROW_BUCKETS[-1]
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> list[torch.Tensor] | None:
-        """Run the step through its bucket's graph (capturing it first); None if capture failed."""
-        rows = [row for chunk in chunks for row in chunk.rows]
-        n = len(rows)
+    def run(self, step: Step) -> list[torch.Tensor] | None:
+        """Run the step through its bucket's graph (capturing it first); None if capture failed.
+        The step's rows do not advance (`step.commit()` does)."""
+        n = step.rows
         bucket = next(b for b in ROW_BUCKETS if b >= n)
-        length = -(-(max(row.length for row in rows) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET
+        longest = max(length for plan in step.plans for length, _ in plan.after)
+        length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
         graph = self._graphs.get((bucket, length)) or self._capture(bucket, length)
         if graph is None:
             return None
-        pool = self.pool
-        mask = torch.cat([chunk.mask for chunk in chunks]).view(-1).to(torch.long)
+        group = step.groups[0]
         graph.copied.synchronize()
         positions, write, query, valid, gather = _views(graph.staging, bucket)
-        write.fill_(pool.scratch_slot)
-        write[:n] = torch.tensor(pool.next_slots(rows))
+        write.fill_(self.pool.scratch_slot)
+        write[:n] = step.write
         positions.zero_()
-        positions[0, :n] = (torch.tensor([row.valid for row in rows]) + mask - 1) * mask
+        positions[0, :n] = step.positions
         gather.zero_()
-        gather[:n] = pool.gather_index(rows, length)
+        gather[:n, : group.gather.shape[1]] = group.gather
         query.zero_()
-        query[:n, 0] = torch.tensor([row.length for row in rows])
+        query[:n] = group.query_slot
         valid.zero_()
-        valid[:n] = mask
+        valid[:n] = step.valid
         graph.indices.copy_(graph.staging, non_blocking=True)  # one host-to-device copy for every index
         graph.copied.record()
         _, static_write, _, static_valid, _ = _views(graph.indices, bucket)
-        pool.valid[static_write[:n]] = static_valid[:n].bool()
+        self.pool.valid[static_write[:n]] = static_valid[:n].bool()
         graph.hidden[0, n:].zero_()
-        graph.hidden[0, :n] = torch.cat([chunk.hidden[:, 0] for chunk in chunks])
-        for row, m in zip(rows, mask.tolist(), strict=True):
-            row.length += 1
-            row.valid += m
+        graph.hidden[0, :n] = step.hidden[0]
         graph.graph.replay()
-        out = graph.out[0, :n].clone()  # one copy; the next replay overwrites the static output
-        return list(out.unsqueeze(1).split([chunk.hidden.shape[0] for chunk in chunks]))
+        return step.split(graph.out[:, :n].clone())  # one copy; the next replay overwrites the static output
 
     def _capture(self, rows: int, length: int) -> _Graph | None:
         pool, device = self.pool, self.pool.valid.device
@@ -108,11 +99,11 @@ class DecodeGraphs:
         hidden = torch.zeros(1, rows, width, dtype=dtype, device=device)
         indices = torch.zeros(rows * (4 + length), dtype=torch.long, device=device)
         staging = torch.zeros(rows * (4 + length), dtype=torch.long, pin_memory=True)
-        positions, write, query, _, gather = _views(indices, rows)
+        positions, write, query, valid, gather = _views(indices, rows)
         write.fill_(pool.scratch_slot)
         group = Group(0, rows, 1, gather, query)
         kwargs = {"inputs_embeds": hidden, "position_ids": positions, "use_cache": False,
-                  STEP_KWARG: StepPlan(pool, write, [group])}
+                  STEP_KWARG: StepPlan(pool, hidden, positions, write, valid.bool(), [group])}
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

@@ -131,16 +131,20 @@ class KVPool:
         if not rows or length >= rows[0].length:
             return
         device = self.valid.device
-        stale = self.slots(rows, length, rows[0].length).view(-1).to(device)
-        for tensor in (*self.keys, *self.values, self.valid):
-            tensor.index_fill_(0, stale, 0)
-        if self.zeroed is not None:
-            self.zeroed.append(stale)
+        self.clear(self.slots(rows, length, rows[0].length).view(-1).to(device))
         kept = self.valid[self.slots(rows, 0, length).to(device)].sum(-1).tolist() if length else [0] * len(rows)
         keep = self.blocks_for(length)
         for row, valid in zip(rows, kept, strict=True):
             self._free.extend(row.blocks[keep:])
             row.blocks, row.length, row.valid = row.blocks[:keep], length, int(valid)
+
+    def clear(self, slots: torch.Tensor) -> None:
+        """Zero the keys, values and validity of `slots` (on the pool's device): positions cropped
+        away, or written by a step that failed, so every slot past a row's length stays zero."""
+        for tensor in (*self.keys, *self.values, self.valid):
+            tensor.index_fill_(0, slots, 0)
+        if self.zeroed is not None:
+            self.zeroed.append(slots)
 
     def slots(self, rows: list[Sequence], start: int, stop: int) -> torch.Tensor:
         """Slot indices of positions [start, stop) of each row: (rows, stop - start), on the host."""

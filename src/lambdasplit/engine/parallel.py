@@ -4,8 +4,9 @@ Every rank holds a shard of each body layer, cut by the model's own transformers
 (Llama: q/k/v and gate/up column-wise, o and down row-wise, so each layer costs one all-reduce
 after attention and one after the MLP), applied with torch's `parallelize_module`. Rank 0 is the
 server: it owns the sessions, the scheduler and the KV pool's block bookkeeping. Before each
-batched step it broadcasts the step (packed hidden states, position ids, the pool slots to write
-and read and their validity, the slots zeroed since the last step) and every rank runs the same
+batched step it broadcasts the scheduler's step object as it stands on the device (packed hidden
+states, position ids, the pool slots to write and read and their validity, the slots zeroed since
+the last step) and every rank runs the same
 forward on its heads. Each rank's pool holds its own KV heads at the same slots, so the other
 ranks need no bookkeeping and never see a frame, a token or a session id.
 
@@ -116,21 +117,22 @@ class StepMirror:
         dist.broadcast(torch.tensor([pool.blocks], dtype=torch.long, device=self.tp.device), src=0)
         pool.zeroed = []
 
-    def publish(self, plan: StepPlan, hidden: torch.Tensor, position_ids: torch.Tensor) -> None:
+    def publish(self, plan: StepPlan) -> None:
+        """Send a step's device tensors (as `Step.device_plan` made them) to the other ranks."""
         device = self.tp.device
         zeroed = torch.cat(plan.pool.zeroed).to(device) if plan.pool.zeroed else torch.zeros(0, dtype=torch.long, device=device)
         plan.pool.zeroed = []
-        header = [_STEP, hidden.shape[1], hidden.shape[2], len(plan.groups), zeroed.numel()]
+        header = [_STEP, plan.hidden.shape[1], plan.hidden.shape[2], len(plan.groups), zeroed.numel()]
         _send(torch.tensor(header, dtype=torch.long, device=device))
         shapes = [[g.start, g.rows, g.length, g.gather.shape[1]] for g in plan.groups]
         _send(torch.tensor(shapes, dtype=torch.long, device=device).view(-1, 4))
         # The validity of the written slots: with it every rank builds any layer's masks (full or
         # sliding window) from its own copy of `pool.valid`, exactly as rank 0 does.
-        for tensor in (hidden, position_ids, plan.write, plan.pool.valid[plan.write], zeroed):
+        for tensor in (plan.hidden, plan.position_ids, plan.write, plan.valid, zeroed):
             _send(tensor)
         for group in plan.groups:
             _send(group.gather)
-            _send(group.query_slot.to(device))
+            _send(group.query_slot)
 
     def stop(self) -> None:
         _send(torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.long, device=self.tp.device))
@@ -165,7 +167,7 @@ def follow(tp: TensorParallel, module: nn.Module, config: PretrainedConfig, dtyp
             for tensor in (*pool.keys, *pool.values, pool.valid):
                 tensor.index_fill_(0, stale, 0)
         pool.valid[write] = valid
-        forward_plan(module, StepPlan(pool, write, plan_groups), hidden, position_ids)
+        forward_plan(module, StepPlan(pool, hidden, position_ids, write, valid, plan_groups))
 
 
 def _send(tensor: torch.Tensor) -> None:

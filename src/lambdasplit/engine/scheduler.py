@@ -26,6 +26,7 @@ from lambdasplit.engine.frames import frame_problem
 from lambdasplit.engine.health import EngineHealth
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, block_bytes
 from lambdasplit.engine.session import SessionLimits, TextBody, Work, decode_hidden
+from lambdasplit.engine.step import ChunkPlan, Step, assemble, plan_chunk
 from lambdasplit.errors import CapacityError, ComputeError, ExpiredError, LambdaSplitError, LimitError, WireError
 from lambdasplit.wire.codec import Codec, encode_tensor, encode_tensors
 from lambdasplit.wire.frame import Frame, MsgType
@@ -48,6 +49,7 @@ class SchedulerLimits:
     kv_wait: float = defaults.KV_WAIT_SECONDS
     step_wait: float = defaults.STEP_WAIT_SECONDS  # how long a step waits for the last step's sessions to come back
     stall_timeout: float = defaults.STALL_TIMEOUT_SECONDS  # one step longer than this reads as a wedged engine
+    async_schedule: bool | None = None  # plan the next step while the device runs this one; None: on a GPU
 
     def session(self) -> SessionLimits:
         return SessionLimits(self.max_context, self.max_batch, self.max_frame_positions, self.max_session_kv_bytes)
@@ -64,6 +66,7 @@ class StepStats:
     queue_waits: tuple[float, ...]  # seconds each frame that started in this step waited for it
     kv_used_blocks: int
     kv_blocks: int
+    planned_ahead: int = 0  # chunks whose plan was made while the previous step ran (async scheduling)
 
 
 class Session(Protocol):
@@ -113,6 +116,11 @@ class BodyScheduler:
     devices replay), or, with none younger, waits up to `kv_wait` seconds, then gets a capacity
     error. MASK, RESET and diffusion frames run alone, between steps.
 
+    A step is planned as one `Step` object and committed (its rows advance) only after it ran; a
+    step that fails leaves every session as it was and is retried once (`defaults.STEP_RETRIES`).
+    With `async_schedule` (on a GPU by default) the next step's frames are taken in and its chunks
+    planned while the device runs the current one.
+
     Every future it hands out is answered, whatever happens: a frame refused at the door, a
     transport that cancelled its wait, a step that failed, a shutdown or a dead compute thread.
     """
@@ -130,6 +138,8 @@ class BodyScheduler:
         probe = bodies[0].memory_probe()
         on_gpu = probe is not None and probe.device.type == "cuda"
         self.step_tokens = limits.step_tokens or (defaults.STEP_TOKENS if on_gpu else defaults.STEP_TOKENS_CPU)
+        # On the CPU the forward has ended when it returns: planning ahead would only delay replies.
+        self.async_schedule = on_gpu if limits.async_schedule is None else limits.async_schedule
         self.hidden_size: int | None = getattr(self.manifest, "hidden_size", None)
         self.sessions: dict[bytes, Session] = {}  # in the order they opened: the oldest first
         self._last_used: dict[bytes, float] = {}
@@ -145,6 +155,7 @@ class BodyScheduler:
         self._free, self._free_read = 0, -FREE_MEMORY_TTL  # free memory, and when it was last read
         self._answered: set[bytes] = set()  # sessions the last step answered, and when (see _gather)
         self._answered_at = 0.0
+        self._early: dict[bytes, float] = {}  # sessions whose frame started while a step ran: when it arrived
         self._stopping = False
         self._closed: ComputeError | None = None  # set (under _wake) once the loop will take nothing more
         self.health = EngineHealth(limits.stall_timeout)
@@ -276,12 +287,13 @@ class BodyScheduler:
         rest. On one GPU, 64 closed-loop sessions held 56 sessions per step without the wait and 59
         with 2 ms (`benchmarks serve-gpu`, ablations).
         """
-        if not self.limits.step_wait or not self._frames or not self._answered:
+        pending = [q.arrived for _, q in self._frames] + list(self._early.values())
+        if not self.limits.step_wait or not pending or not self._answered:
             return
-        first = min(q.arrived for _, q in self._frames)
-        deadline = max(self._answered_at, first) + self.limits.step_wait
+        deadline = max(self._answered_at, min(pending)) + self.limits.step_wait
         while not (self._stopping or self._calls):
-            back = {s for s, _ in self._frames if s in self._answered} | (self._answered & self._queues.keys())
+            back = {s for s, _ in self._frames if s in self._answered}
+            back |= self._answered & (self._queues.keys() | self._early.keys())
             left = deadline - time.monotonic()
             if len(back) >= len(self._answered & self.sessions.keys()) or left <= 0:
                 return
@@ -346,6 +358,17 @@ class BodyScheduler:
     def _tick(self) -> bool:
         """Start the next frame of every idle session, then run one step per body; True if any
         work was done (False: everything left is waiting for KV space)."""
+        progressed = self._admit_queued()
+        groups: dict[int, list[Work]] = {}
+        for work in self._reserve():
+            groups.setdefault(id(work.session.body), []).append(work)
+        for works in groups.values():
+            progressed |= self._step(works[0].session.body, works)
+        return progressed
+
+    def _admit_queued(self) -> bool:
+        """Start the next frame of every session with no work in progress (handling the frames
+        that run no step on the way); True if any frame was taken."""
         progressed = False
         starting: list[tuple[bytes, _Queued]] = []
         for session_id in list(self._queues):
@@ -359,11 +382,6 @@ class BodyScheduler:
             if not queue or session_id not in self.sessions:  # done, or closed by a failed frame
                 self._queues.pop(session_id, None)
         self._start(starting)
-        groups: dict[int, list[Work]] = {}
-        for work in self._reserve():
-            groups.setdefault(id(work.session.body), []).append(work)
-        for works in groups.values():
-            progressed |= self._step(works[0].session.body, works)
         return progressed
 
     def _admit(self, session_id: bytes, queued: _Queued) -> bool:
@@ -469,36 +487,42 @@ class BodyScheduler:
         self._preempted[session_id] = error
         self._close(session_id, error)
 
-    def _step(self, body: Any, works: list[Work]) -> bool:
-        """One forward over every decode step and as many prefill positions as the budget allows
-        (every work already holds its blocks)."""
-        pool, now = self.pool, time.monotonic()
+    def _takes(self, pending: list[tuple[Work, int]]) -> list[tuple[Work, int]]:
+        """How many of its `remaining` positions each work runs in one step: decodes first, every
+        decode always; every waiting prefill gets the budget left, and at least one position per
+        row, so no prompt waits for the decodes to thin out."""
         budget = self.step_tokens
-        chosen: list[tuple[Work, int]] = []
-        for work in sorted(works, key=lambda w: w.remaining * len(w.rows)):  # decodes first
+        chosen = []
+        for work, remaining in sorted(pending, key=lambda p: p[1] * len(p[0].rows)):
             rows = len(work.rows)
-            # Decodes always run; every waiting prefill gets the budget left, and at least one
-            # position per row, so no prompt waits for the decodes to thin out.
-            take = work.remaining if work.remaining == 1 else min(work.remaining, max(1, budget // rows))
+            take = remaining if remaining == 1 else min(remaining, max(1, budget // rows))
             budget -= rows * take
             chosen.append((work, take))
+        return chosen
+
+    def _step(self, body: Any, works: list[Work]) -> bool:
+        """One forward over every decode step and as many prefill positions as the budget allows
+        (every work already holds its blocks), committed only once it has run."""
+        chosen = self._takes([(w, w.remaining) for w in works])
         if not chosen:
             return False
+        pool, now = self.pool, time.monotonic()
         waits = tuple(now - w.arrived for w, _ in chosen if w.done == 0)
+        ready = [self._planned(work, take) for work, take in chosen]
+        step = assemble([plan or plan_chunk(work.chunk(take)) for (work, take), plan in zip(chosen, ready, strict=True)])
+        self._early.clear()
         start = time.perf_counter()
-        try:
-            outs = body.step(pool, [w.chunk(take) for w, take in chosen])
-            if pool.valid.device.type == "cuda":
-                torch.cuda.synchronize(pool.valid.device)  # time the GPU work, not only its launch
-        except Exception as exc:  # noqa: BLE001 - as in _handle: the step failed, close its sessions
-            self._failed([w.session.session_id for w, _ in chosen], exc)
+        outs = self._launch(body, step, chosen)
+        if outs is None:
             return True
         seconds = time.perf_counter() - start
+        step.commit()
         finished = []
         for (work, take), out in zip(chosen, outs, strict=True):
             work.outputs.append(out)
             work.done += take
             work.seconds += seconds
+            work.failures = 0
             if work.remaining == 0:
                 finished.append(work)
         self._complete(finished)
@@ -506,8 +530,86 @@ class BodyScheduler:
         if self.on_step is not None:
             rows = sum(len(w.rows) for w, _ in chosen)
             positions = sum(len(w.rows) * take for w, take in chosen)
-            self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.usable_blocks))
+            self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.usable_blocks,
+                                   sum(plan is not None for plan in ready)))
         return True
+
+    def _planned(self, work: Work, take: int) -> ChunkPlan | None:
+        """The plan made for this chunk while the last step ran, if it still holds."""
+        if work.ahead is None:
+            return None
+        (done, plan), work.ahead = work.ahead, None
+        return plan if done == work.done and plan.length == take and plan.current() else None
+
+    def _launch(self, body: Any, step: Step, chosen: list[tuple[Work, int]]) -> list[torch.Tensor] | None:
+        """Run `step` on `body`, planning the next one meanwhile (async scheduling); its outputs,
+        or None if it failed (then nothing of it was committed)."""
+        pool = self.pool
+        try:
+            outs = body.step(pool, step)
+        except Exception as exc:  # noqa: BLE001 - as in _handle: the step failed
+            self._step_failed(step, chosen, exc)
+            return None
+        if self.async_schedule:
+            self._plan_ahead(step, chosen)
+        try:
+            if pool.valid.device.type == "cuda":
+                torch.cuda.synchronize(pool.valid.device)  # time the GPU work, not only its launch
+        except Exception as exc:  # noqa: BLE001 - a fault of the step's kernels surfaces here
+            self._step_failed(step, chosen, exc)
+            return None
+        return outs
+
+    def _plan_ahead(self, step: Step, chosen: list[tuple[Work, int]]) -> None:
+        """While `step` runs on the device: take in the frames that came, start the work of idle
+        sessions (their states are decoded and copied meanwhile), and plan the next step's chunks
+        that can be known now: those of the works in `step` that go on after it (from where it
+        leaves their rows) and those of new works that get their blocks without preempting anyone.
+        A plan the next step cannot use (another take, or the step failed) is made again then."""
+        with self._wake:
+            frames, self._frames = self._frames, []
+        for session_id, queued in frames:
+            self._queues.setdefault(session_id, deque()).append(queued)
+        before = set(self._active)
+        self._admit_queued()
+        self._early.update({s: w.arrived for s, w in self._active.items() if s not in before})
+        running = {id(work): (work.done + take, plan.after)
+                   for (work, take), plan in zip(chosen, step.plans, strict=True)}
+        waiting = any(w.waiting_since is not None for w in self._active.values())
+        starts: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        for work in self._active.values():
+            if id(work) in running:
+                starts[id(work)] = running[id(work)]
+            elif not waiting and self.pool is not None and self.pool.grow(work.rows, work.rows[0].length + work.remaining):
+                starts[id(work)] = (work.done, [(row.length, row.valid) for row in work.rows])
+        pending = [(w, w.hidden.shape[1] - starts[id(w)][0]) for w in self._active.values() if id(w) in starts]
+        for work, take in self._takes([(w, left) for w, left in pending if left > 0]):
+            done, bases = starts[id(work)]
+            work.ahead = (done, plan_chunk(work.chunk(take, done), bases))
+
+    def _step_failed(self, step: Step, chosen: list[tuple[Work, int]], exc: Exception) -> None:
+        """Nothing of a failed step was committed: clear the slots it may have written, so every
+        session is as it was, and let its works run again in the next step (a transient fault,
+        such as a CUDA OOM, costs no session). A work whose step fails `STEP_RETRIES` + 1 times in
+        a row closes its session with a compute error (its device replays)."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        works = [work for work, _ in chosen]
+        try:
+            step.rollback(self.pool)
+        except Exception:  # noqa: BLE001 - the pool cannot be trusted for these sessions any more
+            log.exception("clearing the slots of a failed step")
+            for work in works:
+                work.failures = defaults.STEP_RETRIES
+        for work in works:
+            work.failures += 1
+        again = [w for w in works if w.failures <= defaults.STEP_RETRIES]
+        first = (str(exc).splitlines() or [""])[0][:200]
+        if again:
+            log.warning("a batched step of %d session(s) failed (%s: %s); nothing was committed, running it again",
+                        len(again), type(exc).__name__, first)
+        if len(again) < len(works):
+            self._failed([w.session.session_id for w in works if w.failures > defaults.STEP_RETRIES], exc)
 
     def _wait_for_kv(self, work: Work, now: float) -> None:
         if work.waiting_since is None:

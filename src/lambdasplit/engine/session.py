@@ -18,7 +18,7 @@ import torch
 from lambdasplit.engine.graphs import DecodeGraphs
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.parallel import StepMirror
-from lambdasplit.engine.step import ATTENTION, Chunk, run_step
+from lambdasplit.engine.step import ATTENTION, Chunk, ChunkPlan, Step, plan_step, run_step
 from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
@@ -79,19 +79,28 @@ class TextBody:
         param = self.memory_probe()
         return (param.device, param.dtype) if param is not None else (torch.device("cpu"), None)
 
-    def step(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """Run one batched forward over pieces of this body's sessions, whose KV is in `pool`."""
+    def step(self, pool: KVPool, step: Step) -> list[torch.Tensor]:
+        """Run one planned batched step over pieces of this body's sessions, whose KV is in `pool`;
+        the rows advance only when the caller commits it. On a GPU the work may still be running
+        when this returns (the outputs are device tensors)."""
         if self.mirror is not None:  # every rank must run the same eager step (no graphs under TP yet)
             try:
-                return run_step(self.runner.module, pool, chunks, self.mirror.publish)
+                return run_step(self.runner.module, pool, step, self.mirror.publish)
             except Exception:  # the other ranks are mid-collective: there is no step to go back to
                 log.critical("a tensor-parallel step failed on rank 0; stopping the group", exc_info=True)
                 os._exit(1)
         if self.cuda_graphs:
             graphs = self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool))
-            if graphs.fits(chunks) and (out := graphs.run(chunks)) is not None:
+            if graphs.fits(step) and (out := graphs.run(step)) is not None:
                 return out
-        return run_step(self.runner.module, pool, chunks)
+        return run_step(self.runner.module, pool, step)
+
+    def run(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Plan, run and commit one step over `chunks` (benchmarks and tests drive the body so)."""
+        step = plan_step(chunks)
+        out = self.step(pool, step)
+        step.commit()
+        return out
 
 
 @dataclass
@@ -108,6 +117,8 @@ class Work:
     waiting_since: float | None = None  # when it first found the KV pool short
     future: Future | None = None  # the transport's wait for the reply
     arrived: float = 0.0  # when the frame was queued (monotonic)
+    failures: int = 0  # steps in a row that failed with this work in them
+    ahead: tuple[int, ChunkPlan] | None = None  # (done, plan) of its next chunk, planned while a step ran
 
     @property
     def rows(self) -> list[Sequence]:
@@ -117,8 +128,10 @@ class Work:
     def remaining(self) -> int:
         return self.hidden.shape[1] - self.done
 
-    def chunk(self, positions: int) -> Chunk:
-        part = slice(self.done, self.done + positions)
+    def chunk(self, positions: int, done: int | None = None) -> Chunk:
+        """Its next `positions` positions, from `done` (default: what has run)."""
+        done = self.done if done is None else done
+        part = slice(done, done + positions)
         return Chunk(self.rows, self.hidden[:, part], self.mask[:, part])
 
 
@@ -268,7 +281,8 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
             continue
         finite = torch.isfinite(flat).all(dim=-1)
         oks = [True] * len(members) if bool(finite.all()) else [bool(ok.all()) for ok in finite.split(sizes)]
-        moved = flat.to(device=device, dtype=dtype or flat.dtype).split(sizes)
+        # Not waiting for the device: with async scheduling a step may be running (the copy queues behind it).
+        moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True).split(sizes)
         for i, ok, states in zip(members, oks, moved, strict=True):
             results[i] = states.view(frames[i].shape) if ok else WireError("hidden states contain NaN or infinite values")
     return results

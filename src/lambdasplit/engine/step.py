@@ -8,6 +8,11 @@ gathered into one padded batch and attend with SDPA under a mask built once per 
 attends only to its own keys, at its own position ids, so the result equals running each session
 alone.
 
+The scheduler plans a step as one `Step` (host tensors: slot mapping, position ids, block tables,
+from each chunk's `ChunkPlan`), which the eager forward, the CUDA-graph replay and the
+tensor-parallel broadcast consume alike. Running it never moves a row; `Step.commit()` does,
+once it ran, and `Step.rollback()` undoes the writes of a step that failed.
+
 transformers' own `paged|sdpa` (its continuous batching) instead attends the packed sequence to
 every sequence's keys through one N x total-KV mask; with 64 decode rows that is 64x the attention
 work of per-row batches (and 714 tok/s against eager batch-64 generate()'s 1,948 on an H100).
@@ -67,10 +72,14 @@ class Group:
 
 @dataclass
 class StepPlan:
-    """What the attention hook needs at every layer: where to write, what to read, the masks."""
+    """A step's tensors on the body's device: what the forward and the attention hook read at
+    every layer (where to write, what to read, the masks) and what tensor parallel broadcasts."""
 
     pool: KVPool
+    hidden: torch.Tensor  # (1, N, D) packed hidden states
+    position_ids: torch.Tensor  # (1, N)
     write: torch.Tensor  # (N,) slot of each packed position
+    valid: torch.Tensor  # (N,) bool: the written slot may be attended to (0 marks padding)
     groups: list[Group]
 
 
@@ -114,64 +123,152 @@ def paged_attention(
 AttentionInterface.register(ATTENTION, paged_attention)
 
 
-def plan_step(pool: KVPool, chunks: list[Chunk]) -> tuple[StepPlan, torch.Tensor, torch.Tensor, list[int]]:
-    """Pack the chunks (grouped by T) and advance their rows; the rows must already own the blocks.
+@dataclass
+class ChunkPlan:
+    """Where one chunk's positions go, from its rows' (length, valid) before it (`bases`): host
+    arithmetic only, so it can be worked out while the previous step is still on the device."""
 
-    Returns the plan, the packed hidden states (1, N, D), position ids (1, N) and, per chunk, its
-    first packed position.
-    """
-    device = chunks[0].hidden.device
-    order = sorted(range(len(chunks)), key=lambda i: chunks[i].hidden.shape[1])
-    starts = [0] * len(chunks)
-    hidden, positions, writes, groups, packed = [], [], [], [], 0
-    for length in sorted({chunks[i].hidden.shape[1] for i in order}):
-        members = [i for i in order if chunks[i].hidden.shape[1] == length]
-        rows = [row for i in members for row in chunks[i].rows]
-        first = [row.length for row in rows]
-        masks = torch.cat([chunks[i].mask for i in members]).to(torch.long)
-        if length == 1:
-            writes.append(torch.tensor(pool.next_slots(rows)).view(-1, 1))
-        elif len(set(first)) == 1:
-            writes.append(pool.slots(rows, first[0], first[0] + length))
-        else:
-            writes.append(torch.cat([pool.slots([row], row.length, row.length + length) for row in rows]))
-        valid = torch.tensor([row.valid for row in rows]).unsqueeze(-1)
-        positions.append(((valid + masks.cumsum(-1) - 1) * masks).view(-1))
-        for row, row_mask in zip(rows, masks, strict=True):
-            row.length += length
-            row.valid += int(row_mask.sum())
-        query_slot = torch.tensor(first).unsqueeze(-1) + torch.arange(length)
-        longest = -(-max(row.length for row in rows) // BLOCK_SIZE) * BLOCK_SIZE  # whole blocks: fewer shapes
-        groups.append(Group(packed, len(rows), length, pool.gather_index(rows, longest).to(device), query_slot.to(device)))
-        for i in members:
-            starts[i] = packed
-            packed += chunks[i].hidden.shape[0] * length
-            hidden.append(chunks[i].hidden.reshape(-1, chunks[i].hidden.shape[-1]))
-        pool.valid[writes[-1].view(-1).to(device)] = masks.view(-1).bool().to(device)
-    write = torch.cat([w.view(-1) for w in writes]).to(device)
-    position_ids = torch.cat(positions).to(device).unsqueeze(0)
-    return StepPlan(pool, write, groups), torch.cat(hidden).unsqueeze(0), position_ids, starts
+    chunk: Chunk
+    bases: list[tuple[int, int]]  # each row's (length, valid) the plan starts from
+    write: list[int]  # slot of each position, row by row (the slot mapping)
+    positions: list[int]  # position ids
+    query: list[int]  # each position's index among its row's keys
+    valid: list[bool]
+    tables: list[list[int]]  # each row's blocks up to its end after the chunk (the block table)
+    after: list[tuple[int, int]]  # each row's (length, valid) once the step is committed
+
+    @property
+    def length(self) -> int:
+        return self.chunk.hidden.shape[1]
+
+    def current(self) -> bool:
+        """The rows are still where the plan assumed (a step that failed, or a plan made for a step
+        that did not commit, leaves them elsewhere)."""
+        return self.bases == [(row.length, row.valid) for row in self.chunk.rows]
+
+
+def plan_chunk(chunk: Chunk, bases: list[tuple[int, int]] | None = None) -> ChunkPlan:
+    """The plan of `chunk` from `bases` (default: where its rows are now); the rows must already
+    own the blocks for every position."""
+    rows, length = chunk.rows, chunk.hidden.shape[1]
+    bases = bases if bases is not None else [(row.length, row.valid) for row in rows]
+    write, positions, query, valid, tables, after = [], [], [], [], [], []
+    for row, (start, seen), flags in zip(rows, bases, chunk.mask.tolist(), strict=True):
+        blocks = row.blocks
+        for offset, flag in enumerate(flags):
+            slot = start + offset
+            seen += flag
+            write.append(blocks[slot // BLOCK_SIZE] * BLOCK_SIZE + slot % BLOCK_SIZE)
+            positions.append((seen - 1) * flag)
+            query.append(slot)
+            valid.append(bool(flag))
+        tables.append(blocks[: -(-(start + length) // BLOCK_SIZE)])
+        after.append((start + length, seen))
+    return ChunkPlan(chunk, bases, write, positions, query, valid, tables, after)
+
+
+@dataclass
+class Step:
+    """One batched step as the scheduler planned it (vLLM's `SchedulerOutput`): which rows, the
+    packed hidden states, position ids, slot mapping and block tables, on the host. The eager
+    forward, the CUDA-graph replay and the tensor-parallel broadcast all consume it; the rows
+    advance only when `commit` is called after the step succeeded."""
+
+    plans: list[ChunkPlan]  # in the scheduler's order
+    starts: list[int]  # first packed position of each plan
+    hidden: torch.Tensor  # (1, N, D) on the body's device
+    write: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,)
+    valid: torch.Tensor  # (N,) bool
+    groups: list[Group]  # host tensors, one group per T
+
+    @property
+    def rows(self) -> int:
+        return sum(len(plan.chunk.rows) for plan in self.plans)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(plan.length == 1 for plan in self.plans)
+
+    def device_plan(self, pool: KVPool) -> StepPlan:
+        """The step's tensors on the pool's device, its written slots' validity set in the pool."""
+        device = pool.valid.device
+        write, valid = self.write.to(device, non_blocking=True), self.valid.to(device, non_blocking=True)
+        pool.valid[write] = valid
+        groups = [Group(g.start, g.rows, g.length, g.gather.to(device, non_blocking=True),
+                        g.query_slot.to(device, non_blocking=True)) for g in self.groups]
+        return StepPlan(pool, self.hidden, self.positions.to(device, non_blocking=True).unsqueeze(0), write, valid, groups)
+
+    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """The packed output (1, N, D) as each plan's (B, T, D), in the scheduler's order."""
+        return [out[0, start: start + len(plan.chunk.rows) * plan.length].view(len(plan.chunk.rows), plan.length, -1)
+                for plan, start in zip(self.plans, self.starts, strict=True)]
+
+    def commit(self) -> None:
+        """The step succeeded: its rows advance."""
+        for plan in self.plans:
+            for row, (length, valid) in zip(plan.chunk.rows, plan.after, strict=True):
+                row.length, row.valid = length, valid
+
+    def rollback(self, pool: KVPool) -> None:
+        """The step failed: clear the slots it may have written, so the pool is as it was."""
+        pool.clear(self.write.to(pool.valid.device))
+
+
+def assemble(plans: list[ChunkPlan]) -> Step:
+    """The step of these chunk plans: packed by T (one padded attention batch per T)."""
+    order = sorted(range(len(plans)), key=lambda i: plans[i].length)
+    starts = [0] * len(plans)
+    hidden, write, positions, valid, groups, packed = [], [], [], [], [], 0
+    for length in sorted({plan.length for plan in plans}):
+        members = [plans[i] for i in order if plans[i].length == length]
+        tables = [table for plan in members for table in plan.tables]
+        width = max(len(table) for table in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+        gather = (table.unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(tables), -1)
+        query = torch.tensor([q for plan in members for q in plan.query], dtype=torch.long).view(len(tables), length)
+        groups.append(Group(packed, len(tables), length, gather, query))
+        for plan in members:
+            write += plan.write
+            positions += plan.positions
+            valid += plan.valid
+            hidden.append(plan.chunk.hidden.reshape(-1, plan.chunk.hidden.shape[-1]))
+        for i in order:
+            if plans[i].length == length:
+                starts[i] = packed
+                packed += len(plans[i].chunk.rows) * length
+    return Step(plans, starts, torch.cat(hidden).unsqueeze(0), torch.tensor(write, dtype=torch.long),
+                torch.tensor(positions, dtype=torch.long), torch.tensor(valid, dtype=torch.bool), groups)
+
+
+def plan_step(chunks: list[Chunk]) -> Step:
+    """The step of `chunks` from where their rows are now."""
+    return assemble([plan_chunk(chunk) for chunk in chunks])
 
 
 @torch.inference_mode()
-def forward_plan(module: nn.Module, plan: StepPlan, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def forward_plan(module: nn.Module, plan: StepPlan) -> torch.Tensor:
     """The body's forward over a planned step's packed positions: (1, N, D)."""
-    return module(inputs_embeds=hidden, position_ids=position_ids, use_cache=False, **{STEP_KWARG: plan}).last_hidden_state
+    return module(inputs_embeds=plan.hidden, position_ids=plan.position_ids, use_cache=False,
+                  **{STEP_KWARG: plan}).last_hidden_state
 
 
 @torch.inference_mode()
-def run_step(
-    module: nn.Module, pool: KVPool, chunks: list[Chunk],
-    publish: Callable[[StepPlan, torch.Tensor, torch.Tensor], None] | None = None,
-) -> list[torch.Tensor]:
-    """One forward of `module` (a body whose attention is `ATTENTION`) over every chunk; (B, T, D)
-    each. `publish` sees the planned step first (tensor parallel: rank 0 sends it to the others)."""
-    plan, hidden, position_ids, starts = plan_step(pool, chunks)
+def run_step(module: nn.Module, pool: KVPool, step: Step,
+             publish: Callable[[StepPlan], None] | None = None) -> list[torch.Tensor]:
+    """One eager forward of `module` (a body whose attention is `ATTENTION`) over `step`; (B, T, D)
+    per chunk. The rows do not advance (`step.commit()` does). `publish` sees the step's device
+    tensors first (tensor parallel: rank 0 sends them to the others)."""
+    plan = step.device_plan(pool)
     if publish is not None:
-        publish(plan, hidden, position_ids)
-    out = forward_plan(module, plan, hidden, position_ids)
-    results = []
-    for chunk, start in zip(chunks, starts, strict=True):
-        rows, length = chunk.hidden.shape[0], chunk.hidden.shape[1]
-        results.append(out[0, start: start + rows * length].view(rows, length, -1))
-    return results
+        publish(plan)
+    return step.split(forward_plan(module, plan))
+
+
+def run_chunks(module: nn.Module, pool: KVPool, chunks: list[Chunk],
+               publish: Callable[[StepPlan], None] | None = None) -> list[torch.Tensor]:
+    """Plan, run eagerly and commit one step over `chunks` (benchmarks drive a body module so)."""
+    step = plan_step(chunks)
+    out = run_step(module, pool, step, publish)
+    step.commit()
+    return out
