@@ -46,11 +46,13 @@ from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
 from openai.types.completion_usage import PromptTokensDetails
 from starlette.exceptions import HTTPException
+from transformers import LogitsProcessor
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult, TextStream
+from lambdasplit.device.generation import GenerationResult, TextStream
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import (
     CapacityError,
     LambdaSplitError,
@@ -66,17 +68,11 @@ from lambdasplit.gateway.protected import (
     refuse_completions,
     refuse_unprotectable,
 )
-from lambdasplit.gateway.sampling import (
-    JsonSchemaConstraint,
-    LogprobRecorder,
-    TokenLogprob,
-    logits_processors,
-)
+from lambdasplit.gateway.sampling import JsonSchemaConstraint, LogprobRecorder, TokenLogprob
 from lambdasplit.gateway.schema import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    Sampling,
     SamplingDefaults,
     bad_request,
     parse_chat,
@@ -153,8 +149,7 @@ class _Plan:
     chat: bool
     rows: list[list[int]]
     prompt_tokens: int
-    sampling: Sampling
-    options: GenerationOptions
+    options: SamplingParams
     logprobs: int | None
     json_schema: dict[str, Any] | None
     stream: bool
@@ -323,15 +318,14 @@ class _Generator:
             recorder = LogprobRecorder(plan.logprobs) if plan.logprobs is not None else None
             collector = _Collector(self.device, len(plan.rows), plan.options.stop, recorder, put if plan.stream else None)
             ids, mask = _batch(plan.rows, self.device.pad_id)
-            constraint = None
+            first: list[LogitsProcessor] = [recorder] if recorder is not None else []  # raw logits, before the sampler's
             if plan.json_schema is not None:
                 if self.constraint is None:
                     raise bad_request("response_format needs the model's tokenizer", "response_format")
-                constraint = self.constraint.processor(plan.json_schema, len(plan.rows))
-            processors = logits_processors(plan.sampling, ids.shape[1], recorder, constraint)
+                first.append(self.constraint.processor(plan.json_schema, len(plan.rows)))
             result = self.device.generate_ids(
                 body, ids, mask, plan.options, on_tokens=collector.on_tokens, cancel=cancel,
-                cache=conv.cache if conv is not None else None, logits_processor=processors,
+                cache=conv.cache if conv is not None else None, logits_processor=first,
             )
             collector.finish()
             if conv is not None and result.finish_reasons[0] != "cancelled":
@@ -354,12 +348,11 @@ class _Generator:
         assert self.protected is not None
         decoys = self.protected.protection.decoys > 0
         options = replace(plan.options, speculate=None if decoys else plan.options.speculate)
-        processors = logits_processors(plan.sampling, None, None, None)  # penalties take the batch's width from its first step
         on_text = (lambda text: put(_Step({0: text}, {}))) if plan.stream else None
         with self.protected.chat(messages, plan.user) as chat:
             body = self.connect()  # once the conversation's turn has begun: no session waits on its lock
             try:
-                done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel, logits_processor=processors)
+                done = chat.generate(body, messages, options, on_text=on_text, cancel=cancel)
             finally:
                 _close(body)
         return _real_row(done)
@@ -436,7 +429,8 @@ def create_app(
     pool = ConversationPool(conversations, conversation_ttl)
     protected = ProtectedChats(device, protection, protected_chats, protected_ttl) if protection is not None and protection.active else None
     generator = _Generator(device, connect, pool, speculate, protected)
-    defaults = sampling_defaults or SamplingDefaults.from_generation_config(device.model.generation_config)
+    defaults = replace(sampling_defaults or SamplingDefaults.from_generation_config(device.model.generation_config),
+                       max_tokens=default_max_tokens)
     vocab_size = int(device.config.get_text_config().vocab_size)
     created = _created(device)
 
@@ -547,18 +541,12 @@ def create_app(
               messages: list[dict[str, str]] | None = None, user: str | None = None) -> _Plan:
         """Rows (n per prompt) and options; speculation drafts one sequence at a time and would
         record logprobs of rejected drafts, so it is used only for one row without logprobs."""
-        s = req.sampling
         rows = [p for p in prompts for _ in range(req.n)]
         if len(rows) > MAX_ROWS:
             raise bad_request(f"{len(prompts)} prompt(s) x n={req.n} is {len(rows)} rows; at most {MAX_ROWS} run as one batch", "n")
         drafting = speculate if len(rows) == 1 and req.logprobs is None else None
-        # temperature, top_p and top_k are applied by the request's processors (gateway/sampling.py), so
-        # the options leave generate()'s own neutral; the seed drives the request's own generator
-        options = GenerationOptions(
-            max_new_tokens=s.max_tokens or default_max_tokens, greedy=s.greedy, seed=s.seed, stop=s.stop,
-            speculate=drafting, draft_tokens=draft_tokens,
-        )
-        return _Plan(chat, rows, sum(len(p) for p in prompts), s, options, req.logprobs, req.json_schema, req.stream,
+        options = replace(req.sampling, speculate=drafting, draft_tokens=draft_tokens)
+        return _Plan(chat, rows, sum(len(p) for p in prompts), options, req.logprobs, req.json_schema, req.stream,
                      req.include_usage, [e for e in echo for _ in range(req.n)], messages, user)
 
     async def _respond(plan: _Plan, request: Request) -> Any:

@@ -19,13 +19,13 @@ from transformers import StoppingCriteriaList
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import (
     EventStopping,
-    GenerationOptions,
     GenerationResult,
     TextStream,
     completes_stop,
     first_stop,
 )
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import PromptError
 from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
 from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
@@ -111,7 +111,7 @@ class ProtectedChat:
             return Message(role, content, self.detector.find(content))
         return Message(role, content)
 
-    def generate(self, body: BodyClient, messages: list[dict[str, str]], options: GenerationOptions | None = None,
+    def generate(self, body: BodyClient, messages: list[dict[str, str]], options: SamplingParams | None = None,
                  on_text: Callable[[str], None] | None = None, **generate_kwargs: Any) -> ProtectedResult:
         """Generate the real row's answer; `on_text` gets it restored, as it is produced.
 
@@ -122,7 +122,7 @@ class ProtectedChat:
         (one naming a real identifier never occurs in the text the model writes). Without decoys a
         stop ends the generation; with decoys the batch still runs to the end (a row that stopped
         early would stand out) and the answer is cut."""
-        options = options or GenerationOptions()
+        options = options or SamplingParams()
         stops = tuple(x for x in options.stop if x)
         options = replace(options, stop=())
         batch = self.prepare(messages)

@@ -30,8 +30,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.generation import GenerationResult
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.protect import ProtectedChat, Protection
 from lambdasplit.wire.frame import Limits, MsgType, parse_frame
@@ -250,7 +251,7 @@ class Conversations:
             self.drop(key)
 
 
-def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> GenerationOptions:
+def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> SamplingParams:
     """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off,
     or names the mode: prompt-lookup, draft-head (the shipped head) or the one the UI was started with."""
     mode = speculate
@@ -260,13 +261,13 @@ def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> 
         mode = req.speculate
     elif req.speculate is not None:
         mode = (speculate or "prompt-lookup") if req.speculate else None
-    return GenerationOptions(
+    return SamplingParams(
         max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,
         top_p=req.top_p, top_k=req.top_k, seed=req.seed, speculate=mode, draft_tokens=draft_tokens,
     )
 
 
-def chat_job(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: GenerationOptions,
+def chat_job(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: SamplingParams,
              keep: bool, protection: Protection | None = None) -> Job:
     """Text pieces as they are generated, then one `done` with what crossed the network. The session
     stays open for the next turn when `keep`, unless the turn was cancelled or failed. Under
@@ -300,7 +301,7 @@ def chat_job(device: SplitDevice, conversation: Conversation, messages: list[dic
     return job
 
 
-def _protected_turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: GenerationOptions,
+def _protected_turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: SamplingParams,
                     protection: Protection, on_text: Callable[[str], None], cancel: threading.Event) -> dict[str, Any]:
     """One turn through `ProtectedChat`: the whole (pseudonymised) history is sent each turn, since
     the cache holds stand-ins and decoy rows, not the page's text."""
@@ -321,7 +322,7 @@ def _protected_turn(device: SplitDevice, conversation: Conversation, messages: l
 
 
 def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: int, result: GenerationResult,
-                options: GenerationOptions, row: int = 0) -> dict[str, Any]:
+                options: SamplingParams, row: int = 0) -> dict[str, Any]:
     """The panel's numbers for one turn (row `row` of the batch); the heatmap is this turn's first
     uplink frame (its new positions)."""
     stats, timings = body.stats, result.timings
