@@ -119,3 +119,31 @@ def test_streamed_text_equals_final_text(smollm2_dir):
     pieces: list[str] = []
     result = device.generate(body, "Write a haiku about autumn.", SamplingParams(max_new_tokens=30), on_text=pieces.append)
     assert "".join(pieces) == result.text and result.text
+
+
+@pytest.mark.parametrize("decode_stream", [True, False])
+def test_the_detokenizer_gives_the_whole_decode_piece_by_piece(smollm2_dir, decode_stream):
+    """tokenizers' DecodeStream, and the fallback for other tokenizers, join to the whole decode,
+    holding a multi-byte character until it is complete; `flush` gives one cut short by the end."""
+    from lambdasplit.device.textstream import Detokenizer
+
+    tokenizer = SplitDevice.load(None, (1, 1)).tokenizer
+    text = "Héllo wörld 日本語 😀, done."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer, decode_stream)
+    pieces = [detokenizer.step(t) for t in [*ids, tokenizer.eos_token_id]]
+    assert "".join(pieces) + detokenizer.flush() == text
+    assert "\ufffd" not in "".join(pieces) and "" in pieces  # some bytes waited for their character
+    cut = Detokenizer(tokenizer, decode_stream)
+    emoji = tokenizer.encode(" 😀", add_special_tokens=False)
+    assert "".join(cut.step(t) for t in emoji[:-1]) + cut.flush() == tokenizer.decode(emoji[:-1])
+
+
+def test_hold_from_holds_what_may_still_become_a_key():
+    from lambdasplit.device.textstream import hold_from
+
+    assert hold_from("the end. St", ("Stop",)) == 9  # "St" may become "Stop"
+    assert hold_from("the end. Stop", ("Stop",)) == 13  # a whole stop string is cut, not held
+    assert hold_from("see White", ("white",), whole=True, word=True, fold=True) == 4  # may be "Whiteboard"
+    assert hold_from("seeWhi", ("white",), whole=True, word=True, fold=True) == 6  # not at a word start
+    assert hold_from("hi", ("hit",), word=True, before="s") == 2 and hold_from("hi", ("hit",), word=True, before=" ") == 0

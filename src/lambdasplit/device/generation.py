@@ -15,17 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextStreamer,
-)
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 from lambdasplit.device.sampling import SAMPLING_KEYWORDS, SamplingParams, generate_kwargs
+from lambdasplit.device.textstream import TextStream
 from lambdasplit.device.tokens import PromptTokenizer
 from lambdasplit.errors import LambdaSplitError, PromptError
 
@@ -92,40 +88,6 @@ class GenerationResult:
         return len(self.token_ids[0]) / self.round_trips if self.round_trips else 0.0
 
 
-class TextStream(TextStreamer):
-    """A single row's new text, as transformers' TextStreamer decodes it (whole words and characters),
-    with stop strings cut out: text that might still become a stop string is held back."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stops: tuple[str, ...] = ()) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-        self.stopped = False
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if self.stopped:
-            return
-        self.pending += text
-        cuts = [self.pending.find(s) for s in self.stops if s in self.pending]
-        if cuts:
-            self._emit(self.pending[: min(cuts)])
-            self.stopped = True
-            return
-        hold = 0 if stream_end else _stop_prefix(self.pending, self.stops)
-        self._emit(self.pending[: len(self.pending) - hold])
-        self.pending = self.pending[len(self.pending) - hold:]
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self.on_text(text)
-
-
-def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])), default=0)
-
-
 class _Steps(BaseStreamer):
     """Sees every batch of new tokens: times the first one and hands each step's ids (one list per
     row; several tokens per row when a draft was accepted) to a callback."""
@@ -137,16 +99,17 @@ class _Steps(BaseStreamer):
         self.first_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
-        if self.text is not None:
-            self.text.put(value)
         if self.prompt:
             self.prompt = False
             return
         if self.first_at is None:
             self.first_at = time.perf_counter()
+        rows = value.tolist()
+        step = [r if isinstance(r, list) else [r] for r in rows] if value.dim() > 1 else [[t] for t in rows]
+        if self.text is not None:
+            self.text.put(step[0])
         if self.on_tokens is not None:
-            rows = value.tolist()
-            self.on_tokens([r if isinstance(r, list) else [r] for r in rows] if value.dim() > 1 else [[t] for t in rows])
+            self.on_tokens(step)
 
     def end(self) -> None:
         if self.text is not None:

@@ -50,9 +50,10 @@ from transformers import LogitsProcessor
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationResult, TextStream
+from lambdasplit.device.generation import GenerationResult
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingParams
+from lambdasplit.device.textstream import TextStream
 from lambdasplit.errors import (
     CapacityError,
     LambdaSplitError,
@@ -195,9 +196,7 @@ class _Collector:
         self.streams: list[TextStream] = []
         if put is not None:
             for i in range(rows):
-                stream = TextStream(device.tokenizer, lambda text, i=i: self._text(i, text), stops)
-                stream.next_tokens_are_prompt = False  # only new tokens are fed
-                self.streams.append(stream)
+                self.streams.append(TextStream(device.tokenizer, lambda text, i=i: self._text(i, text), stops))
 
     def _text(self, row: int, text: str) -> None:
         self.pending[row] = self.pending.get(row, "") + text
@@ -213,7 +212,7 @@ class _Collector:
                 self.logprobs[i].append(entries[i])
                 new[i] = [entries[i]]
             if self.streams:
-                self.streams[i].put(torch.tensor(tokens))
+                self.streams[i].put(tokens)
             self.done[i] = any(t in self.eos for t in tokens)
         self._flush(new)
 
