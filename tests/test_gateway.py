@@ -35,11 +35,12 @@ from lambdasplit.errors import (
     UnavailableError,
 )
 from lambdasplit.gateway.app import create_app, default_model_name
-from lambdasplit.gateway.conversations import Conversation, ConversationPool
 from lambdasplit.gateway.protected import ProtectedChats
 from lambdasplit.gateway.schema import SamplingDefaults
 from lambdasplit.privacy.capture import observe
 from lambdasplit.privacy.protect import ProtectedChat, Protection
+from lambdasplit.web.conversation import Conversation
+from lambdasplit.web.pool import SessionPool
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 
@@ -719,20 +720,42 @@ class _Closable:
         self.closed = True
 
 
+def _kept(tokens: list[int]) -> Conversation:
+    conv = Conversation(_Closable)  # type: ignore[arg-type]
+    conv.session()
+    conv.cache, conv.tokens, conv.prompt_len = object(), tokens, 3  # type: ignore[assignment]
+    return conv
+
+
 def test_the_conversation_pool_is_lru_with_a_ttl():
     now = [0.0]
-    pool = ConversationPool(capacity=2, ttl=10, clock=lambda: now[0])
-    convs = [Conversation(_Closable(), None, prompt_len=3, tokens=[1, 2, 3, 4, i]) for i in range(3)]  # type: ignore[arg-type]
+    pool: SessionPool[int, Conversation] = SessionPool(2, 10, Conversation.close, clock=lambda: now[0])
+    convs = [_kept([1, 2, 3, 4, i]) for i in range(3)]
+    bodies = [conv.body for conv in convs]
     for conv in convs:
-        pool.put(conv)
-    assert convs[0].body.closed and len(pool) == 2  # the least recently used one was closed
-    assert pool.take([9, 9, 9]) is None  # shares nothing
-    assert pool.take([1, 2]) is None  # does not contain the kept prompt
-    taken, shared = pool.take([1, 2, 3, 4, 2, 7])
+        pool.put(id(conv), conv)
+    assert bodies[0].closed and len(pool) == 2  # the least recently used one was closed
+    assert pool.take(lambda c: c.continues([9, 9, 9])) is None  # shares nothing
+    assert pool.take(lambda c: c.continues([1, 2])) is None  # does not contain the kept prompt
+    taken, shared = pool.take(lambda c: c.continues([1, 2, 3, 4, 2, 7]))
     assert taken is convs[2] and shared == 5 and len(pool) == 1
     now[0] = 11.0
     pool.expire()
-    assert convs[1].body.closed and len(pool) == 0
+    assert bodies[1].closed and len(pool) == 0
+
+
+def test_a_value_in_use_is_never_evicted_and_a_dropped_one_closes_when_done():
+    closed: list[str] = []
+    pool: SessionPool[str, str] = SessionPool(1, None, closed.append)
+    with pool.use("a", lambda: "A") as a:
+        pool.put("b", "B")
+        pool.put("c", "C")  # evicts B, the idle one, never A
+        assert a == "A" and closed == ["B"] and len(pool) == 2
+    with pool.use("a", lambda: "new") as again:  # kept: the same value; A evicted C on its return
+        assert again == "A" and closed == ["B", "C"]
+        pool.drop("a")
+        assert closed == ["B", "C"]  # not under its user
+    assert closed == ["B", "C", "A"] and len(pool) == 0
 
 
 def test_a_repeated_one_token_prompt_starts_a_fresh_cache(reuse, device):

@@ -46,3 +46,7 @@ RECONNECT_WINDOW = 30.0  # seconds a device keeps trying to reach a lost body se
 # reading; the bytes bound what waits at the server per session (a larger frame goes alone).
 SEND_WINDOW_FRAMES = 8
 SEND_WINDOW_BYTES = 4 << 20
+
+# Generations one gateway or UI runs at once, each on a worker thread (torch releases the GIL while
+# it computes); a request beyond them waits for a thread rather than starting another.
+GENERATION_THREADS = 32
