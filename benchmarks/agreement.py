@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import environment, write
 from lambdasplit.device.body import BodyClient, load_local_body
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 
 PROMPTS = Path(__file__).parent / "prompts" / "heldout.json"
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def greedy(device: SplitDevice, body: BodyClient, prompts: list[str], new_tokens
     """Greedy token ids per prompt, in left-padded batches of `batch`."""
     rows: list[list[int]] = []
     for start in range(0, len(prompts), batch):
-        result = device.generate(body, prompts[start:start + batch], GenerationOptions(max_new_tokens=new_tokens))
+        result = device.generate(body, prompts[start:start + batch], SamplingParams(max_new_tokens=new_tokens))
         rows.extend(result.token_ids)
     return rows
 

@@ -14,8 +14,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.common import Run
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 
 
 class _StepClock(LogitsProcessor):
@@ -68,7 +68,7 @@ def split_run(
 
     def run() -> Run:
         before = body_compute() if body_compute else None
-        result = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
+        result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         t = result.timings
         steps = t.steps[1:]
         n = len(steps)
@@ -120,7 +120,7 @@ def concurrent_run(devices: list[SplitDevice], bodies: list[BodyClient], ids: to
     lock = threading.Lock()
 
     def one(device: SplitDevice, body: BodyClient) -> None:
-        result = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
+        result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         with lock:
             rates.append(result.timings.tokens_per_second)
 

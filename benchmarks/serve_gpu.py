@@ -283,8 +283,8 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     """Greedy tokens and states of `devices` sessions run together against each run alone."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
     device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
@@ -294,7 +294,7 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     with ServerProcess(*args, timeout=600) as server:
         def run(i: int, results: dict) -> None:
             body = _Recorder(connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest))
-            out = device.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True),
+            out = device.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
                                       keep_logits=True)
             body.close()
             results[i] = (out.token_ids[0], torch.stack(body.hidden), out.logits[:, 0].float().cpu())

@@ -31,8 +31,9 @@ from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.draft import PROMPTS as DRAFT_PROMPTS
-from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.generation import GenerationResult
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.wire.codec import Codec
 
@@ -45,7 +46,7 @@ def _name(mode: str | None) -> str:
 
 
 def _run(device: SplitDevice, body: BodyClient, ids: torch.Tensor, new_tokens: int, mode: str | None, draft: int) -> GenerationResult:
-    return device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft))
+    return device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft))
 
 
 def _sets(quick: bool) -> dict[str, list[str]]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from lambdasplit.device.draft_prompts import heldout_prompts
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 
@@ -44,7 +44,7 @@ def evaluate(model: str | None, head: str, device: str, split: tuple[int, int], 
             if time.monotonic() > deadline:
                 break
             ids = split_device.encode_chat([{"role": "user", "content": prompt}])
-            results = {name: split_device.generate_ids(body, ids, None, GenerationOptions(
+            results = {name: split_device.generate_ids(body, ids, None, SamplingParams(
                 max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft_tokens)) for name, mode in modes.items()}
             for name, result in results.items():
                 totals[name]["tokens"] += len(result.token_ids[0])

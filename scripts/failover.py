@@ -32,9 +32,9 @@ import torch
 
 from lambdasplit.child import ChildProcess
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.security import make_certificates
 from lambdasplit.wire.codec import Codec
@@ -276,7 +276,7 @@ def run_trial(cluster: Cluster, device: SplitDevice, input_ids: torch.Tensor, ne
 
     start = time.monotonic()
     try:
-        device.generate_ids(body, input_ids, None, GenerationOptions(max_new_tokens=new_tokens), on_tokens=on_tokens)
+        device.generate_ids(body, input_ids, None, SamplingParams(max_new_tokens=new_tokens), on_tokens=on_tokens)
     finally:
         body.close()
     if not killed:

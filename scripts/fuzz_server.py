@@ -413,14 +413,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from lambdasplit.cloud.process import ServerProcess
-    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.remote import RemoteBody
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.engine.local import load_local_body
 
     split = tuple(int(x) for x in args.split.split(","))
     device = SplitDevice.load(args.model, split)
-    options = GenerationOptions(max_new_tokens=args.new_tokens, ignore_eos=True)
+    options = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompts = [device.encode(p, raw=True)[0] for p in PROMPTS]
     local = load_local_body(args.model, split)
     expected = [device.generate_ids(local, ids, None, options).token_ids[0] for ids in prompts]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.generation import GenerationResult
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
@@ -38,7 +39,7 @@ def compare(
 ) -> Comparison:
     device = device or SplitDevice.load(source, split, allow_shallow=allow_shallow)
     body = load_local_body(source, split, codec=Codec.FP32, allow_shallow=allow_shallow)
-    result = device.generate_ids(body, input_ids, mask, GenerationOptions(max_new_tokens=new_tokens), keep_logits=True)
+    result = device.generate_ids(body, input_ids, mask, SamplingParams(max_new_tokens=new_tokens), keep_logits=True)
     model = oracle(Path(source) if source else device.opened.checkpoint.path)
     with torch.no_grad():
         ref = model.generate(

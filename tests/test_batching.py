@@ -12,9 +12,9 @@ import urllib.request
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -127,7 +127,7 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
             if i == 2 and len(tokens) == 5:
                 body._ws.close()  # the connection drops mid-way: the device reconnects and replays
 
-        result = devices[i].generate_ids(body, torch.tensor([prompts[i]]), None, GenerationOptions(max_new_tokens=new_tokens[i], ignore_eos=True),
+        result = devices[i].generate_ids(body, torch.tensor([prompts[i]]), None, SamplingParams(max_new_tokens=new_tokens[i], ignore_eos=True),
                                          on_tokens=on_tokens, keep_logits=True)
         body.close()
         results[i], logits[i], reconnects[i] = result.token_ids[0], result.logits[:, 0], body.reconnects
@@ -158,7 +158,7 @@ def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
     server = ThreadServer(bodies, SchedulerLimits(max_frame_positions=4))
     device = SplitDevice.load(llama, (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    result = device.generate_ids(body, torch.tensor([ids]), None, GenerationOptions(max_new_tokens=6, ignore_eos=True))
+    result = device.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
     body.close()
     assert body.max_frame_positions == 4
     assert result.token_ids == [out[0, len(ids):].tolist()]
@@ -250,7 +250,7 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
             assert time.monotonic() < deadline, "the stalled client's first frame was never answered"
             time.sleep(0.01)  # polling
         body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8, ignore_eos=True))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8, ignore_eos=True))
         body.close()
         assert result.token_ids[0] == expected
         _vanish(stalled)

@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 
 from lambdasplit.device import draft_prompts
 from lambdasplit.device.draft import SHIPPED, DraftHead, DraftHeadError, read_meta
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.train_draft import Objective, TrainSettings, answer, draft_vocabulary, train, train_draft
 from lambdasplit.wire.codec import Codec
 from scripts import eval_draft
@@ -77,8 +77,8 @@ def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, loca
     device = SplitDevice.load(llama, (2, 2))
     body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
     ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
-    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True))
-    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True,
+    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
                                                                   speculate=f"draft-head:{trained[0]}", draft_tokens=6))
     if where == "server":
         body.close()
@@ -96,7 +96,7 @@ def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server
     device = SplitDevice.load(llama, (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
     ids = device.encode_chat([{"role": "user", "content": PROMPTS[1]}])
-    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True))
+    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
     crop, dropped = body._crop, []
 
     def crop_then_drop(length: int) -> None:
@@ -106,7 +106,7 @@ def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server
             body._ws.close()
 
     body._crop = crop_then_drop
-    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=24, ignore_eos=True,
+    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
                                                                   speculate=f"draft-head:{trained[0]}", draft_tokens=6))
     body.close()
     assert dropped and body.reconnects == 1
@@ -118,8 +118,8 @@ def test_sampling_with_the_draft_head_gives_draft_probabilities_and_runs_exactly
     temperature where sampling is argmax, the tokens are the greedy ones."""
     device = SplitDevice.load(llama, (2, 2))
     ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
-    greedy = device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True))
-    options = GenerationOptions(max_new_tokens=16, ignore_eos=True, greedy=False, temperature=1e-4, seed=3,
+    greedy = device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    options = SamplingParams(max_new_tokens=16, ignore_eos=True, greedy=False, temperature=1e-4, seed=3,
                                 speculate=f"draft-head:{trained[0]}", draft_tokens=6)
     sampled = device.generate_ids(local, ids, None, options)
     assert sampled.token_ids == greedy.token_ids
@@ -130,13 +130,13 @@ def test_a_head_for_another_model_or_a_broken_directory_is_refused(llama, local,
     device = SplitDevice.load(llama, (2, 2))
     ids = torch.tensor([[1, 504, 3458]])
     with pytest.raises(DraftHeadError, match="hidden_size 576"):
-        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate="draft-head"))
+        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate="draft-head"))
     assert read_meta(SHIPPED)["hidden_size"] == 576
     (tmp_path / "draft_head.json").write_text("{not json")
     with pytest.raises(DraftHeadError, match="not valid JSON"):
-        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
+        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
     with pytest.raises(DraftHeadError, match="not a draft head directory"):
-        device.generate_ids(local, ids, None, GenerationOptions(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
+        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
 
 
 def test_generated_training_prompts_are_many_distinct_deterministic_and_never_near_the_held_out_chat_set():

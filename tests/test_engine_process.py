@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.core import EngineClient, _error_dict, _error_from
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import load_local_body
@@ -52,16 +52,16 @@ def test_engine_process_replies_equal_in_process(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--engine-process") as server:
         assert _health(server.url) == (200, "ok\n")
         body = RemoteBody(server.url, device.manifest, connect_timeout=30.0)
-        ours = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=10)).token_ids
+        ours = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10)).token_ids
         body.close()
-    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=10))
+    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=10))
     assert ours == local.token_ids
 
 
 def test_a_killed_engine_fails_healthz_and_the_sessions(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--engine-process") as server:
         body = RemoteBody(server.url, device.manifest, connect_timeout=30.0, reconnect_window=1.0)
-        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
+        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
         os.kill(_engine_pid(server), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while _health(server.url)[0] == 200:
@@ -70,7 +70,7 @@ def test_a_killed_engine_fails_healthz_and_the_sessions(llama, device):
         status, text = _health(server.url)
         assert status == 503 and "engine process" in text
         with pytest.raises(ComputeError, match="engine process"):
-            device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
+            device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
         assert server.proc.poll() is None  # the front end stays up and says why it is unhealthy
 
 

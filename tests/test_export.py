@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import SourceError, SplitError
 from lambdasplit.split.export import export_parts
@@ -59,7 +59,7 @@ def test_exported_parts_reproduce_the_unsplit_model(exported, tiny_models):
     device = SplitDevice.load(exported["device"])
     body = load_local_body(exported["cloud"])
     ids = torch.tensor([[1, 22, 333, 4444, 5555, 66]])
-    result = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=8))
+    result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=8))
     ref = oracle(tiny_models["qwen2"]).generate(ids, max_new_tokens=8, do_sample=False)
     assert result.token_ids[0] == ref[0, ids.shape[1]:].tolist()
     cloud = PartManifest.read(exported["cloud"])
@@ -104,7 +104,7 @@ def test_a_part_exported_with_the_models_config_json_still_loads(exported, tiny_
         (old[side] / "manifest.json").write_text(manifest.to_json())
     device = SplitDevice.load(old["device"])
     ids = torch.tensor([[1, 22, 333, 4444, 5555, 66]])
-    result = device.generate_ids(load_local_body(old["cloud"]), ids, None, GenerationOptions(max_new_tokens=8))
+    result = device.generate_ids(load_local_body(old["cloud"]), ids, None, SamplingParams(max_new_tokens=8))
     ref = oracle(tiny_models["qwen2"]).generate(ids, max_new_tokens=8, do_sample=False)
     assert result.token_ids[0] == ref[0, ids.shape[1]:].tolist()
 
@@ -185,7 +185,7 @@ def _plant_zeroed_layer(directory: Path, name: str = "zz-extra.safetensors") -> 
 
 def _tokens(device_dir, cloud_dir) -> list[int]:
     device, body = SplitDevice.load(device_dir), load_local_body(cloud_dir)
-    return device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=6)).token_ids[0]
+    return device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=6)).token_ids[0]
 
 
 @pytest.fixture(scope="module")

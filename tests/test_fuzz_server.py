@@ -9,9 +9,9 @@ import logging
 
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
@@ -26,7 +26,7 @@ PROMPTS = [IDS, torch.tensor([[1, 2030, 30, 282]]), torch.tensor([[1, 253, 2030,
 def test_hostile_frames_are_all_answered_and_never_touch_a_victim_session(llama, caplog):
     bodies = load_scheduler(str(llama), (2, 2)).bodies
     device = SplitDevice.load(llama, (2, 2))
-    options = GenerationOptions(max_new_tokens=8, ignore_eos=True)
+    options = SamplingParams(max_new_tokens=8, ignore_eos=True)
     local = LocalBody(BodyScheduler(bodies), Codec.FP32)
     expected = [device.generate_ids(local, ids, None, options).token_ids[0] for ids in PROMPTS]
     local.scheduler.shutdown()

@@ -17,13 +17,13 @@ import torch
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient, TransferStats
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import OpenAIPenalties, SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import (
     AuthError,
@@ -35,12 +35,12 @@ from lambdasplit.errors import (
     UnavailableError,
 )
 from lambdasplit.gateway.app import create_app, default_model_name
-from lambdasplit.gateway.conversations import Conversation, ConversationPool
 from lambdasplit.gateway.protected import ProtectedChats
-from lambdasplit.gateway.sampling import OpenAIPenalties
 from lambdasplit.gateway.schema import SamplingDefaults
 from lambdasplit.privacy.capture import observe
 from lambdasplit.privacy.protect import ProtectedChat, Protection
+from lambdasplit.web.conversation import Conversation
+from lambdasplit.web.pool import SessionPool
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 
@@ -124,7 +124,7 @@ def _local_body():
 
 
 def _expected(device, ids, n):
-    return device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=n))
+    return device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n))
 
 
 def _ids(device, prompt):
@@ -389,7 +389,7 @@ def test_generation_stops_at_the_step_after_cancel(device):
             cancel.set()
 
     ids = _ids(device, COUNTING)
-    result = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=50), on_text, cancel=cancel)
+    result = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=50), on_text, cancel=cancel)
     assert result.finish_reasons == ["cancelled"] and 3 <= len(result.token_ids[0]) < 50
     assert result.token_ids[0] == _expected(device, ids, len(result.token_ids[0])).token_ids[0]
 
@@ -515,14 +515,14 @@ def test_streaming_n_and_stop_per_row(gateway):
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
             if choice.finish_reason:
                 reasons[choice.index] = choice.finish_reason
-    expected = device.generate_ids(_local_body(), device.encode_chat(MESSAGES), None, GenerationOptions(max_new_tokens=16, stop=(".",)))
+    expected = device.generate_ids(_local_body(), device.encode_chat(MESSAGES), None, SamplingParams(max_new_tokens=16, stop=(".",)))
     assert texts == {0: expected.text, 1: expected.text} and "." not in expected.text
     assert reasons == {0: expected.finish_reasons[0], 1: expected.finish_reasons[0]}
 
 
 def _raw_logprobs(device, ids, n):
     """The unsplit-equivalent local split's raw log-softmax at each of n greedy steps."""
-    result = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=n), keep_logits=True)
+    result = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n), keep_logits=True)
     return result, torch.log_softmax(result.logits[:, 0].float(), dim=-1)
 
 
@@ -571,8 +571,7 @@ def test_penalties_and_logit_bias_change_the_tokens(gateway):
     ids = _ids(device, prompt)
     plain = _expected(device, ids, 16)
     penalised = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=1.0)
-    processor = LogitsProcessorList([OpenAIPenalties(ids.shape[1], presence=1.0, frequency=2.0)])
-    want = device.generate_ids(_local_body(), ids, None, GenerationOptions(max_new_tokens=16), logits_processor=processor)
+    want = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=16, presence_penalty=1.0, frequency_penalty=2.0))
     assert penalised.choices[0].text == want.text != plain.text
     token = device.tokenizer.encode(" banana", add_special_tokens=False)[0]
     biased = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=3, logit_bias={str(token): 100})
@@ -640,6 +639,30 @@ def test_sync_and_async_clients_stream_16_concurrent_requests_two_abandoned(stac
     assert reply.choices[0].text == _expected(stack.device, _ids(stack.device, "The sky is"), 4).text
 
 
+def test_concurrent_seeded_requests_give_their_single_run_answers(stack):
+    """Seeded sampled requests in flight together (each draws with its own generator) answer as
+    each one does alone, and two seeds differ."""
+    import asyncio
+
+    def ask(seed: int) -> str:
+        return stack.client.completions.create(model="smollm2", prompt="Once upon a time", temperature=1.2, seed=seed,
+                                               max_tokens=12).choices[0].text
+
+    alone = {seed: ask(seed) for seed in (1, 2)}
+
+    async def together() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        try:
+            replies = await asyncio.gather(*(client.completions.create(model="smollm2", prompt="Once upon a time", temperature=1.2,
+                                                                        seed=seed, max_tokens=12) for seed in (1, 2, 1, 2)))
+        finally:
+            await client.close()
+        return [r.choices[0].text for r in replies]
+
+    assert asyncio.run(together()) == [alone[1], alone[2], alone[1], alone[2]]
+    assert alone[1] != alone[2]
+
+
 # --- issue 14 part 2: multi-turn reuse ---------------------------------------------------------
 
 
@@ -697,20 +720,42 @@ class _Closable:
         self.closed = True
 
 
+def _kept(tokens: list[int]) -> Conversation:
+    conv = Conversation(_Closable)  # type: ignore[arg-type]
+    conv.session()
+    conv.cache, conv.tokens, conv.prompt_len = object(), tokens, 3  # type: ignore[assignment]
+    return conv
+
+
 def test_the_conversation_pool_is_lru_with_a_ttl():
     now = [0.0]
-    pool = ConversationPool(capacity=2, ttl=10, clock=lambda: now[0])
-    convs = [Conversation(_Closable(), None, prompt_len=3, tokens=[1, 2, 3, 4, i]) for i in range(3)]  # type: ignore[arg-type]
+    pool: SessionPool[int, Conversation] = SessionPool(2, 10, Conversation.close, clock=lambda: now[0])
+    convs = [_kept([1, 2, 3, 4, i]) for i in range(3)]
+    bodies = [conv.body for conv in convs]
     for conv in convs:
-        pool.put(conv)
-    assert convs[0].body.closed and len(pool) == 2  # the least recently used one was closed
-    assert pool.take([9, 9, 9]) is None  # shares nothing
-    assert pool.take([1, 2]) is None  # does not contain the kept prompt
-    taken, shared = pool.take([1, 2, 3, 4, 2, 7])
+        pool.put(id(conv), conv)
+    assert bodies[0].closed and len(pool) == 2  # the least recently used one was closed
+    assert pool.take(lambda c: c.continues([9, 9, 9])) is None  # shares nothing
+    assert pool.take(lambda c: c.continues([1, 2])) is None  # does not contain the kept prompt
+    taken, shared = pool.take(lambda c: c.continues([1, 2, 3, 4, 2, 7]))
     assert taken is convs[2] and shared == 5 and len(pool) == 1
     now[0] = 11.0
     pool.expire()
-    assert convs[1].body.closed and len(pool) == 0
+    assert bodies[1].closed and len(pool) == 0
+
+
+def test_a_value_in_use_is_never_evicted_and_a_dropped_one_closes_when_done():
+    closed: list[str] = []
+    pool: SessionPool[str, str] = SessionPool(1, None, closed.append)
+    with pool.use("a", lambda: "A") as a:
+        pool.put("b", "B")
+        pool.put("c", "C")  # evicts B, the idle one, never A
+        assert a == "A" and closed == ["B"] and len(pool) == 2
+    with pool.use("a", lambda: "new") as again:  # kept: the same value; A evicted C on its return
+        assert again == "A" and closed == ["B", "C"]
+        pool.drop("a")
+        assert closed == ["B", "C"]  # not under its user
+    assert closed == ["B", "C", "A"] and len(pool) == 0
 
 
 def test_a_repeated_one_token_prompt_starts_a_fresh_cache(reuse, device):
@@ -792,12 +837,12 @@ def _uplink(body) -> list[torch.Tensor]:
     return observe(body.captured).uplink
 
 
-def _direct(protected, protection: Protection, messages: list[dict], tokens: int = 16, **kw):
+def _direct(protected, protection: Protection, messages: list[dict], tokens: int = 16, **sampling):
     """ProtectedChat run directly on a body session of the same server, and that session's frames."""
     body = protected.connect()
     body.captured = []
     try:
-        done = ProtectedChat(protected.device, protection).generate(body, messages, GenerationOptions(max_new_tokens=tokens), **kw)
+        done = ProtectedChat(protected.device, protection).generate(body, messages, SamplingParams(max_new_tokens=tokens, **sampling))
     finally:
         body.close()
     return done, _uplink(body)
@@ -825,7 +870,7 @@ def _uplink_of_plain(protected, messages: list[dict]) -> torch.Tensor:
     body = protected.connect()
     body.captured = []
     try:
-        protected.device.generate_ids(body, protected.device.encode_chat(messages), None, GenerationOptions(max_new_tokens=1))
+        protected.device.generate_ids(body, protected.device.encode_chat(messages), None, SamplingParams(max_new_tokens=1))
     finally:
         body.close()
     return _uplink(body)[0]
@@ -907,8 +952,7 @@ def test_a_stop_string_naming_a_real_identifier_stops_the_restored_answer(protec
 def test_protected_sampling_fields_pass_through(protected):
     client = protected.clients["pseudonymize"]
     penalised, _, _ = _chat(client, IDENTIFIED, frequency_penalty=2.0, presence_penalty=1.0, max_tokens=10)
-    processors = LogitsProcessorList([OpenAIPenalties(None, presence=1.0, frequency=2.0)])
-    done, _ = _direct(protected, Protection(pseudonymize=True, seed=0), IDENTIFIED, 10, logits_processor=processors)
+    done, _ = _direct(protected, Protection(pseudonymize=True, seed=0), IDENTIFIED, 10, presence_penalty=1.0, frequency_penalty=2.0)
     assert penalised == done.text != _chat(client, IDENTIFIED, max_tokens=10)[0]
     sampled = [_chat(client, IDENTIFIED, temperature=1.0, seed=3, max_tokens=6)[0] for _ in range(2)]
     assert sampled[0] == sampled[1]

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import block_bytes
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -160,7 +160,7 @@ def test_a_preempted_device_replays_and_both_generations_equal_unsplit_generate(
         def run_younger() -> None:
             try:
                 results["younger"] = devices[1].generate_ids(
-                    younger, long_prompt, None, GenerationOptions(max_new_tokens=12, ignore_eos=True)).token_ids[0]
+                    younger, long_prompt, None, SamplingParams(max_new_tokens=12, ignore_eos=True)).token_ids[0]
             except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 results["younger"] = exc
 
@@ -175,7 +175,7 @@ def test_a_preempted_device_replays_and_both_generations_equal_unsplit_generate(
                     time.sleep(0.01)  # polling
 
         # 9 + 11 positions: its second block comes after the younger prompt has filled the pool.
-        result = devices[0].generate_ids(older, IDS, None, GenerationOptions(max_new_tokens=12, ignore_eos=True),
+        result = devices[0].generate_ids(older, IDS, None, SamplingParams(max_new_tokens=12, ignore_eos=True),
                                          on_tokens=after_first_token)
         older.close()
         thread.join(120)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import AuthError
 from scripts.failover import Cluster, haproxy_command, run_trial, unsplit_tokens
 
@@ -58,7 +58,7 @@ def test_least_connections_spreads_devices(cluster, device):
 def test_uninterrupted_generation_through_the_proxy(cluster, device, expected):
     body = cluster.device_body(device)
     try:
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=NEW_TOKENS))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=NEW_TOKENS))
     finally:
         body.close()
     assert result.token_ids == [expected] and body.reconnects == 0

@@ -116,17 +116,17 @@ def test_beam_search_is_refused_rather_than_silently_wrong(split, tokenizer):
 def test_a_continued_cache_sends_only_the_new_positions_and_gives_the_fresh_tokens(llama):
     """generate_ids(cache=...) continues a conversation: turn 2 reuses turn 1's head, body and tail
     KV, sends only its new positions, and gives the tokens a fresh run over the whole history gives."""
-    from lambdasplit.device.generation import GenerationOptions
+    from lambdasplit.device.sampling import SamplingParams
 
     device = SplitDevice.load(llama, (2, 2))
     body, fresh_body = load_local_body(str(llama), (2, 2)), load_local_body(str(llama), (2, 2))
     first = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     cache = device.model.new_cache(body)
-    turn1 = device.generate_ids(body, first, None, GenerationOptions(max_new_tokens=5, ignore_eos=True), cache=cache)
+    turn1 = device.generate_ids(body, first, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
     assert cache.get_seq_length() == first.shape[1] + 5 - 1  # the last new token is not fed yet
     history = torch.cat([first, torch.tensor([turn1.token_ids[0]]), torch.tensor([[253, 2030, 30]])], dim=1)
-    turn2 = device.generate_ids(body, history, None, GenerationOptions(max_new_tokens=5, ignore_eos=True), cache=cache)
-    fresh = device.generate_ids(fresh_body, history, None, GenerationOptions(max_new_tokens=5, ignore_eos=True))
+    turn2 = device.generate_ids(body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
+    fresh = device.generate_ids(fresh_body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert turn2.token_ids == fresh.token_ids
     assert turn2.bytes_to_cloud < fresh.bytes_to_cloud / 2  # 4 new prompt positions + 4 decodes, against 14 + 4
     for b in (body, fresh_body):

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
 from lambdasplit.wire.codec import Codec
@@ -50,13 +50,13 @@ def remote(device, url, **kwargs) -> RemoteBody:
 
 def local_ids(device, llama, ids=IDS, codec=Codec.FP32, n=12):
     body = load_local_body(llama, (2, 2), codec=codec)
-    return device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=n)).token_ids
+    return device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=n)).token_ids
 
 
 @pytest.mark.parametrize("codec", [Codec.FP32, Codec.BF16, Codec.INT8])
 def test_remote_equals_in_process(server, device, llama, codec):
     body = remote(device, server.url, codec=codec)
-    result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=12))
+    result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
     body.close()
     assert result.token_ids == local_ids(device, llama, codec=codec)
     assert result.bytes_to_cloud == result.bytes_from_cloud > 0
@@ -65,8 +65,8 @@ def test_remote_equals_in_process(server, device, llama, codec):
 def test_batch_with_padding_over_the_network(server, device, llama):
     ids, mask = device.encode(["Hi", "A much longer prompt with many more tokens"])
     body = remote(device, server.url)
-    ours = device.generate_ids(body, ids, mask, GenerationOptions(max_new_tokens=8)).token_ids
-    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, GenerationOptions(max_new_tokens=8)).token_ids
+    ours = device.generate_ids(body, ids, mask, SamplingParams(max_new_tokens=8)).token_ids
+    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, SamplingParams(max_new_tokens=8)).token_ids
     assert ours == local
 
 
@@ -74,14 +74,14 @@ def test_batch_with_padding_over_the_network(server, device, llama):
 def test_missing_or_wrong_token_is_refused(server, device, token, needle):
     body = remote(device, server.url, token=token)
     with pytest.raises(AuthError, match=needle):
-        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
+        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
 
 
 def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
     other = SplitDevice.load(llama, (1, 1))
     body = remote(other, server.url)
     with pytest.raises(MismatchError, match="do not match"):
-        other.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2))
+        other.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
     assert any("do not match" in line for line in server.output)
 
 
@@ -138,7 +138,7 @@ def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
         try:
             dev = SplitDevice.load(llama, (2, 2))  # each device has its own head/tail caches
             body = remote(dev, server.url)
-            results[i] = dev.generate_ids(body, prompts[i], None, GenerationOptions(max_new_tokens=10)).token_ids
+            results[i] = dev.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=10)).token_ids
             body.close()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -176,7 +176,7 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
             restarted.append(ServerProcess(*args, port=first.port))
 
     try:
-        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=16), on_tokens=on_tokens)
+        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=16), on_tokens=on_tokens)
     finally:
         body.close()
         first.stop()
@@ -199,7 +199,7 @@ def test_idle_session_expires_and_the_device_recovers(llama, device):
                     assert time.monotonic() < deadline, "the server never expired the idle session"
                     time.sleep(0.05)
 
-        device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8), on_tokens=on_tokens)
+        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8), on_tokens=on_tokens)
         body.close()
         assert any("expired" in line for line in proc.output)
     assert body.reconnects == 1
@@ -209,11 +209,11 @@ def test_idle_session_expires_and_the_device_recovers(llama, device):
 def test_max_sessions_refuses_with_a_clear_error(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--max-sessions", "1") as proc:
         first = remote(device, proc.url, token=None)
-        device.generate_ids(first, IDS, None, GenerationOptions(max_new_tokens=2))
+        device.generate_ids(first, IDS, None, SamplingParams(max_new_tokens=2))
         second = remote(device, proc.url, token=None, reconnect_window=1.0)
         with pytest.raises(CapacityError, match="limit of 1 sessions"):
             SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
-                second, IDS, None, GenerationOptions(max_new_tokens=2)
+                second, IDS, None, SamplingParams(max_new_tokens=2)
             )
         first.close()
 
@@ -226,18 +226,18 @@ def test_tls_with_the_generated_ca(llama, device, tmp_path):
     with ServerProcess(*args) as proc:
         assert proc.url.startswith("wss://")
         body = remote(device, proc.url, token=None, tls_ca=paths["ca"])
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=6))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=6))
         body.close()
         assert result.token_ids == local_ids(device, llama, n=6)
         untrusted = remote(device, proc.url, token=None)
         with pytest.raises(LambdaSplitError, match="TLS"):
-            device.generate_ids(untrusted, IDS, None, GenerationOptions(max_new_tokens=2))
+            device.generate_ids(untrusted, IDS, None, SamplingParams(max_new_tokens=2))
 
 
 def test_metrics_count_what_crossed(llama, device):
     with ServerProcess("--model", str(llama), "--split", "2,2") as proc:
         body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=5))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=5))
         body.close()
         url = proc.url.replace("ws://", "http://") + "/metrics"
         deadline = time.monotonic() + 30
@@ -256,7 +256,7 @@ def test_ctrl_c_stops_the_server_with_a_session_open(llama, device, loop):
     """SIGINT ends `serve` on either event loop, also while a device holds a session."""
     with ServerProcess("--model", str(llama), "--split", "2,2", loop) as proc:
         body = remote(device, proc.url, token=None)
-        assert device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=2)).token_ids == local_ids(device, llama, n=2)
+        assert device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2)).token_ids == local_ids(device, llama, n=2)
         proc.proc.send_signal(signal.SIGINT)
         assert proc.proc.wait(timeout=30) == 130  # the CLI's exit status for an interrupt
         body.close()
@@ -274,7 +274,7 @@ def test_exported_parts_on_both_sides(llama, tmp_path):
     device = SplitDevice.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
         body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=10))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
     assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)
 
@@ -289,7 +289,7 @@ def test_randomised_split_server_hosts_every_k_in_its_range(llama):
         for k in (1, 2, 3):
             device = SplitDevice.load(llama, (k, 2))
             body = remote(device, proc.url, token=None)
-            result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=8))
+            result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8))
             body.close()
             assert result.token_ids[0] == want, k
         outside = SplitDevice.load(llama, (4, 1))  # (4, 2) would leave no body at all

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe, positions
@@ -34,7 +34,7 @@ def _capture(model, split, noise=None, new_tokens=8):
     body = load_local_body(model, split)
     body.uplink_defense = noise
     body.captured = []
-    result = device.generate_ids(body, PROMPT, None, GenerationOptions(max_new_tokens=new_tokens, ignore_eos=True))
+    result = device.generate_ids(body, PROMPT, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return observe(body.captured), result.token_ids[0]
 
 

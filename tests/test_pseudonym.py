@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
 from lambdasplit.privacy.capture import observe
@@ -94,7 +94,7 @@ def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, d
     body = load_local_body(llama, (1, 2))
     body.captured = []
     chat = ProtectedChat(device, Protection(pseudonymize=True, seed=0), detector)
-    result = chat.generate(body, [{"role": "user", "content": PROMPT}], GenerationOptions(max_new_tokens=4))
+    result = chat.generate(body, [{"role": "user", "content": PROMPT}], SamplingParams(max_new_tokens=4))
     prompt_ids = result.result.prompt_token_ids[0]
     recovered = attacker.match(1, observe(body.captured).uplink[0][0]).token_ids
     assert recovered == prompt_ids
@@ -106,7 +106,7 @@ def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, d
 def test_real_row_under_decoys_equals_the_undefended_output(llama, detector):
     device = SplitDevice.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
-    options = GenerationOptions(max_new_tokens=12)
+    options = SamplingParams(max_new_tokens=12)
     base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(messages), None, options)
     streamed = []
     chat = ProtectedChat(device, Protection(decoys=3, seed=1), detector)
@@ -135,7 +135,7 @@ def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, de
     """The cloud saw every row's first answer; in the second turn each row's history must be that
     row's own, or the one row whose history matches what it generated is the real one."""
     device = SplitDevice.load(llama, (2, 2))
-    options = GenerationOptions(max_new_tokens=8)
+    options = SamplingParams(max_new_tokens=8)
     for protection in (Protection(decoys=3, seed=2), Protection(pseudonymize=True, decoys=3, seed=2)):
         chat = ProtectedChat(device, protection, detector)
         messages = [{"role": "user", "content": PROMPT}]
@@ -157,12 +157,12 @@ def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
     device = SplitDevice.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
     chat = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector)
-    full = chat.generate(load_local_body(llama, (2, 2)), messages, GenerationOptions(max_new_tokens=12))
+    full = chat.generate(load_local_body(llama, (2, 2)), messages, SamplingParams(max_new_tokens=12))
     assert len(full.text) > 4
     stop = full.text[2:4]  # two characters of the restored answer
     streamed = []
     cut = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector).generate(
-        load_local_body(llama, (2, 2)), messages, GenerationOptions(max_new_tokens=12, stop=(stop,)), on_text=streamed.append)
+        load_local_body(llama, (2, 2)), messages, SamplingParams(max_new_tokens=12, stop=(stop,)), on_text=streamed.append)
     assert cut.text == full.text[: full.text.index(stop)] == "".join(streamed)
     assert cut.result.finish_reasons[cut.real_row] == "stop" and len(cut.token_ids) < len(full.token_ids)
     assert len(cut.result.timings.steps) < 12  # it stopped generating
@@ -171,7 +171,7 @@ def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
 def test_decoy_cost_scales_bytes_with_rows(llama):
     device = SplitDevice.load(llama, (2, 2))
     cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),
-                      GenerationOptions(max_new_tokens=4))
+                      SamplingParams(max_new_tokens=4))
     assert [c["rows"] for c in cost] == [1, 4]
     assert cost[1]["bytes_to_cloud_per_token"] > 3 * cost[0]["bytes_to_cloud_per_token"]
 

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from torch import nn
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError, SourceError
 from lambdasplit.split.export import export_parts
@@ -97,7 +97,7 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
     # The same weights quantized at load give the same tokens as the export.
     on_load = SplitDevice.load(llama, (2, 2), quantize="int4")
     body = load_local_body(llama, (2, 2))
-    options = GenerationOptions(max_new_tokens=8)
+    options = SamplingParams(max_new_tokens=8)
     exported = device.generate_ids(body, IDS, None, options).token_ids
     assert exported == on_load.generate_ids(body, IDS, None, options).token_ids
 
@@ -107,9 +107,9 @@ def test_a_server_generates_for_a_quantized_device(int4_parts, llama):
     device = SplitDevice.load(int4_parts["device"])
     with ServerProcess("--part", str(int4_parts["cloud"])) as proc:
         body = RemoteBody(proc.url, device.manifest, connect_timeout=30.0)
-        result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=10))
+        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=10))
+    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=10))
     assert len(result.token_ids[0]) == 10 and result.token_ids == local.token_ids
 
 
@@ -163,7 +163,7 @@ def test_a_gguf_exports_in_bfloat16_by_default(tmp_path):
         assert handle.get_slice("model.layers.1.mlp.up_proj.weight").get_dtype() == "BF16"
     device = SplitDevice.load(parts["device"])
     ids, _ = device.encode("The capital of France is", raw=True)
-    assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, GenerationOptions(max_new_tokens=4)).token_ids[0]) == 4
+    assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, SamplingParams(max_new_tokens=4)).token_ids[0]) == 4
 
 
 def test_cli_generate_quantizes_the_device(llama):
@@ -173,7 +173,7 @@ def test_cli_generate_quantizes_the_device(llama):
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
     device = SplitDevice.load(llama, (2, 2), quantize="int8")
     ids, _ = device.encode("Hello there", raw=True)
-    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, GenerationOptions(max_new_tokens=6)).token_ids
+    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, SamplingParams(max_new_tokens=6)).token_ids
     assert out["token_ids"] == expected[0]
 
 
@@ -202,4 +202,4 @@ def test_from_pretrained_quantizes_the_device(llama):
     assert isinstance(model.tail.module.lm_head, QuantizedLinear)
     out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
     device = SplitDevice.load(llama, (2, 2), quantize="int4")
-    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, GenerationOptions(max_new_tokens=5)).token_ids
+    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids

@@ -22,9 +22,9 @@ from websockets.sync.client import connect
 
 from lambdasplit import defaults
 from lambdasplit.cloud.server import BodyServer, ServerConfig
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
@@ -62,7 +62,7 @@ def local_body(bodies):
 @pytest.fixture(scope="module")
 def expected_ids(device, local_body):
     """The in-process split's greedy tokens for IDS (itself checked against the unsplit model)."""
-    return device.generate_ids(local_body, IDS, None, GenerationOptions(max_new_tokens=12)).token_ids
+    return device.generate_ids(local_body, IDS, None, SamplingParams(max_new_tokens=12)).token_ids
 
 
 class ThreadServer:
@@ -212,7 +212,7 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
 
         body = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
         try:
-            result = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=12))
+            result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
         finally:
             body.close()
         assert result.token_ids == expected_ids
@@ -228,7 +228,7 @@ def test_session_limits_refuse_with_limit_and_other_sessions_keep_working(bodies
     with ThreadServer(bodies, limits) as server:
         body = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
         try:
-            first = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=12))
+            first = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
             assert first.token_ids == expected_ids
 
             ws, session = raw_session(server, device)  # B over max_batch
@@ -257,7 +257,7 @@ def test_session_limits_refuse_with_limit_and_other_sessions_keep_working(bodies
 
             assert server.metric("lambdasplit_frame_errors_total") == 4
             # The device's session was never disturbed: same connection, same tokens.
-            second = device.generate_ids(body, IDS, None, GenerationOptions(max_new_tokens=12))
+            second = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
             assert second.token_ids == expected_ids
             assert body.reconnects == 0
         finally:
@@ -458,7 +458,7 @@ def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bo
             monkeypatch.setattr(body, "step", FailingStep(body.step, RuntimeError("transient failure"), calls, fail_at=4))
         remote = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, backoff=0.05)
         try:
-            result = device.generate_ids(remote, IDS, None, GenerationOptions(max_new_tokens=12))
+            result = device.generate_ids(remote, IDS, None, SamplingParams(max_new_tokens=12))
         finally:
             remote.close()
         assert remote.reconnects == 1  # one fresh session, on which the 3 earlier frames were replayed

@@ -97,13 +97,13 @@ def test_a_bad_crop_gets_a_protocol_error(llama, server, length):
 def test_a_draft_model_gives_the_plain_greedy_tokens_over_the_network(tiny_models, server, draft):
     """`--speculate PATH`: a local draft model with the same tokenizer. The target itself as draft
     has every draft accepted; an unrelated random model has nearly every draft rejected (and cropped)."""
-    from lambdasplit.device.generation import GenerationOptions
+    from lambdasplit.device.sampling import SamplingParams
 
     device = SplitDevice.load(tiny_models["llama"], (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
     ids = device.tokenizer([REUSE], return_tensors="pt")["input_ids"]
-    plain = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True))
-    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True,
+    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True,
                                                                   speculate=str(tiny_models[draft]), draft_tokens=4))
     body.close()
     assert fast.token_ids == plain.token_ids
@@ -145,9 +145,9 @@ def test_prompt_lookup_draft_length_follows_acceptance():
 
 
 def test_self_drafting_is_refused_with_its_measured_acceptance(llama, local):
-    from lambdasplit.device.generation import GenerationOptions
+    from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.errors import LambdaSplitError
 
     device = SplitDevice.load(llama, (2, 2))
     with pytest.raises(LambdaSplitError, match="benchmarks self-draft"):
-        device.generate_ids(local, torch.tensor([[1, 504, 3458]]), None, GenerationOptions(max_new_tokens=2, speculate="self"))
+        device.generate_ids(local, torch.tensor([[1, 504, 3458]]), None, SamplingParams(max_new_tokens=2, speculate="self"))

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -110,7 +110,7 @@ def test_sessions_survive_a_failed_step_and_their_tokens_equal_unsplit_generate(
     def run(i: int) -> None:
         body = LocalBody(scheduler, Codec.FP32)
         try:
-            options = GenerationOptions(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
+            options = SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
             results[i] = devices[i].generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)

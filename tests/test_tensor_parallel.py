@@ -14,9 +14,9 @@ import torch
 from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.parallel import TensorParallel
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
@@ -48,7 +48,7 @@ def test_concurrent_sessions_on_two_ranks_equal_the_unsplit_model(llama, tp_serv
 
     def run(i: int, ids: list[int]) -> None:
         body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-        result = device.generate_ids(body, torch.tensor([ids]), None, GenerationOptions(max_new_tokens=8, ignore_eos=True),
+        result = device.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
                                      keep_logits=True)
         body.close()
         results[i] = (result.token_ids[0], result.logits[:, 0])
@@ -71,7 +71,7 @@ def test_speculative_crops_are_mirrored_to_every_rank(llama, tp_server):
     device = SplitDevice.load(llama, (2, 2))
     ids = device.tokenizer([REPEAT], return_tensors="pt")["input_ids"]
     body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-    fast = device.generate_ids(body, ids, None, GenerationOptions(max_new_tokens=16, ignore_eos=True, speculate="prompt-lookup"))
+    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, speculate="prompt-lookup"))
     body.close()
     assert fast.token_ids[0] == _expected(llama, ids[0].tolist(), 16)[0]
     assert fast.round_trips < 16
@@ -93,7 +93,7 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     device = SplitDevice.load(mistral, (2, 2))
     with ServerProcess("--model", str(mistral), "--split", "2,2", "--tensor-parallel", "2", "--kv-pool", "8") as proc:
         body = RemoteBody(proc.url, device.manifest, Codec.FP32)
-        result = device.generate_ids(body, torch.tensor([PROMPTS[2]]), None, GenerationOptions(max_new_tokens=8, ignore_eos=True),
+        result = device.generate_ids(body, torch.tensor([PROMPTS[2]]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
                                      keep_logits=True)
         body.close()
     tokens, logits = _expected(mistral, PROMPTS[2], 8)
@@ -127,7 +127,7 @@ def test_hostile_frames_get_errors_and_leave_every_rank_serving_exactly(llama, t
         error = _hostile(tp_server.url, device, frame)
         assert error.get("code") and error.get("message"), (name, error)
     body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-    result = device.generate_ids(body, torch.tensor([PROMPTS[1]]), None, GenerationOptions(max_new_tokens=6, ignore_eos=True))
+    result = device.generate_ids(body, torch.tensor([PROMPTS[1]]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
     body.close()
     assert result.token_ids[0] == _expected(llama, PROMPTS[1], 6)[0]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.scheduler import SchedulerLimits
 from lambdasplit.errors import LambdaSplitError, MismatchError, PromptError
@@ -45,9 +45,9 @@ def test_a_prompt_over_the_servers_max_context_fails_before_any_hidden_state_is_
     body = _remote(server, device)
     try:
         with pytest.raises(PromptError, match="prompt of 14 tokens \\+ 4 new tokens exceeds the body server's --max-context of 16"):
-            device.generate_ids(body, torch.arange(1, 15).unsqueeze(0), None, GenerationOptions(max_new_tokens=4))
+            device.generate_ids(body, torch.arange(1, 15).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
         assert body.stats.bytes_to_cloud == 0 and server.metric("lambdasplit_tokens_served_total") == 0
-        result = device.generate_ids(body, torch.arange(1, 13).unsqueeze(0), None, GenerationOptions(max_new_tokens=4))
+        result = device.generate_ids(body, torch.arange(1, 13).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
         assert len(result.token_ids[0]) <= 4
     finally:
         body.close()

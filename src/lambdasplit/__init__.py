@@ -27,7 +27,7 @@ _EXPORTS = {
     "BodyClient": "lambdasplit.device.body",
     "LocalBody": "lambdasplit.engine.local",  # the in-process body: the engine loads only when asked for
     "load_local_body": "lambdasplit.engine.local",
-    "GenerationOptions": "lambdasplit.device.generation",
+    "SamplingParams": "lambdasplit.device.sampling",
     "GenerationResult": "lambdasplit.device.generation",
     "generate_ids": "lambdasplit.device.generation",
     "SplitCache": "lambdasplit.device.model",

@@ -96,3 +96,7 @@ DRAFT_GEN_BATCH = 32  # prompts answered at once
 DRAFT_BATCH = 16  # sequences per training step
 DRAFT_LR = 1e-3
 AUDIT_ATTACKS = ("tail-replay", "vocab-matching", "split-probing", "learned-inversion")  # all of them
+
+# Generations one gateway or UI runs at once, each on a worker thread (torch releases the GIL while
+# it computes); a request beyond them waits for a thread rather than starting another.
+GENERATION_THREADS = 32

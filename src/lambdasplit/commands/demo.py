@@ -29,8 +29,8 @@ def demo(
 
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
     console = Console()
@@ -47,7 +47,7 @@ def demo(
         console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
         console.print(f"[bold]> {prompt}[/]")
         result = device.generate(
-            body, prompt, GenerationOptions(max_new_tokens=max_new_tokens),
+            body, prompt, SamplingParams(max_new_tokens=max_new_tokens),
             on_text=lambda text: console.out(text, end="", highlight=False),
         )
         console.out("")

@@ -74,15 +74,15 @@ def generate(
     decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: run the prompt among N decoy rows that differ in its identifiers (every row runs to --max-new-tokens).")] = 0,
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
-    from lambdasplit.device.generation import GenerationOptions
     from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
     prompt = prompt_text(prompt, prompt_file)
     sampling_given = temperature is not None or top_p is not None or top_k is not None
     if greedy and sampling_given:
         raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k")
-    sampling = GenerationOptions(
+    sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
         greedy=not sampling_given,
         temperature=temperature if temperature is not None else 1.0,

@@ -15,21 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TextStreamer,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
+from lambdasplit.device.sampling import SAMPLING_KEYWORDS, SamplingParams, generate_kwargs
+from lambdasplit.device.textstream import TextStream
 from lambdasplit.device.tokens import PromptTokenizer
 from lambdasplit.errors import LambdaSplitError, PromptError
 
@@ -39,90 +31,6 @@ SPECULATE_HELP = ("prompt-lookup (draft from n-grams of the prompt), draft-head[
 
 class GenerationCancelled(LambdaSplitError):
     """The caller's `cancel` event was set before the generation started."""
-
-
-class SeededSampling(LogitsProcessor):
-    """Draws each row's next token from the processed scores with this request's own `torch.Generator`
-    and leaves only that token possible, so generate()'s multinomial (which reads torch's global
-    generator, shared by every thread) can pick nothing else. Reseeding the global generator made two
-    concurrent seeded requests draw from one stream; generate() takes no generator argument.
-    It runs after temperature, top-k and top-p (`GenerationOptions.sampling_processors`)."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float().cpu(), dim=-1)
-        chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
-
-
-def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list[LogitsProcessor]:
-    """Temperature, top-k and top-p as processors, in transformers' order, only those that change
-    anything (the gateway's sampler and a seeded request's `sampling_processors` both use them)."""
-    warpers: list[LogitsProcessor] = []
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Our generation settings, checked with messages that name the CLI options, and turned into
-    `generate()` arguments. Greedy unless `greedy` is False."""
-
-    max_new_tokens: int = 128
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-    speculate: str | None = None  # see SPECULATE_HELP
-    draft_tokens: int = 8  # the first draft's length; it then adapts to the acceptance rate
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LambdaSplitError("--max-new-tokens must be at least 1")
-        if self.temperature <= 0:
-            raise LambdaSplitError("--temperature must be > 0 (use --greedy for deterministic decoding)")
-        if not 0 < self.top_p <= 1:
-            raise LambdaSplitError("--top-p must be in (0, 1]")
-        if self.top_k < 0:
-            raise LambdaSplitError("--top-k must be >= 0 (0 disables it)")
-        if self.repetition_penalty <= 0:
-            raise LambdaSplitError("--repetition-penalty must be > 0")
-        if not 1 <= self.draft_tokens <= 64:
-            raise LambdaSplitError("--draft-tokens must be from 1 to 64")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise LambdaSplitError("--seed must be from 0 to 2**63 - 1")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """The sampling arguments of `generate()` (drafting is added by the model)."""
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
-        if not self.greedy and self.seed is None:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
-        else:  # greedy: none of generation_config's sampling defaults; seeded: sampling_processors() sample
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.ignore_eos:
-            kwargs["min_new_tokens"] = self.max_new_tokens
-        return kwargs
-
-    def sampling_processors(self) -> list[LogitsProcessor]:
-        """With a seed: temperature, top-k and top-p in transformers' order, then the draw with the
-        request's own generator. generate() puts a caller's processors before the warpers it builds,
-        so a seeded request builds its warpers here and generate() builds none (`generate_kwargs`)."""
-        if self.greedy or self.seed is None:
-            return []
-        return [*sampling_warpers(self.temperature, self.top_k, self.top_p), SeededSampling(self.seed)]
 
 
 @dataclass
@@ -180,40 +88,6 @@ class GenerationResult:
         return len(self.token_ids[0]) / self.round_trips if self.round_trips else 0.0
 
 
-class TextStream(TextStreamer):
-    """A single row's new text, as transformers' TextStreamer decodes it (whole words and characters),
-    with stop strings cut out: text that might still become a stop string is held back."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stops: tuple[str, ...] = ()) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-        self.stopped = False
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if self.stopped:
-            return
-        self.pending += text
-        cuts = [self.pending.find(s) for s in self.stops if s in self.pending]
-        if cuts:
-            self._emit(self.pending[: min(cuts)])
-            self.stopped = True
-            return
-        hold = 0 if stream_end else _stop_prefix(self.pending, self.stops)
-        self._emit(self.pending[: len(self.pending) - hold])
-        self.pending = self.pending[len(self.pending) - hold:]
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self.on_text(text)
-
-
-def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])), default=0)
-
-
 class _Steps(BaseStreamer):
     """Sees every batch of new tokens: times the first one and hands each step's ids (one list per
     row; several tokens per row when a draft was accepted) to a callback."""
@@ -225,16 +99,17 @@ class _Steps(BaseStreamer):
         self.first_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
-        if self.text is not None:
-            self.text.put(value)
         if self.prompt:
             self.prompt = False
             return
         if self.first_at is None:
             self.first_at = time.perf_counter()
+        rows = value.tolist()
+        step = [r if isinstance(r, list) else [r] for r in rows] if value.dim() > 1 else [[t] for t in rows]
+        if self.text is not None:
+            self.text.put(step[0])
         if self.on_tokens is not None:
-            rows = value.tolist()
-            self.on_tokens([r if isinstance(r, list) else [r] for r in rows] if value.dim() > 1 else [[t] for t in rows])
+            self.on_tokens(step)
 
     def end(self) -> None:
         if self.text is not None:
@@ -280,13 +155,13 @@ def generate_ids(
     body: BodyClient,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    options: GenerationOptions | None = None,
+    params: SamplingParams | None = None,
     on_text: Callable[[str], None] | None = None,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
     cancel: threading.Event | None = None,
     keep_logits: bool = False,
     cache: SplitCache | None = None,
-    **generate_kwargs: Any,
+    **extra: Any,
 ) -> GenerationResult:
     """One `model.generate()` over `body`, with `tokens` for text, EOS and padding: `on_text` gets a single row's text as it is produced,
     `on_tokens` every step's new ids; once `cancel` is set the rows still running stop with reason
@@ -294,9 +169,11 @@ def generate_ids(
 
     `cache` continues a sequence: a `SplitCache` over `body` that already holds the first
     `cache.get_seq_length()` positions of `input_ids` (crop it to the common prefix first), so only
-    the rest is sent. `generate_kwargs` go to `generate()` as they are (e.g. `logits_processor`).
+    the rest is sent. `extra` go to `generate()` as they are, but for `logits_processor`, whose
+    processors run before the ones `params` builds (sampling.generate_kwargs); a sampling keyword
+    that `params` sets is refused, never silently replaced.
     """
-    options = options or GenerationOptions()
+    options = params or SamplingParams()
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise PromptError("the prompt is empty")
@@ -306,12 +183,10 @@ def generate_ids(
         raise PromptError("stop strings need the model's tokenizer")
     text = TextStream(tokenizer, on_text, options.stop) if on_text is not None and batch == 1 and tokenizer is not None else None
     steps = _Steps(on_tokens, text)
-    kwargs = options.generate_kwargs() | model.drafting_kwargs(options, batch)
-    if clash := sorted(kwargs.keys() & generate_kwargs.keys()):
-        raise ValueError(f"generate_ids: {', '.join(clash)} come from GenerationOptions, not from generate_kwargs")
-    kwargs |= generate_kwargs
-    if sampling := options.sampling_processors():
-        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *sampling])
+    if clash := sorted(SAMPLING_KEYWORDS & extra.keys()):
+        raise ValueError(f"generate_ids: {', '.join(clash)} come from SamplingParams, not from generate() keywords")
+    first = list(extra.pop("logits_processor", None) or [])
+    kwargs = generate_kwargs(options, prompt_len, first) | model.drafting_kwargs(options, batch) | extra
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # the caller's, and ours
     if options.stop:
         criteria.append(_StopStrings(tokenizer, options.stop, prompt_len))
@@ -379,7 +254,7 @@ def completes_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: tu
 
 
 def _trim(
-    tokens: PromptTokenizer, rows: list[list[int]], options: GenerationOptions, cancelled: bool
+    tokens: PromptTokenizer, rows: list[list[int]], options: SamplingParams, cancelled: bool
 ) -> tuple[list[str], list[list[int]], list[str]]:
     """Cut each row after its EOS and at the first stop string (with the padding generate() adds to
     rows that finished early); decode the text; name why each row ended."""

@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult, generate_ids
+from lambdasplit.device.generation import GenerationResult, generate_ids
 from lambdasplit.device.model import SplitModelForCausalLM
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.tokens import PromptTokenizer
 
 
@@ -69,7 +70,7 @@ class SplitDevice:
         self,
         body: BodyClient,
         prompts: str | list[str],
-        options: GenerationOptions | None = None,
+        options: SamplingParams | None = None,
         raw: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
@@ -78,7 +79,7 @@ class SplitDevice:
         return self.generate_ids(body, input_ids, mask, options, on_text)
 
     def generate_ids(self, body: BodyClient, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     options: GenerationOptions | None = None, on_text: Callable[[str], None] | None = None,
+                     options: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
                      **kwargs: Any) -> GenerationResult:
         """`generation.generate_ids` with this device's model and tokenizer (transformers' generate())."""
         return generate_ids(self.model, self.tokens, body, input_ids, attention_mask, options, on_text, **kwargs)

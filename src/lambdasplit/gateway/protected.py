@@ -6,7 +6,7 @@ stateless, so a conversation's `ProtectedChat` is found again by a hash of its o
 up to the first user message), which every turn of a chat repeats: the stand-ins, and each decoy
 row's, stay the same across turns. Decoys need that: a row whose identifiers changed between turns
 while the real row's did not would give the real row away. `ProtectedChats` keeps them LRU with an
-idle limit; they hold no body session, only the mapping, which never leaves the device.
+idle limit (a `SessionPool`, as the gateway's and UI's body sessions); they hold no body session, only the mapping, which never leaves the device.
 
 Request features whose result would not be the restored answer are refused (`refuse_unprotectable`);
 `ProtectedChat` matches stop strings on the restored answer (the text the client reads).
@@ -17,16 +17,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.gateway.schema import APIError, ChatRequest, bad_request
 from lambdasplit.privacy.protect import ProtectedChat, Protection
 from lambdasplit.privacy.pseudonym import Detector
+from lambdasplit.web.pool import SessionPool
 
 PROTECTED_CHATS = 256  # conversations whose stand-ins are kept
 PROTECTED_TTL = 3600.0  # idle seconds before a conversation's stand-ins are forgotten (a later turn gets new ones)
@@ -40,54 +38,32 @@ def opening_key(messages: list[dict[str, str]], user: str | None = None) -> str:
     return hashlib.sha256(json.dumps([user, opening]).encode()).hexdigest()
 
 
-@dataclass
-class _Kept:
-    chat: ProtectedChat
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    used: float = 0.0
-
-
 class ProtectedChats:
-    """The `ProtectedChat` of each conversation, at most `capacity`, forgotten after `ttl` idle seconds."""
+    """The `ProtectedChat` of each conversation, at most `capacity` idle ones, forgotten after `ttl` idle seconds."""
 
     def __init__(self, device: SplitDevice, protection: Protection, capacity: int = PROTECTED_CHATS, ttl: float = PROTECTED_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError("protected conversations need capacity >= 1")
-        self.device, self.protection, self.capacity, self.ttl, self.clock = device, protection, capacity, ttl, clock
+        self.device, self.protection = device, protection
         self.detector = Detector()  # shared: its analyzer and name lists are loaded once
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()
+        self.pool: SessionPool[str, ProtectedChat] = SessionPool(capacity, ttl, _forget, clock)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._kept)
+        return len(self.pool)
 
-    @contextlib.contextmanager
-    def chat(self, messages: list[dict[str, str]], user: str | None = None) -> Iterator[ProtectedChat]:
+    def chat(self, messages: list[dict[str, str]], user: str | None = None) -> contextlib.AbstractContextManager[ProtectedChat]:
         """The conversation's `ProtectedChat` for one turn; turns of one conversation run one at a
-        time (its stand-ins and decoy rows change as it runs). A conversation in a turn is never evicted."""
-        self.expire()
-        key = opening_key(messages, user)
-        with self._lock:
-            kept = self._kept.pop(key, None) or _Kept(ProtectedChat(self.device, self.protection, self.detector))
-            kept.used = self.clock()
-            self._kept[key] = kept
-            idle = [k for k, c in self._kept.items() if not c.lock.locked() and c is not kept]
-            for old in idle[: max(0, len(self._kept) - self.capacity)]:
-                del self._kept[old]
-        with kept.lock:
-            try:
-                yield kept.chat
-            finally:
-                kept.used = self.clock()
+        time (its stand-ins and decoy rows change as it runs), and one in a turn is never evicted."""
+        return self.pool.use(opening_key(messages, user), lambda: ProtectedChat(self.device, self.protection, self.detector))
 
     def expire(self) -> None:
         """Forget every conversation idle for longer than `ttl`."""
-        now = self.clock()
-        with self._lock:
-            for key in [k for k, c in self._kept.items() if now - c.used > self.ttl and not c.lock.locked()]:
-                del self._kept[key]
+        self.pool.expire()
+
+
+def _forget(_: ProtectedChat) -> None:
+    """A protected conversation holds no body session: forgetting its stand-ins is all there is."""
 
 
 def flags(protection: Protection) -> str:

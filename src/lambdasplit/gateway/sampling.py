@@ -1,12 +1,9 @@
-"""The gateway's sampler: OpenAI's sampling fields as transformers logits processors.
+"""The gateway's own processors: `logprobs` (recorded from the raw logits, vLLM's default
+"raw_logprobs") and `response_format`'s JSON-schema constraint (lm-format-enforcer).
 
-The gateway hands `generate()` a complete `LogitsProcessorList`, and its `GenerationOptions` leave
-the processors `generate()` would build itself neutral (temperature 1, top_p 1, no top_k; a seed
-samples with the request's own generator, `device/generation.py`'s SeededSampling, appended last). That fixes the order — raw
-logits are recorded for `logprobs` first (vLLM's default, "raw_logprobs"), then repetition,
-presence/frequency penalties, `logit_bias`, the JSON-schema constraint, and only then temperature,
-top-k and top-p, as transformers orders its own — and lets each request carry its own processors
-while the model is shared.
+Both go to `generate_ids` as its `logits_processor`, which runs them before the processors that the
+request's `SamplingParams` build (device/sampling.py): penalties, logit bias, temperature, top-k,
+top-p and a seeded draw. Each request carries its own processors while the model is shared.
 """
 
 from __future__ import annotations
@@ -16,37 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    PrefixConstrainedLogitsProcessor,
-    PreTrainedTokenizerBase,
-    RepetitionPenaltyLogitsProcessor,
-    SequenceBiasLogitsProcessor,
-)
-
-from lambdasplit.device.generation import sampling_warpers
-from lambdasplit.gateway.schema import Sampling
-
-
-class OpenAIPenalties(LogitsProcessor):
-    """OpenAI's presence and frequency penalties, over the tokens generated so far (not the prompt,
-    as vLLM counts them): logit[t] -= presence * (count[t] > 0) + frequency * count[t].
-    transformers has no processor with this definition (its repetition penalty divides).
-    `prompt_len` None takes the width of the first ids it sees, the prompt's (for a batch built
-    elsewhere: a protected request's rows)."""
-
-    def __init__(self, prompt_len: int | None, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
+from transformers import LogitsProcessor, PrefixConstrainedLogitsProcessor, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -124,21 +91,3 @@ class JsonSchemaConstraint:
             return enforcers[row].get_allowed_tokens(sequence.tolist()).allowed_tokens
 
         return PrefixConstrainedLogitsProcessor(allowed, num_beams=1)
-
-
-def logits_processors(
-    sampling: Sampling, prompt_len: int | None, recorder: LogprobRecorder | None, constraint: LogitsProcessor | None
-) -> LogitsProcessorList:
-    """Every processor of one request, in the order described in the module docstring."""
-    processors: list[LogitsProcessor] = [recorder] if recorder is not None else []
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.presence_penalty or sampling.frequency_penalty:
-        processors.append(OpenAIPenalties(prompt_len, sampling.presence_penalty, sampling.frequency_penalty))
-    if sampling.logit_bias:
-        processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in sampling.logit_bias.items()]))
-    if constraint is not None:
-        processors.append(constraint)
-    if not sampling.greedy:
-        processors.extend(sampling_warpers(sampling.temperature, sampling.top_k, sampling.top_p))
-    return LogitsProcessorList(processors)

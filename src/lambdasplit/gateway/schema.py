@@ -22,6 +22,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat import completion_create_params as chat_params
 from pydantic import TypeAdapter, ValidationError
 
+from lambdasplit.device.sampling import SamplingParams
+
 MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
 MAX_TOP_LOGPROBS = 20  # chat `top_logprobs` (OpenAI: 0..20)
 MAX_COMPLETION_LOGPROBS = 5  # legacy completions `logprobs` (OpenAI: 0..5)
@@ -74,27 +76,10 @@ COMPLETION_FIELDS = frozenset({
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """What the request asks of the sampler, with the model's defaults filled in."""
-
-    max_tokens: int | None
-    greedy: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int | None
-    stop: tuple[str, ...]
-    presence_penalty: float
-    frequency_penalty: float
-    logit_bias: dict[int, float]
-
-
-@dataclass(frozen=True)
 class ChatRequest:
     model: str
     messages: list[dict[str, str]]
-    sampling: Sampling
+    sampling: SamplingParams
     n: int
     stream: bool
     include_usage: bool
@@ -107,7 +92,7 @@ class ChatRequest:
 class CompletionRequest:
     model: str
     prompts: list[str | list[int]]  # text, or token ids
-    sampling: Sampling
+    sampling: SamplingParams
     n: int
     stream: bool
     include_usage: bool
@@ -125,6 +110,7 @@ class SamplingDefaults:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    max_tokens: int = 256  # where a request names none (create_app's default_max_tokens), not the model's
 
     @classmethod
     def from_generation_config(cls, config: Any) -> SamplingDefaults:
@@ -230,7 +216,7 @@ def _logit_bias(bias: Any, vocab_size: int) -> dict[int, float]:
     return out
 
 
-def _sampling(payload: Mapping[str, Any], defaults: SamplingDefaults, vocab_size: int, max_tokens: int | None) -> Sampling:
+def _sampling(payload: Mapping[str, Any], defaults: SamplingDefaults, vocab_size: int, max_tokens: int | None) -> SamplingParams:
     temperature = _number(payload, "temperature", 0.0, 2.0, defaults.temperature)
     count = payload.get("max_completion_tokens") or max_tokens
     if count is not None and count < 1:
@@ -238,8 +224,8 @@ def _sampling(payload: Mapping[str, Any], defaults: SamplingDefaults, vocab_size
     seed = payload.get("seed")
     if seed is not None and not 0 <= seed < 2**63:
         raise bad_request(f"`seed` must be from 0 to 2**63 - 1, got {seed}", "seed")
-    return Sampling(
-        max_tokens=count,
+    return SamplingParams(
+        max_new_tokens=count or defaults.max_tokens,
         greedy=temperature == 0.0,
         temperature=temperature or 1.0,
         top_p=_number(payload, "top_p", 0.0, 1.0, defaults.top_p, low_open=True),

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from lambdasplit import defaults
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import LocalBody, load_local_body
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.attacks import Attacker
@@ -195,7 +195,7 @@ def run_audit(config: AuditConfig, progress: Callable[[str, int, int], None] = l
 
 def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample], units: AuditProgress) -> list[list[int]]:
     body = load_local_body(config.source, (device.spec.k, device.spec.m))
-    sampling = GenerationOptions(max_new_tokens=config.max_new_tokens)
+    sampling = SamplingParams(max_new_tokens=config.max_new_tokens)
     out = []
     for i, sample in enumerate(samples):
         with units.unit(f"split {device.spec.k},{device.spec.m}: reference answer {i + 1}/{len(samples)}"):
@@ -213,7 +213,7 @@ def _body(config: AuditConfig, defense: Defense, k: int, m: int) -> LocalBody:
 def _run(device: SplitDevice, config: AuditConfig, defense: Defense, sample: Sample):
     body = _body(config, defense, device.spec.k, device.spec.m)
     body.captured = []
-    result = device.generate(body, sample.prompt, GenerationOptions(max_new_tokens=config.max_new_tokens))
+    result = device.generate(body, sample.prompt, SamplingParams(max_new_tokens=config.max_new_tokens))
     return body.captured, result.prompt_token_ids[0], result.token_ids[0], result.text
 
 

@@ -24,8 +24,8 @@ from importlib import resources
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.attacks import Attacker
@@ -100,7 +100,7 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
     samples = load_pii_prompts(config.prompt_set, config.prompts)
     detector = Detector()
     device = SplitDevice.load(config.source, config.split)
-    options = GenerationOptions(max_new_tokens=config.max_new_tokens)
+    options = SamplingParams(max_new_tokens=config.max_new_tokens)
     n_attack, n_checks = min(config.attack_prompts, len(samples)), min(config.decoy_checks, len(samples))
     total = len(samples) * 2 + n_attack * 2 + n_checks + 2 * len(samples) + 1
     done = 0
@@ -157,7 +157,7 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
             step(f"decoy distinguishers ({mode}) {i + 1}/{len(samples)}")
 
     cost = decoy_cost(device, lambda: load_local_body(config.source, config.split), _messages(samples[0].prompt), (0, *config.decoys),
-                      GenerationOptions(max_new_tokens=config.max_new_tokens))
+                      SamplingParams(max_new_tokens=config.max_new_tokens))
     step("cost per token")
     return {"config": {**asdict(config), "split": list(config.split)}, "recall": recall, "quality": quality,
             "quality_summary": _quality_summary(quality), "attacks": attacks, "attack_summary": _attack_summary(attacks),
@@ -241,11 +241,11 @@ def _decoy_summary(rows: list[dict], ns: tuple[int, ...]) -> list[dict]:
 
 
 def decoy_cost(device: SplitDevice, body_factory: Callable[[], BodyClient], messages: list[dict[str, str]],
-               ns: tuple[int, ...] = (0, 1, 3, 7), options: GenerationOptions | None = None, repeats: int = 1) -> list[dict]:
+               ns: tuple[int, ...] = (0, 1, 3, 7), options: SamplingParams | None = None, repeats: int = 1) -> list[dict]:
     """Bytes and seconds per generated token with N decoy rows, on whatever body `body_factory` opens
     (in process on the CPU here; a `RemoteBody` to a GPU server for the GPU number). Every N generates
     the same number of tokens (decoy batches run to max_new_tokens); the best of `repeats` runs counts."""
-    options = options or GenerationOptions(max_new_tokens=32)
+    options = options or SamplingParams(max_new_tokens=32)
     out = []
     for n in ns:
         best = None

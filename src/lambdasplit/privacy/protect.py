@@ -19,13 +19,13 @@ from transformers import StoppingCriteriaList
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import (
     EventStopping,
-    GenerationOptions,
     GenerationResult,
-    TextStream,
     completes_stop,
     first_stop,
 )
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
+from lambdasplit.device.textstream import Detokenizer, TextStream
 from lambdasplit.errors import PromptError
 from lambdasplit.privacy.decoys import DecoyBatch, DecoyMaker, Message
 from lambdasplit.privacy.pseudonym import Detector, Pseudonymizer, StandIns, StreamRestorer
@@ -111,7 +111,7 @@ class ProtectedChat:
             return Message(role, content, self.detector.find(content))
         return Message(role, content)
 
-    def generate(self, body: BodyClient, messages: list[dict[str, str]], options: GenerationOptions | None = None,
+    def generate(self, body: BodyClient, messages: list[dict[str, str]], options: SamplingParams | None = None,
                  on_text: Callable[[str], None] | None = None, **generate_kwargs: Any) -> ProtectedResult:
         """Generate the real row's answer; `on_text` gets it restored, as it is produced.
 
@@ -122,7 +122,7 @@ class ProtectedChat:
         (one naming a real identifier never occurs in the text the model writes). Without decoys a
         stop ends the generation; with decoys the batch still runs to the end (a row that stopped
         early would stand out) and the answer is cut."""
-        options = options or GenerationOptions()
+        options = options or SamplingParams()
         stops = tuple(x for x in options.stop if x)
         options = replace(options, stop=())
         batch = self.prepare(messages)
@@ -136,10 +136,10 @@ class ProtectedChat:
             if self.decoys is None:
                 kwargs_stop.append(EventStopping(stopped))
             generate_kwargs["stopping_criteria"] = StoppingCriteriaList(kwargs_stop)
-            shown = TextStream(self.device.tokenizer, on_text or _drop, stops)
+            shown = TextStream(None, on_text or _drop, stops)  # fed the restored text
 
             def sink(text: str) -> None:
-                shown.on_finalized_text(text)
+                shown.feed(text)
                 if shown.stopped:
                     stopped.set()
 
@@ -150,7 +150,7 @@ class ProtectedChat:
         if stream is not None:
             stream.end()
         if shown is not None:
-            shown.on_finalized_text("", stream_end=True)
+            shown.end()
         row = batch.real_row
         sent = result.texts[row]
         text = self._restore(sent)
@@ -202,30 +202,23 @@ class _RowStream:
     with stand-ins restored (held back while a stand-in may still be forming)."""
 
     def __init__(self, device: SplitDevice, row: int, on_text: Callable[[str], None], restorer: StreamRestorer | None) -> None:
-        self.tokenizer, self.eos = device.tokenizer, set(device.eos_ids)
+        self.detokenizer, self.eos = Detokenizer(device.tokenizer), set(device.eos_ids)
         self.row, self.on_text, self.restorer = row, on_text, restorer
-        self.ids: list[int] = []
-        self.shown = 0
         self.done = False
 
     def put(self, step: list[list[int]]) -> None:
         if self.done:
             return
+        pieces = []
         for token in step[self.row]:
             if token in self.eos:
                 self.done = True
                 break
-            self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not self.done:  # a character still incomplete
-            return
-        self._emit(text[self.shown:])
-        self.shown = len(text)
+            pieces.append(self.detokenizer.step(token))
+        self._emit("".join(pieces))
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._emit(text[self.shown:])
-        self.shown = len(text)
+        self._emit(self.detokenizer.flush())
         if self.restorer is not None:
             rest = self.restorer.flush()
             if rest:

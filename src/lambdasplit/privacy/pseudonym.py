@@ -12,6 +12,9 @@ cues), account and ID numbers, street addresses, and the quasi-identifiers of pr
 (postcodes, the city of an address, dates written in words). Stand-ins come from Faker in the locale
 the real value looks like it came from, keep the format (separators, digit counts, check digits) and
 are kept consistent: the same real value always gets the same stand-in within one `Pseudonymizer`.
+
+Why one module of ~600 lines: detection, stand-ins and restoration share the span types and the
+stand-in tables (a name's parts map both ways), and each is only read through `Pseudonymizer`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from lambdasplit.device.textstream import hold_from
 from lambdasplit.privacy import quasi
 
 log = logging.getLogger(__name__)
@@ -574,21 +578,13 @@ class StreamRestorer:
 
     def feed(self, text: str) -> str:
         self.pending += text
-        hold = next((p for p in range(len(self.pending)) if self._may_begin(p)), len(self.pending))
+        hold = hold_from(self.pending, self.keys, whole=True, word=True, before=self.shown, fold=True)
         ready, self.pending = self.pending[:hold], self.pending[hold:]
         return self._show(ready)
 
     def flush(self) -> str:
         ready, self.pending = self.pending, ""
         return self._show(ready)
-
-    def _may_begin(self, at: int) -> bool:
-        """A stand-in may begin at `at`: a word starts there and the rest is the start of one (or all of it)."""
-        before = self.pending[at - 1] if at else self.shown
-        if before and _WORD.match(before):
-            return False
-        rest = self.pending[at:].lower()
-        return any(k.startswith(rest) for k in self.keys)
 
     def _show(self, ready: str) -> str:
         if not ready:

@@ -11,17 +11,17 @@ and captured frames, the same ones the audit uses.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
+import html
 import io
 import json
 import logging
+import string
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -30,21 +30,22 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.generation import GenerationOptions, GenerationResult
+from lambdasplit.device.generation import GenerationCancelled, GenerationResult
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.protect import ProtectedChat, Protection
+from lambdasplit.web.bridge import END, ClientGone, Workers
+from lambdasplit.web.conversation import Conversation
+from lambdasplit.web.pool import SessionPool
 from lambdasplit.wire.frame import Limits, MsgType, parse_frame
-
-if TYPE_CHECKING:
-    from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 
 log = logging.getLogger(__name__)
 HEATMAP_POSITIONS, HEATMAP_CHANNELS = 48, 96
 MAX_CONVERSATIONS = 8  # body sessions kept for follow-up turns; the least recently used is closed first
 DISCONNECT_POLL = 0.05  # seconds between checks that the page is still listening
 Emit = Callable[[dict], None]
-Job = Callable[[Emit, threading.Event], None]
+PageJob = Callable[[Emit, threading.Event], None]
 STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css", "vendor/marked.umd.js": "text/javascript",
                 "vendor/purify.min.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 
@@ -54,7 +55,7 @@ class Message(BaseModel):
     content: str = Field(max_length=20_000)
 
 
-class ChatRequest(BaseModel):
+class PageChat(BaseModel):
     messages: list[Message] = Field(min_length=1, max_length=64)
     conversation: str | None = Field(default=None, pattern="^[A-Za-z0-9_-]{1,64}$")  # keeps the body session
     max_new_tokens: int = Field(default=128, ge=1, le=2048)
@@ -118,139 +119,35 @@ class _Stopped(Exception):
     """The page went away; the job ends quietly."""
 
 
-async def streamed(job: Job, request: Request) -> AsyncIterator[str]:
+async def streamed(workers: Workers, job: PageJob, request: Request) -> AsyncIterator[str]:
     """Run `job(emit, cancel)` on a worker thread and yield what it emits as SSE events.
 
     Whatever happens, the stream ends with the job's events or an `error` event, so the page never
     waits on a request that has died; once the page disconnects, `cancel` is set."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[dict | None] = asyncio.Queue()
-    cancel = threading.Event()
 
-    def put(item: dict | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-    def work() -> None:
+    def work(cancel: threading.Event, put: Emit) -> None:
         try:
             job(put, cancel)
-        except _Stopped:
+        except (_Stopped, GenerationCancelled):
             pass
         except LambdaSplitError as exc:
             put({"type": "error", "message": str(exc)})
         except Exception as exc:  # reported to the page, and logged here
             log.exception("UI request failed")
             put({"type": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
-        finally:
-            put(None)
 
-    threading.Thread(target=work, name="ui-job", daemon=True).start()
+    running = workers.start(work)
     try:
-        while True:
-            try:
-                item = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if item is None:
-                return
-            yield _event(item)
+        while (item := await running.next(request, DISCONNECT_POLL)) is not END:
+            if isinstance(item, dict):
+                yield _event(item)
+    except ClientGone:
+        return
     finally:  # also runs when Starlette cancels the response because the page went away
-        cancel.set()
+        running.cancel.set()
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading token ids `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class Conversation:
-    """One conversation's body session and cache, kept between turns so a follow-up sends only what
-    the body has not seen; `tokens` are the ids whose positions the cache holds."""
-
-    def __init__(self, connect: Callable[[], BodyClient]) -> None:
-        self.connect = connect
-        self.lock = threading.Lock()  # one turn at a time: a cache cannot serve two generations
-        self.body: BodyClient | None = None
-        self.cache: SplitCache | None = None
-        self.tokens: list[int] = []
-        self.protected: ProtectedChat | None = None  # its stand-ins stay the same across the turns
-        self.evicted = False  # dropped from the kept set: whoever still holds it closes it when done
-
-    def prepare(self, model: SplitModelForCausalLM, ids: list[int]) -> tuple[BodyClient, SplitCache, int]:
-        """The body session and a cache for the prompt `ids`, holding the longest cached prefix of it
-        (cropped back from an edited or retried turn); returns how many positions are reused."""
-        if self.body is None:
-            self.body = self.connect()
-        reused = min(common_prefix(self.tokens, ids), len(ids) - 1) if self.cache is not None else 0
-        if reused and reused < self.cache.get_seq_length():
-            try:
-                self.cache.crop(reused)
-            except NotImplementedError:  # sliding-window layers on the device: start over
-                reused = 0
-        if not reused:
-            self.cache = model.new_cache(self.body)
-        self.tokens = ids[:reused]
-        return self.body, self.cache, reused
-
-    def finished(self, ids: list[int], result: GenerationResult) -> None:
-        """Remember which ids the cache now holds (the prompt and the answer but its last token)."""
-        self.tokens = (ids + result.token_ids[0])[: self.cache.get_seq_length()]
-
-    def close(self) -> None:
-        """Close the body session (best effort: the server's TTL ends a lost one too)."""
-        body, self.body, self.cache, self.tokens = self.body, None, None, []
-        if body is not None:
-            try:
-                body.close()
-            except Exception:  # noqa: BLE001
-                log.warning("closing a body session failed", exc_info=True)
-
-
-class Conversations:
-    """The kept conversations by the page's id, at most `limit` (least recently used closed first)."""
-
-    def __init__(self, connect: Callable[[], BodyClient], limit: int = MAX_CONVERSATIONS) -> None:
-        self.connect = connect
-        self.limit = limit
-        self._items: OrderedDict[str, Conversation] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str | None) -> Conversation:
-        """The conversation `key` (made if new); None gives a one-turn conversation nobody keeps."""
-        if key is None:
-            return Conversation(self.connect)
-        with self._lock:
-            conversation = self._items.pop(key, None) or Conversation(self.connect)
-            self._items[key] = conversation
-            idle = [k for k, c in self._items.items() if k != key and not c.lock.locked()]
-            evicted = [self._items.pop(k) for k in idle[: max(0, len(self._items) - self.limit)]]
-        for old in evicted:
-            old.evicted = True
-            with old.lock:
-                old.close()
-        return conversation
-
-    def drop(self, key: str) -> None:
-        with self._lock:
-            conversation = self._items.pop(key, None)
-        if conversation is not None:
-            conversation.evicted = True
-            with conversation.lock:
-                conversation.close()
-
-    def close_all(self) -> None:
-        for key in list(self._items):
-            self.drop(key)
-
-
-def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> GenerationOptions:
+def chat_params(req: PageChat, speculate: str | None, draft_tokens: int) -> SamplingParams:
     """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off,
     or names the mode: prompt-lookup, draft-head (the shipped head) or the one the UI was started with."""
     mode = speculate
@@ -260,56 +157,68 @@ def chat_options(req: ChatRequest, speculate: str | None, draft_tokens: int) -> 
         mode = req.speculate
     elif req.speculate is not None:
         mode = (speculate or "prompt-lookup") if req.speculate else None
-    return GenerationOptions(
+    return SamplingParams(
         max_new_tokens=req.max_new_tokens, greedy=req.temperature == 0.0, temperature=req.temperature or 1.0,
         top_p=req.top_p, top_k=req.top_k, seed=req.seed, speculate=mode, draft_tokens=draft_tokens,
     )
 
 
-def chat_job(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: GenerationOptions,
-             keep: bool, protection: Protection | None = None) -> Job:
-    """Text pieces as they are generated, then one `done` with what crossed the network. The session
-    stays open for the next turn when `keep`, unless the turn was cancelled or failed. Under
-    `protection` the conversation is pseudonymised (and hidden among decoy rows) on the device, and
-    `done` also carries the real row's prompt as the cloud can recover it."""
+def chat_job(device: SplitDevice, pool: SessionPool[str, Conversation], connect: Callable[[], BodyClient], key: str | None,
+             messages: list[dict[str, str]], params: SamplingParams, protection: Protection | None = None) -> PageJob:
+    """Text pieces as they are generated, then one `done` with what crossed the network. The
+    conversation `key` keeps its session for the next turn (None: a one-turn conversation), unless
+    the turn was cancelled or failed. Under `protection` the conversation is pseudonymised (and
+    hidden among decoy rows) on the device, and `done` also carries the real row's prompt as the
+    cloud can recover it."""
 
     def job(emit: Emit, cancel: threading.Event) -> None:
-        on_text = lambda text: emit({"type": "token", "text": text})  # noqa: E731
-        with conversation.lock:
+        if key is None:
+            conversation = Conversation(connect)
+            try:
+                _turn(device, conversation, messages, params, protection, emit, cancel)
+            finally:
+                conversation.close()
+            return
+        with pool.use(key, lambda: Conversation(connect)) as conversation:
             ok = False
             try:
-                if protection is not None and protection.active:
-                    emit({"type": "done", **_protected_turn(device, conversation, messages, options, protection, on_text, cancel)})
-                    ok = True
-                    return
-                ids = device.encode_chat(messages)[0].tolist()
-                body, cache, reused = conversation.prepare(device.model, ids)
-                body.captured = []
-                result = device.generate_ids(body, torch.tensor([ids]), None, options, cancel=cancel, cache=cache, on_text=on_text)
-                if cancel.is_set():
-                    raise _Stopped
-                conversation.finished(ids, result)
-                emit({"type": "done", **_chat_stats(device, body, ids, reused, result, options)})
+                _turn(device, conversation, messages, params, protection, emit, cancel)
                 ok = True
             finally:
-                if conversation.body is not None:
-                    conversation.body.captured = None
-                if not (ok and keep) or conversation.evicted:
+                if not ok:
                     conversation.close()
 
     return job
 
 
-def _protected_turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: GenerationOptions,
+def _turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], params: SamplingParams,
+          protection: Protection | None, emit: Emit, cancel: threading.Event) -> None:
+    """One turn on the conversation's session, whose frames are captured for the panel meanwhile."""
+    on_text = lambda text: emit({"type": "token", "text": text})  # noqa: E731
+    body = conversation.session()
+    body.captured = []
+    try:
+        if protection is not None and protection.active:
+            emit({"type": "done", **_protected_turn(device, conversation, messages, params, protection, on_text, cancel)})
+            return
+        ids = device.encode_chat(messages)[0].tolist()
+        body, cache, reused = conversation.prepare(device.model, ids)
+        result = device.generate_ids(body, torch.tensor([ids]), None, params, cancel=cancel, cache=cache, on_text=on_text)
+        if cancel.is_set():
+            raise _Stopped
+        conversation.finished(ids, result.token_ids[0])
+        emit({"type": "done", **_chat_stats(device, body, ids, reused, result, params)})
+    finally:
+        body.captured = None
+
+
+def _protected_turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: SamplingParams,
                     protection: Protection, on_text: Callable[[str], None], cancel: threading.Event) -> dict[str, Any]:
     """One turn through `ProtectedChat`: the whole (pseudonymised) history is sent each turn, since
     the cache holds stand-ins and decoy rows, not the page's text."""
     if conversation.protected is None:
         conversation.protected = ProtectedChat(device, protection)
-    if conversation.body is None:
-        conversation.body = conversation.connect()
-    body = conversation.body
-    body.captured = []
+    body = conversation.session()
     protected = conversation.protected.generate(body, messages, options, on_text=on_text, cancel=cancel)
     if cancel.is_set():
         raise _Stopped
@@ -321,7 +230,7 @@ def _protected_turn(device: SplitDevice, conversation: Conversation, messages: l
 
 
 def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: int, result: GenerationResult,
-                options: GenerationOptions, row: int = 0) -> dict[str, Any]:
+                options: SamplingParams, row: int = 0) -> dict[str, Any]:
     """The panel's numbers for one turn (row `row` of the batch); the heatmap is this turn's first
     uplink frame (its new positions)."""
     stats, timings = body.stats, result.timings
@@ -352,7 +261,7 @@ def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: i
     }
 
 
-def image_job(load: Callable[[str, int], Any], req: ImageRequest, lock: threading.Lock) -> Job:
+def image_job(load: Callable[[str, int], Any], req: ImageRequest, lock: threading.Lock) -> PageJob:
     """One event per step (a preview every few steps and the tensor sent), then `done`; a page that
     goes away stops the pipeline at its next step."""
 
@@ -384,6 +293,16 @@ def image_job(load: Callable[[str, int], Any], req: ImageRequest, lock: threadin
     return job
 
 
+def audit_html(template: str) -> str:
+    """The /audit page: the shipped audit's numbers (curious cloud, no defense) in `template` (ui/static/audit.html)."""
+    data = json.loads(resources.files("lambdasplit.privacy").joinpath("data/audit-smollm2.json").read_text())
+    rows = "".join(
+        f"<tr><td>{r['k']},{r['m']}</td><td>{r['prompt_token_accuracy']:.0%}</td><td>{r['prompt_pii_recovered']:.0%}</td>"
+        f"<td>{r['output_token_accuracy']:.0%}</td></tr>" for r in data["splits"].values())
+    return string.Template(template).substitute(model=html.escape(data["model"]), date=html.escape(data["date"]),
+                                                command=html.escape(data["command"]), rows=rows)
+
+
 def load_audit(spec) -> dict[str, Any] | None:
     """The shipped audit numbers (curious cloud, no defense) for this split of the embedded model."""
     data = json.loads(resources.files("lambdasplit.privacy").joinpath("data/audit-smollm2.json").read_text())
@@ -400,14 +319,16 @@ def create_ui(
 ) -> FastAPI:
     """The UI app; `connect()` opens a body session (one per conversation, kept between its turns).
     `protection` pseudonymises every conversation (and hides it among decoy rows) on the device."""
-    conversations = Conversations(connect)
+    conversations: SessionPool[str, Conversation] = SessionPool(MAX_CONVERSATIONS, None, Conversation.close)
+    workers = Workers("ui")
     image_lock = threading.Lock()  # one pipeline: images take turns
     static = resources.files("lambdasplit.ui").joinpath("static")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        conversations.close_all()
+        workers.shutdown()
+        conversations.close()
 
     app = FastAPI(title="lambdasplit", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
 
@@ -436,15 +357,7 @@ def create_ui(
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page() -> str:
-        data = json.loads(resources.files("lambdasplit.privacy").joinpath("data/audit-smollm2.json").read_text())
-        rows = "".join(
-            f"<tr><td>{r['k']},{r['m']}</td><td>{r['prompt_token_accuracy']:.0%}</td><td>{r['prompt_pii_recovered']:.0%}</td>"
-            f"<td>{r['output_token_accuracy']:.0%}</td></tr>" for r in data["splits"].values())
-        return (f"<!doctype html><title>lambdasplit audit</title><link rel=stylesheet href=/static/style.css>"
-                f"<main style='padding:1.2rem'><h1>What a curious cloud recovers: {data['model']}</h1>"
-                f"<p>No defense, measured {data['date']} with <code>{data['command']}</code>; every defense and both threat "
-                f"models are in docs/privacy.md.</p><table border=1 cellpadding=6><tr><th>K,M</th><th>prompt tokens</th>"
-                f"<th>planted personal data</th><th>generated tokens</th></tr>{rows}</table><p><a href='/'>back</a></p></main>")
+        return audit_html(static.joinpath("audit.html").read_text())
 
     @app.get("/api/info")
     def api_info() -> dict[str, Any]:
@@ -452,25 +365,23 @@ def create_ui(
                 "speculate": speculate, "protection": None if protection is None else
                 {"pseudonymize": protection.pseudonymize, "decoys": protection.decoys}}
 
-    @app.post("/api/chat")  # not async: opening or evicting a conversation may wait on a body
-    def api_chat(req: ChatRequest, request: Request) -> StreamingResponse:
-        options = chat_options(req, speculate, draft_tokens)  # a bad setting is a 400 before anything runs
-        conversation = conversations.get(req.conversation)
-        job = chat_job(device, conversation, [m.model_dump() for m in req.messages], options, keep=req.conversation is not None,
-                       protection=protection)
-        return StreamingResponse(streamed(job, request), media_type="text/event-stream")
+    @app.post("/api/chat")
+    async def api_chat(req: PageChat, request: Request) -> StreamingResponse:
+        params = chat_params(req, speculate, draft_tokens)  # a bad setting is a 400 before anything runs
+        job = chat_job(device, conversations, connect, req.conversation, [m.model_dump() for m in req.messages], params, protection)
+        return StreamingResponse(streamed(workers, job, request), media_type="text/event-stream")
 
     @app.delete("/api/conversations/{key}", status_code=204)
     def forget(key: str) -> Response:
-        """The page cleared this conversation: close its body session now rather than at eviction."""
+        """The page cleared this conversation: close its body session now (or when its turn ends) rather than at eviction."""
         conversations.drop(key)
         return Response(status_code=204)
 
     @app.post("/api/image")
-    def api_image(req: ImageRequest, request: Request) -> StreamingResponse:
+    async def api_image(req: ImageRequest, request: Request) -> StreamingResponse:
         if load_image is None:
             return StreamingResponse(iter([_event({"type": "error", "message": "image generation is not enabled"})]),
                                      media_type="text/event-stream")
-        return StreamingResponse(streamed(image_job(load_image, req, image_lock), request), media_type="text/event-stream")
+        return StreamingResponse(streamed(workers, image_job(load_image, req, image_lock), request), media_type="text/event-stream")
 
     return app
