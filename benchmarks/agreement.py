@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, write
-from lambdasplit.device.body import BodyClient, load_local_body
+from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationOptions
 from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.engine.local import load_local_body
 
 PROMPTS = Path(__file__).parent / "prompts" / "heldout.json"
 log = logging.getLogger(__name__)
