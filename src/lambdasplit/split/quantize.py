@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 device parts: the head's and tail's projections, the LM head and the embeddings.
+"""Weight-only int8 / int4 / gguf-exact device parts: the head's and tail's projections, the LM head and the embeddings.
 
 What runs: PyTorch's own CPU kernels for weight-only quantized matmuls, `aten._weight_int8pack_mm`
 (int8, one scale per output channel) and `aten._weight_int4pack_mm_for_cpu` (4-bit, asymmetric, one
@@ -141,36 +141,33 @@ def gguf_blocks(w: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
     if cols % GROUP:
         raise SourceError(f"{key}: --quantize {EXACT} needs input sizes divisible by {GROUP} (GGUF blocks); it has {cols}")
     groups = w.reshape(rows, cols // GROUP, GROUP)
-    four = _four_bit_blocks(groups)
-    if four is not None and rows % 16 == 0:  # the int4 kernel's packing takes multiples of 16 rows
-        q, d, m = four
-        q = q.reshape(rows, cols)
-        return {"": q[:, 0::2] | (q[:, 1::2] << 4), BLOCK_SCALE: d, BLOCK_MIN: m}
-    q, d = _eight_bit_blocks(groups)
-    wrong = (d[..., None] * q.float() != groups).any(-1)
-    if wrong.any():
-        error = (d[..., None] * q.float() - groups).abs().max().item()
+    q4, d4, m4, exact4 = _four_bit_blocks(groups)
+    if exact4.all() and rows % 16 == 0:  # the int4 kernel's packing takes multiples of 16 rows
+        q4 = q4.reshape(rows, cols)
+        return {"": q4[:, 0::2] | (q4[:, 1::2] << 4), BLOCK_SCALE: d4, BLOCK_MIN: m4}
+    q8, d8 = _eight_bit_blocks(groups)
+    exact8 = (d8[..., None] * q8.float() == groups).all(-1)
+    if not exact8.all():
+        off = int((~exact4 & ~exact8).sum())
+        what = f"{off} of {exact8.numel()} blocks are on none" if off else "its blocks mix 4-bit and 8-bit grids"
         raise SourceError(
-            f"{key} {tuple(w.shape)} is on no GGUF block grid of {GROUP} (Q4_0, Q4_1, Q8_0): {int(wrong.sum())} of "
-            f"{wrong.numel()} blocks are not (the nearest 8-bit grid is off by up to {error:.3g}). --quantize {EXACT} "
-            "needs a GGUF source stored in those types; int8 and int4 round any source")
-    return {"": q.reshape(rows, cols), BLOCK_SCALE: d}
+            f"{key} {tuple(w.shape)} is not on one GGUF block grid of {GROUP} (Q4_0, Q4_1, Q8_0): {what}. "
+            f"--quantize {EXACT} needs a GGUF source stored in those types; int8 and int4 round any source")
+    return {"": q8.reshape(rows, cols), BLOCK_SCALE: d8}
 
 
-def _four_bit_blocks(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(q 0..15 uint8, d, m) with d*q + m == each weight exactly, per block: Q4_1's grid (m the block's
-    minimum, d its range / 15 rounded to the GGUF's fp16) or Q4_0's (m the weight of largest magnitude,
-    at q = 0, and d = -m/8); None if some block is on neither."""
+def _four_bit_blocks(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q 0..15 uint8, d, m, exact) with d*q + m == each weight of the `exact` blocks: Q4_1's grid (m
+    the block's minimum, d its range / 15 rounded to the GGUF's fp16) or Q4_0's (m the weight of
+    largest magnitude, at q = 0, and d = -m/8)."""
     low = groups.amin(-1)
     q1, d1 = _levels(groups, ((groups.amax(-1) - low) / 15).half().float(), low)
     extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
     q0, d0 = _levels(groups, -extreme / 8, extreme)
     exact1 = (d1[..., None] * q1 + low[..., None] == groups).all(-1)  # two roundings, as gguf's d * q + m
     exact0 = (d0[..., None] * q0 + extreme[..., None] == groups).all(-1)
-    if not (exact1 | exact0).all():
-        return None
     q = torch.where(exact1[..., None], q1, q0).to(torch.uint8)
-    return q, torch.where(exact1, d1, d0), torch.where(exact1, low, extreme)
+    return q, torch.where(exact1, d1, d0), torch.where(exact1, low, extreme), exact1 | exact0
 
 
 def _levels(groups: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
