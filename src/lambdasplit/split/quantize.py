@@ -22,9 +22,10 @@ d, m and q from the dequantized float32 weights, checks that they give back ever
 (else the source is refused), and stores `X.weight` (packed 4-bit or int8) with float32
 `X.weight_block_scale` (d) and, for 4 bits, `X.weight_block_min` (m): other names than int4/int8's,
 so no loader can read one as the other. Activations stay float32 (bf16 ones, or bf16 scales, change
-SmolLM2's greedy tokens: docs/benchmarks.md), 4-bit projections run the int4 kernel with float32
-activations, and 8-bit matrices (the LM head) are dequantized a block of rows at a time: the same
-tokens as the float32 split, at the int4 kernel's float32 speed, which is slower than dense float32.
+SmolLM2's greedy tokens: docs/benchmarks.md). Each matmul dequantizes its matrix a block of rows at a
+time (2 MiB of float32) and runs a float32 matmul on it: the source's weights bit for bit, so the
+float32 split's tokens. The int4 kernel with float32 activations was measured and not taken: 2-4x
+slower at one token, 20-40x at 16 (prefill), than these blocks.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def gguf_blocks(w: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
         raise SourceError(f"{key}: --quantize {EXACT} needs input sizes divisible by {GROUP} (GGUF blocks); it has {cols}")
     groups = w.reshape(rows, cols // GROUP, GROUP)
     q4, d4, m4, exact4 = _four_bit_blocks(groups)
-    if exact4.all() and rows % 16 == 0:  # the int4 kernel's packing takes multiples of 16 rows
+    if exact4.all():
         q4 = q4.reshape(rows, cols)
         return {"": q4[:, 0::2] | (q4[:, 1::2] << 4), BLOCK_SCALE: d4, BLOCK_MIN: m4}
     q8, d8 = _eight_bit_blocks(groups)
@@ -186,9 +187,24 @@ def _eight_bit_blocks(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def dequantize_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     """Float32 rows of gguf-exact values: d*q (8-bit) or d*q + m (packed 4-bit), as gguf computes them."""
-    values = (_unpack_int4(q) if m is not None else q).float().unflatten(-1, (d.shape[-1], -1))
-    out = values * d[..., None]
-    return (out if m is None else out + m[..., None]).flatten(-2)
+    cols = q.shape[-1] * (2 if m is not None else 1)
+    out = torch.empty(*q.shape[:-1], cols)
+    return _dequantize_into(out.view(-1, cols), q.reshape(-1, q.shape[-1]), d.reshape(-1, d.shape[-1]),
+                            None if m is None else m.reshape(-1, m.shape[-1])).view(out.shape)
+
+
+def _dequantize_into(out: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Fill (rows, cols) float32 `out` with d*q [+ m] (two roundings, as gguf's d * q + m) and return it."""
+    if m is None:
+        out.copy_(q)
+    else:  # two 4-bit values a byte, low nibble first
+        pairs = out.view(out.shape[0], -1, 2)
+        pairs[..., 0].copy_(q & 15)
+        pairs[..., 1].copy_(q >> 4)
+    blocks = out.view(out.shape[0], d.shape[-1], -1).mul_(d[..., None])
+    if m is not None:
+        blocks.add_(m[..., None])
+    return out
 
 
 def quantize_tensors(tensors: dict[str, torch.Tensor], scheme: str | None) -> dict[str, torch.Tensor]:
@@ -253,28 +269,22 @@ class QuantizedLinear(nn.Module):
         self._scales: torch.Tensor | None = None
 
     def prepare(self) -> None:
-        """The kernel's forms: its scales, and for 4 bits the CPU tile layout (made here, not stored,
-        because it depends on the CPU's instruction set); the plain 4-bit values are then dropped.
-        q8 blocks need none: `forward` dequantizes them."""
+        """The kernel's forms: bf16 scales, and for int4 the CPU tile layout (made here, not stored,
+        because it depends on the CPU's instruction set); the plain int4 values are then dropped.
+        gguf-exact blocks need none: `forward` dequantizes them."""
         if self.kind == "int8":
             self._packed, self._scales = self.weight.contiguous(), self.weight_scale.to(_KERNEL_DTYPE).contiguous()
             self.weight = self.weight_scale = None
-        elif self.kind in ("int4", "q4"):
+        elif self.kind == "int4":
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(self.weight).contiguous(), 1)
-            if self.kind == "int4":
-                scale, zero = self.weight_scale.to(_KERNEL_DTYPE), self.weight_zero.to(_KERNEL_DTYPE)
-                self.weight_scale = self.weight_zero = None
-            else:  # the kernel's w = (q - 8) * scale + zero, in float32
-                scale, zero = self.weight_block_scale, self.weight_block_min + 8 * self.weight_block_scale
-                self.weight_block_scale = self.weight_block_min = None
-            self._scales = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
-            self.weight = None
+            self._scales = torch.stack([self.weight_scale.t(), self.weight_zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
+            self.weight = self.weight_scale = self.weight_zero = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "q8":
+        if self.kind in ("q4", "q8"):
             out = self._blockwise(x.reshape(-1, self.in_features).float())
         else:
-            flat = x.reshape(-1, self.in_features).to(self._scales.dtype)
+            flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
             if self.kind == "int8":
                 out = torch.ops.aten._weight_int8pack_mm(flat, self._packed, self._scales)
             else:
@@ -283,15 +293,17 @@ class QuantizedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def _blockwise(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat @ W.T for 8-bit blocks, W dequantized a block of rows at a time into one small buffer:
-        exact float32 weights without holding the float32 matrix (the LM head: 4x the int8 bytes)."""
+        """flat @ W.T for gguf-exact blocks, W dequantized a block of rows at a time into one small
+        buffer: the source's float32 weights bit for bit, without holding the float32 matrix. Faster
+        than the int4 kernel with float32 activations (docs/benchmarks.md), and a plain float32 matmul."""
         rows = max(16, _DEQUANT_BYTES // (4 * self.in_features))
         buffer = flat.new_empty(min(rows, self.out_features), self.in_features)
         out = flat.new_empty(self.out_features, flat.shape[0])  # row blocks of W.x are contiguous here
+        low = getattr(self, "weight_block_min", None)
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
-            block = buffer[: stop - start]
-            block.copy_(self.weight[start:stop]).unflatten(-1, (-1, GROUP)).mul_(self.weight_block_scale[start:stop, :, None])
+            block = _dequantize_into(buffer[: stop - start], self.weight[start:stop], self.weight_block_scale[start:stop],
+                                     None if low is None else low[start:stop])
             torch.mm(block, flat.t(), out=out[start:stop])
         return out.t()
 
