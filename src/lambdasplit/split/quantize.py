@@ -19,13 +19,13 @@ kernel layout is made at load (`QuantizedLinear.prepare`), so a part stays porta
 `gguf-exact` keeps a GGUF source's own grids instead of choosing new ones: blocks of 32 weights
 with w = d*q + m, q in 0..15 (Q4_1; Q4_0 is m = -8d) or w = d*q, q in -127..127 (Q8_0). It recovers
 d, m and q from the dequantized float32 weights, checks that they give back every weight bit for bit
-(else the source is refused), and stores `X.weight` (packed 4-bit or int8) with float32
-`X.weight_block_scale` (d) and, for 4 bits, `X.weight_block_min` (m): other names than int4/int8's,
-so no loader can read one as the other. Activations stay float32 (bf16 ones, or bf16 scales, change
-SmolLM2's greedy tokens: docs/benchmarks.md). Each matmul dequantizes its matrix a block of rows at a
-time (2 MiB of float32) and runs a float32 matmul on it: the source's weights bit for bit, so the
-float32 split's tokens. The int4 kernel with float32 activations was measured and not taken: 2-4x
-slower at one token, 20-40x at 16 (prefill), than these blocks.
+(else the source is refused), and stores `X.weight` (4-bit values in GGUF's own nibble order, or
+int8) with float32 `X.weight_block_scale` (d) and, for 4 bits, `X.weight_block_min` (m): other names
+than int4/int8's, so no loader can read one as the other. Activations stay float32 (bf16 ones, or
+bf16 scales, change SmolLM2's greedy tokens: docs/benchmarks.md). Each matmul dequantizes its matrix
+a block of rows at a time (2 MiB of float32) and runs a float32 matmul on it: the source's weights
+bit for bit, so the float32 split's tokens. The int4 kernel with float32 activations was measured
+and not taken: 2-4x slower than these blocks at one token, 20-40x at 16 (prefill).
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def gguf_blocks(w: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
     groups = w.reshape(rows, cols // GROUP, GROUP)
     q4, d4, m4, exact4 = _four_bit_blocks(groups)
     if exact4.all():
-        q4 = q4.reshape(rows, cols)
-        return {"": q4[:, 0::2] | (q4[:, 1::2] << 4), BLOCK_SCALE: d4, BLOCK_MIN: m4}
+        packed = q4[..., : GROUP // 2] | (q4[..., GROUP // 2:] << 4)  # GGUF's order: byte j holds weights j, j + 16
+        return {"": packed.reshape(rows, cols // 2), BLOCK_SCALE: d4, BLOCK_MIN: m4}
     q8, d8 = _eight_bit_blocks(groups)
     exact8 = (d8[..., None] * q8.float() == groups).all(-1)
     if not exact8.all():
@@ -195,13 +195,13 @@ def dequantize_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) 
 
 def _dequantize_into(out: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     """Fill (rows, cols) float32 `out` with d*q [+ m] (two roundings, as gguf's d * q + m) and return it."""
+    rows, groups = d.shape
     if m is None:
         out.copy_(q)
-    else:  # two 4-bit values a byte, low nibble first
-        pairs = out.view(out.shape[0], -1, 2)
-        pairs[..., 0].copy_(q & 15)
-        pairs[..., 1].copy_(q >> 4)
-    blocks = out.view(out.shape[0], d.shape[-1], -1).mul_(d[..., None])
+    else:  # a block's byte j holds its weights j (low nibble) and j + 16: two contiguous halves
+        packed = q.view(rows, groups, GROUP // 2)
+        out.view(rows, groups, 2, GROUP // 2).copy_(torch.stack([packed & 15, packed >> 4], dim=2))
+    blocks = out.view(rows, groups, GROUP).mul_(d[..., None])
     if m is not None:
         blocks.add_(m[..., None])
     return out
