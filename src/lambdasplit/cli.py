@@ -132,7 +132,7 @@ ShallowOpt = Annotated[
     bool, typer.Option("--allow-shallow", help="Allow K=0 or M=0, which expose the prompt or the output trivially.")
 ]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16: what the parts compute in and send; device and server must agree. Default: an exported part's own, else float32 (export from a .gguf: bfloat16).")]
-QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="int8, int4 or gguf-exact: the device's head, tail, LM head and embeddings stored quantized (CPU); the body is unchanged. A quantized export loads quantized. gguf-exact keeps a GGUF's own 4-bit/8-bit grids (Q4_0, Q4_1, Q8_0 blocks of 32; other sources are refused) and gives the float32 split's tokens exactly, computing in float32: slower than int4/int8.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="int8, int4 or gguf-exact: the device's head, tail, LM head and embeddings stored quantized (CPU); the body is unchanged. A quantized export loads quantized. gguf-exact keeps a GGUF's own 4-bit/8-bit grids (Q4_0, Q4_1, Q8_0 blocks of 32; other sources are refused) and gives the float32 split's tokens exactly, computing in float32: slower than float32, int8 and int4.")]
 ServerOpt = Annotated[
     Optional[str],
     typer.Option("--server", callback=_check_server, help="Body server URL, ws://HOST:PORT or wss://HOST:PORT."),

@@ -25,7 +25,8 @@ than int4/int8's, so no loader can read one as the other. Activations stay float
 bf16 scales, change SmolLM2's greedy tokens: docs/benchmarks.md). Each matmul dequantizes its matrix
 a block of rows at a time (2 MiB of float32) and runs a float32 matmul on it: the source's weights
 bit for bit, so the float32 split's tokens. The int4 kernel with float32 activations was measured
-and not taken: 2-4x slower than these blocks at one token, 20-40x at 16 (prefill).
+and not taken: about 3x slower than these blocks at one token, 24-28x at 16 (prefill)
+(`python -m benchmarks.exact_matmul`).
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class QuantizedLinear(nn.Module):
     def _blockwise(self, flat: torch.Tensor) -> torch.Tensor:
         """flat @ W.T for gguf-exact blocks, W dequantized a block of rows at a time into one small
         buffer: the source's float32 weights bit for bit, without holding the float32 matrix. Faster
-        than the int4 kernel with float32 activations (docs/benchmarks.md), and a plain float32 matmul."""
+        than the int4 kernel with float32 activations (docs/benchmarks.md)."""
         rows = max(16, _DEQUANT_BYTES // (4 * self.in_features))
         buffer = flat.new_empty(min(rows, self.out_features), self.in_features)
         out = flat.new_empty(self.out_features, flat.shape[0])  # row blocks of W.x are contiguous here
