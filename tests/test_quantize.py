@@ -24,6 +24,8 @@ from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError, SourceError
 from lambdasplit.split.export import export_parts
+from lambdasplit.split.inspect import part_sizes
+from lambdasplit.split.load import open_source
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.quantize import (
     EXACT,
@@ -283,6 +285,15 @@ def test_gguf_exact_gives_the_float32_splits_tokens(gguf_llama, exact_parts):
         model = device.model
         logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
     assert (logits[1] - logits[0]).abs().max() < 1e-4 * logits[0].abs().max()  # float32 sums in another order
+
+
+def test_info_counts_a_gguf_exact_export(exact_parts, gguf_llama):
+    exported = part_sizes(open_source(exact_parts["device"]), torch.float32)
+    source = part_sizes(open_source(gguf_llama, (2, 2)), torch.float32)
+    estimate = part_sizes(open_source(gguf_llama, (2, 2)), torch.float32, EXACT)
+    for role in ("head", "tail"):
+        assert exported[role].precision == EXACT and exported[role].parameters == source[role].parameters
+        assert exported[role].bytes == estimate[role].bytes < source[role].bytes / 3
 
 
 def test_a_gguf_exact_export_is_marked_and_refused_by_int4_int8_loaders(exact_parts, monkeypatch):
