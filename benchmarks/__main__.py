@@ -131,7 +131,8 @@ def self_draft() -> None:
 def device(
     quick: Annotated[bool, typer.Option(help="The embedded model in float32 and int4, 4 tokens: under two minutes.")] = False,
     models: Annotated[str, typer.Option(help="Comma-separated: smollm2-135m, llama2-7b, llama2-13b.")] = "smollm2-135m,llama2-7b,llama2-13b",
-    precisions: Annotated[str, typer.Option(help="Comma-separated: float32, bfloat16, int8, int4.")] = "float32,bfloat16,int8,int4",
+    precisions: Annotated[str, typer.Option(
+        help="Comma-separated: float32, bfloat16, int8, int4, gguf-exact.")] = "float32,bfloat16,int8,int4,gguf-exact",
     tokens: Annotated[int, typer.Option(help="Decode positions timed per run.")] = 16,
 ) -> None:
     """Device parts on this CPU per precision: RSS, part bytes, load time, head/tail/LM-head ms per token."""
@@ -154,8 +155,9 @@ def agreement(
     prompts: Annotated[int, typer.Option(help="Held-out prompts to use (0: all 40).")] = 0,
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     name: Annotated[str, typer.Option(help="Result name (default quantized-agreement, or ...-quick).")] = "",
+    schemes: Annotated[str, typer.Option(help="Comma-separated: bfloat16, int8, int4, gguf-exact.")] = "bfloat16,int8,int4,gguf-exact",
 ) -> None:
-    """Greedy and top-1 agreement of bf16 / int8 / int4 device parts with the float32 split (held-out prompts)."""
+    """Greedy and top-1 agreement of bf16 / int8 / int4 / gguf-exact device parts with the float32 split (held-out prompts)."""
     from benchmarks.agreement import run_agreement
 
     sources: dict[str, str | None] = {}
@@ -167,7 +169,8 @@ def agreement(
         else:
             sources[model] = None
     name = name or ("quantized-agreement-quick" if quick else "quantized-agreement")
-    path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name)
+    path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name,
+                         schemes=tuple(schemes.split(",")))
     typer.echo(f"wrote {path}")
 
 

@@ -1,9 +1,10 @@
-"""Exactness budget of quantized device parts: how often int8 / int4 head + tail (the body unchanged,
-float32) give the float32 split's tokens on held-out chat prompts (benchmarks/prompts/heldout.json).
+"""Exactness budget of quantized device parts: how often int8 / int4 / gguf-exact head + tail (the body
+unchanged, float32) give the float32 split's tokens on held-out chat prompts (benchmarks/prompts/heldout.json).
 
 - greedy agreement: prompts whose `--new-tokens` greedy tokens are identical to the float32 split's
   (the float32 split is exact to the unsplit model: tests/test_exactness.py), and where they first differ;
 - "bfloat16" is the unquantized device parts computing in bf16 (the body stays float32), for scale;
+- a scheme the source cannot take (gguf-exact on a GGUF in other block types) is recorded as refused;
 - top-1 agreement: teacher-forced on the float32 continuation, the share of positions whose argmax
   is the float32 split's argmax (a divergence early in a reply does not hide the later positions).
 """
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, write
-from lambdasplit.device.body import BodyClient, load_local_body
+from lambdasplit.device.body import BodyClient
 from lambdasplit.device.runtime import SplitDevice
 from lambdasplit.device.sampling import SamplingParams
+from lambdasplit.engine.local import load_local_body
+from lambdasplit.errors import SourceError
 
 PROMPTS = Path(__file__).parent / "prompts" / "heldout.json"
 log = logging.getLogger(__name__)
@@ -56,8 +59,13 @@ def compare(source: str | None, split: tuple[int, int], schemes: list[str], prom
     result = {"source": source or "default", "split": list(split), "prompts": len(prompts), "new_tokens": new_tokens,
               "float32_seconds": round(time.perf_counter() - start, 1), "schemes": {}}
     for scheme in schemes:
-        device = (SplitDevice.load(source, split, dtype=scheme) if scheme == "bfloat16"
-                  else SplitDevice.load(source, split, quantize=scheme))
+        try:
+            device = (SplitDevice.load(source, split, dtype=scheme) if scheme == "bfloat16"
+                      else SplitDevice.load(source, split, quantize=scheme))
+        except SourceError as exc:
+            result["schemes"][scheme] = {"refused": str(exc)}
+            log.info("%s %s refused: %s", source or "default", scheme, exc)
+            continue
         got = greedy(device, body, prompts, new_tokens, batch)
         firsts = [_first_difference(a, b) for a, b in zip(expected, got, strict=True)]
         top1 = [argmaxes(device, body, p, row) for p, row in zip(prompts, expected, strict=True) if len(row) > 1]
@@ -82,12 +90,15 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+SCHEMES = ("bfloat16", "int8", "int4", "gguf-exact")
+
+
 def run_agreement(models: dict[str, str | None], split: tuple[int, int], new_tokens: int, limit: int, name: str,
-                  batch: int = 8) -> Path:
+                  batch: int = 8, schemes: tuple[str, ...] = SCHEMES) -> Path:
     prompts = json.loads(PROMPTS.read_text())[: limit or None]
     payload = {"environment": environment(), "results": []}
     for model, source in models.items():
-        row = compare(source, split, ["bfloat16", "int8", "int4"], prompts, new_tokens, batch)
+        row = compare(source, split, list(schemes), prompts, new_tokens, batch)
         row["model"] = model
         payload["results"].append(row)
         write(name, payload)

@@ -1,8 +1,9 @@
 """What a device needs: resident memory, part bytes, load time and ms per token of head, tail and LM head,
-for float32 / bfloat16 / int8 / int4 device parts, on this CPU.
+for float32 / bfloat16 / int8 / int4 / gguf-exact device parts, on this CPU.
 
 Models: the embedded SmolLM2-135M (real weights, split 2,2) and Llama-2-7B- and 13B-shaped device parts
-with seeded random weights (split 1,1). Only the device parts are ever built: the random ones are
+with seeded random weights (split 1,1; for gguf-exact, random values already on the embedded GGUF's
+grids: Q4_1 projections, Q8_0 embeddings and LM head). Only the device parts are ever built: the random ones are
 generated tensor by tensor from the shapes of a meta-device model, written as an exported device part
 (the same `write_part` and manifest as `lambdasplit export`), and loaded with `SplitDevice.load` in a
 fresh process per precision, so the resident memory is that of a device process and nothing else.
@@ -27,16 +28,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks.common import environment, write
 from benchmarks.gpu import SHAPES
+from lambdasplit.split.checkpoint import PART_CONFIG_NAME
 from lambdasplit.split.export import WEIGHTS_NAME, export_parts, write_part
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import part_keys
-from lambdasplit.split.quantize import quantize_tensors
+from lambdasplit.split.quantize import BLOCK_MIN, BLOCK_SCALE, EXACT, GROUP, SCHEMES, estimated_kind, quantize_tensors
 from lambdasplit.split.spec import SplitSpec
 
 LLAMA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
 MODELS = {"smollm2-135m": None, "llama2-7b": SHAPES["llama2-7b"], "llama2-13b": LLAMA_13B}
-PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+PRECISIONS = ("float32", "bfloat16", "int8", "int4", EXACT)
 WORK = Path(os.environ.get("LAMBDASPLIT_BENCH_DIR", "/tmp/lambdasplit-bench")) / "device"
 PROMPT = 16
 
@@ -49,12 +51,16 @@ def random_device_part(shape: dict, split: tuple[int, int], precision: str, out:
         shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     keys = sorted({k for role in ("head", "tail") for k in part_keys(sorted(shapes), spec, role, False)})
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    scheme = precision if precision in ("int8", "int4") else None
+    scheme = precision if precision in SCHEMES else None
     generator = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
     for key in keys:  # one float tensor at a time: a quantized part never holds the float32 whole
-        value = torch.ones(shapes[key]) if key.endswith("norm.weight") else torch.randn(shapes[key], generator=generator) * 0.02
-        tensors.update(quantize_tensors({key: value.to(dtype)}, scheme))
+        if key.endswith("norm.weight"):
+            tensors[key] = torch.ones(shapes[key], dtype=dtype)
+        elif scheme == EXACT:
+            tensors.update(gguf_blocks_at_random(key, tuple(shapes[key]), generator))
+        else:
+            tensors.update(quantize_tensors({key: (torch.randn(shapes[key], generator=generator) * 0.02).to(dtype)}, scheme))
     fingerprint = hashlib.sha256(config.to_json_string().encode()).hexdigest()
     manifest = PartManifest.describe("device", config, fingerprint, spec, dtype, scheme)
     out.mkdir(parents=True)
@@ -62,8 +68,19 @@ def random_device_part(shape: dict, split: tuple[int, int], precision: str, out:
     return out
 
 
+def gguf_blocks_at_random(key: str, shape: tuple[int, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A weight as gguf-exact stores it, with random levels and fp16 steps: Q8_0 blocks for the
+    embeddings and LM head, Q4_1 blocks (w = d*q + m) for the projections, as in the embedded GGUF."""
+    rows, cols = shape
+    d = (torch.rand(rows, cols // GROUP, generator=generator) * 0.004).half().float()
+    if estimated_kind(key, EXACT) == "q8":
+        return {key: torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8), key + BLOCK_SCALE: d}
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=generator, dtype=torch.uint8)
+    return {key: packed, key + BLOCK_SCALE: d, key + BLOCK_MIN: (-7.5 * d).half().float()}
+
+
 def embedded_device_part(split: tuple[int, int], precision: str, out: Path) -> Path:
-    scheme = precision if precision in ("int8", "int4") else None
+    scheme = precision if precision in SCHEMES else None
     dtype = "bfloat16" if precision == "bfloat16" else "float32"
     return export_parts(None, split, out, dtype, quantize=scheme)["device"]
 
@@ -93,7 +110,8 @@ def measure(directory: str, tokens: int) -> dict:
 
     from lambdasplit.device.runtime import SplitDevice
 
-    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(directory))]  # the model's module, imported now
+    config = AutoConfig.from_pretrained(str(Path(directory) / PART_CONFIG_NAME))  # config.json is a stub
+    AutoModelForCausalLM._model_mapping[type(config)]  # the model's module, imported now
     base = _rss()  # the runtime: Python, torch, transformers, lambdasplit and the model's classes
     start = time.perf_counter()
     device = SplitDevice.load(directory)

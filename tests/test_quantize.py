@@ -4,12 +4,17 @@ export holds them quantized and loads back quantized, and a server generates for
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lambdasplit.cloud.process import ServerProcess
@@ -19,11 +24,15 @@ from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError, SourceError
 from lambdasplit.split.export import export_parts
+from lambdasplit.split.inspect import part_sizes
+from lambdasplit.split.load import open_source
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.quantize import (
+    EXACT,
     QuantizedEmbedding,
     QuantizedLinear,
     dequantize,
+    dequantize_blocks,
     quantize_weight,
 )
 
@@ -102,14 +111,16 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
     assert exported == on_load.generate_ids(body, IDS, None, options).token_ids
 
 
-def test_a_server_generates_for_a_quantized_device(int4_parts, llama):
-    """The CI check of issue 25: the body server (float32, unchanged) serves an int4 device part."""
-    device = SplitDevice.load(int4_parts["device"])
-    with ServerProcess("--part", str(int4_parts["cloud"])) as proc:
+@pytest.mark.parametrize("parts", ["int4_parts", "exact_parts"])
+def test_a_server_generates_for_a_quantized_device(parts, request):
+    """The CI check of issue 25: the body server (float32, unchanged) serves an int4 / gguf-exact device part."""
+    parts = request.getfixturevalue(parts)
+    device = SplitDevice.load(parts["device"])
+    with ServerProcess("--part", str(parts["cloud"])) as proc:
         body = RemoteBody(proc.url, device.manifest, connect_timeout=30.0)
         result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=10))
+    local = device.generate_ids(load_local_body(str(parts["cloud"])), IDS, None, SamplingParams(max_new_tokens=10))
     assert len(result.token_ids[0]) == 10 and result.token_ids == local.token_ids
 
 
@@ -150,7 +161,7 @@ def test_manifest_quantize_field_is_checked():
         tail=(3, 4), dtype="float32").to_json())
     assert PartManifest.from_dict(base).quantize is None
     assert PartManifest.from_dict({**base, "quantize": "int8"}).quantize == "int8"
-    with pytest.raises(LambdaSplitError, match="quantize = 'fp8' is not one of int8, int4"):
+    with pytest.raises(LambdaSplitError, match="quantize = 'fp8' is not one of int8, int4, gguf-exact"):
         PartManifest.from_dict({**base, "quantize": "fp8"})
 
 
@@ -203,3 +214,128 @@ def test_from_pretrained_quantizes_the_device(llama):
     out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
     device = SplitDevice.load(llama, (2, 2), quantize="int4")
     assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids
+
+
+# gguf-exact: a GGUF's own blocks of 32, recovered from the dequantized float32 weights.
+
+_GGUF_TYPES = {"Q4_0": GGMLQuantizationType.Q4_0, "Q4_1": GGMLQuantizationType.Q4_1, "Q8_0": GGMLQuantizationType.Q8_0}
+
+
+def _gguf_rounded(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """`weight` as a GGUF of type `kind` stores it and transformers dequantizes it (gguf's own code)."""
+    blocks = quants.quantize(weight.numpy().astype(np.float32), _GGUF_TYPES[kind])
+    return torch.from_numpy(quants.dequantize(blocks, _GGUF_TYPES[kind]).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_exact_gives_back_a_gguf_block_grid_bit_for_bit(kind):
+    torch.manual_seed(0)
+    weight = _gguf_rounded(torch.randn(32, 96) * 0.05, kind)
+    stored = quantize_weight(weight, EXACT)
+    assert stored["_block_scale"].dtype == torch.float32 and stored["_block_scale"].shape == (32, 3)
+    assert ("_block_min" in stored) == (kind != "Q8_0")  # 4-bit blocks: w = d*q + m; 8-bit: w = d*q
+    assert stored[""].dtype == (torch.int8 if kind == "Q8_0" else torch.uint8)
+    assert torch.equal(dequantize_blocks(stored[""], stored["_block_scale"], stored.get("_block_min")), weight)
+
+
+def test_gguf_exact_refuses_weights_on_no_gguf_grid():
+    torch.manual_seed(0)
+    with pytest.raises(SourceError, match=r"proj.weight \(32, 64\) is not on one GGUF block grid of 32 .* 64 of 64 blocks are on none"):
+        quantize_weight(torch.randn(32, 64), EXACT, "proj.weight")
+    off = _gguf_rounded(torch.randn(32, 64), "Q4_1")
+    off[5, 7] += 1e-3  # one weight off its block's grid
+    with pytest.raises(SourceError, match="1 of 64 blocks are on none"):
+        quantize_weight(off, EXACT, "proj.weight")
+
+
+@pytest.fixture(scope="module")
+def gguf_llama(llama, tmp_path_factory) -> Path:
+    """The tiny Llama as a GGUF would hold it: projections in Q4_1 (v_proj in Q4_0), the tied embedding in Q8_0."""
+    directory = tmp_path_factory.mktemp("gguf-llama") / "model"
+    shutil.copytree(llama, directory)
+    tensors = load_file(str(directory / "model.safetensors"))
+    for key, value in tensors.items():
+        if value.dim() == 2:
+            kind = "Q8_0" if "embed_tokens" in key else "Q4_0" if "v_proj" in key else "Q4_1"
+            tensors[key] = _gguf_rounded(value, kind)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def exact_parts(gguf_llama, tmp_path_factory):
+    return export_parts(gguf_llama, (2, 2), tmp_path_factory.mktemp("exact"), quantize=EXACT)
+
+
+def test_gguf_exact_gives_the_float32_splits_tokens(gguf_llama, exact_parts):
+    reference = SplitDevice.load(gguf_llama, (2, 2))
+    on_load = SplitDevice.load(gguf_llama, (2, 2), quantize=EXACT)
+    exported = SplitDevice.load(exact_parts["device"])
+    assert isinstance(on_load.head.module.layers[0].mlp.up_proj, QuantizedLinear)
+    assert on_load.head.module.layers[0].self_attn.v_proj.kind == "q4" and on_load.tail.module.lm_head.kind == "q8"
+    assert on_load.tail.module.lm_head.weight is on_load.head.module.embed_tokens.weight  # tied: stored once
+    ids = torch.tensor([[5, 9, 49151, 300]])
+    assert torch.equal(on_load.head.module.embed_tokens(ids), reference.head.module.embed_tokens(ids))
+    body = load_local_body(gguf_llama, (2, 2))
+    options = SamplingParams(max_new_tokens=24)
+    expected = reference.generate_ids(body, IDS, None, options).token_ids
+    logits = []
+    for device in (reference, on_load, exported):
+        assert device is reference or device.generate_ids(body, IDS, None, options).token_ids == expected
+        model = device.model
+        logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
+    assert (logits[1] - logits[0]).abs().max() < 1e-4 * logits[0].abs().max()  # float32 sums in another order
+
+
+def test_info_counts_a_gguf_exact_export(exact_parts, gguf_llama):
+    exported = part_sizes(open_source(exact_parts["device"]), torch.float32)
+    source = part_sizes(open_source(gguf_llama, (2, 2)), torch.float32)
+    estimate = part_sizes(open_source(gguf_llama, (2, 2)), torch.float32, EXACT)
+    for role in ("head", "tail"):
+        assert exported[role].precision == EXACT and exported[role].parameters == source[role].parameters
+        assert exported[role].bytes == estimate[role].bytes < source[role].bytes / 3
+
+
+def test_a_gguf_exact_export_is_marked_and_refused_by_int4_int8_loaders(exact_parts, monkeypatch):
+    device_dir = exact_parts["device"]
+    manifest = PartManifest.read(device_dir)
+    assert manifest.quantize == EXACT and manifest.dtype == "float32"
+    assert PartManifest.read(exact_parts["cloud"]).dtype == "float32"
+    with safe_open(str(device_dir / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["lambdasplit_quantize"] == EXACT
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == "U8" and dtypes["model.layers.0.mlp.up_proj.weight_block_min"] == "F32"
+    assert dtypes["model.embed_tokens.weight"] == "I8" and dtypes["model.embed_tokens.weight_block_scale"] == "F32"
+    assert not any(key.endswith(("_scale", "_zero")) and "_block_" not in key for key in dtypes)
+    with pytest.raises(SourceError, match="holds gguf-exact weights; --quantize int4 needs an export from the full model"):
+        SplitDevice.load(device_dir, quantize="int4")
+    # An int4 module cannot take these tensors (other names), and a loader that knows only int8 and int4 refuses the manifest.
+    state = {k.removeprefix("model.layers.0.mlp.up_proj."): v for k, v in load_file(str(device_dir / "model.safetensors")).items()
+             if k.startswith("model.layers.0.mlp.up_proj.")}
+    with pytest.raises(RuntimeError, match="weight_block_scale"):
+        QuantizedLinear(nn.Linear(64, 128, bias=False), "int4").load_state_dict(state, strict=True, assign=True)
+    monkeypatch.setattr("lambdasplit.split.manifest.SCHEMES", ("int8", "int4"))
+    with pytest.raises(LambdaSplitError, match="quantize = 'gguf-exact' is not one of int8, int4"):
+        PartManifest.read(device_dir)
+
+
+def test_gguf_exact_refuses_an_off_grid_source_and_other_dtypes(llama, gguf_llama, tmp_path):
+    with pytest.raises(SourceError, match=r"is not on one GGUF block grid of 32 \(Q4_0, Q4_1, Q8_0\)"):
+        SplitDevice.load(llama, (2, 2), quantize=EXACT)
+    with pytest.raises(SourceError, match="gguf-exact computes in float32 .* drop --dtype bfloat16"):
+        SplitDevice.load(gguf_llama, (2, 2), dtype="bfloat16", quantize=EXACT)
+    with pytest.raises(SourceError, match="is not on one GGUF block grid"):
+        export_parts(llama, (2, 2), tmp_path / "out", quantize=EXACT)
+
+
+@pytest.mark.slow
+def test_gguf_exact_gives_the_float32_tokens_of_the_embedded_model():
+    """The embedded SmolLM2 GGUF (Q4_1 projections, Q8_0 embeddings): gguf-exact device parts give the
+    float32 split's greedy tokens on held-out prompts (all 40 at 64 tokens: docs/benchmarks.md)."""
+    from benchmarks.agreement import PROMPTS
+
+    prompts = json.loads(PROMPTS.read_text())[:3]
+    body = load_local_body(None, (2, 2))
+    options = SamplingParams(max_new_tokens=32)
+    reference = SplitDevice.load(None, (2, 2)).generate(body, prompts, options).token_ids
+    assert SplitDevice.load(None, (2, 2), quantize=EXACT).generate(body, prompts, options).token_ids == reference

@@ -147,11 +147,13 @@ ShallowOpt = Annotated[
 ]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="float32, bfloat16 or float16: what the parts compute in and send; device and server must agree. "
-    "Default: an exported part's own, else float32 (export from a .gguf: bfloat16).",
+    "Default: an exported part's own, else float32 (export from a .gguf: bfloat16; with --quantize gguf-exact: float32).",
 )]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", help="int8 or int4: the device's head, tail, LM head and embeddings stored quantized (CPU); "
-    "the body is unchanged. A quantized export loads quantized.",
+    "--quantize", help="int8, int4 or gguf-exact: the device's head, tail, LM head and embeddings stored quantized (CPU); "
+    "the body is unchanged. A quantized export loads quantized. gguf-exact keeps a GGUF's own 4-bit/8-bit grids "
+    "(Q4_0, Q4_1, Q8_0 blocks of 32; other sources are refused) and gives the float32 split's tokens exactly, "
+    "computing in float32: slower than float32, int8 and int4.",
 )]
 ServerOpt = Annotated[
     Optional[str],

@@ -165,7 +165,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         quantize: str | None = None,
     ) -> SplitModelForCausalLM:
         """Head and tail of a model source or an exported device part, with no body yet (one is
-        given per sequence: `new_cache(body)`); `quantize` (int8, int4) stores their weights quantized."""
+        given per sequence: `new_cache(body)`); `quantize` (int8, int4, gguf-exact) stores their weights quantized."""
         opened = open_source(source, split, allow_shallow)
         torch_dtype = resolve_dtype(dtype, opened)
         quantize = resolve_quantize(quantize, opened)
@@ -185,7 +185,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> SplitModelForCausalLM:
         """Load head and tail from `source`; `body` is a `BodyClient`, a server URL (`ws://`,
         `wss://`; `body_options` go to `BodyConfig`), or None for the body in this process.
-        `quantize` (int8, int4) quantizes head and tail weights; the body is unaffected."""
+        `quantize` (int8, int4, gguf-exact) quantizes head and tail weights; the body is unaffected."""
         model = cls.from_source(source, split, dtype, device, quantize=quantize)
         if isinstance(body, str):
             from lambdasplit.device.connect import BodyConfig, connect_body

@@ -42,7 +42,7 @@ class SplitDevice:
         quantize: str | None = None,
     ) -> SplitDevice:
         """Load head + tail (and the tokenizer) from a model source or an exported device part;
-        `quantize` (int8, int4) stores their weights quantized (split/quantize.py)."""
+        `quantize` (int8, int4, gguf-exact) stores their weights quantized (split/quantize.py)."""
         model = SplitModelForCausalLM.from_source(source, split, dtype, device, allow_shallow, quantize)
         return cls(model, PromptTokenizer.load(model.opened))
 

@@ -16,7 +16,7 @@ from lambdasplit.split.checkpoint import PART_CONFIG_NAME, model_fingerprint
 from lambdasplit.split.load import open_source, resolve_dtype
 from lambdasplit.split.manifest import MANIFEST_NAME, PartManifest, check_output_dir, hash_files, prepare_output_dir
 from lambdasplit.split.parts import part_keys
-from lambdasplit.split.quantize import check_scheme, quantize_tensors
+from lambdasplit.split.quantize import EXACT, check_dtype, check_scheme, quantize_tensors
 from lambdasplit.split.sources import is_gguf
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,16 @@ def export_parts(
 
     `out` must be new or empty (`force` empties it first): the manifest hashes every file of a part
     and loading refuses any other, so nothing already there can slip into a part. `quantize` (int8,
-    int4) stores the device part's projections, LM head and embeddings quantized; the body keeps
-    `dtype`. A GGUF source exports in bfloat16 unless `dtype` says otherwise: its weights were
-    4-8 bit, and float32 would only double the bytes."""
+    int4, gguf-exact) stores the device part's projections, LM head and embeddings quantized; the body
+    keeps `dtype`. A GGUF source exports in bfloat16 unless `dtype` says otherwise (its weights were
+    4-8 bit, and float32 would only double the bytes), except under gguf-exact, which is float32."""
     check_output_dir(out, force)
     check_scheme(quantize)
     opened = open_source(source, split, allow_shallow)
     if opened.exported is not None:
         raise SourceError(f"{opened.checkpoint.path} is already an exported part; export from the full model")
-    torch_dtype = resolve_dtype(dtype or ("bfloat16" if is_gguf(source) else None), opened)
+    torch_dtype = resolve_dtype(dtype or ("bfloat16" if is_gguf(source) and quantize != EXACT else None), opened)
+    check_dtype(quantize, torch_dtype)
     checkpoint, spec, config = opened.checkpoint, opened.spec, opened.config
     fingerprint = model_fingerprint(checkpoint)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -72,7 +73,8 @@ def export_parts(
 def write_part(directory: Path, tensors: dict[str, torch.Tensor], config, manifest: PartManifest, extra: list[Path] = ()) -> None:
     """Fill the empty `directory` with one part: weights, the model's config (in part_config.json, under a
     config.json stub), the `extra` files that exist (tokenizer) and the manifest, which hashes them all."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    metadata = {"format": "pt"} | ({"lambdasplit_quantize": manifest.quantize} if manifest.quantize else {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata=metadata)
     config.to_json_file(str(directory / PART_CONFIG_NAME))
     stub = _config_stub(manifest.role, manifest.body)
     (directory / "config.json").write_text(json.dumps(stub, indent=2) + "\n")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from lambdasplit.split.load import OpenedSource
 from lambdasplit.split.manifest import DTYPE_NAMES
 from lambdasplit.split.parts import part_keys
-from lambdasplit.split.quantize import ZERO, scheme_for, split_companion, stored_bytes
+from lambdasplit.split.quantize import BLOCK_MIN, ZERO, estimated_kind, split_companion, stored_bytes
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 
@@ -45,11 +45,11 @@ def part_sizes(opened: OpenedSource, dtype: torch.dtype, quantize: str | None = 
             shape, stored_itemsize = stored[key]
             numel = _numel(shape)
             if not split_companion(key)[1]:
-                params += numel * (2 if key + ZERO in stored else 1)  # an int4 weight holds two values per byte
+                params += numel * (2 if key + ZERO in stored or key + BLOCK_MIN in stored else 1)  # two 4-bit values a byte
             if exported:
                 size += numel * stored_itemsize
             else:
-                size += stored_bytes(tuple(shape), scheme_for(key, scheme) if scheme and key.endswith(".weight") else None, itemsize)
+                size += stored_bytes(tuple(shape), estimated_kind(key, scheme) if scheme and key.endswith(".weight") else None, itemsize)
         sizes[role] = PartSize(params, size, _precision(scheme, dtype))
     return sizes
 
@@ -62,5 +62,5 @@ def _numel(shape: list[int]) -> int:
 
 
 def _precision(scheme: str | None, dtype: torch.dtype) -> str:
-    """int8 / int4 (whose embeddings and LM head are int8: split/quantize.py), else the dtype."""
+    """int8 / int4 (whose embeddings and LM head are int8) / gguf-exact (split/quantize.py), else the dtype."""
     return scheme or DTYPE_NAMES[dtype]

@@ -13,7 +13,7 @@ from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.checkpoint import Checkpoint, model_fingerprint
 from lambdasplit.split.manifest import PartManifest, dtype_named
 from lambdasplit.split.parts import EMBED_KEY, PartRunner, build_part, part_keys, renamed
-from lambdasplit.split.quantize import check_scheme, embedding_tensors
+from lambdasplit.split.quantize import check_dtype, check_scheme, embedding_tensors
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.split.spec import SplitSpec
 
@@ -87,9 +87,10 @@ def device_runners(
     opened: OpenedSource, dtype: torch.dtype, device: str | torch.device = "cpu", quantize: str | None = None
 ) -> tuple[PartRunner, PartRunner]:
     """Head and tail; a tied embedding matrix is loaded once and shared by both. `quantize` (int8,
-    int4) quantizes their weights on load; a quantized export loads quantized either way."""
+    int4, gguf-exact) quantizes their weights on load; a quantized export loads quantized either way."""
     opened.require("device")
     quantize = resolve_quantize(quantize, opened)
+    check_dtype(quantize, dtype)
     if quantize is not None and torch.device(device).type != "cpu":
         raise SourceError(f"--quantize {quantize} runs on the CPU (PyTorch's CPU kernels); drop it or use --device cpu")
     head = part_runner(opened, "head", dtype, device, quantize=quantize)

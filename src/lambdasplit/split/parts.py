@@ -75,7 +75,7 @@ def build_part(
     """The `role` part as an eval-mode module holding only its own weights.
 
     `shared` lets the device reuse a tensor already loaded for another part (the tied embedding
-    matrix serves both the head's lookup and the tail's LM head). `quantize` (int8, int4) stores the
+    matrix serves both the head's lookup and the tail's LM head). `quantize` (int8, int4, gguf-exact) stores the
     part's projections and embeddings quantized (split/quantize.py); weights that arrive quantized
     (an exported quantized part) load as such either way.
     """
