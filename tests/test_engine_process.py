@@ -99,7 +99,9 @@ def test_engine_client_serves_a_scheduler_in_a_child(llama, device):
         reply, seconds = engine.submit(session, frame).result(timeout=60)
         assert reply.shape == (1, 3, device.config.hidden_size) and seconds > 0
         assert engine.health.problem() is None
-        engine.close_session(session).result(timeout=60)
+        assert engine.reap(3600.0).result(timeout=60) == []  # the reaper learns which sessions it closed
+        assert engine.reap(0.0).result(timeout=60) == [session]
+        engine.close_session(session).result(timeout=60)  # the connection's own close after the reaper's: a no-op
         with pytest.raises(ExpiredError):
             engine.submit(session, Frame(MsgType.RESET, session)).result(timeout=60)
     finally:

@@ -65,7 +65,7 @@ class Kind(IntEnum):
     """What the engine sends back."""
 
     FRAME = 1  # RESULT header + reply frame bytes (or none)
-    VALUE = 2  # JSON value (open: session id hex; reap: count)
+    VALUE = 2  # JSON value (open: session id hex; reap: the closed session ids, hex)
     ERROR = 3  # JSON {"type", "message", "retry_after"}
     STEP = 4  # JSON StepStats
     REFUSAL = 5  # JSON reason
@@ -177,7 +177,7 @@ class _EngineLoop:
                 future.add_done_callback(lambda f: self._value_result(request, f, lambda _: None))
             elif op == Op.REAP:
                 future = scheduler.reap(json.loads(bytes(body))["idle"])
-                future.add_done_callback(lambda f: self._value_result(request, f, int))
+                future.add_done_callback(lambda f: self._value_result(request, f, lambda ids: [s.hex() for s in ids]))
         except Exception as exc:  # noqa: BLE001 - a refused request fails alone
             self._send(Kind.ERROR, request, _json(_error_dict(exc)))
 
@@ -296,8 +296,9 @@ class EngineClient:
     def close_session(self, session_id: bytes) -> Future[None]:
         return self._request(Op.CLOSE, session_id, "close")
 
-    def reap(self, idle_seconds: float) -> Future[int]:
-        return self._request(Op.REAP, _json({"idle": idle_seconds}), "reap")
+    def reap(self, idle_seconds: float) -> Future[list[bytes]]:
+        future = self._request(Op.REAP, _json({"idle": idle_seconds}), "reap")
+        return _chain(future, lambda ids: [bytes.fromhex(s) for s in ids])
 
     def submit(self, session_id: bytes, frame: Any) -> Future[tuple[EncodedReply | None, float]]:
         return self._request(Op.SUBMIT, session_id + frame.to_bytes(), "frame")

@@ -178,8 +178,9 @@ class BodyScheduler:
         """Close a session (after its loop has stopped there is nothing left to close: resolves at once)."""
         return self._call(self._forget, session_id, noop_when_closed=True)
 
-    def reap(self, idle_seconds: float) -> Future[int]:
-        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
+    def reap(self, idle_seconds: float) -> Future[list[bytes]]:
+        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections);
+        the ids it closed, so the transport knows which of its sessions are gone."""
         return self._call(self._reap, idle_seconds)
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
@@ -329,13 +330,13 @@ class BodyScheduler:
         self._preempted.pop(session_id, None)
         self._close(session_id)
 
-    def _reap(self, idle_seconds: float) -> int:
+    def _reap(self, idle_seconds: float) -> list[bytes]:
         now = time.monotonic()
         stale = [s for s, t in self._last_used.items() if now - t > idle_seconds and s not in self._active]
         for session_id in stale:
             log.warning("session %s idle for over %.0f s; closed", session_id.hex()[:8], idle_seconds)
             self._close(session_id)
-        return len(stale)
+        return stale
 
     def _refused(self, reason: str) -> None:
         if self.on_refusal is not None:
