@@ -313,11 +313,7 @@ class Background(ChildProcess):
 
     def __init__(self, argv: list[str], cwd: Path, ready: str, timeout: float = 180) -> None:
         super().__init__(argv, name=shlex.join(argv), env=ENV, cwd=cwd)
-        try:
-            self.wait_for_line(re.escape(ready), timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_for_line(re.escape(ready), timeout)
 
 
 @pytest.mark.slow  # export + certs + server + generate + gateway: ~40 s on 2 cores
