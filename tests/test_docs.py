@@ -65,11 +65,11 @@ def fenced_blocks(path: Path) -> list[Block]:
             continue
         fence, lang, start = opening.group(1), opening.group(2).lower(), i
         i += 1
-        body = []
+        block_lines = []
         while i < len(lines) and not lines[i].strip().startswith(fence):
-            body.append(lines[i])
+            block_lines.append(lines[i])
             i += 1
-        blocks.append(Block(path, start + 1, lang, "\n".join(body)))
+        blocks.append(Block(path, start + 1, lang, "\n".join(block_lines)))
         i += 1
     return blocks
 

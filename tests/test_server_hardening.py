@@ -187,9 +187,9 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
         gone = threading.Event()
         original = server.scheduler._open
 
-        def slow_open(body: int) -> bytes:
+        def slow_open(body_index: int) -> bytes:
             assert gone.wait(30)
-            return original(body)
+            return original(body_index)
 
         monkeypatch.setattr(server.scheduler, "_open", slow_open)
         clients = [raw_connect(server) for _ in range(4)]
@@ -353,10 +353,10 @@ def test_two_authorization_headers_get_400_before_auth(plain_server, path, caplo
     conn.putheader("Authorization", f"Bearer {TOKEN}")
     conn.endheaders()
     response = conn.getresponse()
-    body = response.read().decode()
+    text = response.read().decode()
     conn.close()
-    assert response.status == 400, (response.status, body)
-    assert "exactly one Authorization header" in body
+    assert response.status == 400, (response.status, text)
+    assert "exactly one Authorization header" in text
     assert any("2 Authorization headers" in r.getMessage() for r in problems(caplog))
     assert_no_tracebacks(caplog)
 

@@ -247,13 +247,13 @@ class BodyServer:
         if hello.get("protocol") != PROTOCOL:
             raise WireError(f"protocol {hello.get('protocol')!r} is not supported; this server speaks {PROTOCOL}")
         theirs = self.scheduler.parse_manifest(hello.get("manifest") or {})
-        body, problem = self.scheduler.body_for(theirs)
+        body_index, problem = self.scheduler.body_for(theirs)
         if problem:
             self.metrics.sessions_refused.inc()
             raise MismatchError(f"the device's parts do not match this server's body: {problem}")
         Codec.parse(str(hello.get("codec", "fp32")))
         try:
-            session = await asyncio.wrap_future(self.scheduler.open_session(body))
+            session = await asyncio.wrap_future(self.scheduler.open_session(body_index))
         except LambdaSplitError:
             self.metrics.sessions_refused.inc()
             raise
@@ -264,7 +264,7 @@ class BodyServer:
         welcome = {
             "protocol": PROTOCOL,
             "session": session.hex(),
-            "manifest": self.scheduler.bodies[body].manifest.as_dict(),
+            "manifest": self.scheduler.bodies[body_index].manifest.as_dict(),
             "limits": {
                 "max_context": limits.max_context,
                 "max_batch": limits.max_batch,

@@ -171,8 +171,9 @@ class BodyScheduler:
         """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
         return type(self.manifest).from_peer(data)
 
-    def open_session(self, body: int = 0) -> Future[bytes]:
-        return self._call(self._open, body)
+    def open_session(self, body_index: int = 0) -> Future[bytes]:
+        """A new session on `bodies[body_index]` (the one `body_for` chose); its id."""
+        return self._call(self._open, body_index)
 
     def close_session(self, session_id: bytes) -> Future[None]:
         """Close a session (after its loop has stopped there is nothing left to close: resolves at once)."""
@@ -300,7 +301,7 @@ class BodyScheduler:
                 return
             self._wake.wait(timeout=left)
 
-    def _open(self, body: int) -> bytes:
+    def _open(self, body_index: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
             self._refused("sessions")
             raise CapacityError(
@@ -309,7 +310,7 @@ class BodyScheduler:
             )
         self._check_memory(0, "a new session")
         session_id = secrets.token_bytes(16)
-        self.sessions[session_id] = self.bodies[body].open(session_id, self.limits.session(), self.pool)
+        self.sessions[session_id] = self.bodies[body_index].open(session_id, self.limits.session(), self.pool)
         self._last_used[session_id] = time.monotonic()
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
