@@ -4,6 +4,10 @@ It knows frames and tensors but nothing of the transport: the server (or an in-p
 hands it frames and awaits the replies. All session state is touched only on the compute thread,
 so there is no locking. A body is anything with `manifest`, `open(session_id, limits)` and
 `memory_probe()`: the text `TextBody` and the diffusion `UNetBody` alike.
+
+Why one file over 500 lines: it is one class whose methods share the compute thread's state
+(frame queues, active works, KV claims, the step planned ahead) without locks; what does not need
+that state already lives beside it (`session.py`, `step.py`, `kvpool.py`, `frames.py`, `health.py`).
 """
 
 from __future__ import annotations

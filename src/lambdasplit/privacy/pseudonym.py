@@ -12,6 +12,10 @@ cues), account and ID numbers, street addresses, and the quasi-identifiers of pr
 (postcodes, the city of an address, dates written in words). Stand-ins come from Faker in the locale
 the real value looks like it came from, keep the format (separators, digit counts, check digits) and
 are kept consistent: the same real value always gets the same stand-in within one `Pseudonymizer`.
+
+Why one file over 500 lines: the detector's patterns, the stand-ins that must keep their format
+and the restorer that maps them back share one vocabulary of kinds, locales and text folding;
+quasi-identifiers are apart (`quasi.py`), as are decoy rows (`decoys.py`).
 """
 
 from __future__ import annotations
