@@ -194,8 +194,8 @@ class Cluster:
                 states = {}
             if all(states.get(n, ("",))[0] == s and (not checked or states[n][1] == "L7OK") for n, s in want.items()):
                 return
-            if self.haproxy is not None and self.haproxy.proc.poll() is not None:
-                raise LambdaSplitError(f"haproxy exited with status {self.haproxy.proc.returncode}: {self._haproxy_log()}")
+            if self.haproxy is not None and self.haproxy.returncode is not None:
+                raise LambdaSplitError(f"haproxy exited with status {self.haproxy.returncode}: {self._haproxy_log()}")
             if time.monotonic() > deadline:
                 raise LambdaSplitError(f"HAProxy did not report {want} within {timeout:g} s: {states}; {self._haproxy_log()}")
             time.sleep(0.1)
@@ -217,7 +217,7 @@ class Cluster:
 
     def landed_on(self) -> int:
         """The one live server that holds a session now (the device's connection landed there)."""
-        live = [i for i, proc in enumerate(self.servers) if proc.proc.poll() is None]
+        live = [i for i, proc in enumerate(self.servers) if proc.returncode is None]
         holding = [i for i in live if self.sessions_active(i) > 0]
         if len(holding) != 1:
             raise LambdaSplitError(f"expected exactly one server with a session, got {holding} of {live}")

@@ -65,11 +65,11 @@ def fenced_blocks(path: Path) -> list[Block]:
             continue
         fence, lang, start = opening.group(1), opening.group(2).lower(), i
         i += 1
-        body = []
+        block_lines = []
         while i < len(lines) and not lines[i].strip().startswith(fence):
-            body.append(lines[i])
+            block_lines.append(lines[i])
             i += 1
-        blocks.append(Block(path, start + 1, lang, "\n".join(body)))
+        blocks.append(Block(path, start + 1, lang, "\n".join(block_lines)))
         i += 1
     return blocks
 
@@ -313,11 +313,7 @@ class Background(ChildProcess):
 
     def __init__(self, argv: list[str], cwd: Path, ready: str, timeout: float = 180) -> None:
         super().__init__(argv, name=shlex.join(argv), env=ENV, cwd=cwd)
-        try:
-            self.wait_for_line(re.escape(ready), timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_for_line(re.escape(ready), timeout)
 
 
 @pytest.mark.slow  # export + certs + server + generate + gateway: ~40 s on 2 cores

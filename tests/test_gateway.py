@@ -397,9 +397,9 @@ def test_generation_stops_at_the_step_after_cancel(device):
 # --- issue 14: the OpenAI surface ------------------------------------------------------------------
 
 
-def _post(url: str, path: str, body: dict, key: str | None = None) -> httpx.Response:
+def _post(url: str, path: str, payload: dict, key: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+    return httpx.post(f"{url}{path}", json=payload, headers=headers, timeout=120)
 
 
 def test_health_needs_no_key_and_models_do(failing, device):
@@ -458,8 +458,8 @@ def test_greedy_chat_equals_the_unsplit_model(gateway, smollm2_dir):
     ],
 )
 def test_unsupported_and_invalid_fields_are_openai_errors(stack, change, status, param):
-    body = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 4, **change}
-    response = _post(stack.url, "/v1/chat/completions", body)
+    payload = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 4, **change}
+    response = _post(stack.url, "/v1/chat/completions", payload)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -968,8 +968,8 @@ def test_protected_sampling_fields_pass_through(protected):
     ("/v1/completions", {"prompt": "Hi"}, "prompt"),
 ])
 def test_protected_requests_refuse_what_they_cannot_honour(protected, name, path, change, param):
-    body = {"model": "smollm2", "max_tokens": 4, **({} if path == "/v1/completions" else {"messages": IDENTIFIED}), **change}
-    response = _post(protected.urls[name], path, body)
+    payload = {"model": "smollm2", "max_tokens": 4, **({} if path == "/v1/completions" else {"messages": IDENTIFIED}), **change}
+    response = _post(protected.urls[name], path, payload)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"], error["type"]) == (param, "unsupported_parameter", "invalid_request_error")
@@ -1046,10 +1046,10 @@ def fuzzed(device):
         yield plain, protected
 
 
-def _fuzz_post(fuzzed, path: str, body: bytes) -> None:
+def _fuzz_post(fuzzed, path: str, payload: bytes) -> None:
     for client in fuzzed:
-        response = client.post(path, content=body, headers={"Content-Type": "application/json"})
-        assert response.status_code in (400, 404, 503), (path, body, response.status_code, response.text)
+        response = client.post(path, content=payload, headers={"Content-Type": "application/json"})
+        assert response.status_code in (400, 404, 503), (path, payload, response.status_code, response.text)
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"], error
 
@@ -1058,18 +1058,18 @@ def _fuzz_post(fuzzed, path: str, body: bytes) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(messages=st.lists(_MESSAGE, max_size=3) | _JSON, change=_CHAT_CHANGE)
 def test_fuzzed_chat_json_never_gets_a_500(fuzzed, messages, change):
-    """Any JSON body: a 400 (404 for another model) in OpenAI's error shape, or a 503 from the body
+    """Any JSON request: a 400 (404 for another model) in OpenAI's error shape, or a 503 from the body
     that a valid request reaches; never a 500 with a traceback."""
-    body = {"model": "smollm2", "messages": messages, "max_tokens": 2, **change}
-    _fuzz_post(fuzzed, "/v1/chat/completions", json.dumps(body).encode())
+    payload = {"model": "smollm2", "messages": messages, "max_tokens": 2, **change}
+    _fuzz_post(fuzzed, "/v1/chat/completions", json.dumps(payload).encode())
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(prompt=_JSON, change=_CHAT_CHANGE, raw=st.none() | st.binary(max_size=40) | _JSON)
 def test_fuzzed_completion_json_and_raw_bodies_never_get_a_500(fuzzed, prompt, change, raw):
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, **change} if raw is None else raw
-    encoded = raw if isinstance(raw, bytes) else json.dumps(body).encode()
+    payload = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, **change} if raw is None else raw
+    encoded = raw if isinstance(raw, bytes) else json.dumps(payload).encode()
     _fuzz_post(fuzzed, "/v1/completions", encoded)
     _fuzz_post(fuzzed, "/v1/chat/completions", encoded)
 
@@ -1078,7 +1078,7 @@ _USER_HI = {"role": "user", "content": "hi"}
 
 
 @pytest.mark.parametrize(
-    "path, body, param, message",
+    "path, payload, param, message",
     [  # what the 2026-12-05 fuzz run answered with a 500 and a tokenizer traceback, and content shapes OpenAI's types refuse
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content", "lone surrogate"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
@@ -1107,15 +1107,15 @@ _USER_HI = {"role": "user", "content": "hi"}
         ("/v1/chat/completions", {"messages": [_USER_HI], "seed": -1}, "seed", "`seed` must be from 0"),
     ],
 )
-def test_malformed_content_and_text_are_400s_naming_the_field(fuzzed, path, body, param, message):
+def test_malformed_content_and_text_are_400s_naming_the_field(fuzzed, path, payload, param, message):
     for client in fuzzed if path == "/v1/chat/completions" else fuzzed[:1]:  # the pseudonymising one refuses raw prompts
-        response = client.post(path, content=json.dumps({"model": "smollm2", "max_tokens": 2, **body}).encode())
+        response = client.post(path, content=json.dumps({"model": "smollm2", "max_tokens": 2, **payload}).encode())
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error", error
 
 
 def test_a_body_nested_deeper_than_json_can_parse_is_400(fuzzed):
-    body = b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    response = fuzzed[0].post("/v1/chat/completions", content=body)
+    payload = b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = fuzzed[0].post("/v1/chat/completions", content=payload)
     assert response.status_code == 400 and response.json()["error"]["message"] == "the request body is nested too deeply"

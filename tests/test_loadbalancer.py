@@ -78,4 +78,4 @@ def test_kill_the_server_mid_generation_and_the_output_is_identical(cluster, dev
     assert trial.took_over not in ("-", trial.killed)  # the session now lives on another server
     cluster.wait_states({trial.killed: "DOWN"}, 30)  # HAProxy took it out of the rotation
     survivors = [i for i, name in enumerate(cluster.names) if name != trial.killed]
-    assert all(cluster.servers[i].proc.poll() is None for i in survivors)
+    assert all(cluster.servers[i].returncode is None for i in survivors)

@@ -187,9 +187,9 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
         gone = threading.Event()
         original = server.scheduler._open
 
-        def slow_open(body: int) -> bytes:
+        def slow_open(body_index: int) -> bytes:
             assert gone.wait(30)
-            return original(body)
+            return original(body_index)
 
         monkeypatch.setattr(server.scheduler, "_open", slow_open)
         clients = [raw_connect(server) for _ in range(4)]
@@ -353,10 +353,10 @@ def test_two_authorization_headers_get_400_before_auth(plain_server, path, caplo
     conn.putheader("Authorization", f"Bearer {TOKEN}")
     conn.endheaders()
     response = conn.getresponse()
-    body = response.read().decode()
+    text = response.read().decode()
     conn.close()
-    assert response.status == 400, (response.status, body)
-    assert "exactly one Authorization header" in body
+    assert response.status == 400, (response.status, text)
+    assert "exactly one Authorization header" in text
     assert any("2 Authorization headers" in r.getMessage() for r in problems(caplog))
     assert_no_tracebacks(caplog)
 
@@ -541,3 +541,27 @@ def test_an_idle_session_expires(bodies, device, caplog):
         server.wait_metric("lambdasplit_sessions_active", 0)
         assert server.scheduler.sessions == {}
         assert any("(expired)" in r.getMessage() for r in problems(caplog))
+
+
+def test_a_reaped_session_and_a_closed_one_each_count_once(bodies, device):
+    """`sessions_active` reads the server's own set of open sessions: a session the reaper closed
+    while its connection still ran is not taken off again when that connection ends."""
+    with ThreadServer(bodies) as server:
+        ws, session = raw_session(server, device)
+        server.wait_metric("lambdasplit_sessions_active", 1)
+        assert server._loop is not None
+        reaped = asyncio.run_coroutine_threadsafe(server.server.reap(0.0), server._loop).result(timeout=30)
+        assert reaped == [session] and server.scheduler.sessions == {}
+        assert server.metric("lambdasplit_sessions_active") == 0
+        ws.send(hidden_frame(session, 1, 1, 3).to_bytes())  # the connection finds its session gone...
+        assert expect_error(ws)["code"] == "expired"  # ...and has ended it (again) before this ERROR frame
+        assert server.metric("lambdasplit_sessions_active") == 0
+
+        ws, session = raw_session(server, device)
+        server.wait_metric("lambdasplit_sessions_active", 1)
+        ws.send(control_frame(MsgType.CLOSE, {}, session).to_bytes())
+        server.wait_metric("lambdasplit_sessions_active", 0)
+        ws.close()
+        assert server.metric("lambdasplit_sessions_total") == 2
+        assert asyncio.run_coroutine_threadsafe(server.server.reap(0.0), server._loop).result(timeout=30) == []
+        assert server.metric("lambdasplit_sessions_active") == 0

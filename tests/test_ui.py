@@ -43,11 +43,7 @@ class UIProcess(ChildProcess):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([*CLI, "ui", "--port", str(self.port), *args], name="lambdasplit ui", env=child_env())
-        try:
-            self.wait_until(self._answers, timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_until(self._answers, timeout)
 
     def _answers(self) -> bool:
         try:

@@ -3,7 +3,8 @@
 The body server of the demo and the tests (`cloud/process.py`), the UI and gateway children of the
 tests, and HAProxy in `scripts/failover.py` all go through here, so each gets the same deadlines:
 its output is read by a thread (a blocking readline would wait forever on a silent child), a wait
-for readiness ends at its deadline or when the child exits, with the child's last lines, and a stop
+for readiness ends at its deadline or when the child exits, with the child's last lines (and the child
+stopped: a subclass that waits in its constructor has no object for its caller to stop), and a stop
 sends SIGINT (a clean shutdown, as Ctrl-C), then SIGTERM, then SIGKILL, each after a deadline.
 """
 
@@ -53,6 +54,11 @@ class ChildProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child has exited; None while it runs."""
+        return self.proc.poll()
+
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -75,8 +81,9 @@ class ChildProcess:
         return LambdaSplitError(f"{self.name} exited with status {code} before it was ready{self.recent()}")
 
     def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        """The first output line that matches `pattern`; an error at the deadline or if the child exits.
-        Output is queued for this only until it returns (`output` keeps the last lines after)."""
+        """The first output line that matches `pattern`; an error at the deadline or if the child
+        exits, the child stopped. Output is queued for this only until it returns (`output` keeps
+        the last lines after)."""
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -91,20 +98,28 @@ class ChildProcess:
                     raise self._exited()
                 if match := re.search(pattern, line):
                     return match
+        except BaseException:  # the deadline, an exit, or Ctrl-C while waiting
+            self.stop()
+            raise
         finally:
             self._waiting = False
 
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
         """Poll `ready()` (e.g. an HTTP endpoint answers) until it is true; an error at the deadline
-        or if the child exits first."""
+        or if the child exits first, the child stopped."""
         deadline = time.monotonic() + timeout
-        while not ready():
-            if self.proc.poll() is not None:
-                raise self._exited()
-            if time.monotonic() >= deadline:
-                raise LambdaSplitError(f"{self.name} did not start within {timeout:g} s{self.recent()}")
-            time.sleep(POLL_INTERVAL)
-        self._waiting = False
+        try:
+            while not ready():
+                if self.proc.poll() is not None:
+                    raise self._exited()
+                if time.monotonic() >= deadline:
+                    raise LambdaSplitError(f"{self.name} did not start within {timeout:g} s{self.recent()}")
+                time.sleep(POLL_INTERVAL)
+        except BaseException:  # the deadline, an exit, or Ctrl-C while waiting
+            self.stop()
+            raise
+        finally:
+            self._waiting = False
 
     def stop(self, grace: float = 10.0) -> int:
         """SIGINT, then SIGTERM, then SIGKILL, each given `grace` seconds; the exit status (and

@@ -20,9 +20,5 @@ class ServerProcess(ChildProcess):
         # `command` replaces `python -m lambdasplit.cli serve` (tests use it to stand in a silent child).
         argv = [*(command or [sys.executable, "-m", "lambdasplit.cli", "serve"]), *self.args]
         super().__init__(argv, name="the body server", env=child_env(), on_line=on_line)
-        try:
-            self.url = self.wait_for_line(r"listening on (wss?://\S+)", timeout).group(1)
-        except BaseException:
-            self.kill()
-            raise
+        self.url = self.wait_for_line(r"listening on (wss?://\S+)", timeout).group(1)
         self.port = int(self.url.rsplit(":", 1)[1])

@@ -72,6 +72,10 @@ class BodyServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
+        # The open sessions of this server's connections: `sessions_active` reads its size, so a
+        # session closed by its connection and by the reaper (in either order) counts once.
+        self._sessions: set[bytes] = set()
+        self.metrics.sessions_active.set_function(lambda: len(self._sessions))
         scheduler.on_step = self.metrics.observe_forward
         scheduler.on_refusal = self.metrics.observe_refusal
         if scheduler.pool is not None:
@@ -146,12 +150,14 @@ class BodyServer:
         idle = self.config.session_ttl + self.config.handshake_timeout
         while True:
             await asyncio.sleep(max(1.0, self.config.session_ttl / 4))
-            try:
-                closed = await asyncio.wrap_future(self.scheduler.reap(idle))
-            except LambdaSplitError:  # the compute loop has stopped: /healthz says so
-                continue
-            if closed:
-                self.metrics.sessions_active.dec(closed)
+            with contextlib.suppress(LambdaSplitError):  # the compute loop has stopped: /healthz says so
+                await self.reap(idle)
+
+    async def reap(self, idle_seconds: float) -> list[bytes]:
+        """One pass of the reaper: close the sessions idle for longer than `idle_seconds`; their ids."""
+        closed = await asyncio.wrap_future(self.scheduler.reap(idle_seconds))
+        self._sessions.difference_update(closed)
+        return closed
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         """Plain HTTP: health and metrics; the body endpoint requires the bearer token."""
@@ -204,10 +210,13 @@ class BodyServer:
             await self._end_session(opened)
 
     async def _end_session(self, opened: list[bytes]) -> None:
-        """Close the connection's session, once."""
+        """Close the connection's session, once (a no-op in the scheduler if the reaper was first)."""
         if opened:
-            await asyncio.wrap_future(self.scheduler.close_session(opened.pop()))
-            self.metrics.sessions_active.dec()
+            session = opened.pop()
+            try:
+                await asyncio.wrap_future(self.scheduler.close_session(session))
+            finally:
+                self._sessions.discard(session)
 
     async def _refuse(self, ws: ServerConnection, exc: Exception, session: bytes | None) -> None:
         code = _code(exc)
@@ -238,24 +247,24 @@ class BodyServer:
         if hello.get("protocol") != PROTOCOL:
             raise WireError(f"protocol {hello.get('protocol')!r} is not supported; this server speaks {PROTOCOL}")
         theirs = self.scheduler.parse_manifest(hello.get("manifest") or {})
-        body, problem = self.scheduler.body_for(theirs)
+        body_index, problem = self.scheduler.body_for(theirs)
         if problem:
             self.metrics.sessions_refused.inc()
             raise MismatchError(f"the device's parts do not match this server's body: {problem}")
         Codec.parse(str(hello.get("codec", "fp32")))
         try:
-            session = await asyncio.wrap_future(self.scheduler.open_session(body))
+            session = await asyncio.wrap_future(self.scheduler.open_session(body_index))
         except LambdaSplitError:
             self.metrics.sessions_refused.inc()
             raise
         opened.append(session)
+        self._sessions.add(session)
         self.metrics.sessions_total.inc()
-        self.metrics.sessions_active.inc()
         limits = self.scheduler.limits
         welcome = {
             "protocol": PROTOCOL,
             "session": session.hex(),
-            "manifest": self.scheduler.bodies[body].manifest.as_dict(),
+            "manifest": self.scheduler.bodies[body_index].manifest.as_dict(),
             "limits": {
                 "max_context": limits.max_context,
                 "max_batch": limits.max_batch,

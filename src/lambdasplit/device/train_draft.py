@@ -16,6 +16,10 @@ parts: the MLP width is chosen to fit) and is recorded. A time budget (`max_minu
 run into generation, training and measurement, each stopping gracefully at its share.
 
     lambdasplit train-draft --model SRC --split K,M --out DIR [--device cuda] [--max-minutes M]
+
+Why one file over 500 lines: it is one command's pipeline (data, training, held-out measurement)
+under one time budget and one cache key; the head itself (`draft.py`) and the prompts
+(`draft_prompts.py`) are apart, and each stage here is a function of its own.
 """
 
 from __future__ import annotations

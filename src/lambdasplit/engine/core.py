@@ -6,8 +6,8 @@ the scheduler, its compute thread and the model run in a child process started w
 cannot be used after `fork`). They talk over one `multiprocessing` pipe of raw byte messages, never
 pickled:
 
-    front end -> engine   op (1 byte) | request id (8) | body
-    engine -> front end   kind (1)    | request id (8) | body
+    front end -> engine   op (1 byte) | request id (8) | payload
+    engine -> front end   kind (1)    | request id (8) | payload
 
 A HIDDEN frame crosses as its own wire bytes (the front end has already validated it against the
 same limits), its reply comes back as wire bytes, ready to send. Control calls (open, close,
@@ -54,10 +54,10 @@ READY_TIMEOUT = 900.0  # seconds a model may take to load (a 7B body from a slow
 class Op(IntEnum):
     """What the front end asks of the engine."""
 
-    SUBMIT = 1  # body: session id (16) + frame bytes
-    OPEN = 2  # body: JSON {"body": index}
-    CLOSE = 3  # body: session id
-    REAP = 4  # body: JSON {"idle": seconds}
+    SUBMIT = 1  # payload: session id (16) + frame bytes
+    OPEN = 2  # payload: JSON {"body": index}
+    CLOSE = 3  # payload: session id
+    REAP = 4  # payload: JSON {"idle": seconds}
     SHUTDOWN = 5
 
 
@@ -65,7 +65,7 @@ class Kind(IntEnum):
     """What the engine sends back."""
 
     FRAME = 1  # RESULT header + reply frame bytes (or none)
-    VALUE = 2  # JSON value (open: session id hex; reap: count)
+    VALUE = 2  # JSON value (open: session id hex; reap: the closed session ids, hex)
     ERROR = 3  # JSON {"type", "message", "retry_after"}
     STEP = 4  # JSON StepStats
     REFUSAL = 5  # JSON reason
@@ -161,23 +161,23 @@ class _EngineLoop:
             self.outbox.put(None)
             writer.join(timeout=5)
 
-    def _dispatch(self, op: Op, request: int, body: memoryview) -> None:
+    def _dispatch(self, op: Op, request: int, payload: memoryview) -> None:
         scheduler = self.scheduler
         try:
             if op == Op.SUBMIT:
-                frame = self.parse(bytes(body[16:]), self.limits)
-                future = scheduler.submit(bytes(body[:16]), frame)
+                frame = self.parse(bytes(payload[16:]), self.limits)
+                future = scheduler.submit(bytes(payload[:16]), frame)
                 future.add_done_callback(lambda f: self._frame_result(request, f))
                 return
             if op == Op.OPEN:
-                future = scheduler.open_session(json.loads(bytes(body))["body"])
+                future = scheduler.open_session(json.loads(bytes(payload))["body"])
                 future.add_done_callback(lambda f: self._value_result(request, f, bytes.hex))
             elif op == Op.CLOSE:
-                future = scheduler.close_session(bytes(body))
+                future = scheduler.close_session(bytes(payload))
                 future.add_done_callback(lambda f: self._value_result(request, f, lambda _: None))
             elif op == Op.REAP:
-                future = scheduler.reap(json.loads(bytes(body))["idle"])
-                future.add_done_callback(lambda f: self._value_result(request, f, int))
+                future = scheduler.reap(json.loads(bytes(payload))["idle"])
+                future.add_done_callback(lambda f: self._value_result(request, f, lambda ids: [s.hex() for s in ids]))
         except Exception as exc:  # noqa: BLE001 - a refused request fails alone
             self._send(Kind.ERROR, request, _json(_error_dict(exc)))
 
@@ -202,8 +202,8 @@ class _EngineLoop:
         while not self.stopping.wait(HEARTBEAT_SECONDS):
             self._send(Kind.HEARTBEAT, 0, _json(self.scheduler.health.problem()))
 
-    def _send(self, kind: Kind, request: int, body: bytes) -> None:
-        self.outbox.put(HEADER.pack(kind, request) + body)
+    def _send(self, kind: Kind, request: int, payload: bytes) -> None:
+        self.outbox.put(HEADER.pack(kind, request) + payload)
 
     def _write(self) -> None:
         """Send what is queued; the replies a step completes together leave in one write."""
@@ -274,11 +274,11 @@ class EngineClient:
                 raise LambdaSplitError(f"the engine process did not load the model within {READY_TIMEOUT:.0f} s")
         message = ours.recv_bytes()
         kind, _ = HEADER.unpack_from(message)
-        body = json.loads(message[HEADER.size:])
+        answer = json.loads(message[HEADER.size:])
         if kind == Kind.FAILED:
             process.join(timeout=10)
-            raise _error_from(body)
-        return cls(process, ours, body)
+            raise _error_from(answer)
+        return cls(process, ours, answer)
 
     # the scheduler's interface
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
@@ -289,15 +289,16 @@ class EngineClient:
     def parse_manifest(self, data: dict) -> Any:
         return type(self.manifest).from_dict(data)
 
-    def open_session(self, body: int = 0) -> Future[bytes]:
-        future = self._request(Op.OPEN, _json({"body": body}), "open")
+    def open_session(self, body_index: int = 0) -> Future[bytes]:
+        future = self._request(Op.OPEN, _json({"body": body_index}), "open")
         return _chain(future, bytes.fromhex)
 
     def close_session(self, session_id: bytes) -> Future[None]:
         return self._request(Op.CLOSE, session_id, "close")
 
-    def reap(self, idle_seconds: float) -> Future[int]:
-        return self._request(Op.REAP, _json({"idle": idle_seconds}), "reap")
+    def reap(self, idle_seconds: float) -> Future[list[bytes]]:
+        future = self._request(Op.REAP, _json({"idle": idle_seconds}), "reap")
+        return _chain(future, lambda ids: [bytes.fromhex(s) for s in ids])
 
     def submit(self, session_id: bytes, frame: Any) -> Future[tuple[EncodedReply | None, float]]:
         return self._request(Op.SUBMIT, session_id + frame.to_bytes(), "frame")
@@ -332,7 +333,7 @@ class EngineClient:
         self._fail_all("the body server is shutting down")
 
     # plumbing
-    def _request(self, op: Op, body: bytes, what: str) -> Future:
+    def _request(self, op: Op, payload: bytes, what: str) -> Future:
         future: Future = Future()
         with self._lock:
             if self._dead is not None:
@@ -341,7 +342,7 @@ class EngineClient:
             self._next += 1
             self._pending[self._next] = (future, what)
             try:
-                self.conn.send_bytes(HEADER.pack(op, self._next) + body)
+                self.conn.send_bytes(HEADER.pack(op, self._next) + payload)
             except (OSError, ValueError) as exc:
                 del self._pending[self._next]
                 future.set_exception(ComputeError(f"the engine process is gone ({type(exc).__name__})"))
@@ -353,43 +354,43 @@ class EngineClient:
                 message = self.conn.recv_bytes()
             except (EOFError, OSError):
                 break
-            for kind, request, body in _unbatch(memoryview(message)):
+            for kind, request, payload in _unbatch(memoryview(message)):
                 try:
-                    self._deliver(kind, request, body)
+                    self._deliver(kind, request, payload)
                 except Exception:  # noqa: BLE001 - a metrics callback must not stop the replies
                     log.exception("handling a message from the engine process")
         self.process.join(timeout=2)  # for its exit status
         self._fail_all(f"the engine process stopped (exit status {self.process.exitcode})")
 
-    def _deliver(self, kind: Kind, request: int, body: memoryview) -> None:
+    def _deliver(self, kind: Kind, request: int, payload: memoryview) -> None:
         if kind == Kind.HEARTBEAT:
-            self._problem, self._beat = json.loads(bytes(body)), time.monotonic()
+            self._problem, self._beat = json.loads(bytes(payload)), time.monotonic()
             return
         if kind == Kind.STEP:
             if self.on_step is not None:
                 from lambdasplit.engine.scheduler import StepStats
 
-                fields = json.loads(bytes(body))
+                fields = json.loads(bytes(payload))
                 fields["queue_waits"] = tuple(fields["queue_waits"])
                 self.on_step(StepStats(**fields))
             return
         if kind == Kind.REFUSAL:
             if self.on_refusal is not None:
-                self.on_refusal(json.loads(bytes(body)))
+                self.on_refusal(json.loads(bytes(payload)))
             return
         with self._lock:
             future, _ = self._pending.pop(request, (None, ""))
         if future is None or future.done():
             return
         if kind == Kind.ERROR:
-            future.set_exception(_error_from(json.loads(bytes(body))))
+            future.set_exception(_error_from(json.loads(bytes(payload))))
         elif kind == Kind.VALUE:
-            future.set_result(json.loads(bytes(body)))
+            future.set_result(json.loads(bytes(payload)))
         elif kind == Kind.FRAME:
-            seconds, has_reply = RESULT.unpack_from(body)
+            seconds, has_reply = RESULT.unpack_from(payload)
             reply = None
             if has_reply:
-                data = bytes(body[RESULT.size:])
+                data = bytes(payload[RESULT.size:])
                 reply = EncodedReply(data, _shape(data))
             future.set_result((reply, seconds))
 

@@ -4,6 +4,10 @@ It knows frames and tensors but nothing of the transport: the server (or an in-p
 hands it frames and awaits the replies. All session state is touched only on the compute thread,
 so there is no locking. A body is anything with `manifest`, `open(session_id, limits)` and
 `memory_probe()`: the text `TextBody` and the diffusion `UNetBody` alike.
+
+Why one file over 500 lines: it is one class whose methods share the compute thread's state
+(frame queues, active works, KV claims, the step planned ahead) without locks; what does not need
+that state already lives beside it (`session.py`, `step.py`, `kvpool.py`, `frames.py`, `health.py`).
 """
 
 from __future__ import annotations
@@ -171,15 +175,17 @@ class BodyScheduler:
         """The device's manifest from its HELLO, parsed by the hosted manifest's own class."""
         return type(self.manifest).from_peer(data)
 
-    def open_session(self, body: int = 0) -> Future[bytes]:
-        return self._call(self._open, body)
+    def open_session(self, body_index: int = 0) -> Future[bytes]:
+        """A new session on `bodies[body_index]` (the one `body_for` chose); its id."""
+        return self._call(self._open, body_index)
 
     def close_session(self, session_id: bytes) -> Future[None]:
         """Close a session (after its loop has stopped there is nothing left to close: resolves at once)."""
         return self._call(self._forget, session_id, noop_when_closed=True)
 
-    def reap(self, idle_seconds: float) -> Future[int]:
-        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections)."""
+    def reap(self, idle_seconds: float) -> Future[list[bytes]]:
+        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections);
+        the ids it closed, so the transport knows which of its sessions are gone."""
         return self._call(self._reap, idle_seconds)
 
     def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
@@ -299,7 +305,7 @@ class BodyScheduler:
                 return
             self._wake.wait(timeout=left)
 
-    def _open(self, body: int) -> bytes:
+    def _open(self, body_index: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
             self._refused("sessions")
             raise CapacityError(
@@ -308,7 +314,7 @@ class BodyScheduler:
             )
         self._check_memory(0, "a new session")
         session_id = secrets.token_bytes(16)
-        self.sessions[session_id] = self.bodies[body].open(session_id, self.limits.session(), self.pool)
+        self.sessions[session_id] = self.bodies[body_index].open(session_id, self.limits.session(), self.pool)
         self._last_used[session_id] = time.monotonic()
         log.info("session %s opened (%d active)", session_id.hex()[:8], len(self.sessions))
         return session_id
@@ -329,13 +335,13 @@ class BodyScheduler:
         self._preempted.pop(session_id, None)
         self._close(session_id)
 
-    def _reap(self, idle_seconds: float) -> int:
+    def _reap(self, idle_seconds: float) -> list[bytes]:
         now = time.monotonic()
         stale = [s for s, t in self._last_used.items() if now - t > idle_seconds and s not in self._active]
         for session_id in stale:
             log.warning("session %s idle for over %.0f s; closed", session_id.hex()[:8], idle_seconds)
             self._close(session_id)
-        return len(stale)
+        return stale
 
     def _refused(self, reason: str) -> None:
         if self.on_refusal is not None:
