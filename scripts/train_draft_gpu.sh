@@ -12,8 +12,8 @@
 # validation and held-out acceptance), $OUT/train.log, and $OUT/eval.json (tokens per round trip on
 # the held-out chat set: plain vs prompt lookup vs the new head, greedy, identical tokens asserted).
 # --quick: a few prompts and tokens on the CPU, to check the whole path in a minute or two.
-# Knobs (environment): TRAIN_MINUTES (5.5: train-draft's --max-minutes), GEN_BATCH (256 prompts
-# answered at once), EVAL_MINUTES (1.5), STAGE=all|train|eval (eval: measure $HEAD, default $OUT/head, only, so a
+# Knobs (environment): TRAIN_MINUTES (5.3: train-draft's --max-minutes), GEN_BATCH (768 prompts
+# answered at once), EVAL_MINUTES (2.7), STAGE=all|train|eval (eval: measure $HEAD, default $OUT/head, only, so a
 # longer training and a longer evaluation can each take one call of the machine).
 set -euo pipefail
 : "${OUT:?set OUT to the output directory}"
@@ -50,9 +50,9 @@ if [ "${1:-}" = "--quick" ]; then
   EVAL=(--limit 1 --new-tokens 16 --max-minutes 2)
 else
   DEVICE=cuda
-  TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-256}" --batch 32
-         --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.5}")
-  EVAL=(--new-tokens 128 --max-minutes "${EVAL_MINUTES:-1.5}")
+  TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-768}" --batch 32
+         --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.3}")
+  EVAL=(--new-tokens 128 --max-minutes "${EVAL_MINUTES:-2.7}")
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 fi
 

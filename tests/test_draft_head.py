@@ -170,6 +170,36 @@ def test_a_spent_time_budget_stops_generation_and_training_gracefully(llama):
     assert result["epochs"] == 1 and result["best_epoch"] == 1 and set(result["history"][0]) == {"epoch", "loss", "depth1", "depth2"}
 
 
+def test_the_second_epoch_plans_again_when_the_first_was_slow(llama, monkeypatch):
+    """A first epoch 5x slower than the rest (allocator, kernel warm-up on a GPU) must not cut the
+    run to what the first epoch's pace would fit: on a clock where epoch 1 takes 10 s, later ones
+    2 s and the budget is 20 s, training runs 6 epochs (1 + 1 + 8 s / 2 s), not 2."""
+    from types import SimpleNamespace
+
+    from lambdasplit.device import train_draft as module
+
+    model = oracle(llama)
+    tokenizer = AutoTokenizer.from_pretrained(str(llama))
+    settings = TrainSettings(epochs=50, max_new_tokens=8, gen_batch=2, batch=2, draft_vocab=256)
+    samples = answer(model, tokenizer, PROMPTS[:4], settings, "test")
+    vocab = draft_vocabulary(samples, settings.draft_vocab, [0])
+    head = DraftHead(model.config, 64, vocab)
+    objective = Objective(model.get_input_embeddings(), model.get_output_embeddings().weight[vocab].detach(),
+                          torch.tensor(1.0), settings, torch.device("cpu"))
+    clock = {"now": 0.0, "batches": 0}
+    batch_loss = module._batch_loss
+
+    def timed(*args):  # two batches per epoch: 5 s each in the first epoch, 1 s after
+        clock["now"] += 5.0 if clock["batches"] < 2 else 1.0
+        clock["batches"] += 1
+        return batch_loss(*args)
+
+    monkeypatch.setattr(module, "_batch_loss", timed)
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    result = train(head, samples[:3], samples[3:], objective, deadline=20.0)
+    assert result["epochs"] == 6 and clock["now"] == 20.0
+
+
 def test_eval_script_counts_round_trips_and_checks_tokens_against_plain_decoding(llama, trained, tmp_path):
     """scripts/eval_draft.py (what scripts/train_draft_gpu.sh runs after training), on the CPU."""
     out = tmp_path / "eval.json"

@@ -215,7 +215,7 @@ def train(head: DraftHead, samples: list[Sample], validation: list[Sample], obje
     """AdamW with warmup and a cosine schedule; after each epoch, the depth-1 and depth-2 top-1
     agreement with the model on the validation answers, keeping the best epoch's weights. When the
     time budget will not fit the planned epochs, the first epoch's duration shortens the plan (the
-    schedule still ends at zero)."""
+    schedule still ends at zero); the second epoch plans again, since the first is slower."""
     settings = objective.settings
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -230,7 +230,7 @@ def train(head: DraftHead, samples: list[Sample], validation: list[Sample], obje
     rng = random.Random(settings.seed)
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    epoch = 0
+    epoch, fastest = 0, math.inf
     while epoch < plan["epochs"]:
         began = time.monotonic()
         rng.shuffle(batches)
@@ -256,8 +256,9 @@ def train(head: DraftHead, samples: list[Sample], validation: list[Sample], obje
         if best is None or score > best[0]:
             best = (score, copy.deepcopy(head.state_dict()))
         left = deadline - time.monotonic()
-        if epoch == 1 and deadline < math.inf:
-            plan["epochs"] = max(1, min(plan["epochs"], 1 + int(left // (time.monotonic() - began))))
+        fastest = min(fastest, time.monotonic() - began)
+        if epoch <= 2 and deadline < math.inf:  # the first epoch is slow (allocator, kernels): plan again after the second
+            plan["epochs"] = max(epoch, min(settings.epochs, epoch + int(left // fastest)))
         elif left <= 0 and epoch < plan["epochs"]:
             progress.info("the time budget for training is spent after %d epochs", epoch)
             break
