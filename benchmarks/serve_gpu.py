@@ -10,7 +10,7 @@ bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16
    it: 1, 8, 64 and 256 concurrent sessions (each level run once unmeasured first, so the CUDA
    graphs it needs are captured outside the measurement), then an open-loop arrival rate; the
    server's own step count and forward seconds per run from /metrics. Then 64 sessions against
-   servers with one setting changed (`--engine-process`, `--no-uvloop`, `--step-wait 0`, `--no-async-schedule`).
+   servers with one setting changed (`--engine-process`, `--no-uvloop`, `--step-wait 0`, `--async-schedule`).
 4. End to end, one session: the device parts on the same GPU, the body over loopback, against
    unsplit batch-1 `generate()`, alternated.
 5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
@@ -368,7 +368,7 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
         payload["ablations"] = {
             name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
             for name, args in (("default", ()), ("--engine-process", ("--engine-process",)), ("--no-uvloop", ("--no-uvloop",)),
-                               ("--step-wait 0", ("--step-wait", "0")), ("--no-async-schedule", ("--no-async-schedule",)))
+                               ("--step-wait 0", ("--step-wait", "0")), ("--async-schedule", ("--async-schedule",)))
         }
         write(NAME, payload)
     if "e2e" in parts:

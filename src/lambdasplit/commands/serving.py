@@ -87,10 +87,11 @@ def serve(
         help="Milliseconds the next batched step waits, from its first frame, for the sessions the last step "
              "answered to send their next frame (fewer, fuller steps; 0: start on whatever has arrived).",
     )] = defaults.STEP_WAIT_SECONDS * 1000,
-    async_schedule: Annotated[bool | None, typer.Option(
+    async_schedule: Annotated[bool, typer.Option(
         "--async-schedule/--no-async-schedule",
-        help="Plan the next batched step while the device runs this one (default: on a GPU, not on the CPU).",
-    )] = None,
+        help="Plan the next batched step while the device runs this one (opt-in: not yet measured on a GPU; "
+             "on the CPU it only delays replies).",
+    )] = False,
     stall_timeout: Annotated[float, typer.Option(
         "--stall-timeout", callback=check_positive,
         help="Seconds the compute loop may spend in one step before /healthz answers 503 (a wedged engine).",
