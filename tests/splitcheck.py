@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lambdasplit.device.generation import GenerationResult
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
@@ -35,9 +35,9 @@ def trim(ids: list[int], eos: list[int]) -> list[int]:
 
 def compare(
     source: Path | str, split: tuple[int, int], input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-    new_tokens: int = 12, allow_shallow: bool = False, device: SplitDevice | None = None,
+    new_tokens: int = 12, allow_shallow: bool = False, device: SplitRuntime | None = None,
 ) -> Comparison:
-    device = device or SplitDevice.load(source, split, allow_shallow=allow_shallow)
+    device = device or SplitRuntime.load(source, split, allow_shallow=allow_shallow)
     body = load_local_body(source, split, codec=Codec.FP32, allow_shallow=allow_shallow)
     result = device.generate_ids(body, input_ids, mask, SamplingParams(max_new_tokens=new_tokens), keep_logits=True)
     model = oracle(Path(source) if source else device.opened.checkpoint.path)

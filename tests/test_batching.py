@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.loading import load_scheduler
@@ -109,7 +109,7 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
     server = ThreadServer(bodies, SchedulerLimits(step_tokens=4))
     steps = []
     server.scheduler.on_step = lambda stats, record=server.scheduler.on_step: (steps.append(stats), record(stats))
-    devices = [SplitDevice.load(llama, (2, 2)) for _ in prompts]
+    devices = [SplitRuntime.load(llama, (2, 2)) for _ in prompts]
     results: dict[int, list[int]] = {}
     logits: dict[int, torch.Tensor] = {}
     reconnects: dict[int, int] = {}
@@ -156,7 +156,7 @@ def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
     ids = [1, 504, 3458, 282, 4649, 314, 253, 2030, 30]
     out = oracle(llama).generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
     server = ThreadServer(bodies, SchedulerLimits(max_frame_positions=4))
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
     result = device.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
     body.close()
@@ -179,7 +179,7 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
     config = body.runner.config
     per_block = block_bytes(body.layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
                             torch.float32)
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     reference = LocalBody(BodyScheduler(bodies), Codec.FP32)
     with ThreadServer(bodies, SchedulerLimits(kv_pool_bytes=7 * per_block, kv_wait=0.5)) as server:
         assert server.scheduler.pool.usable_blocks == 5
@@ -209,7 +209,7 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
 
 
 def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies, llama):
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(bodies, SchedulerLimits(step_tokens=8, max_context=4096)) as server:  # past the tiny model's 256
         steps = []
         server.scheduler.on_step = steps.append
@@ -230,7 +230,7 @@ def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies,
 
 
 def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodies, llama):
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     expected = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, IDS.shape[1]:].tolist()
     with ThreadServer(bodies, SchedulerLimits(max_context=4096)) as server:  # the flood runs past the tiny model's 256
         stalled, stalled_id = raw_session(server, device)
@@ -259,7 +259,7 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
 
 def test_a_prefill_with_more_rows_than_the_step_budget_still_runs(bodies, llama):
     """16 rows against --step-tokens 8: each step gives the prefill at least one position per row."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
         ws, session = raw_session(server, device)
         ws.send(hidden_frame(session, 1, 16, 5).to_bytes())

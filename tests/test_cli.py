@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from tests.conftest import oracle
 
 CLI = [sys.executable, "-m", "lambdasplit.cli"]
@@ -30,7 +30,7 @@ def test_generate_json_matches_unsplit_generate(smollm2_dir, split):
     k = out["split"]["head"][1]
     assert k == int(split.split(",")[0]) if "-" not in split else 1 <= k <= 6
     assert out["split"] == {"layers": 30, "head": [0, k], "body": [k, 30 - m], "tail": [30 - m, 30]}
-    device = SplitDevice.load(None, (k, m))
+    device = SplitRuntime.load(None, (k, m))
     ids, _ = device.encode(prompt)
     assert out["prompt_token_ids"] == ids[0].tolist()
     ref = oracle(smollm2_dir).generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -48,7 +48,7 @@ def test_generate_streams_plain_text(smollm2_dir):
 
 def test_raw_prompt_skips_the_chat_template(smollm2_dir):
     out = json.loads(run("generate", "The capital of France is", "--raw", "--json", "-n", "4").stdout)
-    device = SplitDevice.load(None, (2, 2))
+    device = SplitRuntime.load(None, (2, 2))
     assert out["prompt_token_ids"] == device.tokenizer("The capital of France is")["input_ids"]
 
 

@@ -177,19 +177,19 @@ def test_gguf_tensor_bar_is_ours_and_restored(capsys):
 
 
 def test_warning_when_the_tokenizer_has_no_chat_template(capsys):
-    """On a real SplitDevice (the check once read an attribute the device no longer had, so it never warned)."""
+    """On a real SplitRuntime (the check once read an attribute the device no longer had, so it never warned)."""
     import copy
 
     from lambdasplit.commands.options import warn_without_chat_template
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.tokens import PromptTokenizer
 
-    device = SplitDevice.load(None, (2, 2))
+    device = SplitRuntime.load(None, (2, 2))
     warn_without_chat_template(device)
     assert capsys.readouterr().err == ""
     untemplated = copy.deepcopy(device.tokenizer)
     untemplated.chat_template = None
-    warn_without_chat_template(SplitDevice(device.model, PromptTokenizer(device.opened, untemplated)))
+    warn_without_chat_template(SplitRuntime(device.model, PromptTokenizer(device.opened, untemplated)))
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"{device.opened.checkpoint.path.name} has no chat template; prompts are sent raw" in err

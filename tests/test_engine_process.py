@@ -15,7 +15,7 @@ import torch
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.core import EngineClient, _error_dict, _error_from
 from lambdasplit.engine.loading import load_scheduler
@@ -30,7 +30,7 @@ IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
 
 @pytest.fixture(scope="module")
 def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+    return SplitRuntime.load(llama, (2, 2))
 
 
 def _health(url: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -25,7 +25,7 @@ PROMPTS = [IDS, torch.tensor([[1, 2030, 30, 282]]), torch.tensor([[1, 253, 2030,
 
 def test_hostile_frames_are_all_answered_and_never_touch_a_victim_session(llama, caplog):
     bodies = load_scheduler(str(llama), (2, 2)).bodies
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8, ignore_eos=True)
     local = LocalBody(BodyScheduler(bodies), Codec.FP32)
     expected = [device.generate_ids(local, ids, None, options).token_ids[0] for ids in PROMPTS]

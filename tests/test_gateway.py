@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import OpenAIPenalties, SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import (
@@ -86,7 +86,7 @@ def _client(url: str, **kw) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def device(smollm2_dir):
-    return SplitDevice.load(None, (2, 2))
+    return SplitRuntime.load(None, (2, 2))
 
 
 @pytest.fixture(scope="module")

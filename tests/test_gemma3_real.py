@@ -2,7 +2,7 @@
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from tests.splitcheck import compare
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ def gemma_gguf():
 
 @pytest.mark.parametrize("split", [(1, 1), (6, 6), (9, 8), (16, 1)])
 def test_gemma3_matches_generate(gemma_gguf, split):
-    device = SplitDevice.load(gemma_gguf, split)
+    device = SplitRuntime.load(gemma_gguf, split)
     assert device.config.model_type == "gemma3_text" and device.config.num_hidden_layers == 18
     ids, mask = device.encode(["The capital of France is", "Water boils at a temperature of"])
     assert (mask == 0).any()

@@ -5,14 +5,14 @@ import threading
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import LocalBody, load_local_body
 from tests.conftest import oracle
 
 
 def _pair(source, split=(2, 2)):
-    return SplitDevice.load(source, split), load_local_body(source, split)
+    return SplitRuntime.load(source, split), load_local_body(source, split)
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(tiny_models):
@@ -127,7 +127,7 @@ def test_the_detokenizer_gives_the_whole_decode_piece_by_piece(smollm2_dir, deco
     holding a multi-byte character until it is complete; `flush` gives one cut short by the end."""
     from lambdasplit.device.textstream import Detokenizer
 
-    tokenizer = SplitDevice.load(None, (1, 1)).tokenizer
+    tokenizer = SplitRuntime.load(None, (1, 1)).tokenizer
     text = "Héllo wörld 日本語 😀, done."
     ids = tokenizer.encode(text, add_special_tokens=False)
     detokenizer = Detokenizer(tokenizer, decode_stream)

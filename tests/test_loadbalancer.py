@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import AuthError
 from scripts.failover import Cluster, haproxy_command, run_trial, unsplit_tokens
@@ -19,8 +19,8 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def device(llama) -> SplitDevice:
-    return SplitDevice.load(llama, (2, 2))
+def device(llama) -> SplitRuntime:
+    return SplitRuntime.load(llama, (2, 2))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, TextIteratorStreamer, pipeline
 
 from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
@@ -94,7 +94,7 @@ def test_generate_through_a_real_server_equals_the_unsplit_model(llama, tokenize
     load = load_local_body(str(llama), (2, 2))
     server = ThreadServer(load.scheduler.bodies)
     try:
-        device = SplitDevice.load(llama, (2, 2))
+        device = SplitRuntime.load(llama, (2, 2))
         body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
         model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
         inputs = tokenizer(["The capital of France is", "Paris"], return_tensors="pt", padding=True)
@@ -118,7 +118,7 @@ def test_a_continued_cache_sends_only_the_new_positions_and_gives_the_fresh_toke
     KV, sends only its new positions, and gives the tokens a fresh run over the whole history gives."""
     from lambdasplit.device.sampling import SamplingParams
 
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     body, fresh_body = load_local_body(str(llama), (2, 2)), load_local_body(str(llama), (2, 2))
     first = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     cache = device.model.new_cache(body)

@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
@@ -37,7 +37,7 @@ def server(llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+    return SplitRuntime.load(llama, (2, 2))
 
 
 def remote(device, url, **kwargs) -> RemoteBody:
@@ -77,7 +77,7 @@ def test_missing_or_wrong_token_is_refused(server, device, token, needle):
 
 
 def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
-    other = SplitDevice.load(llama, (1, 1))
+    other = SplitRuntime.load(llama, (1, 1))
     body = remote(other, server.url)
     with pytest.raises(MismatchError, match="do not match"):
         other.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
@@ -135,7 +135,7 @@ def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
 
     def run(i: int) -> None:
         try:
-            dev = SplitDevice.load(llama, (2, 2))  # each device has its own head/tail caches
+            dev = SplitRuntime.load(llama, (2, 2))  # each device has its own head/tail caches
             body = remote(dev, server.url)
             results[i] = dev.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=10)).token_ids
             body.close()
@@ -211,7 +211,7 @@ def test_max_sessions_refuses_with_a_clear_error(llama, device):
         device.generate_ids(first, IDS, None, SamplingParams(max_new_tokens=2))
         second = remote(device, proc.url, token=None, reconnect_window=1.0)
         with pytest.raises(CapacityError, match="limit of 1 sessions"):
-            SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
+            SplitRuntime.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
                 second, IDS, None, SamplingParams(max_new_tokens=2)
             )
         first.close()
@@ -269,12 +269,12 @@ def test_exported_parts_on_both_sides(llama, tmp_path):
     from lambdasplit.split.export import export_parts
 
     parts = export_parts(llama, (2, 2), tmp_path)
-    device = SplitDevice.load(parts["device"])
+    device = SplitRuntime.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
         body = remote(device, proc.url, token=None)
         result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)
+    assert result.token_ids == local_ids(SplitRuntime.load(llama, (2, 2)), llama, n=10)
 
 
 def test_randomised_split_server_hosts_every_k_in_its_range(llama):
@@ -285,12 +285,12 @@ def test_randomised_split_server_hosts_every_k_in_its_range(llama):
     with ServerProcess("--model", str(llama), "--split", "1-3,2") as proc:
         assert "or from 3 per session" in "".join(proc.output)
         for k in (1, 2, 3):
-            device = SplitDevice.load(llama, (k, 2))
+            device = SplitRuntime.load(llama, (k, 2))
             body = remote(device, proc.url, token=None)
             result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8))
             body.close()
             assert result.token_ids[0] == want, k
-        outside = SplitDevice.load(llama, (4, 1))  # (4, 2) would leave no body at all
+        outside = SplitRuntime.load(llama, (4, 1))  # (4, 2) would leave no body at all
         with pytest.raises(LambdaSplitError, match="starting at layers 1, 2, 3"):
             remote(outside, proc.url, token=None).forward(outside.head(IDS))
 

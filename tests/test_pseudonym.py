@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
@@ -87,7 +87,7 @@ def test_streamed_restoration_equals_whole_restoration(detector):
 def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, detector):
     """The curious cloud's vocabulary matching recovers the prompt it was sent exactly, and that prompt
     holds the stand-ins, not one real identifier."""
-    device = SplitDevice.load(llama, (1, 2))
+    device = SplitRuntime.load(llama, (1, 2))
     attacker = Attacker(open_source(llama, None, allow_shallow=True), budget=49152)
     matcher = attacker.matcher(1)
     matcher.tol, matcher.patience = 1e-6, 10**9  # a random tiny model ranks some true tokens low: search until an exact match
@@ -104,7 +104,7 @@ def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, d
 
 
 def test_real_row_under_decoys_equals_the_undefended_output(llama, detector):
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
     options = SamplingParams(max_new_tokens=12)
     base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(messages), None, options)
@@ -134,7 +134,7 @@ def test_decoy_rows_keep_their_stand_ins_across_turns(detector):
 def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, detector):
     """The cloud saw every row's first answer; in the second turn each row's history must be that
     row's own, or the one row whose history matches what it generated is the real one."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8)
     for protection in (Protection(decoys=3, seed=2), Protection(pseudonymize=True, decoys=3, seed=2)):
         chat = ProtectedChat(device, protection, detector)
@@ -154,7 +154,7 @@ def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, de
 def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
     """`generate --stop` under pseudonymisation: the stop names what the user reads (a real name the
     model never writes); the answer is cut there and, without decoys, generation ends there."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
     chat = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector)
     full = chat.generate(load_local_body(llama, (2, 2)), messages, SamplingParams(max_new_tokens=12))
@@ -169,7 +169,7 @@ def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
 
 
 def test_decoy_cost_scales_bytes_with_rows(llama):
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),
                       SamplingParams(max_new_tokens=4))
     assert [c["rows"] for c in cost] == [1, 4]
@@ -185,7 +185,7 @@ def test_the_ui_pseudonymises_and_shows_what_the_cloud_can_recover(llama):
 
     from lambdasplit.ui.app import create_ui
 
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     ui = create_ui(device, lambda: load_local_body(str(llama), (2, 2)), {"model": "tiny"}, protection=Protection(True, 1, seed=3))
     prompt = "Write to John Smith at john.smith@example.com about his invoice."
     with TestClient(ui) as client:

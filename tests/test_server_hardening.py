@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 from lambdasplit import defaults
 from lambdasplit.cloud.server import BodyServer, ServerConfig
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -49,7 +49,7 @@ def bodies(llama):
 
 @pytest.fixture(scope="module")
 def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+    return SplitRuntime.load(llama, (2, 2))
 
 
 @pytest.fixture(scope="module")

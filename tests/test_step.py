@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.loading import load_scheduler
@@ -103,7 +103,7 @@ def test_sessions_survive_a_failed_step_and_their_tokens_equal_unsplit_generate(
     mlp = bodies[0].runner.module.layers[-1].mlp
     fault = FailOnce(mlp.forward, at=6)
     monkeypatch.setattr(mlp, "forward", fault)
-    devices = [SplitDevice.load(llama, (2, 2)) for _ in PROMPTS]
+    devices = [SplitRuntime.load(llama, (2, 2)) for _ in PROMPTS]
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 

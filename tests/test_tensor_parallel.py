@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.parallel import TensorParallel
 from lambdasplit.errors import LambdaSplitError
@@ -43,7 +43,7 @@ def _expected(llama, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
 def test_concurrent_sessions_on_two_ranks_equal_the_unsplit_model(llama, tp_server):
     """Three sessions at once (batched steps, prefill with decodes), then a fourth after they closed
     (their blocks were zeroed on both ranks): greedy tokens and logits equal unsplit generate()."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     results: dict[int, tuple[list[int], torch.Tensor]] = {}
 
     def run(i: int, ids: list[int]) -> None:
@@ -68,7 +68,7 @@ def test_concurrent_sessions_on_two_ranks_equal_the_unsplit_model(llama, tp_serv
 def test_speculative_crops_are_mirrored_to_every_rank(llama, tp_server):
     """Prompt lookup drafts, the tail rejects some, CROP truncates (and zeroes) the KV on rank 0's
     pool and, through the next step, on rank 1's: the output equals plain greedy decoding."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     ids = device.tokenizer([REPEAT], return_tensors="pt")["input_ids"]
     body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
     fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, speculate="prompt-lookup"))
@@ -90,7 +90,7 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     its sliding masks from the mirrored slot validity, so a sequence longer than the window equals
     the unsplit model."""
     mistral = tiny_models["mistral"]
-    device = SplitDevice.load(mistral, (2, 2))
+    device = SplitRuntime.load(mistral, (2, 2))
     with ServerProcess("--model", str(mistral), "--split", "2,2", "--tensor-parallel", "2", "--kv-pool", "8") as proc:
         body = RemoteBody(proc.url, device.manifest, Codec.FP32)
         result = device.generate_ids(body, torch.tensor([PROMPTS[2]]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
@@ -101,7 +101,7 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     torch.testing.assert_close(result.logits[:, 0], logits, atol=1e-4, rtol=0)
 
 
-def _hostile(url: str, device: SplitDevice, frame: bytes) -> dict:
+def _hostile(url: str, device: SplitRuntime, frame: bytes) -> dict:
     """One raw session that sends `frame` after HELLO: the server's ERROR frame, decoded."""
     with connect(url + BODY_PATH, compression=None, open_timeout=10) as ws:
         ws.send(control_frame(MsgType.HELLO, {"protocol": 1, "manifest": device.manifest.as_dict(), "codec": "fp32"}).to_bytes())
@@ -115,7 +115,7 @@ def _hostile(url: str, device: SplitDevice, frame: bytes) -> dict:
 def test_hostile_frames_get_errors_and_leave_every_rank_serving_exactly(llama, tp_server):
     """NaN, a wrong width and garbage are refused on rank 0 before any step is mirrored; a session
     afterwards still equals the unsplit model on both ranks."""
-    device = SplitDevice.load(llama, (2, 2))
+    device = SplitRuntime.load(llama, (2, 2))
     width = device.manifest.hidden_size
     nan = torch.full((1, 3, width), float("nan"))
     bad = {
