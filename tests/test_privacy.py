@@ -30,11 +30,11 @@ def attacker(model) -> Attacker:
 
 
 def _capture(model, split, noise=None, new_tokens=8):
-    device = SplitRuntime.load(model, split)
+    runtime = SplitRuntime.load(model, split)
     body = load_local_body(model, split)
     body.uplink_defense = noise
     body.captured = []
-    result = device.generate_ids(body, PROMPT, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    result = runtime.generate_ids(body, PROMPT, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return observe(body.captured), result.token_ids[0]
 
 

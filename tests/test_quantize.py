@@ -98,16 +98,16 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
     assert dtypes["model.layers.0.mlp.up_proj.weight"] == "U8"  # two 4-bit values per byte
     assert dtypes["model.embed_tokens.weight"] == "I8"  # int4 parts keep the tied embedding / LM head int8
     assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"
-    device = SplitRuntime.load(device_dir)
-    assert device.manifest.quantize == "int4"
-    assert isinstance(device.head.module.layers[0].mlp.up_proj, QuantizedLinear)
-    assert isinstance(device.head.module.embed_tokens, QuantizedEmbedding)
-    assert isinstance(device.tail.module.lm_head, QuantizedLinear)
+    runtime = SplitRuntime.load(device_dir)
+    assert runtime.manifest.quantize == "int4"
+    assert isinstance(runtime.head.module.layers[0].mlp.up_proj, QuantizedLinear)
+    assert isinstance(runtime.head.module.embed_tokens, QuantizedEmbedding)
+    assert isinstance(runtime.tail.module.lm_head, QuantizedLinear)
     # The same weights quantized at load give the same tokens as the export.
     on_load = SplitRuntime.load(llama, (2, 2), quantize="int4")
     body = load_local_body(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8)
-    exported = device.generate_ids(body, IDS, None, options).token_ids
+    exported = runtime.generate_ids(body, IDS, None, options).token_ids
     assert exported == on_load.generate_ids(body, IDS, None, options).token_ids
 
 
@@ -115,12 +115,12 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
 def test_a_server_generates_for_a_quantized_device(parts, request):
     """The CI check of issue 25: the body server (float32, unchanged) serves an int4 / gguf-exact device part."""
     parts = request.getfixturevalue(parts)
-    device = SplitRuntime.load(parts["device"])
+    runtime = SplitRuntime.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
-        body = RemoteBody(proc.url, device.manifest, connect_timeout=30.0)
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
+        body = RemoteBody(proc.url, runtime.manifest, connect_timeout=30.0)
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    local = device.generate_ids(load_local_body(str(parts["cloud"])), IDS, None, SamplingParams(max_new_tokens=10))
+    local = runtime.generate_ids(load_local_body(str(parts["cloud"])), IDS, None, SamplingParams(max_new_tokens=10))
     assert len(result.token_ids[0]) == 10 and result.token_ids == local.token_ids
 
 
@@ -131,8 +131,8 @@ def test_logits_stay_close_to_float32(llama):
     quantized = SplitRuntime.load(llama, (2, 2), quantize="int8")
     body = load_local_body(llama, (2, 2))
     logits = []
-    for device in (reference, quantized):
-        model = device.model
+    for runtime in (reference, quantized):
+        model = runtime.model
         logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
     assert (logits[0] - logits[1]).abs().max() < 0.2 * logits[0].std()
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
@@ -172,9 +172,9 @@ def test_a_gguf_exports_in_bfloat16_by_default(tmp_path):
     assert PartManifest.read(parts["device"]).dtype == "bfloat16" == PartManifest.read(parts["cloud"]).dtype
     with safe_open(str(parts["cloud"] / "model.safetensors"), framework="pt") as handle:
         assert handle.get_slice("model.layers.1.mlp.up_proj.weight").get_dtype() == "BF16"
-    device = SplitRuntime.load(parts["device"])
-    ids, _ = device.encode("The capital of France is", raw=True)
-    assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, SamplingParams(max_new_tokens=4)).token_ids[0]) == 4
+    runtime = SplitRuntime.load(parts["device"])
+    ids, _ = runtime.encode("The capital of France is", raw=True)
+    assert len(runtime.generate_ids(load_local_body(str(parts["cloud"])), ids, None, SamplingParams(max_new_tokens=4)).token_ids[0]) == 4
 
 
 def test_cli_generate_quantizes_the_device(llama):
@@ -182,9 +182,9 @@ def test_cli_generate_quantizes_the_device(llama):
     cmd = [sys.executable, "-m", "lambdasplit.cli", "generate", "--model", str(llama), "--split", "2,2", "--quantize", "int8",
            "-n", "6", "--json", "--raw", "Hello there"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
-    device = SplitRuntime.load(llama, (2, 2), quantize="int8")
-    ids, _ = device.encode("Hello there", raw=True)
-    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, SamplingParams(max_new_tokens=6)).token_ids
+    runtime = SplitRuntime.load(llama, (2, 2), quantize="int8")
+    ids, _ = runtime.encode("Hello there", raw=True)
+    expected = runtime.generate_ids(load_local_body(llama, (2, 2)), ids, None, SamplingParams(max_new_tokens=6)).token_ids
     assert out["token_ids"] == expected[0]
 
 
@@ -212,8 +212,8 @@ def test_from_pretrained_quantizes_the_device(llama):
     model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), quantize="int4")
     assert isinstance(model.tail.module.lm_head, QuantizedLinear)
     out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
-    device = SplitRuntime.load(llama, (2, 2), quantize="int4")
-    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids
+    runtime = SplitRuntime.load(llama, (2, 2), quantize="int4")
+    assert [out] == runtime.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids
 
 
 # gguf-exact: a GGUF's own blocks of 32, recovered from the dequantized float32 weights.
@@ -280,9 +280,9 @@ def test_gguf_exact_gives_the_float32_splits_tokens(gguf_llama, exact_parts):
     options = SamplingParams(max_new_tokens=24)
     expected = reference.generate_ids(body, IDS, None, options).token_ids
     logits = []
-    for device in (reference, on_load, exported):
-        assert device is reference or device.generate_ids(body, IDS, None, options).token_ids == expected
-        model = device.model
+    for runtime in (reference, on_load, exported):
+        assert runtime is reference or runtime.generate_ids(body, IDS, None, options).token_ids == expected
+        model = runtime.model
         logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
     assert (logits[1] - logits[0]).abs().max() < 1e-4 * logits[0].abs().max()  # float32 sums in another order
 
