@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import environment, write
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import SourceError
@@ -30,21 +30,21 @@ PROMPTS = Path(__file__).parent / "prompts" / "heldout.json"
 log = logging.getLogger(__name__)
 
 
-def greedy(device: SplitDevice, body: BodyClient, prompts: list[str], new_tokens: int, batch: int) -> list[list[int]]:
+def greedy(runtime: SplitRuntime, body: BodyClient, prompts: list[str], new_tokens: int, batch: int) -> list[list[int]]:
     """Greedy token ids per prompt, in left-padded batches of `batch`."""
     rows: list[list[int]] = []
     for start in range(0, len(prompts), batch):
-        result = device.generate(body, prompts[start:start + batch], SamplingParams(max_new_tokens=new_tokens))
+        result = runtime.generate(body, prompts[start:start + batch], SamplingParams(max_new_tokens=new_tokens))
         rows.extend(result.token_ids)
     return rows
 
 
 @torch.inference_mode()
-def argmaxes(device: SplitDevice, body: BodyClient, prompt: str, continuation: list[int]) -> torch.Tensor:
+def argmaxes(runtime: SplitRuntime, body: BodyClient, prompt: str, continuation: list[int]) -> torch.Tensor:
     """The argmax after each prefix of prompt + continuation[:-1], in one teacher-forced forward."""
-    ids, _ = device.encode(prompt)
+    ids, _ = runtime.encode(prompt)
     full = torch.cat([ids, torch.tensor([continuation[:-1]], dtype=ids.dtype)], dim=1)
-    model = device.model
+    model = runtime.model
     logits = model(full, past_key_values=model.new_cache(body)).logits
     return logits[0, ids.shape[1] - 1:].argmax(-1)
 
@@ -52,7 +52,7 @@ def argmaxes(device: SplitDevice, body: BodyClient, prompt: str, continuation: l
 def compare(source: str | None, split: tuple[int, int], schemes: list[str], prompts: list[str], new_tokens: int,
             batch: int) -> dict:
     body = load_local_body(source, split)
-    reference = SplitDevice.load(source, split)
+    reference = SplitRuntime.load(source, split)
     start = time.perf_counter()
     expected = greedy(reference, body, prompts, new_tokens, batch)
     ref_top1 = [argmaxes(reference, body, p, row) for p, row in zip(prompts, expected, strict=True) if len(row) > 1]
@@ -60,15 +60,15 @@ def compare(source: str | None, split: tuple[int, int], schemes: list[str], prom
               "float32_seconds": round(time.perf_counter() - start, 1), "schemes": {}}
     for scheme in schemes:
         try:
-            device = (SplitDevice.load(source, split, dtype=scheme) if scheme == "bfloat16"
-                      else SplitDevice.load(source, split, quantize=scheme))
+            runtime = (SplitRuntime.load(source, split, dtype=scheme) if scheme == "bfloat16"
+                      else SplitRuntime.load(source, split, quantize=scheme))
         except SourceError as exc:
             result["schemes"][scheme] = {"refused": str(exc)}
             log.info("%s %s refused: %s", source or "default", scheme, exc)
             continue
-        got = greedy(device, body, prompts, new_tokens, batch)
+        got = greedy(runtime, body, prompts, new_tokens, batch)
         firsts = [_first_difference(a, b) for a, b in zip(expected, got, strict=True)]
-        top1 = [argmaxes(device, body, p, row) for p, row in zip(prompts, expected, strict=True) if len(row) > 1]
+        top1 = [argmaxes(runtime, body, p, row) for p, row in zip(prompts, expected, strict=True) if len(row) > 1]
         agree = sum(int((a == b).sum()) for a, b in zip(top1, ref_top1, strict=True))
         positions = sum(len(a) for a in ref_top1)
         diverged = [f for f in firsts if f is not None]

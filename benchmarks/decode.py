@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.common import Run
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 
 
@@ -61,14 +61,14 @@ def unsplit_run(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **ge
 
 
 def split_run(
-    device: SplitDevice, body: BodyClient, ids: torch.Tensor, new_tokens: int,
+    runtime: SplitRuntime, body: BodyClient, ids: torch.Tensor, new_tokens: int,
     body_compute: Callable[[], tuple[float, int]] | None = None,
 ) -> Callable[[], Run]:
     """`body_compute` returns (seconds, steps) of body compute so far (from the server's metrics)."""
 
     def run() -> Run:
         before = body_compute() if body_compute else None
-        result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        result = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         t = result.timings
         steps = t.steps[1:]
         n = len(steps)
@@ -114,34 +114,34 @@ def metrics_reader(url: str, token: str | None = None) -> Callable[[], tuple[flo
     return read
 
 
-def concurrent_run(devices: list[SplitDevice], bodies: list[BodyClient], ids: torch.Tensor, new_tokens: int) -> dict:
+def concurrent_run(runtimes: list[SplitRuntime], bodies: list[BodyClient], ids: torch.Tensor, new_tokens: int) -> dict:
     """All devices generate at once against one server: aggregate and per-session decode rates."""
     rates: list[float] = []
     lock = threading.Lock()
 
-    def one(device: SplitDevice, body: BodyClient) -> None:
-        result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    def one(runtime: SplitRuntime, body: BodyClient) -> None:
+        result = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         with lock:
             rates.append(result.timings.tokens_per_second)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=one, args=pair) for pair in zip(devices, bodies, strict=False)]
+    threads = [threading.Thread(target=one, args=pair) for pair in zip(runtimes, bodies, strict=False)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
     return {
-        "sessions": len(devices),
-        "aggregate_tok_s": len(devices) * ids.shape[0] * new_tokens / wall,
+        "sessions": len(runtimes),
+        "aggregate_tok_s": len(runtimes) * ids.shape[0] * new_tokens / wall,
         "per_session_tok_s_median": statistics.median(rates),
         "per_session_tok_s_min": min(rates),
     }
 
 
-def kv_bytes_per_session(device: SplitDevice, positions: int, itemsize: int) -> int:
+def kv_bytes_per_session(runtime: SplitRuntime, positions: int, itemsize: int) -> int:
     """Body KV cache for one sequence of `positions`: 2 x layers x kv_heads x head_dim x positions."""
-    config = device.config
-    start, stop = device.spec.range("body")
+    config = runtime.config
+    start, stop = runtime.spec.range("body")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * (stop - start) * config.num_key_value_heads * head_dim * positions * itemsize

@@ -5,7 +5,7 @@ Models: the embedded SmolLM2-135M (real weights, split 2,2) and Llama-2-7B- and 
 with seeded random weights (split 1,1; for gguf-exact, random values already on the embedded GGUF's
 grids: Q4_1 projections, Q8_0 embeddings and LM head). Only the device parts are ever built: the random ones are
 generated tensor by tensor from the shapes of a meta-device model, written as an exported device part
-(the same `write_part` and manifest as `lambdasplit export`), and loaded with `SplitDevice.load` in a
+(the same `write_part` and manifest as `lambdasplit export`), and loaded with `SplitRuntime.load` in a
 fresh process per precision, so the resident memory is that of a device process and nothing else.
 Decode feeds the head's output straight to the tail (the body's time is the cloud's, not the device's).
 """
@@ -108,27 +108,27 @@ def measure(directory: str, tokens: int) -> dict:
     """In this (fresh) process: load the device part, then decode `tokens` positions after a prompt."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
 
     config = AutoConfig.from_pretrained(str(Path(directory) / PART_CONFIG_NAME))  # config.json is a stub
     AutoModelForCausalLM._model_mapping[type(config)]  # the model's module, imported now
     base = _rss()  # the runtime: Python, torch, transformers, lambdasplit and the model's classes
     start = time.perf_counter()
-    device = SplitDevice.load(directory)
+    runtime = SplitRuntime.load(directory)
     load_s = time.perf_counter() - start
     loaded = _rss()
-    lm_head = _Clock(device.tail.module.lm_head)
-    vocab = device.config.vocab_size
+    lm_head = _Clock(runtime.tail.module.lm_head)
+    vocab = runtime.config.vocab_size
     ids = torch.randint(vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     head_s = tail_s = 0.0
     with torch.inference_mode():
-        logits = device.tail(device.head(ids), logits_to_keep=1)
+        logits = runtime.tail(runtime.head(ids), logits_to_keep=1)
         lm_head.total = 0.0
         for _ in range(tokens):
             t0 = time.perf_counter()
-            hidden = device.head(logits[:, -1:].argmax(-1))
+            hidden = runtime.head(logits[:, -1:].argmax(-1))
             t1 = time.perf_counter()
-            logits = device.tail(hidden, logits_to_keep=1)
+            logits = runtime.tail(hidden, logits_to_keep=1)
             head_s, tail_s = head_s + t1 - t0, tail_s + time.perf_counter() - t1
     ms = 1000 / tokens
     return {

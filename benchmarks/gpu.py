@@ -22,7 +22,7 @@ from benchmarks.common import alternate, environment, summarize, write
 from benchmarks.decode import concurrent_run, kv_bytes_per_session, metrics_reader, split_run, unsplit_run
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.connect import BodyConfig, connect_body
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 
@@ -100,18 +100,18 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
         row: dict = {}
         args = ("--model", str(path), "--split", split, "--device", "cuda", "--dtype", "bfloat16", "--max-context", "4096")
         with ServerProcess(*args, timeout=600) as server:
-            device = SplitDevice.load(path, (k, m), "bfloat16", device="cuda")
-            row["device_param_bytes"] = param_bytes(device.head.module, device.tail.module)
+            runtime = SplitRuntime.load(path, (k, m), "bfloat16", device="cuda")
+            row["device_param_bytes"] = param_bytes(runtime.head.module, runtime.tail.module)
             row["device_vs_unsplit_memory"] = row["device_param_bytes"] / out["unsplit_param_bytes"]
-            row["cloud_kv_bytes_per_session_192_positions"] = kv_bytes_per_session(device, 192, 2)
+            row["cloud_kv_bytes_per_session_192_positions"] = kv_bytes_per_session(runtime, 192, 2)
             local = load_local_body(str(path), (k, m), "bfloat16", device="cuda", codec=Codec.BF16)
-            remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
+            remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), runtime.manifest)
             compute = metrics_reader(server.url)
             for batch, ids in prompts.items():
                 candidates = {
                     "unsplit_generate": unsplit_run(unsplit, ids, new_tokens),
-                    "split_gpu_in_process": split_run(device, local, ids, new_tokens),
-                    "split_gpu_loopback_bf16": split_run(device, remote, ids, new_tokens, compute),
+                    "split_gpu_in_process": split_run(runtime, local, ids, new_tokens),
+                    "split_gpu_loopback_bf16": split_run(runtime, remote, ids, new_tokens, compute),
                 }
                 runs = alternate(candidates, reps)
                 summary = {n: summarize(r) for n, r in runs.items()}
@@ -125,7 +125,7 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
             del local
             gc.collect()
             torch.cuda.empty_cache()
-            host = SplitDevice.load(path, (k, m), "bfloat16", device="cpu")
+            host = SplitRuntime.load(path, (k, m), "bfloat16", device="cpu")
             host_body = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), host.manifest)
             host_runs = [split_run(host, host_body, prompts[1], 32, compute)() for _ in range(2)]
             row["device_on_host_cpu_batch1"] = summarize(host_runs[1:])
@@ -134,14 +134,14 @@ def run_model(name: str, reps: int, new_tokens: int) -> dict:
             if (k, m) == (1, 1):
                 row["concurrency"] = []
                 for n in (1, 4, 16):
-                    devices = [device] * n  # generate() gives each call its own caches
-                    bodies = [connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest) for _ in range(n)]
-                    row["concurrency"].append(concurrent_run(devices, bodies, prompts[1], 64))
+                    runtimes = [runtime] * n  # generate() gives each call its own caches
+                    bodies = [connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), runtime.manifest) for _ in range(n)]
+                    row["concurrency"].append(concurrent_run(runtimes, bodies, prompts[1], 64))
                     for body in bodies:
                         body.close()
                     print(f"[{name} {split}] concurrency {row['concurrency'][-1]}", flush=True)
             remote.close()
-            del device, host
+            del runtime, host
             gc.collect()
             torch.cuda.empty_cache()
         out["splits"][split] = row

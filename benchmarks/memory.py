@@ -9,7 +9,7 @@ import sys
 _SCRIPT = r"""
 import json, re, sys, psutil, torch, transformers
 import transformers.models.llama.modeling_llama
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 kind, source, split = sys.argv[1], sys.argv[2], tuple(int(x) for x in sys.argv[3].split(","))
 ids = torch.arange(1, 65)[None]
 base = psutil.Process().memory_info().rss

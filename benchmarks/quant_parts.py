@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.agreement import PROMPTS, argmaxes, greedy
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.engine.local import load_local_body
 
 SPLIT = (2, 2)
@@ -84,16 +84,16 @@ def _set(module: nn.Module, grid: Callable[[torch.Tensor], torch.Tensor]) -> Non
     module.weight = nn.Parameter(grid(module.weight.detach().float()), requires_grad=False)  # untied from the other table
 
 
-def apply(device: SplitDevice, variant: str) -> None:
+def apply(runtime: SplitRuntime, variant: str) -> None:
     """Round or swap the parts that `variant` names (see the module docstring)."""
     for item in variant.split("+"):
         part, _, how = item.partition(":")
         if part == "emb":
-            _set(device.head.module.embed_tokens, GRIDS[how])
+            _set(runtime.head.module.embed_tokens, GRIDS[how])
         elif part == "lm":
-            _set(device.tail.module.lm_head, GRIDS[how])
+            _set(runtime.tail.module.lm_head, GRIDS[how])
         elif part == "layers":
-            for module in (device.head.module, device.tail.module):
+            for module in (runtime.head.module, runtime.tail.module):
                 for name, child in list(module.named_modules()):
                     if not isinstance(child, nn.Linear) or name.endswith("lm_head"):
                         continue
@@ -105,13 +105,13 @@ def apply(device: SplitDevice, variant: str) -> None:
                         _set(child, GRIDS[how])
 
 
-def load(variant: str) -> SplitDevice:
+def load(variant: str) -> SplitRuntime:
     if variant.startswith("real-"):
-        return SplitDevice.load(None, SPLIT, quantize=variant[5:])
-    device = SplitDevice.load(None, SPLIT, dtype="bfloat16" if variant == "bf16" else None)
+        return SplitRuntime.load(None, SPLIT, quantize=variant[5:])
+    runtime = SplitRuntime.load(None, SPLIT, dtype="bfloat16" if variant == "bf16" else None)
     if variant != "bf16":
-        apply(device, variant)
-    return device
+        apply(runtime, variant)
+    return runtime
 
 
 def main() -> None:
@@ -121,12 +121,12 @@ def main() -> None:
     args = parser.parse_args()
     prompts = json.loads(PROMPTS.read_text())[: args.prompts]
     body = load_local_body(None, SPLIT)
-    reference = greedy(SplitDevice.load(None, SPLIT), body, prompts, 64, 8)
+    reference = greedy(SplitRuntime.load(None, SPLIT), body, prompts, 64, 8)
     for variant in args.variants:
-        start, device = time.perf_counter(), load(variant)
+        start, runtime = time.perf_counter(), load(variant)
         identical = agree = positions = 0
         for prompt, row in zip(prompts, reference, strict=True):
-            same = argmaxes(device, body, prompt, row + [0])[: len(row)] == torch.tensor(row)
+            same = argmaxes(runtime, body, prompt, row + [0])[: len(row)] == torch.tensor(row)
             identical += bool(same.all())
             agree, positions = agree + int(same.sum()), positions + len(row)
         sys.stdout.write(f"| {variant} | {identical}/{len(prompts)} ({identical / len(prompts):.1%}) | "

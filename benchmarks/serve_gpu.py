@@ -283,18 +283,18 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     """Greedy tokens and states of `devices` sessions run together against each run alone."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
-    device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
+    runtime = SplitRuntime.load(path, (1, 1), "bfloat16", device=DEVICE)
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, device.config.vocab_size, (1, prompt + 3 * i), generator=gen) for i in range(devices)]
+    prompts = [torch.randint(3, runtime.config.vocab_size, (1, prompt + 3 * i), generator=gen) for i in range(devices)]
     args = ["--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16", "--kv-pool", "8192"]
     with ServerProcess(*args, timeout=600) as server:
         def run(i: int, results: dict) -> None:
-            body = _Recorder(connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest))
-            out = device.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+            body = _Recorder(connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), runtime.manifest))
+            out = runtime.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
                                       keep_logits=True)
             body.close()
             results[i] = (out.token_ids[0], torch.stack(body.hidden), out.logits[:, 0].float().cpu())
@@ -400,17 +400,17 @@ def end_to_end(path, unsplit, prompt: int, steps: int) -> dict:
     batch-1 generate(), eager and static cache + compile, alternated."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.wire.codec import Codec
 
     with ServerProcess("--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16",
                        "--kv-pool", "4096", timeout=600) as server:
-        device = SplitDevice.load(path, (1, 1), "bfloat16", device=DEVICE)
-        remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), device.manifest)
+        runtime = SplitRuntime.load(path, (1, 1), "bfloat16", device=DEVICE)
+        remote = connect_body(BodyConfig(server.url, codec=Codec.BF16, timeout=300), runtime.manifest)
         ids = torch.randint(3, SHAPES["llama2-7b"]["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(3))
         runs = alternate({"unsplit_generate": unsplit_run(unsplit, ids, steps),
                           "unsplit_static_compile": unsplit_run(unsplit, ids, steps, **STATIC),
-                          "split_gpu_loopback_bf16": split_run(device, remote, ids, steps)}, 3)
+                          "split_gpu_loopback_bf16": split_run(runtime, remote, ids, steps)}, 3)
         e2e = {n: summarize(r) for n, r in runs.items()}
         split_ms = e2e["split_gpu_loopback_bf16"]["per_token_ms"]["total"]
         e2e["latency_ratio_vs_unsplit"] = split_ms / e2e["unsplit_generate"]["per_token_ms"]["total"]
@@ -418,7 +418,7 @@ def end_to_end(path, unsplit, prompt: int, steps: int) -> dict:
         print(f"[e2e] ratio {e2e['latency_ratio_vs_unsplit']:.3f} vs eager, "
               f"{e2e['latency_ratio_vs_static_compile']:.3f} vs static+compile", flush=True)
         remote.close()
-        del device
+        del runtime
     return e2e
 
 

@@ -32,7 +32,7 @@ from lambdasplit.device.body import BodyClient
 from lambdasplit.device.connect import BodyConfig, connect_body
 from lambdasplit.device.draft import PROMPTS as DRAFT_PROMPTS
 from lambdasplit.device.generation import GenerationResult
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.split.sources import resolve_source
 from lambdasplit.wire.codec import Codec
@@ -45,8 +45,8 @@ def _name(mode: str | None) -> str:
     return mode or "plain"
 
 
-def _run(device: SplitDevice, body: BodyClient, ids: torch.Tensor, new_tokens: int, mode: str | None, draft: int) -> GenerationResult:
-    return device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft))
+def _run(runtime: SplitRuntime, body: BodyClient, ids: torch.Tensor, new_tokens: int, mode: str | None, draft: int) -> GenerationResult:
+    return runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft))
 
 
 def _sets(quick: bool) -> dict[str, list[str]]:
@@ -58,7 +58,7 @@ def _sets(quick: bool) -> dict[str, list[str]]:
 def run(quick: bool = False) -> dict:
     rtts = (0, 50) if quick else (0, 50, 100)
     new_tokens, draft = (32, 6) if quick else (48, 6)
-    device = SplitDevice.load(None, (2, 2))
+    runtime = SplitRuntime.load(None, (2, 2))
     sets = _sets(quick)
     payload: dict = {"suite": "speculative-cpu" + ("-quick" if quick else ""), "environment": environment(), "split": [2, 2],
                      "codec": "bf16", "new_tokens": new_tokens, "draft_tokens": draft,
@@ -68,15 +68,15 @@ def run(quick: bool = False) -> dict:
         port = int(server.url.rsplit(":", 1)[1])
         for rtt in rtts:
             with DelayProxy(port, rtt) as proxy:
-                body = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), device.manifest)
+                body = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), runtime.manifest)
                 for name, prompts in sets.items():
-                    payload["rows"].append(_measure(device, body, local if rtt == 0 else None, prompts, new_tokens, draft, rtt, name))
+                    payload["rows"].append(_measure(runtime, body, local if rtt == 0 else None, prompts, new_tokens, draft, rtt, name))
                 body.close()
     write(payload["suite"], payload)
     return payload
 
 
-def _measure(device: SplitDevice, body: BodyClient, local: torch.nn.Module | None, prompts: list[str], new_tokens: int,
+def _measure(runtime: SplitRuntime, body: BodyClient, local: torch.nn.Module | None, prompts: list[str], new_tokens: int,
              draft: int, rtt: int, name: str) -> dict:
     """One row: every prompt in every mode (interleaved, so load changes hit all modes alike)."""
     samples: dict[str, dict[str, list[float]]] = {_name(m): {"tok_s": [], "trips": [], "tokens": []} for m in MODES}
@@ -84,8 +84,8 @@ def _measure(device: SplitDevice, body: BodyClient, local: torch.nn.Module | Non
     draft_ms: list[float] = []
     identical = True
     for prompt in prompts:
-        ids = device.encode_chat([{"role": "user", "content": prompt}])
-        results = {_name(m): _run(device, body, ids, new_tokens, m, draft) for m in MODES}
+        ids = runtime.encode_chat([{"role": "user", "content": prompt}])
+        results = {_name(m): _run(runtime, body, ids, new_tokens, m, draft) for m in MODES}
         identical &= all(r.token_ids == results["plain"].token_ids for r in results.values())
         for mode, r in results.items():
             samples[mode]["tok_s"].append(len(r.token_ids[0]) / r.timings.total)

@@ -51,7 +51,7 @@ def _sync() -> None:
 
 def exact(tp: TensorParallel) -> dict | None:
     from benchmarks.gpu import build_random
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.engine.loading import follow_leader, load_scheduler
     from lambdasplit.engine.local import LocalBody
@@ -65,13 +65,13 @@ def exact(tp: TensorParallel) -> dict | None:
     limits = SchedulerLimits(kv_pool_bytes=4 << 30)
     parallel = load_scheduler(str(path), (2, 2), "bfloat16", limits=limits, tensor_parallel=tp)
     single = load_scheduler(str(path), (2, 2), "bfloat16", "cuda", limits, cuda_graphs=False)
-    device = SplitDevice.load(path, (2, 2), "bfloat16", "cuda")
+    runtime = SplitRuntime.load(path, (2, 2), "bfloat16", "cuda")
     torch.manual_seed(0)
     prompts = [torch.randint(3, 32000, (1, n)) for n in (16, 64, 200)]
     rows = []
     for ids in prompts:
-        got = device.generate_ids(LocalBody(parallel), ids, None, SamplingParams(max_new_tokens=32, ignore_eos=True), keep_logits=True)
-        ref = device.generate_ids(LocalBody(single), ids, None, SamplingParams(max_new_tokens=32, ignore_eos=True), keep_logits=True)
+        got = runtime.generate_ids(LocalBody(parallel), ids, None, SamplingParams(max_new_tokens=32, ignore_eos=True), keep_logits=True)
+        ref = runtime.generate_ids(LocalBody(single), ids, None, SamplingParams(max_new_tokens=32, ignore_eos=True), keep_logits=True)
         agree = sum(a == b for a, b in zip(got.token_ids[0], ref.token_ids[0], strict=True))
         first = next((i for i, (a, b) in enumerate(zip(got.token_ids[0], ref.token_ids[0], strict=True)) if a != b), None)
         rows.append({"prompt": ids.shape[1], "new_tokens": 32, "identical": got.token_ids == ref.token_ids,

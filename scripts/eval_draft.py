@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lambdasplit.device.draft_prompts import heldout_prompts
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
@@ -31,7 +31,7 @@ def evaluate(model: str | None, head: str, device: str, split: tuple[int, int], 
     """Per mode: tokens, round trips, tokens per round trip, decode seconds; for the head, drafted
     and accepted tokens and device ms per drafted token; the prompts whose tokens differed."""
     modes = {"plain": None, "prompt-lookup": "prompt-lookup", "draft-head": f"draft-head:{head}"}
-    split_device = SplitDevice.load(model, split, device=device)
+    runtime = SplitRuntime.load(model, split, device=device)
     body = load_local_body(model, split, device=device, codec=Codec.FP32)
     totals = {name: {"tokens": 0, "round_trips": 0, "seconds": 0.0} for name in modes}
     drafting = {"drafted": 0, "accepted": 0, "seconds": 0.0}
@@ -43,8 +43,8 @@ def evaluate(model: str | None, head: str, device: str, split: tuple[int, int], 
         for prompt in prompts:
             if time.monotonic() > deadline:
                 break
-            ids = split_device.encode_chat([{"role": "user", "content": prompt}])
-            results = {name: split_device.generate_ids(body, ids, None, SamplingParams(
+            ids = runtime.encode_chat([{"role": "user", "content": prompt}])
+            results = {name: runtime.generate_ids(body, ids, None, SamplingParams(
                 max_new_tokens=new_tokens, speculate=mode, draft_tokens=draft_tokens)) for name, mode in modes.items()}
             for name, result in results.items():
                 totals[name]["tokens"] += len(result.token_ids[0])

@@ -33,7 +33,7 @@ import torch
 from lambdasplit.child import ChildProcess
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.security import make_certificates
@@ -229,11 +229,11 @@ class Cluster:
         self.servers[index].stop()
         self.servers[index] = ServerProcess(*self.server_args(), port=port, timeout=self.start_timeout)
 
-    def device_body(self, device: SplitDevice, **kwargs: object) -> RemoteBody:
+    def device_body(self, runtime: SplitRuntime, **kwargs: object) -> RemoteBody:
         """A RemoteBody that knows only the proxy's URL; fp32 on the wire, so tokens match the unsplit model."""
         options = {"codec": Codec.FP32, "token": TOKEN, "tls_ca": self.ca, "reconnect_window": 60.0, "backoff": 0.2,
                    "connect_timeout": 30.0, **kwargs}
-        return RemoteBody(self.url, device.manifest, **options)
+        return RemoteBody(self.url, runtime.manifest, **options)
 
 
 # --- one trial ----------------------------------------------------------------------------------
@@ -258,9 +258,9 @@ def unsplit_tokens(model: Path, input_ids: torch.Tensor, new_tokens: int, eos: l
     return ids[:cut]
 
 
-def run_trial(cluster: Cluster, device: SplitDevice, input_ids: torch.Tensor, new_tokens: int, kill_after: int) -> Trial:
+def run_trial(cluster: Cluster, runtime: SplitRuntime, input_ids: torch.Tensor, new_tokens: int, kill_after: int) -> Trial:
     """Generate through the proxy and kill -9 the server the session is on after `kill_after` tokens."""
-    body = cluster.device_body(device)
+    body = cluster.device_body(runtime)
     tokens: list[int] = []
     killed: list[int] = []
     took_over: list[int] = []
@@ -276,7 +276,7 @@ def run_trial(cluster: Cluster, device: SplitDevice, input_ids: torch.Tensor, ne
 
     start = time.monotonic()
     try:
-        device.generate_ids(body, input_ids, None, SamplingParams(max_new_tokens=new_tokens), on_tokens=on_tokens)
+        runtime.generate_ids(body, input_ids, None, SamplingParams(max_new_tokens=new_tokens), on_tokens=on_tokens)
     finally:
         body.close()
     if not killed:
@@ -290,12 +290,12 @@ def kill_point(trial: int, length: int) -> int:
     return 1 + trial % max(1, length - 1)
 
 
-def run_trials(cluster: Cluster, device: SplitDevice, input_ids: torch.Tensor, expected: list[int], trials: int,
+def run_trials(cluster: Cluster, runtime: SplitRuntime, input_ids: torch.Tensor, expected: list[int], trials: int,
                report: Callable[[int, Trial, bool], None]) -> int:
     """`trials` kill trials (the kill point walks through the generation); returns how many were identical."""
     identical = 0
     for n in range(trials):
-        trial = run_trial(cluster, device, input_ids, len(expected), kill_point(n, len(expected)))
+        trial = run_trial(cluster, runtime, input_ids, len(expected), kill_point(n, len(expected)))
         same = trial.tokens == expected and trial.reconnects >= 1
         identical += same
         report(n, trial, same)
@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     from lambdasplit.split.sources import resolve_source
 
     model = args.model or resolve_source(None).path
-    device = SplitDevice.load(model, (2, 2))
-    input_ids, _ = device.encode(args.prompt)
-    expected = unsplit_tokens(model, input_ids, args.tokens, device.eos_ids)
+    runtime = SplitRuntime.load(model, (2, 2))
+    input_ids, _ = runtime.encode(args.prompt)
+    expected = unsplit_tokens(model, input_ids, args.tokens, runtime.eos_ids)
     if len(expected) < 2:
         raise LambdaSplitError(f"the model stops after {len(expected)} token(s): pick another --prompt")
     print(f"model {model}, split {SPLIT}, {len(expected)} tokens expected (unsplit transformers generate)")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{trial.reconnects} reconnect(s), "
                   f"{trial.seconds:5.1f} s, {'identical' if same else 'DIFFERENT: ' + str(trial.tokens)}", flush=True)
 
-        identical = run_trials(cluster, device, input_ids, expected, args.trials, report)
+        identical = run_trials(cluster, runtime, input_ids, expected, args.trials, report)
     print(f"{identical}/{args.trials} trials identical to the unsplit output")
     return 0 if identical == args.trials else 1
 

@@ -414,16 +414,16 @@ def main() -> int:
 
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.remote import RemoteBody
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.engine.local import load_local_body
 
     split = tuple(int(x) for x in args.split.split(","))
-    device = SplitDevice.load(args.model, split)
+    runtime = SplitRuntime.load(args.model, split)
     options = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    prompts = [device.encode(p, raw=True)[0] for p in PROMPTS]
+    prompts = [runtime.encode(p, raw=True)[0] for p in PROMPTS]
     local = load_local_body(args.model, split)
-    expected = [device.generate_ids(local, ids, None, options).token_ids[0] for ids in prompts]
+    expected = [runtime.generate_ids(local, ids, None, options).token_ids[0] for ids in prompts]
     local.scheduler.shutdown()
     problems: list[str] = []
 
@@ -433,10 +433,10 @@ def main() -> int:
 
     serve_args = ["--split", args.split, *(["--model", args.model] if args.model else []), *args.serve_arg]
     with ServerProcess(*serve_args, on_line=watch) as server:
-        body = RemoteBody(server.url, device.manifest, Codec.FP32, reconnect_window=0)
-        target = Target(server.url, None, device.manifest.as_dict(), device.manifest.hidden_size)
+        body = RemoteBody(server.url, runtime.manifest, Codec.FP32, reconnect_window=0)
+        target = Target(server.url, None, runtime.manifest.as_dict(), runtime.manifest.hidden_size)
         report = fuzz(target, args.seconds, args.connections, args.seed, args.timeout,
-                      lambda i: device.generate_ids(body, prompts[i], None, options).token_ids[0], expected)
+                      lambda i: runtime.generate_ids(body, prompts[i], None, options).token_ids[0], expected)
         body.close()
         if body.reconnects:
             report.victim_errors.append(f"the victim reconnected {body.reconnects} times")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lambdasplit.device.generation import GenerationResult
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
@@ -35,18 +35,18 @@ def trim(ids: list[int], eos: list[int]) -> list[int]:
 
 def compare(
     source: Path | str, split: tuple[int, int], input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-    new_tokens: int = 12, allow_shallow: bool = False, device: SplitDevice | None = None,
+    new_tokens: int = 12, allow_shallow: bool = False, runtime: SplitRuntime | None = None,
 ) -> Comparison:
-    device = device or SplitDevice.load(source, split, allow_shallow=allow_shallow)
+    runtime = runtime or SplitRuntime.load(source, split, allow_shallow=allow_shallow)
     body = load_local_body(source, split, codec=Codec.FP32, allow_shallow=allow_shallow)
-    result = device.generate_ids(body, input_ids, mask, SamplingParams(max_new_tokens=new_tokens), keep_logits=True)
-    model = oracle(Path(source) if source else device.opened.checkpoint.path)
+    result = runtime.generate_ids(body, input_ids, mask, SamplingParams(max_new_tokens=new_tokens), keep_logits=True)
+    model = oracle(Path(source) if source else runtime.opened.checkpoint.path)
     with torch.no_grad():
         ref = model.generate(
             input_ids, attention_mask=mask if mask is not None else torch.ones_like(input_ids),
             max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
         )
     prompt_len = input_ids.shape[1]
-    ref_ids = [trim(row[prompt_len:].tolist(), device.eos_ids) for row in ref.sequences]
+    ref_ids = [trim(row[prompt_len:].tolist(), runtime.eos_ids) for row in ref.sequences]
     steps = result.logits.shape[0]
     return Comparison(result, result.logits, ref_ids, torch.stack(ref.logits[:steps]), list(body.stats.per_step))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.loading import load_scheduler
@@ -109,7 +109,7 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
     server = ThreadServer(bodies, SchedulerLimits(step_tokens=4))
     steps = []
     server.scheduler.on_step = lambda stats, record=server.scheduler.on_step: (steps.append(stats), record(stats))
-    devices = [SplitDevice.load(llama, (2, 2)) for _ in prompts]
+    runtimes = [SplitRuntime.load(llama, (2, 2)) for _ in prompts]
     results: dict[int, list[int]] = {}
     logits: dict[int, torch.Tensor] = {}
     reconnects: dict[int, int] = {}
@@ -118,7 +118,7 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
     def run(i: int) -> None:
         if i:
             started[i - 1].wait(30)  # staggered starts
-        body = RemoteBody(server.url, devices[i].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+        body = RemoteBody(server.url, runtimes[i].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
         tokens: list[int] = []
 
         def on_tokens(step: list[list[int]]) -> None:
@@ -127,7 +127,7 @@ def test_concurrent_sessions_batch_and_each_equals_unsplit_generate(llama, bodie
             if i == 2 and len(tokens) == 5:
                 body._ws.close()  # the connection drops mid-way: the device reconnects and replays
 
-        result = devices[i].generate_ids(body, torch.tensor([prompts[i]]), None, SamplingParams(max_new_tokens=new_tokens[i], ignore_eos=True),
+        result = runtimes[i].generate_ids(body, torch.tensor([prompts[i]]), None, SamplingParams(max_new_tokens=new_tokens[i], ignore_eos=True),
                                          on_tokens=on_tokens, keep_logits=True)
         body.close()
         results[i], logits[i], reconnects[i] = result.token_ids[0], result.logits[:, 0], body.reconnects
@@ -156,9 +156,9 @@ def test_a_prompt_longer_than_the_frame_bound_is_sent_in_chunks(llama, bodies):
     ids = [1, 504, 3458, 282, 4649, 314, 253, 2030, 30]
     out = oracle(llama).generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
     server = ThreadServer(bodies, SchedulerLimits(max_frame_positions=4))
-    device = SplitDevice.load(llama, (2, 2))
-    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    result = device.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
+    result = runtime.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
     body.close()
     assert body.max_frame_positions == 4
     assert result.token_ids == [out[0, len(ids):].tolist()]
@@ -179,14 +179,14 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
     config = body.runner.config
     per_block = block_bytes(body.layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
                             torch.float32)
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     reference = LocalBody(BodyScheduler(bodies), Codec.FP32)
     with ThreadServer(bodies, SchedulerLimits(kv_pool_bytes=7 * per_block, kv_wait=0.5)) as server:
         assert server.scheduler.pool.usable_blocks == 5
-        hog, hog_id = raw_session(server, device)
+        hog, hog_id = raw_session(server, runtime)
         hog.send(hidden_frame(hog_id, 1, 1, 40).to_bytes())  # 3 of the 5 blocks
         torch.testing.assert_close(_reply(hog, 1), reference.forward(hidden_frame(hog_id, 1, 1, 40).tensor()))
-        victim, victim_id = raw_session(server, device)
+        victim, victim_id = raw_session(server, runtime)
         start = time.monotonic()
         victim.send(hidden_frame(victim_id, 1, 1, 48).to_bytes())  # needs 3 blocks; 2 are free
         for seq in range(2, 7):  # the hog keeps decoding, exactly, while the victim waits
@@ -200,7 +200,7 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
         assert server.metric('lambdasplit_capacity_refusals_total{reason="kv"}') == 1
         hog.close()
         server.wait_metric("lambdasplit_sessions_active", 0)
-        again, again_id = raw_session(server, device)  # the hog's blocks came back, zeroed
+        again, again_id = raw_session(server, runtime)  # the hog's blocks came back, zeroed
         again.send(hidden_frame(again_id, 1, 1, 48).to_bytes())
         reference.reset()
         torch.testing.assert_close(_reply(again, 1), reference.forward(hidden_frame(again_id, 1, 1, 48).tensor()))
@@ -209,14 +209,14 @@ def test_a_session_the_kv_pool_cannot_fit_waits_then_gets_capacity_and_the_other
 
 
 def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies, llama):
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(bodies, SchedulerLimits(step_tokens=8, max_context=4096)) as server:  # past the tiny model's 256
         steps = []
         server.scheduler.on_step = steps.append
-        decoder, decoder_id = raw_session(server, device)
+        decoder, decoder_id = raw_session(server, runtime)
         decoder.send(hidden_frame(decoder_id, 1, 1, 4).to_bytes())
         _reply(decoder, 1)
-        big, big_id = raw_session(server, device)
+        big, big_id = raw_session(server, runtime)
         big.send(hidden_frame(big_id, 1, 1, 2048).to_bytes())  # 256 steps of 8 positions
         for seq in range(2, 12):
             decoder.send(hidden_frame(decoder_id, seq, 1, 1, seed=seq).to_bytes())
@@ -230,10 +230,10 @@ def test_a_huge_prompt_runs_in_chunks_while_other_sessions_keep_decoding(bodies,
 
 
 def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodies, llama):
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     expected = oracle(llama).generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, IDS.shape[1]:].tolist()
     with ThreadServer(bodies, SchedulerLimits(max_context=4096)) as server:  # the flood runs past the tiny model's 256
-        stalled, stalled_id = raw_session(server, device)
+        stalled, stalled_id = raw_session(server, runtime)
 
         def flood() -> None:  # 16 rows x 128 positions: 512 KiB replies, never read
             try:
@@ -249,8 +249,8 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
         while server.scheduler.tokens_served < 16 * 128:
             assert time.monotonic() < deadline, "the stalled client's first frame was never answered"
             time.sleep(0.01)  # polling
-        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8, ignore_eos=True))
         body.close()
         assert result.token_ids[0] == expected
         _vanish(stalled)
@@ -259,9 +259,9 @@ def test_a_client_that_never_reads_its_replies_does_not_hold_up_the_others(bodie
 
 def test_a_prefill_with_more_rows_than_the_step_budget_still_runs(bodies, llama):
     """16 rows against --step-tokens 8: each step gives the prefill at least one position per row."""
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(bodies, SchedulerLimits(step_tokens=8)) as server:
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         ws.send(hidden_frame(session, 1, 16, 5).to_bytes())
         assert _reply(ws, 1).shape == (16, 5, 64)
         ws.close()

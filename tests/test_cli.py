@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from tests.conftest import oracle
 
 CLI = [sys.executable, "-m", "lambdasplit.cli"]
@@ -30,13 +30,13 @@ def test_generate_json_matches_unsplit_generate(smollm2_dir, split):
     k = out["split"]["head"][1]
     assert k == int(split.split(",")[0]) if "-" not in split else 1 <= k <= 6
     assert out["split"] == {"layers": 30, "head": [0, k], "body": [k, 30 - m], "tail": [30 - m, 30]}
-    device = SplitDevice.load(None, (k, m))
-    ids, _ = device.encode(prompt)
+    runtime = SplitRuntime.load(None, (k, m))
+    ids, _ = runtime.encode(prompt)
     assert out["prompt_token_ids"] == ids[0].tolist()
     ref = oracle(smollm2_dir).generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-    eos = next((i + 1 for i, t in enumerate(ref) if t in device.eos_ids), len(ref))
+    eos = next((i + 1 for i, t in enumerate(ref) if t in runtime.eos_ids), len(ref))
     assert out["token_ids"] == ref[:eos]
-    assert out["text"] == device.tokenizer.decode(ref[:eos], skip_special_tokens=True)
+    assert out["text"] == runtime.tokenizer.decode(ref[:eos], skip_special_tokens=True)
     assert out["bytes"]["to_cloud"] > 0 and out["bytes"]["from_cloud"] == out["bytes"]["to_cloud"]
     assert out["timings"]["total"] > 0 and out["timings"]["tokens_per_second"] > 0
 
@@ -48,8 +48,8 @@ def test_generate_streams_plain_text(smollm2_dir):
 
 def test_raw_prompt_skips_the_chat_template(smollm2_dir):
     out = json.loads(run("generate", "The capital of France is", "--raw", "--json", "-n", "4").stdout)
-    device = SplitDevice.load(None, (2, 2))
-    assert out["prompt_token_ids"] == device.tokenizer("The capital of France is")["input_ids"]
+    runtime = SplitRuntime.load(None, (2, 2))
+    assert out["prompt_token_ids"] == runtime.tokenizer("The capital of France is")["input_ids"]
 
 
 def test_info_lists_the_parts(smollm2_dir):

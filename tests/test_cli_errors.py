@@ -177,22 +177,22 @@ def test_gguf_tensor_bar_is_ours_and_restored(capsys):
 
 
 def test_warning_when_the_tokenizer_has_no_chat_template(capsys):
-    """On a real SplitDevice (the check once read an attribute the device no longer had, so it never warned)."""
+    """On a real SplitRuntime (the check once read an attribute the device no longer had, so it never warned)."""
     import copy
 
     from lambdasplit.commands.options import warn_without_chat_template
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.tokens import PromptTokenizer
 
-    device = SplitDevice.load(None, (2, 2))
-    warn_without_chat_template(device)
+    runtime = SplitRuntime.load(None, (2, 2))
+    warn_without_chat_template(runtime)
     assert capsys.readouterr().err == ""
-    untemplated = copy.deepcopy(device.tokenizer)
+    untemplated = copy.deepcopy(runtime.tokenizer)
     untemplated.chat_template = None
-    warn_without_chat_template(SplitDevice(device.model, PromptTokenizer(device.opened, untemplated)))
+    warn_without_chat_template(SplitRuntime(runtime.model, PromptTokenizer(runtime.opened, untemplated)))
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert f"{device.opened.checkpoint.path.name} has no chat template; prompts are sent raw" in err
+    assert f"{runtime.opened.checkpoint.path.name} has no chat template; prompts are sent raw" in err
 
 
 def test_audit_progress_counts_every_unit(tmp_path, smollm2_dir):

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from lambdasplit.device import draft_prompts
 from lambdasplit.device.draft import SHIPPED, DraftHead, DraftHeadError, read_meta
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.train_draft import Objective, TrainSettings, answer, draft_vocabulary, train, train_draft
 from lambdasplit.wire.codec import Codec
@@ -60,8 +60,8 @@ def test_training_reduces_the_loss_improves_acceptance_and_writes_a_head_within_
 
 
 def test_the_tail_hands_the_draft_head_the_unsplit_models_final_features(llama, local):
-    device = SplitDevice.load(llama, (2, 2))
-    model = device.model
+    runtime = SplitRuntime.load(llama, (2, 2))
+    model = runtime.model
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     cache = model.new_cache(local)
     seen = []
@@ -74,11 +74,11 @@ def test_the_tail_hands_the_draft_head_the_unsplit_models_final_features(llama, 
 
 @pytest.mark.parametrize("where", ["in process", "server"])
 def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, local, server, trained, where):
-    device = SplitDevice.load(llama, (2, 2))
-    body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
-    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
-    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = local if where == "in process" else RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    plain = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    fast = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
                                                                   speculate=f"draft-head:{trained[0]}", draft_tokens=6))
     if where == "server":
         body.close()
@@ -93,10 +93,10 @@ def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, loca
 def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server, trained):
     """The socket drops right after the first CROP of a rejected draft: the device reconnects,
     replays (CROP included), and the tokens stay the plain ones."""
-    device = SplitDevice.load(llama, (2, 2))
-    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
-    ids = device.encode_chat([{"role": "user", "content": PROMPTS[1]}])
-    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    plain = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True))
     crop, dropped = body._crop, []
 
     def crop_then_drop(length: int) -> None:
@@ -106,7 +106,7 @@ def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server
             body._ws.close()
 
     body._crop = crop_then_drop
-    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
+    fast = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
                                                                   speculate=f"draft-head:{trained[0]}", draft_tokens=6))
     body.close()
     assert dropped and body.reconnects == 1
@@ -116,27 +116,27 @@ def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server
 def test_sampling_with_the_draft_head_gives_draft_probabilities_and_runs_exactly_at_low_temperature(llama, local, trained):
     """Speculative sampling needs q: the generator returns the draft's processed logits. At a
     temperature where sampling is argmax, the tokens are the greedy ones."""
-    device = SplitDevice.load(llama, (2, 2))
-    ids = device.encode_chat([{"role": "user", "content": PROMPTS[0]}])
-    greedy = device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    greedy = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
     options = SamplingParams(max_new_tokens=16, ignore_eos=True, greedy=False, temperature=1e-4, seed=3,
                                 speculate=f"draft-head:{trained[0]}", draft_tokens=6)
-    sampled = device.generate_ids(local, ids, None, options)
+    sampled = runtime.generate_ids(local, ids, None, options)
     assert sampled.token_ids == greedy.token_ids
     assert sampled.drafting["drafted"] > 0
 
 
 def test_a_head_for_another_model_or_a_broken_directory_is_refused(llama, local, trained, tmp_path):
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     ids = torch.tensor([[1, 504, 3458]])
     with pytest.raises(DraftHeadError, match="hidden_size 576"):
-        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate="draft-head"))
+        runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate="draft-head"))
     assert read_meta(SHIPPED)["hidden_size"] == 576
     (tmp_path / "draft_head.json").write_text("{not json")
     with pytest.raises(DraftHeadError, match="not valid JSON"):
-        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
+        runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path}"))
     with pytest.raises(DraftHeadError, match="not a draft head directory"):
-        device.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
+        runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=2, speculate=f"draft-head:{tmp_path / 'none'}"))
 
 
 def test_generated_training_prompts_are_many_distinct_deterministic_and_never_near_the_held_out_chat_set():

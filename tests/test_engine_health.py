@@ -24,7 +24,7 @@ from lambdasplit.wire.frame import DType, Frame, MsgType, parse_frame, tensor_fr
 from tests import test_server_hardening as hardening
 from tests.test_server_hardening import D, ThreadServer, expect_error, hello, hidden_frame, raw_connect, raw_session
 
-bodies, device = hardening.bodies, hardening.device  # the same module-scoped fixtures (weights loaded once per module)
+bodies, runtime = hardening.bodies, hardening.runtime  # the same module-scoped fixtures (weights loaded once per module)
 
 WAIT = 30  # seconds any poll below may take before the test fails
 
@@ -81,10 +81,10 @@ def frame(session: bytes, seq: int, length: int = 1, seed: int = 0) -> Frame:
 # ---- /healthz ------------------------------------------------------------------------------------
 
 
-def test_healthz_fails_when_the_compute_thread_dies_and_sessions_get_a_clear_error(bodies, device, monkeypatch):
+def test_healthz_fails_when_the_compute_thread_dies_and_sessions_get_a_clear_error(bodies, runtime, monkeypatch):
     with ThreadServer(bodies) as server:
         assert healthz(server) == (200, "ok\n")
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
 
         def broken() -> None:
             raise RuntimeError("injected fault outside any step")
@@ -98,14 +98,14 @@ def test_healthz_fails_when_the_compute_thread_dies_and_sessions_get_a_clear_err
         assert status == 503 and text.startswith("unhealthy: the compute loop has stopped (RuntimeError: injected")
         server.wait_metric("lambdasplit_sessions_active", 0)
         fresh = raw_connect(server)  # a new device is refused at once, with the same reason
-        fresh.send(hello(device))
+        fresh.send(hello(runtime))
         refusal = expect_error(fresh)
         assert refusal["code"] == "compute" and "compute loop has stopped" in refusal["message"]
 
 
-def test_healthz_fails_while_a_step_is_wedged_and_recovers_when_it_ends(bodies, device, gated):
+def test_healthz_fails_while_a_step_is_wedged_and_recovers_when_it_ends(bodies, runtime, gated):
     with ThreadServer(bodies, SchedulerLimits(stall_timeout=0.5)) as server:
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         health = server.scheduler.health
         opened = time.monotonic()
         poll(lambda: health.last_beat > opened + 2 * health.stall_timeout, "idle heartbeats")
@@ -232,12 +232,12 @@ def test_sound_frames_pass_the_shape_check():
         assert frame_problem(sound, D) is None, sound.type
 
 
-def test_a_hidden_frame_without_dimensions_never_fails_another_sessions_step(bodies, device, gated, caplog):
+def test_a_hidden_frame_without_dimensions_never_fails_another_sessions_step(bodies, runtime, gated, caplog):
     """It passes parsing (a bytes payload of rank 0); it used to raise IndexError inside the loop
     while another session's long prompt was half way through its chunks, failing that one too."""
     with ThreadServer(bodies, SchedulerLimits(step_tokens=4)) as server:
-        victim, victim_id = raw_session(server, device)
-        hostile, hostile_id = raw_session(server, device)
+        victim, victim_id = raw_session(server, runtime)
+        hostile, hostile_id = raw_session(server, runtime)
         sent = hidden_frame(victim_id, 1, 1, 16, seed=7)  # four steps of four positions
         victim.send(sent.to_bytes())
         assert gated.entered.wait(WAIT)  # the victim's prompt is in its first step

@@ -15,7 +15,7 @@ import torch
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.core import EngineClient, _error_dict, _error_from
 from lambdasplit.engine.loading import load_scheduler
@@ -29,8 +29,8 @@ IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
 
 
 @pytest.fixture(scope="module")
-def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+def runtime(llama):
+    return SplitRuntime.load(llama, (2, 2))
 
 
 def _health(url: str) -> tuple[int, str]:
@@ -48,20 +48,20 @@ def _engine_pid(server: ServerProcess) -> int:
     return engines[0].pid
 
 
-def test_engine_process_replies_equal_in_process(llama, device):
+def test_engine_process_replies_equal_in_process(llama, runtime):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--engine-process") as server:
         assert _health(server.url) == (200, "ok\n")
-        body = RemoteBody(server.url, device.manifest, connect_timeout=30.0)
-        ours = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10)).token_ids
+        body = RemoteBody(server.url, runtime.manifest, connect_timeout=30.0)
+        ours = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10)).token_ids
         body.close()
-    local = device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=10))
+    local = runtime.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=10))
     assert ours == local.token_ids
 
 
-def test_a_killed_engine_fails_healthz_and_the_sessions(llama, device):
+def test_a_killed_engine_fails_healthz_and_the_sessions(llama, runtime):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--engine-process") as server:
-        body = RemoteBody(server.url, device.manifest, connect_timeout=30.0, reconnect_window=1.0)
-        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
+        body = RemoteBody(server.url, runtime.manifest, connect_timeout=30.0, reconnect_window=1.0)
+        runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
         os.kill(_engine_pid(server), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while _health(server.url)[0] == 200:
@@ -70,7 +70,7 @@ def test_a_killed_engine_fails_healthz_and_the_sessions(llama, device):
         status, text = _health(server.url)
         assert status == 503 and "engine process" in text
         with pytest.raises(ComputeError, match="engine process"):
-            device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
+            runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
         assert server.returncode is None  # the front end stays up and says why it is unhealthy
 
 
@@ -84,20 +84,20 @@ def test_typed_errors_cross_the_pipe_with_their_retry_after():
     assert isinstance(_error_from({"type": "SystemExit", "message": "x"}), ComputeError)  # only our error types
 
 
-def test_engine_client_serves_a_scheduler_in_a_child(llama, device):
+def test_engine_client_serves_a_scheduler_in_a_child(llama, runtime):
     engine = EngineClient.start(load_scheduler, str(llama), (2, 2), limits=SchedulerLimits(max_sessions=1),
                                 max_frame_bytes=1 << 20)
     try:
-        assert engine.manifest.compatible_with(device.manifest) is None
-        assert engine.body_for(device.manifest) == (0, None)
+        assert engine.manifest.compatible_with(runtime.manifest) is None
+        assert engine.body_for(runtime.manifest) == (0, None)
         session = engine.open_session(0).result(timeout=60)
         with pytest.raises(CapacityError) as refused:  # the limit is enforced in the engine
             engine.open_session(0).result(timeout=60)
         assert refused.value.retry_after is not None
-        hidden = torch.randn(1, 3, device.config.hidden_size)
+        hidden = torch.randn(1, 3, runtime.config.hidden_size)
         frame = tensor_frame(MsgType.HIDDEN, hidden, Codec.FP32, session, seq=1)
         reply, seconds = engine.submit(session, frame).result(timeout=60)
-        assert reply.shape == (1, 3, device.config.hidden_size) and seconds > 0
+        assert reply.shape == (1, 3, runtime.config.hidden_size) and seconds > 0
         assert engine.health.problem() is None
         assert engine.reap(3600.0).result(timeout=60) == []  # the reaper learns which sessions it closed
         assert engine.reap(0.0).result(timeout=60) == [session]
@@ -122,7 +122,7 @@ def test_a_burst_of_replies_is_one_batch_message_read_back_in_order():
     assert [(k, r, bytes(b)) for k, r, b in single] == [(Kind.VALUE, 1, b"[1]")]
 
 
-def test_on_the_cpu_the_engine_stays_in_the_server_process_by_default(llama, device):
+def test_on_the_cpu_the_engine_stays_in_the_server_process_by_default(llama, runtime):
     """On 2 CPU cores the extra process cost 13-26% of 8 sessions' decode rate: off unless asked for."""
     with ServerProcess("--model", str(llama), "--split", "2,2") as server:
         children = psutil.Process(server.pid).children()

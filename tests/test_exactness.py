@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.wire.frame import HEADER_SIZE
 from tests.conftest import TINY
 from tests.splitcheck import compare
@@ -31,28 +31,28 @@ def test_shallow_edges_match_generate(tiny_models, model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_left_padded_batch_matches_generate(tiny_models, model_type):
-    device = SplitDevice.load(tiny_models[model_type], (2, 2))
-    ids, mask = device.encode(["Hi", "Tell me a long story about a dragon and a knight", "Paris?"])
+    runtime = SplitRuntime.load(tiny_models[model_type], (2, 2))
+    ids, mask = runtime.encode(["Hi", "Tell me a long story about a dragon and a knight", "Paris?"])
     assert (mask == 0).any(), "the batch must contain padding"
-    result = compare(tiny_models[model_type], (2, 2), ids, mask, new_tokens=8, device=device)
+    result = compare(tiny_models[model_type], (2, 2), ids, mask, new_tokens=8, runtime=runtime)
     assert result.split.token_ids == result.oracle_ids
     assert result.max_logit_error < TOL
 
 
 @pytest.mark.parametrize("split", [(2, 2), (1, 1), (1, 28), (28, 1), (15, 14), (14, 15)])
 def test_smollm2_matches_generate(smollm2_dir, split):
-    device = SplitDevice.load(None, split)
-    ids, _ = device.encode("What is the capital of France?")
-    result = compare(None, split, ids, new_tokens=16, device=device)
+    runtime = SplitRuntime.load(None, split)
+    ids, _ = runtime.encode("What is the capital of France?")
+    result = compare(None, split, ids, new_tokens=16, runtime=runtime)
     assert result.split.token_ids == result.oracle_ids
     assert result.max_logit_error < TOL
     assert "Paris" in result.split.text
 
 
 def test_smollm2_batch_matches_generate(smollm2_dir):
-    device = SplitDevice.load(None, (3, 2))
-    ids, mask = device.encode(["Name a color.", "Write one sentence about the sea and the wind."])
-    result = compare(None, (3, 2), ids, mask, new_tokens=12, device=device)
+    runtime = SplitRuntime.load(None, (3, 2))
+    ids, mask = runtime.encode(["Name a color.", "Write one sentence about the sea and the wind."])
+    result = compare(None, (3, 2), ids, mask, new_tokens=12, runtime=runtime)
     assert result.split.token_ids == result.oracle_ids
     assert result.max_logit_error < TOL
 
@@ -61,9 +61,9 @@ def test_smollm2_batch_matches_generate(smollm2_dir):
 def test_decode_step_bytes_do_not_grow(tiny_models, batch):
     """Prefill sends the prompt's h_K once; each decode step one position per row, in both directions."""
     source = tiny_models["llama"]
-    device = SplitDevice.load(source, (2, 2))
-    result = compare(source, (2, 2), PROMPT.repeat(batch, 1), new_tokens=12, device=device)
-    hidden = device.config.hidden_size
+    runtime = SplitRuntime.load(source, (2, 2))
+    result = compare(source, (2, 2), PROMPT.repeat(batch, 1), new_tokens=12, runtime=runtime)
+    hidden = runtime.config.hidden_size
     prefill = HEADER_SIZE + batch * PROMPT.shape[1] * hidden * 4
     decode = HEADER_SIZE + batch * 1 * hidden * 4
     assert result.per_step_bytes[0] == (prefill, prefill)

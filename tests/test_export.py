@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import SourceError, SplitError
@@ -56,7 +56,7 @@ def test_manifests_describe_the_split(exported):
 
 
 def test_exported_parts_reproduce_the_unsplit_model(exported, tiny_models):
-    device = SplitDevice.load(exported["device"])
+    device = SplitRuntime.load(exported["device"])
     body = load_local_body(exported["cloud"])
     ids = torch.tensor([[1, 22, 333, 4444, 5555, 66]])
     result = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=8))
@@ -64,17 +64,17 @@ def test_exported_parts_reproduce_the_unsplit_model(exported, tiny_models):
     assert result.token_ids[0] == ref[0, ids.shape[1]:].tolist()
     cloud = PartManifest.read(exported["cloud"])
     assert device.manifest.compatible_with(cloud) is None
-    other = SplitDevice.load(tiny_models["qwen2"], (1, 1)).manifest
+    other = SplitRuntime.load(tiny_models["qwen2"], (1, 1)).manifest
     assert "head" in other.compatible_with(cloud)
 
 
 def test_wrong_part_or_split_is_refused(exported):
     with pytest.raises(SourceError, match="cloud part"):
-        SplitDevice.load(exported["cloud"])
+        SplitRuntime.load(exported["cloud"])
     with pytest.raises(SourceError, match="device part"):
         load_local_body(exported["device"])
     with pytest.raises(SplitError, match="exported with split 2,1"):
-        SplitDevice.load(exported["device"], (1, 1))
+        SplitRuntime.load(exported["device"], (1, 1))
 
 
 @pytest.mark.parametrize("side", ["device", "cloud"])
@@ -102,7 +102,7 @@ def test_a_part_exported_with_the_models_config_json_still_loads(exported, tiny_
         manifest = PartManifest.read(old[side])
         manifest.files = hash_files(old[side])
         (old[side] / "manifest.json").write_text(manifest.to_json())
-    device = SplitDevice.load(old["device"])
+    device = SplitRuntime.load(old["device"])
     ids = torch.tensor([[1, 22, 333, 4444, 5555, 66]])
     result = device.generate_ids(load_local_body(old["cloud"]), ids, None, SamplingParams(max_new_tokens=8))
     ref = oracle(tiny_models["qwen2"]).generate(ids, max_new_tokens=8, do_sample=False)
@@ -123,13 +123,13 @@ PEAK_SCRIPT = """
 import re, sys, psutil, torch, transformers
 import transformers.models.llama.modeling_llama
 from lambdasplit.engine.local import LocalBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 kind, path, tokenizer_dir = sys.argv[1:]
 transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # both sides need one: not part of the comparison
 ids = torch.arange(1, 9)[None]
 base = psutil.Process().memory_info().rss
 if kind == "device":
-    device = SplitDevice.load(path)
+    device = SplitRuntime.load(path)
     device.tail(device.head(ids))  # touch every weight the device holds
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -184,7 +184,7 @@ def _plant_zeroed_layer(directory: Path, name: str = "zz-extra.safetensors") -> 
 
 
 def _tokens(device_dir, cloud_dir) -> list[int]:
-    device, body = SplitDevice.load(device_dir), load_local_body(cloud_dir)
+    device, body = SplitRuntime.load(device_dir), load_local_body(cloud_dir)
     return device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=6)).token_ids[0]
 
 
@@ -201,7 +201,7 @@ def test_planted_safetensors_in_an_exported_part_is_refused(tiny_models, tmp_pat
     stray.unlink()
     _plant_zeroed_layer(parts["device"], ".hidden.safetensors")
     with pytest.raises(SourceError, match=r"\.hidden\.safetensors: not listed"):
-        SplitDevice.load(parts["device"])
+        SplitRuntime.load(parts["device"])
 
 
 def test_modified_config_or_tokenizer_is_refused(tiny_models, tmp_path):
@@ -215,11 +215,11 @@ def test_modified_config_or_tokenizer_is_refused(tiny_models, tmp_path):
     tokenizer = parts["device"] / "tokenizer_config.json"
     tokenizer.write_text(tokenizer.read_text() + " ")
     with pytest.raises(SourceError, match=r"tokenizer_config\.json: sha256 does not match"):
-        SplitDevice.load(parts["device"])
+        SplitRuntime.load(parts["device"])
     (parts["device"] / "tokenizer.json").unlink()
     tokenizer.write_text(tokenizer.read_text()[:-1])
     with pytest.raises(SourceError, match=r"tokenizer\.json: listed in the manifest, is missing"):
-        SplitDevice.load(parts["device"])
+        SplitRuntime.load(parts["device"])
 
 
 def test_export_into_a_non_empty_directory_needs_force(tiny_models, tmp_path, reference_tokens):

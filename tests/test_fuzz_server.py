@@ -10,7 +10,7 @@ import logging
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -25,20 +25,20 @@ PROMPTS = [IDS, torch.tensor([[1, 2030, 30, 282]]), torch.tensor([[1, 253, 2030,
 
 def test_hostile_frames_are_all_answered_and_never_touch_a_victim_session(llama, caplog):
     bodies = load_scheduler(str(llama), (2, 2)).bodies
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8, ignore_eos=True)
     local = LocalBody(BodyScheduler(bodies), Codec.FP32)
-    expected = [device.generate_ids(local, ids, None, options).token_ids[0] for ids in PROMPTS]
+    expected = [runtime.generate_ids(local, ids, None, options).token_ids[0] for ids in PROMPTS]
     local.scheduler.shutdown()
     caplog.set_level(logging.WARNING)
     # Small limits, so that over-limit frames and oversized messages are cheap to send.
     limits = SchedulerLimits(max_batch=4, max_frame_positions=64, max_context=256)
     with ThreadServer(bodies, limits, max_frame_bytes=1 << 20) as server:
-        victim = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, reconnect_window=0)
+        victim = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN, reconnect_window=0)
         victim.frame_positions()  # its session opens first
-        target = Target(server.url, TOKEN, device.manifest.as_dict(), device.manifest.hidden_size)
+        target = Target(server.url, TOKEN, runtime.manifest.as_dict(), runtime.manifest.hidden_size)
         report = fuzz(target, SECONDS, connections=3, seed=21, timeout=30.0,
-                      generate=lambda i: device.generate_ids(victim, PROMPTS[i], None, options).token_ids[0],
+                      generate=lambda i: runtime.generate_ids(victim, PROMPTS[i], None, options).token_ids[0],
                       expected=expected)
         victim.close()
         server.wait_metric("lambdasplit_sessions_active", 0)

@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.body import BodyClient, TransferStats
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import OpenAIPenalties, SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import (
@@ -85,23 +85,23 @@ def _client(url: str, **kw) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def device(smollm2_dir):
-    return SplitDevice.load(None, (2, 2))
+def runtime(smollm2_dir):
+    return SplitRuntime.load(None, (2, 2))
 
 
 @pytest.fixture(scope="module")
-def stack(device):
+def stack(runtime):
     with ServerProcess("--split", "2,2") as body_server:
         # fp32 on the wire, so that answers equal the in-process split's exactly (bf16 may flip near-ties)
-        connect = lambda: RemoteBody(body_server.url, device.manifest, Codec.FP32)  # noqa: E731
+        connect = lambda: RemoteBody(body_server.url, runtime.manifest, Codec.FP32)  # noqa: E731
         # No multi-turn reuse here: these tests count the server's open sessions (reuse: the `reuse` fixture).
-        with _serving(create_app(device, connect, "smollm2", conversations=0)) as url:
-            yield SimpleNamespace(url=url, device=device, body_server=body_server, client=_client(url), connect=connect)
+        with _serving(create_app(runtime, connect, "smollm2", conversations=0)) as url:
+            yield SimpleNamespace(url=url, runtime=runtime, body_server=body_server, client=_client(url), connect=connect)
 
 
 @pytest.fixture(scope="module")
 def gateway(stack):
-    return stack.client, stack.device
+    return stack.client, stack.runtime
 
 
 def _metrics(body_server) -> dict[str, float]:
@@ -123,12 +123,12 @@ def _local_body():
     return _LOCAL[0]
 
 
-def _expected(device, ids, n):
-    return device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n))
+def _expected(runtime, ids, n):
+    return runtime.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n))
 
 
-def _ids(device, prompt):
-    return device.tokenizer(prompt, return_tensors="pt")["input_ids"]
+def _ids(runtime, prompt):
+    return runtime.tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
 def test_models(gateway):
@@ -137,18 +137,18 @@ def test_models(gateway):
 
 
 def test_chat_completion_matches_the_split_model(gateway):
-    client, device = gateway
+    client, runtime = gateway
     reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=24)
-    expected = _expected(device, device.encode_chat(MESSAGES), 24)
+    expected = _expected(runtime, runtime.encode_chat(MESSAGES), 24)
     assert reply.choices[0].message.content == expected.text
     assert "Paris" in reply.choices[0].message.content
-    assert reply.usage.prompt_tokens == device.encode_chat(MESSAGES).shape[1]
+    assert reply.usage.prompt_tokens == runtime.encode_chat(MESSAGES).shape[1]
     assert reply.usage.completion_tokens == len(expected.token_ids[0])
     assert reply.choices[0].finish_reason == expected.finish_reasons[0]
 
 
 def test_streaming_chat_with_usage(gateway):
-    client, device = gateway
+    client, runtime = gateway
     stream = client.chat.completions.create(
         model="smollm2", messages=MESSAGES, temperature=0, max_tokens=24, stream=True,
         stream_options={"include_usage": True},
@@ -162,18 +162,18 @@ def test_streaming_chat_with_usage(gateway):
                 pieces.append(choice.delta.content)
             if choice.finish_reason:
                 reasons.append(choice.finish_reason)
-    expected = _expected(device, device.encode_chat(MESSAGES), 24)
+    expected = _expected(runtime, runtime.encode_chat(MESSAGES), 24)
     assert "".join(pieces) == expected.text and len(pieces) > 2
     assert usage is not None and usage.completion_tokens == len(expected.token_ids[0])
     assert reasons == [expected.finish_reasons[0]]
 
 
 def test_completions_streaming_and_not(gateway):
-    client, device = gateway
+    client, runtime = gateway
     prompt = "The three primary colors are"
     plain = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=12)
-    ids, _ = device.encode(prompt, raw=True)
-    assert plain.choices[0].text == _expected(device, ids, 12).text
+    ids, _ = runtime.encode(prompt, raw=True)
+    assert plain.choices[0].text == _expected(runtime, ids, 12).text
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="smollm2", prompt=prompt, temperature=0, max_tokens=12, stream=True) if c.choices)
     assert streamed == plain.choices[0].text
@@ -189,11 +189,11 @@ def _stopped_early(stack, before: dict[str, float], max_tokens: int) -> int:
     """Waits until the server has closed every session and returns how many tokens the abandoned
     request generated; asserts that the unsplit-equivalent local split would not have stopped by itself."""
     after = _idle(stack.body_server)
-    prompt_len = _ids(stack.device, COUNTING).shape[1]
+    prompt_len = _ids(stack.runtime, COUNTING).shape[1]
     generated = int(after["lambdasplit_tokens_served_total"] - before["lambdasplit_tokens_served_total"]) - prompt_len + 1
     assert 0 < generated < max_tokens
     # The model would have gone on: no EOS in the next tokens, so the generation stopped because it was cancelled.
-    more = _expected(stack.device, _ids(stack.device, COUNTING), generated + 8)
+    more = _expected(stack.runtime, _ids(stack.runtime, COUNTING), generated + 8)
     assert len(more.token_ids[0]) == generated + 8 and more.finish_reasons == ["length"]
     return generated
 
@@ -211,8 +211,8 @@ def test_an_abandoned_stream_is_cancelled_and_the_next_request_is_served(stack):
     _stopped_early(stack, before, 1000)
     # The gateway is not stuck: the next completion is answered, and correctly.
     reply = stack.client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=12)
-    assert reply.choices[0].message.content == _expected(stack.device, stack.device.encode_chat(MESSAGES), 12).text
-    assert "".join(pieces) == _expected(stack.device, _ids(stack.device, COUNTING), 3).text
+    assert reply.choices[0].message.content == _expected(stack.runtime, stack.runtime.encode_chat(MESSAGES), 12).text
+    assert "".join(pieces) == _expected(stack.runtime, _ids(stack.runtime, COUNTING), 3).text
 
 
 def test_an_abandoned_plain_request_stops_generating(stack):
@@ -224,16 +224,16 @@ def test_an_abandoned_plain_request_stops_generating(stack):
         b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
     )
-    prompt_len = _ids(stack.device, COUNTING).shape[1]
+    prompt_len = _ids(stack.runtime, COUNTING).shape[1]
     served = lambda: _metrics(stack.body_server)["lambdasplit_tokens_served_total"] - before["lambdasplit_tokens_served_total"]  # noqa: E731
     _wait_for(lambda: served() >= prompt_len + 4, "the request to be generating")
     sock.close()  # the client gives up before the answer
     _stopped_early(stack, before, 1000)
     final = _metrics(stack.body_server)["lambdasplit_tokens_served_total"]
     reply = stack.client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4)
-    assert reply.choices[0].text == _expected(stack.device, _ids(stack.device, "The sky is"), 4).text
+    assert reply.choices[0].text == _expected(stack.runtime, _ids(stack.runtime, "The sky is"), 4).text
     # Only the new request's positions were served after the abandoned one stopped.
-    assert _idle(stack.body_server)["lambdasplit_tokens_served_total"] - final == _ids(stack.device, "The sky is").shape[1] + 3
+    assert _idle(stack.body_server)["lambdasplit_tokens_served_total"] - final == _ids(stack.runtime, "The sky is").shape[1] + 3
 
 
 def _shared_steps(body_server) -> float:
@@ -264,7 +264,7 @@ def test_concurrent_requests_overlap_and_are_all_correct(stack):
     # They ran at the same time: the body server batched their sessions into shared forwards.
     assert _shared_steps(stack.body_server) > shared_before
     for i, prompt in enumerate(prompts):
-        assert results[i] == _expected(stack.device, _ids(stack.device, prompt), 24).text
+        assert results[i] == _expected(stack.runtime, _ids(stack.runtime, prompt), 24).text
     _idle(stack.body_server)  # every session was closed
 
 
@@ -286,7 +286,7 @@ class _FailingBody(BodyClient):
 
 
 @pytest.fixture(scope="module")
-def failing(device):
+def failing(runtime):
     """A gateway whose body is whatever `state.connect` builds."""
     state = SimpleNamespace(connect=None, bodies=[])
 
@@ -295,7 +295,7 @@ def failing(device):
         state.bodies.append(body)
         return body
 
-    with _serving(create_app(device, connect, "smollm2", api_key="secret")) as url:
+    with _serving(create_app(runtime, connect, "smollm2", api_key="secret")) as url:
         state.url = url
         yield state
 
@@ -339,9 +339,9 @@ def test_openai_client_sees_the_matching_exceptions(failing):
         client.completions.create(model="smollm2", prompt="Hello", max_tokens=0)
 
 
-def test_unreachable_body_server_is_503(failing, device):
+def test_unreachable_body_server_is_503(failing, runtime):
     port = _free_port()  # nothing listens here
-    failing.connect = lambda: RemoteBody(f"ws://127.0.0.1:{port}", device.manifest, reconnect_window=0, retries=0)
+    failing.connect = lambda: RemoteBody(f"ws://127.0.0.1:{port}", runtime.manifest, reconnect_window=0, retries=0)
     response = httpx.post(
         f"{failing.url}/v1/chat/completions", headers={"Authorization": "Bearer secret"}, timeout=60,
         json={"model": "smollm2", "messages": MESSAGES, "max_tokens": 4},
@@ -367,7 +367,7 @@ class _FailsAfter(RemoteBody):
 
 
 def test_an_error_mid_stream_is_an_sse_error_event(failing, stack):
-    failing.connect = lambda: _FailsAfter(stack.body_server.url, stack.device.manifest, Codec.FP32, n=6)
+    failing.connect = lambda: _FailsAfter(stack.body_server.url, stack.runtime.manifest, Codec.FP32, n=6)
     client = _client(failing.url, api_key="secret")
     stream = client.completions.create(model="smollm2", prompt=COUNTING, temperature=0, max_tokens=24, stream=True)
     pieces = []
@@ -376,11 +376,11 @@ def test_an_error_mid_stream_is_an_sse_error_event(failing, stack):
             pieces.append(chunk.choices[0].text)
     assert caught.value.code == "compute" and caught.value.type == "server_error"
     # Five body calls succeeded: five tokens arrived before the error, and they are the right ones.
-    assert "".join(pieces) == _expected(stack.device, _ids(stack.device, COUNTING), 5).text
+    assert "".join(pieces) == _expected(stack.runtime, _ids(stack.runtime, COUNTING), 5).text
     _idle(stack.body_server)
 
 
-def test_generation_stops_at_the_step_after_cancel(device):
+def test_generation_stops_at_the_step_after_cancel(runtime):
     cancel, pieces = threading.Event(), []
 
     def on_text(text: str) -> None:
@@ -388,10 +388,10 @@ def test_generation_stops_at_the_step_after_cancel(device):
         if len(pieces) == 3:
             cancel.set()
 
-    ids = _ids(device, COUNTING)
-    result = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=50), on_text, cancel=cancel)
+    ids = _ids(runtime, COUNTING)
+    result = runtime.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=50), on_text, cancel=cancel)
     assert result.finish_reasons == ["cancelled"] and 3 <= len(result.token_ids[0]) < 50
-    assert result.token_ids[0] == _expected(device, ids, len(result.token_ids[0])).token_ids[0]
+    assert result.token_ids[0] == _expected(runtime, ids, len(result.token_ids[0])).token_ids[0]
 
 
 # --- issue 14: the OpenAI surface ------------------------------------------------------------------
@@ -402,11 +402,11 @@ def _post(url: str, path: str, payload: dict, key: str | None = None) -> httpx.R
     return httpx.post(f"{url}{path}", json=payload, headers=headers, timeout=120)
 
 
-def test_health_needs_no_key_and_models_do(failing, device):
+def test_health_needs_no_key_and_models_do(failing, runtime):
     assert httpx.get(f"{failing.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{failing.url}/v1/models", timeout=10).status_code == 401
     listed = httpx.get(f"{failing.url}/v1/models/smollm2", headers={"Authorization": "Bearer secret"}, timeout=10).json()
-    created = int(max(f.stat().st_mtime for f in device.opened.checkpoint.files))  # the weights' mtime, not 0
+    created = int(max(f.stat().st_mtime for f in runtime.opened.checkpoint.files))  # the weights' mtime, not 0
     assert listed == {"id": "smollm2", "object": "model", "created": created, "owned_by": "lambdasplit"}
 
 
@@ -426,11 +426,11 @@ def test_unknown_model_is_404(gateway):
 
 
 def test_greedy_chat_equals_the_unsplit_model(gateway, smollm2_dir):
-    client, device = gateway
+    client, runtime = gateway
     reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=16)
-    ids = device.encode_chat(MESSAGES)
+    ids = runtime.encode_chat(MESSAGES)
     unsplit = oracle(smollm2_dir).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
-    assert reply.choices[0].message.content == device.tokenizer.decode(unsplit[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply.choices[0].message.content == runtime.tokenizer.decode(unsplit[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +476,7 @@ def test_invalid_json_and_completion_fields_are_400(stack):
 
 
 def test_content_parts_and_null_assistant_content(gateway):
-    client, device = gateway
+    client, runtime = gateway
     messages = [
         {"role": "developer", "content": "You are terse."},
         {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]},
@@ -486,28 +486,28 @@ def test_content_parts_and_null_assistant_content(gateway):
     reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=12)
     plain = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital\nof France?"},
              {"role": "assistant", "content": ""}, {"role": "user", "content": "Answer in one word."}]
-    assert reply.choices[0].message.content == _expected(device, device.encode_chat(plain), 12).text
+    assert reply.choices[0].message.content == _expected(runtime, runtime.encode_chat(plain), 12).text
 
 
 def test_n_choices_are_batch_rows(gateway):
-    client, device = gateway
+    client, runtime = gateway
     greedy = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=10, n=2)
-    expected = _expected(device, device.encode_chat(MESSAGES), 10)
+    expected = _expected(runtime, runtime.encode_chat(MESSAGES), 10)
     assert [c.index for c in greedy.choices] == [0, 1]
     assert [c.message.content for c in greedy.choices] == [expected.text] * 2
     assert greedy.usage.completion_tokens == 2 * len(expected.token_ids[0])
-    assert greedy.usage.prompt_tokens == device.encode_chat(MESSAGES).shape[1]
+    assert greedy.usage.prompt_tokens == runtime.encode_chat(MESSAGES).shape[1]
     sampled = client.completions.create(model="smollm2", prompt="Once upon a time", temperature=1.0, max_tokens=12, n=3, seed=5)
     texts = [c.text for c in sampled.choices]
     assert len(texts) == 3 and len(set(texts)) > 1  # sampled rows differ
     # two prompts x n=2: choices in prompt order, each prompt's rows greedy and equal
     both = client.completions.create(model="smollm2", prompt=["The sky is", "Water is"], temperature=0, max_tokens=5, n=2)
-    want = [_expected(device, _ids(device, p), 5).text for p in ("The sky is", "Water is")]
+    want = [_expected(runtime, _ids(runtime, p), 5).text for p in ("The sky is", "Water is")]
     assert [c.text for c in both.choices] == [want[0], want[0], want[1], want[1]]
 
 
 def test_streaming_n_and_stop_per_row(gateway):
-    client, device = gateway
+    client, runtime = gateway
     texts, reasons = {}, {}
     for chunk in client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=16, n=2,
                                                 stop=["."], stream=True):
@@ -515,23 +515,23 @@ def test_streaming_n_and_stop_per_row(gateway):
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
             if choice.finish_reason:
                 reasons[choice.index] = choice.finish_reason
-    expected = device.generate_ids(_local_body(), device.encode_chat(MESSAGES), None, SamplingParams(max_new_tokens=16, stop=(".",)))
+    expected = runtime.generate_ids(_local_body(), runtime.encode_chat(MESSAGES), None, SamplingParams(max_new_tokens=16, stop=(".",)))
     assert texts == {0: expected.text, 1: expected.text} and "." not in expected.text
     assert reasons == {0: expected.finish_reasons[0], 1: expected.finish_reasons[0]}
 
 
-def _raw_logprobs(device, ids, n):
+def _raw_logprobs(runtime, ids, n):
     """The unsplit-equivalent local split's raw log-softmax at each of n greedy steps."""
-    result = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n), keep_logits=True)
+    result = runtime.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=n), keep_logits=True)
     return result, torch.log_softmax(result.logits[:, 0].float(), dim=-1)
 
 
 def test_chat_logprobs_are_the_models(gateway):
-    client, device = gateway
+    client, runtime = gateway
     reply = client.chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
-    result, logprobs = _raw_logprobs(device, device.encode_chat(MESSAGES), 6)
+    result, logprobs = _raw_logprobs(runtime, runtime.encode_chat(MESSAGES), 6)
     content = reply.choices[0].logprobs.content
-    assert [device.tokenizer.decode([t]) for t in result.token_ids[0]] == [c.token for c in content]
+    assert [runtime.tokenizer.decode([t]) for t in result.token_ids[0]] == [c.token for c in content]
     for step, (entry, token) in enumerate(zip(content, result.token_ids[0], strict=True)):
         assert entry.logprob == pytest.approx(logprobs[step, token].item(), abs=1e-4)
         top = logprobs[step].topk(3)
@@ -546,9 +546,9 @@ def test_chat_logprobs_are_the_models(gateway):
 
 
 def test_completion_logprobs_shape(gateway):
-    client, device = gateway
+    client, runtime = gateway
     reply = client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4, logprobs=2)
-    result, logprobs = _raw_logprobs(device, _ids(device, "The sky is"), 4)
+    result, logprobs = _raw_logprobs(runtime, _ids(runtime, "The sky is"), 4)
     lp = reply.choices[0].logprobs
     assert "".join(lp.tokens) == reply.choices[0].text == result.text
     assert lp.token_logprobs == pytest.approx([logprobs[i, t].item() for i, t in enumerate(result.token_ids[0])], abs=1e-4)
@@ -566,16 +566,16 @@ def test_openai_penalties_follow_the_formula():
 
 
 def test_penalties_and_logit_bias_change_the_tokens(gateway):
-    client, device = gateway
+    client, runtime = gateway
     prompt = COUNTING
-    ids = _ids(device, prompt)
-    plain = _expected(device, ids, 16)
+    ids = _ids(runtime, prompt)
+    plain = _expected(runtime, ids, 16)
     penalised = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=1.0)
-    want = device.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=16, presence_penalty=1.0, frequency_penalty=2.0))
+    want = runtime.generate_ids(_local_body(), ids, None, SamplingParams(max_new_tokens=16, presence_penalty=1.0, frequency_penalty=2.0))
     assert penalised.choices[0].text == want.text != plain.text
-    token = device.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    token = runtime.tokenizer.encode(" banana", add_special_tokens=False)[0]
     biased = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=3, logit_bias={str(token): 100})
-    assert biased.choices[0].text == device.tokenizer.decode([token] * 3)
+    assert biased.choices[0].text == runtime.tokenizer.decode([token] * 3)
 
 
 def test_response_format_json_schema(gateway):
@@ -594,16 +594,16 @@ def test_response_format_json_schema(gateway):
 @pytest.fixture(scope="module")
 def tuned(stack):
     """A gateway whose model defaults (as from generation_config.json) say greedy."""
-    with _serving(create_app(stack.device, stack.connect, "smollm2", conversations=0,
+    with _serving(create_app(stack.runtime, stack.connect, "smollm2", conversations=0,
                              sampling_defaults=SamplingDefaults(temperature=0.0))) as url:
         yield _client(url)
 
 
-def test_sampling_defaults_come_from_the_generation_config(tuned, device):
+def test_sampling_defaults_come_from_the_generation_config(tuned, runtime):
     assert SamplingDefaults.from_generation_config(GenerationConfig(temperature=0.6, top_p=0.9)) == SamplingDefaults(0.6, 0.9, 0, 1.0)
     assert SamplingDefaults.from_generation_config(GenerationConfig()) == SamplingDefaults()  # transformers' own defaults are not the model's
     reply = tuned.completions.create(model="smollm2", prompt="The sky is", max_tokens=8)  # no temperature: the model's (0) applies
-    assert reply.choices[0].text == _expected(device, _ids(device, "The sky is"), 8).text
+    assert reply.choices[0].text == _expected(runtime, _ids(runtime, "The sky is"), 8).text
 
 
 def test_sync_and_async_clients_stream_16_concurrent_requests_two_abandoned(stack):
@@ -631,12 +631,12 @@ def test_sync_and_async_clients_stream_16_concurrent_requests_two_abandoned(stac
             await client.close()
 
     texts = asyncio.run(main())
-    expected = [_expected(stack.device, _ids(stack.device, p), 10).text for p in prompts]
+    expected = [_expected(stack.runtime, _ids(stack.runtime, p), 10).text for p in prompts]
     for i, text in enumerate(texts):
         assert text == (None if i in (3, 7) else expected[i % 4])
     _idle(stack.body_server)
     reply = stack.client.completions.create(model="smollm2", prompt="The sky is", temperature=0, max_tokens=4)
-    assert reply.choices[0].text == _expected(stack.device, _ids(stack.device, "The sky is"), 4).text
+    assert reply.choices[0].text == _expected(stack.runtime, _ids(stack.runtime, "The sky is"), 4).text
 
 
 def test_concurrent_seeded_requests_give_their_single_run_answers(stack):
@@ -668,7 +668,7 @@ def test_concurrent_seeded_requests_give_their_single_run_answers(stack):
 
 @pytest.fixture
 def reuse(stack):
-    app = create_app(stack.device, stack.connect, "smollm2", conversations=2)
+    app = create_app(stack.runtime, stack.connect, "smollm2", conversations=2)
     with _serving(app) as url:
         yield SimpleNamespace(url=url, pool=app.state.conversations)
     app.state.conversations.close()
@@ -681,7 +681,7 @@ def _turn(url: str, messages: list[dict]) -> httpx.Response:
 
 
 def test_a_conversations_next_turn_sends_only_its_new_positions(stack, reuse):
-    device = stack.device
+    runtime = stack.runtime
     first = [{"role": "user", "content": "What is the capital of France?"}]
     one = _turn(reuse.url, first)
     assert one.headers["x-lambdasplit-cached-tokens"] == "0" and len(reuse.pool) == 1
@@ -696,16 +696,16 @@ def test_a_conversations_next_turn_sends_only_its_new_positions(stack, reuse):
     served_fresh = _metrics(stack.body_server)["lambdasplit_tokens_served_total"] - before
 
     # What the kept cache held: turn one's prompt and answer but its last token; turn two shares a prefix of it.
-    ids1 = device.encode_chat(first)[0].tolist()
-    held = (ids1 + _expected(device, device.encode_chat(first), 12).token_ids[0])[:-1]
-    ids2 = device.encode_chat(second)[0].tolist()
+    ids1 = runtime.encode_chat(first)[0].tolist()
+    held = (ids1 + _expected(runtime, runtime.encode_chat(first), 12).token_ids[0])[:-1]
+    ids2 = runtime.encode_chat(second)[0].tolist()
     shared = next((i for i, (a, b) in enumerate(zip(held, ids2, strict=False)) if a != b), min(len(held), len(ids2)))
     assert shared > len(ids1)
     assert int(reused.headers["x-lambdasplit-cached-tokens"]) == shared
     assert reused.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": shared}
     assert served_fresh - served_reused == shared  # the body computed only the new positions
     bytes_reused, bytes_fresh = int(reused.headers["x-lambdasplit-bytes-to-cloud"]), int(fresh.headers["x-lambdasplit-bytes-to-cloud"])
-    assert bytes_fresh - bytes_reused == shared * device.config.hidden_size * 4  # fp32 hidden states not re-sent
+    assert bytes_fresh - bytes_reused == shared * runtime.config.hidden_size * 4  # fp32 hidden states not re-sent
     assert reused.json()["choices"][0]["message"]["content"] == fresh.json()["choices"][0]["message"]["content"]
     # An unrelated conversation does not take the kept one over: it starts its own session.
     other = _turn(reuse.url, [{"role": "user", "content": "Name a colour."}])
@@ -758,10 +758,10 @@ def test_a_value_in_use_is_never_evicted_and_a_dropped_one_closes_when_done():
     assert closed == ["B", "C", "A"] and len(pool) == 0
 
 
-def test_a_repeated_one_token_prompt_starts_a_fresh_cache(reuse, device):
+def test_a_repeated_one_token_prompt_starts_a_fresh_cache(reuse, runtime):
     """The kept conversation holds the whole one-token prompt: nothing can be reused (one position
     must be sent), so the turn starts a fresh cache on the kept session instead of failing."""
-    want = _expected(device, _ids(device, "Hello"), 4).text
+    want = _expected(runtime, _ids(runtime, "Hello"), 4).text
     for _ in range(2):
         reply = httpx.post(f"{reuse.url}/v1/completions", json={"model": "smollm2", "prompt": "Hello", "max_tokens": 4,
                                                                   "temperature": 0}, timeout=120)
@@ -807,12 +807,12 @@ def protected(stack):
         sessions.append(body)
         return body
 
-    apps = {name: create_app(stack.device, connect, "smollm2", conversations=2, protection=protection)
+    apps = {name: create_app(stack.runtime, connect, "smollm2", conversations=2, protection=protection)
             for name, protection in (("pseudonymize", Protection(pseudonymize=True, seed=0)), ("decoys", Protection(decoys=2, seed=1)),
                                      ("unseeded", Protection(pseudonymize=True)))}
     with contextlib.ExitStack() as servers:
         urls = {name: servers.enter_context(_serving(app)) for name, app in apps.items()}
-        yield SimpleNamespace(urls=urls, apps=apps, sessions=sessions, device=stack.device, connect=stack.connect,
+        yield SimpleNamespace(urls=urls, apps=apps, sessions=sessions, runtime=stack.runtime, connect=stack.connect,
                               plain=stack.client, clients={name: _client(url) for name, url in urls.items()})
 
 
@@ -842,7 +842,7 @@ def _direct(protected, protection: Protection, messages: list[dict], tokens: int
     body = protected.connect()
     body.captured = []
     try:
-        done = ProtectedChat(protected.device, protection).generate(body, messages, SamplingParams(max_new_tokens=tokens, **sampling))
+        done = ProtectedChat(protected.runtime, protection).generate(body, messages, SamplingParams(max_new_tokens=tokens, **sampling))
     finally:
         body.close()
     return done, _uplink(body)
@@ -870,7 +870,7 @@ def _uplink_of_plain(protected, messages: list[dict]) -> torch.Tensor:
     body = protected.connect()
     body.captured = []
     try:
-        protected.device.generate_ids(body, protected.device.encode_chat(messages), None, SamplingParams(max_new_tokens=1))
+        protected.runtime.generate_ids(body, protected.runtime.encode_chat(messages), None, SamplingParams(max_new_tokens=1))
     finally:
         body.close()
     return _uplink(body)[0]
@@ -978,9 +978,9 @@ def test_protected_requests_refuse_what_they_cannot_honour(protected, name, path
         assert "--decoys uses the batch's rows" in error["message"]
 
 
-def test_protected_conversations_are_lru_with_a_ttl(device):
+def test_protected_conversations_are_lru_with_a_ttl(runtime):
     now = [0.0]
-    chats = ProtectedChats(device, Protection(pseudonymize=True, seed=0), capacity=2, ttl=10, clock=lambda: now[0])
+    chats = ProtectedChats(runtime, Protection(pseudonymize=True, seed=0), capacity=2, ttl=10, clock=lambda: now[0])
     opening = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi Anna Schmidt."}]
     seen = []
     for messages in (opening, opening + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More."}],
@@ -1006,8 +1006,8 @@ def test_a_decoy_turn_whose_history_the_gateway_did_not_generate_is_refused(prot
     assert "not an answer this conversation generated" in response.json()["error"]["message"]
 
 
-def test_the_user_field_keeps_two_users_conversations_apart(device):
-    chats = ProtectedChats(device, Protection(pseudonymize=True))
+def test_the_user_field_keeps_two_users_conversations_apart(runtime):
+    chats = ProtectedChats(runtime, Protection(pseudonymize=True))
     opening = [{"role": "user", "content": "Hi, I am Anna Schmidt."}]
     seen = []
     for user in ("alice", "bob", "alice"):
@@ -1033,15 +1033,15 @@ _CHAT_CHANGE = st.dictionaries(
 
 
 @pytest.fixture(scope="module")
-def fuzzed(device):
+def fuzzed(runtime):
     """Apps whose body fails its first call (a valid request runs up to it, then ends in a 503), plain and pseudonymising."""
     from fastapi.testclient import TestClient
 
     def connect():
         return _FailingBody(UnavailableError("no body server in the fuzz test"))
 
-    apps = [create_app(device, connect, "smollm2", conversations=0),
-            create_app(device, connect, "smollm2", protection=Protection(pseudonymize=True, seed=0))]
+    apps = [create_app(runtime, connect, "smollm2", conversations=0),
+            create_app(runtime, connect, "smollm2", protection=Protection(pseudonymize=True, seed=0))]
     with TestClient(apps[0], raise_server_exceptions=False) as plain, TestClient(apps[1], raise_server_exceptions=False) as protected:
         yield plain, protected
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from tests.splitcheck import compare
 
 pytestmark = pytest.mark.slow
@@ -16,10 +16,10 @@ def gemma_gguf():
 
 @pytest.mark.parametrize("split", [(1, 1), (6, 6), (9, 8), (16, 1)])
 def test_gemma3_matches_generate(gemma_gguf, split):
-    device = SplitDevice.load(gemma_gguf, split)
-    assert device.config.model_type == "gemma3_text" and device.config.num_hidden_layers == 18
-    ids, mask = device.encode(["The capital of France is", "Water boils at a temperature of"])
+    runtime = SplitRuntime.load(gemma_gguf, split)
+    assert runtime.config.model_type == "gemma3_text" and runtime.config.num_hidden_layers == 18
+    ids, mask = runtime.encode(["The capital of France is", "Water boils at a temperature of"])
     assert (mask == 0).any()
-    result = compare(device.opened.checkpoint.path, split, ids, mask, new_tokens=10, device=device)
+    result = compare(runtime.opened.checkpoint.path, split, ids, mask, new_tokens=10, runtime=runtime)
     assert result.split.token_ids == result.oracle_ids
     assert result.max_logit_error < 1e-4

@@ -5,20 +5,20 @@ import threading
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import LocalBody, load_local_body
 from tests.conftest import oracle
 
 
 def _pair(source, split=(2, 2)):
-    return SplitDevice.load(source, split), load_local_body(source, split)
+    return SplitRuntime.load(source, split), load_local_body(source, split)
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(tiny_models):
-    device, body = _pair(tiny_models["llama"])
+    runtime, body = _pair(tiny_models["llama"])
     ids = torch.tensor([[1, 10, 20, 30]])
-    run = lambda seed: device.generate_ids(  # noqa: E731
+    run = lambda seed: runtime.generate_ids(  # noqa: E731
         body, ids, None, SamplingParams(max_new_tokens=12, greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=seed)
     ).token_ids[0]
     assert run(1) == run(1)
@@ -29,17 +29,17 @@ def test_concurrent_seeded_requests_sample_as_they_do_alone(tiny_models):
     """Two seeded requests on one shared model, in lockstep (a barrier at every step, so their draws
     interleave), give each the tokens it gives alone: each request samples with its own generator.
     (Reseeding torch's global generator, as before, let each request draw from the other's stream.)"""
-    device, body = _pair(tiny_models["llama"])
+    runtime, body = _pair(tiny_models["llama"])
     other = LocalBody(body.scheduler)
     ids = torch.tensor([[1, 10, 20, 30]])
     options = {seed: SamplingParams(max_new_tokens=16, greedy=False, temperature=1.5, seed=seed, ignore_eos=True)
                for seed in (1, 2)}
-    alone = {seed: device.generate_ids(body, ids, None, options[seed]).token_ids[0] for seed in (1, 2)}
+    alone = {seed: runtime.generate_ids(body, ids, None, options[seed]).token_ids[0] for seed in (1, 2)}
     lockstep = threading.Barrier(2, timeout=120)
     together: dict[int, list[int]] = {}
 
     def run(seed: int, row_body: LocalBody) -> None:
-        result = device.generate_ids(row_body, ids, None, options[seed], on_tokens=lambda _: lockstep.wait())
+        result = runtime.generate_ids(row_body, ids, None, options[seed], on_tokens=lambda _: lockstep.wait())
         together[seed] = result.token_ids[0]
 
     threads = [threading.Thread(target=run, args=(1, body)), threading.Thread(target=run, args=(2, other))]
@@ -54,10 +54,10 @@ def test_concurrent_seeded_requests_sample_as_they_do_alone(tiny_models):
 def test_generate_kwargs_may_not_override_the_options(tiny_models):
     """A sampling argument given both by SamplingParams and as a generate() keyword is refused
     (the gateway's temperature=1.0 keyword used to replace the options' temperature silently)."""
-    device, body = _pair(tiny_models["llama"])
+    runtime, body = _pair(tiny_models["llama"])
     options = SamplingParams(max_new_tokens=4, greedy=False, temperature=0.5, seed=1)
     with pytest.raises(ValueError, match="temperature, top_p come from SamplingParams"):
-        device.generate_ids(body, torch.tensor([[1, 10, 20, 30]]), None, options, temperature=1.0, top_p=1.0)
+        runtime.generate_ids(body, torch.tensor([[1, 10, 20, 30]]), None, options, temperature=1.0, top_p=1.0)
 
 
 def test_an_explicit_setting_is_never_replaced_by_the_models_defaults():
@@ -82,28 +82,28 @@ def test_an_explicit_setting_is_never_replaced_by_the_models_defaults():
 
 
 def test_top_k_one_equals_greedy(tiny_models):
-    device, body = _pair(tiny_models["qwen3"])
+    runtime, body = _pair(tiny_models["qwen3"])
     ids = torch.tensor([[1, 10, 20, 30]])
-    greedy = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10)).token_ids
-    top1 = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10, greedy=False, top_k=1, seed=3)).token_ids
+    greedy = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10)).token_ids
+    top1 = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10, greedy=False, top_k=1, seed=3)).token_ids
     assert greedy == top1
 
 
 def test_repetition_penalty_matches_generate(tiny_models):
     source = tiny_models["mistral"]
-    device, body = _pair(source)
+    runtime, body = _pair(source)
     ids = torch.tensor([[1, 10, 20, 30, 10, 20]])
-    ours = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10, repetition_penalty=1.8)).token_ids[0]
+    ours = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=10, repetition_penalty=1.8)).token_ids[0]
     ref = oracle(source).generate(ids, max_new_tokens=10, do_sample=False, repetition_penalty=1.8)[0, 6:].tolist()
     assert ours == ref
 
 
 def test_stop_string_and_streaming(smollm2_dir):
-    device, body = _pair(None)
-    full = device.generate(body, "List the numbers from 1 to 10, separated by commas.", SamplingParams(max_new_tokens=40))
+    runtime, body = _pair(None)
+    full = runtime.generate(body, "List the numbers from 1 to 10, separated by commas.", SamplingParams(max_new_tokens=40))
     assert "5" in full.text
     pieces: list[str] = []
-    stopped = device.generate(
+    stopped = runtime.generate(
         body, "List the numbers from 1 to 10, separated by commas.",
         SamplingParams(max_new_tokens=40, stop=("5",)), on_text=pieces.append,
     )
@@ -115,9 +115,9 @@ def test_stop_string_and_streaming(smollm2_dir):
 
 
 def test_streamed_text_equals_final_text(smollm2_dir):
-    device, body = _pair(None, (1, 1))
+    runtime, body = _pair(None, (1, 1))
     pieces: list[str] = []
-    result = device.generate(body, "Write a haiku about autumn.", SamplingParams(max_new_tokens=30), on_text=pieces.append)
+    result = runtime.generate(body, "Write a haiku about autumn.", SamplingParams(max_new_tokens=30), on_text=pieces.append)
     assert "".join(pieces) == result.text and result.text
 
 
@@ -127,7 +127,7 @@ def test_the_detokenizer_gives_the_whole_decode_piece_by_piece(smollm2_dir, deco
     holding a multi-byte character until it is complete; `flush` gives one cut short by the end."""
     from lambdasplit.device.textstream import Detokenizer
 
-    tokenizer = SplitDevice.load(None, (1, 1)).tokenizer
+    tokenizer = SplitRuntime.load(None, (1, 1)).tokenizer
     text = "Héllo wörld 日本語 😀, done."
     ids = tokenizer.encode(text, add_special_tokens=False)
     detokenizer = Detokenizer(tokenizer, decode_stream)

@@ -24,7 +24,7 @@ SERVER_SIDE = ("engine", "cloud", "diffusion.cloud")
 # the gateway and the UI.
 DEVICE_API = """
 import lambdasplit
-from lambdasplit import SplitModelForCausalLM, SplitDevice, generate_ids
+from lambdasplit import SplitModelForCausalLM, SplitRuntime, generate_ids
 import lambdasplit.device.connect, lambdasplit.diffusion.device, lambdasplit.gateway.app, lambdasplit.ui.app
 """
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import block_bytes
 from lambdasplit.engine.loading import load_scheduler
@@ -151,15 +151,15 @@ def test_a_preempted_device_replays_and_both_generations_equal_unsplit_generate(
     model = oracle(llama)
     expected = [model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                                do_sample=False)[0, ids.shape[1]:].tolist() for ids in (IDS, long_prompt)]
-    devices = [SplitDevice.load(llama, (2, 2)) for _ in range(2)]
+    runtimes = [SplitRuntime.load(llama, (2, 2)) for _ in range(2)]
     with ThreadServer(bodies, six_blocks(bodies)) as server:
-        older = RemoteBody(server.url, devices[0].manifest, Codec.FP32, token=TOKEN, reconnect_window=0)
-        younger = RemoteBody(server.url, devices[1].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+        older = RemoteBody(server.url, runtimes[0].manifest, Codec.FP32, token=TOKEN, reconnect_window=0)
+        younger = RemoteBody(server.url, runtimes[1].manifest, Codec.FP32, token=TOKEN, backoff=0.05)
         results: dict[str, list[int] | BaseException] = {}
 
         def run_younger() -> None:
             try:
-                results["younger"] = devices[1].generate_ids(
+                results["younger"] = runtimes[1].generate_ids(
                     younger, long_prompt, None, SamplingParams(max_new_tokens=12, ignore_eos=True)).token_ids[0]
             except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 results["younger"] = exc
@@ -175,7 +175,7 @@ def test_a_preempted_device_replays_and_both_generations_equal_unsplit_generate(
                     time.sleep(0.01)  # polling
 
         # 9 + 11 positions: its second block comes after the younger prompt has filled the pool.
-        result = devices[0].generate_ids(older, IDS, None, SamplingParams(max_new_tokens=12, ignore_eos=True),
+        result = runtimes[0].generate_ids(older, IDS, None, SamplingParams(max_new_tokens=12, ignore_eos=True),
                                          on_tokens=after_first_token)
         older.close()
         thread.join(120)

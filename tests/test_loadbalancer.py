@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import AuthError
 from scripts.failover import Cluster, haproxy_command, run_trial, unsplit_tokens
@@ -19,13 +19,13 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def device(llama) -> SplitDevice:
-    return SplitDevice.load(llama, (2, 2))
+def runtime(llama) -> SplitRuntime:
+    return SplitRuntime.load(llama, (2, 2))
 
 
 @pytest.fixture(scope="module")
-def expected(llama, device) -> list[int]:
-    tokens = unsplit_tokens(llama, IDS, NEW_TOKENS, device.eos_ids)
+def expected(llama, runtime) -> list[int]:
+    tokens = unsplit_tokens(llama, IDS, NEW_TOKENS, runtime.eos_ids)
     assert len(tokens) > 4, "the kill must land mid-generation"
     return tokens
 
@@ -43,9 +43,9 @@ def test_health_checks_pass_on_every_server(cluster):
     assert all(status == "UP" and check == "L7OK" for status, check, _ in states.values()), states
 
 
-def test_least_connections_spreads_devices(cluster, device):
+def test_least_connections_spreads_devices(cluster, runtime):
     """Held connections, one per server: leastconn never stacks a second device on a busy server."""
-    bodies = [cluster.device_body(device) for _ in cluster.names]
+    bodies = [cluster.device_body(runtime) for _ in cluster.names]
     try:
         for body in bodies:
             body.frame_positions()  # connects (HELLO/WELCOME) and holds the connection
@@ -55,24 +55,24 @@ def test_least_connections_spreads_devices(cluster, device):
             body.close()
 
 
-def test_uninterrupted_generation_through_the_proxy(cluster, device, expected):
-    body = cluster.device_body(device)
+def test_uninterrupted_generation_through_the_proxy(cluster, runtime, expected):
+    body = cluster.device_body(runtime)
     try:
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=NEW_TOKENS))
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=NEW_TOKENS))
     finally:
         body.close()
     assert result.token_ids == [expected] and body.reconnects == 0
 
 
-def test_the_token_reaches_the_servers_through_the_proxy(cluster, device):
+def test_the_token_reaches_the_servers_through_the_proxy(cluster, runtime):
     """TLS passes through HAProxy: the servers themselves check the bearer token."""
-    body = cluster.device_body(device, token="not-the-token-not-the-token")
+    body = cluster.device_body(runtime, token="not-the-token-not-the-token")
     with pytest.raises(AuthError, match="401"):
         body.frame_positions()
 
 
-def test_kill_the_server_mid_generation_and_the_output_is_identical(cluster, device, expected):
-    trial = run_trial(cluster, device, IDS, NEW_TOKENS, kill_after=4)
+def test_kill_the_server_mid_generation_and_the_output_is_identical(cluster, runtime, expected):
+    trial = run_trial(cluster, runtime, IDS, NEW_TOKENS, kill_after=4)
     assert trial.tokens == expected
     assert trial.reconnects >= 1
     assert trial.took_over not in ("-", trial.killed)  # the session now lives on another server

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, TextIteratorStreamer, pipeline
 
 from lambdasplit.device.model import SplitCache, SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
@@ -94,8 +94,8 @@ def test_generate_through_a_real_server_equals_the_unsplit_model(llama, tokenize
     load = load_local_body(str(llama), (2, 2))
     server = ThreadServer(load.scheduler.bodies)
     try:
-        device = SplitDevice.load(llama, (2, 2))
-        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+        runtime = SplitRuntime.load(llama, (2, 2))
+        body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
         model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
         inputs = tokenizer(["The capital of France is", "Paris"], return_tensors="pt", padding=True)
         got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -118,15 +118,15 @@ def test_a_continued_cache_sends_only_the_new_positions_and_gives_the_fresh_toke
     KV, sends only its new positions, and gives the tokens a fresh run over the whole history gives."""
     from lambdasplit.device.sampling import SamplingParams
 
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     body, fresh_body = load_local_body(str(llama), (2, 2)), load_local_body(str(llama), (2, 2))
     first = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
-    cache = device.model.new_cache(body)
-    turn1 = device.generate_ids(body, first, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
+    cache = runtime.model.new_cache(body)
+    turn1 = runtime.generate_ids(body, first, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
     assert cache.get_seq_length() == first.shape[1] + 5 - 1  # the last new token is not fed yet
     history = torch.cat([first, torch.tensor([turn1.token_ids[0]]), torch.tensor([[253, 2030, 30]])], dim=1)
-    turn2 = device.generate_ids(body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
-    fresh = device.generate_ids(fresh_body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    turn2 = runtime.generate_ids(body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True), cache=cache)
+    fresh = runtime.generate_ids(fresh_body, history, None, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert turn2.token_ids == fresh.token_ids
     assert turn2.bytes_to_cloud < fresh.bytes_to_cloud / 2  # 4 new prompt positions + 4 decodes, against 14 + 4
     for b in (body, fresh_body):

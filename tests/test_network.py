@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import AuthError, CapacityError, LambdaSplitError, MismatchError
@@ -36,57 +36,57 @@ def server(llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+def runtime(llama):
+    return SplitRuntime.load(llama, (2, 2))
 
 
-def remote(device, url, **kwargs) -> RemoteBody:
+def remote(runtime, url, **kwargs) -> RemoteBody:
     kwargs.setdefault("token", TOKEN)
     # A TLS + WebSocket handshake once took over the 10 s default on the busy 2-core CI machine.
     kwargs.setdefault("connect_timeout", 30.0)
-    return RemoteBody(url, device.manifest, **kwargs)
+    return RemoteBody(url, runtime.manifest, **kwargs)
 
 
-def local_ids(device, llama, ids=IDS, codec=Codec.FP32, n=12):
+def local_ids(runtime, llama, ids=IDS, codec=Codec.FP32, n=12):
     body = load_local_body(llama, (2, 2), codec=codec)
-    return device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=n)).token_ids
+    return runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=n)).token_ids
 
 
 @pytest.mark.parametrize("codec", [Codec.FP32, Codec.BF16, Codec.INT8])
-def test_remote_equals_in_process(server, device, llama, codec):
-    body = remote(device, server.url, codec=codec)
-    result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
+def test_remote_equals_in_process(server, runtime, llama, codec):
+    body = remote(runtime, server.url, codec=codec)
+    result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
     body.close()
-    assert result.token_ids == local_ids(device, llama, codec=codec)
+    assert result.token_ids == local_ids(runtime, llama, codec=codec)
     assert result.bytes_to_cloud == result.bytes_from_cloud > 0
 
 
-def test_batch_with_padding_over_the_network(server, device, llama):
-    ids, mask = device.encode(["Hi", "A much longer prompt with many more tokens"])
-    body = remote(device, server.url)
-    ours = device.generate_ids(body, ids, mask, SamplingParams(max_new_tokens=8)).token_ids
-    local = device.generate_ids(load_local_body(llama, (2, 2)), ids, mask, SamplingParams(max_new_tokens=8)).token_ids
+def test_batch_with_padding_over_the_network(server, runtime, llama):
+    ids, mask = runtime.encode(["Hi", "A much longer prompt with many more tokens"])
+    body = remote(runtime, server.url)
+    ours = runtime.generate_ids(body, ids, mask, SamplingParams(max_new_tokens=8)).token_ids
+    local = runtime.generate_ids(load_local_body(llama, (2, 2)), ids, mask, SamplingParams(max_new_tokens=8)).token_ids
     assert ours == local
 
 
 @pytest.mark.parametrize("token,needle", [(None, "401"), ("wrong-token-wrong-token", "401")])
-def test_missing_or_wrong_token_is_refused(server, device, token, needle):
-    body = remote(device, server.url, token=token)
+def test_missing_or_wrong_token_is_refused(server, runtime, token, needle):
+    body = remote(runtime, server.url, token=token)
     with pytest.raises(AuthError, match=needle):
-        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
+        runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
 
 
 def test_manifest_mismatch_is_refused_on_both_sides(server, llama):
-    other = SplitDevice.load(llama, (1, 1))
+    other = SplitRuntime.load(llama, (1, 1))
     body = remote(other, server.url)
     with pytest.raises(MismatchError, match="do not match"):
         other.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2))
     assert any("do not match" in line for line in server.output)
 
 
-def _raw_session(server, device):
+def _raw_session(server, runtime):
     ws = connect(server.url + BODY_PATH, additional_headers={"Authorization": f"Bearer {TOKEN}"}, compression=None)
-    hello = {"protocol": 1, "manifest": device.manifest.as_dict(), "codec": "fp32"}
+    hello = {"protocol": 1, "manifest": runtime.manifest.as_dict(), "codec": "fp32"}
     ws.send(control_frame(MsgType.HELLO, hello).to_bytes())
     welcome = parse_frame(ws.recv(timeout=10))
     assert welcome.type == MsgType.WELCOME
@@ -101,16 +101,16 @@ def _expect_error(ws) -> str:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=st.binary(min_size=0, max_size=300))
-def test_random_bytes_get_an_error_frame(server, device, garbage):
-    ws, _ = _raw_session(server, device)
+def test_random_bytes_get_an_error_frame(server, runtime, garbage):
+    ws, _ = _raw_session(server, runtime)
     ws.send(garbage)
     assert _expect_error(ws)
     ws.close()
 
 
 @pytest.mark.parametrize("kind", ["truncated", "lying_length", "huge_shape", "wrong_d", "other_session", "text"])
-def test_malformed_frames_close_only_that_session(server, device, kind):
-    ws, session = _raw_session(server, device)
+def test_malformed_frames_close_only_that_session(server, runtime, kind):
+    ws, session = _raw_session(server, runtime)
     good = tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 64), Codec.FP32, session, 1).to_bytes()
     bad = {
         "truncated": good[:40],
@@ -127,15 +127,15 @@ def test_malformed_frames_close_only_that_session(server, device, kind):
         assert response.read() == b"ok\n"
 
 
-def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
+def test_eight_concurrent_sessions_match_their_solo_runs(server, runtime, llama):
     prompts = [torch.tensor([[1, 100 + i, 200 + 3 * i, 300, 400 + i]]) for i in range(8)]
-    solo = [local_ids(device, llama, p, n=10) for p in prompts]
+    solo = [local_ids(runtime, llama, p, n=10) for p in prompts]
     results: dict[int, list] = {}
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         try:
-            dev = SplitDevice.load(llama, (2, 2))  # each device has its own head/tail caches
+            dev = SplitRuntime.load(llama, (2, 2))  # each device has its own head/tail caches
             body = remote(dev, server.url)
             results[i] = dev.generate_ids(body, prompts[i], None, SamplingParams(max_new_tokens=10)).token_ids
             body.close()
@@ -144,7 +144,7 @@ def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
 
     def vandal() -> None:
         for _ in range(5):
-            ws, session = _raw_session(server, device)
+            ws, session = _raw_session(server, runtime)
             ws.send(tensor_frame(MsgType.HIDDEN, torch.zeros(1, 2, 32), Codec.FP32, session, 1).to_bytes())
             _expect_error(ws)
             ws.close()
@@ -158,13 +158,13 @@ def test_eight_concurrent_sessions_match_their_solo_runs(server, device, llama):
     assert [results[i] for i in range(8)] == solo
 
 
-def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
-    expected = local_ids(device, llama, n=16)
+def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, runtime):
+    expected = local_ids(runtime, llama, n=16)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     args = ("--model", str(llama), "--split", "2,2", "--token-file", str(token_file))
     first = ServerProcess(*args)
-    body = remote(device, first.url, reconnect_window=120, backoff=0.2)
+    body = remote(runtime, first.url, reconnect_window=120, backoff=0.2)
     restarted: list[ServerProcess] = []
     tokens: list[int] = []
 
@@ -175,7 +175,7 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
             restarted.append(ServerProcess(*args, port=first.port))
 
     try:
-        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=16), on_tokens=on_tokens)
+        runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=16), on_tokens=on_tokens)
     finally:
         body.close()
         first.stop()
@@ -185,9 +185,9 @@ def test_kill_and_restart_replays_to_identical_output(llama, tmp_path, device):
     assert [tokens] == expected
 
 
-def test_idle_session_expires_and_the_device_recovers(llama, device):
+def test_idle_session_expires_and_the_device_recovers(llama, runtime):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--session-ttl", "1") as proc:
-        body = remote(device, proc.url, token=None)
+        body = remote(runtime, proc.url, token=None)
         tokens: list[int] = []
 
         def on_tokens(step: list[list[int]]) -> None:
@@ -198,45 +198,45 @@ def test_idle_session_expires_and_the_device_recovers(llama, device):
                     assert time.monotonic() < deadline, "the server never expired the idle session"
                     time.sleep(0.05)
 
-        device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8), on_tokens=on_tokens)
+        runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8), on_tokens=on_tokens)
         body.close()
         assert any("expired" in line for line in proc.output)
     assert body.reconnects == 1
-    assert [tokens] == local_ids(device, llama, n=8)
+    assert [tokens] == local_ids(runtime, llama, n=8)
 
 
-def test_max_sessions_refuses_with_a_clear_error(llama, device):
+def test_max_sessions_refuses_with_a_clear_error(llama, runtime):
     with ServerProcess("--model", str(llama), "--split", "2,2", "--max-sessions", "1") as proc:
-        first = remote(device, proc.url, token=None)
-        device.generate_ids(first, IDS, None, SamplingParams(max_new_tokens=2))
-        second = remote(device, proc.url, token=None, reconnect_window=1.0)
+        first = remote(runtime, proc.url, token=None)
+        runtime.generate_ids(first, IDS, None, SamplingParams(max_new_tokens=2))
+        second = remote(runtime, proc.url, token=None, reconnect_window=1.0)
         with pytest.raises(CapacityError, match="limit of 1 sessions"):
-            SplitDevice.load(device.opened.checkpoint.path, (2, 2)).generate_ids(
+            SplitRuntime.load(runtime.opened.checkpoint.path, (2, 2)).generate_ids(
                 second, IDS, None, SamplingParams(max_new_tokens=2)
             )
         first.close()
 
 
-def test_tls_with_the_generated_ca(llama, device, tmp_path):
+def test_tls_with_the_generated_ca(llama, runtime, tmp_path):
     from lambdasplit.security import make_certificates
 
     paths = make_certificates(tmp_path, ["localhost", "127.0.0.1"])
     args = ("--model", str(llama), "--split", "2,2", "--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"]))
     with ServerProcess(*args) as proc:
         assert proc.url.startswith("wss://")
-        body = remote(device, proc.url, token=None, tls_ca=paths["ca"])
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=6))
+        body = remote(runtime, proc.url, token=None, tls_ca=paths["ca"])
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=6))
         body.close()
-        assert result.token_ids == local_ids(device, llama, n=6)
-        untrusted = remote(device, proc.url, token=None)
+        assert result.token_ids == local_ids(runtime, llama, n=6)
+        untrusted = remote(runtime, proc.url, token=None)
         with pytest.raises(LambdaSplitError, match="TLS"):
-            device.generate_ids(untrusted, IDS, None, SamplingParams(max_new_tokens=2))
+            runtime.generate_ids(untrusted, IDS, None, SamplingParams(max_new_tokens=2))
 
 
-def test_metrics_count_what_crossed(llama, device):
+def test_metrics_count_what_crossed(llama, runtime):
     with ServerProcess("--model", str(llama), "--split", "2,2") as proc:
-        body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=5))
+        body = remote(runtime, proc.url, token=None)
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=5))
         body.close()
         url = proc.url.replace("ws://", "http://") + "/metrics"
         deadline = time.monotonic() + 30
@@ -251,11 +251,11 @@ def test_metrics_count_what_crossed(llama, device):
 
 
 @pytest.mark.parametrize("loop", ["--uvloop", "--no-uvloop"])
-def test_ctrl_c_stops_the_server_with_a_session_open(llama, device, loop):
+def test_ctrl_c_stops_the_server_with_a_session_open(llama, runtime, loop):
     """SIGINT ends `serve` on either event loop, also while a device holds a session."""
     with ServerProcess("--model", str(llama), "--split", "2,2", loop) as proc:
-        body = remote(device, proc.url, token=None)
-        assert device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2)).token_ids == local_ids(device, llama, n=2)
+        body = remote(runtime, proc.url, token=None)
+        assert runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=2)).token_ids == local_ids(runtime, llama, n=2)
         assert proc.stop(grace=30) == 130  # SIGINT first; 130 is the CLI's exit status for an interrupt
         body.close()
 
@@ -269,12 +269,12 @@ def test_exported_parts_on_both_sides(llama, tmp_path):
     from lambdasplit.split.export import export_parts
 
     parts = export_parts(llama, (2, 2), tmp_path)
-    device = SplitDevice.load(parts["device"])
+    runtime = SplitRuntime.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
-        body = remote(device, proc.url, token=None)
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
+        body = remote(runtime, proc.url, token=None)
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    assert result.token_ids == local_ids(SplitDevice.load(llama, (2, 2)), llama, n=10)
+    assert result.token_ids == local_ids(SplitRuntime.load(llama, (2, 2)), llama, n=10)
 
 
 def test_randomised_split_server_hosts_every_k_in_its_range(llama):
@@ -285,12 +285,12 @@ def test_randomised_split_server_hosts_every_k_in_its_range(llama):
     with ServerProcess("--model", str(llama), "--split", "1-3,2") as proc:
         assert "or from 3 per session" in "".join(proc.output)
         for k in (1, 2, 3):
-            device = SplitDevice.load(llama, (k, 2))
-            body = remote(device, proc.url, token=None)
-            result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8))
+            runtime = SplitRuntime.load(llama, (k, 2))
+            body = remote(runtime, proc.url, token=None)
+            result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=8))
             body.close()
             assert result.token_ids[0] == want, k
-        outside = SplitDevice.load(llama, (4, 1))  # (4, 2) would leave no body at all
+        outside = SplitRuntime.load(llama, (4, 1))  # (4, 2) would leave no body at all
         with pytest.raises(LambdaSplitError, match="starting at layers 1, 2, 3"):
             remote(outside, proc.url, token=None).forward(outside.head(IDS))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
@@ -30,11 +30,11 @@ def attacker(model) -> Attacker:
 
 
 def _capture(model, split, noise=None, new_tokens=8):
-    device = SplitDevice.load(model, split)
+    runtime = SplitRuntime.load(model, split)
     body = load_local_body(model, split)
     body.uplink_defense = noise
     body.captured = []
-    result = device.generate_ids(body, PROMPT, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    result = runtime.generate_ids(body, PROMPT, None, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return observe(body.captured), result.token_ids[0]
 
 

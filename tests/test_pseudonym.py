@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.privacy.attacks import Attacker
@@ -87,29 +87,29 @@ def test_streamed_restoration_equals_whole_restoration(detector):
 def test_pseudonymised_identifiers_never_appear_in_the_recovered_prompt(llama, detector):
     """The curious cloud's vocabulary matching recovers the prompt it was sent exactly, and that prompt
     holds the stand-ins, not one real identifier."""
-    device = SplitDevice.load(llama, (1, 2))
+    runtime = SplitRuntime.load(llama, (1, 2))
     attacker = Attacker(open_source(llama, None, allow_shallow=True), budget=49152)
     matcher = attacker.matcher(1)
     matcher.tol, matcher.patience = 1e-6, 10**9  # a random tiny model ranks some true tokens low: search until an exact match
     body = load_local_body(llama, (1, 2))
     body.captured = []
-    chat = ProtectedChat(device, Protection(pseudonymize=True, seed=0), detector)
+    chat = ProtectedChat(runtime, Protection(pseudonymize=True, seed=0), detector)
     result = chat.generate(body, [{"role": "user", "content": PROMPT}], SamplingParams(max_new_tokens=4))
     prompt_ids = result.result.prompt_token_ids[0]
     recovered = attacker.match(1, observe(body.captured).uplink[0][0]).token_ids
     assert recovered == prompt_ids
-    text = device.tokenizer.decode(recovered)
+    text = runtime.tokenizer.decode(recovered)
     assert not any(r in text for r in REAL)
     assert all(stand_in in text for _, _, stand_in in result.replacements)
 
 
 def test_real_row_under_decoys_equals_the_undefended_output(llama, detector):
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
     options = SamplingParams(max_new_tokens=12)
-    base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(messages), None, options)
+    base = runtime.generate_ids(load_local_body(llama, (2, 2)), runtime.encode_chat(messages), None, options)
     streamed = []
-    chat = ProtectedChat(device, Protection(decoys=3, seed=1), detector)
+    chat = ProtectedChat(runtime, Protection(decoys=3, seed=1), detector)
     result = chat.generate(load_local_body(llama, (2, 2)), messages, options, on_text=streamed.append)
     assert len(result.rows) == 4 and len({len(r) for r in result.result.prompt_token_ids}) == 1  # same token length, no padding
     assert result.token_ids == base.token_ids[0] and result.text == base.text
@@ -134,10 +134,10 @@ def test_decoy_rows_keep_their_stand_ins_across_turns(detector):
 def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, detector):
     """The cloud saw every row's first answer; in the second turn each row's history must be that
     row's own, or the one row whose history matches what it generated is the real one."""
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8)
     for protection in (Protection(decoys=3, seed=2), Protection(pseudonymize=True, decoys=3, seed=2)):
-        chat = ProtectedChat(device, protection, detector)
+        chat = ProtectedChat(runtime, protection, detector)
         messages = [{"role": "user", "content": PROMPT}]
         first = chat.generate(load_local_body(llama, (2, 2)), messages, options)
         assert len(set(first.result.texts)) > 1  # the rows answered differently: the check below can fail
@@ -147,21 +147,21 @@ def test_in_a_second_turn_every_decoy_row_carries_its_own_first_answer(llama, de
         assert [row[1]["content"] for row in batch.rows] == first.result.texts
         second = chat.generate(load_local_body(llama, (2, 2)), follow, options)
         if not protection.pseudonymize:  # the real row's answer is the undefended one in every turn
-            base = device.generate_ids(load_local_body(llama, (2, 2)), device.encode_chat(follow), None, options)
+            base = runtime.generate_ids(load_local_body(llama, (2, 2)), runtime.encode_chat(follow), None, options)
             assert second.token_ids == base.token_ids[0]
 
 
 def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
     """`generate --stop` under pseudonymisation: the stop names what the user reads (a real name the
     model never writes); the answer is cut there and, without decoys, generation ends there."""
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     messages = [{"role": "user", "content": PROMPT}]
-    chat = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector)
+    chat = ProtectedChat(runtime, Protection(pseudonymize=True, seed=3), detector)
     full = chat.generate(load_local_body(llama, (2, 2)), messages, SamplingParams(max_new_tokens=12))
     assert len(full.text) > 4
     stop = full.text[2:4]  # two characters of the restored answer
     streamed = []
-    cut = ProtectedChat(device, Protection(pseudonymize=True, seed=3), detector).generate(
+    cut = ProtectedChat(runtime, Protection(pseudonymize=True, seed=3), detector).generate(
         load_local_body(llama, (2, 2)), messages, SamplingParams(max_new_tokens=12, stop=(stop,)), on_text=streamed.append)
     assert cut.text == full.text[: full.text.index(stop)] == "".join(streamed)
     assert cut.result.finish_reasons[cut.real_row] == "stop" and len(cut.token_ids) < len(full.token_ids)
@@ -169,8 +169,8 @@ def test_a_stop_string_is_matched_on_the_restored_answer(llama, detector):
 
 
 def test_decoy_cost_scales_bytes_with_rows(llama):
-    device = SplitDevice.load(llama, (2, 2))
-    cost = decoy_cost(device, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),
+    runtime = SplitRuntime.load(llama, (2, 2))
+    cost = decoy_cost(runtime, lambda: load_local_body(llama, (2, 2)), [{"role": "user", "content": "Hello Anna Schmidt."}], (0, 3),
                       SamplingParams(max_new_tokens=4))
     assert [c["rows"] for c in cost] == [1, 4]
     assert cost[1]["bytes_to_cloud_per_token"] > 3 * cost[0]["bytes_to_cloud_per_token"]
@@ -185,8 +185,8 @@ def test_the_ui_pseudonymises_and_shows_what_the_cloud_can_recover(llama):
 
     from lambdasplit.ui.app import create_ui
 
-    device = SplitDevice.load(llama, (2, 2))
-    ui = create_ui(device, lambda: load_local_body(str(llama), (2, 2)), {"model": "tiny"}, protection=Protection(True, 1, seed=3))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ui = create_ui(runtime, lambda: load_local_body(str(llama), (2, 2)), {"model": "tiny"}, protection=Protection(True, 1, seed=3))
     prompt = "Write to John Smith at john.smith@example.com about his invoice."
     with TestClient(ui) as client:
         reply = client.post("/api/chat", json={"messages": [{"role": "user", "content": prompt}], "max_new_tokens": 6})

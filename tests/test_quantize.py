@@ -19,7 +19,7 @@ from torch import nn
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError, SourceError
@@ -98,16 +98,16 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
     assert dtypes["model.layers.0.mlp.up_proj.weight"] == "U8"  # two 4-bit values per byte
     assert dtypes["model.embed_tokens.weight"] == "I8"  # int4 parts keep the tied embedding / LM head int8
     assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"
-    device = SplitDevice.load(device_dir)
-    assert device.manifest.quantize == "int4"
-    assert isinstance(device.head.module.layers[0].mlp.up_proj, QuantizedLinear)
-    assert isinstance(device.head.module.embed_tokens, QuantizedEmbedding)
-    assert isinstance(device.tail.module.lm_head, QuantizedLinear)
+    runtime = SplitRuntime.load(device_dir)
+    assert runtime.manifest.quantize == "int4"
+    assert isinstance(runtime.head.module.layers[0].mlp.up_proj, QuantizedLinear)
+    assert isinstance(runtime.head.module.embed_tokens, QuantizedEmbedding)
+    assert isinstance(runtime.tail.module.lm_head, QuantizedLinear)
     # The same weights quantized at load give the same tokens as the export.
-    on_load = SplitDevice.load(llama, (2, 2), quantize="int4")
+    on_load = SplitRuntime.load(llama, (2, 2), quantize="int4")
     body = load_local_body(llama, (2, 2))
     options = SamplingParams(max_new_tokens=8)
-    exported = device.generate_ids(body, IDS, None, options).token_ids
+    exported = runtime.generate_ids(body, IDS, None, options).token_ids
     assert exported == on_load.generate_ids(body, IDS, None, options).token_ids
 
 
@@ -115,24 +115,24 @@ def test_a_quantized_export_stores_and_loads_quantized(int4_parts, llama):
 def test_a_server_generates_for_a_quantized_device(parts, request):
     """The CI check of issue 25: the body server (float32, unchanged) serves an int4 / gguf-exact device part."""
     parts = request.getfixturevalue(parts)
-    device = SplitDevice.load(parts["device"])
+    runtime = SplitRuntime.load(parts["device"])
     with ServerProcess("--part", str(parts["cloud"])) as proc:
-        body = RemoteBody(proc.url, device.manifest, connect_timeout=30.0)
-        result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
+        body = RemoteBody(proc.url, runtime.manifest, connect_timeout=30.0)
+        result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=10))
         body.close()
-    local = device.generate_ids(load_local_body(str(parts["cloud"])), IDS, None, SamplingParams(max_new_tokens=10))
+    local = runtime.generate_ids(load_local_body(str(parts["cloud"])), IDS, None, SamplingParams(max_new_tokens=10))
     assert len(result.token_ids[0]) == 10 and result.token_ids == local.token_ids
 
 
 def test_logits_stay_close_to_float32(llama):
     """int8 device parts move the tiny model's logits by little next to their spread (measured: 12% of
     the standard deviation at most), and no position's argmax changes."""
-    reference = SplitDevice.load(llama, (2, 2))
-    quantized = SplitDevice.load(llama, (2, 2), quantize="int8")
+    reference = SplitRuntime.load(llama, (2, 2))
+    quantized = SplitRuntime.load(llama, (2, 2), quantize="int8")
     body = load_local_body(llama, (2, 2))
     logits = []
-    for device in (reference, quantized):
-        model = device.model
+    for runtime in (reference, quantized):
+        model = runtime.model
         logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
     assert (logits[0] - logits[1]).abs().max() < 0.2 * logits[0].std()
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
@@ -140,11 +140,11 @@ def test_logits_stay_close_to_float32(llama):
 
 def test_a_quantized_export_refuses_another_scheme_and_a_gpu(int4_parts, llama):
     with pytest.raises(SourceError, match="holds int4 weights; --quantize int8 needs an export from the full model"):
-        SplitDevice.load(int4_parts["device"], quantize="int8")
+        SplitRuntime.load(int4_parts["device"], quantize="int8")
     with pytest.raises(SourceError, match="runs on the CPU"):
-        SplitDevice.load(llama, (2, 2), device="cuda", quantize="int8")
+        SplitRuntime.load(llama, (2, 2), device="cuda", quantize="int8")
     with pytest.raises(LambdaSplitError, match="unknown --quantize 'int2'"):
-        SplitDevice.load(llama, (2, 2), quantize="int2")
+        SplitRuntime.load(llama, (2, 2), quantize="int2")
 
 
 def test_info_shows_bytes_and_precision_of_each_part(int4_parts):
@@ -172,9 +172,9 @@ def test_a_gguf_exports_in_bfloat16_by_default(tmp_path):
     assert PartManifest.read(parts["device"]).dtype == "bfloat16" == PartManifest.read(parts["cloud"]).dtype
     with safe_open(str(parts["cloud"] / "model.safetensors"), framework="pt") as handle:
         assert handle.get_slice("model.layers.1.mlp.up_proj.weight").get_dtype() == "BF16"
-    device = SplitDevice.load(parts["device"])
-    ids, _ = device.encode("The capital of France is", raw=True)
-    assert len(device.generate_ids(load_local_body(str(parts["cloud"])), ids, None, SamplingParams(max_new_tokens=4)).token_ids[0]) == 4
+    runtime = SplitRuntime.load(parts["device"])
+    ids, _ = runtime.encode("The capital of France is", raw=True)
+    assert len(runtime.generate_ids(load_local_body(str(parts["cloud"])), ids, None, SamplingParams(max_new_tokens=4)).token_ids[0]) == 4
 
 
 def test_cli_generate_quantizes_the_device(llama):
@@ -182,9 +182,9 @@ def test_cli_generate_quantizes_the_device(llama):
     cmd = [sys.executable, "-m", "lambdasplit.cli", "generate", "--model", str(llama), "--split", "2,2", "--quantize", "int8",
            "-n", "6", "--json", "--raw", "Hello there"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
-    device = SplitDevice.load(llama, (2, 2), quantize="int8")
-    ids, _ = device.encode("Hello there", raw=True)
-    expected = device.generate_ids(load_local_body(llama, (2, 2)), ids, None, SamplingParams(max_new_tokens=6)).token_ids
+    runtime = SplitRuntime.load(llama, (2, 2), quantize="int8")
+    ids, _ = runtime.encode("Hello there", raw=True)
+    expected = runtime.generate_ids(load_local_body(llama, (2, 2)), ids, None, SamplingParams(max_new_tokens=6)).token_ids
     assert out["token_ids"] == expected[0]
 
 
@@ -195,9 +195,9 @@ def test_gateway_and_ui_load_a_quantized_device(llama, monkeypatch, command):
 
     from lambdasplit.cli import app
 
-    loaded: list[SplitDevice] = []
-    original = SplitDevice.load
-    monkeypatch.setattr(SplitDevice, "load", staticmethod(lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]))
+    loaded: list[SplitRuntime] = []
+    original = SplitRuntime.load
+    monkeypatch.setattr(SplitRuntime, "load", staticmethod(lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]))
     served: list[object] = []
     monkeypatch.setattr("uvicorn.run", lambda app_, **_: served.append(app_))
     result = CliRunner().invoke(app, [*command, "--model", str(llama), "--split", "2,2", "--quantize", "int4", "--port", "0"])
@@ -212,8 +212,8 @@ def test_from_pretrained_quantizes_the_device(llama):
     model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), quantize="int4")
     assert isinstance(model.tail.module.lm_head, QuantizedLinear)
     out = model.generate(IDS, max_new_tokens=5, do_sample=False)[0, IDS.shape[1]:].tolist()
-    device = SplitDevice.load(llama, (2, 2), quantize="int4")
-    assert [out] == device.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids
+    runtime = SplitRuntime.load(llama, (2, 2), quantize="int4")
+    assert [out] == runtime.generate_ids(load_local_body(llama, (2, 2)), IDS, None, SamplingParams(max_new_tokens=5)).token_ids
 
 
 # gguf-exact: a GGUF's own blocks of 32, recovered from the dequantized float32 weights.
@@ -268,9 +268,9 @@ def exact_parts(gguf_llama, tmp_path_factory):
 
 
 def test_gguf_exact_gives_the_float32_splits_tokens(gguf_llama, exact_parts):
-    reference = SplitDevice.load(gguf_llama, (2, 2))
-    on_load = SplitDevice.load(gguf_llama, (2, 2), quantize=EXACT)
-    exported = SplitDevice.load(exact_parts["device"])
+    reference = SplitRuntime.load(gguf_llama, (2, 2))
+    on_load = SplitRuntime.load(gguf_llama, (2, 2), quantize=EXACT)
+    exported = SplitRuntime.load(exact_parts["device"])
     assert isinstance(on_load.head.module.layers[0].mlp.up_proj, QuantizedLinear)
     assert on_load.head.module.layers[0].self_attn.v_proj.kind == "q4" and on_load.tail.module.lm_head.kind == "q8"
     assert on_load.tail.module.lm_head.weight is on_load.head.module.embed_tokens.weight  # tied: stored once
@@ -280,9 +280,9 @@ def test_gguf_exact_gives_the_float32_splits_tokens(gguf_llama, exact_parts):
     options = SamplingParams(max_new_tokens=24)
     expected = reference.generate_ids(body, IDS, None, options).token_ids
     logits = []
-    for device in (reference, on_load, exported):
-        assert device is reference or device.generate_ids(body, IDS, None, options).token_ids == expected
-        model = device.model
+    for runtime in (reference, on_load, exported):
+        assert runtime is reference or runtime.generate_ids(body, IDS, None, options).token_ids == expected
+        model = runtime.model
         logits.append(model(IDS, past_key_values=model.new_cache(body)).logits)
     assert (logits[1] - logits[0]).abs().max() < 1e-4 * logits[0].abs().max()  # float32 sums in another order
 
@@ -308,7 +308,7 @@ def test_a_gguf_exact_export_is_marked_and_refused_by_int4_int8_loaders(exact_pa
     assert dtypes["model.embed_tokens.weight"] == "I8" and dtypes["model.embed_tokens.weight_block_scale"] == "F32"
     assert not any(key.endswith(("_scale", "_zero")) and "_block_" not in key for key in dtypes)
     with pytest.raises(SourceError, match="holds gguf-exact weights; --quantize int4 needs an export from the full model"):
-        SplitDevice.load(device_dir, quantize="int4")
+        SplitRuntime.load(device_dir, quantize="int4")
     # An int4 module cannot take these tensors (other names), and a loader that knows only int8 and int4 refuses the manifest.
     state = {k.removeprefix("model.layers.0.mlp.up_proj."): v for k, v in load_file(str(device_dir / "model.safetensors")).items()
              if k.startswith("model.layers.0.mlp.up_proj.")}
@@ -321,9 +321,9 @@ def test_a_gguf_exact_export_is_marked_and_refused_by_int4_int8_loaders(exact_pa
 
 def test_gguf_exact_refuses_an_off_grid_source_and_other_dtypes(llama, gguf_llama, tmp_path):
     with pytest.raises(SourceError, match=r"is not on one GGUF block grid of 32 \(Q4_0, Q4_1, Q8_0\)"):
-        SplitDevice.load(llama, (2, 2), quantize=EXACT)
+        SplitRuntime.load(llama, (2, 2), quantize=EXACT)
     with pytest.raises(SourceError, match="gguf-exact computes in float32 .* drop --dtype bfloat16"):
-        SplitDevice.load(gguf_llama, (2, 2), dtype="bfloat16", quantize=EXACT)
+        SplitRuntime.load(gguf_llama, (2, 2), dtype="bfloat16", quantize=EXACT)
     with pytest.raises(SourceError, match="is not on one GGUF block grid"):
         export_parts(llama, (2, 2), tmp_path / "out", quantize=EXACT)
 
@@ -337,5 +337,5 @@ def test_gguf_exact_gives_the_float32_tokens_of_the_embedded_model():
     prompts = json.loads(PROMPTS.read_text())[:3]
     body = load_local_body(None, (2, 2))
     options = SamplingParams(max_new_tokens=32)
-    reference = SplitDevice.load(None, (2, 2)).generate(body, prompts, options).token_ids
-    assert SplitDevice.load(None, (2, 2), quantize=EXACT).generate(body, prompts, options).token_ids == reference
+    reference = SplitRuntime.load(None, (2, 2)).generate(body, prompts, options).token_ids
+    assert SplitRuntime.load(None, (2, 2), quantize=EXACT).generate(body, prompts, options).token_ids == reference

@@ -503,9 +503,9 @@ def real_server(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_device(tiny_models):
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
 
-    return SplitDevice.load(tiny_models["llama"], (2, 2))
+    return SplitRuntime.load(tiny_models["llama"], (2, 2))
 
 
 def test_a_wrong_token_is_an_auth_error_at_once(real_server, llama_device, caplog, clock):

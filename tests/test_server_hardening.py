@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 from lambdasplit import defaults
 from lambdasplit.cloud.server import BodyServer, ServerConfig
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -48,8 +48,8 @@ def bodies(llama):
 
 
 @pytest.fixture(scope="module")
-def device(llama):
-    return SplitDevice.load(llama, (2, 2))
+def runtime(llama):
+    return SplitRuntime.load(llama, (2, 2))
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,9 @@ def local_body(bodies):
 
 
 @pytest.fixture(scope="module")
-def expected_ids(device, local_body):
+def expected_ids(runtime, local_body):
     """The in-process split's greedy tokens for IDS (itself checked against the unsplit model)."""
-    return device.generate_ids(local_body, IDS, None, SamplingParams(max_new_tokens=12)).token_ids
+    return runtime.generate_ids(local_body, IDS, None, SamplingParams(max_new_tokens=12)).token_ids
 
 
 class ThreadServer:
@@ -125,14 +125,14 @@ def raw_connect(server: ThreadServer):
     )
 
 
-def hello(device, codec: str = "fp32", manifest: dict | None = None) -> bytes:
-    data = {"protocol": 1, "manifest": manifest or device.manifest.as_dict(), "codec": codec}
+def hello(runtime, codec: str = "fp32", manifest: dict | None = None) -> bytes:
+    data = {"protocol": 1, "manifest": manifest or runtime.manifest.as_dict(), "codec": codec}
     return control_frame(MsgType.HELLO, data).to_bytes()
 
 
-def raw_session(server: ThreadServer, device):
+def raw_session(server: ThreadServer, runtime):
     ws = raw_connect(server)
-    ws.send(hello(device))
+    ws.send(hello(runtime))
     welcome = parse_frame(ws.recv(timeout=10))
     assert welcome.type == MsgType.WELCOME, welcome.payload
     return ws, welcome.session
@@ -180,7 +180,7 @@ def _vanish(ws) -> None:
     ws.socket.close()
 
 
-def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies, device, expected_ids, monkeypatch):
+def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies, runtime, expected_ids, monkeypatch):
     with ThreadServer(bodies, SchedulerLimits(max_sessions=4)) as server:
         # Hold every session opening until the four clients have gone, so each one vanishes after
         # its HELLO and before its WELCOME, deterministically.
@@ -194,7 +194,7 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
         monkeypatch.setattr(server.scheduler, "_open", slow_open)
         clients = [raw_connect(server) for _ in range(4)]
         for ws in clients:
-            ws.send(hello(device))
+            ws.send(hello(runtime))
         for ws in clients:
             _vanish(ws)
         gone.set()
@@ -206,13 +206,13 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
         monkeypatch.setattr(server.scheduler, "_open", original)
         for _ in range(4):
             ws = raw_connect(server)
-            ws.send(hello(device))
+            ws.send(hello(runtime))
             _vanish(ws)
         server.wait_metric("lambdasplit_sessions_active", 0)
 
-        body = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
+        body = RemoteBody(server.url, runtime.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
         try:
-            result = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
+            result = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
         finally:
             body.close()
         assert result.token_ids == expected_ids
@@ -222,31 +222,31 @@ def test_clients_vanishing_between_hello_and_welcome_do_not_leak_sessions(bodies
 # ---- 2. per-session limits and the free-memory guard ---------------------------------------------
 
 
-def test_session_limits_refuse_with_limit_and_other_sessions_keep_working(bodies, device, expected_ids):
+def test_session_limits_refuse_with_limit_and_other_sessions_keep_working(bodies, runtime, expected_ids):
     per_position = kv_bytes_per_position(bodies[0].runner)
     limits = SchedulerLimits(max_batch=2, max_frame_positions=16, max_session_kv_bytes=64 * per_position)
     with ThreadServer(bodies, limits) as server:
-        body = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
+        body = RemoteBody(server.url, runtime.manifest, codec=Codec.FP32, token=TOKEN, reconnect_window=0)
         try:
-            first = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
+            first = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
             assert first.token_ids == expected_ids
 
-            ws, session = raw_session(server, device)  # B over max_batch
+            ws, session = raw_session(server, runtime)  # B over max_batch
             ws.send(hidden_frame(session, 1, 3, 1).to_bytes())
             error = expect_error(ws)
             assert error["code"] == "limit" and "3 rows" in error["message"] and "--max-batch 2" in error["message"]
 
-            ws, session = raw_session(server, device)  # a MASK over max_batch too
+            ws, session = raw_session(server, runtime)  # a MASK over max_batch too
             ws.send(tensor_frame(MsgType.MASK, torch.ones(3, 1, dtype=torch.uint8), Codec.NONE, session).to_bytes())
             assert expect_error(ws)["code"] == "limit"
 
-            ws, session = raw_session(server, device)  # B x T over max_frame_positions
+            ws, session = raw_session(server, runtime)  # B x T over max_frame_positions
             ws.send(hidden_frame(session, 1, 2, 9).to_bytes())
             error = expect_error(ws)
             assert error["code"] == "limit" and "2 x 9 positions" in error["message"]
             assert "--max-frame-positions 16" in error["message"]
 
-            ws, session = raw_session(server, device)  # KV bytes over max_session_kv_bytes
+            ws, session = raw_session(server, runtime)  # KV bytes over max_session_kv_bytes
             for seq in range(1, 5):  # 4 x 16 = 64 positions: exactly the limit
                 ws.send(hidden_frame(session, seq, 1, 16, seed=seq).to_bytes())
                 reply = parse_frame(ws.recv(timeout=15))
@@ -257,17 +257,17 @@ def test_session_limits_refuse_with_limit_and_other_sessions_keep_working(bodies
 
             assert server.metric("lambdasplit_frame_errors_total") == 4
             # The device's session was never disturbed: same connection, same tokens.
-            second = device.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
+            second = runtime.generate_ids(body, IDS, None, SamplingParams(max_new_tokens=12))
             assert second.token_ids == expected_ids
             assert body.reconnects == 0
         finally:
             body.close()
 
 
-def test_the_free_memory_guard_refuses_sessions_and_frames_with_capacity(bodies, device):
+def test_the_free_memory_guard_refuses_sessions_and_frames_with_capacity(bodies, runtime):
     with ThreadServer(bodies, SchedulerLimits(min_free_memory=1 << 60)) as server:
         ws = raw_connect(server)
-        ws.send(hello(device))
+        ws.send(hello(runtime))
         error = expect_error(ws)
         assert error["code"] == "capacity" and "MiB of memory free" in error["message"]
         assert error["retry_after"] == defaults.CAPACITY_RETRY_AFTER
@@ -275,7 +275,7 @@ def test_the_free_memory_guard_refuses_sessions_and_frames_with_capacity(bodies,
         assert server.metric("lambdasplit_sessions_active") == 0
 
     with ThreadServer(bodies) as server:  # checked per frame too: memory runs out mid-session
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         ws.send(hidden_frame(session, 1, 1, 4).to_bytes())
         assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
         server.scheduler.limits = dataclasses.replace(server.scheduler.limits, min_free_memory=1 << 60)
@@ -321,9 +321,9 @@ def plain_server(bodies):
 
 
 @pytest.mark.parametrize("kind", list(ZERO_FRAMES))
-def test_zero_dimensions_get_a_protocol_error_frame_and_one_log_line(plain_server, device, kind, caplog):
+def test_zero_dimensions_get_a_protocol_error_frame_and_one_log_line(plain_server, runtime, kind, caplog):
     caplog.set_level(logging.INFO)
-    ws, session = raw_session(plain_server, device)
+    ws, session = raw_session(plain_server, runtime)
     caplog.clear()
     ws.send(ZERO_FRAMES[kind](session).to_bytes())
     error = expect_error(ws)
@@ -386,11 +386,11 @@ class FailingStep:
 @pytest.mark.parametrize(
     "error", [RuntimeError("boom in layer 3\nsecond line of detail"), torch.OutOfMemoryError("CUDA out of memory\nmore")]
 )
-def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_server, device, local_body, error, caplog,
+def test_a_compute_error_is_an_error_frame_and_closes_only_that_session(plain_server, runtime, local_body, error, caplog,
                                                                         monkeypatch):
     caplog.set_level(logging.INFO)
-    failing, failing_id = raw_session(plain_server, device)
-    healthy, healthy_id = raw_session(plain_server, device)
+    failing, failing_id = raw_session(plain_server, runtime)
+    healthy, healthy_id = raw_session(plain_server, runtime)
     try:
         body = plain_server.scheduler.sessions[failing_id].body
         monkeypatch.setattr(body, "step", FailingStep(body.step, error, [0]))  # the next step (failing's) fails
@@ -449,16 +449,16 @@ def test_a_failed_steps_sessions_are_closed_before_their_frames_are_answered(bod
         scheduler.shutdown()
 
 
-def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bodies, device, llama, caplog, monkeypatch):
+def test_a_device_replays_after_a_compute_error_and_matches_the_unsplit_model(bodies, runtime, llama, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     calls = [0]  # body steps over all sessions: the 4th (a decode step, so there is history) fails, and its rerun
 
     with ThreadServer(bodies) as server:
         for body in server.scheduler.bodies:  # an instance attribute, undone by monkeypatch
             monkeypatch.setattr(body, "step", FailingStep(body.step, RuntimeError("transient failure"), calls, fail_at=4))
-        remote = RemoteBody(server.url, device.manifest, codec=Codec.FP32, token=TOKEN, backoff=0.05)
+        remote = RemoteBody(server.url, runtime.manifest, codec=Codec.FP32, token=TOKEN, backoff=0.05)
         try:
-            result = device.generate_ids(remote, IDS, None, SamplingParams(max_new_tokens=12))
+            result = runtime.generate_ids(remote, IDS, None, SamplingParams(max_new_tokens=12))
         finally:
             remote.close()
         assert remote.reconnects == 1  # one fresh session, on which the 3 earlier frames were replayed
@@ -492,11 +492,11 @@ HOSTILE = "evil\n2024-01-01 INFO forged line\x1b[31mred\x1b[0m\r"
 
 
 @pytest.mark.parametrize("field", ["model_type", "fingerprint", "dtype", "role"])
-def test_hostile_manifest_strings_are_logged_escaped(plain_server, device, field, caplog):
+def test_hostile_manifest_strings_are_logged_escaped(plain_server, runtime, field, caplog):
     caplog.set_level(logging.DEBUG)
-    manifest = {**device.manifest.as_dict(), field: HOSTILE}
+    manifest = {**runtime.manifest.as_dict(), field: HOSTILE}
     ws = raw_connect(plain_server)
-    ws.send(hello(device, manifest=manifest))
+    ws.send(hello(runtime, manifest=manifest))
     error = expect_error(ws)
     assert error["code"] in ("mismatch", "protocol"), error
     assert caplog.records
@@ -528,10 +528,10 @@ def test_an_error_frame_instead_of_hello_gets_protocol(plain_server, code, caplo
 # ---- 8. the idle TTL -----------------------------------------------------------------------------
 
 
-def test_an_idle_session_expires(bodies, device, caplog):
+def test_an_idle_session_expires(bodies, runtime, caplog):
     caplog.set_level(logging.INFO)
     with ThreadServer(bodies, session_ttl=0.5) as server:
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         ws.send(hidden_frame(session, 1, 1, 3).to_bytes())
         assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
         start = time.monotonic()
@@ -543,11 +543,11 @@ def test_an_idle_session_expires(bodies, device, caplog):
         assert any("(expired)" in r.getMessage() for r in problems(caplog))
 
 
-def test_a_reaped_session_and_a_closed_one_each_count_once(bodies, device):
+def test_a_reaped_session_and_a_closed_one_each_count_once(bodies, runtime):
     """`sessions_active` reads the server's own set of open sessions: a session the reaper closed
     while its connection still ran is not taken off again when that connection ends."""
     with ThreadServer(bodies) as server:
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         server.wait_metric("lambdasplit_sessions_active", 1)
         assert server._loop is not None
         reaped = asyncio.run_coroutine_threadsafe(server.server.reap(0.0), server._loop).result(timeout=30)
@@ -557,7 +557,7 @@ def test_a_reaped_session_and_a_closed_one_each_count_once(bodies, device):
         assert expect_error(ws)["code"] == "expired"  # ...and has ended it (again) before this ERROR frame
         assert server.metric("lambdasplit_sessions_active") == 0
 
-        ws, session = raw_session(server, device)
+        ws, session = raw_session(server, runtime)
         server.wait_metric("lambdasplit_sessions_active", 1)
         ws.send(control_frame(MsgType.CLOSE, {}, session).to_bytes())
         server.wait_metric("lambdasplit_sessions_active", 0)

@@ -10,7 +10,7 @@ import torch
 
 from lambdasplit.device.model import SplitModelForCausalLM
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame
 from lambdasplit.wire.protocol import control_frame
@@ -46,10 +46,10 @@ def test_cropping_drafted_positions_leaves_head_body_and_tail_as_if_never_drafte
 
 @pytest.mark.parametrize("where", ["in process", "server"])
 def test_prompt_lookup_greedy_equals_plain_greedy_and_the_unsplit_model(llama, local, server, where):
-    device = SplitDevice.load(llama, (2, 2))
-    body = local if where == "in process" else RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = local if where == "in process" else RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
     model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
-    tok = device.tokenizer
+    tok = runtime.tokenizer
     inputs = tok([REUSE], return_tensors="pt")
     start = body.stats.frames_from_cloud
     plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
@@ -66,8 +66,8 @@ def test_prompt_lookup_greedy_equals_plain_greedy_and_the_unsplit_model(llama, l
 def test_a_connection_lost_after_a_crop_replays_to_the_cropped_length(llama, server):
     """Replay resends the drafted frame and then the CROP, so the fresh session's KV has the cropped
     length, and the next positions equal a run that never drafted."""
-    device = SplitDevice.load(llama, (2, 2))
-    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
     model = SplitModelForCausalLM.from_pretrained(llama, (2, 2), body=body)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2030, 30]])
     plain, _ = _logits(model, ids, [5, 1, 1, 1, 1])
@@ -84,8 +84,8 @@ def test_a_connection_lost_after_a_crop_replays_to_the_cropped_length(llama, ser
 
 @pytest.mark.parametrize("length", [-1, 99, "3", True, 2.5])
 def test_a_bad_crop_gets_a_protocol_error(llama, server, length):
-    device = SplitDevice.load(llama, (2, 2))
-    ws, session = raw_session(server, device)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ws, session = raw_session(server, runtime)
     ws.send(hidden_frame(session, 1, 1, 4).to_bytes())
     assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
     ws.send(control_frame(MsgType.CROP, {"length": length}, session).to_bytes())
@@ -99,11 +99,11 @@ def test_a_draft_model_gives_the_plain_greedy_tokens_over_the_network(tiny_model
     has every draft accepted; an unrelated random model has nearly every draft rejected (and cropped)."""
     from lambdasplit.device.sampling import SamplingParams
 
-    device = SplitDevice.load(tiny_models["llama"], (2, 2))
-    body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
-    ids = device.tokenizer([REUSE], return_tensors="pt")["input_ids"]
-    plain = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
-    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True,
+    runtime = SplitRuntime.load(tiny_models["llama"], (2, 2))
+    body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
+    ids = runtime.tokenizer([REUSE], return_tensors="pt")["input_ids"]
+    plain = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    fast = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True,
                                                                   speculate=str(tiny_models[draft]), draft_tokens=4))
     body.close()
     assert fast.token_ids == plain.token_ids
@@ -148,6 +148,6 @@ def test_self_drafting_is_refused_with_its_measured_acceptance(llama, local):
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.errors import LambdaSplitError
 
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     with pytest.raises(LambdaSplitError, match="benchmarks self-draft"):
-        device.generate_ids(local, torch.tensor([[1, 504, 3458]]), None, SamplingParams(max_new_tokens=2, speculate="self"))
+        runtime.generate_ids(local, torch.tensor([[1, 504, 3458]]), None, SamplingParams(max_new_tokens=2, speculate="self"))

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.loading import load_scheduler
@@ -103,7 +103,7 @@ def test_sessions_survive_a_failed_step_and_their_tokens_equal_unsplit_generate(
     mlp = bodies[0].runner.module.layers[-1].mlp
     fault = FailOnce(mlp.forward, at=6)
     monkeypatch.setattr(mlp, "forward", fault)
-    devices = [SplitDevice.load(llama, (2, 2)) for _ in PROMPTS]
+    runtimes = [SplitRuntime.load(llama, (2, 2)) for _ in PROMPTS]
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -111,7 +111,7 @@ def test_sessions_survive_a_failed_step_and_their_tokens_equal_unsplit_generate(
         body = LocalBody(scheduler, Codec.FP32)
         try:
             options = SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
-            results[i] = devices[i].generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
+            results[i] = runtimes[i].generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
         finally:

@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.parallel import TensorParallel
 from lambdasplit.errors import LambdaSplitError
@@ -43,12 +43,12 @@ def _expected(llama, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
 def test_concurrent_sessions_on_two_ranks_equal_the_unsplit_model(llama, tp_server):
     """Three sessions at once (batched steps, prefill with decodes), then a fourth after they closed
     (their blocks were zeroed on both ranks): greedy tokens and logits equal unsplit generate()."""
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     results: dict[int, tuple[list[int], torch.Tensor]] = {}
 
     def run(i: int, ids: list[int]) -> None:
-        body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-        result = device.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
+        body = RemoteBody(tp_server.url, runtime.manifest, Codec.FP32)
+        result = runtime.generate_ids(body, torch.tensor([ids]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
                                      keep_logits=True)
         body.close()
         results[i] = (result.token_ids[0], result.logits[:, 0])
@@ -68,10 +68,10 @@ def test_concurrent_sessions_on_two_ranks_equal_the_unsplit_model(llama, tp_serv
 def test_speculative_crops_are_mirrored_to_every_rank(llama, tp_server):
     """Prompt lookup drafts, the tail rejects some, CROP truncates (and zeroes) the KV on rank 0's
     pool and, through the next step, on rank 1's: the output equals plain greedy decoding."""
-    device = SplitDevice.load(llama, (2, 2))
-    ids = device.tokenizer([REPEAT], return_tensors="pt")["input_ids"]
-    body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-    fast = device.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, speculate="prompt-lookup"))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ids = runtime.tokenizer([REPEAT], return_tensors="pt")["input_ids"]
+    body = RemoteBody(tp_server.url, runtime.manifest, Codec.FP32)
+    fast = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, speculate="prompt-lookup"))
     body.close()
     assert fast.token_ids[0] == _expected(llama, ids[0].tolist(), 16)[0]
     assert fast.round_trips < 16
@@ -90,10 +90,10 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     its sliding masks from the mirrored slot validity, so a sequence longer than the window equals
     the unsplit model."""
     mistral = tiny_models["mistral"]
-    device = SplitDevice.load(mistral, (2, 2))
+    runtime = SplitRuntime.load(mistral, (2, 2))
     with ServerProcess("--model", str(mistral), "--split", "2,2", "--tensor-parallel", "2", "--kv-pool", "8") as proc:
-        body = RemoteBody(proc.url, device.manifest, Codec.FP32)
-        result = device.generate_ids(body, torch.tensor([PROMPTS[2]]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
+        body = RemoteBody(proc.url, runtime.manifest, Codec.FP32)
+        result = runtime.generate_ids(body, torch.tensor([PROMPTS[2]]), None, SamplingParams(max_new_tokens=8, ignore_eos=True),
                                      keep_logits=True)
         body.close()
     tokens, logits = _expected(mistral, PROMPTS[2], 8)
@@ -101,10 +101,10 @@ def test_sliding_window_attention_is_exact_on_every_rank(tiny_models):
     torch.testing.assert_close(result.logits[:, 0], logits, atol=1e-4, rtol=0)
 
 
-def _hostile(url: str, device: SplitDevice, frame: bytes) -> dict:
+def _hostile(url: str, runtime: SplitRuntime, frame: bytes) -> dict:
     """One raw session that sends `frame` after HELLO: the server's ERROR frame, decoded."""
     with connect(url + BODY_PATH, compression=None, open_timeout=10) as ws:
-        ws.send(control_frame(MsgType.HELLO, {"protocol": 1, "manifest": device.manifest.as_dict(), "codec": "fp32"}).to_bytes())
+        ws.send(control_frame(MsgType.HELLO, {"protocol": 1, "manifest": runtime.manifest.as_dict(), "codec": "fp32"}).to_bytes())
         session = parse_frame(ws.recv(timeout=10)).session
         ws.send(frame(session) if callable(frame) else frame)
         reply = parse_frame(ws.recv(timeout=30))
@@ -115,8 +115,8 @@ def _hostile(url: str, device: SplitDevice, frame: bytes) -> dict:
 def test_hostile_frames_get_errors_and_leave_every_rank_serving_exactly(llama, tp_server):
     """NaN, a wrong width and garbage are refused on rank 0 before any step is mirrored; a session
     afterwards still equals the unsplit model on both ranks."""
-    device = SplitDevice.load(llama, (2, 2))
-    width = device.manifest.hidden_size
+    runtime = SplitRuntime.load(llama, (2, 2))
+    width = runtime.manifest.hidden_size
     nan = torch.full((1, 3, width), float("nan"))
     bad = {
         "NaN": lambda s: tensor_frame(MsgType.HIDDEN, nan, Codec.FP32, s, 1).to_bytes(),
@@ -124,10 +124,10 @@ def test_hostile_frames_get_errors_and_leave_every_rank_serving_exactly(llama, t
         "garbage": b"\x00garbage" * 9,
     }
     for name, frame in bad.items():
-        error = _hostile(tp_server.url, device, frame)
+        error = _hostile(tp_server.url, runtime, frame)
         assert error.get("code") and error.get("message"), (name, error)
-    body = RemoteBody(tp_server.url, device.manifest, Codec.FP32)
-    result = device.generate_ids(body, torch.tensor([PROMPTS[1]]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    body = RemoteBody(tp_server.url, runtime.manifest, Codec.FP32)
+    result = runtime.generate_ids(body, torch.tensor([PROMPTS[1]]), None, SamplingParams(max_new_tokens=6, ignore_eos=True))
     body.close()
     assert result.token_ids[0] == _expected(llama, PROMPTS[1], 6)[0]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lambdasplit.device.remote import RemoteBody
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.scheduler import SchedulerLimits
@@ -20,17 +20,17 @@ def bodies(llama):
     return load_scheduler(str(llama), (2, 2)).bodies
 
 
-def _remote(server: ThreadServer, device: SplitDevice) -> RemoteBody:
-    return RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN)
+def _remote(server: ThreadServer, runtime: SplitRuntime) -> RemoteBody:
+    return RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
 
 
 def test_the_servers_context_defaults_to_the_models_window(llama, bodies):
     """It was 4096 whatever the model (SmolLM2's window is 8192); the tiny model's is 256."""
     server = ThreadServer(bodies)
-    device = SplitDevice.load(llama, (2, 2))
-    body = _remote(server, device)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = _remote(server, runtime)
     try:
-        assert server.scheduler.limits.max_context == device.config.max_position_embeddings == 256
+        assert server.scheduler.limits.max_context == runtime.config.max_position_embeddings == 256
         assert body.context_limit() == 256  # announced in WELCOME
     finally:
         body.close()
@@ -41,13 +41,13 @@ def test_a_prompt_over_the_servers_max_context_fails_before_any_hidden_state_is_
     """With prompts sent in chunks the server refused only the chunk that crossed --max-context,
     after prefilling the ones before it (18 s of a long prompt); now the device checks first."""
     server = ThreadServer(bodies, SchedulerLimits(max_context=16, max_frame_positions=4))
-    device = SplitDevice.load(llama, (2, 2))
-    body = _remote(server, device)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = _remote(server, runtime)
     try:
         with pytest.raises(PromptError, match="prompt of 14 tokens \\+ 4 new tokens exceeds the body server's --max-context of 16"):
-            device.generate_ids(body, torch.arange(1, 15).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
+            runtime.generate_ids(body, torch.arange(1, 15).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
         assert body.stats.bytes_to_cloud == 0 and server.metric("lambdasplit_tokens_served_total") == 0
-        result = device.generate_ids(body, torch.arange(1, 13).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
+        result = runtime.generate_ids(body, torch.arange(1, 13).unsqueeze(0), None, SamplingParams(max_new_tokens=4))
         assert len(result.token_ids[0]) <= 4
     finally:
         body.close()
@@ -59,11 +59,11 @@ def test_a_text_device_at_an_image_server_and_the_reverse_are_told_what_each_ser
     from lambdasplit.diffusion.cloud import load_diffusion_scheduler
     from lambdasplit.diffusion.device import SplitPipeline
 
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(load_diffusion_scheduler(None, "paper", 1).bodies) as image, ThreadServer(bodies) as text:
         with pytest.raises(MismatchError, match="this server serves a diffusion pipeline, but the device holds a language "
                                                 "model; point the device at a server started with `lambdasplit serve --model"):
-            _remote(image, device).frame_positions()
+            _remote(image, runtime).frame_positions()
         pipeline = SplitPipeline.load(None, "paper", 1, server=text.url, token=TOKEN)
         with pytest.raises(MismatchError, match="this server serves a language model, but the device holds a diffusion "
                                                 "pipeline; .* `lambdasplit serve --pipeline`"):
@@ -76,9 +76,9 @@ def test_a_tls_name_mismatch_lists_the_names_the_certificate_has(bodies, llama, 
     from lambdasplit.security import make_certificates, server_ssl_context
 
     paths = make_certificates(tmp_path, ["body.example.org", "10.1.2.3"])
-    device = SplitDevice.load(llama, (2, 2))
+    runtime = SplitRuntime.load(llama, (2, 2))
     with ThreadServer(bodies, tls=server_ssl_context(paths["cert"], paths["key"])) as server:
-        body = RemoteBody(server.url, device.manifest, Codec.FP32, token=TOKEN, tls_ca=paths["ca"])
+        body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN, tls_ca=paths["ca"])
         with pytest.raises(LambdaSplitError) as refused:
             body.frame_positions()
     message = str(refused.value)
@@ -109,8 +109,8 @@ def test_the_gateway_answers_unknown_routes_in_openais_shape_and_dates_its_model
 
     from lambdasplit.gateway.app import create_app
 
-    device = SplitDevice.load(llama, (2, 2))
-    client = TestClient(create_app(device, lambda: None, "tiny", conversations=0))
+    runtime = SplitRuntime.load(llama, (2, 2))
+    client = TestClient(create_app(runtime, lambda: None, "tiny", conversations=0))
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
         response = client.request(method, path)
         assert response.status_code == status

@@ -32,7 +32,7 @@ _EXPORTS = {
     "generate_ids": "lambdasplit.device.generation",
     "SplitCache": "lambdasplit.device.model",
     "SplitModelForCausalLM": "lambdasplit.device.model",
-    "SplitDevice": "lambdasplit.device.runtime",
+    "SplitRuntime": "lambdasplit.device.runtime",
     "PromptTokenizer": "lambdasplit.device.tokens",
     "SplitSpec": "lambdasplit.split.spec",
     "Codec": "lambdasplit.wire.codec",

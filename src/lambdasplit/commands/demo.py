@@ -29,7 +29,7 @@ def demo(
 
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
@@ -41,12 +41,12 @@ def demo(
         server = ServerProcess(*server_args)
     try:
         with console.status("loading the head and tail (device)..."):
-            device = SplitDevice.load(model, parts)
-        warn_without_chat_template(device)
-        body = connect_body(BodyConfig(server.url, codec=wire, capture=True), device.manifest)
-        console.print(f"[dim]cloud: {server.url}  device: head + tail of {device.config.model_type}[/]")
+            runtime = SplitRuntime.load(model, parts)
+        warn_without_chat_template(runtime)
+        body = connect_body(BodyConfig(server.url, codec=wire, capture=True), runtime.manifest)
+        console.print(f"[dim]cloud: {server.url}  device: head + tail of {runtime.config.model_type}[/]")
         console.print(f"[bold]> {prompt}[/]")
-        result = device.generate(
+        result = runtime.generate(
             body, prompt, SamplingParams(max_new_tokens=max_new_tokens),
             on_text=lambda text: console.out(text, end="", highlight=False),
         )
@@ -54,10 +54,10 @@ def demo(
         body.close()
     finally:
         server.stop()
-    _demo_table(console, device, body, result, prompt, wire)
+    _demo_table(console, runtime, body, result, prompt, wire)
 
 
-def _demo_table(console, device, body, result, prompt, wire) -> None:
+def _demo_table(console, runtime, body, result, prompt, wire) -> None:
     """Where layers ran, what crossed per token, where the time went, and a plaintext check."""
     from statistics import median
 
@@ -65,7 +65,7 @@ def _demo_table(console, device, body, result, prompt, wire) -> None:
 
     from lambdasplit.device.leakcheck import plaintext_found
 
-    spec = device.spec
+    spec = runtime.spec
     layers = Table("part", "layers", "ran on", title="Split")
     for role, where in (("head", "device"), ("body", "cloud"), ("tail", "device")):
         start, stop = spec.range(role)

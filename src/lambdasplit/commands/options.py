@@ -209,7 +209,7 @@ def device_split(split: SplitChoice | None) -> tuple[int, int] | None:
     return random_split_point(split.k_min, split.k_max), split.m
 
 
-def body_client(device, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **options):
+def body_client(runtime, model, parts, dtype, codec, allow_shallow, server, token_file, tls_ca, **options):
     """The BodyClient: a session on --server, else on the body in this process."""
     from lambdasplit.device.connect import BodyConfig, connect_body
 
@@ -217,7 +217,7 @@ def body_client(device, model, parts, dtype, codec, allow_shallow, server, token
         server, token_file, tls_ca=tls_ca, codec=codec, source=model, split=parts, dtype=dtype,
         allow_shallow=allow_shallow, **options,
     )
-    return connect_body(config, device.manifest)
+    return connect_body(config, runtime.manifest)
 
 
 def check_local_body(model: str | None, server: str | None, decoys: int) -> None:
@@ -253,12 +253,12 @@ def names(text: str) -> list[str]:
     return [item.strip() for item in text.split(",")]
 
 
-def warn_without_chat_template(device) -> None:
-    """SplitDevice falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
+def warn_without_chat_template(runtime) -> None:
+    """SplitRuntime falls back to the raw prompt when the tokenizer has no chat template (e.g. a GGUF
     without one); an instruction-tuned model then answers worse, so say it once."""
-    if device.has_tokenizer and device.tokenizer.chat_template is None:
+    if runtime.has_tokenizer and runtime.tokenizer.chat_template is None:
         typer.echo(
-            f"warning: the tokenizer of {device.opened.checkpoint.path.name} has no chat template; "
+            f"warning: the tokenizer of {runtime.opened.checkpoint.path.name} has no chat template; "
             "prompts are sent raw, as with --raw",
             err=True,
         )

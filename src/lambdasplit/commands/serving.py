@@ -201,7 +201,7 @@ def gateway(
     import uvicorn
 
     from lambdasplit.device.connect import BodyConfig, connect_body
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.gateway.app import create_app, default_model_name
     from lambdasplit.gateway.protected import flags as protected_flags
     from lambdasplit.listen import check_bindable
@@ -213,16 +213,16 @@ def gateway(
     if api_key is None and not is_loopback(host):
         raise LambdaSplitError(f"refusing to expose the gateway on {host} without --api-key-file")
     check_bindable(host, port)  # one line now, not a banner and then uvicorn's raw [Errno 98]
-    device = SplitDevice.load(model, point(split), dtype, quantize=quantize)
-    warn_without_chat_template(device)
+    runtime = SplitRuntime.load(model, point(split), dtype, quantize=quantize)
+    warn_without_chat_template(runtime)
     config = BodyConfig.from_options(server, token_file, tls_ca=tls_ca, codec=Codec.parse(codec),
                                      reconnect_window=reconnect_window)
-    connect = functools.partial(connect_body, config, device.manifest)  # one body session per request
-    name = model_name or default_model_name(model, device.opened.exported is not None)
+    connect = functools.partial(connect_body, config, runtime.manifest)  # one body session per request
+    name = model_name or default_model_name(model, runtime.opened.exported is not None)
     protection = Protection(pseudonymize, decoys)
     defenses = f", defenses: {protected_flags(protection)}" if protection.active else ""
     typer.echo(f"lambdasplit gateway: http://{host}:{port}/v1 (model {name}{defenses}) -> body at {server}")
-    app_ = create_app(device, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens, conversations=conversations,
+    app_ = create_app(runtime, connect, name, api_key, speculate=speculate, draft_tokens=draft_tokens, conversations=conversations,
                       protection=protection)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
@@ -249,7 +249,7 @@ def ui(
     """Serve the web UI: chat and image generation through the split model, showing what crosses the network."""
     import uvicorn
 
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.diffusion.device import SplitPipelines
     from lambdasplit.listen import check_bindable
     from lambdasplit.security import is_loopback, read_token
@@ -263,23 +263,23 @@ def ui(
     token = read_token(token_file)
     wire = Codec.parse(codec)
     parts = point(split)
-    device = SplitDevice.load(model, parts, dtype, quantize=quantize)
-    warn_without_chat_template(device)
+    runtime = SplitRuntime.load(model, parts, dtype, quantize=quantize)
+    warn_without_chat_template(runtime)
 
     def connect():  # one body session per conversation of the page
-        return body_client(device, model, parts, dtype, wire, False, server, token_file, tls_ca,
+        return body_client(runtime, model, parts, dtype, wire, False, server, token_file, tls_ca,
                      connect_timeout=defaults.UI_CONNECT_TIMEOUT, reconnect_window=defaults.UI_RECONNECT_WINDOW)
 
     connect().close()  # an in-process body loads now rather than on the first message; a remote one connects lazily
     images = SplitPipelines(pipeline, image_server, token, tls_ca, wire)
     info = {"model": model or defaults.EMBEDDED_MODEL, "server": server, "image_server": image_server, "image_note": images.note}
-    audit = load_audit(device.spec) if model is None else None
+    audit = load_audit(runtime.spec) if model is None else None
     typer.echo(f"lambdasplit UI: http://{host}:{port}/ (body {'at ' + server if server else 'in this process'})")
     sys.stdout.flush()
     from lambdasplit.privacy.protect import Protection
 
     protection = Protection(pseudonymize, decoys) if pseudonymize or decoys else None
-    app_ = create_ui(device, connect, info, images if image else None, audit, speculate=speculate, draft_tokens=draft_tokens,
+    app_ = create_ui(runtime, connect, info, images if image else None, audit, speculate=speculate, draft_tokens=draft_tokens,
                      protection=protection)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

@@ -74,7 +74,7 @@ def generate(
     decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: run the prompt among N decoy rows that differ in its identifiers (every row runs to --max-new-tokens).")] = 0,
 ) -> None:
     """Generate text with the split model; the body runs on --server, or in this process without it."""
-    from lambdasplit.device.runtime import SplitDevice
+    from lambdasplit.device.runtime import SplitRuntime
     from lambdasplit.device.sampling import SamplingParams
     from lambdasplit.wire.codec import Codec
 
@@ -97,10 +97,10 @@ def generate(
     wire = Codec.parse(codec)
     check_local_body(model, server, decoys)
     parts = device_split(split)
-    device = SplitDevice.load(model, parts, dtype, allow_shallow=allow_shallow, quantize=quantize)
+    runtime = SplitRuntime.load(model, parts, dtype, allow_shallow=allow_shallow, quantize=quantize)
     if not raw:
-        warn_without_chat_template(device)
-    body = body_client(device, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca,
+        warn_without_chat_template(runtime)
+    body = body_client(runtime, model, parts, dtype, wire, allow_shallow, server, token_file, tls_ca,
                  reconnect_window=reconnect_window)
     if noise:
         from lambdasplit.privacy.defenses import GaussianNoise
@@ -116,12 +116,12 @@ def generate(
 
             if raw:
                 raise LambdaSplitError("--pseudonymize and --decoys work on chat prompts; drop --raw")
-            protected = ProtectedChat(device, Protection(pseudonymize, decoys)).generate(
+            protected = ProtectedChat(runtime, Protection(pseudonymize, decoys)).generate(
                 body, [{"role": "user", "content": prompt}], sampling, on_text=on_text)
             result = protected.result
             result.texts[protected.real_row] = protected.text
         else:
-            result = device.generate(body, prompt, sampling, raw=raw, on_text=on_text)
+            result = runtime.generate(body, prompt, sampling, raw=raw, on_text=on_text)
     finally:
         body.close()
     row = protected.real_row if protected else 0
@@ -131,7 +131,7 @@ def generate(
             "prompt_token_ids": result.prompt_token_ids[row],
             "token_ids": result.token_ids[row],
             "finish_reason": result.finish_reasons[row],
-            "split": device.spec.as_dict(),
+            "split": runtime.spec.as_dict(),
             "codec": wire.name.lower(),
             "bytes": {"to_cloud": result.bytes_to_cloud, "from_cloud": result.bytes_from_cloud},
             "timings": result.timings.as_dict(),

@@ -1,4 +1,4 @@
-"""SplitDevice: what runs on the phone or laptop — the split model (head and tail) and its tokenizer.
+"""SplitRuntime: what runs on the phone or laptop — the split model (head and tail) and its tokenizer.
 
 Token ids and text stay here; only hidden states go to the body through a BodyClient. The model
 (device/model.py) and the tokenizer (device/tokens.py) know nothing of each other; generation
@@ -21,7 +21,7 @@ from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.tokens import PromptTokenizer
 
 
-class SplitDevice:
+class SplitRuntime:
     """Head and tail of a split model (as a transformers model), with the tokenizer."""
 
     def __init__(self, model: SplitModelForCausalLM, tokens: PromptTokenizer) -> None:
@@ -40,7 +40,7 @@ class SplitDevice:
         device: str = "cpu",
         allow_shallow: bool = False,
         quantize: str | None = None,
-    ) -> SplitDevice:
+    ) -> SplitRuntime:
         """Load head + tail (and the tokenizer) from a model source or an exported device part;
         `quantize` (int8, int4, gguf-exact) stores their weights quantized (split/quantize.py)."""
         model = SplitModelForCausalLM.from_source(source, split, dtype, device, allow_shallow, quantize)

@@ -1,7 +1,7 @@
 """PromptTokenizer: the device's text side — the tokenizer, prompt and chat encoding, EOS and padding.
 
 It knows the checkpoint, not the split model, so `generation.generate_ids` takes it next to the
-model and neither imports the other (`SplitDevice` in device/runtime.py pairs the two).
+model and neither imports the other (`SplitRuntime` in device/runtime.py pairs the two).
 """
 
 from __future__ import annotations

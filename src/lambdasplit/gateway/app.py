@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lambdasplit import defaults
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.gateway import responses
 from lambdasplit.gateway.generator import BodyFactory, Generator, Outcome, Plan, plan
@@ -80,9 +80,9 @@ def default_model_name(source: str | None, exported: bool = False) -> str:
 
 @dataclass
 class _Gateway:
-    """What the routes share: the device, the model's name, the generator and its worker threads."""
+    """What the routes share: the runtime, the model's name, the generator and its worker threads."""
 
-    device: SplitDevice
+    runtime: SplitRuntime
     model_name: str
     api_key: str | None
     generator: Generator
@@ -122,7 +122,7 @@ class _Gateway:
         if isinstance(first, BaseException):
             raise first
         if plan.stream:
-            return StreamingResponse(responses.stream(self.device, job, first, request, plan, meta, self.poll_seconds),
+            return StreamingResponse(responses.stream(self.runtime, job, first, request, plan, meta, self.poll_seconds),
                                      media_type="text/event-stream")
         try:
             while not isinstance(first, Outcome | BaseException):  # a non-streamed plan puts only its outcome
@@ -135,7 +135,7 @@ class _Gateway:
             raise first
         headers = {"X-LambdaSplit-Bytes-To-Cloud": str(first.result.bytes_to_cloud),
                    "X-LambdaSplit-Cached-Tokens": str(first.cached_tokens)}
-        return JSONResponse(responses.answer(self.device, plan, meta, first), headers=headers)
+        return JSONResponse(responses.answer(self.runtime, plan, meta, first), headers=headers)
 
 
 async def _payload(request: Request) -> Any:
@@ -155,18 +155,18 @@ async def _payload(request: Request) -> Any:
         raise bad_request("the request body is nested too deeply") from None
 
 
-def _encode(device: SplitDevice, prompt: str | list[int]) -> list[int]:
+def _encode(runtime: SplitRuntime, prompt: str | list[int]) -> list[int]:
     """A completions prompt's ids; the tokenizer is shared by concurrent requests, so it is called
     without padding (its settings never change)."""
     if isinstance(prompt, list):
         return prompt
     if not prompt.strip():
         raise bad_request("the prompt is empty", "prompt")
-    return device.tokenizer(prompt)["input_ids"]
+    return runtime.tokenizer(prompt)["input_ids"]
 
 
 def create_app(
-    device: SplitDevice,
+    runtime: SplitRuntime,
     connect: BodyFactory,
     model_name: str,
     api_key: str | None = None,
@@ -184,17 +184,17 @@ def create_app(
 ) -> FastAPI:
     """The gateway app. Every completion request runs on a body session of its own (`connect()`,
     or a kept conversation's: at most `conversations` are kept, 0 turns reuse off) and its own
-    generate() over `device`, so requests run concurrently. `sampling_defaults` default to the
+    generate() over `runtime`, so requests run concurrently. `sampling_defaults` default to the
     model's generation_config.json. An active `protection` runs chat requests through the
     defenses (the stand-ins of at most `protected_chats` conversations are kept, each for
     `protected_ttl` idle seconds) and refuses raw completions; its `seed` is for tests only."""
     pool: SessionPool[int, Conversation] = SessionPool(conversations, conversation_ttl, Conversation.close)
-    protected = ProtectedChats(device, protection, protected_chats, protected_ttl) if protection is not None and protection.active else None
-    sampling = replace(sampling_defaults or SamplingDefaults.from_generation_config(device.model.generation_config),
+    protected = ProtectedChats(runtime, protection, protected_chats, protected_ttl) if protection is not None and protection.active else None
+    sampling = replace(sampling_defaults or SamplingDefaults.from_generation_config(runtime.model.generation_config),
                        max_tokens=default_max_tokens)
-    gw = _Gateway(device, model_name, api_key, Generator(device, connect, pool, protected), Workers("gateway"), sampling,
-                  int(device.config.get_text_config().vocab_size), max_n, speculate, draft_tokens, poll_seconds,
-                  responses.created(device))
+    gw = _Gateway(runtime, model_name, api_key, Generator(runtime, connect, pool, protected), Workers("gateway"), sampling,
+                  int(runtime.config.get_text_config().vocab_size), max_n, speculate, draft_tokens, poll_seconds,
+                  responses.created(runtime))
 
     async def reap() -> None:
         while True:
@@ -265,7 +265,7 @@ def _routes(app: FastAPI, gw: _Gateway, protected: ProtectedChats | None) -> Non
         gw.check_model(req.model)
         if protected is not None:
             refuse_unprotectable(req, protected.protection)
-        ids = gw.device.encode_chat(req.messages)[0].tolist()
+        ids = gw.runtime.encode_chat(req.messages)[0].tolist()
         return await gw.respond(gw.plan(True, [ids], req, [], req.messages if protected is not None else None), request)
 
     @app.post("/v1/completions", response_model=None)
@@ -275,6 +275,6 @@ def _routes(app: FastAPI, gw: _Gateway, protected: ProtectedChats | None) -> Non
             raise refuse_completions(protected.protection)
         req = parse_completion(await _payload(request), gw.sampling, gw.vocab_size, gw.max_n)
         gw.check_model(req.model)
-        prompts = [_encode(gw.device, p) for p in req.prompts]
-        echo = [gw.device.tokenizer.decode(p) if isinstance(p, list) else p for p in req.prompts] if req.echo else []
+        prompts = [_encode(gw.runtime, p) for p in req.prompts]
+        echo = [gw.runtime.tokenizer.decode(p) if isinstance(p, list) else p for p in req.prompts] if req.echo else []
         return await gw.respond(gw.plan(False, prompts, req, echo), request)

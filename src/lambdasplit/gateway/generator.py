@@ -22,7 +22,7 @@ from transformers import LogitsProcessor
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationResult
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.textstream import TextStream
 from lambdasplit.errors import UnavailableError
@@ -94,9 +94,9 @@ class _Collector:
     """The on_tokens callback of one generation: every row's raw new ids (what a kept cache holds),
     logprobs, and, when streaming, each row's text cut at stop strings (`TextStream` per row)."""
 
-    def __init__(self, device: SplitDevice, rows: int, stops: tuple[str, ...], recorder: LogprobRecorder | None,
+    def __init__(self, runtime: SplitRuntime, rows: int, stops: tuple[str, ...], recorder: LogprobRecorder | None,
                  put: Put | None) -> None:
-        self.eos = set(device.eos_ids)
+        self.eos = set(runtime.eos_ids)
         self.recorder, self.put = recorder, put
         self.raw: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]
@@ -105,7 +105,7 @@ class _Collector:
         self.streams: list[TextStream] = []
         if put is not None:
             for i in range(rows):
-                self.streams.append(TextStream(device.tokenizer, lambda text, i=i: self._text(i, text), stops))
+                self.streams.append(TextStream(runtime.tokenizer, lambda text, i=i: self._text(i, text), stops))
 
     def _text(self, row: int, text: str) -> None:
         self.pending[row] = self.pending.get(row, "") + text
@@ -140,10 +140,10 @@ class _Collector:
 class Generator:
     """Runs plans on the device: body sessions (fresh or a kept conversation's), processors, the call."""
 
-    def __init__(self, device: SplitDevice, connect: BodyFactory, pool: SessionPool[int, Conversation],
+    def __init__(self, runtime: SplitRuntime, connect: BodyFactory, pool: SessionPool[int, Conversation],
                  protected: ProtectedChats | None = None) -> None:
-        self.device, self.connect, self.pool, self.protected = device, connect, pool, protected
-        self.constraint = JsonSchemaConstraint(device.tokenizer, device.eos_ids) if device.has_tokenizer else None
+        self.runtime, self.connect, self.pool, self.protected = runtime, connect, pool, protected
+        self.constraint = JsonSchemaConstraint(runtime.tokenizer, runtime.eos_ids) if runtime.has_tokenizer else None
 
     def run(self, plan: Plan, cancel: threading.Event, put: Put) -> Outcome:
         """Generate `plan`; a single-row plan continues a kept conversation when its prompt extends
@@ -173,18 +173,18 @@ class Generator:
         keep = False
         try:
             if single:
-                body, cache, cached = conv.prepare(self.device.model, plan.rows[0])
+                body, cache, cached = conv.prepare(self.runtime.model, plan.rows[0])
             else:
                 body, cache, cached = conv.session(), None, 0
             recorder = LogprobRecorder(plan.logprobs) if plan.logprobs is not None else None
-            collector = _Collector(self.device, len(plan.rows), plan.params.stop, recorder, put if plan.stream else None)
-            ids, mask = _batch(plan.rows, self.device.pad_id)
+            collector = _Collector(self.runtime, len(plan.rows), plan.params.stop, recorder, put if plan.stream else None)
+            ids, mask = _batch(plan.rows, self.runtime.pad_id)
             first: list[LogitsProcessor] = [recorder] if recorder is not None else []  # raw logits, before the sampler's
             if plan.json_schema is not None:
                 if self.constraint is None:
                     raise bad_request("response_format needs the model's tokenizer", "response_format")
                 first.append(self.constraint.processor(plan.json_schema, len(plan.rows)))
-            result = self.device.generate_ids(body, ids, mask, plan.params, on_tokens=collector.on_tokens, cancel=cancel,
+            result = self.runtime.generate_ids(body, ids, mask, plan.params, on_tokens=collector.on_tokens, cancel=cancel,
                                               cache=cache, logits_processor=first)
             collector.finish()
             if single and result.finish_reasons[0] != "cancelled":

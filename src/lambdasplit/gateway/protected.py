@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.gateway.schema import APIError, ChatRequest, bad_request
 from lambdasplit.privacy.protect import ProtectedChat, Protection
 from lambdasplit.privacy.pseudonym import Detector
@@ -41,11 +41,11 @@ def opening_key(messages: list[dict[str, str]], user: str | None = None) -> str:
 class ProtectedChats:
     """The `ProtectedChat` of each conversation, at most `capacity` idle ones, forgotten after `ttl` idle seconds."""
 
-    def __init__(self, device: SplitDevice, protection: Protection, capacity: int = PROTECTED_CHATS, ttl: float = PROTECTED_TTL,
+    def __init__(self, runtime: SplitRuntime, protection: Protection, capacity: int = PROTECTED_CHATS, ttl: float = PROTECTED_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError("protected conversations need capacity >= 1")
-        self.device, self.protection = device, protection
+        self.runtime, self.protection = runtime, protection
         self.detector = Detector()  # shared: its analyzer and name lists are loaded once
         self.pool: SessionPool[str, ProtectedChat] = SessionPool(capacity, ttl, _forget, clock)
 
@@ -55,7 +55,7 @@ class ProtectedChats:
     def chat(self, messages: list[dict[str, str]], user: str | None = None) -> contextlib.AbstractContextManager[ProtectedChat]:
         """The conversation's `ProtectedChat` for one turn; turns of one conversation run one at a
         time (its stand-ins and decoy rows change as it runs), and one in a turn is never evicted."""
-        return self.pool.use(opening_key(messages, user), lambda: ProtectedChat(self.device, self.protection, self.detector))
+        return self.pool.use(opening_key(messages, user), lambda: ProtectedChat(self.runtime, self.protection, self.detector))
 
     def expire(self) -> None:
         """Forget every conversation idle for longer than `ttl`."""

@@ -25,7 +25,7 @@ from openai.types.completion_usage import PromptTokensDetails
 from starlette.requests import Request
 
 from lambdasplit.device.generation import GenerationCancelled
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.errors import CapacityError, LambdaSplitError, ProtocolError, RemoteError, UnavailableError
 from lambdasplit.gateway.generator import Outcome, Plan, Step
 from lambdasplit.gateway.sampling import TokenLogprob
@@ -79,7 +79,7 @@ def finish_reason(reason: str) -> str:
     return "length" if reason == "cancelled" else reason
 
 
-async def stream(device: SplitDevice, job: Job, first: object, request: Request, plan: Plan, meta: dict[str, Any],
+async def stream(runtime: SplitRuntime, job: Job, first: object, request: Request, plan: Plan, meta: dict[str, Any],
                  poll_seconds: float) -> AsyncIterator[str]:
     """The SSE events of a streamed plan, from the job's first item to `data: [DONE]`; an error once
     the stream has started is an error event (the status line has gone)."""
@@ -93,10 +93,10 @@ async def stream(device: SplitDevice, job: Job, first: object, request: Request,
               role: bool = False) -> ChatCompletionChunk | Completion:
         if plan.chat:
             delta = ChoiceDelta(role="assistant", content="") if role else ChoiceDelta(content=text) if text else ChoiceDelta()
-            logprobs = ChunkLogprobs(content=chat_logprobs(device, entries)) if entries else None
+            logprobs = ChunkLogprobs(content=chat_logprobs(runtime, entries)) if entries else None
             choice = ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
             return ChatCompletionChunk(**meta, object="chat.completion.chunk", choices=[choice])
-        logprobs = completion_logprobs(device, entries, plan.logprobs or 0, 0) if entries else None
+        logprobs = completion_logprobs(runtime, entries, plan.logprobs or 0, 0) if entries else None
         # Built unvalidated: openai's CompletionChoice has no null finish_reason, which every chunk but the last carries.
         choice = CompletionChoice.model_construct(index=index, text=text or "", finish_reason=reason, logprobs=logprobs)
         return Completion(**meta, object="text_completion", choices=[choice])
@@ -136,10 +136,10 @@ def model_card(name: str, created: int) -> dict[str, Any]:
     return Model(id=name, object="model", created=created, owned_by="lambdasplit").model_dump(mode="json", exclude_unset=True)
 
 
-def created(device: SplitDevice) -> int:
+def created(runtime: SplitRuntime) -> int:
     """`created` of /v1/models: when the model's weights were written (the newest weight file's
     mtime; 0 was every model's), or now where there are none to read."""
-    files = device.opened.checkpoint.files
+    files = runtime.opened.checkpoint.files
     return int(max(f.stat().st_mtime for f in files)) if files else int(time.time())
 
 
@@ -150,46 +150,46 @@ def usage_of(outcome: Outcome) -> CompletionUsage:
                            total_tokens=outcome.prompt_tokens + completion, prompt_tokens_details=details)
 
 
-def _token_text(device: SplitDevice, token: int) -> str:
-    return device.tokenizer.decode([token])
+def _token_text(runtime: SplitRuntime, token: int) -> str:
+    return runtime.tokenizer.decode([token])
 
 
-def chat_logprobs(device: SplitDevice, entries: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
+def chat_logprobs(runtime: SplitRuntime, entries: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
     def top(token: int, logprob: float) -> TopLogprob:
-        text = _token_text(device, token)
+        text = _token_text(runtime, token)
         return TopLogprob(token=text, bytes=list(text.encode()), logprob=logprob)
 
     out = []
     for e in entries:
-        text = _token_text(device, e.token)
+        text = _token_text(runtime, e.token)
         alternatives = [top(t, p) for t, p in e.top]
         out.append(ChatCompletionTokenLogprob(token=text, bytes=list(text.encode()), logprob=e.logprob, top_logprobs=alternatives))
     return out
 
 
-def completion_logprobs(device: SplitDevice, entries: list[TokenLogprob], top: int, offset: int) -> Logprobs:
+def completion_logprobs(runtime: SplitRuntime, entries: list[TokenLogprob], top: int, offset: int) -> Logprobs:
     """The legacy completions shape; each position's alternatives always include the chosen
     token (OpenAI: "up to logprobs+1 elements")."""
-    tokens = [_token_text(device, e.token) for e in entries]
+    tokens = [_token_text(runtime, e.token) for e in entries]
     offsets, at = [], offset
     for text in tokens:
         offsets.append(at)
         at += len(text)
     tops = []
     for e, text in zip(entries, tokens, strict=True):
-        alternatives = {_token_text(device, t): p for t, p in e.top[:top]}
+        alternatives = {_token_text(runtime, t): p for t, p in e.top[:top]}
         alternatives.setdefault(text, e.logprob)
         tops.append(alternatives)
     return Logprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], top_logprobs=tops, text_offset=offsets)
 
 
-def answer(device: SplitDevice, plan: Plan, meta: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+def answer(runtime: SplitRuntime, plan: Plan, meta: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
     """The non-streamed response body."""
     result, usage = outcome.result, usage_of(outcome)
     if plan.chat:
         choices = [
             Choice(index=i, message=ChatCompletionMessage(role="assistant", content=text), finish_reason=finish_reason(reason),
-                   logprobs=ChoiceLogprobs(content=chat_logprobs(device, entries)) if plan.logprobs is not None else None)
+                   logprobs=ChoiceLogprobs(content=chat_logprobs(runtime, entries)) if plan.logprobs is not None else None)
             for i, (text, reason, entries) in enumerate(zip(result.texts, result.finish_reasons, outcome.logprobs, strict=True))
         ]
         reply: ChatCompletion | Completion = ChatCompletion(**meta, object="chat.completion", choices=choices, usage=usage)
@@ -197,7 +197,7 @@ def answer(device: SplitDevice, plan: Plan, meta: dict[str, Any], outcome: Outco
         echo = plan.echo or [""] * len(result.texts)
         choices_ = [
             CompletionChoice(index=i, text=prefix + text, finish_reason=finish_reason(reason),  # type: ignore[arg-type]
-                             logprobs=completion_logprobs(device, entries, plan.logprobs, len(prefix)) if plan.logprobs is not None else None)
+                             logprobs=completion_logprobs(runtime, entries, plan.logprobs, len(prefix)) if plan.logprobs is not None else None)
             for i, (prefix, text, reason, entries) in enumerate(zip(echo, result.texts, result.finish_reasons, outcome.logprobs, strict=True))
         ]
         reply = Completion(**meta, object="text_completion", choices=choices_, usage=usage)

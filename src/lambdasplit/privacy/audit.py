@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lambdasplit import defaults
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import LocalBody, load_local_body
 from lambdasplit.errors import LambdaSplitError
@@ -156,25 +156,25 @@ def run_audit(config: AuditConfig, progress: Callable[[str, int, int], None] = l
     units = AuditProgress(config, len(samples), progress)
     rows, quality = [], []
     attacker = Attacker(open_source(config.source, None, allow_shallow=True), budget=config.budget)
-    devices: dict[tuple[int, int], SplitDevice] = {}
+    runtimes: dict[tuple[int, int], SplitRuntime] = {}
     inverters: dict[int, LearnedInverter] = {}
 
     def inverter_for(k: int) -> LearnedInverter:
         if k not in inverters:
             units.inverter_needed(k)
             with units.unit(f"training the inverter for K={k} ({config.inversion_steps} steps)"):
-                corpus = public_corpus(device_for(*config.splits[0]).tokenizer)
+                corpus = public_corpus(runtime_for(*config.splits[0]).tokenizer)
                 inverters[k] = LearnedInverter(attacker.opened, k, InversionConfig(steps=config.inversion_steps, seed=config.seed)).fit(corpus)
         return inverters[k]
 
-    def device_for(k: int, m: int) -> SplitDevice:
-        if (k, m) not in devices:
-            devices[(k, m)] = SplitDevice.load(config.source, (k, m))
-        return devices[(k, m)]
+    def runtime_for(k: int, m: int) -> SplitRuntime:
+        if (k, m) not in runtimes:
+            runtimes[(k, m)] = SplitRuntime.load(config.source, (k, m))
+        return runtimes[(k, m)]
 
     for k, m in config.splits:
-        device = device_for(k, m)
-        reference = _reference(device, config, samples, units)
+        runtime = runtime_for(k, m)
+        reference = _reference(runtime, config, samples, units)
         for name in config.defenses:
             defense = DEFENSES[name]
             with units.unit(f"split {k},{m}  defense {name}: quality"):
@@ -182,24 +182,24 @@ def run_audit(config: AuditConfig, progress: Callable[[str, int, int], None] = l
             for i, (sample, ref) in enumerate(zip(samples, reference, strict=False)):
                 session_k = random_split_point(1, 8) if defense.random_split else k
                 with units.unit(f"split {k},{m}  defense {name}: prompt {i + 1}/{len(samples)}"):
-                    captured, prompt_ids, gen_ids, _ = _run(device_for(session_k, m), config, defense, sample)
+                    captured, prompt_ids, gen_ids, _ = _run(runtime_for(session_k, m), config, defense, sample)
                     seen = observe(captured)
                     for threat in ("cloud", "eavesdropper"):
-                        row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, device)
-                        row["inversion"] = _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device)
+                        row = _attack(attacker, config, threat, defense, session_k, m, seen, prompt_ids, gen_ids, sample, runtime)
+                        row["inversion"] = _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, runtime)
                         rows.append({"split": [k, m], "session_k": session_k, "defense": name, "threat": threat, **row,
                                      "greedy_match": gen_ids == ref})
     return {"config": {**config.__dict__, "splits": [list(s) for s in config.splits]}, "attacks": rows,
             "quality": quality, "summary": summarize(rows, quality, config.attacks)}
 
 
-def _reference(device: SplitDevice, config: AuditConfig, samples: list[Sample], units: AuditProgress) -> list[list[int]]:
-    body = load_local_body(config.source, (device.spec.k, device.spec.m))
+def _reference(runtime: SplitRuntime, config: AuditConfig, samples: list[Sample], units: AuditProgress) -> list[list[int]]:
+    body = load_local_body(config.source, (runtime.spec.k, runtime.spec.m))
     sampling = SamplingParams(max_new_tokens=config.max_new_tokens)
     out = []
     for i, sample in enumerate(samples):
-        with units.unit(f"split {device.spec.k},{device.spec.m}: reference answer {i + 1}/{len(samples)}"):
-            out.append(device.generate(body, sample.prompt, sampling).token_ids[0])
+        with units.unit(f"split {runtime.spec.k},{runtime.spec.m}: reference answer {i + 1}/{len(samples)}"):
+            out.append(runtime.generate(body, sample.prompt, sampling).token_ids[0])
     return out
 
 
@@ -210,14 +210,14 @@ def _body(config: AuditConfig, defense: Defense, k: int, m: int) -> LocalBody:
     return body
 
 
-def _run(device: SplitDevice, config: AuditConfig, defense: Defense, sample: Sample):
-    body = _body(config, defense, device.spec.k, device.spec.m)
+def _run(runtime: SplitRuntime, config: AuditConfig, defense: Defense, sample: Sample):
+    body = _body(config, defense, runtime.spec.k, runtime.spec.m)
     body.captured = []
-    result = device.generate(body, sample.prompt, SamplingParams(max_new_tokens=config.max_new_tokens))
+    result = runtime.generate(body, sample.prompt, SamplingParams(max_new_tokens=config.max_new_tokens))
     return body.captured, result.prompt_token_ids[0], result.token_ids[0], result.text
 
 
-def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, sample, device) -> dict:
+def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, sample, runtime) -> dict:
     """Both sides of the text: the prompt from the uplink, the answer from both links."""
     if threat == "eavesdropper" and defense.tls:
         return {"k_used": None, "m_used": None, "prompt": _scores([], prompt_ids, "", sample.pii), "output": _scores([], gen_ids, "", sample.pii),
@@ -237,7 +237,7 @@ def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, 
     if "tail-replay" in config.attacks and seen.downlink:
         out_rec = attacker.replay(m_used, seen.downlink).token_ids  # frame i's argmax: generated token i
     seconds = time.perf_counter() - start
-    tok = device.tokenizer
+    tok = runtime.tokenizer
     return {
         "k_used": k_used,
         "m_used": m_used,
@@ -248,7 +248,7 @@ def _attack(attacker, config, threat, defense, k, m, seen, prompt_ids, gen_ids, 
     }
 
 
-def _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, device) -> dict | None:
+def _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample, runtime) -> dict | None:
     """The learned inverter on the prompt's uplink states, at the K the attacker works with."""
     if "learned-inversion" not in config.attacks:
         return None
@@ -256,7 +256,7 @@ def _invert(inverter_for, config, threat, defense, row, seen, prompt_ids, sample
         return {**_scores([], prompt_ids, "", sample.pii), "seconds": 0.0}
     inverter = inverter_for(row["k_used"])
     rec = inverter.recover(positions(seen.uplink)[: len(prompt_ids)])
-    text = device.tokenizer.decode(rec.token_ids, skip_special_tokens=True)
+    text = runtime.tokenizer.decode(rec.token_ids, skip_special_tokens=True)
     return {**_scores(rec.token_ids, prompt_ids, text, sample.pii), "seconds": rec.seconds,
             "train_seconds": inverter.train_seconds}
 
@@ -275,14 +275,14 @@ def _quality(config: AuditConfig, defense: Defense, k: int, m: int) -> dict:
     """Teacher-forced on held-out text: next-token KL to the unsplit model and perplexity."""
     if defense.tls or defense.random_split:
         return {"kl": 0.0, "perplexity_delta": 0.0, "note": "exact: the split output is unchanged"}
-    device = SplitDevice.load(config.source, (k, m))
+    runtime = SplitRuntime.load(config.source, (k, m))
     # At most the model's window: past it the numbers say nothing (and the body refuses it).
-    ids = device.tokenizer(heldout_text(), return_tensors="pt")["input_ids"][:, :min(512, device.max_context)]
+    ids = runtime.tokenizer(heldout_text(), return_tensors="pt")["input_ids"][:, :min(512, runtime.max_context)]
     clean_body, body = load_local_body(config.source, (k, m)), _body(config, defense, k, m)
 
     def logits(b) -> torch.Tensor:
-        device.head.reset(), device.tail.reset(), b.reset()
-        return device.tail(b.forward(device.head(ids)), logits_to_keep=0)[0, :-1].float()
+        runtime.head.reset(), runtime.tail.reset(), b.reset()
+        return runtime.tail(b.forward(runtime.head(ids)), logits_to_keep=0)[0, :-1].float()
 
     clean, noisy = logits(clean_body), logits(body)
     target = ids[0, 1:]

@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.privacy.pseudonym import _STREET_COMPOUND, Detector, _fold, name_lexicon
 
 Values = list[list[tuple[str, str]]]  # per row: (kind, value) of each span
@@ -24,8 +24,8 @@ _LAST: dict = {}
 class Distinguisher:
     name = "base"
 
-    def __init__(self, device: SplitDevice, detector: Detector) -> None:
-        self.device, self.detector = device, detector
+    def __init__(self, runtime: SplitRuntime, detector: Detector) -> None:
+        self.runtime, self.detector = runtime, detector
 
     def scores(self, texts: list[str], values: Values) -> list[float]:
         raise NotImplementedError
@@ -36,7 +36,7 @@ class _LanguageModel(Distinguisher):
 
     @cached_property
     def model(self):
-        path = str(self.device.opened.checkpoint.path)
+        path = str(self.runtime.opened.checkpoint.path)
         if path not in _MODELS:
             from transformers import AutoModelForCausalLM
 
@@ -47,13 +47,13 @@ class _LanguageModel(Distinguisher):
     def token_logprobs(self, texts: list[str]) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]]]:
         """Per row: log p(token_t | tokens before t) for t >= 1, and each token's character offsets (the last
         batch is remembered: every likelihood distinguisher scores the same rows)."""
-        key = (str(self.device.opened.checkpoint.path), tuple(texts))
+        key = (str(self.runtime.opened.checkpoint.path), tuple(texts))
         if _LAST.get("key") != key:
             _LAST.update(key=key, value=self._token_logprobs(texts))
         return _LAST["value"]
 
     def _token_logprobs(self, texts: list[str]) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]]]:
-        tok = self.device.tokenizer
+        tok = self.runtime.tokenizer
         enc = [tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
         out = []
         for e in enc:
@@ -102,8 +102,8 @@ class GeneratorPriorDistinguisher(Distinguisher):
 
     name = "prior"
 
-    def __init__(self, device: SplitDevice, detector: Detector) -> None:
-        super().__init__(device, detector)
+    def __init__(self, runtime: SplitRuntime, detector: Detector) -> None:
+        super().__init__(runtime, detector)
         lexicon = name_lexicon()
         self.names = set(lexicon.first) | set(lexicon.last)
         self.folded_last = {_fold(n) for n in lexicon.last}
@@ -129,10 +129,10 @@ class CombinedDistinguisher(Distinguisher):
 
     name = "prior+lm-span"
 
-    def __init__(self, device: SplitDevice, detector: Detector) -> None:
-        super().__init__(device, detector)
-        self.prior = GeneratorPriorDistinguisher(device, detector)
-        self.span = SpanLikelihoodDistinguisher(device, detector)
+    def __init__(self, runtime: SplitRuntime, detector: Detector) -> None:
+        super().__init__(runtime, detector)
+        self.prior = GeneratorPriorDistinguisher(runtime, detector)
+        self.span = SpanLikelihoodDistinguisher(runtime, detector)
 
     def scores(self, texts: list[str], values: Values) -> list[float]:
         return [p * 1e6 + s for p, s in zip(self.prior.scores(texts, values), self.span.scores(texts, values), strict=True)]

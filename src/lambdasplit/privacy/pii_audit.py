@@ -24,7 +24,7 @@ from importlib import resources
 
 from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.local import load_local_body
 from lambdasplit.errors import LambdaSplitError
@@ -99,7 +99,7 @@ def detector_recall(samples: list[PiiSample], detector: Detector, seed: int = 0)
 def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], None] = lambda *_: None) -> dict:
     samples = load_pii_prompts(config.prompt_set, config.prompts)
     detector = Detector()
-    device = SplitDevice.load(config.source, config.split)
+    runtime = SplitRuntime.load(config.source, config.split)
     options = SamplingParams(max_new_tokens=config.max_new_tokens)
     n_attack, n_checks = min(config.attack_prompts, len(samples)), min(config.decoy_checks, len(samples))
     total = len(samples) * 2 + n_attack * 2 + n_checks + 2 * len(samples) + 1
@@ -114,10 +114,10 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
     quality, base_answers = [], []
     for i, sample in enumerate(samples):
         body = load_local_body(config.source, config.split)
-        base = device.generate_ids(body, device.encode_chat(_messages(sample.prompt)), None, options)
+        base = runtime.generate_ids(body, runtime.encode_chat(_messages(sample.prompt)), None, options)
         base_answers.append(base)
         step(f"unprotected answer {i + 1}/{len(samples)}")
-        chat = ProtectedChat(device, Protection(pseudonymize=True, seed=config.seed + i), detector)
+        chat = ProtectedChat(runtime, Protection(pseudonymize=True, seed=config.seed + i), detector)
         protected = chat.generate(body, _messages(sample.prompt), options)
         quality.append(_judge(base.text, protected.text, sample, protected.sent_text))
         step(f"pseudonymised answer {i + 1}/{len(samples)}")
@@ -129,9 +129,9 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
         for mode in ("none", "pseudonymize"):
             body = load_local_body(config.source, config.split)
             body.captured = []
-            chat = ProtectedChat(device, Protection(pseudonymize=mode == "pseudonymize", seed=config.seed + i), detector)
+            chat = ProtectedChat(runtime, Protection(pseudonymize=mode == "pseudonymize", seed=config.seed + i), detector)
             result = chat.generate(body, _messages(sample.prompt), options)
-            recovered = _recover_prompt(attacker, device, body.captured, len(result.result.prompt_token_ids[0]), 0)
+            recovered = _recover_prompt(attacker, runtime, body.captured, len(result.result.prompt_token_ids[0]), 0)
             row[mode] = {
                 "real_recovered": _share([p for p, _ in sample.pii], recovered),
                 "stand_ins_recovered": _share([s for _, _, s in result.replacements if s in result.cloud_prompt], recovered),
@@ -143,20 +143,20 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
     checks = []
     for i, sample in enumerate(samples[:n_checks]):
         body = load_local_body(config.source, config.split)
-        chat = ProtectedChat(device, Protection(decoys=3, seed=config.seed + i), detector)
+        chat = ProtectedChat(runtime, Protection(decoys=3, seed=config.seed + i), detector)
         result = chat.generate(body, _messages(sample.prompt), options)
         checks.append({"prompt": i, "real_row": result.real_row, "equal": result.token_ids == base_answers[i].token_ids[0],
                        "length_matched": len(set(map(len, result.result.prompt_token_ids))) == 1})
         step(f"decoy rows: real row vs undefended {i + 1}/{n_checks}")
 
-    distinguishers = [cls(device, detector) for cls in DISTINGUISHERS]
+    distinguishers = [cls(runtime, detector) for cls in DISTINGUISHERS]
     decoy_rows = []
     for mode in ("decoys", "pseudonymize+decoys"):
         for i, sample in enumerate(samples):
-            decoy_rows.append(_decoy_trial(device, detector, distinguishers, sample, mode, max(config.decoys), config.seed + i, config.decoys))
+            decoy_rows.append(_decoy_trial(runtime, detector, distinguishers, sample, mode, max(config.decoys), config.seed + i, config.decoys))
             step(f"decoy distinguishers ({mode}) {i + 1}/{len(samples)}")
 
-    cost = decoy_cost(device, lambda: load_local_body(config.source, config.split), _messages(samples[0].prompt), (0, *config.decoys),
+    cost = decoy_cost(runtime, lambda: load_local_body(config.source, config.split), _messages(samples[0].prompt), (0, *config.decoys),
                       SamplingParams(max_new_tokens=config.max_new_tokens))
     step("cost per token")
     return {"config": {**asdict(config), "split": list(config.split)}, "recall": recall, "quality": quality,
@@ -164,12 +164,12 @@ def run_pii_audit(config: PiiAuditConfig, progress: Callable[[str, int, int], No
             "decoy_checks": checks, "decoys": decoy_rows, "decoy_summary": _decoy_summary(decoy_rows, config.decoys), "cost": cost}
 
 
-def _recover_prompt(attacker: Attacker, device: SplitDevice, captured: list, prompt_len: int, row: int) -> str:
+def _recover_prompt(attacker: Attacker, runtime: SplitRuntime, captured: list, prompt_len: int, row: int) -> str:
     """The curious cloud's vocabulary matching (K known) on one row's prompt positions, decoded."""
     seen = observe(captured)
     prompt_states = positions(seen.uplink[:1], row)[-prompt_len:]
-    ids = attacker.match(device.spec.k, prompt_states).token_ids
-    return device.tokenizer.decode(ids, skip_special_tokens=True)
+    ids = attacker.match(runtime.spec.k, prompt_states).token_ids
+    return runtime.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _share(items: list[str], text: str) -> float | None:
@@ -203,12 +203,12 @@ def _attack_summary(attacks: list[dict]) -> dict:
             for mode in ("none", "pseudonymize")}
 
 
-def _decoy_trial(device: SplitDevice, detector: Detector, distinguishers: list[Distinguisher], sample: PiiSample, mode: str,
+def _decoy_trial(runtime: SplitRuntime, detector: Detector, distinguishers: list[Distinguisher], sample: PiiSample, mode: str,
                  n_max: int, seed: int, ns: tuple[int, ...]) -> dict:
     """Rows for N = n_max; smaller N use the real row and the first N decoys (decoy rows are drawn independently)."""
-    chat = ProtectedChat(device, Protection(pseudonymize=mode != "decoys", decoys=n_max, seed=seed), detector)
+    chat = ProtectedChat(runtime, Protection(pseudonymize=mode != "decoys", decoys=n_max, seed=seed), detector)
     batch = chat.prepare(_messages(sample.prompt))
-    texts = [device.tokenizer.apply_chat_template(r, add_generation_prompt=True, tokenize=False) for r in batch.rows]
+    texts = [runtime.tokenizer.apply_chat_template(r, add_generation_prompt=True, tokenize=False) for r in batch.rows]
     scores = {d.name: d.scores(texts, batch.values) for d in distinguishers}
     out = {"mode": mode, "length_matched": batch.length_matched, "by_n": {}}
     order = [batch.real_row] + [i for i in range(len(texts)) if i != batch.real_row]
@@ -240,7 +240,7 @@ def _decoy_summary(rows: list[dict], ns: tuple[int, ...]) -> list[dict]:
     return out
 
 
-def decoy_cost(device: SplitDevice, body_factory: Callable[[], BodyClient], messages: list[dict[str, str]],
+def decoy_cost(runtime: SplitRuntime, body_factory: Callable[[], BodyClient], messages: list[dict[str, str]],
                ns: tuple[int, ...] = (0, 1, 3, 7), options: SamplingParams | None = None, repeats: int = 1) -> list[dict]:
     """Bytes and seconds per generated token with N decoy rows, on whatever body `body_factory` opens
     (in process on the CPU here; a `RemoteBody` to a GPU server for the GPU number). Every N generates
@@ -252,7 +252,7 @@ def decoy_cost(device: SplitDevice, body_factory: Callable[[], BodyClient], mess
         for r in range(repeats):
             body = body_factory()
             try:
-                chat = ProtectedChat(device, Protection(decoys=n, seed=r))
+                chat = ProtectedChat(runtime, Protection(decoys=n, seed=r))
                 start = time.perf_counter()
                 result = chat.generate(body, messages, options, eos_token_id=None).result
                 seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ from lambdasplit.device.generation import (
     completes_stop,
     first_stop,
 )
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.device.textstream import Detokenizer, TextStream
 from lambdasplit.errors import PromptError
@@ -65,10 +65,10 @@ class DecoyHistoryError(PromptError):
 
 
 class ProtectedChat:
-    """One conversation under `protection` on `device`; call `generate` once per turn with the whole history."""
+    """One conversation under `protection` on `runtime`; call `generate` once per turn with the whole history."""
 
-    def __init__(self, device: SplitDevice, protection: Protection, detector: Detector | None = None) -> None:
-        self.device, self.protection = device, protection
+    def __init__(self, runtime: SplitRuntime, protection: Protection, detector: Detector | None = None) -> None:
+        self.runtime, self.protection = runtime, protection
         self.detector = detector or Detector()
         self.pseudonymizer = Pseudonymizer(self.detector, StandIns(protection.seed)) if protection.pseudonymize else None
         self.decoys = DecoyMaker(self._length, protection.decoys, None if protection.seed is None else protection.seed + 7919) \
@@ -77,7 +77,7 @@ class ProtectedChat:
         self._answers: dict[tuple[int, str], list[str]] = {}
 
     def _length(self, messages: list[dict[str, str]]) -> int:
-        return int(self.device.encode_chat(messages).shape[1])
+        return int(self.runtime.encode_chat(messages).shape[1])
 
     def prepare(self, messages: list[dict[str, str]]) -> DecoyBatch:
         """The rows the device will send: pseudonymised, then among decoys (the real row at a secret
@@ -143,10 +143,10 @@ class ProtectedChat:
                 if shown.stopped:
                     stopped.set()
 
-        stream = _RowStream(self.device, batch.real_row, sink, restorer) if sink is not None else None
+        stream = _RowStream(self.runtime, batch.real_row, sink, restorer) if sink is not None else None
         if self.decoys is not None:
             generate_kwargs = {"eos_token_id": None, **generate_kwargs}  # logits untouched, unlike min_new_tokens
-        result = self.device.generate_ids(body, ids, mask, options, on_tokens=stream.put if stream else None, **generate_kwargs)
+        result = self.runtime.generate_ids(body, ids, mask, options, on_tokens=stream.put if stream else None, **generate_kwargs)
         if stream is not None:
             stream.end()
         if shown is not None:
@@ -156,7 +156,7 @@ class ProtectedChat:
         text = self._restore(sent)
         answers = list(result.texts)  # what each row's "client" keeps: its answer, cut at its own first stop
         if (cut := first_stop(text, stops)) is not None:
-            text, kept = text[:cut], completes_stop(self.device.tokenizer, result.token_ids[row], stops, self._restore)
+            text, kept = text[:cut], completes_stop(self.runtime.tokenizer, result.token_ids[row], stops, self._restore)
             token_ids, reasons = list(result.token_ids), list(result.finish_reasons)
             token_ids[row], reasons[row] = token_ids[row][:kept], "stop"
             result = replace(result, token_ids=token_ids, finish_reasons=reasons)
@@ -164,7 +164,7 @@ class ProtectedChat:
             answers[row] = self._sent_prefix(sent, text)
         if self.decoys is not None or self.pseudonymizer is not None:
             self._answers[(history, text.strip())] = answers
-        tok = self.device.tokenizer
+        tok = self.runtime.tokenizer
         rows = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
         replacements = []
         if self.pseudonymizer is not None:
@@ -184,9 +184,9 @@ class ProtectedChat:
 
     def _encode(self, rows: list[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row through the chat template, left-padded (no padding when the decoys matched the length)."""
-        encoded = [self.device.encode_chat(r)[0] for r in rows]
+        encoded = [self.runtime.encode_chat(r)[0] for r in rows]
         width = max(len(e) for e in encoded)
-        ids = torch.full((len(rows), width), self.device.pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.runtime.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
@@ -201,8 +201,8 @@ class _RowStream:
     """Streams one row's text from every step's ids: decoded incrementally, cut at the row's first EOS,
     with stand-ins restored (held back while a stand-in may still be forming)."""
 
-    def __init__(self, device: SplitDevice, row: int, on_text: Callable[[str], None], restorer: StreamRestorer | None) -> None:
-        self.detokenizer, self.eos = Detokenizer(device.tokenizer), set(device.eos_ids)
+    def __init__(self, runtime: SplitRuntime, row: int, on_text: Callable[[str], None], restorer: StreamRestorer | None) -> None:
+        self.detokenizer, self.eos = Detokenizer(runtime.tokenizer), set(runtime.eos_ids)
         self.row, self.on_text, self.restorer = row, on_text, restorer
         self.done = False
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationCancelled, GenerationResult
-from lambdasplit.device.runtime import SplitDevice
+from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.privacy.protect import ProtectedChat, Protection
@@ -163,7 +163,7 @@ def chat_params(req: PageChat, speculate: str | None, draft_tokens: int) -> Samp
     )
 
 
-def chat_job(device: SplitDevice, pool: SessionPool[str, Conversation], connect: Callable[[], BodyClient], key: str | None,
+def chat_job(runtime: SplitRuntime, pool: SessionPool[str, Conversation], connect: Callable[[], BodyClient], key: str | None,
              messages: list[dict[str, str]], params: SamplingParams, protection: Protection | None = None) -> PageJob:
     """Text pieces as they are generated, then one `done` with what crossed the network. The
     conversation `key` keeps its session for the next turn (None: a one-turn conversation), unless
@@ -175,14 +175,14 @@ def chat_job(device: SplitDevice, pool: SessionPool[str, Conversation], connect:
         if key is None:
             conversation = Conversation(connect)
             try:
-                _turn(device, conversation, messages, params, protection, emit, cancel)
+                _turn(runtime, conversation, messages, params, protection, emit, cancel)
             finally:
                 conversation.close()
             return
         with pool.use(key, lambda: Conversation(connect)) as conversation:
             ok = False
             try:
-                _turn(device, conversation, messages, params, protection, emit, cancel)
+                _turn(runtime, conversation, messages, params, protection, emit, cancel)
                 ok = True
             finally:
                 if not ok:
@@ -191,7 +191,7 @@ def chat_job(device: SplitDevice, pool: SessionPool[str, Conversation], connect:
     return job
 
 
-def _turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], params: SamplingParams,
+def _turn(runtime: SplitRuntime, conversation: Conversation, messages: list[dict[str, str]], params: SamplingParams,
           protection: Protection | None, emit: Emit, cancel: threading.Event) -> None:
     """One turn on the conversation's session, whose frames are captured for the panel meanwhile."""
     on_text = lambda text: emit({"type": "token", "text": text})  # noqa: E731
@@ -199,37 +199,37 @@ def _turn(device: SplitDevice, conversation: Conversation, messages: list[dict[s
     body.captured = []
     try:
         if protection is not None and protection.active:
-            emit({"type": "done", **_protected_turn(device, conversation, messages, params, protection, on_text, cancel)})
+            emit({"type": "done", **_protected_turn(runtime, conversation, messages, params, protection, on_text, cancel)})
             return
-        ids = device.encode_chat(messages)[0].tolist()
-        body, cache, reused = conversation.prepare(device.model, ids)
-        result = device.generate_ids(body, torch.tensor([ids]), None, params, cancel=cancel, cache=cache, on_text=on_text)
+        ids = runtime.encode_chat(messages)[0].tolist()
+        body, cache, reused = conversation.prepare(runtime.model, ids)
+        result = runtime.generate_ids(body, torch.tensor([ids]), None, params, cancel=cancel, cache=cache, on_text=on_text)
         if cancel.is_set():
             raise _Stopped
         conversation.finished(ids, result.token_ids[0])
-        emit({"type": "done", **_chat_stats(device, body, ids, reused, result, params)})
+        emit({"type": "done", **_chat_stats(runtime, body, ids, reused, result, params)})
     finally:
         body.captured = None
 
 
-def _protected_turn(device: SplitDevice, conversation: Conversation, messages: list[dict[str, str]], options: SamplingParams,
+def _protected_turn(runtime: SplitRuntime, conversation: Conversation, messages: list[dict[str, str]], options: SamplingParams,
                     protection: Protection, on_text: Callable[[str], None], cancel: threading.Event) -> dict[str, Any]:
     """One turn through `ProtectedChat`: the whole (pseudonymised) history is sent each turn, since
     the cache holds stand-ins and decoy rows, not the page's text."""
     if conversation.protected is None:
-        conversation.protected = ProtectedChat(device, protection)
+        conversation.protected = ProtectedChat(runtime, protection)
     body = conversation.session()
     protected = conversation.protected.generate(body, messages, options, on_text=on_text, cancel=cancel)
     if cancel.is_set():
         raise _Stopped
     row = protected.real_row
     ids = protected.result.prompt_token_ids[row]
-    stats = _chat_stats(device, body, ids, 0, protected.result, options, row)
+    stats = _chat_stats(runtime, body, ids, 0, protected.result, options, row)
     return {**stats, "text": protected.text, "cloud_prompt": protected.cloud_prompt, "rows": len(protected.rows),
             "protection": {"pseudonymize": protection.pseudonymize, "decoys": protection.decoys}}
 
 
-def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: int, result: GenerationResult,
+def _chat_stats(runtime: SplitRuntime, body: BodyClient, ids: list[int], reused: int, result: GenerationResult,
                 options: SamplingParams, row: int = 0) -> dict[str, Any]:
     """The panel's numbers for one turn (row `row` of the batch); the heatmap is this turn's first
     uplink frame (its new positions)."""
@@ -244,7 +244,7 @@ def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: i
         "text": result.texts[row],
         "token_ids": result.token_ids[row],
         "finish_reason": result.finish_reasons[row],
-        "split": device.spec.as_dict(),
+        "split": runtime.spec.as_dict(),
         "bytes_to_cloud": stats.bytes_to_cloud,
         "bytes_from_cloud": stats.bytes_from_cloud,
         "frames": stats.frames_to_cloud + stats.frames_from_cloud,
@@ -257,7 +257,7 @@ def _chat_stats(device: SplitDevice, body: BodyClient, ids: list[int], reused: i
         "tokens_per_round_trip": result.tokens_per_round_trip,
         "per_token_ms": {"device": max(total - cloud, 0.0), "cloud_network": cloud, "total": total},
         "saw": heatmap(uplink.tensor()) if uplink is not None else None,
-        "kept_tokens": [device.tokenizer.decode([t]) for t in ids[reused:reused + HEATMAP_POSITIONS]],
+        "kept_tokens": [runtime.tokenizer.decode([t]) for t in ids[reused:reused + HEATMAP_POSITIONS]],
     }
 
 
@@ -313,7 +313,7 @@ def load_audit(spec) -> dict[str, Any] | None:
 
 
 def create_ui(
-    device: SplitDevice, connect: Callable[[], BodyClient], info: dict[str, Any],
+    runtime: SplitRuntime, connect: Callable[[], BodyClient], info: dict[str, Any],
     load_image: Callable[[str, int], Any] | None = None, audit: dict[str, Any] | None = None,
     speculate: str | None = None, draft_tokens: int = 8, protection: Protection | None = None,
 ) -> FastAPI:
@@ -361,14 +361,14 @@ def create_ui(
 
     @app.get("/api/info")
     def api_info() -> dict[str, Any]:
-        return {**info, "split": device.spec.as_dict(), "image": load_image is not None, "audit": audit,
+        return {**info, "split": runtime.spec.as_dict(), "image": load_image is not None, "audit": audit,
                 "speculate": speculate, "protection": None if protection is None else
                 {"pseudonymize": protection.pseudonymize, "decoys": protection.decoys}}
 
     @app.post("/api/chat")
     async def api_chat(req: PageChat, request: Request) -> StreamingResponse:
         params = chat_params(req, speculate, draft_tokens)  # a bad setting is a 400 before anything runs
-        job = chat_job(device, conversations, connect, req.conversation, [m.model_dump() for m in req.messages], params, protection)
+        job = chat_job(runtime, conversations, connect, req.conversation, [m.model_dump() for m in req.messages], params, protection)
         return StreamingResponse(streamed(workers, job, request), media_type="text/event-stream")
 
     @app.delete("/api/conversations/{key}", status_code=204)
