@@ -15,6 +15,7 @@ import torch
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
+from lambdasplit.engine import scheduler as scheduler_module
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence, block_bytes
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.local import LocalBody
@@ -306,6 +307,66 @@ def test_frames_decoded_together_equal_each_alone_and_a_bad_frame_fails_alone():
 def _answer(future):
     reply, _ = future.result(timeout=60)
     return reply
+
+
+class _Clock:
+    """The scheduler's clock, moved by the test: what it does with a round trip of a given length
+    depends on no real timing."""
+
+    def __init__(self) -> None:
+        self.now, self.reads = 1000.0, 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return self.now
+
+    perf_counter = monotonic
+
+
+def test_a_round_trip_longer_than_the_step_wait_does_not_split_the_sessions(bodies, monkeypatch):
+    """The engine process's half-batches (issue 22): when a step ends while another session's
+    frame already waits, the next step holds it for the sessions that step answered even if their
+    devices need longer than the step wait to answer (up to one forward): a window counted from
+    the step's end started the waiting frame alone, and the two sessions alternated for good."""
+    clock = _Clock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    forward, round_trip, step_wait = 0.2, 0.1, 0.01  # clock seconds: step wait < round trip < forward
+    body = bodies[0]
+    running, release = threading.Event(), threading.Event()
+
+    def timed_step(pool, step):
+        running.set()
+        assert release.wait(30)
+        out = type(body).step(body, pool, step)
+        clock.now += forward
+        return out
+
+    monkeypatch.setattr(body, "step", timed_step)
+    scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=step_wait))
+    steps = []
+    scheduler.on_step = steps.append
+    a, b = scheduler.open_session().result(10), scheduler.open_session().result(10)
+    width = body.runner.config.hidden_size
+
+    def frame(session, seq):
+        return tensor_frame(MsgType.HIDDEN, torch.randn(1, 1, width), Codec.FP32, session, seq)
+
+    first = scheduler.submit(a, frame(a, 1))
+    assert running.wait(30)
+    waiting = scheduler.submit(b, frame(b, 1))  # arrives while a's step runs
+    running.clear()
+    release.set()
+    _answer(first)
+    clock.now += round_trip  # a's device answers past the step wait
+    reads, deadline = clock.reads, time.monotonic() + 30
+    # Four clock reads on: a step started on b alone has called the body by then.
+    while not running.is_set() and clock.reads < reads + 4 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not running.is_set(), "the step started without the session the last step answered"
+    both = [scheduler.submit(a, frame(a, 2)), waiting]
+    [_answer(f) for f in both]
+    assert [s.sessions for s in steps] == [1, 2]
+    scheduler.shutdown()
 
 
 def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bodies, monkeypatch):

@@ -22,7 +22,7 @@ MAX_FRAME_POSITIONS = 4096
 # compute-bound from the first position, so there the chunk is 64 (~4 decode steps' time).
 STEP_TOKENS = 256
 STEP_TOKENS_CPU = 64
-STEP_WAIT_SECONDS = 0.002  # a step waits this long at most for the last step's sessions (engine.scheduler._gather)
+STEP_WAIT_SECONDS = 0.002  # a step waits this long after the latest of the last step's sessions came back (engine.scheduler._gather)
 STEP_RETRIES = 1  # a failed batched step runs again this many times before its sessions are closed
 KV_WAIT_SECONDS = 10.0  # how long a frame waits for KV pool space before a capacity error
 MAX_SESSION_KV_MIB = 1024  # KV cache bytes one session may hold on the server

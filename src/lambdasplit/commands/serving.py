@@ -84,8 +84,9 @@ def serve(
     )] = defaults.KV_WAIT_SECONDS,
     step_wait: Annotated[float, typer.Option(
         "--step-wait", min=0,
-        help="Milliseconds the next batched step waits, from its first frame, for the sessions the last step "
-             "answered to send their next frame (fewer, fuller steps; 0: start on whatever has arrived).",
+        help="Milliseconds the next batched step waits for more of the sessions the last step answered, after "
+             "the latest of them sent its next frame (before the first: up to one forward); fewer, fuller steps; "
+             "0: start on whatever has arrived.",
     )] = defaults.STEP_WAIT_SECONDS * 1000,
     async_schedule: Annotated[bool, typer.Option(
         "--async-schedule/--no-async-schedule",

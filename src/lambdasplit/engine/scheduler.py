@@ -160,6 +160,7 @@ class BodyScheduler:
         self._free, self._free_read = 0, -FREE_MEMORY_TTL  # free memory, and when it was last read
         self._answered: set[bytes] = set()  # sessions the last step answered, and when (see _gather)
         self._answered_at = 0.0
+        self._answered_hold = 0.0  # how long after that step a step waits for the first of them
         self._early: dict[bytes, float] = {}  # sessions whose frame started while a step ran: when it arrived
         self._stopping = False
         self._closed: ComputeError | None = None  # set (under _wake) once the loop will take nothing more
@@ -285,26 +286,38 @@ class BodyScheduler:
             _settle(future, error=error)
 
     def _gather(self) -> None:
-        """Hold the next step for up to `step_wait` seconds, from the first waiting frame's arrival
-        (or the last step's end, if it came during that step), while sessions the last step answered
-        have not sent their next frame yet (the caller holds `_wake`).
+        """Hold the next step while the sessions the last step answered are coming back (the
+        caller holds `_wake`): up to `step_wait` seconds after the latest of them sent its next
+        frame, or, before the first has, up to one forward (at least `step_wait`) after that step.
 
         Their devices answer within a round trip of each other, so their frames arrive close
-        together however long the round trip; a step started on the first few runs again for the
-        rest. On one GPU, 64 closed-loop sessions held 56 sessions per step without the wait and 59
-        with 2 ms (`benchmarks serve-gpu`, ablations).
+        together however long the round trip, and a step started on the first few runs again for
+        the rest. A window counted from the last step's end splits the sessions for good once the
+        round trip outgrows it: each half's frames are waiting when the other half's step ends and
+        start without it. Through the engine process's pipe the round trip is longer and that
+        happened (one H100, 64 sessions: 31.9 sessions per forward against 56.1 in one process).
+        Holding up to one forward for the first to come back costs less than the forward those
+        sessions would wait for in a step of their own.
         """
         pending = [q.arrived for _, q in self._frames] + list(self._early.values())
         if not self.limits.step_wait or not pending or not self._answered:
             return
-        deadline = max(self._answered_at, min(pending)) + self.limits.step_wait
         while not (self._stopping or self._calls):
-            back = {s for s, _ in self._frames if s in self._answered}
-            back |= self._answered & (self._queues.keys() | self._early.keys())
+            back = self._returned()
+            if len(back) >= len(self._answered & self.sessions.keys()):
+                return
+            deadline = (max(back) + self.limits.step_wait) if back else self._answered_at + self._answered_hold
             left = deadline - time.monotonic()
-            if len(back) >= len(self._answered & self.sessions.keys()) or left <= 0:
+            if left <= 0:
                 return
             self._wake.wait(timeout=left)
+
+    def _returned(self) -> list[float]:
+        """When each session the last step answered sent its next frame, for those that have."""
+        arrived = {s: q.arrived for s, q in reversed(self._frames) if s in self._answered}
+        arrived.update({s: t for s, t in self._early.items() if s in self._answered})
+        arrived.update({s: q[0].arrived for s, q in self._queues.items() if q and s in self._answered})
+        return [max(t, self._answered_at) for t in arrived.values()]
 
     def _open(self, body_index: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
@@ -534,6 +547,7 @@ class BodyScheduler:
                 finished.append(work)
         self._complete(finished)
         self._answered, self._answered_at = {w.session.session_id for w in finished}, time.monotonic()
+        self._answered_hold = max(self.limits.step_wait, seconds)
         if self.on_step is not None:
             rows = sum(len(w.rows) for w, _ in chosen)
             positions = sum(len(w.rows) * take for w, take in chosen)
