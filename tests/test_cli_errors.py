@@ -101,6 +101,10 @@ CASES = {
     "prompt file missing": (["generate", "--prompt-file", "{unwritable}"], "cannot read the prompt file"),
     "too many decoys in process": (["generate", "hi", "--decoys", "99"], "--decoys 99: 100 rows exceed the 16 rows"),
     "split leaving the body empty": (["info", "--model", "{valid}", "--split", "1,1"], "leaving the body (cloud) empty"),
+    "K range starting at 0": (["generate", "hi", "--model", "{valid}", "--split", "0-1,1"], "K=0 sends raw token embeddings"),
+    "K range leaving the body empty": (["generate", "hi", "--model", "{valid}", "--split", "0-1,1", "--allow-shallow"],
+                                       "split K=1, M=1: K + M = 2 is every one"),
+    "empty stop string": (["generate", "hi", "--model", "{valid}", "--stop", ""], "--stop strings must not be empty"),
 }
 if not torch.cuda.is_available():
     CASES["cuda without a GPU"] = (["serve", "--device", "cuda"], "no CUDA GPU is available")

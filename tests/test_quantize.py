@@ -322,7 +322,7 @@ def test_a_gguf_exact_export_is_marked_and_refused_by_int4_int8_loaders(exact_pa
 def test_gguf_exact_refuses_an_off_grid_source_and_other_dtypes(llama, gguf_llama, tmp_path):
     with pytest.raises(SourceError, match=r"is not on one GGUF block grid of 32 \(Q4_0, Q4_1, Q8_0\)"):
         SplitRuntime.load(llama, (2, 2), quantize=EXACT)
-    with pytest.raises(SourceError, match="gguf-exact computes in float32 .* drop --dtype bfloat16"):
+    with pytest.raises(SourceError, match="gguf-exact computes in float32 .* dtype is bfloat16: drop --dtype"):
         SplitRuntime.load(gguf_llama, (2, 2), dtype="bfloat16", quantize=EXACT)
     with pytest.raises(SourceError, match="is not on one GGUF block grid"):
         export_parts(llama, (2, 2), tmp_path / "out", quantize=EXACT)

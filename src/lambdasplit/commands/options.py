@@ -199,13 +199,18 @@ def point(split: SplitChoice | None) -> tuple[int, int] | None:
     return split.point if split else None
 
 
-def device_split(split: SplitChoice | None) -> tuple[int, int] | None:
+def device_split(split: SplitChoice | None, model: str | None, allow_shallow: bool) -> tuple[int, int] | None:
     """K,M as given, or a K drawn with `secrets` from KMIN-KMAX (the cloud still learns K: it runs
-    layers K..L-M; this hides K from an eavesdropper and varies it across sessions)."""
+    layers K..L-M; this hides K from an eavesdropper and varies it across sessions). Both ends of a
+    range are checked against the model first: checking only the drawn K let a bad range pass some runs."""
     if split is None or not split.ranged:
         return point(split)
     from lambdasplit.privacy.defenses import random_split_point
+    from lambdasplit.split.load import open_source
+    from lambdasplit.split.spec import SplitSpec
 
+    layers = open_source(model, split.point, allow_shallow).config.num_hidden_layers
+    SplitSpec.create(split.k_max, split.m, layers, allow_shallow)
     return random_split_point(split.k_min, split.k_max), split.m
 
 

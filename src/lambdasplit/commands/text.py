@@ -96,7 +96,7 @@ def generate(
     )
     wire = Codec.parse(codec)
     check_local_body(model, server, decoys)
-    parts = device_split(split)
+    parts = device_split(split, model, allow_shallow)
     runtime = SplitRuntime.load(model, parts, dtype, allow_shallow=allow_shallow, quantize=quantize)
     if not raw:
         warn_without_chat_template(runtime)

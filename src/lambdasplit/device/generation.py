@@ -121,7 +121,7 @@ class _StopStrings(StoppingCriteria):
     OpenAI and vLLM match stops): transformers' `stop_strings` also matches across the prompt's end."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...], prompt_len: int) -> None:
-        self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(s for s in stops if s), prompt_len
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len  # SamplingParams refuses empty ones
         self.window = 2 * max(len(s) for s in self.stops) + 8  # tokens: each decodes to at least one character
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:

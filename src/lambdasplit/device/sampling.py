@@ -65,6 +65,8 @@ class SamplingParams:
             raise LambdaSplitError("--top-k must be >= 0 (0 disables it)")
         if self.repetition_penalty <= 0:
             raise LambdaSplitError("--repetition-penalty must be > 0")
+        if not all(self.stop):
+            raise LambdaSplitError("--stop strings must not be empty (an empty string would match at once)")
         if not all(math.isfinite(x) for x in (self.presence_penalty, self.frequency_penalty, *self.logit_bias.values())):
             raise LambdaSplitError("penalties and logit biases must be finite numbers")
         if not 1 <= self.draft_tokens <= 64:

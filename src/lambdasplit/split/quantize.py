@@ -63,7 +63,8 @@ def check_dtype(scheme: str | None, dtype: torch.dtype) -> None:
     """gguf-exact is exact only in float32 (its activations and scales); other dtypes are refused."""
     if scheme == EXACT and dtype != torch.float32:
         raise SourceError(f"--quantize {EXACT} computes in float32 (bf16 activations change the tokens); "
-                          f"drop --dtype {str(dtype).removeprefix('torch.')}")
+                          f"this run's dtype is {str(dtype).removeprefix('torch.')}: drop --dtype, or load a float32 "
+                          f"or {EXACT} export (an exported part brings its own dtype)")
 
 
 def split_companion(key: str) -> tuple[str, str]:
