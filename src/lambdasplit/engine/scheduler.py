@@ -299,8 +299,7 @@ class BodyScheduler:
         Holding up to one forward for the first to come back costs less than the forward those
         sessions would wait for in a step of their own.
         """
-        pending = [q.arrived for _, q in self._frames] + list(self._early.values())
-        if not self.limits.step_wait or not pending or not self._answered:
+        if not self.limits.step_wait or not (self._frames or self._early) or not self._answered:
             return
         while not (self._stopping or self._calls):
             back = self._returned()
