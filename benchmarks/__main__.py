@@ -49,18 +49,33 @@ def serve_gpu(
     exactness_only: Annotated[bool, typer.Option(
         help="Only compare 64 sessions' bf16 replies together against alone; merged into serve-gpu.json.")] = False,
     parts: Annotated[str, typer.Option(
-        help="Comma-separated parts to run (unsplit, steps, serve, ablations, e2e, bf16), merged into an existing "
+        help="Comma-separated parts to run (unsplit, steps, agreement, serve, ablations, e2e, bf16), merged into an existing "
              "serve-gpu.json; default all. Each part fits one 10-minute call.")] = "",
+    variants: Annotated[str, typer.Option(
+        help="Body variants the steps part measures (bf16, compiled, fp8, fp8+compiled); default all.")] = "",
+    server_args: Annotated[str, typer.Option(
+        "--server-args", help="Extra `lambdasplit serve` options for the serve part, e.g. '--compile --quantize fp8'.")] = "",
+    ablations: Annotated[str, typer.Option(
+        help="Comma-separated server settings the ablations part compares at 64 sessions (default, --engine-process, "
+             "--no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, --step-wait 0); default all.")] = "",
 ) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
     on random 7B-shaped weights."""
-    from benchmarks.serve_gpu import PARTS, run_exactness, run_serve_gpu
+    from benchmarks.serve_gpu import ABLATIONS, PARTS, VARIANTS, run_exactness, run_serve_gpu
 
-    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) or PARTS
-    unknown = set(chosen) - set(PARTS)
-    if unknown:
-        raise typer.BadParameter(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    run_exactness() if exactness_only else run_serve_gpu(quick, chosen)
+    def pick(text: str, allowed, what: str) -> tuple[str, ...]:
+        chosen = tuple(p.strip() for p in text.split(",") if p.strip()) or tuple(allowed)
+        unknown = set(chosen) - set(allowed)
+        if unknown:
+            raise typer.BadParameter(f"unknown {what} {sorted(unknown)}; choose from {', '.join(allowed)}")
+        return chosen
+
+    chosen = pick(parts, PARTS, "parts")
+    if exactness_only:
+        run_exactness()
+        return
+    run_serve_gpu(quick, chosen, pick(variants, VARIANTS, "variants"), tuple(server_args.split()),
+                  pick(ablations, ABLATIONS, "ablations"))
 
 
 @app.command()

@@ -4,13 +4,18 @@ bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16
     PYTHONPATH=src:. python3 -m benchmarks serve-gpu [--quick]
 
 1. Unsplit `generate()` (eager, greedy): a batch of 64 prompts (aggregate tok/s) and batch 1 (ms/token).
-2. The body's batched step in process (`TextBody.step` over the KV pool): median step time for
-   1..256 decode rows, and a torch-profiler table of one 64-row step (where the time goes).
+2. The body's batched step in process (`TextBody.step` over the KV pool), for each body variant
+   (bf16, compiled, fp8 weights, both; `engine.optimize`): median step time eager and through CUDA
+   graphs for 1, 64 and 256 decode rows, the outputs against bf16 eager's, and torch-profiler tables
+   of one 64-row step eager and replayed (where the time goes).
+   `agreement`: the embedded SmolLM2's body on the GPU in the same variants against its bf16 body,
+   with the same float32 device parts: greedy tokens, top-1, hidden-state error (needs $GGUF).
 3. A `lambdasplit serve` child on the same card and the load generator (`benchmarks.serve`) against
    it: 1, 8, 64 and 256 concurrent sessions (each level run once unmeasured first, so the CUDA
    graphs it needs are captured outside the measurement), then an open-loop arrival rate; the
    server's own step count and forward seconds per run from /metrics. Then 64 sessions against
-   servers with one setting changed (`--engine-process`, `--no-uvloop`, `--step-wait 0`, `--async-schedule`).
+   servers with one setting changed (`ABLATIONS`: `--engine-process`, `--no-async-schedule`, `--compile`,
+   `--quantize fp8`, `--no-uvloop`, `--step-wait 0`).
 4. End to end, one session: the device parts on the same GPU, the body over loopback, against
    unsplit batch-1 `generate()`, alternated.
 5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
@@ -81,24 +86,56 @@ def unsplit_baselines(model, vocab: int, prompt: int, steps: int, batch: int, si
     return out
 
 
-def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
-    """Per row count: median decode-step time eager and through CUDA graphs, in process, on two
-    copies of the same sessions fed the same states (so the outputs can be compared too), and a
-    profile of one eager 64-row step."""
-    from lambdasplit.engine.kvpool import Sequence
+VARIANTS = {"bf16": {}, "compiled": {"compile": True}, "fp8": {"quantize": "fp8"}, "fp8+compiled": {"quantize": "fp8", "compile": True}}
+
+
+def body_steps(path, rows_list: tuple[int, ...], context: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+    """Per body variant (bf16, compiled, fp8 weights, both) and row count: median decode-step time
+    eager and through CUDA graphs, in process, on two copies of the same sessions fed the same
+    seeded states; each variant's outputs against bf16 eager's (fp8 and compiled change the
+    arithmetic); a profile of one 64-row step eager and one replayed graph (bf16 and the last variant)."""
+    out: dict = {"context": context, "steps": [], "variants": list(variants)}
+    reference: dict[int, torch.Tensor] = {}
+    for variant in variants:
+        try:
+            rows_out = _variant_steps(path, variant, rows_list, context, reference, out)
+        except Exception as exc:  # noqa: BLE001 - one variant that cannot run (fp8 without torchao) must not lose the others
+            print(f"[body step] {variant} failed: {type(exc).__name__}: {exc}", flush=True)
+            out.setdefault("failed", {})[variant] = f"{type(exc).__name__}: {exc}"[:500]
+            rows_out = []
+        _free_gpu()  # the variant's weights, pool and graphs are unreachable now
+        out["steps"] += rows_out
+    return out
+
+
+def _variant_steps(path, variant: str, rows_list: tuple[int, ...], context: int, reference: dict, out: dict) -> list[dict]:
     from lambdasplit.engine.loading import load_scheduler
+    from lambdasplit.engine.optimize import BodyOptions
     from lambdasplit.engine.scheduler import SchedulerLimits
+
+    started = time.perf_counter()
+    scheduler = load_scheduler(str(path), (1, 1), "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=24 << 30),
+                               options=BodyOptions(**VARIANTS[variant]))
+    try:
+        return _measure_variant(scheduler, variant, rows_list, context, reference, out)
+    finally:
+        scheduler.shutdown()
+        out.setdefault("load_and_measure_seconds", {})[variant] = time.perf_counter() - started
+
+
+def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], context: int, reference: dict, out: dict) -> list[dict]:
+    from lambdasplit.engine.kvpool import Sequence
     from lambdasplit.engine.step import Chunk, run_chunks
 
-    scheduler = load_scheduler(str(path), (1, 1), "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=24 << 30))
     body, pool = scheduler.bodies[0], scheduler.pool
     hidden = body.runner.config.hidden_size
     modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks), "graphs": lambda chunks: body.run(pool, chunks)}
-    out: dict = {"context": context, "steps": []}
+    rows_out = []
     for rows in rows_list:
+        gen = torch.Generator(device=DEVICE).manual_seed(rows)
         seqs = {mode: [Sequence() for _ in range(rows)] for mode in modes}
         for i in range(0, rows, 64):  # prefill in groups so no single step is huge
-            prompt = torch.randn(min(64, rows - i), context, hidden, device=DEVICE, dtype=torch.bfloat16)
+            prompt = torch.randn(min(64, rows - i), context, hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
             for mode in modes:
                 part = seqs[mode][i:i + 64]
                 assert pool.grow(part, context)
@@ -107,7 +144,7 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
         times: dict = {mode: [] for mode in modes}
         last: dict = {}
         for _ in range(12):
-            step = torch.randn(rows, 1, hidden, device=DEVICE, dtype=torch.bfloat16)
+            step = torch.randn(rows, 1, hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
             for mode, fn in modes.items():
                 assert pool.grow(seqs[mode], seqs[mode][0].length + 1)
                 _sync()
@@ -115,29 +152,40 @@ def body_steps(path, rows_list: tuple[int, ...], context: int) -> dict:
                 last[mode] = fn([Chunk(seqs[mode], step, one)])[0]
                 _sync()
                 times[mode].append(time.perf_counter() - start)
-        if rows == 64:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
-                assert pool.grow(seqs["eager"], seqs["eager"][0].length + 1)
-                run_chunks(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])
-                _sync()
-            key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-            out["profile_64_rows_eager"] = prof.key_averages().table(sort_by=key, row_limit=14)
-            out["profile_64_rows_eager_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-        row = {"rows": rows, "graphs_vs_eager_max_abs_diff": (last["eager"] - last["graphs"]).abs().max().item()}
+        if rows == 64 and (variant == "bf16" or variant == out["variants"][-1]):
+            out[f"profile_64_rows_{variant}"] = _profile_step(body, pool, seqs, step, one)
+        row = {"variant": variant, "rows": rows, "graphs_vs_eager_max_abs_diff": (last["eager"] - last["graphs"]).abs().max().item()}
+        reference.setdefault(rows, last["eager"].float())
+        diff = last["graphs"].float() - reference[rows]
+        row["vs_bf16_eager_max_abs_diff"] = diff.abs().max().item()
+        row["vs_bf16_eager_relative_l2"] = (diff.norm() / reference[rows].norm()).item()
         for mode in modes:
             median = statistics.median(times[mode][2:])
             row[f"{mode}_step_ms"] = median * 1000
             row[f"{mode}_tok_s"] = rows / median
-        out["steps"].append(row)
+        rows_out.append(row)
         print(f"[body step] {row}", flush=True)
         pool.release([r for mode in modes for r in seqs[mode]])
-    scheduler.shutdown()
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return rows_out
+
+
+def _profile_step(body, pool, seqs, step, one) -> dict:
+    """Torch-profiler tables of one eager step and one graph replay of the same 64 rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lambdasplit.engine.step import Chunk, run_chunks
+
+    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    tables = {}
+    for mode, fn in (("eager", lambda: run_chunks(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])),
+                     ("graphs", lambda: body.run(pool, [Chunk(seqs["graphs"], step, one)]))):
+        assert pool.grow(seqs[mode], seqs[mode][0].length + 1)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
+            fn()
+            _sync()
+        tables[mode] = prof.key_averages().table(sort_by=key, row_limit=16)
+        tables[f"{mode}_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+    return tables
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -152,7 +200,7 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
-                   extra: tuple[str, ...] = (), profile: bool = False) -> dict:
+                   extra: tuple[str, ...] = (), profile: bool = False, compare_alone: bool = True) -> dict:
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.split.load import open_source
 
@@ -181,7 +229,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
             print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
                   f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "
                   f"{row['server_sessions_per_forward']:.1f} sessions/forward, errors {row['errors']}", flush=True)
-        if levels[-1] >= 64:
+        if compare_alone and levels[-1] >= 64:
             out["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
         if rate:
             out["open_loop"] = open_loop(base, rate, duration, 8, 0)
@@ -331,10 +379,82 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     return out
 
 
-PARTS = ("unsplit", "steps", "serve", "ablations", "e2e", "bf16")
+class _Keep:
+    """Wraps a body client: keeps every hidden state the body returns (float32, on the host)."""
+
+    def __init__(self, body) -> None:
+        self.body, self.hidden = body, []
+
+    def __getattr__(self, name):
+        return getattr(self.body, name)
+
+    def forward(self, hidden, attention_mask=None):
+        out = self.body.forward(hidden, attention_mask)
+        self.hidden.append(out.float().cpu())
+        return out
 
 
-def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
+def body_agreement(source: str | None, split: tuple[int, int] = (2, 2), new_tokens: int = 64, limit: int = 40) -> dict:
+    """The embedded model's body on the GPU as bf16 (the reference), compiled, fp8 and fp8 compiled,
+    with the same float32 device parts: greedy tokens identical to the bf16 body's on held-out
+    prompts, top-1 agreement teacher-forced on the bf16 continuation, and the body's hidden states'
+    error relative to bf16's over those teacher-forced positions."""
+    import json
+
+    from benchmarks.agreement import PROMPTS, _first_difference, argmaxes, greedy
+    from lambdasplit.device.runtime import SplitRuntime
+    from lambdasplit.engine.loading import load_scheduler
+    from lambdasplit.engine.local import LocalBody
+    from lambdasplit.engine.optimize import BodyOptions
+    from lambdasplit.engine.scheduler import SchedulerLimits
+    from lambdasplit.wire.codec import Codec
+
+    runtime = SplitRuntime.load(source, split)
+    prompts = json.loads(PROMPTS.read_text())[:limit]
+    out: dict = {"source": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", "split": list(split), "prompts": len(prompts),
+                 "new_tokens": new_tokens, "device_parts": "float32 on the CPU", "reference": "bf16 body", "bodies": {}}
+    expected, ref_top1, ref_hidden = None, None, None
+    for name, options in (("bf16", {}), ("compiled", {"compile": True}), ("fp8", {"quantize": "fp8"}),
+                          ("fp8+compiled", {"quantize": "fp8", "compile": True})):
+        try:
+            scheduler = load_scheduler(source, split, "bfloat16", DEVICE, SchedulerLimits(kv_pool_bytes=2 << 30),
+                                       options=BodyOptions(**options))
+        except Exception as exc:  # noqa: BLE001 - fp8 without a GPU that has it: say so, keep the others
+            out["bodies"][name] = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+            continue
+        try:
+            body = _Keep(LocalBody(scheduler, Codec.BF16))
+            got = greedy(runtime, body, prompts, new_tokens, 8)
+            body.hidden.clear()
+            top1 = [argmaxes(runtime, body, p, row) for p, row in zip(prompts, expected or got, strict=True) if len(row) > 1]
+            hidden = body.hidden
+        finally:
+            scheduler.shutdown()
+        if expected is None:
+            expected, ref_top1, ref_hidden = got, top1, hidden
+        firsts = [_first_difference(a, b) for a, b in zip(expected, got, strict=True)]
+        diverged = [f for f in firsts if f is not None]
+        errors = [((h - r).norm() / r.norm()).item() for h, r in zip(hidden, ref_hidden, strict=True)]
+        out["bodies"][name] = {
+            "identical_prompts": len(firsts) - len(diverged), "identical_share": (len(firsts) - len(diverged)) / len(firsts),
+            "median_first_difference": statistics.median(diverged) if diverged else None,
+            "top1_agreement": sum(int((a == b).sum()) for a, b in zip(top1, ref_top1, strict=True)) / sum(len(a) for a in ref_top1),
+            "hidden_relative_l2_median": statistics.median(errors), "hidden_relative_l2_max": max(errors),
+        }
+        print(f"[body agreement] {name}: {out['bodies'][name]}", flush=True)
+        _free_gpu()
+    return out
+
+
+PARTS = ("unsplit", "steps", "agreement", "serve", "ablations", "e2e", "bf16")
+ABLATIONS = {"default": (), "--engine-process": ("--engine-process",), "--no-async-schedule": ("--no-async-schedule",),
+             "--compile": ("--compile",), "--quantize fp8": ("--quantize", "fp8"),
+             "--compile --quantize fp8": ("--compile", "--quantize", "fp8"),
+             "--no-uvloop": ("--no-uvloop",), "--step-wait 0": ("--step-wait", "0")}
+
+
+def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants: tuple[str, ...] = tuple(VARIANTS),
+                  server_args: tuple[str, ...] = (), ablations: tuple[str, ...] = tuple(ABLATIONS)) -> dict:
     """The suite, or some of its parts (each part merges its results into serve-gpu.json and writes
     it before the next starts, so a run split over several 10-minute calls builds one file)."""
     import json
@@ -359,18 +479,21 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
         del unsplit
         _free_gpu()  # the compiled static caches of batch 256 would leave the server too little memory on an 80 GB card
     if "steps" in parts:
-        payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 8, 64, 256), prompt + steps // 2)
+        payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 64, 256), prompt + steps // 2, variants)
+        write(NAME, payload)
+    if "agreement" in parts:
+        payload["body_agreement"] = body_agreement(os.environ.get("GGUF", "/tmp/smollm2.gguf"))
         write(NAME, payload)
     if "serve" in parts:
-        payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, profile=not quick))
+        payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, server_args, profile=not quick))
+        payload["serve_args"] = list(server_args)
         write(NAME, payload)
     if "ablations" in parts and not quick:  # 64 sessions with one setting changed, and unchanged (its own baseline)
-        payload["ablations"] = {
-            name: load_generator(path, prompt, steps, (64,), 0, 0, args)["closed_loop"][0]
-            for name, args in (("default", ()), ("--engine-process", ("--engine-process",)), ("--no-uvloop", ("--no-uvloop",)),
-                               ("--step-wait 0", ("--step-wait", "0")), ("--async-schedule", ("--async-schedule",)))
-        }
-        write(NAME, payload)
+        payload["ablations"] = {}
+        for name in ablations:
+            payload["ablations"][name] = load_generator(path, prompt, steps, (64,), 0, 0, ABLATIONS[name],
+                                                        compare_alone=False)["closed_loop"][0]
+            write(NAME, payload)
     if "e2e" in parts:
         unsplit = _load_unsplit(path)
         payload["end_to_end_batch1"] = end_to_end(path, unsplit, prompt, steps)

@@ -104,6 +104,8 @@ CASES = {
     "K range starting at 0": (["generate", "hi", "--model", "{valid}", "--split", "0-1,1"], "K=0 sends raw token embeddings"),
     "K range leaving the body empty": (["generate", "hi", "--model", "{valid}", "--split", "0-1,1", "--allow-shallow"],
                                        "split K=1, M=1: K + M = 2 is every one"),
+    "body quantized to int8": (["serve", "--quantize", "int8"], "the body supports fp8"),
+    "fp8 body on the CPU": (["serve", "--quantize", "fp8", "--device", "cpu"], "--quantize fp8 needs --device cuda"),
     "empty stop string": (["generate", "hi", "--model", "{valid}", "--stop", ""], "--stop strings must not be empty"),
 }
 if not torch.cuda.is_available():

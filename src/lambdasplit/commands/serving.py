@@ -79,6 +79,15 @@ def serve(
     cuda_graphs: Annotated[bool, typer.Option(
         "--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay captured batched decode steps (CUDA graphs)."
     )] = True,
+    compile_body: Annotated[bool, typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the body's norms and MLPs at start-up (fused kernels; attention stays eager); the first "
+             "steps of each new shape then take longer while they compile.",
+    )] = False,
+    body_quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", help="Body weights as fp8 (torchao; GPUs of compute capability 8.9+: Hopper, Ada). Changes "
+                           "the hidden states a little: docs/benchmarks.md measures by how much. Off by default.",
+    )] = None,
     kv_wait: Annotated[float, typer.Option(
         "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
     )] = defaults.KV_WAIT_SECONDS,
@@ -88,11 +97,12 @@ def serve(
              "the latest of them sent its next frame (before the first: up to one forward); fewer, fuller steps; "
              "0: start on whatever has arrived.",
     )] = defaults.STEP_WAIT_SECONDS * 1000,
-    async_schedule: Annotated[bool, typer.Option(
+    async_schedule: Annotated[Optional[bool], typer.Option(
         "--async-schedule/--no-async-schedule",
-        help="Plan the next batched step while the device runs this one (opt-in: not yet measured on a GPU; "
-             "on the CPU it only delays replies).",
-    )] = False,
+        help="Plan the next batched step while the device runs this one. Default: on with --device cuda (one H100, "
+             "64 sessions: 2,115 tok/s against 1,899), off on the CPU (there the forward has ended when it returns, "
+             "so it only delays replies).",
+    )] = None,
     stall_timeout: Annotated[float, typer.Option(
         "--stall-timeout", callback=check_positive,
         help="Seconds the compute loop may spend in one step before /healthz answers 503 (a wedged engine).",
@@ -104,7 +114,7 @@ def serve(
         "--engine-process/--in-process",
         help="Run the scheduler and the model in their own process, apart from the network front end (not with "
              "--tensor-parallel). Off by default: measured, it still costs throughput (one H100, 64 sessions: "
-             "985-1,317 tok/s against 1,572 in one process; on 2 CPU cores 13-26%).",
+             "1,784 tok/s against 1,899 in one process; on 2 CPU cores 13-26%).",
     )] = False,
     device: DeviceOpt = defaults.DEVICE,
     dtype: DtypeOpt = None,
@@ -123,6 +133,7 @@ def serve(
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
     from lambdasplit.cloud.server import BodyServer, ServerConfig
     from lambdasplit.engine.loading import follow_leader, load_scheduler
+    from lambdasplit.engine.optimize import BodyOptions
     from lambdasplit.engine.scheduler import SchedulerLimits
     from lambdasplit.listen import check_bindable
     from lambdasplit.security import is_loopback, read_token, server_ssl_context
@@ -146,10 +157,17 @@ def serve(
             f"refusing to serve on {host} without authentication; pass --token-file F "
             "(or --insecure-no-auth on a network you trust)"
         )
+    options = BodyOptions(compile_body, body_quantize)
+    if options.quantize and device != "cuda":
+        raise LambdaSplitError(f"--quantize {options.quantize} needs --device cuda (a GPU of compute capability 8.9+)")
+    if (options.compile or options.quantize) and (pipeline is not None or tp is not None):
+        raise LambdaSplitError("--compile and --quantize apply to a text body served without --tensor-parallel; "
+                               "drop them with --pipeline or --tensor-parallel")
     check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
     limits = SchedulerLimits(
         max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20,
-        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000, stall_timeout, async_schedule,
+        step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000, stall_timeout,
+        async_schedule if async_schedule is not None else device == "cuda",
     )
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler
@@ -159,7 +177,7 @@ def serve(
         build, args = load_diffusion_scheduler, (pipeline, mode, k, dtype, device, limits)
     else:
         k_max = split.k_max if split and split.ranged else None
-        build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp)
+        build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp, options)
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
     if engine_process and tp is None:
         from lambdasplit.engine.core import EngineClient

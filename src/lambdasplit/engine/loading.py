@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lambdasplit.engine.optimize import BodyOptions, optimize
 from lambdasplit.engine.parallel import StepMirror, TensorParallel
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.engine.session import TextBody
@@ -31,6 +32,7 @@ def load_scheduler(
     k_max: int | None = None,
     cuda_graphs: bool = True,
     tensor_parallel: TensorParallel | None = None,
+    options: BodyOptions = BodyOptions(),
 ) -> BodyScheduler:
     """The body of `source` (a model or an exported cloud part), ready to serve sessions.
 
@@ -38,6 +40,7 @@ def load_scheduler(
     K per session); they share the widest body's weight tensors, so memory does not grow.
     With `tensor_parallel` (rank 0 of a torchrun group), the body's layers are cut over the
     group's GPUs and every step is mirrored to the other ranks (`engine.parallel.follow`).
+    `options` compiles the body or stores its weights in fp8 (`engine.optimize`).
     """
     from lambdasplit.split.load import body_runner, body_variants, open_source, resolve_dtype
 
@@ -47,8 +50,13 @@ def load_scheduler(
     torch_dtype = resolve_dtype(dtype, opened)
     if tensor_parallel is not None:
         return _tensor_parallel_scheduler(opened, torch_dtype, tensor_parallel, limits, k_max)
+    if options.quantize and k_max:
+        raise LambdaSplitError("--quantize fp8 cannot be combined with a K range (--split KMIN-KMAX,M) yet")
     runner = body_runner(opened, torch_dtype, device)
     variants = body_variants(opened, runner, k_max, torch_dtype, device) if k_max else []
+    for part in [runner, *(r for r, _ in variants)]:
+        if part.layers:
+            optimize(part.module, options)
     bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype), cuda_graphs)]
     bodies += [TextBody(r, m, cuda_graphs) for r, m in variants]
     return BodyScheduler(bodies, limits)

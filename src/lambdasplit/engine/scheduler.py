@@ -53,7 +53,7 @@ class SchedulerLimits:
     kv_wait: float = defaults.KV_WAIT_SECONDS
     step_wait: float = defaults.STEP_WAIT_SECONDS  # how long a step waits for the last step's sessions to come back
     stall_timeout: float = defaults.STALL_TIMEOUT_SECONDS  # one step longer than this reads as a wedged engine
-    async_schedule: bool = False  # plan the next step while the device runs this one (opt-in until measured on a GPU)
+    async_schedule: bool = False  # plan the next step while the device runs this one (`serve` turns it on for a GPU)
 
     def session(self) -> SessionLimits:
         return SessionLimits(self.max_context, self.max_batch, self.max_frame_positions, self.max_session_kv_bytes)
@@ -122,7 +122,7 @@ class BodyScheduler:
 
     A step is planned as one `Step` object and committed (its rows advance) only after it ran; a
     step that fails leaves every session as it was and is retried once (`defaults.STEP_RETRIES`).
-    With `async_schedule` (opt-in) the next step's frames are taken in and its chunks
+    With `async_schedule` the next step's frames are taken in and its chunks
     planned while the device runs the current one.
 
     Every future it hands out is answered, whatever happens: a frame refused at the door, a
