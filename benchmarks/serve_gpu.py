@@ -313,17 +313,18 @@ def batched_vs_alone(url: str, base: Load, sessions: int = 64, alone: int = 8) -
 
 
 class _Recorder:
-    """Wraps a body client: keeps the last position of every hidden state the body returns."""
+    """Wraps a body client: keeps every hidden state the body returns (float32, on the host), or
+    only its last position with `last`."""
 
-    def __init__(self, body) -> None:
-        self.body, self.hidden = body, []
+    def __init__(self, body, last: bool = True) -> None:
+        self.body, self.last, self.hidden = body, last, []
 
     def __getattr__(self, name):
         return getattr(self.body, name)
 
     def forward(self, hidden, attention_mask=None):
         out = self.body.forward(hidden, attention_mask)
-        self.hidden.append(out[:, -1].float().cpu())
+        self.hidden.append((out[:, -1] if self.last else out).float().cpu())
         return out
 
 
@@ -379,21 +380,6 @@ def divergence(path, devices: int, prompt: int, new_tokens: int) -> dict:
     return out
 
 
-class _Keep:
-    """Wraps a body client: keeps every hidden state the body returns (float32, on the host)."""
-
-    def __init__(self, body) -> None:
-        self.body, self.hidden = body, []
-
-    def __getattr__(self, name):
-        return getattr(self.body, name)
-
-    def forward(self, hidden, attention_mask=None):
-        out = self.body.forward(hidden, attention_mask)
-        self.hidden.append(out.float().cpu())
-        return out
-
-
 def body_agreement(source: str | None, split: tuple[int, int] = (2, 2), new_tokens: int = 64, limit: int = 40) -> dict:
     """The embedded model's body on the GPU as bf16 (the reference), compiled, fp8 and fp8 compiled,
     with the same float32 device parts: greedy tokens identical to the bf16 body's on held-out
@@ -423,7 +409,7 @@ def body_agreement(source: str | None, split: tuple[int, int] = (2, 2), new_toke
             out["bodies"][name] = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
             continue
         try:
-            body = _Keep(LocalBody(scheduler, Codec.BF16))
+            body = _Recorder(LocalBody(scheduler, Codec.BF16), last=False)
             got = greedy(runtime, body, prompts, new_tokens, 8)
             body.hidden.clear()
             top1 = [argmaxes(runtime, body, p, row) for p, row in zip(prompts, expected or got, strict=True) if len(row) > 1]
