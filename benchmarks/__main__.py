@@ -1,5 +1,5 @@
 """`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`,
-`device [--quick]`, `agreement [--quick]`, `report`."""
+`device [--quick]`, `agreement [--quick]`, `draft-tree`, `report`."""
 
 from __future__ import annotations
 
@@ -187,6 +187,20 @@ def agreement(
     path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name,
                          schemes=tuple(schemes.split(",")))
     typer.echo(f"wrote {path}")
+
+
+@app.command("draft-tree")
+def draft_tree(
+    prompts: Annotated[int, typer.Option(help="Held-out chat prompts (of 40).")] = 40,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Longest reference answer.")] = 128,
+    calibration: Annotated[int, typer.Option(help="Validation prompts that choose the tree-N shapes.")] = 16,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for draft-tree-cpu.json (default benchmarks/results).")] = None,
+) -> None:
+    """The draft head drafting a chain or a small tree, offline on this CPU: tokens per round trip
+    (counted against the model's greedy answers), positions per verification, device ms per drafted token."""
+    from benchmarks.draft_tree import run
+
+    typer.echo(f"wrote {run(prompts, new_tokens, calibration, out)}")
 
 
 @app.command()

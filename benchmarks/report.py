@@ -56,6 +56,8 @@ def generated_section(draw: bool = False) -> str:
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
+    if draft_tree := _load("draft-tree-cpu"):
+        sections.append(draft_tree_section(draft_tree))
     for name in ("cpu", "cpu-quick"):
         data = _load(name)
         if data:
@@ -387,6 +389,38 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
                      f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
                      f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
                      f"{'yes' if r['identical'] else 'no'} | {local} |")
+    return "\n".join(lines)
+
+
+def draft_tree_section(data: dict) -> str:
+    """The draft head drafting a chain or a static tree (issue 24): counted, then the model over a network."""
+    held, cal = data["heldout"], data["calibration"]
+    lines = ["## Draft chain or tree (`draft-tree-cpu`): SmolLM2-135M-Instruct and its shipped draft head, offline", "",
+             _env(data) + f"; held-out chat: {held['prompts']} of {held['of']} prompts, greedy reference answers of up to "
+             f"{held['new_tokens']} tokens ({held['answer_tokens']} tokens in all); tree-N shapes chosen on {cal['prompts']} "
+             "validation prompts. Tokens are counted against the reference (no tree verification ran); "
+             "device ms are this CPU's.", "",
+             "| shape | tokens per round trip | tokens per verification | positions per verification | drafts accepted | "
+             "device ms per drafted token | device ms per round |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['shape']} | {r['tokens_per_round_trip']:.2f} | {r['tokens_per_verification']:.2f} | "
+                     f"{r['positions_per_verification']:.1f} | {r['acceptance']:.0%} | {r['draft_ms_per_drafted_token']:.2f} | "
+                     f"{r['draft_ms_per_round']:.1f} |")
+    model = data["modelled"]
+    keys = list(model["rows"])
+    names = {"gpu": "GPU body", "cpu-linear": "CPU body, P x one position", "cpu-measured": "CPU body, measured"}
+    lines += ["", f"Modelled decode tok/s (x plain), not measured over a network: {model['formula']}. "
+              + "; ".join(f"{names[k]}: {v}" for k, v in model["bodies"].items()) + f"; {model['device']}.", "",
+              "| shape | " + " | ".join(f"{names[k.split('@')[0]]}, {k.split('@')[1]} ms RTT" for k in keys) + " |",
+              "|---|" + "---|" * len(keys),
+              "| plain | " + " | ".join(f"{model['rows'][k]['plain_tok_s']:.1f}" for k in keys) + " |"]
+    for r in data["rows"]:
+        cells = [model["rows"][k]["shapes"][r["shape"]] for k in keys]
+        lines.append(f"| {r['shape']} | " + " | ".join(f"{c['tok_s']:.1f} ({c['vs_plain']:.2f}x)" for c in cells) + " |")
+    costs = data["verification_ms"]["by_positions"]
+    lines += ["", f"Measured ms to run P positions after {data['verification_ms']['context']} cached ones on this CPU "
+              f"(median of {data['verification_ms']['reps']}): " + "; ".join(
+                  f"P {p}: device {c['device']:.1f}, body {c['body']:.1f}" for p, c in costs.items()) + "."]
     return "\n".join(lines)
 
 

@@ -17,8 +17,10 @@ Drafts go to the body through transformers' assisted decoding: `DraftHeadCandida
 `generate(assistant_model=Drafter)` is called. The body verifies the whole chain in one frame;
 rejected positions are cropped on head, body and tail (CROP), so greedy output equals plain
 decoding, and sampling uses speculative sampling's acceptance rule with the draft's probabilities.
-A chain, not a tree: a round trip costs far more than a verified position, and a chain of n drafted
-tokens is n positions while a tree with the same depth is several times more (see docs/benchmarks.md).
+A chain, not a tree: measured offline (benchmarks/draft_tree.py), a static tree of 8 drafts gives
+2.06 tokens per verification against the best chain's 1.81, but with the device on a CPU its extra
+drafting and its tail and LM head over more positions cancel that (docs/benchmarks.md), and the
+wire verifies chains only.
 """
 
 from __future__ import annotations
@@ -94,11 +96,15 @@ class DraftHead(nn.Module):
         return DynamicCache(config=self.config)
 
     def forward(self, features: torch.Tensor, embeddings: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache | None = None) -> torch.Tensor:
+                cache: DynamicCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted features (B, T, H) for pairs (features[i], embeddings[i]) at `positions`
-        (right padding needs no mask: it only follows the real positions)."""
+        (right padding needs no mask: it only follows the real positions). `mask`: an additive
+        (B, 1, T, cache + T) attention mask instead of the causal one, for drafting a tree of
+        tokens in one pass per depth (benchmarks/draft_tree.py)."""
         x = self.fc(torch.cat([features, embeddings.to(features.dtype)], dim=-1))
         kwargs: dict[str, Any] = {"inputs_embeds": x, "position_ids": positions, "use_cache": cache is not None}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
         if cache is not None:
             kwargs[cache_kwarg(self.model)] = cache
         return self.model(**kwargs).last_hidden_state

@@ -370,11 +370,14 @@ class _Replay:
 def replay_acceptance(drafter: Drafter, samples: list[Sample], draft_tokens: int, confidence: float) -> dict[str, float]:
     """Greedy speculative decoding replayed over the model's own greedy answers with the real
     candidate generator: tokens per round trip (the prefill's trip included, as the benchmarks
-    count them), and the share of drafted tokens accepted."""
+    count them), the share of drafted tokens accepted, and (for benchmarks/draft_tree.py) the
+    round trips, the seconds spent drafting and how many chains had each length."""
     config = GenerationConfig(do_sample=False, max_length=1 << 30, num_assistant_tokens=draft_tokens,
                               assistant_confidence_threshold=confidence)
     config._eos_token_tensor = None
     tokens = trips = drafted = accepted = 0
+    seconds = 0.0
+    lengths = [0] * (draft_tokens + 1)
     for s in tqdm(samples, desc="acceptance", unit="answer"):
         cache = _Replay()
         generator = DraftHeadCandidates(drafter, cache, config, None)
@@ -395,8 +398,13 @@ def replay_acceptance(drafter: Drafter, samples: list[Sample], draft_tokens: int
         trips += rounds
         drafted += generator.stats.drafted
         accepted += generator.stats.accepted
+        seconds += generator.stats.seconds
+        for count in generator.stats.lengths:
+            lengths[count] += 1
+        lengths[0] += rounds - 1 - len(generator.stats.lengths)  # verifications of no draft (a plain step)
     return {"tokens_per_round_trip": tokens / max(trips, 1), "acceptance": accepted / max(drafted, 1),
-            "drafted": drafted, "answers": len(samples), "answer_tokens": tokens}
+            "drafted": drafted, "accepted": accepted, "answers": len(samples), "answer_tokens": tokens, "round_trips": trips,
+            "draft_seconds": seconds, "chain_lengths": lengths}
 
 
 @dataclass
