@@ -240,7 +240,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
 
 def _py_spy(pid: int, label: str, seconds: int = 6) -> list[tuple[str, subprocess.Popen, Path]]:
     """py-spy records the server's front end and its engine process while a level runs (raw
-    collapsed stacks, with idle frames, GIL holder marked); [] when py-spy is not installed."""
+    collapsed stacks, idle frames included, per thread; not --gil: with it the 12-05 run kept 1 sample in all); [] when py-spy is not installed."""
     import psutil
 
     if shutil.which("py-spy") is None:
@@ -252,7 +252,7 @@ def _py_spy(pid: int, label: str, seconds: int = 6) -> list[tuple[str, subproces
     for name, target in targets:
         path = Path(os.environ.get("OUT", "/tmp")) / f"py-spy-{label}-{name}.txt"
         proc = subprocess.Popen(["py-spy", "record", "--pid", str(target), "--duration", str(seconds), "--rate", "200",
-                                 "--format", "raw", "--idle", "--gil", "--threads", "--nonblocking", "--output", str(path)],
+                                 "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", str(path)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         out.append((name, proc, path))
     return out
