@@ -199,6 +199,17 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
+def step_cycle(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per forward of each part of the server's step cycle between two /metrics reads: the
+    forward, the time between steps (of which the step wait held), planning, and replying."""
+    forwards = max(after["lambdasplit_forward_seconds_count"] - before["lambdasplit_forward_seconds_count"], 1)
+    names = {"forward": "lambdasplit_forward_seconds", "between": "lambdasplit_step_between_seconds",
+             "held": "lambdasplit_step_held_seconds", "plan": "lambdasplit_step_plan_seconds",
+             "reply": "lambdasplit_step_reply_seconds"}
+    return {f"server_{key}_ms_mean": 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / forwards
+            for key, name in names.items()}
+
+
 def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
                    extra: tuple[str, ...] = (), profile: bool = False, compare_alone: bool = True) -> dict:
     from lambdasplit.cloud.process import ServerProcess
@@ -225,6 +236,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
                                                     - before["lambdasplit_forward_seconds_sum"]) / max(forwards, 1)
             row["server_sessions_per_forward"] = (after["lambdasplit_step_sessions_sum"]
                                                   - before["lambdasplit_step_sessions_sum"]) / max(forwards, 1)
+            row.update(step_cycle(before, after))
             out["closed_loop"].append(row)
             print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
                   f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "

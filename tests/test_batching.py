@@ -366,6 +366,12 @@ def test_a_round_trip_longer_than_the_step_wait_does_not_split_the_sessions(bodi
     both = [scheduler.submit(a, frame(a, 2)), waiting]
     [_answer(f) for f in both]
     assert [s.sessions for s in steps] == [1, 2]
+    # The second step's cycle, in clock seconds: the round trip went between the steps, all of it
+    # held by the step wait; the forward is `seconds`; planning and replying took no clock time.
+    second = steps[1]
+    assert (second.seconds, second.between_seconds, second.held_seconds) == pytest.approx((forward, round_trip, round_trip))
+    assert (second.plan_seconds, second.reply_seconds) == (0.0, 0.0)
+    assert steps[0].between_seconds == 0.0  # no step before the first
     scheduler.shutdown()
 
 

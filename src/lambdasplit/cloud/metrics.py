@@ -47,6 +47,20 @@ class ServerMetrics:
             "lambdasplit_queue_wait_seconds", "Time a HIDDEN frame waited before its first body step", registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
         )
+        cycle = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
+        self.step_between = Histogram(
+            "lambdasplit_step_between_seconds", "From one batched step's end to the next one's start", registry=r, buckets=cycle)
+        self.step_held = Histogram(
+            "lambdasplit_step_held_seconds", "Of that, the step wait holding for the sessions the last step answered",
+            registry=r, buckets=cycle)
+        self.step_plan = Histogram(
+            "lambdasplit_step_plan_seconds", "Choosing and assembling a batched step, before its forward", registry=r,
+            buckets=cycle)
+        self.step_reply = Histogram(
+            "lambdasplit_step_reply_seconds", "After a batched forward: committing it and answering its frames", registry=r,
+            buckets=cycle)
+        self.planned_ahead = Counter(
+            "lambdasplit_chunks_planned_ahead", "Chunks planned while the step before ran (async scheduling)", registry=r)
         self.kv_used = Gauge("lambdasplit_kv_pool_used_blocks", "KV pool blocks held by sessions", registry=r)
         self.kv_blocks = Gauge("lambdasplit_kv_pool_blocks", "KV pool size in blocks (of 16 positions)", registry=r)
         self.refusals = Counter(
@@ -62,6 +76,11 @@ class ServerMetrics:
         self.batched_seconds.observe(stats.seconds)
         for wait in stats.queue_waits:
             self.queue_wait.observe(wait)
+        self.step_between.observe(stats.between_seconds)
+        self.step_held.observe(stats.held_seconds)
+        self.step_plan.observe(stats.plan_seconds)
+        self.step_reply.observe(stats.reply_seconds)
+        self.planned_ahead.inc(stats.planned_ahead)
         self.kv_used.set(stats.kv_used_blocks)
         self.kv_blocks.set(stats.kv_blocks)
 

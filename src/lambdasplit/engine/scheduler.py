@@ -71,6 +71,12 @@ class StepStats:
     kv_used_blocks: int
     kv_blocks: int
     planned_ahead: int = 0  # chunks whose plan was made while the previous step ran (async scheduling)
+    # Where a step cycle's time goes besides the forward (`seconds`), so a served rate below the
+    # in-process step rate can be taken apart from /metrics alone:
+    between_seconds: float = 0.0  # from the last step's end to this step's start: waiting for frames, taking them in
+    held_seconds: float = 0.0  # of which the step wait held for the sessions the last step answered
+    plan_seconds: float = 0.0  # choosing the chunks and assembling the step, before the forward
+    reply_seconds: float = 0.0  # after the forward: committing, splitting the outputs, answering the frames
 
 
 class Session(Protocol):
@@ -162,6 +168,8 @@ class BodyScheduler:
         self._answered_at = 0.0
         self._answered_hold = 0.0  # how long after that step a step waits for the first of them
         self._early: dict[bytes, float] = {}  # sessions whose frame started while a step ran: when it arrived
+        self._step_ended: float | None = None  # perf_counter at the end of the last batched step
+        self._held = 0.0  # seconds the step wait has held since then
         self._stopping = False
         self._closed: ComputeError | None = None  # set (under _wake) once the loop will take nothing more
         self.health = EngineHealth(limits.stall_timeout)
@@ -301,6 +309,13 @@ class BodyScheduler:
         """
         if not self.limits.step_wait or not (self._frames or self._early) or not self._answered:
             return
+        began = time.monotonic()
+        try:
+            self._hold_for_answered()
+        finally:
+            self._held += time.monotonic() - began
+
+    def _hold_for_answered(self) -> None:
         while not (self._stopping or self._calls):
             back = self._returned()
             if len(back) >= len(self._answered & self.sessions.keys()):
@@ -525,6 +540,7 @@ class BodyScheduler:
         chosen = self._takes([(w, w.remaining) for w in works])
         if not chosen:
             return False
+        began = time.perf_counter()
         pool, now = self.pool, time.monotonic()
         waits = tuple(now - w.arrived for w, _ in chosen if w.done == 0)
         ready = [self._planned(work, take) for work, take in chosen]
@@ -547,11 +563,14 @@ class BodyScheduler:
         self._complete(finished)
         self._answered, self._answered_at = {w.session.session_id for w in finished}, time.monotonic()
         self._answered_hold = max(self.limits.step_wait, seconds)
+        ended, since, held = time.perf_counter(), self._step_ended, self._held
+        self._step_ended, self._held = ended, 0.0
         if self.on_step is not None:
             rows = sum(len(w.rows) for w, _ in chosen)
             positions = sum(len(w.rows) * take for w, take in chosen)
             self.on_step(StepStats(len(chosen), rows, positions, seconds, waits, pool.used_blocks, pool.usable_blocks,
-                                   sum(plan is not None for plan in ready)))
+                                   sum(plan is not None for plan in ready), began - since if since is not None else 0.0,
+                                   held, start - began, ended - start - seconds))
         return True
 
     def _planned(self, work: Work, take: int) -> ChunkPlan | None:
