@@ -83,6 +83,19 @@ def test_errors_are_one_clear_line(args, message):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_python_dash_m_lambdasplit_is_the_lambdasplit_command():
+    """`python -m lambdasplit` (for an environment whose scripts are not on PATH) runs the same app:
+    its commands, its one-line errors and exit status 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run([sys.executable, "-m", "lambdasplit", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and "python -m lambdasplit" in shown.stdout
+    assert all(command in shown.stdout for command in ("generate", "info", "export", "serve", "gateway", "ui"))
+    bad = subprocess.run([sys.executable, "-m", "lambdasplit", "info", "--split", "x"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: Invalid value for '--split'")
+
+
 def test_unsupported_architecture_and_long_prompt(tmp_path, tiny_models):
     from transformers import GPT2Config, GPT2LMHeadModel
 
