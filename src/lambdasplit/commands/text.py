@@ -52,7 +52,7 @@ def generate(
     greedy: Annotated[bool, typer.Option("--greedy", help="Deterministic argmax decoding (the default).")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sample with this temperature.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k likeliest tokens.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k likeliest tokens (0: no top-k filter, as in transformers; alone it keeps greedy decoding).")] = None,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = defaults.REPETITION_PENALTY,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
@@ -79,9 +79,9 @@ def generate(
     from lambdasplit.wire.codec import Codec
 
     prompt = prompt_text(prompt, prompt_file)
-    sampling_given = temperature is not None or top_p is not None or top_k is not None
+    sampling_given = _asks_to_sample(temperature, top_p, top_k)
     if greedy and sampling_given:
-        raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k")
+        raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k K > 0")
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
         greedy=not sampling_given,
@@ -146,6 +146,12 @@ def generate(
         typer.echo(json.dumps(payload))
     else:
         typer.echo()
+
+
+def _asks_to_sample(temperature: float | None, top_p: float | None, top_k: int | None) -> bool:
+    """Whether generate's options ask for sampling. --top-k 0 is no top-k filter (transformers'
+    top_k=0), not a request to sample: alone it used to turn unseeded sampling on."""
+    return temperature is not None or top_p is not None or bool(top_k)
 
 
 def train_draft(
