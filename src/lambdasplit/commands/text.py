@@ -192,16 +192,21 @@ def train_draft(
 
 def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
          allow_shallow: ShallowOpt = False) -> None:
-    """Show the architecture, L, D, and each part's parameters, bytes and precision (as stored in an
-    exported part; otherwise as --dtype / --quantize would store them)."""
+    """Show the architecture, L, D, and each part's parameters, bytes and precision, as generate would
+    load them with --dtype and --quantize (an exported part: its own by default; a quantized export
+    keeps its scheme, a float one is quantized at load)."""
     from rich.console import Console
     from rich.table import Table
 
     from lambdasplit.split.inspect import part_sizes
     from lambdasplit.split.load import open_source, resolve_dtype, resolve_quantize
+    from lambdasplit.split.quantize import check_dtype
 
     opened = open_source(model, point(split), allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
+    scheme = resolve_quantize(quantize, opened)
+    check_dtype(scheme, torch_dtype)
+    sizes = part_sizes(opened, torch_dtype, scheme)  # every refusal comes before the first line printed
     config = opened.config
     console = Console()
     console.print(
@@ -210,7 +215,7 @@ def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None,
     )
     console.print(f"source: {opened.checkpoint.path}", soft_wrap=True)
     table = Table("part", "runs on", "layers", "parameters", "bytes", "precision")
-    for role, size in part_sizes(opened, torch_dtype, resolve_quantize(quantize, opened)).items():
+    for role, size in sizes.items():
         start, stop = opened.spec.range(role)
         where = "cloud" if role == "body" else "device"
         table.add_row(role, where, f"[{start}, {stop})", f"{size.parameters:,}", f"{size.bytes / 2**20:.1f} MiB", size.precision)
