@@ -365,3 +365,37 @@ def test_gguf_exact_gives_the_float32_tokens_of_the_embedded_model():
     reference = SplitRuntime.load(None, (2, 2)).generate(body, prompts, options).token_ids
     assert SplitRuntime.load(None, (2, 2), quantize=EXACT).generate(body, prompts, options).token_ids == reference
 
+
+def test_quant_parts_loads_gguf_exact_and_refuses_unknown_variants(monkeypatch, capsys):
+    """benchmarks.quant_parts names the shipped device parts as the other benchmarks do (gguf-exact
+    included), and refuses, before anything loads, a name it would have skipped (measuring float32)."""
+    from benchmarks import quant_parts
+
+    loads: list[dict] = []
+    monkeypatch.setattr(quant_parts.SplitRuntime, "load", staticmethod(lambda *a, **k: loads.append(k)))
+    for variant in ("gguf-exact", "int4", "bfloat16"):
+        quant_parts.load(variant)
+    assert loads == [{"quantize": EXACT}, {"quantize": "int4"}, {"dtype": "bfloat16"}]
+    assert all(quant_parts.known(v) for v in quant_parts.DEFAULT)
+    monkeypatch.setattr(quant_parts, "load_local_body", lambda *a: pytest.fail("loaded before checking the variants"))
+    for bad in (["real-gguf-exact"], ["gguf_exact"], ["layers:q3"], ["emb:c8+head:c8"], ["emb:k4f32"], ["int8", "float16"]):
+        with pytest.raises(SystemExit) as exit_:
+            quant_parts.main(bad)
+        assert exit_.value.code == 2 and f"unknown variant(s) {bad[-1]!r}: use bfloat16, int8, int4, gguf-exact" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["device", "--precisions", "float32,int3"], ["device", "--models", "llama2-70b"],
+                                  ["agreement", "--schemes", "int8,fp8"], ["agreement", "--models", "gemma3-1b"]])
+def test_device_and_agreement_benchmarks_refuse_unknown_names(args, monkeypatch):
+    """An unknown precision ran as float32 (an unknown model as SmolLM2) under its own name in the results."""
+    from typer.testing import CliRunner
+
+    from benchmarks.__main__ import app
+
+    def refuse(*_, **__):
+        raise AssertionError("ran before checking the names")
+
+    monkeypatch.setattr("benchmarks.device.run_device", refuse)
+    monkeypatch.setattr("benchmarks.agreement.run_agreement", refuse)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"unknown ['{args[-1].split(',')[-1]}']" in result.output, result.output
