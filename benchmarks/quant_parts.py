@@ -4,8 +4,10 @@
 one part (embeddings `emb`, the head's and tail's projections `layers`, the LM head `lm`) to a grid
 and computes in float32 (fake quantization: the weight error alone), or runs the int4 CPU kernel
 (`layers:k4f32` float32 activations and scales, `layers:k4bf16` bf16 ones), or loads the shipped
-scheme (`real-int8`, `real-int4`). Grids: `c8` int8 per output channel, `s8g32` int8 symmetric per
-group of 32, `a4g32` 4-bit min/max per group of 32 (`a4g32b`: bf16 scale and zero). A prompt's 64
+device parts, named as `python -m benchmarks agreement --schemes` names them (`bfloat16`, `int8`,
+`int4`, `gguf-exact`). Grids: `c8` int8 per output channel, `s8g32` int8 symmetric per group of 32,
+`a4g32` 4-bit min/max per group of 32 (`a4g32b`: bf16 scale and zero); parts join with `+`. Any
+other name is refused before anything loads. A prompt's 64
 greedy tokens equal the float32 split's iff every teacher-forced argmax along the float32 reply
 equals it, so one forward per prompt measures greedy identity (float32 itself scores 40/40).
 """
@@ -24,9 +26,13 @@ from torch import nn
 from benchmarks.agreement import PROMPTS, argmaxes, greedy
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.engine.local import load_local_body
+from lambdasplit.split.quantize import SCHEMES
 
 SPLIT = (2, 2)
-DEFAULT = ["emb:id", "bf16", "real-int8", "real-int4", "emb:c8", "lm:c8", "layers:c8", "emb:c8+lm:c8+layers:c8",
+SHIPPED = ("bfloat16", *SCHEMES)  # the device parts `SplitRuntime.load` gives (agreement.py's schemes)
+PARTS = ("emb", "lm", "layers")
+KERNELS = ("k4f32", "k4bf16")  # projections only
+DEFAULT = ["emb:id", "bfloat16", "int8", "int4", "gguf-exact", "emb:c8", "lm:c8", "layers:c8", "emb:c8+lm:c8+layers:c8",
            "layers:a4g32", "emb:s8g32", "lm:s8g32", "emb:s8g32+lm:s8g32+layers:a4g32", "layers:k4f32",
            "layers:k4bf16", "layers:a4g32b"]
 
@@ -105,20 +111,38 @@ def apply(runtime: SplitRuntime, variant: str) -> None:
                         _set(child, GRIDS[how])
 
 
+def known(variant: str) -> bool:
+    """Whether `variant` names shipped device parts or PART:GRID items this benchmark applies (an
+    unknown part was skipped silently, measuring float32 under the variant's name)."""
+    if variant in SHIPPED:
+        return True
+    for item in variant.split("+"):
+        part, _, how = item.partition(":")
+        if part not in PARTS or how not in (*GRIDS, *(KERNELS if part == "layers" else ())):
+            return False
+    return True
+
+
 def load(variant: str) -> SplitRuntime:
-    if variant.startswith("real-"):
-        return SplitRuntime.load(None, SPLIT, quantize=variant[5:])
-    runtime = SplitRuntime.load(None, SPLIT, dtype="bfloat16" if variant == "bf16" else None)
-    if variant != "bf16":
-        apply(runtime, variant)
+    if variant == "bfloat16":
+        return SplitRuntime.load(None, SPLIT, dtype="bfloat16")
+    if variant in SCHEMES:
+        return SplitRuntime.load(None, SPLIT, quantize=variant)
+    runtime = SplitRuntime.load(None, SPLIT)
+    apply(runtime, variant)
     return runtime
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", default=DEFAULT)
     parser.add_argument("--prompts", type=int, default=40)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if not known(v)]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(map(repr, unknown))}: use {', '.join(SHIPPED)} (shipped device parts) or "
+                     f"PART:GRID[+PART:GRID...] with PART in {', '.join(PARTS)} and GRID in {', '.join(GRIDS)} "
+                     f"({', '.join(KERNELS)} for layers)")
     prompts = json.loads(PROMPTS.read_text())[: args.prompts]
     body = load_local_body(None, SPLIT)
     reference = greedy(SplitRuntime.load(None, SPLIT), body, prompts, 64, 8)

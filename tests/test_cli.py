@@ -83,6 +83,36 @@ def test_errors_are_one_clear_line(args, message):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_python_dash_m_lambdasplit_is_the_lambdasplit_command():
+    """`python -m lambdasplit` (for an environment whose scripts are not on PATH) runs the same app:
+    its commands, its one-line errors and exit status 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run([sys.executable, "-m", "lambdasplit", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and "python -m lambdasplit" in shown.stdout
+    assert all(command in shown.stdout for command in ("generate", "info", "export", "serve", "gateway", "ui"))
+    bad = subprocess.run([sys.executable, "-m", "lambdasplit", "info", "--split", "x"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: Invalid value for '--split'")
+
+
+def test_top_k_zero_is_no_filter_and_keeps_greedy_decoding(llama):
+    """--top-k 0 means no top-k filter (transformers' top_k=0): alone it decodes greedily (it turned
+    unseeded sampling on), it combines with --greedy, and with --temperature it samples unfiltered."""
+    from lambdasplit.device.sampling import SamplingParams
+    from lambdasplit.engine.local import load_local_body
+
+    args = ("generate", "Hello there", "--model", str(llama), "--split", "2,2", "--raw", "--json", "-n", "8")
+    greedy = json.loads(run(*args).stdout)["token_ids"]
+    assert json.loads(run(*args, "--top-k", "0").stdout)["token_ids"] == greedy
+    assert json.loads(run(*args, "--top-k", "0", "--greedy").stdout)["token_ids"] == greedy
+    sampled = json.loads(run(*args, "--top-k", "0", "--temperature", "1.5", "--seed", "3").stdout)["token_ids"]
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ids, _ = runtime.encode("Hello there", raw=True)
+    options = SamplingParams(max_new_tokens=8, greedy=False, temperature=1.5, top_k=0, seed=3)
+    assert [sampled] == runtime.generate_ids(load_local_body(llama, (2, 2)), ids, None, options).token_ids != [greedy]
+
+
 def test_unsupported_architecture_and_long_prompt(tmp_path, tiny_models):
     from transformers import GPT2Config, GPT2LMHeadModel
 

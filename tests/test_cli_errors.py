@@ -107,7 +107,12 @@ CASES = {
     "body quantized to int8": (["serve", "--quantize", "int8"], "the body supports fp8"),
     "fp8 body on the CPU": (["serve", "--quantize", "fp8", "--device", "cpu"], "--quantize fp8 needs --device cuda"),
     "empty stop string": (["generate", "hi", "--model", "{valid}", "--stop", ""], "--stop strings must not be empty"),
+    "unknown --quantize (info)": (["info", "--quantize", "bad"], "'bad': choose one of int8, int4, gguf-exact"),
+    "unknown --quantize (export)": (["export", "--out", "{unwritable}", "--quantize", "int2"], "'int2': choose one of"),
+    "gguf-exact in bfloat16 (info)": (["info", "--model", "{valid}", "--split", "1,0", "--allow-shallow", "--dtype", "bfloat16",
+                                       "--quantize", "gguf-exact"], "computes in float32"),
 }
+PRINTS_NOTHING = ("unknown --quantize (info)", "unknown --quantize (export)", "gguf-exact in bfloat16 (info)")
 if not torch.cuda.is_available():
     CASES["cuda without a GPU"] = (["serve", "--device", "cuda"], "no CUDA GPU is available")
 
@@ -138,6 +143,12 @@ def test_bad_invocation_is_one_line_and_exit_2(results, name):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert fragment in errors[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", PRINTS_NOTHING)
+def test_a_bad_option_is_refused_before_anything_is_printed(results, name):
+    """`info --quantize bad` printed the model's header lines, then its error: an option is checked first."""
+    assert results[name].stdout == "", results[name].stdout
 
 
 def test_corrupt_gguf_says_it_is_converting_without_verbose(results):

@@ -155,6 +155,31 @@ def test_info_shows_bytes_and_precision_of_each_part(int4_parts):
     assert " 0.0 MiB" in rows["body"]
 
 
+@pytest.fixture(scope="module")
+def float_parts(llama, tmp_path_factory):
+    return export_parts(llama, (2, 2), tmp_path_factory.mktemp("float"))
+
+
+def test_info_shows_an_export_as_quantize_and_dtype_would_load_it(float_parts, int4_parts):
+    """`generate --quantize int4` quantizes a float32 export at load, so `info --quantize int4` shows the
+    bytes an int4 export stores (it showed the float32 ones); --dtype likewise; a quantized export's
+    scheme is fixed, so another --quantize is one error line before anything is printed."""
+    float_device = open_source(float_parts["device"])
+    stored = part_sizes(open_source(int4_parts["device"]), torch.float32)
+    as_int4 = part_sizes(float_device, torch.float32, "int4")
+    as_float, as_bf16 = part_sizes(float_device, torch.float32), part_sizes(float_device, torch.bfloat16)
+    for role in ("head", "tail"):
+        assert as_int4[role] == stored[role] and stored[role].precision == "int4"
+        assert as_bf16[role].bytes * 2 == as_float[role].bytes and as_bf16[role].precision == "bfloat16"
+    info = [sys.executable, "-m", "lambdasplit", "info", "--model"]
+    out = subprocess.run([*info, str(float_parts["device"]), "--quantize", "int4"], capture_output=True, text=True, check=True).stdout
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+    assert "int4" in rows["head"] and f"{stored['head'].bytes / 2**20:.1f} MiB" in rows["head"]
+    refused = subprocess.run([*info, str(int4_parts["device"]), "--quantize", "int8"], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == f"error: {int4_parts['device']} holds int4 weights; --quantize int8 needs an export from the full model"
+
+
 def test_manifest_quantize_field_is_checked():
     base = json.loads(PartManifest(
         role="device", model_type="llama", fingerprint="0" * 64, layers=4, hidden_size=8, head=(0, 1), body=(1, 3),
@@ -339,3 +364,38 @@ def test_gguf_exact_gives_the_float32_tokens_of_the_embedded_model():
     options = SamplingParams(max_new_tokens=32)
     reference = SplitRuntime.load(None, (2, 2)).generate(body, prompts, options).token_ids
     assert SplitRuntime.load(None, (2, 2), quantize=EXACT).generate(body, prompts, options).token_ids == reference
+
+
+def test_quant_parts_loads_gguf_exact_and_refuses_unknown_variants(monkeypatch, capsys):
+    """benchmarks.quant_parts names the shipped device parts as the other benchmarks do (gguf-exact
+    included), and refuses, before anything loads, a name it would have skipped (measuring float32)."""
+    from benchmarks import quant_parts
+
+    loads: list[dict] = []
+    monkeypatch.setattr(quant_parts.SplitRuntime, "load", staticmethod(lambda *a, **k: loads.append(k)))
+    for variant in ("gguf-exact", "int4", "bfloat16"):
+        quant_parts.load(variant)
+    assert loads == [{"quantize": EXACT}, {"quantize": "int4"}, {"dtype": "bfloat16"}]
+    assert all(quant_parts.known(v) for v in quant_parts.DEFAULT)
+    monkeypatch.setattr(quant_parts, "load_local_body", lambda *a: pytest.fail("loaded before checking the variants"))
+    for bad in (["real-gguf-exact"], ["gguf_exact"], ["layers:q3"], ["emb:c8+head:c8"], ["emb:k4f32"], ["int8", "float16"]):
+        with pytest.raises(SystemExit) as exit_:
+            quant_parts.main(bad)
+        assert exit_.value.code == 2 and f"unknown variant(s) {bad[-1]!r}: use bfloat16, int8, int4, gguf-exact" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["device", "--precisions", "float32,int3"], ["device", "--models", "llama2-70b"],
+                                  ["agreement", "--schemes", "int8,fp8"], ["agreement", "--models", "gemma3-1b"]])
+def test_device_and_agreement_benchmarks_refuse_unknown_names(args, monkeypatch):
+    """An unknown precision ran as float32 (an unknown model as SmolLM2) under its own name in the results."""
+    from typer.testing import CliRunner
+
+    from benchmarks.__main__ import app
+
+    def refuse(*_, **__):
+        raise AssertionError("ran before checking the names")
+
+    monkeypatch.setattr("benchmarks.device.run_device", refuse)
+    monkeypatch.setattr("benchmarks.agreement.run_agreement", refuse)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"unknown ['{args[-1].split(',')[-1]}']" in result.output, result.output

@@ -151,6 +151,21 @@ def test_help_imports_neither_torch_nor_transformers(args):
     assert "Usage:" in proc.stdout and proc.stdout.splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
 
+def test_image_dtype_help_speaks_of_the_diffusion_parts():
+    """`image --help` showed the language models' --dtype text (GGUF exports, --quantize): diffusion has neither."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "250"}
+    shown = subprocess.run([sys.executable, "-m", "lambdasplit", "image", "--help"], capture_output=True, text=True, env=env,
+                           timeout=120).stdout
+    text = " ".join(line.strip("│ ") for line in shown.splitlines()[next(i for i, x in enumerate(shown.splitlines()) if "--dtype" in x):])
+    dtype = text[text.index("--dtype"):text.index("--device")]
+    assert "gguf" not in dtype.lower() and "--quantize" not in dtype
+    assert "text encoders" in dtype and "UNet" in dtype and "float32" in dtype
+
+
 def test_help_after_double_dash_is_an_argument():
     from lambdasplit.cli import _asks_for_help
 

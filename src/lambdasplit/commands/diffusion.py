@@ -12,7 +12,6 @@ from lambdasplit.commands.options import (
     BlocksOpt,
     CaOpt,
     DeviceOpt,
-    DtypeOpt,
     ModeOpt,
     PipelineOpt,
     ServerOpt,
@@ -20,6 +19,11 @@ from lambdasplit.commands.options import (
     check_text,
     image_size,
 )
+
+ImageDtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32, bfloat16 or float16: what the device's parts (text encoders, VAE and, with unet-split, the "
+    "outer UNet blocks) compute in and send; the UNet server must agree. Default: an exported pipeline part's own, else float32.",
+)]
 
 
 def image(
@@ -33,7 +37,7 @@ def image(
     size: Annotated[Optional[str], typer.Option(help="WxH in pixels (default: the pipeline's).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path(defaults.IMAGE_OUT),
     codec: Annotated[str, typer.Option(help="Wire codec for per-step tensors: fp32, bf16, fp16, int8 (lossy).")] = defaults.CODEC,
-    dtype: DtypeOpt = None,
+    dtype: ImageDtypeOpt = None,
     device: DeviceOpt = defaults.DEVICE,
     server: ServerOpt = None,
     token_file: TokenOpt = None,

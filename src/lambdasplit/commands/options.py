@@ -80,6 +80,17 @@ def check_positive(value: float | None) -> float | None:
     return value
 
 
+def check_quantize(value: str | None) -> str | None:
+    """--quantize: one of the schemes (split/quantize.py), refused while parsing, before any output."""
+    if value is None:
+        return value
+    from lambdasplit.split.quantize import SCHEMES
+
+    if value not in SCHEMES:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(SCHEMES)}")
+    return value
+
+
 def check_device(value: str) -> str:
     """cpu, cuda or cuda:N (mps where torch has it), and only a GPU that is there."""
     if value == "cpu":
@@ -150,7 +161,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(
     "Default: an exported part's own, else float32 (export from a .gguf: bfloat16; with --quantize gguf-exact: float32).",
 )]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", help="int8, int4 or gguf-exact: the device's head, tail, LM head and embeddings stored quantized (CPU); "
+    "--quantize", callback=check_quantize, help="int8, int4 or gguf-exact: the device's head, tail, LM head and embeddings stored quantized (CPU); "
     "the body is unchanged. A quantized export loads quantized. gguf-exact keeps a GGUF's own 4-bit/8-bit grids "
     "(Q4_0, Q4_1, Q8_0 blocks of 32; other sources are refused) and gives the float32 split's tokens exactly, "
     "computing in float32: slower than float32, int8 and int4.",

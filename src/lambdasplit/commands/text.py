@@ -52,7 +52,7 @@ def generate(
     greedy: Annotated[bool, typer.Option("--greedy", help="Deterministic argmax decoding (the default).")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sample with this temperature.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k likeliest tokens.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k likeliest tokens (0: no top-k filter, as in transformers; alone it keeps greedy decoding).")] = None,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = defaults.REPETITION_PENALTY,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
@@ -79,9 +79,9 @@ def generate(
     from lambdasplit.wire.codec import Codec
 
     prompt = prompt_text(prompt, prompt_file)
-    sampling_given = temperature is not None or top_p is not None or top_k is not None
+    sampling_given = _asks_to_sample(temperature, top_p, top_k)
     if greedy and sampling_given:
-        raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k")
+        raise LambdaSplitError("--greedy cannot be combined with --temperature, --top-p or --top-k K > 0")
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
         greedy=not sampling_given,
@@ -148,6 +148,12 @@ def generate(
         typer.echo()
 
 
+def _asks_to_sample(temperature: float | None, top_p: float | None, top_k: int | None) -> bool:
+    """Whether generate's options ask for sampling. --top-k 0 is no top-k filter (transformers'
+    top_k=0), not a request to sample: alone it used to turn unseeded sampling on."""
+    return temperature is not None or top_p is not None or bool(top_k)
+
+
 def train_draft(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the head (draft_head.safetensors + draft_head.json).")],
     model: ModelOpt = None,
@@ -186,16 +192,21 @@ def train_draft(
 
 def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None, quantize: QuantizeOpt = None,
          allow_shallow: ShallowOpt = False) -> None:
-    """Show the architecture, L, D, and each part's parameters, bytes and precision (as stored in an
-    exported part; otherwise as --dtype / --quantize would store them)."""
+    """Show the architecture, L, D, and each part's parameters, bytes and precision, as generate would
+    load them with --dtype and --quantize (an exported part: its own by default; a quantized export
+    keeps its scheme, a float one is quantized at load)."""
     from rich.console import Console
     from rich.table import Table
 
     from lambdasplit.split.inspect import part_sizes
     from lambdasplit.split.load import open_source, resolve_dtype, resolve_quantize
+    from lambdasplit.split.quantize import check_dtype
 
     opened = open_source(model, point(split), allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
+    scheme = resolve_quantize(quantize, opened)
+    check_dtype(scheme, torch_dtype)
+    sizes = part_sizes(opened, torch_dtype, scheme)  # every refusal comes before the first line printed
     config = opened.config
     console = Console()
     console.print(
@@ -204,7 +215,7 @@ def info(model: ModelOpt = None, split: SplitOpt = None, dtype: DtypeOpt = None,
     )
     console.print(f"source: {opened.checkpoint.path}", soft_wrap=True)
     table = Table("part", "runs on", "layers", "parameters", "bytes", "precision")
-    for role, size in part_sizes(opened, torch_dtype, resolve_quantize(quantize, opened)).items():
+    for role, size in sizes.items():
         start, stop = opened.spec.range(role)
         where = "cloud" if role == "body" else "device"
         table.add_row(role, where, f"[{start}, {stop})", f"{size.parameters:,}", f"{size.bytes / 2**20:.1f} MiB", size.precision)

@@ -13,6 +13,7 @@ from lambdasplit.split.parts import part_keys
 from lambdasplit.split.quantize import BLOCK_MIN, ZERO, estimated_kind, split_companion, stored_bytes
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
+_FLOATS = ("F32", "F16", "BF16")  # read in the load's dtype (split/parts.py); others load as stored
 
 
 @dataclass
@@ -23,18 +24,18 @@ class PartSize:
 
 
 def part_sizes(opened: OpenedSource, dtype: torch.dtype, quantize: str | None = None) -> dict[str, PartSize]:
-    """Each part's parameters, bytes and precision: as stored for an exported part, else as `dtype`
-    (the device parts as `quantize`, when given) would store them."""
+    """Each part's parameters, bytes and precision as a load with `dtype` and `quantize` holds them:
+    what an export stores quantized as stored, the device parts' float weights as `quantize` would
+    store them (a quantized export's own scheme wins), every other float tensor in `dtype`."""
     checkpoint = opened.checkpoint
     tied = bool(getattr(opened.config, "tie_word_embeddings", False))
-    stored: dict[str, tuple[list[int], int]] = {}
+    stored: dict[str, tuple[list[int], str]] = {}
     for file in checkpoint.files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 tensor = handle.get_slice(key)
-                stored[key] = (list(tensor.get_shape()), _ITEMSIZE.get(tensor.get_dtype(), 4))
-    exported = opened.exported is not None
-    if exported:
+                stored[key] = (list(tensor.get_shape()), tensor.get_dtype())
+    if opened.exported is not None and opened.exported.quantize is not None:
         quantize = opened.exported.quantize
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {}
@@ -42,12 +43,12 @@ def part_sizes(opened: OpenedSource, dtype: torch.dtype, quantize: str | None = 
         scheme = None if role == "body" else quantize
         params = size = 0
         for key in (k for k in part_keys(checkpoint.keys, opened.spec, role, tied) if k in stored):
-            shape, stored_itemsize = stored[key]
+            shape, stored_dtype = stored[key]
             numel = _numel(shape)
             if not split_companion(key)[1]:
                 params += numel * (2 if key + ZERO in stored or key + BLOCK_MIN in stored else 1)  # two 4-bit values a byte
-            if exported:
-                size += numel * stored_itemsize
+            if split_companion(key)[1] or stored_dtype not in _FLOATS:  # stored quantized: loaded as it is
+                size += numel * _ITEMSIZE.get(stored_dtype, 4)
             else:
                 size += stored_bytes(tuple(shape), estimated_kind(key, scheme) if scheme and key.endswith(".weight") else None, itemsize)
         sizes[role] = PartSize(params, size, _precision(scheme, dtype))
