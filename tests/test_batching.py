@@ -343,6 +343,13 @@ def test_a_round_trip_longer_than_the_step_wait_does_not_split_the_sessions(bodi
 
     monkeypatch.setattr(body, "step", timed_step)
     scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=step_wait))
+    holding, hold = threading.Event(), scheduler._hold_for_answered
+
+    def watched_hold():
+        holding.set()
+        hold()
+
+    monkeypatch.setattr(scheduler, "_hold_for_answered", watched_hold)
     steps = []
     scheduler.on_step = steps.append
     a, b = scheduler.open_session().result(10), scheduler.open_session().result(10)
@@ -357,6 +364,9 @@ def test_a_round_trip_longer_than_the_step_wait_does_not_split_the_sessions(bodi
     running.clear()
     release.set()
     _answer(first)
+    # The clock moves only once the loop holds for a: moved earlier, the round trip would pass
+    # before the hold began and count as time between steps but not as held.
+    assert holding.wait(30)
     clock.now += round_trip  # a's device answers past the step wait
     reads, deadline = clock.reads, time.monotonic() + 30
     # Four clock reads on: a step started on b alone has called the body by then.
