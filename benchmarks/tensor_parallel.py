@@ -228,7 +228,7 @@ def _copy_bandwidth(device: torch.device) -> float:
 
 def main() -> None:
     suite = sys.argv[1] if len(sys.argv) > 1 else "exact"
-    tp = TensorParallel.from_env()
+    tp = TensorParallel.from_env("cuda")
     if tp is None:
         raise SystemExit("run under torchrun with --nproc-per-node 2 or more")
     layers = int(sys.argv[2]) if len(sys.argv) > 2 else 76

@@ -1,13 +1,17 @@
 """Bad invocations of the CLI: each is one `error: ...` line on stderr, exit status 2, no traceback.
 
 The table runs as real subprocesses, started together (most fail before any model loads), so the
-file stays fast; the rest covers ServerProcess's start-up timeout, the audit's progress units, the
-GGUF conversion notice and the chat-template warning."""
+file stays fast. serve's option checks run in this process too, where torchrun's relaunch and the
+compile backend can be replaced: every bad combination is refused before `--tensor-parallel`
+starts torchrun, and `--compile` with a compiler that fails stops start-up with one line. The rest
+covers serve's --help and README synopsis, ServerProcess's start-up timeout, the audit's progress
+units, the GGUF conversion notice and the chat-template warning."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -115,6 +119,11 @@ CASES = {
 PRINTS_NOTHING = ("unknown --quantize (info)", "unknown --quantize (export)", "gguf-exact in bfloat16 (info)")
 if not torch.cuda.is_available():
     CASES["cuda without a GPU"] = (["serve", "--device", "cuda"], "no CUDA GPU is available")
+if torch.cuda.device_count() < 2:  # one line from the command itself, not torchrun's ranks failing
+    CASES["tensor parallel on GPUs the host lacks"] = (
+        ["serve", "--tensor-parallel", "2", "--device", "cuda"],
+        "--tensor-parallel 2 --device cuda needs 2 CUDA GPUs on this host" if torch.cuda.is_available() else "no CUDA GPU is available",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +163,142 @@ def test_a_bad_option_is_refused_before_anything_is_printed(results, name):
 def test_corrupt_gguf_says_it_is_converting_without_verbose(results):
     """The conversion notice is printed without -v (here just before the file proves unreadable)."""
     assert "lambdasplit: converting bad.gguf to safetensors" in results["corrupt gguf"].stderr
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, list[str], str]:
+    """`lambdasplit ARGS` in this process as the script runs it: exit status, `error:` lines, stderr."""
+    from lambdasplit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lambdasplit", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    return exited.value.code, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+class Relaunched(Exception):
+    """os.execv was called: torchrun would have started."""
+
+
+@pytest.fixture
+def torchrun(monkeypatch) -> list[list[str]]:
+    """The torchrun relaunch recorded instead of run, outside any torchrun group, on a host with 8 GPUs."""
+    started: list[list[str]] = []
+
+    def execv(path: str, argv: list[str]) -> None:
+        started.append(argv)
+        raise Relaunched
+
+    monkeypatch.setattr("lambdasplit.engine.parallel.os.execv", execv)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    return started
+
+
+TP_REFUSED = {
+    "compile": (["--compile"], "--compile and --quantize apply to a body served without --tensor-parallel"),
+    "fp8": (["--quantize", "fp8", "--device", "cuda"], "--compile and --quantize apply to a body served without"),
+    "pipeline": (["--pipeline", "tiny-sdxl"], "--tensor-parallel serves text bodies only"),
+    "K range": (["--split", "1-2,2"], "--tensor-parallel cannot be combined with a K range"),
+    "engine process": (["--engine-process"], "--engine-process runs one process's body"),
+    "one GPU by index": (["--device", "cuda:1"], "--tensor-parallel runs its ranks on --device cuda (a GPU each) or cpu"),
+    "more ranks than GPUs": (["--tensor-parallel", "9", "--device", "cuda"],
+                             "--tensor-parallel 9 --device cuda needs 9 CUDA GPUs on this host; it has 8"),
+    "no token off loopback": (["--host", "0.0.0.0"], "refusing to serve on 0.0.0.0 without authentication"),
+    "port in use": (["--port", "{taken}"], "already in use"),
+}
+
+
+@pytest.mark.parametrize("name", list(TP_REFUSED))
+def test_tensor_parallel_refuses_before_starting_torchrun(name, files, torchrun, monkeypatch, capsys):
+    args, fragment = TP_REFUSED[name]
+    code, errors, err = _main(monkeypatch, capsys, "serve", "--tensor-parallel", "2", *[a.format(**files) for a in args])
+    assert torchrun == [], "torchrun was started"
+    assert code == 2 and len(errors) == 1 and fragment in errors[0], err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_tensor_parallel_relaunches_under_torchrun_once_checked(device, torchrun, monkeypatch):
+    """The refusals above are not a relaunch that fails: good options reach torchrun, with the command as given."""
+    from lambdasplit.cli import main
+
+    args = ["serve", "--tensor-parallel", "2", "--device", device, "--port", "0"]
+    monkeypatch.setattr(sys, "argv", ["lambdasplit", *args])
+    with pytest.raises(Relaunched):
+        main()
+    assert torchrun == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                         "-m", "lambdasplit.cli", *args]]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--quantize", "fp8", "--device", "cuda", "--split", "1-2,2"], "--quantize fp8 cannot be combined with a K range"),
+    (["--compile", "--pipeline", "tiny-sdxl"], "--compile and --quantize apply to a text body; drop them with --pipeline"),
+    (["--quantize", "fp8", "--pipeline", "tiny-sdxl", "--device", "cuda"], "--compile and --quantize apply to a text body"),
+])
+def test_serve_refuses_body_options_it_cannot_apply_before_loading(args, fragment, monkeypatch, capsys):
+    def load(*_, **__):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("lambdasplit.engine.loading.load_scheduler", load)
+    monkeypatch.setattr("lambdasplit.diffusion.cloud.load_diffusion_scheduler", load)
+    code, errors, err = _main(monkeypatch, capsys, "serve", "--port", "0", *args)
+    assert code == 2 and len(errors) == 1 and fragment in errors[0], err
+
+
+def test_serve_compile_with_a_failing_compiler_is_one_error_at_start_up(llama, monkeypatch, capsys):
+    """The warm-up compiles at load: a compiler that fails stops `serve` before it listens, with the
+    cause, rather than failing every session's first step."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("C++ compile error: cc1plus: fatal error: cannot execute\ncompilation terminated.")
+
+    def listen(*_, **__):
+        raise AssertionError("the server started")
+
+    torch._dynamo.reset()  # graphs compiled earlier in this process would not ask the backend
+    monkeypatch.setattr("lambdasplit.engine.optimize.BACKEND", broken)
+    monkeypatch.setattr("lambdasplit.cloud.server.BodyServer.serve_forever", listen)
+    try:
+        code, errors, err = _main(monkeypatch, capsys, "serve", "--model", str(llama), "--split", "2,2", "--compile", "--port", "0")
+    finally:
+        torch._dynamo.reset()
+    assert code == 2 and "Traceback" not in err, err
+    assert errors == ["error: --compile: compiling the body at start-up failed (RuntimeError: C++ compile error: cc1plus: "
+                      "fatal error: cannot execute); fix the compiler (on the CPU inductor needs a working C++ compiler) "
+                      "or serve without --compile"], err
+
+
+def _serve_command():
+    import typer
+
+    from lambdasplit.cli import app
+
+    return typer.main.get_command(app).commands["serve"]
+
+
+def test_serve_dtype_help_describes_the_body():
+    """serve shared generate's --dtype help, which spoke of `export from` a GGUF and of gguf-exact (device options serve lacks)."""
+    dtype = next(p for p in _serve_command().params if p.name == "dtype")
+    assert "gguf-exact" not in dtype.help and "export from" not in dtype.help
+    assert "what the body" in dtype.help
+
+
+def test_readme_serve_synopsis_lists_every_serve_option():
+    lines = Path(__file__).resolve().parents[1].joinpath("README.md").read_text().splitlines()
+    synopsis, inside = [], False
+    for line in lines:
+        if line.startswith("lambdasplit "):
+            inside = line.startswith("lambdasplit serve ")
+        elif not line.startswith(" "):
+            inside = False
+        if inside:
+            synopsis.append(line.split("#")[0])
+    written = set(re.findall(r"--[a-z][\w-]*", " ".join(synopsis)))
+    missing = [p.opts[0] for p in _serve_command().params
+               if p.name != "help" and not written & {*p.opts, *p.secondary_opts}]
+    assert missing == [], f"README.md's serve synopsis lacks {missing}"
 
 
 def test_server_process_times_out_on_a_silent_child():

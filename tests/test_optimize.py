@@ -1,5 +1,6 @@
 """Body speed-ups (`engine/optimize.py`, issue 22 items 5-6): a compiled body serves the unsplit
-model's greedy tokens, batched; fp8 is refused clearly where it cannot run."""
+model's greedy tokens, batched, and compiles at load (its warm-up) what its sessions then run; fp8
+is refused clearly where it cannot run."""
 
 from __future__ import annotations
 
@@ -60,6 +61,54 @@ def test_a_compiled_body_gives_the_unsplit_models_tokens_batched(llama):
         scheduler.shutdown()
     assert [results.get(i) for i in range(len(PROMPTS))] == expected
     assert steps, "the scheduler ran no step"
+
+
+@pytest.fixture
+def counting_backend(monkeypatch) -> list[list[torch.Tensor]]:
+    """torch.compile's backend swapped for one that records each graph's tensor inputs and runs it
+    eagerly: what gets compiled, and when, without inductor's cost on the CPU."""
+    graphs: list[list[torch.Tensor]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append([x for x in example_inputs if isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()  # code compiled earlier in this process would run without asking the backend
+    monkeypatch.setattr("lambdasplit.engine.optimize.BACKEND", backend)
+    yield graphs
+    torch._dynamo.reset()  # later tests compile with inductor again
+
+
+def test_the_warm_up_compiles_at_load_in_the_bodys_dtype(llama, counting_backend):
+    scheduler = load_scheduler(str(llama), (2, 2), "bfloat16", options=BodyOptions(compile=True))
+    scheduler.shutdown()
+    assert counting_backend, "nothing was compiled at load"
+    tensors = [x for graph in counting_backend for x in graph if x.dim()]  # not a scalar (RMSNorm's eps, float64)
+    assert {x.dtype for x in tensors} == {torch.bfloat16}  # hidden states and weights alike
+    assert {x.device.type for x in tensors} == {"cpu"}
+    assert {x.shape[1] for x in tensors if x.dim() == 3} == {2, 1}  # a step of several positions, one decode row
+
+
+def test_a_session_after_the_warm_up_compiles_nothing_more(llama, counting_backend):
+    """Prefill chunks (4, 4, 1 positions) and decode steps reuse the warm-up's graphs. The packed
+    hidden states are built in inference mode like every other layer input: built outside it,
+    the first layer's norm compiled a second graph for each length on the first session."""
+    ids = PROMPTS[1]
+    expected = oracle(llama).generate(torch.tensor([ids]), max_new_tokens=3, min_new_tokens=3,
+                                      do_sample=False)[0, len(ids):].tolist()
+    scheduler = load_scheduler(str(llama), (2, 2), limits=SchedulerLimits(step_tokens=4), options=BodyOptions(compile=True))
+    at_load = len(counting_backend)
+    body = LocalBody(scheduler, Codec.FP32)
+    try:
+        runtime = SplitRuntime.load(llama, (2, 2))
+        options = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        tokens = runtime.generate_ids(body, torch.tensor([ids]), None, options).token_ids[0]
+    finally:
+        body.close()
+        scheduler.shutdown()
+    assert tokens == expected
+    assert at_load > 0, "nothing was compiled at load"
+    assert len(counting_backend) == at_load, f"{len(counting_backend) - at_load} more graphs compiled while serving"
 
 
 def test_compile_layers_leaves_attention_and_counts_what_it_compiled(llama):

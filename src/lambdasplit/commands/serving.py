@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -40,6 +40,15 @@ from lambdasplit.commands.options import (
     warn_without_chat_template,
 )
 from lambdasplit.errors import LambdaSplitError
+
+if TYPE_CHECKING:
+    from lambdasplit.engine.optimize import BodyOptions
+    from lambdasplit.split.spec import SplitChoice
+
+BodyDtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32, bfloat16 or float16: what the body (with --pipeline, the UNet) computes in and sends "
+    "back; devices must use the same --dtype. Default: an exported part's own, else float32 (a .gguf model too).",
+)]
 
 
 def serve(
@@ -81,12 +90,14 @@ def serve(
     )] = True,
     compile_body: Annotated[bool, typer.Option(
         "--compile/--no-compile",
-        help="torch.compile the body's norms and MLPs at start-up (fused kernels; attention stays eager); the first "
-             "steps of each new shape then take longer while they compile.",
+        help="torch.compile the body's norms and MLPs at start-up (fused kernels; attention stays eager) and run "
+             "them once on a tiny input, so a compiler that cannot work (on the CPU: no working C++ compiler) stops "
+             "start-up with one error. Not with --pipeline or --tensor-parallel.",
     )] = False,
     body_quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", help="Body weights as fp8 (torchao; GPUs of compute capability 8.9+: Hopper, Ada). Changes "
-                           "the hidden states a little: docs/benchmarks.md measures by how much. Off by default.",
+        "--quantize", help="Body weights as fp8 (torchao; --device cuda, GPUs of compute capability 8.9+: Hopper, "
+                           "Ada). Changes the hidden states a little: docs/benchmarks.md measures by how much. Off by "
+                           "default; not with --pipeline, --tensor-parallel or a K range.",
     )] = None,
     kv_wait: Annotated[float, typer.Option(
         "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
@@ -117,7 +128,7 @@ def serve(
              "1,784 tok/s against 1,899 in one process; on 2 CPU cores 13-26%).",
     )] = False,
     device: DeviceOpt = defaults.DEVICE,
-    dtype: DtypeOpt = None,
+    dtype: BodyDtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
     allow_shallow: ShallowOpt = False,
     pipeline: PipelineOpt = None,
@@ -125,45 +136,43 @@ def serve(
     k: BlocksOpt = defaults.UNET_OUTER_BLOCKS,
     tensor_parallel: Annotated[int, typer.Option(
         "--tensor-parallel", min=1,
-        help="Cut the body's layers over this many GPUs of this host (torch.distributed, NCCL); relaunches itself "
-             "under torchrun, rank 0 serves the network.",
+        help="Cut the body's layers over this many GPUs of this host (with --device cuda: torch.distributed over "
+             "NCCL, one GPU a rank; with --device cpu, CPU processes over gloo, as the tests run it); relaunches "
+             "itself under torchrun once every option is checked, rank 0 serves the network. Not with --compile, "
+             "--quantize, --pipeline, --engine-process or a K range.",
     )] = defaults.TENSOR_PARALLEL,
 ) -> None:
     """Serve the body to devices over WebSocket (one persistent connection per device): a language
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
     from lambdasplit.cloud.server import BodyServer, ServerConfig
-    from lambdasplit.engine.loading import follow_leader, load_scheduler
+    from lambdasplit.engine.loading import check_gpus, follow_leader, load_scheduler
     from lambdasplit.engine.optimize import BodyOptions
     from lambdasplit.engine.scheduler import SchedulerLimits
     from lambdasplit.listen import check_bindable
     from lambdasplit.security import is_loopback, read_token, server_ssl_context
 
+    # Every check comes before anything loads and before --tensor-parallel relaunches this command
+    # under torchrun: a bad combination is one line, never N ranks' tracebacks.
     source = str(part) if part else model
-    if part is not None and model is not None:
-        raise LambdaSplitError("give either --part or --model, not both")
-    tp = None
-    if tensor_parallel > 1:
-        from lambdasplit.engine.parallel import TensorParallel
-
-        if pipeline is not None:
-            raise LambdaSplitError("--tensor-parallel serves text bodies only; drop --pipeline")
-        tp = TensorParallel.join(tensor_parallel, ["-m", "lambdasplit.cli", *sys.argv[1:]])  # torchrun runs this command
-        if not tp.leader:
-            follow_leader(source, point(split), dtype, tp, allow_shallow)
-            return
+    options = BodyOptions(compile_body, body_quantize)
+    k_max = split.k_max if split and split.ranged else None
+    _check_combinations(part, model, split, k_max, pipeline, options, device, tensor_parallel, engine_process)
+    check_gpus(device, tensor_parallel)
     token = read_token(token_file)
     if token is None and not is_loopback(host) and not insecure_no_auth:
         raise LambdaSplitError(
             f"refusing to serve on {host} without authentication; pass --token-file F "
             "(or --insecure-no-auth on a network you trust)"
         )
-    options = BodyOptions(compile_body, body_quantize)
-    if options.quantize and device != "cuda":
-        raise LambdaSplitError(f"--quantize {options.quantize} needs --device cuda (a GPU of compute capability 8.9+)")
-    if (options.compile or options.quantize) and (pipeline is not None or tp is not None):
-        raise LambdaSplitError("--compile and --quantize apply to a text body served without --tensor-parallel; "
-                               "drop them with --pipeline or --tensor-parallel")
-    check_bindable(host, port)  # before the model loads: a taken port fails in a second, not after it
+    check_bindable(host, port)  # a taken port fails in a second, not after the model loaded
+    tp = None
+    if tensor_parallel > 1:
+        from lambdasplit.engine.parallel import TensorParallel
+
+        tp = TensorParallel.join(tensor_parallel, device, ["-m", "lambdasplit.cli", *sys.argv[1:]])  # torchrun runs this command
+        if not tp.leader:
+            follow_leader(source, point(split), dtype, tp, allow_shallow)
+            return
     limits = SchedulerLimits(
         max_sessions, max_context, min_free_memory_mb << 20, max_batch, max_frame_positions, max_session_kv << 20,
         step_tokens, kv_pool << 20 if kv_pool else None, kv_wait, step_wait / 1000, stall_timeout,
@@ -172,14 +181,11 @@ def serve(
     if pipeline is not None:
         from lambdasplit.diffusion.cloud import load_diffusion_scheduler
 
-        if part is not None or model is not None or split is not None:
-            raise LambdaSplitError("--pipeline serves a diffusion UNet; drop --part, --model and --split")
         build, args = load_diffusion_scheduler, (pipeline, mode, k, dtype, device, limits)
     else:
-        k_max = split.k_max if split and split.ranged else None
         build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp, options)
     config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
-    if engine_process and tp is None:
+    if engine_process:
         from lambdasplit.engine.core import EngineClient
         from lambdasplit.logs import configure_logging
 
@@ -194,6 +200,27 @@ def serve(
         sys.stdout.flush()
 
     server.serve_forever(uvloop, listening)
+
+
+def _check_combinations(part: Path | None, model: str | None, split: SplitChoice | None, k_max: int | None,
+                        pipeline: str | None, options: BodyOptions, device: str, ranks: int, engine_process: bool) -> None:
+    """The serve options that cannot go together, refused before anything loads."""
+    from lambdasplit.engine.loading import check_body_options
+
+    if part is not None and model is not None:
+        raise LambdaSplitError("give either --part or --model, not both")
+    if pipeline is not None:
+        if part is not None or model is not None or split is not None:
+            raise LambdaSplitError("--pipeline serves a diffusion UNet; drop --part, --model and --split")
+        if ranks > 1:
+            raise LambdaSplitError("--tensor-parallel serves text bodies only; drop --pipeline")
+        if options.compile or options.quantize:
+            raise LambdaSplitError("--compile and --quantize apply to a text body; drop them with --pipeline")
+    if ranks > 1 and engine_process:
+        raise LambdaSplitError("--engine-process runs one process's body; drop it with --tensor-parallel")
+    check_body_options(options, k_max, ranks)
+    if options.quantize and not device.startswith("cuda"):
+        raise LambdaSplitError(f"--quantize {options.quantize} needs --device cuda (a GPU of compute capability 8.9+)")
 
 
 def gateway(

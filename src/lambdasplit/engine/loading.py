@@ -44,29 +44,51 @@ def load_scheduler(
     """
     from lambdasplit.split.load import body_runner, body_variants, open_source, resolve_dtype
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LambdaSplitError("--device cuda: no CUDA GPU is available on this machine; use --device cpu")
+    check_body_options(options, k_max, tensor_parallel.world if tensor_parallel else 1)
+    check_gpus(device)
     opened = open_source(source, split, allow_shallow)
     torch_dtype = resolve_dtype(dtype, opened)
     if tensor_parallel is not None:
-        return _tensor_parallel_scheduler(opened, torch_dtype, tensor_parallel, limits, k_max)
-    if options.quantize and k_max:
-        raise LambdaSplitError("--quantize fp8 cannot be combined with a K range (--split KMIN-KMAX,M) yet")
+        return _tensor_parallel_scheduler(opened, torch_dtype, tensor_parallel, limits)
     runner = body_runner(opened, torch_dtype, device)
     variants = body_variants(opened, runner, k_max, torch_dtype, device) if k_max else []
     for part in [runner, *(r for r, _ in variants)]:
         if part.layers:
-            optimize(part.module, options)
+            optimize(part.module, options, torch_dtype)
     bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype), cuda_graphs)]
     bodies += [TextBody(r, m, cuda_graphs) for r, m in variants]
     return BodyScheduler(bodies, limits)
 
 
-def _tensor_parallel_scheduler(
-    opened: OpenedSource, dtype: torch.dtype, tp: TensorParallel, limits: SchedulerLimits, k_max: int | None
-) -> BodyScheduler:
-    if k_max:
+def check_body_options(options: BodyOptions, k_max: int | None, ranks: int = 1) -> None:
+    """The combinations a body cannot be served with, refused before anything loads (the CLI calls
+    this before it relaunches itself under torchrun)."""
+    if ranks > 1 and (options.compile or options.quantize):
+        raise LambdaSplitError("--compile and --quantize apply to a body served without --tensor-parallel; "
+                               "drop them or --tensor-parallel")
+    if ranks > 1 and k_max:
         raise LambdaSplitError("--tensor-parallel cannot be combined with a K range (--split KMIN-KMAX,M) yet")
+    if options.quantize and k_max:
+        raise LambdaSplitError(f"--quantize {options.quantize} cannot be combined with a K range (--split KMIN-KMAX,M) yet")
+
+
+def check_gpus(device: str, ranks: int = 1) -> None:
+    """The GPUs `device` and `ranks` (--tensor-parallel) ask for are on this host: one a rank."""
+    if ranks > 1 and device not in ("cpu", "cuda"):
+        raise LambdaSplitError(f"--tensor-parallel runs its ranks on --device cuda (a GPU each) or cpu, not {device}")
+    if torch.device(device).type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise LambdaSplitError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+    if count < ranks:
+        raise LambdaSplitError(f"--tensor-parallel {ranks} --device cuda needs {ranks} CUDA GPUs on this host; "
+                               f"it has {count}")
+
+
+def _tensor_parallel_scheduler(
+    opened: OpenedSource, dtype: torch.dtype, tp: TensorParallel, limits: SchedulerLimits
+) -> BodyScheduler:
     if not opened.spec.layers - opened.spec.k - opened.spec.m:
         raise LambdaSplitError("--tensor-parallel needs a body with layers; this split leaves the cloud none")
     runner = tensor_parallel_body(opened, dtype, tp)

@@ -5,7 +5,9 @@
   and the MLP: RMSNorm and SiLU-times-up fused into one kernel each), dynamic in the packed
   length so prefill chunks of any size reuse one compiled graph. Attention stays the paged
   hook, eager (its Python plan would only break the graph). The CUDA-graph capture then records
-  the compiled kernels, so compiled and graphs combine.
+  the compiled kernels, so compiled and graphs combine. A warm-up at load runs the compiled parts
+  on a tiny input of the body's device and dtype, so a compiler that cannot work (no C++
+  compiler, an inductor error) stops start-up with one error instead of failing every session.
 - fp8: torchao's float8 weights with one scale per output row and activations quantised per row
   on the fly (`Float8DynamicActivationFloat8WeightConfig`), on GPUs of compute capability >= 8.9
   (Hopper, Ada): half the weight bytes of bf16 per decode step. It changes the hidden states;
@@ -15,6 +17,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,10 @@ from lambdasplit.errors import LambdaSplitError
 log = logging.getLogger(__name__)
 
 QUANTIZE = ("fp8",)  # body weight formats besides the model's own dtype
+BACKEND: str | Callable = "inductor"  # torch.compile's backend (tests swap in one that counts or fails)
+# Packed positions the warm-up runs: 2 stands for every step of 2 or more (the length is dynamic),
+# 1 for a single decode row (Dynamo specialises a size of 1), so the first sessions compile nothing.
+WARM_UP_LENGTHS = (2, 1)
 
 
 @dataclass(frozen=True)
@@ -44,24 +52,54 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def optimize(module: nn.Module, options: BodyOptions) -> None:
-    """Apply `options` to a body module in place (fp8 first: compile then sees the fp8 layers)."""
+def optimize(module: nn.Module, options: BodyOptions, dtype: torch.dtype) -> None:
+    """Apply `options` to a body module in place (fp8 first: compile then sees the fp8 layers);
+    a compiled body is warmed up on hidden states of `dtype`, the dtype it serves in."""
     if options.quantize == "fp8":
         quantize_fp8(module)
     if options.compile:
         compile_layers(module)
+        warm_up(module, dtype)
 
 
-def compile_layers(module: nn.Module) -> int:
-    """Compile every child of every decoder layer but its attention; the number compiled."""
-    count = 0
+def compiled_parts(module: nn.Module) -> Iterator[nn.Module]:
+    """Every child of every decoder layer but its attention that has weights (norms, MLP)."""
     for layer in decoder_layers(module):
         for name, child in layer.named_children():
             if name != "self_attn" and any(True for _ in child.parameters()):
-                child.compile(dynamic=True)
-                count += 1
+                yield child
+
+
+def compile_layers(module: nn.Module) -> int:
+    """Compile every part `compiled_parts` names; the number compiled."""
+    count = 0
+    for child in compiled_parts(module):
+        child.compile(backend=BACKEND, dynamic=True)
+        count += 1
     log.info("compiled %d decoder-layer modules (norms and MLPs; attention stays eager)", count)
     return count
+
+
+def warm_up(module: nn.Module, dtype: torch.dtype) -> None:
+    """Run every compiled part once per length of WARM_UP_LENGTHS, on the body's device in `dtype`
+    and in inference mode as steps run: compiling happens here, and a failure is one error naming
+    --compile and its cause rather than a failed step in every session."""
+    device = next(module.parameters()).device
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for length in WARM_UP_LENGTHS:
+                hidden = torch.ones(1, length, module.config.hidden_size, dtype=dtype, device=device)
+                for child in compiled_parts(module):
+                    child(hidden)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the compiled body cannot serve
+        cause = getattr(exc, "inner_exception", None) or exc  # Dynamo wraps the backend's own error
+        lines = str(cause).strip().splitlines()
+        reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+        raise LambdaSplitError(f"--compile: compiling the body at start-up failed ({reason}); "
+                               "fix the compiler (on the CPU inductor needs a working C++ compiler) or serve "
+                               "without --compile") from exc
+    log.info("compiled body warmed up on %s in %.1f s", device, time.perf_counter() - started)
 
 
 def quantize_fp8(module: nn.Module) -> None:

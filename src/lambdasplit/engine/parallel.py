@@ -46,29 +46,32 @@ class TensorParallel:
     device: torch.device
 
     @classmethod
-    def from_env(cls) -> TensorParallel | None:
-        """The group torchrun started this process in; None when it runs alone."""
+    def from_env(cls, device_type: str) -> TensorParallel | None:
+        """The group torchrun started this process in, on its local GPU over NCCL (`device_type`
+        "cuda") or on the CPU over gloo ("cpu": the same code, as the tests run it); None when it
+        runs alone."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return None
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if device_type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
-        else:  # CPU ranks (tests): the same code over gloo
+        else:
             device = torch.device("cpu")
             dist.init_process_group("gloo")
         return cls(dist.get_rank(), world, device)
 
     @classmethod
-    def join(cls, ranks: int, command: list[str]) -> TensorParallel:
-        """This process's place in a group of `ranks`. Outside torchrun, this process is replaced by
-        torchrun starting `ranks` copies of `command` (Python's arguments: `-m lambdasplit.cli serve ...`)."""
+    def join(cls, ranks: int, device_type: str, command: list[str]) -> TensorParallel:
+        """This process's place in a group of `ranks` on `device_type`. Outside torchrun, this process
+        is replaced by torchrun starting `ranks` copies of `command` (Python's arguments:
+        `-m lambdasplit.cli serve ...`), so every check of the command's options must come first."""
         if "WORLD_SIZE" not in os.environ:
             torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
             os.execv(sys.executable, [sys.executable, *torchrun, *command])
-        tp = cls.from_env()
+        tp = cls.from_env(device_type)
         if tp is None or tp.world != ranks:
             raise LambdaSplitError(f"--tensor-parallel {ranks} inside a torchrun group of {os.environ['WORLD_SIZE']}")
         return tp

@@ -237,7 +237,9 @@ def assemble(plans: list[ChunkPlan]) -> Step:
             if plans[i].length == length:
                 starts[i] = packed
                 packed += len(plans[i].chunk.rows) * length
-    return Step(plans, starts, torch.cat(hidden).unsqueeze(0), torch.tensor(write, dtype=torch.long),
+    with torch.inference_mode():  # as every later layer input is: a compiled norm then needs one graph, not two
+        states = torch.cat(hidden).unsqueeze(0)
+    return Step(plans, starts, states, torch.tensor(write, dtype=torch.long),
                 torch.tensor(positions, dtype=torch.long), torch.tensor(valid, dtype=torch.bool), groups)
 
 
