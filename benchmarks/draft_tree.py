@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from benchmarks.common import environment, write
 from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
-from lambdasplit.device.draft import CONFIDENCE, SHIPPED, Drafter, DraftHead
+from lambdasplit.device.draft import SHIPPED, Drafter, DraftHead
 from lambdasplit.device.train_draft import Sample, TrainSettings, answer, replay_acceptance
 from lambdasplit.split.parts import cache_kwarg
 from lambdasplit.split.sources import resolve_source
@@ -233,7 +233,7 @@ def replay_sample(tree: TreeDrafter, s: Sample) -> Tally:
 
 def product_sample(drafter: Drafter, s: Sample, draft_tokens: int) -> Tally:
     """The product's chain (`--speculate draft-head`) over one answer, through its own candidate generator."""
-    r = replay_acceptance(drafter, [s], draft_tokens, CONFIDENCE)
+    r = replay_acceptance(drafter, [s], draft_tokens, defaults.DRAFT_CONFIDENCE)
     return Tally(r["answer_tokens"], r["round_trips"], r["round_trips"] - 1, r["drafted"], r["accepted"],
                  r["draft_seconds"], r["chain_lengths"])
 
@@ -436,7 +436,7 @@ def run(prompts: int = 40, new_tokens: int = 128, calibration: int = 16, out: Pa
         product.add(product_sample(drafter, s, PRODUCT_TOKENS))
         for tree, tally in zip(trees, tallies, strict=True):
             tally.add(replay_sample(tree, s))
-    rows = [summary(f"product chain (up to {PRODUCT_TOKENS}, stops below {CONFIDENCE:.0%} confidence)", product)]
+    rows = [summary(f"product chain (up to {PRODUCT_TOKENS}, stops below {defaults.DRAFT_CONFIDENCE:.0%} confidence)", product)]
     rows += [summary(shape.name, tally, shape) for shape, tally in zip(shapes, tallies, strict=True)]
     for row in rows:
         print(_line(row), flush=True)
