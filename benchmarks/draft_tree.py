@@ -11,7 +11,8 @@ runs in a body: the wire and the server verify chains only.
 
 Shapes (`Shape`: each node named by its path of ranks in the head's top-k at each depth, EAGLE-1's
 static trees):
-- the product's chain (`--speculate draft-head`: up to 8 tokens, stopping below 10% confidence),
+- the product's chain (`--speculate draft-head`: up to `defaults.DRAFT_TOKENS` tokens, stopping below
+  `defaults.DRAFT_CONFIDENCE`; the committed draft-tree-cpu.json replayed 8 and 10%),
   replayed through its own candidate generator;
 - static chains of N tokens (no confidence stop);
 - `wide-N`: the head's top N tokens at depth 1 only;

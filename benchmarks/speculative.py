@@ -10,7 +10,7 @@ Through `benchmarks/netem.py`'s delay proxy at each added RTT, every prompt runs
 the product's one generation path (`generate_ids`: transformers' `generate()` over
 `SplitModelForCausalLM`) in every mode, the modes in a rotating order; all must give the same
 tokens. Answers end at EOS or `new_tokens`. Reported per mode: tokens/s (median over prompts,
-prefill included), tokens per body round trip (counted: the prefill's trip included), and for the
+prefill included; each prompt's too), tokens per body round trip (counted: the prefill's trip included), and for the
 draft head the share of drafted tokens accepted, drafted tokens per round that drafted and the device's
 milliseconds per drafted token. Results to benchmarks/results/speculative-cpu[-quick].json.
 
@@ -161,7 +161,7 @@ def _measure(runtime: SplitRuntime, body: BodyClient, local: torch.nn.Module | N
             samples.setdefault("unsplit local", {"tok_s": []})["tok_s"].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
     row: dict = {"rtt_ms": rtt, "set": name, "identical": identical, "modes": {}}
     for mode, s in samples.items():
-        row["modes"][mode] = {"tok_s": statistics.median(s["tok_s"])}
+        row["modes"][mode] = {"tok_s": statistics.median(s["tok_s"]), "tok_s_per_prompt": [round(x, 3) for x in s["tok_s"]]}
         if "trips" in s:  # counted over the whole set, not a median of ratios
             row["modes"][mode].update(tokens_per_trip=sum(s["tokens"]) / sum(s["trips"]), tokens=sum(s["tokens"]),
                                       round_trips=sum(s["trips"]))

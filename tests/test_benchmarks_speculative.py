@@ -24,6 +24,7 @@ def test_draft_lengths_run_every_cap_beside_plain_decoding_with_the_same_tokens(
     assert row["rtt_ms"] == 0 and row["set"] == CHAT and row["identical"] is True
     modes = row["modes"]
     assert list(modes) == ["plain", "draft head, up to 1", "draft head, up to 3"]
+    assert all(len(m["tok_s_per_prompt"]) == 1 for m in modes.values())
     plain = modes["plain"]
     assert plain["tokens"] == plain["round_trips"] and plain["tokens_per_trip"] == 1.0 and "draft_tokens" not in plain
     for cap in (1, 3):

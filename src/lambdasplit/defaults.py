@@ -61,8 +61,10 @@ DEMO_MAX_NEW_TOKENS = 64
 DEMO_PROMPT = "What is the capital of France?"
 REPETITION_PENALTY = 1.0  # none
 # --draft-tokens: prompt lookup's and a draft model's first draft length (they then adapt to acceptance), and the
-# draft head's longest chain (a fixed cap)
-DRAFT_TOKENS = 8
+# draft head's longest chain (a fixed cap). 3: over the netem proxy on 2 CPU cores the shipped head drafting up to 3
+# ran 1.26x plain decoding at 50 ms RTT and 1.34x at 100 ms, up to 8 1.11x and 1.27x (`python -m benchmarks
+# speculative --draft-lengths 3,8`): longer chains add rejected positions faster than accepted tokens.
+DRAFT_TOKENS = 3
 DRAFT_CONFIDENCE = 0.1  # a draft head's chain stops at a token the head gives less than this probability (greedy)
 NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode
 GATEWAY_CONVERSATIONS = 16  # finished conversations whose body session is kept for a follow-up
