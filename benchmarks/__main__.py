@@ -1,5 +1,5 @@
 """`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`,
-`device [--quick]`, `agreement [--quick]`, `draft-tree`, `report`."""
+`device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8]`, `report`."""
 
 from __future__ import annotations
 
@@ -214,6 +214,48 @@ def draft_tree(
     from benchmarks.draft_tree import run
 
     typer.echo(f"wrote {run(prompts, new_tokens, calibration, out)}")
+
+
+@app.command()
+def speculative(
+    quick: Annotated[bool, typer.Option(help="0 and 50 ms, 4 + 2 prompts, 32 tokens: about 5 minutes.")] = False,
+    draft_lengths: Annotated[str, typer.Option(
+        "--draft-lengths", help="Compare the draft head's longest chains instead, e.g. 3,8: plain decoding and the head at "
+        "each cap, held-out chat, 50 and 100 ms RTT (writes speculative-draft-lengths-cpu.json).")] = "",
+    prompts: Annotated[int, typer.Option(min=1, max=40, help="With --draft-lengths: held-out chat prompts (of 40).")] = 12,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="With --draft-lengths: longest answer.")] = 64,
+    out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
+) -> None:
+    """Speculative decoding over an emulated WAN (the netem delay proxy): plain split decode vs prompt
+    lookup vs the draft head, or the draft head's longest chains against each other; greedy, the
+    tokens of every mode checked against plain decoding (exit status 1, after writing, when any differ)."""
+    import json
+
+    from benchmarks.common import results_dir
+    from benchmarks.speculative import run, run_draft_lengths
+
+    if draft_lengths:
+        if quick:
+            raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
+        caps = _caps(draft_lengths)
+        path = run_draft_lengths(caps, prompts, new_tokens, out=out)
+    else:
+        path = run(quick, results_dir(quick, out))
+    typer.echo(f"wrote {path}")
+    if not all(row["identical"] for row in json.loads(path.read_text())["rows"]):
+        typer.echo("tokens differ from plain decoding", err=True)
+        raise typer.Exit(1)
+
+
+def _caps(given: str) -> list[int]:
+    """--draft-lengths: distinct longest chains of 1 to 64 drafts (SamplingParams' bounds)."""
+    try:
+        caps = [int(item) for item in given.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{given!r}: comma-separated whole numbers, e.g. 3,8", param_hint="--draft-lengths") from None
+    if not caps or len(set(caps)) != len(caps) or not all(1 <= cap <= 64 for cap in caps):
+        raise typer.BadParameter(f"{given!r}: distinct lengths from 1 to 64", param_hint="--draft-lengths")
+    return caps
 
 
 @app.command()

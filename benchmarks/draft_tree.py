@@ -11,7 +11,8 @@ runs in a body: the wire and the server verify chains only.
 
 Shapes (`Shape`: each node named by its path of ranks in the head's top-k at each depth, EAGLE-1's
 static trees):
-- the product's chain (`--speculate draft-head`: up to 8 tokens, stopping below 10% confidence),
+- the product's chain (`--speculate draft-head`: up to `defaults.DRAFT_TOKENS` tokens, stopping below
+  `defaults.DRAFT_CONFIDENCE`; the committed draft-tree-cpu.json replayed 8 and 10%),
   replayed through its own candidate generator;
 - static chains of N tokens (no confidence stop);
 - `wide-N`: the head's top N tokens at depth 1 only;
@@ -46,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from benchmarks.common import environment, write
 from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
-from lambdasplit.device.draft import CONFIDENCE, SHIPPED, Drafter, DraftHead
+from lambdasplit.device.draft import SHIPPED, Drafter, DraftHead
 from lambdasplit.device.train_draft import Sample, TrainSettings, answer, replay_acceptance
 from lambdasplit.split.parts import cache_kwarg
 from lambdasplit.split.sources import resolve_source
@@ -233,7 +234,7 @@ def replay_sample(tree: TreeDrafter, s: Sample) -> Tally:
 
 def product_sample(drafter: Drafter, s: Sample, draft_tokens: int) -> Tally:
     """The product's chain (`--speculate draft-head`) over one answer, through its own candidate generator."""
-    r = replay_acceptance(drafter, [s], draft_tokens, CONFIDENCE)
+    r = replay_acceptance(drafter, [s], draft_tokens, defaults.DRAFT_CONFIDENCE)
     return Tally(r["answer_tokens"], r["round_trips"], r["round_trips"] - 1, r["drafted"], r["accepted"],
                  r["draft_seconds"], r["chain_lengths"])
 
@@ -436,7 +437,7 @@ def run(prompts: int = 40, new_tokens: int = 128, calibration: int = 16, out: Pa
         product.add(product_sample(drafter, s, PRODUCT_TOKENS))
         for tree, tally in zip(trees, tallies, strict=True):
             tally.add(replay_sample(tree, s))
-    rows = [summary(f"product chain (up to {PRODUCT_TOKENS}, stops below {CONFIDENCE:.0%} confidence)", product)]
+    rows = [summary(f"product chain (up to {PRODUCT_TOKENS}, stops below {defaults.DRAFT_CONFIDENCE:.0%} confidence)", product)]
     rows += [summary(shape.name, tally, shape) for shape, tally in zip(shapes, tallies, strict=True)]
     for row in rows:
         print(_line(row), flush=True)

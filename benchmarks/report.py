@@ -56,6 +56,8 @@ def generated_section(draw: bool = False) -> str:
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
+    if lengths := _load("speculative-draft-lengths-cpu"):
+        sections.append(draft_lengths_section(lengths))
     if draft_tree := _load("draft-tree-cpu"):
         sections.append(draft_tree_section(draft_tree))
     for name in ("cpu", "cpu-quick"):
@@ -389,6 +391,29 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
                      f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
                      f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
                      f"{'yes' if r['identical'] else 'no'} | {local} |")
+    return "\n".join(lines)
+
+
+def draft_lengths_section(data: dict) -> str:
+    """The draft head's longest chain against plain decoding over the emulated WAN (issue 24), one row per RTT and mode."""
+    (chat, prompts), = data["prompts"].items()
+    lines = ["## Draft head's longest chain over an emulated WAN (`speculative-draft-lengths-cpu`): SmolLM2, split 2,2, "
+             f"bf16 frames, {prompts} prompts, answers of up to {data['new_tokens']} tokens", "",
+             _env(data) + f"; {chat}: the first {prompts} prompts only and answers ending at EOS or {data['new_tokens']} tokens, "
+             f"to keep the run to {data['seconds'] / 60:.1f} minutes on these cores; greedy; the draft head drafts at most "
+             + " or ".join(str(cap) for cap in data["draft_lengths"]) + f" tokens a round and stops a chain below "
+             f"{data['confidence']:.0%} confidence. tok/s: median over prompts (prefill included), x: against plain decoding "
+             "in the same run; tokens per round trip: counted over the set (the prefill's trip included); drafted per round: "
+             "over the rounds that drafted.", "",
+             "| added RTT ms | mode | tok/s | x plain | tokens per round trip | drafted per round | drafts accepted | "
+             "device ms per drafted token | same tokens as plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        plain = r["modes"]["plain"]["tok_s"]
+        for mode, m in r["modes"].items():
+            drafted = (f"{m['drafted_per_round']:.2f} | {m['acceptance']:.0%} | {m['ms_per_drafted_token']:.1f}"
+                       if "draft_tokens" in m else "- | - | -")
+            lines.append(f"| {r['rtt_ms']} | {mode} | {m['tok_s']:.2f} | {m['tok_s'] / plain:.2f}x | {m['tokens_per_trip']:.2f} | "
+                         f"{drafted} | {'yes' if r['identical'] else 'no'} |")
     return "\n".join(lines)
 
 

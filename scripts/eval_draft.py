@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lambdasplit import defaults
 from lambdasplit.device.draft_prompts import heldout_prompts
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--split", default="2,2")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--draft-tokens", type=int, default=8)
+    parser.add_argument("--draft-tokens", type=int, default=defaults.DRAFT_TOKENS)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--limit", type=int, default=None, help="the first N held-out prompts only")
     parser.add_argument("--out", type=Path, required=True)

@@ -49,7 +49,8 @@ SEND_WINDOW_FRAMES = 8
 SEND_WINDOW_BYTES = 4 << 20
 
 # The CLI's other defaults (its --help shows each). Library code that has the same setting reads it
-# from here too: split/load.py (SPLIT), privacy/audit.py, privacy/pii_audit.py, device/train_draft.py.
+# from here too: split/load.py (SPLIT), privacy/audit.py, privacy/pii_audit.py, device/train_draft.py,
+# device/sampling.py and device/draft.py (DRAFT_TOKENS, DRAFT_CONFIDENCE), the gateway's and the UI's apps.
 HOST = "127.0.0.1"  # every server binds loopback unless told otherwise
 DEVICE = "cpu"  # torch device the parts run on
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # the model used when none is given
@@ -59,7 +60,12 @@ MAX_NEW_TOKENS = 128  # generate
 DEMO_MAX_NEW_TOKENS = 64
 DEMO_PROMPT = "What is the capital of France?"
 REPETITION_PENALTY = 1.0  # none
-DRAFT_TOKENS = 8  # first speculative draft length; it then adapts
+# --draft-tokens: prompt lookup's and a draft model's first draft length (they then adapt to acceptance), and the
+# draft head's longest chain (a fixed cap). 3: over the netem proxy on 2 CPU cores the shipped head drafting up to 3
+# ran 1.26x plain decoding at 50 ms RTT and 1.34x at 100 ms, up to 8 1.11x and 1.27x (`python -m benchmarks
+# speculative --draft-lengths 3,8`): longer chains add rejected positions faster than accepted tokens.
+DRAFT_TOKENS = 3
+DRAFT_CONFIDENCE = 0.1  # a draft head's chain stops at a token the head gives less than this probability (greedy)
 NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode
 GATEWAY_CONVERSATIONS = 16  # finished conversations whose body session is kept for a follow-up
 # The UI gives up on an unreachable server within seconds, so the page says why instead of waiting.

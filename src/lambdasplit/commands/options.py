@@ -197,7 +197,9 @@ SpeculateOpt = Annotated[Optional[str], typer.Option(
     "PATH is a small draft model with the same tokenizer; self is refused with its measured acceptance.",
 )]
 DraftOpt = Annotated[int, typer.Option(
-    "--draft-tokens", min=1, max=64, help="First draft length; it then grows after accepted drafts and shrinks after rejections."
+    "--draft-tokens", min=1, max=64, help="Prompt lookup's and a draft model's first draft length (it then grows after "
+    "accepted drafts and shrinks after rejections); the draft head's longest chain (it also stops below "
+    f"{defaults.DRAFT_CONFIDENCE:.0%} confidence)."
 )]
 ReconnectOpt = Annotated[float, typer.Option(
     "--reconnect-window", min=0, help="Seconds to keep reconnecting (and replaying) after losing the body server."

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoModel, DynamicCache, GenerationConfig, LogitsProcessorList, PretrainedConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from lambdasplit import defaults
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.split.adapters import adapter_for
 from lambdasplit.split.parts import cache_kwarg
@@ -306,13 +307,10 @@ def load_drafter(spec: str, model: Any) -> Drafter:
     return Drafter(head, embed, tail.lm_head, model.config, getattr(model.config.get_text_config(), "final_logit_softcapping", None))
 
 
-CONFIDENCE = 0.1  # a draft chain stops at a token the head gives less than this probability (greedy)
-
-
 def drafting_kwargs(model: Any, spec: str, draft_tokens: int) -> dict[str, Any]:
     """`generate()` arguments for `--speculate draft-head[:DIR]`: the bound head (loaded once per
     model and directory), the longest chain, and the confidence below which a chain stops."""
     drafters = model.__dict__.setdefault("_draft_heads", {})
     if spec not in drafters:
         drafters[spec] = load_drafter(spec, model)
-    return {"assistant_model": drafters[spec], "num_assistant_tokens": draft_tokens, "assistant_confidence_threshold": CONFIDENCE}
+    return {"assistant_model": drafters[spec], "num_assistant_tokens": draft_tokens, "assistant_confidence_threshold": defaults.DRAFT_CONFIDENCE}

@@ -27,6 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from lambdasplit import defaults
 from lambdasplit.errors import LambdaSplitError
 
 # generate()'s keywords that SamplingParams sets (the processors they would build are ours).
@@ -52,7 +53,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     speculate: str | None = None
-    draft_tokens: int = 8  # the first draft's length; it then adapts to the acceptance rate
+    draft_tokens: int = defaults.DRAFT_TOKENS  # the first draft's length (the draft head's longest; see defaults)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

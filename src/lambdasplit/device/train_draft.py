@@ -443,8 +443,6 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
     set, and write the head (safetensors + json with how it was trained) to `out`. `data_file`
     keeps the generated answers and features (safetensors) for the next run with the same model,
     prompts and generation settings."""
-    from lambdasplit.device.draft import CONFIDENCE
-
     settings = settings or TrainSettings()
     began = time.monotonic()
     deadlines = Deadlines.of(began, settings.max_minutes)
@@ -492,10 +490,10 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
 
     drafter = Drafter(head, embed, model.get_output_embeddings(), model.config,
                       getattr(model.config, "final_logit_softcapping", None))
-    measured = replay_acceptance(drafter, data.heldout, settings.draft_tokens, CONFIDENCE)
+    measured = replay_acceptance(drafter, data.heldout, settings.draft_tokens, defaults.DRAFT_CONFIDENCE)
     progress.info("held-out chat: %.2f tokens per round trip, %.0f%% of drafted tokens accepted",
                   measured["tokens_per_round_trip"], 100 * measured["acceptance"])
-    validation = replay_acceptance(drafter, data.validation[: settings.validation_replays], settings.draft_tokens, CONFIDENCE)
+    validation = replay_acceptance(drafter, data.validation[: settings.validation_replays], settings.draft_tokens, defaults.DRAFT_CONFIDENCE)
     greedy = len(train_prompts) - len(data.validation)
     meta = {
         "model_type": model.config.model_type, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
@@ -517,8 +515,8 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
             "seconds": {"data": round(generated - began, 1), "training": round(trained - generated, 1),
                         "measuring": round(time.monotonic() - trained, 1)},
         },
-        "validation": {"prompts": len(data.validation), "confidence": CONFIDENCE, **validation},
-        "heldout_chat": {"prompts": len(heldout), "confidence": CONFIDENCE, **measured},
+        "validation": {"prompts": len(data.validation), "confidence": defaults.DRAFT_CONFIDENCE, **validation},
+        "heldout_chat": {"prompts": len(heldout), "confidence": defaults.DRAFT_CONFIDENCE, **measured},
     }
     head.save(Path(out), meta)
     return meta

@@ -173,7 +173,7 @@ def create_app(
     default_max_tokens: int = 256,
     poll_seconds: float = 0.05,
     speculate: str | None = None,
-    draft_tokens: int = 8,
+    draft_tokens: int = defaults.DRAFT_TOKENS,
     conversations: int = 16,
     conversation_ttl: float = CONVERSATION_TTL,
     max_n: int = 16,

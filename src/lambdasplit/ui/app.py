@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationCancelled, GenerationResult
 from lambdasplit.device.runtime import SplitRuntime
@@ -315,7 +316,7 @@ def load_audit(spec) -> dict[str, Any] | None:
 def create_ui(
     runtime: SplitRuntime, connect: Callable[[], BodyClient], info: dict[str, Any],
     load_image: Callable[[str, int], Any] | None = None, audit: dict[str, Any] | None = None,
-    speculate: str | None = None, draft_tokens: int = 8, protection: Protection | None = None,
+    speculate: str | None = None, draft_tokens: int = defaults.DRAFT_TOKENS, protection: Protection | None = None,
 ) -> FastAPI:
     """The UI app; `connect()` opens a body session (one per conversation, kept between its turns).
     `protection` pseudonymises every conversation (and hides it among decoy rows) on the device."""
