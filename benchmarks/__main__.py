@@ -62,12 +62,13 @@ def serve_gpu(
         help="Comma-separated parts to run (unsplit, steps, agreement, serve, ablations, e2e, bf16), merged into an existing "
              "serve-gpu.json; default all. Each part fits one 10-minute call.")] = "",
     variants: Annotated[str, typer.Option(
-        help="Body variants the steps part measures (bf16, compiled, fp8, fp8+compiled); default all.")] = "",
+        help="Body variants the steps part measures (bf16-sdpa, bf16, compiled, fp8, fp8+compiled; the first is the "
+             "reference of the others' hidden states); default all.")] = "",
     server_args: Annotated[str, typer.Option(
         "--server-args", help="Extra `lambdasplit serve` options for the serve part, e.g. '--compile --quantize fp8'.")] = "",
     ablations: Annotated[str, typer.Option(
-        help="Comma-separated server settings the ablations part compares at 64 sessions (default, --engine-process, "
-             "--no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, --step-wait 0); default all.")] = "",
+        help="Comma-separated server settings the ablations part compares at 64 sessions (default, --no-paged-kernel, "
+             "--engine-process, --no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, --step-wait 0); default all.")] = "",
 ) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
     on random 7B-shaped weights."""

@@ -279,7 +279,7 @@ def serve_gpu_section(data: dict, name: str = "serve-gpu") -> str:
         lines.append(f"| {label} | **{u[f'{name}_generate_batch64_tok_s']:.0f}** ({runs(f'{name}_generate_batch64_runs')}) | "
                      f"{b256} | {f'{one:.1f}' if one else '-'} |")
     lines += ["", "### The body's batched decode step, in process (eager vs CUDA graphs)", ""]
-    lines += _body_step_table(data["body_step"]["steps"])
+    lines += _body_step_table(data["body_step"]["steps"], data["body_step"].get("reference", "bf16"))
     lines += ["", "### Load generator against `lambdasplit serve` on the same card", ""]
     lines += _closed_loop_table(data["closed_loop"], data.get("open_loop"))
     lines += ["", "Server ms per forward is the mean of /metrics' `lambdasplit_forward_seconds` over the run."]
@@ -332,13 +332,13 @@ def serve_gpu_section(data: dict, name: str = "serve-gpu") -> str:
     return "\n".join(lines)
 
 
-def _body_step_table(steps: list[dict]) -> list[str]:
+def _body_step_table(steps: list[dict], reference: str) -> list[str]:
     """One row per (variant, rows); runs before body variants existed have no variant column."""
     if not any("variant" in s for s in steps):
         lines = ["| rows | eager ms | graphs ms | graphs tok/s | max abs diff graphs vs eager |", "|---|---|---|---|---|"]
         return lines + [f"| {s['rows']} | {s['eager_step_ms']:.1f} | {s['graphs_step_ms']:.1f} | {s['graphs_tok_s']:.0f} | "
                         f"{s['graphs_vs_eager_max_abs_diff']:.3g} |" for s in steps]
-    lines = ["| body | rows | eager ms | graphs ms | graphs tok/s | hidden states vs bf16 eager (relative L2) |",
+    lines = [f"| body | rows | eager ms | graphs ms | graphs tok/s | hidden states vs {reference} eager (relative L2) |",
              "|---|---|---|---|---|---|"]
     return lines + [f"| {s['variant']} | {s['rows']} | {s['eager_step_ms']:.1f} | {s['graphs_step_ms']:.1f} | "
                     f"{s['graphs_tok_s']:.0f} | {s['vs_bf16_eager_relative_l2']:.3f} |" for s in steps]

@@ -86,15 +86,18 @@ def unsplit_baselines(model, vocab: int, prompt: int, steps: int, batch: int, si
     return out
 
 
-VARIANTS = {"bf16": {}, "compiled": {"compile": True}, "fp8": {"quantize": "fp8"}, "fp8+compiled": {"quantize": "fp8", "compile": True}}
+# The first variant run is the reference of the others' hidden states: gather + SDPA, the path before the paged kernel.
+VARIANTS = {"bf16-sdpa": {"paged_kernel": False}, "bf16": {}, "compiled": {"compile": True}, "fp8": {"quantize": "fp8"},
+            "fp8+compiled": {"quantize": "fp8", "compile": True}}
 
 
 def body_steps(path, rows_list: tuple[int, ...], context: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
-    """Per body variant (bf16, compiled, fp8 weights, both) and row count: median decode-step time
-    eager and through CUDA graphs, in process, on two copies of the same sessions fed the same
-    seeded states; each variant's outputs against bf16 eager's (fp8 and compiled change the
-    arithmetic); a profile of one 64-row step eager and one replayed graph (bf16 and the last variant)."""
-    out: dict = {"context": context, "steps": [], "variants": list(variants)}
+    """Per body variant (bf16 through gather + SDPA or the paged kernel, compiled, fp8 weights, both)
+    and row count: median decode-step time eager and through CUDA graphs, in process, on two copies
+    of the same sessions fed the same seeded states; each variant's outputs against the first
+    variant's eager ones (the kernel, fp8 and compiled change the arithmetic); a profile of one
+    64-row step eager and one replayed graph (bf16 and the last variant)."""
+    out: dict = {"context": context, "steps": [], "variants": list(variants), "reference": variants[0]}
     reference: dict[int, torch.Tensor] = {}
     for variant in variants:
         try:
@@ -445,7 +448,8 @@ def body_agreement(source: str | None, split: tuple[int, int] = (2, 2), new_toke
 
 
 PARTS = ("unsplit", "steps", "agreement", "serve", "ablations", "e2e", "bf16")
-ABLATIONS = {"default": (), "--engine-process": ("--engine-process",), "--no-async-schedule": ("--no-async-schedule",),
+ABLATIONS = {"default": (), "--no-paged-kernel": ("--no-paged-kernel",), "--engine-process": ("--engine-process",),
+             "--no-async-schedule": ("--no-async-schedule",),
              "--compile": ("--compile",), "--quantize fp8": ("--quantize", "fp8"),
              "--compile --quantize fp8": ("--compile", "--quantize", "fp8"),
              "--no-uvloop": ("--no-uvloop",), "--step-wait 0": ("--step-wait", "0")}

@@ -9,6 +9,10 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Triton reads this when it is first imported: on a machine without a GPU its interpreter runs the
+# paged decode kernel on CPU tensors (tests/test_decode_kernel.py turns the kernel on for CPU bodies).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

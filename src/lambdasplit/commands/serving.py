@@ -99,6 +99,12 @@ def serve(
                            "Ada). Changes the hidden states a little: docs/benchmarks.md measures by how much. Off by "
                            "default; not with --pipeline, --tensor-parallel or a K range.",
     )] = None,
+    paged_kernel: Annotated[bool, typer.Option(
+        "--paged-kernel/--no-paged-kernel",
+        help="On a GPU with Triton, decode rows attend through lambdasplit's paged kernel, which reads the KV pool in "
+             "place (no gathered copy of the keys; CUDA graphs per row count, not per key length). "
+             "--no-paged-kernel: gather the keys and attend with SDPA, as prefill chunks always do.",
+    )] = True,
     kv_wait: Annotated[float, typer.Option(
         "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
     )] = defaults.KV_WAIT_SECONDS,
@@ -154,7 +160,7 @@ def serve(
     # Every check comes before anything loads and before --tensor-parallel relaunches this command
     # under torchrun: a bad combination is one line, never N ranks' tracebacks.
     source = str(part) if part else model
-    options = BodyOptions(compile_body, body_quantize)
+    options = BodyOptions(compile_body, body_quantize, paged_kernel)
     k_max = split.k_max if split and split.ranged else None
     _check_combinations(part, model, split, k_max, pipeline, options, device, tensor_parallel, engine_process)
     check_gpus(device, tensor_parallel)

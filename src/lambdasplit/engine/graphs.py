@@ -1,12 +1,15 @@
-"""CUDA graphs of the batched decode step: captured once per (rows, key length) bucket, replayed.
+"""CUDA graphs of the batched decode step: captured once per (rows, block-table width) bucket, replayed.
 
 An eager decode step of a 7B body launches about 1,100 kernels; on an H200 their host-side cost
 (~40 ms for 64 rows under the profiler) is several times the GPU work (10.5 ms). A graph replays
 them in one launch. Each bucket owns static input buffers (hidden states, position ids, the slots
-to write, the slots to gather, the query slots); a step of n rows pads to the bucket's row count
-with rows that write only the pool's scratch slot and read only the zero block, and its key length
-rounds up to a multiple of `LENGTH_BUCKET` keys (the extra keys are masked out). Steps with prefill
-chunks, or beyond the largest bucket, run eagerly.
+to write, the block tables, the query slots); a step of n rows pads to the bucket's row count
+with rows that write only the pool's scratch slot and read only the zero block. With the paged
+decode kernel (`engine.decode_kernel`) a row's key length is a loop bound on the device, so the
+block tables only need room: their width rounds up to a power of two (8 blocks, 128 keys, at
+least), a handful of graphs per row count for any context. With gather + SDPA the gathered keys
+are a tensor shape, and their count rounds up to a multiple of `LENGTH_BUCKET` (the extra keys
+are masked out). Steps with prefill chunks, or beyond the largest bucket, run eagerly.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lambdasplit.engine.kvpool import KVPool
+from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool
 from lambdasplit.engine.step import STEP_KWARG, Group, Step, StepPlan
 
 log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKET = 64  # keys; with 256, a 256-row step at ~100 keys took 46 ms in its graph against 34 ms eager
+KERNEL_MIN_BLOCKS = 8  # the narrowest block table of a graph that attends through the paged kernel
 
 
 @dataclass
@@ -33,24 +37,33 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # (1, rows, D)
-    indices: torch.Tensor  # (rows * (4 + length),) int64: positions, write, query, mask, gather
+    indices: torch.Tensor  # (rows * (4 + width),) int64: positions, write, query, mask, block table
     staging: torch.Tensor  # the same, in pinned host memory
     copied: torch.cuda.Event  # the last copy out of `staging` is done: it may be written again
     out: torch.Tensor  # (1, rows, D)
 
 
 def _views(buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
-    """positions (1, rows), write (rows,), query (rows, 1), mask (rows,), gather (rows, length) of `buffer`."""
-    positions, write, query, mask, gather = buffer.split([rows, rows, rows, rows, buffer.numel() - 4 * rows])
-    return positions.view(1, rows), write, query.view(rows, 1), mask, gather.view(rows, -1)
+    """positions (1, rows), write (rows,), query (rows, 1), mask (rows,), table (rows, width) of `buffer`."""
+    positions, write, query, mask, table = buffer.split([rows, rows, rows, rows, buffer.numel() - 4 * rows])
+    return positions.view(1, rows), write, query.view(rows, 1), mask, table.view(rows, -1)
+
+
+def table_width(keys: int, kernel: bool) -> int:
+    """Blocks per row of the graph bucket for rows of up to `keys` keys."""
+    blocks = -(-keys // BLOCK_SIZE)
+    if kernel:
+        return max(KERNEL_MIN_BLOCKS, 1 << (blocks - 1).bit_length())
+    return -(-keys // LENGTH_BUCKET) * LENGTH_BUCKET // BLOCK_SIZE
 
 
 class DecodeGraphs:
     """The captured decode steps of one body module over one pool."""
 
-    def __init__(self, module: nn.Module, pool: KVPool) -> None:
+    def __init__(self, module: nn.Module, pool: KVPool, kernel: bool = False) -> None:
         self.module = module
         self.pool = pool
+        self.kernel = kernel  # attend through the paged decode kernel
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._memory = None  # one graph memory pool for every bucket
         self.failed = False  # a capture failed once: run eagerly from then on
@@ -66,19 +79,19 @@ class DecodeGraphs:
         n = step.rows
         bucket = next(b for b in ROW_BUCKETS if b >= n)
         longest = max(length for plan in step.plans for length, _ in plan.after)
-        length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
-        graph = self._graphs.get((bucket, length)) or self._capture(bucket, length)
+        width = table_width(longest, self.kernel)
+        graph = self._graphs.get((bucket, width)) or self._capture(bucket, width)
         if graph is None:
             return None
         group = step.groups[0]
         graph.copied.synchronize()
-        positions, write, query, valid, gather = _views(graph.staging, bucket)
+        positions, write, query, valid, table = _views(graph.staging, bucket)
         write.fill_(self.pool.scratch_slot)
         write[:n] = step.write
         positions.zero_()
         positions[0, :n] = step.positions
-        gather.zero_()
-        gather[:n, : group.gather.shape[1]] = group.gather
+        table.zero_()
+        table[:n, : group.table.shape[1]] = group.table
         query.zero_()
         query[:n] = group.query_slot
         valid.zero_()
@@ -92,18 +105,17 @@ class DecodeGraphs:
         graph.graph.replay()
         return step.split(graph.out[:, :n].clone())  # one copy; the next replay overwrites the static output
 
-    def _capture(self, rows: int, length: int) -> _Graph | None:
+    def _capture(self, rows: int, width: int) -> _Graph | None:
         pool, device = self.pool, self.pool.valid.device
-        width = self.module.config.hidden_size
         dtype = pool.keys[0].dtype if pool.keys else torch.float32
-        hidden = torch.zeros(1, rows, width, dtype=dtype, device=device)
-        indices = torch.zeros(rows * (4 + length), dtype=torch.long, device=device)
-        staging = torch.zeros(rows * (4 + length), dtype=torch.long, pin_memory=True)
-        positions, write, query, valid, gather = _views(indices, rows)
+        hidden = torch.zeros(1, rows, self.module.config.hidden_size, dtype=dtype, device=device)
+        indices = torch.zeros(rows * (4 + width), dtype=torch.long, device=device)
+        staging = torch.zeros(rows * (4 + width), dtype=torch.long, pin_memory=True)
+        positions, write, query, valid, table = _views(indices, rows)
         write.fill_(pool.scratch_slot)
-        group = Group(0, rows, 1, gather, query)
+        group = Group(0, rows, 1, table, query)
         kwargs = {"inputs_embeds": hidden, "position_ids": positions, "use_cache": False,
-                  STEP_KWARG: StepPlan(pool, hidden, positions, write, valid.bool(), [group])}
+                  STEP_KWARG: StepPlan(pool, hidden, positions, write, valid.bool(), [group], self.kernel)}
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -111,7 +123,7 @@ class DecodeGraphs:
                 for _ in range(2):  # warm-up: every write goes to the scratch slot
                     self.module(**kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
-            group.masks.clear()  # computed again inside the graph, from the static buffers
+            group.reset()  # the gather and masks are computed again inside the graph, from the static buffers
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._memory):
                 out = self.module(**kwargs).last_hidden_state
@@ -121,7 +133,7 @@ class DecodeGraphs:
             self.failed = True
             return None
         self._memory = self._memory or graph.pool()
-        log.info("captured the decode step for %d rows x %d keys", rows, length)
+        log.info("captured the decode step for %d rows x %d blocks%s", rows, width, " (paged kernel)" if self.kernel else "")
         captured = _Graph(graph, hidden, indices, staging, torch.cuda.Event(), out)
-        self._graphs[(rows, length)] = captured
+        self._graphs[(rows, width)] = captured
         return captured

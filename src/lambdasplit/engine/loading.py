@@ -55,8 +55,9 @@ def load_scheduler(
     for part in [runner, *(r for r, _ in variants)]:
         if part.layers:
             optimize(part.module, options, torch_dtype)
-    bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype), cuda_graphs)]
-    bodies += [TextBody(r, m, cuda_graphs) for r, m in variants]
+    kernel = options.paged_kernel
+    bodies = [TextBody(runner, opened.manifest("cloud", torch_dtype), cuda_graphs, paged_kernel=kernel)]
+    bodies += [TextBody(r, m, cuda_graphs, paged_kernel=kernel) for r, m in variants]
     return BodyScheduler(bodies, limits)
 
 

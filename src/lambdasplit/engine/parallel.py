@@ -127,14 +127,14 @@ class StepMirror:
         plan.pool.zeroed = []
         header = [_STEP, plan.hidden.shape[1], plan.hidden.shape[2], len(plan.groups), zeroed.numel()]
         _send(torch.tensor(header, dtype=torch.long, device=device))
-        shapes = [[g.start, g.rows, g.length, g.gather.shape[1]] for g in plan.groups]
+        shapes = [[g.start, g.rows, g.length, g.table.shape[1]] for g in plan.groups]
         _send(torch.tensor(shapes, dtype=torch.long, device=device).view(-1, 4))
         # The validity of the written slots: with it every rank builds any layer's masks (full or
         # sliding window) from its own copy of `pool.valid`, exactly as rank 0 does.
         for tensor in (plan.hidden, plan.position_ids, plan.write, plan.valid, zeroed):
             _send(tensor)
         for group in plan.groups:
-            _send(group.gather)
+            _send(group.table)
             _send(group.query_slot)
 
     def stop(self) -> None:
@@ -162,10 +162,10 @@ def follow(tp: TensorParallel, module: nn.Module, config: PretrainedConfig, dtyp
         valid = _receive((positions,), torch.bool, tp.device)
         stale = _receive((zeroed,), torch.long, tp.device)
         plan_groups = []
-        for start, rows, length, keys in shapes:
-            gather = _receive((rows, keys), torch.long, tp.device)
+        for start, rows, length, blocks in shapes:
+            table = _receive((rows, blocks), torch.long, tp.device)
             query_slot = _receive((rows, length), torch.long, tp.device)
-            plan_groups.append(Group(start, rows, length, gather, query_slot))
+            plan_groups.append(Group(start, rows, length, table, query_slot))
         if zeroed:  # released and truncated slots, as rank 0 zeroed them
             for tensor in (*pool.keys, *pool.values, pool.valid):
                 tensor.index_fill_(0, stale, 0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lambdasplit.engine import decode_kernel
 from lambdasplit.engine.graphs import DecodeGraphs
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.parallel import StepMirror
@@ -57,11 +58,14 @@ class TextBody:
     cuda_graphs: bool = True  # replay captured decode steps on a GPU (engine.graphs)
     shards: int = 1  # tensor-parallel ranks the layers are cut over (each pool holds 1/shards of the KV heads)
     mirror: StepMirror | None = None  # tensor parallel: sends each step to the other ranks
+    paged_kernel: bool = True  # decode rows attend through engine.decode_kernel where it can run (a GPU)
 
     def __post_init__(self) -> None:
         if self.layers:
             self.runner.module.config._attn_implementation = ATTENTION
         self._graphs: weakref.WeakKeyDictionary[KVPool, DecodeGraphs] = weakref.WeakKeyDictionary()
+        # The other tensor-parallel ranks replay rank 0's steps through gather + SDPA.
+        self.kernel = self.paged_kernel and self.mirror is None and decode_kernel.available(self.placement[0])
 
     @property
     def layers(self) -> int:
@@ -90,10 +94,10 @@ class TextBody:
                 log.critical("a tensor-parallel step failed on rank 0; stopping the group", exc_info=True)
                 os._exit(1)
         if self.cuda_graphs:
-            graphs = self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool))
+            graphs = self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool, self.kernel))
             if graphs.fits(step) and (out := graphs.run(step)) is not None:
                 return out
-        return run_step(self.runner.module, pool, step)
+        return run_step(self.runner.module, pool, step, kernel=self.kernel)
 
     def run(self, pool: KVPool, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Plan, run and commit one step over `chunks` (benchmarks and tests drive the body so)."""

@@ -4,9 +4,10 @@ Every piece (`Chunk`: some rows of one session, T new positions each) is flatten
 sequence of N positions, so the projections and MLPs run once over all of them. Attention is
 transformers' `AttentionInterface` hook, registered as "lambdasplit_paged": each layer writes its
 new keys and values into the sessions' own blocks of the `KVPool`, then pieces of equal T are
-gathered into one padded batch and attend with SDPA under a mask built once per step. Each row
-attends only to its own keys, at its own position ids, so the result equals running each session
-alone.
+gathered into one padded batch and attend with SDPA under a mask built once per step, or, for
+decode rows on a GPU, attend through `engine.decode_kernel`, which reads the pool in place. Each
+row attends only to its own keys, at its own position ids, so the result equals running each
+session alone.
 
 The scheduler plans a step as one `Step` (host tensors: slot mapping, position ids, block tables,
 from each chunk's `ChunkPlan`), which the eager forward, the CUDA-graph replay and the
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
+from lambdasplit.engine.decode_kernel import decode_attention
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
 
 ATTENTION = "lambdasplit_paged"
@@ -49,14 +51,24 @@ class Chunk:
 
 @dataclass
 class Group:
-    """The pieces of one step that share T: one padded SDPA call per layer."""
+    """The pieces of one step that share T: one padded SDPA call per layer, or, for T = 1 with
+    the paged kernel, one kernel call that reads the pool in place."""
 
     start: int  # first packed position
     rows: int
     length: int  # T
-    gather: torch.Tensor  # (rows, L) pool slots of each row's keys, zero-block padded
+    table: torch.Tensor  # (rows, W) each row's blocks, zero-block padded (the block table)
     query_slot: torch.Tensor  # (rows, T) index of each query among its row's keys
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    _gather: torch.Tensor | None = None
+
+    @property
+    def gather(self) -> torch.Tensor:
+        """(rows, W x BLOCK_SIZE) pool slots of each row's keys, worked out once per step."""
+        if self._gather is None:
+            offsets = torch.arange(BLOCK_SIZE, device=self.table.device)
+            self._gather = (self.table.unsqueeze(-1) * BLOCK_SIZE + offsets).view(self.rows, -1)
+        return self._gather
 
     def mask(self, pool: KVPool, window: int | None) -> torch.Tensor:
         if window not in self.masks:
@@ -68,6 +80,11 @@ class Group:
             allowed |= keys == query  # a padding query attends to itself, so no row is all -inf
             self.masks[window] = allowed.unsqueeze(1)
         return self.masks[window]
+
+    def reset(self) -> None:
+        """Forget what was worked out from the tables (a graph capture recomputes it inside)."""
+        self.masks.clear()
+        self._gather = None
 
 
 @dataclass
@@ -81,6 +98,7 @@ class StepPlan:
     write: torch.Tensor  # (N,) slot of each packed position
     valid: torch.Tensor  # (N,) bool: the written slot may be attended to (0 marks padding)
     groups: list[Group]
+    kernel: bool = False  # decode groups attend through `engine.decode_kernel`, not gather + SDPA
 
 
 def paged_attention(
@@ -109,6 +127,12 @@ def paged_attention(
     outputs = []
     for group in plan.groups:
         stop = group.start + group.rows * group.length
+        if plan.kernel and group.length == 1:
+            q = query[0, :, group.start: stop].transpose(0, 1)
+            scale = scaling if scaling is not None else dim ** -0.5
+            outputs.append(decode_attention(q, keys, values, plan.pool.valid, group.table, group.query_slot[:, 0],
+                                            scale, sliding_window))
+            continue
         q = query[0, :, group.start: stop].view(heads, group.rows, group.length, dim).transpose(0, 1)
         k = keys[group.gather].transpose(1, 2)
         v = values[group.gather].transpose(1, 2)
@@ -190,14 +214,16 @@ class Step:
     def decode_only(self) -> bool:
         return all(plan.length == 1 for plan in self.plans)
 
-    def device_plan(self, pool: KVPool) -> StepPlan:
-        """The step's tensors on the pool's device, its written slots' validity set in the pool."""
+    def device_plan(self, pool: KVPool, kernel: bool = False) -> StepPlan:
+        """The step's tensors on the pool's device, its written slots' validity set in the pool;
+        `kernel`: decode groups attend through the paged kernel."""
         device = pool.valid.device
         write, valid = self.write.to(device, non_blocking=True), self.valid.to(device, non_blocking=True)
         pool.valid[write] = valid
-        groups = [Group(g.start, g.rows, g.length, g.gather.to(device, non_blocking=True),
+        groups = [Group(g.start, g.rows, g.length, g.table.to(device, non_blocking=True),
                         g.query_slot.to(device, non_blocking=True)) for g in self.groups]
-        return StepPlan(pool, self.hidden, self.positions.to(device, non_blocking=True).unsqueeze(0), write, valid, groups)
+        positions = self.positions.to(device, non_blocking=True).unsqueeze(0)
+        return StepPlan(pool, self.hidden, positions, write, valid, groups, kernel)
 
     def split(self, out: torch.Tensor) -> list[torch.Tensor]:
         """The packed output (1, N, D) as each plan's (B, T, D), in the scheduler's order."""
@@ -225,9 +251,8 @@ def assemble(plans: list[ChunkPlan]) -> Step:
         tables = [table for plan in members for table in plan.tables]
         width = max(len(table) for table in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
-        gather = (table.unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(tables), -1)
         query = torch.tensor([q for plan in members for q in plan.query], dtype=torch.long).view(len(tables), length)
-        groups.append(Group(packed, len(tables), length, gather, query))
+        groups.append(Group(packed, len(tables), length, table, query))
         for plan in members:
             write += plan.write
             positions += plan.positions
@@ -257,11 +282,12 @@ def forward_plan(module: nn.Module, plan: StepPlan) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_step(module: nn.Module, pool: KVPool, step: Step,
-             publish: Callable[[StepPlan], None] | None = None) -> list[torch.Tensor]:
+             publish: Callable[[StepPlan], None] | None = None, kernel: bool = False) -> list[torch.Tensor]:
     """One eager forward of `module` (a body whose attention is `ATTENTION`) over `step`; (B, T, D)
     per chunk. The rows do not advance (`step.commit()` does). `publish` sees the step's device
-    tensors first (tensor parallel: rank 0 sends them to the others)."""
-    plan = step.device_plan(pool)
+    tensors first (tensor parallel: rank 0 sends them to the others); `kernel`: decode groups
+    attend through the paged kernel."""
+    plan = step.device_plan(pool, kernel)
     if publish is not None:
         publish(plan)
     return step.split(forward_plan(module, plan))

@@ -1,0 +1,138 @@
+"""The paged decode kernel (issue 22 item 4), run by Triton's interpreter on the CPU: against a
+float64 reference on random pools, and inside the batched body, where sessions decoding together
+through it get the unsplit model's greedy tokens and the SDPA path's hidden states."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lambdasplit.device.runtime import SplitRuntime  # noqa: E402
+from lambdasplit.device.sampling import SamplingParams  # noqa: E402
+from lambdasplit.engine import decode_kernel  # noqa: E402
+from lambdasplit.engine.kvpool import BLOCK_SIZE  # noqa: E402
+from lambdasplit.engine.loading import load_scheduler  # noqa: E402
+from lambdasplit.engine.local import LocalBody  # noqa: E402
+from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits  # noqa: E402
+from lambdasplit.wire.codec import Codec  # noqa: E402
+from tests.conftest import oracle  # noqa: E402
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """CPU bodies use the kernel, run by Triton's interpreter (conftest.py turned it on)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine): the GPU benchmarks check the kernel there")
+    monkeypatch.setattr(decode_kernel, "CPU_INTERPRETER", True)
+
+
+def reference(query, keys, values, valid, table, last, scale, window):
+    """Attention of each row's query over its keys 0..last, in float64."""
+    rows, heads, _ = query.shape
+    group = heads // keys.shape[1]
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for r in range(rows):
+        n = int(last[r]) + 1
+        slots = (table[r].unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(-1)[:n]
+        allowed = valid[slots].clone()
+        if window is not None:
+            allowed[: max(0, n - window)] = False
+        allowed[-1] = True
+        k = keys[slots].double().repeat_interleave(group, 1).transpose(0, 1)  # (heads, n, d)
+        v = values[slots].double().repeat_interleave(group, 1).transpose(0, 1)
+        scores = (k @ query[r].double().unsqueeze(-1)).squeeze(-1) * scale
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out[r] = (weights.unsqueeze(1) @ v).squeeze(1)
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(4, 4, 64, None), (6, 2, 80, None), (9, 3, 64, 21)],
+                         ids=["mha", "gqa-dim80", "gqa-window"])
+def test_the_kernel_equals_attention_over_each_rows_own_keys(interpreted, heads, kv_heads, dim, window):
+    """Rows of 1 to 150 keys in scattered blocks (several loop iterations of 64 keys), a tenth of
+    the slots masked out, a padding row (table of zero blocks, query at key 0), a table wider than
+    any row needs; every output element is written and matches float64."""
+    gen = torch.Generator().manual_seed(heads * 100 + dim)
+    blocks, lengths = 48, [1, 17, 64, 65, 150, 3]
+    keys = torch.randn(blocks * BLOCK_SIZE, kv_heads, dim, generator=gen)
+    values = torch.randn(blocks * BLOCK_SIZE, kv_heads, dim, generator=gen)
+    valid = torch.rand(blocks * BLOCK_SIZE, generator=gen) > 0.1
+    keys[:BLOCK_SIZE], values[:BLOCK_SIZE], valid[:BLOCK_SIZE] = 0, 0, False  # block 0: the zero block
+    table = torch.zeros(len(lengths) + 1, 16, dtype=torch.long)
+    order = (torch.randperm(blocks - 1, generator=gen) + 1).tolist()
+    for r, n in enumerate(lengths):
+        need = -(-n // BLOCK_SIZE)
+        table[r, :need] = torch.tensor(order[:need])
+        order = order[need:]
+    last = torch.tensor([n - 1 for n in lengths] + [0])
+    query = torch.randn(len(lengths) + 1, heads, dim, generator=gen)
+    out = decode_kernel.decode_attention(query, keys, values, valid, table, last, dim ** -0.5, window)
+    expected = reference(query, keys, values, valid, table, last, dim ** -0.5, window)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()
+    assert torch.equal(out[-1], torch.zeros(heads, dim)), "the padding row reads the zero block"
+
+
+def test_the_kernel_takes_a_strided_query_and_refuses_uneven_heads(interpreted):
+    """The body hands it a transposed view of the packed queries; 3 query heads cannot share 2."""
+    packed = torch.randn(4, 5, 32)  # (heads, rows, d) as the hook slices it
+    keys, values = torch.randn(64, 2, 32), torch.randn(64, 2, 32)
+    valid = torch.ones(64, dtype=torch.bool)
+    table, last = torch.tensor([[1, 2]] * 5), torch.tensor([3, 20, 31, 0, 16])
+    out = decode_kernel.decode_attention(packed.transpose(0, 1), keys, values, valid, table, last, 0.2)
+    expected = reference(packed.transpose(0, 1), keys, values, valid, table, last, 0.2, None)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="3 query heads"):
+        decode_kernel.decode_attention(torch.randn(5, 3, 32), keys, values, valid, table, last, 0.2)
+
+
+PROMPTS = [[1, 504, 3458], [1, 253, 2030, 30, 282, 4649, 314, 253, 504, 3458, 282], [1, 2030]]
+NEW_TOKENS = [10, 8, 12]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text"])
+def test_sessions_decoding_through_the_kernel_get_unsplit_tokens(interpreted, tiny_models, family):
+    """Three sessions batched in one body whose decode rows attend through the kernel (sliding
+    windows and full layers where the family has them): every greedy token equals the unsplit
+    model's generate(), and the steps did batch sessions and did use the kernel."""
+    path = tiny_models[family]
+    bodies = load_scheduler(str(path), (2, 2)).bodies
+    assert bodies[0].kernel, "the kernel should run under Triton's interpreter"
+    calls = []
+    original = decode_kernel.decode_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lambdasplit.engine.step.decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+        scheduler = BodyScheduler(bodies, SchedulerLimits(step_tokens=4))
+        steps = []
+        scheduler.on_step = steps.append
+        results: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            body = LocalBody(scheduler, Codec.FP32)
+            try:
+                options = SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
+                runtime = SplitRuntime.load(path, (2, 2))
+                results[i] = runtime.generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
+            finally:
+                body.close()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+        finally:
+            scheduler.shutdown()
+    model = oracle(path)
+    for i, (ids, n) in enumerate(zip(PROMPTS, NEW_TOKENS, strict=True)):
+        want = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids):]
+        assert results.get(i) == want.tolist(), f"session {i}"
+    assert calls, "no decode row went through the kernel"
+    assert max(s.sessions for s in steps) > 1, "no step batched more than one session"
