@@ -1,4 +1,4 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `self-draft`,
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `decode-kernel`, `self-draft`,
 `device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8]`, `report`."""
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def gpu(
     typer.echo(f"wrote {run_gpu(models.split(','), reps, new_tokens)}")
 
 
+@app.command("decode-kernel")
+def decode_kernel() -> None:
+    """One CUDA GPU: one layer's decode attention, the paged kernel against gather + SDPA, in CUDA graphs."""
+    from benchmarks.decode_kernel import run_decode_kernel
+
+    run_decode_kernel()
+
+
 @app.command("serve-gpu")
 def serve_gpu(
     quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False,
@@ -68,7 +76,11 @@ def serve_gpu(
         "--server-args", help="Extra `lambdasplit serve` options for the serve part, e.g. '--compile --quantize fp8'.")] = "",
     ablations: Annotated[str, typer.Option(
         help="Comma-separated server settings the ablations part compares at 64 sessions (default, --no-paged-kernel, "
-             "--engine-process, --no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, --step-wait 0); default all.")] = "",
+             "--engine-process, --no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, "
+             "--step-wait 0); default all.")] = "",
+    levels: Annotated[str, typer.Option(
+        help="Comma-separated session counts the serve part runs closed loop (default 1,8,64,256; the py-spy profile "
+             "and the batched-vs-alone check need 64).")] = "",
 ) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
     on random 7B-shaped weights."""
@@ -86,7 +98,7 @@ def serve_gpu(
         run_exactness()
         return
     run_serve_gpu(quick, chosen, pick(variants, VARIANTS, "variants"), tuple(server_args.split()),
-                  pick(ablations, ABLATIONS, "ablations"))
+                  pick(ablations, ABLATIONS, "ablations"), tuple(int(n) for n in levels.split(",") if n.strip()))
 
 
 @app.command()

@@ -132,7 +132,8 @@ def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], contex
 
     body, pool = scheduler.bodies[0], scheduler.pool
     hidden = body.runner.config.hidden_size
-    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks), "graphs": lambda chunks: body.run(pool, chunks)}
+    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks, kernel=body.kernel),
+             "graphs": lambda chunks: body.run(pool, chunks)}
     rows_out = []
     for rows in rows_list:
         gen = torch.Generator(device=DEVICE).manual_seed(rows)
@@ -180,7 +181,7 @@ def _profile_step(body, pool, seqs, step, one) -> dict:
 
     key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
     tables = {}
-    for mode, fn in (("eager", lambda: run_chunks(body.runner.module, pool, [Chunk(seqs["eager"], step, one)])),
+    for mode, fn in (("eager", lambda: run_chunks(body.runner.module, pool, [Chunk(seqs["eager"], step, one)], kernel=body.kernel)),
                      ("graphs", lambda: body.run(pool, [Chunk(seqs["graphs"], step, one)]))):
         assert pool.grow(seqs[mode], seqs[mode][0].length + 1)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
@@ -192,14 +193,32 @@ def _profile_step(body, pool, seqs, step, one) -> dict:
 
 
 def _metrics(url: str) -> dict[str, float]:
+    """/metrics' unlabelled samples and histogram buckets (as `name_bucket{le="0.005"}`)."""
     base = url.replace("ws://", "http://")
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
+        if line and not line.startswith("#") and ("{" not in line or line.split("{")[0].endswith("_bucket")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+    """The q-quantile (0-1) of a histogram's observations between two /metrics reads, linear within
+    its bucket (as Prometheus' histogram_quantile); None without observations."""
+    bounds = sorted((float(key.split('le="')[1].rstrip('"}')), key) for key in after
+                    if key.startswith(f"{name}_bucket{{") and "+Inf" not in key)
+    total = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    if total <= 0:
+        return None
+    rank, low, below = q * total, 0.0, 0.0
+    for bound, key in bounds:
+        count = after[key] - before.get(key, 0.0)
+        if count >= rank:
+            return low + (bound - low) * (rank - below) / max(count - below, 1e-9)
+        low, below = bound, count
+    return low
 
 
 def step_cycle(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -209,8 +228,12 @@ def step_cycle(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     names = {"forward": "lambdasplit_forward_seconds", "between": "lambdasplit_step_between_seconds",
              "held": "lambdasplit_step_held_seconds", "plan": "lambdasplit_step_plan_seconds",
              "reply": "lambdasplit_step_reply_seconds"}
-    return {f"server_{key}_ms_mean": 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / forwards
-            for key, name in names.items()}
+    out = {f"server_{key}_ms_mean": 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / forwards
+           for key, name in names.items()}
+    for key, name in names.items():  # the mean of `between` also holds the idle gap before the run's first step
+        p50 = histogram_quantile(before, after, name, 0.5)
+        out[f"server_{key}_ms_p50"] = None if p50 is None else 1000 * p50
+    return out
 
 
 def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
@@ -244,7 +267,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
             print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
                   f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "
                   f"{row['server_sessions_per_forward']:.1f} sessions/forward, errors {row['errors']}", flush=True)
-        if compare_alone and levels[-1] >= 64:
+        if compare_alone and levels[-1] >= 64 and 64 in levels:
             out["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
         if rate:
             out["open_loop"] = open_loop(base, rate, duration, 8, 0)
@@ -456,7 +479,8 @@ ABLATIONS = {"default": (), "--no-paged-kernel": ("--no-paged-kernel",), "--engi
 
 
 def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants: tuple[str, ...] = tuple(VARIANTS),
-                  server_args: tuple[str, ...] = (), ablations: tuple[str, ...] = tuple(ABLATIONS)) -> dict:
+                  server_args: tuple[str, ...] = (), ablations: tuple[str, ...] = tuple(ABLATIONS),
+                  levels: tuple[int, ...] = ()) -> dict:
     """The suite, or some of its parts (each part merges its results into serve-gpu.json and writes
     it before the next starts, so a run split over several 10-minute calls builds one file)."""
     import json
@@ -466,7 +490,7 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
     logging.getLogger("lambdasplit").setLevel(logging.ERROR)
     assert torch.cuda.is_available(), "the GPU serving suite needs a CUDA device"
     steps, prompt = (16, 32) if quick else (64, 32)
-    levels = (1, 8) if quick else (1, 8, 64, 256)
+    levels = levels or ((1, 8) if quick else (1, 8, 64, 256))
     path = build_random("llama2-7b")
     previous = RESULTS / f"{NAME}.json"
     payload: dict = json.loads(previous.read_text()) if parts != PARTS and previous.is_file() else {}
@@ -493,8 +517,12 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
     if "ablations" in parts and not quick:  # 64 sessions with one setting changed, and unchanged (its own baseline)
         payload["ablations"] = {}
         for name in ablations:
-            payload["ablations"][name] = load_generator(path, prompt, steps, (64,), 0, 0, ABLATIONS[name],
-                                                        compare_alone=False)["closed_loop"][0]
+            # py-spy of the engine process and its front end apart (the default server is one process)
+            run = load_generator(path, prompt, steps, (64,), 0, 0, ABLATIONS[name], compare_alone=False,
+                                 profile=name == "--engine-process")
+            payload["ablations"][name] = run["closed_loop"][0]
+            if "py_spy_64_sessions" in run:
+                payload["py_spy_64_sessions_engine_process"] = run["py_spy_64_sessions"]
             write(NAME, payload)
     if "e2e" in parts:
         unsplit = _load_unsplit(path)

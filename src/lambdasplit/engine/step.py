@@ -294,9 +294,9 @@ def run_step(module: nn.Module, pool: KVPool, step: Step,
 
 
 def run_chunks(module: nn.Module, pool: KVPool, chunks: list[Chunk],
-               publish: Callable[[StepPlan], None] | None = None) -> list[torch.Tensor]:
+               publish: Callable[[StepPlan], None] | None = None, kernel: bool = False) -> list[torch.Tensor]:
     """Plan, run eagerly and commit one step over `chunks` (benchmarks drive a body module so)."""
     step = plan_step(chunks)
-    out = run_step(module, pool, step, publish)
+    out = run_step(module, pool, step, publish, kernel)
     step.commit()
     return out
