@@ -22,8 +22,14 @@ STORE=/tmp/smollm2-parts
 export GGUF=${GGUF:-/tmp/smollm2.gguf}
 mkdir -p "$OUT" "$STORE"
 
-for wheel in .whl/*.whl; do  # one at a time: a wheel for another Python is skipped, not fatal to the rest
-  [ -f "$wheel" ] && { "$PY" -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$wheel" 2>&1 | grep -v WARNING; }
+# One at a time (a wheel for another Python is skipped, not fatal to the rest), each into its own
+# directory, merged into /tmp/site: `pip --target --upgrade` replaces whole top-level directories, so
+# installing websockets after py-spy straight into /tmp/site dropped bin/py-spy (the 12-06 runs).
+for wheel in .whl/*.whl; do
+  [ -f "$wheel" ] || continue
+  rm -rf /tmp/site-one
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site-one "$wheel" 2>&1 | grep -v WARNING
+  mkdir -p /tmp/site && cp -a /tmp/site-one/. /tmp/site/
 done
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:src:.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
