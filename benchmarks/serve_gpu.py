@@ -276,9 +276,11 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
     return out
 
 
-def _py_spy(pid: int, label: str, seconds: int = 6) -> list[tuple[str, subprocess.Popen, Path]]:
+def _py_spy(pid: int, label: str, seconds: int = 30) -> list[tuple[str, subprocess.Popen, Path]]:
     """py-spy records the server's front end and its engine process while a level runs (raw
-    collapsed stacks, idle frames included, per thread; not --gil: with it the 12-05 run kept 1 sample in all); [] when py-spy is not installed."""
+    collapsed stacks of the threads on a CPU, per thread; not --gil: with it the 12-05 run kept 1
+    sample in all; not --idle: a 6 s window with idle frames, on 12-06, ended while the load
+    generator's workers were still starting and held only waits); [] when py-spy is not installed."""
     import psutil
 
     if shutil.which("py-spy") is None:
@@ -290,7 +292,7 @@ def _py_spy(pid: int, label: str, seconds: int = 6) -> list[tuple[str, subproces
     for name, target in targets:
         path = Path(os.environ.get("OUT", "/tmp")) / f"py-spy-{label}-{name}.txt"
         proc = subprocess.Popen(["py-spy", "record", "--pid", str(target), "--duration", str(seconds), "--rate", "200",
-                                 "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", str(path)],
+                                 "--format", "raw", "--threads", "--nonblocking", "--output", str(path)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         out.append((name, proc, path))
     return out
