@@ -136,3 +136,18 @@ def test_sessions_decoding_through_the_kernel_get_unsplit_tokens(interpreted, ti
         assert results.get(i) == want.tolist(), f"session {i}"
     assert calls, "no decode row went through the kernel"
     assert max(s.sessions for s in steps) > 1, "no step batched more than one session"
+
+
+def test_a_kernel_that_fails_its_self_check_leaves_the_body_on_gather_and_sdpa(interpreted, llama, monkeypatch, caplog):
+    """A kernel Triton cannot build for the card (or a wrong one) is caught when the body loads:
+    one warning, and decode rows attend through gather + SDPA."""
+    assert load_scheduler(str(llama), (2, 2)).bodies[0].kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_120")
+
+    monkeypatch.setattr(decode_kernel, "decode_attention", broken)
+    body = load_scheduler(str(llama), (2, 2)).bodies[0]
+    assert not body.kernel
+    warned = [r.getMessage() for r in caplog.records if "paged decode kernel cannot be used" in r.getMessage()]
+    assert len(warned) == 1 and "sm_120" in warned[0]

@@ -111,3 +111,32 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         KEYS=KEYS_PER_ITERATION, num_warps=4,
     )
     return out
+
+
+def self_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """Run the kernel once on a small random pool of a body's shape and compare it with plain
+    attention over the same keys: what went wrong (a kernel Triton cannot build for this GPU, or a
+    wrong result), or None. A body that gets a problem attends through gather + SDPA instead."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    slots, rows = 4 * BLOCK_SIZE, 2
+    keys = torch.randn(slots, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    values = torch.randn(slots, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    query = torch.randn(rows, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    valid = torch.ones(slots, dtype=torch.bool, device=device)
+    table = torch.tensor([[1, 2], [3, 0]], device=device)
+    last = torch.tensor([2 * BLOCK_SIZE - 1, 4], device=device)
+    try:
+        out = decode_attention(query, keys, values, valid, table, last, head_dim ** -0.5).float()
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do not use it here
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    group = heads // kv_heads
+    worst = 0.0
+    for r in range(rows):
+        n = int(last[r]) + 1
+        index = (table[r].unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).view(-1)[:n]
+        k = keys[index].float().repeat_interleave(group, 1).transpose(0, 1)
+        v = values[index].float().repeat_interleave(group, 1).transpose(0, 1)
+        weights = (k @ query[r].float().unsqueeze(-1)).squeeze(-1).mul(head_dim ** -0.5).softmax(-1)
+        expected = (weights.unsqueeze(1) @ v).squeeze(1)
+        worst = max(worst, ((out[r] - expected).norm() / expected.norm()).item())
+    return None if worst < 2e-2 else f"its output differs from plain attention by {worst:.3g} (relative L2)"

@@ -65,7 +65,17 @@ class TextBody:
             self.runner.module.config._attn_implementation = ATTENTION
         self._graphs: weakref.WeakKeyDictionary[KVPool, DecodeGraphs] = weakref.WeakKeyDictionary()
         # The other tensor-parallel ranks replay rank 0's steps through gather + SDPA.
-        self.kernel = self.paged_kernel and self.mirror is None and decode_kernel.available(self.placement[0])
+        self.kernel = self.paged_kernel and self.mirror is None and self.layers > 0 and decode_kernel.available(self.placement[0])
+        if self.kernel:
+            config = self.runner.config
+            heads = config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            problem = decode_kernel.self_check(self.placement[0], self.placement[1], heads, kv_heads, head_dim)
+            if problem:
+                log.warning("the paged decode kernel cannot be used here (%s); decode rows attend through "
+                            "gather + SDPA", problem)
+                self.kernel = False
 
     @property
     def layers(self) -> int:
