@@ -250,7 +250,8 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
         closed_loop(base, 2, 2, 99)  # warm-up
         for n in levels:
             closed_loop(base, n, min(8, n), 1000 + n)  # the same load first: its CUDA graphs are captured once, here
-            spies = _py_spy(server.pid, f"{n}sessions") if profile and n == 64 else []
+            label = f"{n}sessions" + "".join(a.replace("--", "_") for a in extra)  # runs with other settings apart
+            spies = _py_spy(server.pid, label) if profile and n == 64 else []
             before = _metrics(server.url)
             row = closed_loop(base, n, min(8, n), 0)
             after = _metrics(server.url)
