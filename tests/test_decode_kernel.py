@@ -14,10 +14,11 @@ pytest.importorskip("triton")
 from lambdasplit.device.runtime import SplitRuntime  # noqa: E402
 from lambdasplit.device.sampling import SamplingParams  # noqa: E402
 from lambdasplit.engine import decode_kernel  # noqa: E402
-from lambdasplit.engine.kvpool import BLOCK_SIZE  # noqa: E402
+from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence  # noqa: E402
 from lambdasplit.engine.loading import load_scheduler  # noqa: E402
 from lambdasplit.engine.local import LocalBody  # noqa: E402
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits  # noqa: E402
+from lambdasplit.engine.step import Chunk  # noqa: E402
 from lambdasplit.wire.codec import Codec  # noqa: E402
 from tests.conftest import oracle  # noqa: E402
 
@@ -92,6 +93,41 @@ def test_the_kernel_takes_a_strided_query_and_refuses_uneven_heads(interpreted):
         decode_kernel.decode_attention(torch.randn(5, 3, 32), keys, values, valid, table, last, 0.2)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_decode_rows_through_the_kernel_equal_gather_and_sdpa_in_the_body(interpreted, tiny_models, family):
+    """The same steps on two pools, the body attending through the kernel on one and through gather
+    + SDPA on the other: a session of two rows with padding slots (left and in the middle, and a
+    padded decode position), another past several loop iterations, in pools that double from two
+    blocks on the way (no stale pool tensor); every step's hidden states agree."""
+    body = load_scheduler(str(tiny_models[family]), (2, 2)).bodies[0]
+    assert body.kernel
+    config = body.runner.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    padded = torch.ones(2, 20, dtype=torch.long)
+    padded[1, :5], padded[0, 9] = 0, 0
+    steps = [[(torch.randn(2, 20, config.hidden_size, generator=gen), padded),
+              (torch.randn(1, 70, config.hidden_size, generator=gen), torch.ones(1, 70, dtype=torch.long))]]
+    for i in range(6):
+        mask = torch.ones(2, 1, dtype=torch.long)
+        mask[0, 0] = int(i != 2)  # a padded decode position attends to itself only
+        steps.append([(torch.randn(2, 1, config.hidden_size, generator=gen), mask),
+                      (torch.randn(1, 1, config.hidden_size, generator=gen), torch.ones(1, 1, dtype=torch.long))])
+    outputs = []
+    for kernel in (True, False):
+        body.kernel = kernel
+        pool = KVPool(body.layers, config.num_key_value_heads, head_dim, 32, torch.float32, "cpu", reserve=2)
+        sessions = [[Sequence(), Sequence()], [Sequence()]]
+        outputs.append([])
+        for pieces in steps:
+            for rows, (hidden, _) in zip(sessions, pieces, strict=True):
+                assert pool.grow(rows, rows[0].length + hidden.shape[1])
+            outputs[-1] += body.run(pool, [Chunk(rows, hidden, mask) for rows, (hidden, mask) in zip(sessions, pieces, strict=True)])
+        assert pool.capacity > 2, "the pool grew from two blocks"
+    for got, want in zip(*outputs, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+
+
 PROMPTS = [[1, 504, 3458], [1, 253, 2030, 30, 282, 4649, 314, 253, 504, 3458, 282], [1, 2030]]
 NEW_TOKENS = [10, 8, 12]
 
@@ -151,3 +187,23 @@ def test_a_kernel_that_fails_its_self_check_leaves_the_body_on_gather_and_sdpa(i
     assert not body.kernel
     warned = [r.getMessage() for r in caplog.records if "paged decode kernel cannot be used" in r.getMessage()]
     assert len(warned) == 1 and "sm_120" in warned[0]
+
+
+def test_the_self_check_catches_a_kernel_that_is_not_finite_or_wrong_past_its_first_keys(interpreted, monkeypatch):
+    """A NaN output must not pass as a small error, nor a kernel right only over its first loop
+    iteration of 64 keys, or one that ignores the pool's validity or the sliding window; the real
+    kernel passes."""
+    real = decode_kernel.decode_attention
+    assert decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80) is None
+    broken = {
+        "nan": lambda q, k, v, valid, table, last, scale, window=None: real(q, k, v, valid, table, last, scale, window) * float("nan"),
+        "first keys only": lambda q, k, v, valid, table, last, scale, window=None:
+            real(q, k, v, valid, table, last.clamp(max=decode_kernel.KEYS_PER_ITERATION - 1), scale, window),
+        "no validity": lambda q, k, v, valid, table, last, scale, window=None:
+            real(q, k, v, torch.ones_like(valid), table, last, scale, window),
+        "no window": lambda q, k, v, valid, table, last, scale, window=None: real(q, k, v, valid, table, last, scale),
+    }
+    for name, kernel in broken.items():
+        monkeypatch.setattr(decode_kernel, "decode_attention", kernel)
+        problem = decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80)
+        assert problem is not None and "differs from plain attention" in problem, name

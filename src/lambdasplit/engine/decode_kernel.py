@@ -114,29 +114,37 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 def self_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
-    """Run the kernel once on a small random pool of a body's shape and compare it with plain
-    attention over the same keys: what went wrong (a kernel Triton cannot build for this GPU, or a
-    wrong result), or None. A body that gets a problem attends through gather + SDPA instead."""
+    """Run the kernel on a small random pool of a body's shape and compare it with plain attention
+    over the same keys: what went wrong (a kernel Triton cannot build for this GPU, or a wrong or
+    non-finite result), or None. One row spans three loop iterations, a tenth of the slots are
+    masked out, and a sliding window is tried too, so a kernel wrong only past its first 64 keys,
+    or in its masks, is caught. A body that gets a problem attends through gather + SDPA instead."""
     gen = torch.Generator(device=device).manual_seed(0)
-    slots, rows = 4 * BLOCK_SIZE, 2
+    slots, scale = 13 * BLOCK_SIZE, head_dim ** -0.5
     keys = torch.randn(slots, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
     values = torch.randn(slots, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-    query = torch.randn(rows, heads, head_dim, device=device, dtype=dtype, generator=gen)
-    valid = torch.ones(slots, dtype=torch.bool, device=device)
-    table = torch.tensor([[1, 2], [3, 0]], device=device)
-    last = torch.tensor([2 * BLOCK_SIZE - 1, 4], device=device)
-    try:
-        out = decode_attention(query, keys, values, valid, table, last, head_dim ** -0.5).float()
-    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do not use it here
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    query = torch.randn(2, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    valid = torch.rand(slots, device=device, generator=gen) > 0.1
+    table = torch.tensor([[7, 3, 9, 1, 10, 4, 2, 8, 6, 5], [12, 11, 0, 0, 0, 0, 0, 0, 0, 0]], device=device)
+    last = torch.tensor([149, 20], device=device)  # 150 keys: three iterations, the last one partial
     group = heads // kv_heads
-    worst = 0.0
-    for r in range(rows):
-        n = int(last[r]) + 1
-        index = (table[r].unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).view(-1)[:n]
-        k = keys[index].float().repeat_interleave(group, 1).transpose(0, 1)
-        v = values[index].float().repeat_interleave(group, 1).transpose(0, 1)
-        weights = (k @ query[r].float().unsqueeze(-1)).squeeze(-1).mul(head_dim ** -0.5).softmax(-1)
-        expected = (weights.unsqueeze(1) @ v).squeeze(1)
-        worst = max(worst, ((out[r] - expected).norm() / expected.norm()).item())
-    return None if worst < 2e-2 else f"its output differs from plain attention by {worst:.3g} (relative L2)"
+    for window in (None, 3 * BLOCK_SIZE):  # a multiple of 16, as real windows are (the same compiled kernel)
+        try:
+            out = decode_attention(query, keys, values, valid, table, last, scale, window).float()
+        except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do not use it here
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        for r in range(len(last)):
+            n = int(last[r]) + 1
+            index = (table[r].unsqueeze(-1) * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).view(-1)[:n]
+            allowed = valid[index].clone()
+            if window is not None:
+                allowed[: max(0, n - window)] = False
+            allowed[-1] = True
+            k = keys[index].float().repeat_interleave(group, 1).transpose(0, 1)
+            v = values[index].float().repeat_interleave(group, 1).transpose(0, 1)
+            scores = (k @ query[r].float().unsqueeze(-1)).squeeze(-1).mul(scale)
+            expected = (scores.masked_fill(~allowed, float("-inf")).softmax(-1).unsqueeze(1) @ v).squeeze(1)
+            error = ((out[r] - expected).norm() / expected.norm()).item()
+            if not error < 2e-2:  # NaN included
+                return f"its output differs from plain attention by {error:.3g} (relative L2)"
+    return None
