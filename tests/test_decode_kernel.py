@@ -207,3 +207,18 @@ def test_the_self_check_catches_a_kernel_that_is_not_finite_or_wrong_past_its_fi
         monkeypatch.setattr(decode_kernel, "decode_attention", kernel)
         problem = decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80)
         assert problem is not None and "differs from plain attention" in problem, name
+
+
+def test_a_query_index_past_its_rows_table_reads_only_that_table(interpreted):
+    """Planning never makes one, but a row whose `last` lies beyond its block table must not read
+    the next row's table: it attends to the keys its own table holds, as SDPA over its gathered
+    keys does, and the other rows are exact."""
+    keys, values = torch.randn(64, 2, 32), torch.randn(64, 2, 32)
+    valid = torch.ones(64, dtype=torch.bool)
+    table, last = torch.tensor([[1], [2]]), torch.tensor([20, 5])  # row 0's one block holds keys 0..15
+    query = torch.randn(2, 2, 32)
+    out = decode_kernel.decode_attention(query, keys, values, valid, table, last, 0.2)
+    own = reference(query[:1], keys, values, valid, table[:1], torch.tensor([BLOCK_SIZE - 1]), 0.2, None)
+    assert torch.allclose(out[:1].double(), own, atol=1e-5)
+    expected = reference(query[1:], keys, values, valid, table[1:], last[1:], 0.2, None)
+    assert torch.allclose(out[1:].double(), expected, atol=1e-5)

@@ -45,7 +45,7 @@ def _kernel():
     @triton.jit
     def decode(q_ptr, k_ptr, v_ptr, valid_ptr, table_ptr, last_ptr, out_ptr,
                stride_qr, stride_qh, stride_kslot, stride_khead, stride_table, stride_or, stride_oh,
-               scale, window,
+               scale, window, width,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                KEYS: tl.constexpr):
         row = tl.program_id(0)
@@ -63,10 +63,11 @@ def _kernel():
         start = (first // KEYS) * KEYS
         while start <= last:  # a while, not a range: Triton's interpreter cannot take a loaded bound
             keys = start + tl.arange(0, KEYS)
-            inside = (keys >= first) & (keys <= last)
+            in_table = keys < width * BLOCK  # a `last` past the row's table reads only that table, as SDPA's gather
+            inside = (keys >= first) & (keys <= last) & in_table
             block = tl.load(table_ptr + row * stride_table + keys // BLOCK, mask=inside, other=0)
             slot = block * BLOCK + keys % BLOCK
-            allowed = (inside & (tl.load(valid_ptr + slot, mask=inside, other=0) != 0)) | (keys == last)
+            allowed = (inside & (tl.load(valid_ptr + slot, mask=inside, other=0) != 0)) | ((keys == last) & in_table)
             offsets = slot[:, None] * stride_kslot + kv_head * stride_khead + dims[None, :]
             load_mask = allowed[:, None] & in_dim[None, :]
             k = tl.load(k_ptr + offsets, mask=load_mask, other=0.0).to(tl.float32)
@@ -99,6 +100,8 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         raise ValueError(f"{heads} query heads do not share {kv_heads} key/value heads evenly")
     if query.stride(-1) != 1 or not keys.is_contiguous() or not values.is_contiguous():
         raise ValueError("decode_attention needs unit stride along the head dimension and a contiguous pool")
+    if table.stride(-1) != 1 or not last.is_contiguous():
+        raise ValueError("decode_attention needs block tables with unit stride along a row and contiguous query indices")
     triton, kernel = _kernel()
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     if rows == 0:
@@ -106,7 +109,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     kernel[(rows, heads)](
         query, keys, values, valid.view(torch.uint8), table, last, out,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), table.stride(0), out.stride(0),
-        out.stride(1), scale, window or NO_WINDOW,
+        out.stride(1), scale, window or NO_WINDOW, table.shape[1],
         GROUP=heads // kv_heads, HEAD_DIM=dim, DIM=triton.next_power_of_2(dim), BLOCK=BLOCK_SIZE,
         KEYS=KEYS_PER_ITERATION, num_warps=4,
     )
