@@ -81,9 +81,13 @@ def serve_gpu(
     levels: Annotated[str, typer.Option(
         help="Comma-separated session counts the serve part runs closed loop (default 1,8,64,256; the py-spy profile "
              "and the batched-vs-alone check need 64).")] = "",
+    client_processes: Annotated[int, typer.Option(
+        "--client-processes", min=1, help="Load-generator processes (default 8, as every earlier run; each runs its "
+                                          "sessions in turn, so more of them leave less client time between steps).")] = 8,
 ) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
     on random 7B-shaped weights."""
+    from benchmarks import serve_gpu as suite
     from benchmarks.serve_gpu import ABLATIONS, PARTS, VARIANTS, run_exactness, run_serve_gpu
 
     def pick(text: str, allowed, what: str) -> tuple[str, ...]:
@@ -94,6 +98,7 @@ def serve_gpu(
         return chosen
 
     chosen = pick(parts, PARTS, "parts")
+    suite.CLIENTS = client_processes
     if exactness_only:
         run_exactness()
         return

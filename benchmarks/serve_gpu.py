@@ -47,6 +47,9 @@ from benchmarks.gpu import SHAPES, build_random
 from benchmarks.serve import Load, closed_loop, drive, open_loop, plot
 
 NAME = "serve-gpu"
+# Load-generator processes; each serves its sessions in turn, where real devices are one a session, so
+# more of them take the clients' share out of the time between steps (`--client-processes`).
+CLIENTS = 8
 DEVICE = "cuda"  # a CPU smoke run of the parts sets "cpu"
 
 
@@ -249,11 +252,11 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
         base = Load(server.url, manifest, None, prompt, steps, [])
         closed_loop(base, 2, 2, 99)  # warm-up
         for n in levels:
-            closed_loop(base, n, min(8, n), 1000 + n)  # the same load first: its CUDA graphs are captured once, here
+            closed_loop(base, n, min(CLIENTS, n), 1000 + n)  # the same load first: its CUDA graphs are captured once, here
             label = f"{n}sessions" + "".join(a.replace("--", "_") for a in extra)  # runs with other settings apart
             spies = _py_spy(server.pid, label) if profile and n == 64 else []
             before = _metrics(server.url)
-            row = closed_loop(base, n, min(8, n), 0)
+            row = closed_loop(base, n, min(CLIENTS, n), 0)
             after = _metrics(server.url)
             if spies:
                 out["py_spy_64_sessions"] = _py_spy_summary(spies)
@@ -271,7 +274,7 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
         if compare_alone and levels[-1] >= 64 and 64 in levels:
             out["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
         if rate:
-            out["open_loop"] = open_loop(base, rate, duration, 8, 0)
+            out["open_loop"] = open_loop(base, rate, duration, CLIENTS, 0)
             print(f"[serve] open loop {rate}/s: {out['open_loop']['aggregate_decode_tok_s']} tok/s, "
                   f"ITL {out['open_loop']['itl_ms']}", flush=True)
     return out
@@ -498,7 +501,8 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
     previous = RESULTS / f"{NAME}.json"
     payload: dict = json.loads(previous.read_text()) if parts != PARTS and previous.is_file() else {}
     payload.update({"suite": NAME, "environment": environment("cuda"), "model": "llama2-7b (random bf16)",
-                    "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16"})
+                    "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16",
+                    "client_processes": CLIENTS})
     if "unsplit" in parts:
         unsplit = _load_unsplit(path)
         sizes = (8,) if quick else (64, 256)
