@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 from lambdasplit.device.generation import GenerationResult
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
-from lambdasplit.engine.local import load_local_body
+from lambdasplit.engine.local import LocalBody, load_local_body
+from lambdasplit.engine.scheduler import BodyScheduler
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
 
@@ -50,3 +52,38 @@ def compare(
     ref_ids = [trim(row[prompt_len:].tolist(), runtime.eos_ids) for row in ref.sequences]
     steps = result.logits.shape[0]
     return Comparison(result, result.logits, ref_ids, torch.stack(ref.logits[:steps]), list(body.stats.per_step))
+
+
+def generate_together(scheduler: BodyScheduler, source: Path | str, prompts: list[list[int]], new_tokens: list[int],
+                      first_alone: bool = False, timeout: float = 300.0) -> dict[int, list[int]]:
+    """Each prompt's greedy tokens from its own device (split 2,2, fp32 frames), all in threads at
+    once against one scheduler, which is shut down afterwards; a device's error is raised here.
+    `first_alone`: the first prompt also runs once before the others start (what it compiles or
+    captures is then done before the threads share the process)."""
+    runtimes = [SplitRuntime.load(source, (2, 2)) for _ in prompts]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        body = LocalBody(scheduler, Codec.FP32)
+        try:
+            options = SamplingParams(max_new_tokens=new_tokens[i], ignore_eos=True)
+            results[i] = runtimes[i].generate_ids(body, torch.tensor([prompts[i]]), None, options).token_ids[0]
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            errors.append(exc)
+        finally:
+            body.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    try:
+        if first_alone:
+            run(0)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+    finally:
+        scheduler.shutdown()
+    if errors:
+        raise errors[0]
+    return results

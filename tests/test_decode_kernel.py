@@ -4,23 +4,18 @@ through it get the unsplit model's greedy tokens and the SDPA path's hidden stat
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from lambdasplit.device.runtime import SplitRuntime  # noqa: E402
-from lambdasplit.device.sampling import SamplingParams  # noqa: E402
 from lambdasplit.engine import decode_kernel  # noqa: E402
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence  # noqa: E402
 from lambdasplit.engine.loading import load_scheduler  # noqa: E402
-from lambdasplit.engine.local import LocalBody  # noqa: E402
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits  # noqa: E402
 from lambdasplit.engine.step import Chunk  # noqa: E402
-from lambdasplit.wire.codec import Codec  # noqa: E402
 from tests.conftest import oracle  # noqa: E402
+from tests.splitcheck import generate_together  # noqa: E402
 
 
 @pytest.fixture
@@ -147,25 +142,7 @@ def test_sessions_decoding_through_the_kernel_get_unsplit_tokens(interpreted, ti
         scheduler = BodyScheduler(bodies, SchedulerLimits(step_tokens=4))
         steps = []
         scheduler.on_step = steps.append
-        results: dict[int, list[int]] = {}
-
-        def run(i: int) -> None:
-            body = LocalBody(scheduler, Codec.FP32)
-            try:
-                options = SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
-                runtime = SplitRuntime.load(path, (2, 2))
-                results[i] = runtime.generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
-            finally:
-                body.close()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(300)
-        finally:
-            scheduler.shutdown()
+        results = generate_together(scheduler, path, PROMPTS, NEW_TOKENS)
     model = oracle(path)
     for i, (ids, n) in enumerate(zip(PROMPTS, NEW_TOKENS, strict=True)):
         want = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids):]

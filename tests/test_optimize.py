@@ -4,8 +4,6 @@ is refused clearly where it cannot run."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from lambdasplit.engine.scheduler import SchedulerLimits
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
+from tests.splitcheck import generate_together
 
 PROMPTS = [[1, 504, 3458], [1, 504, 3458, 282, 4649, 314, 253, 2030, 30], [1, 2030, 30, 282]]
 NEW_TOKENS = 10
@@ -39,26 +38,7 @@ def test_a_compiled_body_gives_the_unsplit_models_tokens_batched(llama):
     assert not getattr(layers[0].self_attn, "_compiled_call_impl", None)  # the paged attention stays eager
     steps: list = []
     scheduler.on_step = steps.append
-    results: dict[int, list[int]] = {}
-
-    def run(i: int) -> None:
-        body = LocalBody(scheduler, Codec.FP32)
-        try:
-            runtime = SplitRuntime.load(llama, (2, 2))
-            options = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-            results[i] = runtime.generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
-        finally:
-            body.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    try:
-        run(0)
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-    finally:
-        scheduler.shutdown()
+    results = generate_together(scheduler, llama, PROMPTS, [NEW_TOKENS] * len(PROMPTS), first_alone=True)
     assert [results.get(i) for i in range(len(PROMPTS))] == expected
     assert steps, "the scheduler ran no step"
 

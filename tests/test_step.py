@@ -5,20 +5,16 @@ exactly what planning after it gives."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 import torch
 
-from lambdasplit.device.runtime import SplitRuntime
-from lambdasplit.device.sampling import SamplingParams
 from lambdasplit.engine.kvpool import KVPool, Sequence
 from lambdasplit.engine.loading import load_scheduler
-from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.engine.step import Chunk, plan_step
-from lambdasplit.wire.codec import Codec
 from tests.conftest import oracle
+from tests.splitcheck import generate_together
 
 PROMPTS = [[1, 504, 3458], [1, 504, 3458, 282, 4649, 314, 253, 2030, 30], [1, 2030], [1, 282, 4649, 314, 253],
            [1, 253, 2030, 30, 282, 4649, 314, 253, 504, 3458, 282]]
@@ -103,29 +99,7 @@ def test_sessions_survive_a_failed_step_and_their_tokens_equal_unsplit_generate(
     mlp = bodies[0].runner.module.layers[-1].mlp
     fault = FailOnce(mlp.forward, at=6)
     monkeypatch.setattr(mlp, "forward", fault)
-    runtimes = [SplitRuntime.load(llama, (2, 2)) for _ in PROMPTS]
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        body = LocalBody(scheduler, Codec.FP32)
-        try:
-            options = SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=True)
-            results[i] = runtimes[i].generate_ids(body, torch.tensor([PROMPTS[i]]), None, options).token_ids[0]
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-        finally:
-            body.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        scheduler.shutdown()
-    assert not errors, errors
+    results = generate_together(scheduler, llama, PROMPTS, NEW_TOKENS, timeout=120)
     assert fault.calls > fault.at
     for i, tokens in enumerate(expected):
         assert results.get(i) == tokens, f"session {i}"
