@@ -77,7 +77,7 @@ def serve_gpu(
     ablations: Annotated[str, typer.Option(
         help="Comma-separated server settings the ablations part compares at 64 sessions (default, --no-paged-kernel, "
              "--engine-process, --no-async-schedule, --compile, --quantize fp8, --compile --quantize fp8, --no-uvloop, "
-             "--step-wait 0); default all.")] = "",
+             "--step-wait 0, --front-ends 2, --front-ends 4, --front-ends 8); default all.")] = "",
     levels: Annotated[str, typer.Option(
         help="Comma-separated session counts the serve part runs closed loop (default 1,8,64,256; the py-spy profile "
              "and the batched-vs-alone check need 64).")] = "",

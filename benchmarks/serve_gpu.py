@@ -281,7 +281,8 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
 
 
 def _py_spy(pid: int, label: str, seconds: int = 30) -> list[tuple[str, subprocess.Popen, Path]]:
-    """py-spy records the server's front end and its engine process while a level runs (raw
+    """py-spy records the server's front end, its engine process and its other front ends (spawned
+    after the engine, so later pids) while a level runs (raw
     collapsed stacks of the threads on a CPU, per thread; not --gil: with it the 12-05 run kept 1
     sample in all; not --idle: a 6 s window with idle frames, on 12-06, ended while the load
     generator's workers were still starting and held only waits); [] when py-spy is not installed."""
@@ -290,8 +291,8 @@ def _py_spy(pid: int, label: str, seconds: int = 30) -> list[tuple[str, subproce
     if shutil.which("py-spy") is None:
         print("[py-spy] not installed; no profile", flush=True)
         return []
-    targets = [("front_end", pid)] + [("engine", c.pid) for c in psutil.Process(pid).children()
-                                      if "spawn_main" in " ".join(c.cmdline())]
+    spawned = sorted(c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline()))
+    targets = [("front_end", pid)] + [("engine" if i == 0 else f"front_end_{i}", child) for i, child in enumerate(spawned)]
     out = []
     for name, target in targets:
         path = Path(os.environ.get("OUT", "/tmp")) / f"py-spy-{label}-{name}.txt"
@@ -481,7 +482,10 @@ ABLATIONS = {"default": (), "--no-paged-kernel": ("--no-paged-kernel",), "--engi
              "--no-async-schedule": ("--no-async-schedule",),
              "--compile": ("--compile",), "--quantize fp8": ("--quantize", "fp8"),
              "--compile --quantize fp8": ("--compile", "--quantize", "fp8"),
-             "--no-uvloop": ("--no-uvloop",), "--step-wait 0": ("--step-wait", "0")}
+             "--no-uvloop": ("--no-uvloop",), "--step-wait 0": ("--step-wait", "0"),
+             "--front-ends 2": ("--front-ends", "2"), "--front-ends 4": ("--front-ends", "4"),
+             "--front-ends 8": ("--front-ends", "8")}
+PROFILED = ("--engine-process", "--front-ends 4")  # ablations whose server is profiled with py-spy
 
 
 def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants: tuple[str, ...] = tuple(VARIANTS),
@@ -526,10 +530,11 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
         for name in ablations:
             # py-spy of the engine process and its front end apart (the default server is one process)
             run = load_generator(path, prompt, steps, (64,), 0, 0, ABLATIONS[name], compare_alone=False,
-                                 profile=name == "--engine-process")
+                                 profile=name in PROFILED)
             payload["ablations"][name] = run["closed_loop"][0]
             if "py_spy_64_sessions" in run:
-                payload["py_spy_64_sessions_engine_process"] = run["py_spy_64_sessions"]
+                key = "py_spy_64_sessions" + name.replace("--", "_").replace("-", "_").replace(" ", "")
+                payload[key] = run["py_spy_64_sessions"]
             write(NAME, payload)
     if "e2e" in parts:
         unsplit = _load_unsplit(path)

@@ -6,10 +6,10 @@
 #
 # - Wheels the machine lacks come in .whl/ (websockets, gguf; torchao for the fp8 variants; py-spy for
 #   the serve part's profile) and are installed into /tmp/site, never into the machine's Python.
-# - The `agreement` part needs the embedded GGUF: carry .gguf/part-* (`split -b 44M` of
-#   SmolLM2-135M-Instruct.Q4_1.gguf) over one or more calls on the same warm machine; parts are kept
-#   in /tmp/smollm2-parts and assembled once all three are there (sha256 checked). Without them
-#   the part is dropped from PARTS and the others run.
+# - The `agreement` part needs the embedded GGUF: carry .gguf/part-* (`split -b 49M` of
+#   SmolLM2-135M-Instruct.Q4_1.gguf, as scripts/train_draft_gpu.sh takes them) over one or more calls
+#   on the same warm machine; parts are kept in /tmp/smollm2-parts and assembled once the ones there
+#   give the right sha256. Without them the part is dropped from PARTS and the others run.
 # - Output goes unbuffered to $OUT/serve-gpu.log, and serve-gpu.json is copied to $OUT every 10 s and
 #   at the end, so a call stopped by its time limit still returns what the finished parts wrote.
 #   Merge the JSON of several calls by part (each part writes its own keys).
@@ -34,7 +34,7 @@ done
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:src:.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 for part in .gguf/part-*; do [ -f "$part" ] && cp "$part" "$STORE/"; done
-if [ ! -f "$GGUF" ] && [ -f "$STORE/part-aa" ] && [ -f "$STORE/part-ab" ] && [ -f "$STORE/part-ac" ]; then
+if [ ! -f "$GGUF" ] && compgen -G "$STORE/part-a?" > /dev/null; then
   cat "$STORE"/part-a? > "$GGUF.tmp"
   if [ "$(sha256sum "$GGUF.tmp" | cut -d' ' -f1)" = "$SHA" ]; then mv "$GGUF.tmp" "$GGUF"; else rm -f "$GGUF.tmp"; fi
 fi

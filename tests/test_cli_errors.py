@@ -202,6 +202,7 @@ TP_REFUSED = {
     "pipeline": (["--pipeline", "tiny-sdxl"], "--tensor-parallel serves text bodies only"),
     "K range": (["--split", "1-2,2"], "--tensor-parallel cannot be combined with a K range"),
     "engine process": (["--engine-process"], "--engine-process runs one process's body"),
+    "front ends": (["--front-ends", "2"], "--front-ends needs the engine in its own process"),
     "one GPU by index": (["--device", "cuda:1"], "--tensor-parallel runs its ranks on --device cuda (a GPU each) or cpu"),
     "more ranks than GPUs": (["--tensor-parallel", "9", "--device", "cuda"],
                              "--tensor-parallel 9 --device cuda needs 9 CUDA GPUs on this host; it has 8"),

@@ -1,19 +1,43 @@
-"""Server metrics in Prometheus text format (prometheus_client), plus rolling latency percentiles."""
+"""Server metrics in Prometheus text format (prometheus_client), plus rolling latency percentiles.
+
+With several front-end processes (`serve --front-ends N`) the metrics are prometheus_client's
+multiprocess metrics: every process writes its values to files in one directory
+(`share_between_processes`, called before any metric exists) and whichever front end answers
+/metrics sums them, so a scrape through the shared port sees the whole server. The step
+statistics reach the first front end only, so they are counted once.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 from lambdasplit.engine.scheduler import StepStats
+
+SHARED_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable; inherited by spawned front ends
+
+
+def share_between_processes(directory: str) -> None:
+    """Metrics created from now on, in this process and in processes it spawns, live in `directory`."""
+    os.environ[SHARED_DIR] = directory
+    values.ValueClass = values.get_value_class()
+
+
+def process_gone(pid: int) -> None:
+    """Forget a front end's live gauges (its counters stay: they are part of the server's totals)."""
+    multiprocess.mark_process_dead(pid)
 
 
 class ServerMetrics:
     def __init__(self, window: int = 2048) -> None:
         self.registry = CollectorRegistry()
+        self.shared = os.environ.get(SHARED_DIR)
         r = self.registry
-        self.sessions_active = Gauge("lambdasplit_sessions_active", "Open body sessions", registry=r)
+        # Gauges say how to combine the front ends' values (ignored in one process).
+        self.sessions_active = Gauge("lambdasplit_sessions_active", "Open body sessions", registry=r,
+                                     multiprocess_mode="livesum")
         self.sessions_total = Counter("lambdasplit_sessions", "Sessions opened", registry=r)
         self.sessions_refused = Counter("lambdasplit_sessions_refused", "Sessions refused (auth, limits, mismatch)", registry=r)
         self.tokens = Counter("lambdasplit_tokens_served", "Positions run through the body", registry=r)
@@ -25,7 +49,9 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
         self.step_quantile = Gauge(
-            "lambdasplit_step_seconds_quantile", "Rolling percentiles of body step time", ["quantile"], registry=r
+            "lambdasplit_step_seconds_quantile",
+            "Rolling percentiles of body step time (with several front ends: of the one that answered)", ["quantile"],
+            registry=r, multiprocess_mode="livemostrecent",
         )
         self.step_sessions = Histogram(
             "lambdasplit_step_sessions", "Sessions batched into one body forward", registry=r,
@@ -63,8 +89,10 @@ class ServerMetrics:
             buckets=cycle)
         self.planned_ahead = Counter(
             "lambdasplit_chunks_planned_ahead", "Chunks planned while the step before ran (async scheduling)", registry=r)
-        self.kv_used = Gauge("lambdasplit_kv_pool_used_blocks", "KV pool blocks held by sessions", registry=r)
-        self.kv_blocks = Gauge("lambdasplit_kv_pool_blocks", "KV pool size in blocks (of 16 positions)", registry=r)
+        self.kv_used = Gauge("lambdasplit_kv_pool_used_blocks", "KV pool blocks held by sessions", registry=r,
+                             multiprocess_mode="livemax")
+        self.kv_blocks = Gauge("lambdasplit_kv_pool_blocks", "KV pool size in blocks (of 16 positions)", registry=r,
+                               multiprocess_mode="livemax")
         self.refusals = Counter(
             "lambdasplit_capacity_refusals", "Sessions or frames refused for capacity", ["reason"], registry=r
         )
@@ -99,4 +127,8 @@ class ServerMetrics:
         for q in (0.5, 0.9, 0.99):
             value = recent[min(len(recent) - 1, int(q * len(recent)))] if recent else 0.0
             self.step_quantile.labels(quantile=str(q)).set(value)
-        return generate_latest(self.registry)
+        if self.shared is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, self.shared)
+        return generate_latest(combined)

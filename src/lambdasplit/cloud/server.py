@@ -52,6 +52,7 @@ class ServerConfig:
     session_ttl: float = defaults.SESSION_TTL  # idle seconds before a session is closed
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_frame_bytes: int = defaults.MAX_FRAME_BYTES
+    reuse_port: bool = False  # SO_REUSEPORT: several front-end processes share the port (`serve --front-ends`)
 
 
 def _event_loop(use_uvloop: bool) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -72,10 +73,9 @@ class BodyServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = ServerMetrics()
-        # The open sessions of this server's connections: `sessions_active` reads its size, so a
+        # The open sessions of this server's connections: `sessions_active` is its size, so a
         # session closed by its connection and by the reaper (in either order) counts once.
         self._sessions: set[bytes] = set()
-        self.metrics.sessions_active.set_function(lambda: len(self._sessions))
         scheduler.on_step = self.metrics.observe_forward
         scheduler.on_refusal = self.metrics.observe_refusal
         if scheduler.pool is not None:
@@ -94,6 +94,7 @@ class BodyServer:
             process_request=self._http,
             server_header=None,  # do not advertise the websockets version
             max_size=self.config.max_frame_bytes + HEADER_SIZE,
+            reuse_port=self.config.reuse_port or None,
             compression=None,
             ping_interval=20,
             ping_timeout=20,
@@ -157,6 +158,7 @@ class BodyServer:
         """One pass of the reaper: close the sessions idle for longer than `idle_seconds`; their ids."""
         closed = await asyncio.wrap_future(self.scheduler.reap(idle_seconds))
         self._sessions.difference_update(closed)
+        self.metrics.sessions_active.set(len(self._sessions))
         return closed
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -217,6 +219,7 @@ class BodyServer:
                 await asyncio.wrap_future(self.scheduler.close_session(session))
             finally:
                 self._sessions.discard(session)
+                self.metrics.sessions_active.set(len(self._sessions))
 
     async def _refuse(self, ws: ServerConnection, exc: Exception, session: bytes | None) -> None:
         code = _code(exc)
@@ -259,6 +262,7 @@ class BodyServer:
             raise
         opened.append(session)
         self._sessions.add(session)
+        self.metrics.sessions_active.set(len(self._sessions))
         self.metrics.sessions_total.inc()
         limits = self.scheduler.limits
         welcome = {

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -42,6 +44,8 @@ from lambdasplit.commands.options import (
 from lambdasplit.errors import LambdaSplitError
 
 if TYPE_CHECKING:
+    from lambdasplit.cloud.frontends import FrontEndSpec
+    from lambdasplit.cloud.server import BodyServer, ServerConfig
     from lambdasplit.engine.optimize import BodyOptions
     from lambdasplit.split.spec import SplitChoice
 
@@ -133,6 +137,12 @@ def serve(
              "--tensor-parallel). Off by default: measured, it still costs throughput (one H100, 64 sessions: "
              "1,784 tok/s against 1,899 in one process; on 2 CPU cores 13-26%).",
     )] = False,
+    front_ends: Annotated[int, typer.Option(
+        "--front-ends", min=1,
+        help="Network front-end processes sharing the port (Linux SO_REUSEPORT; the kernel spreads connections over "
+             "them), each with its own pipe to one engine process (so more than 1 implies --engine-process). "
+             "/metrics answers for all of them. Not with --tensor-parallel.",
+    )] = 1,
     device: DeviceOpt = defaults.DEVICE,
     dtype: BodyDtypeOpt = None,
     insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token.")] = False,
@@ -150,6 +160,7 @@ def serve(
 ) -> None:
     """Serve the body to devices over WebSocket (one persistent connection per device): a language
     model's middle layers, or with --pipeline a diffusion UNet (paper) or its inner blocks (unet-split)."""
+    from lambdasplit.cloud.frontends import FrontEndSpec
     from lambdasplit.cloud.server import BodyServer, ServerConfig
     from lambdasplit.engine.loading import check_gpus, follow_leader, load_scheduler
     from lambdasplit.engine.optimize import BodyOptions
@@ -162,7 +173,7 @@ def serve(
     source = str(part) if part else model
     options = BodyOptions(compile_body, body_quantize, paged_kernel)
     k_max = split.k_max if split and split.ranged else None
-    _check_combinations(part, model, split, k_max, pipeline, options, device, tensor_parallel, engine_process)
+    _check_combinations(part, model, split, k_max, pipeline, options, device, tensor_parallel, engine_process, front_ends)
     check_gpus(device, tensor_parallel)
     token = read_token(token_file)
     if token is None and not is_loopback(host) and not insecure_no_auth:
@@ -190,26 +201,66 @@ def serve(
         build, args = load_diffusion_scheduler, (pipeline, mode, k, dtype, device, limits)
     else:
         build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp, options)
-    config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl)
+    config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl, reuse_port=front_ends > 1)
+    if front_ends > 1:
+        _serve_front_ends(config, front_ends, FrontEndSpec(host, port, token, tls_cert, tls_key, session_ttl, uvloop),
+                          build, args)
+        return
     if engine_process:
         from lambdasplit.engine.core import EngineClient
-        from lambdasplit.logs import configure_logging
 
-        scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes,
-                                       setup=functools.partial(configure_logging, logging.getLogger().level <= logging.INFO))
+        scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes, setup=_child_logging())
     else:
         scheduler = build(*args)
     server = BodyServer(scheduler, config)
+    server.serve_forever(uvloop, functools.partial(_announce, server))
 
-    def listening() -> None:
-        typer.echo(f"lambdasplit body server listening on {server.url} ({server.serving})")
-        sys.stdout.flush()
 
-    server.serve_forever(uvloop, listening)
+def _announce(server: BodyServer, before: Callable[[], None] = lambda: None) -> None:
+    """The one line that says the server is up (tests and scripts wait for it), after `before()`."""
+    before()
+    typer.echo(f"lambdasplit body server listening on {server.url} ({server.serving})")
+    sys.stdout.flush()
+
+
+def _child_logging() -> Callable[[], None]:
+    """This process's logging set-up, for the processes it spawns (the engine, front ends)."""
+    from lambdasplit.logs import configure_logging
+
+    return functools.partial(configure_logging, logging.getLogger().level <= logging.INFO)
+
+
+def _serve_front_ends(config: ServerConfig, count: int, spec: FrontEndSpec, build: Callable, args: tuple) -> None:
+    """`--front-ends N`: one engine process, this process's front end and N-1 spawned ones on one
+    port, their metrics in one temporary directory (removed at exit)."""
+    import shutil
+    import tempfile
+
+    from lambdasplit.cloud.frontends import FrontEnds
+    from lambdasplit.cloud.metrics import share_between_processes
+    from lambdasplit.cloud.server import BodyServer
+    from lambdasplit.engine.core import EngineClient
+
+    shared = tempfile.mkdtemp(prefix="lambdasplit-metrics-")
+    share_between_processes(shared)  # before the first metric, and inherited by the spawned processes
+    others: FrontEnds | None = None
+    try:
+        setup = _child_logging()
+        scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes, setup=setup,
+                                       front_ends=count)
+        server = BodyServer(scheduler, config)
+        others = FrontEnds(scheduler.links, setup)
+        start = lambda: others.start(dataclasses.replace(spec, port=server.port))  # noqa: E731 - port 0 is now real
+        server.serve_forever(spec.use_uvloop, functools.partial(_announce, server, start))
+    finally:
+        if others is not None:
+            others.stop()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _check_combinations(part: Path | None, model: str | None, split: SplitChoice | None, k_max: int | None,
-                        pipeline: str | None, options: BodyOptions, device: str, ranks: int, engine_process: bool) -> None:
+                        pipeline: str | None, options: BodyOptions, device: str, ranks: int, engine_process: bool,
+                        front_ends: int = 1) -> None:
     """The serve options that cannot go together, refused before anything loads."""
     from lambdasplit.engine.loading import check_body_options
 
@@ -224,6 +275,12 @@ def _check_combinations(part: Path | None, model: str | None, split: SplitChoice
             raise LambdaSplitError("--compile and --quantize apply to a text body; drop them with --pipeline")
     if ranks > 1 and engine_process:
         raise LambdaSplitError("--engine-process runs one process's body; drop it with --tensor-parallel")
+    if front_ends > 1 and ranks > 1:
+        raise LambdaSplitError("--front-ends needs the engine in its own process, which --tensor-parallel does not run; "
+                               "drop one of them")
+    if front_ends > 1 and not sys.platform.startswith("linux"):
+        raise LambdaSplitError(f"--front-ends shares the port with SO_REUSEPORT, which spreads connections on Linux "
+                               f"only (this is {sys.platform})")
     check_body_options(options, k_max, ranks)
     if options.quantize and not device.startswith("cuda"):
         raise LambdaSplitError(f"--quantize {options.quantize} needs --device cuda (a GPU of compute capability 8.9+)")

@@ -18,6 +18,12 @@ reports (a dead engine process fails every request in flight and every later one
 
 `EngineClient` (front end side) has the scheduler's interface as the server uses it, so
 `BodyServer` serves either one unchanged.
+
+The engine serves one pipe per front end (`serve --front-ends N`, `cloud/frontends.py`): request
+ids are each pipe's own, replies go back on the pipe the request came on, heartbeats go to every
+pipe and step statistics and refusals to the first (the metrics are shared between the front
+ends). A session belongs to the pipe that opened it: when a front end's pipe closes, its sessions
+are closed. The engine stops on SHUTDOWN (sent by the first front end) or when every pipe has closed.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import IntEnum
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from lambdasplit import errors
@@ -99,37 +105,41 @@ class BodyInfo:
 # ---------------------------------------------------------------- engine process
 
 
-def engine_main(conn: Connection, setup: Callable[[], None] | None, build: Callable[..., Any], args: tuple,
+def engine_main(conns: list[Connection], setup: Callable[[], None] | None, build: Callable[..., Any], args: tuple,
                 kwargs: dict, max_frame_bytes: int) -> None:
-    """The child process: build the scheduler, announce it, then serve the pipe until SHUTDOWN or EOF.
+    """The child process: build the scheduler, announce it on every pipe, then serve the pipes
+    until SHUTDOWN or until all of them have closed.
 
-    Ctrl-C is the front end's to handle (it reaches the whole process group): the engine stops
-    when the front end sends SHUTDOWN or its end of the pipe closes."""
+    Ctrl-C is the front ends' to handle (it reaches the whole process group): the engine stops
+    when the first front end sends SHUTDOWN or every front end's end of its pipe has closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if setup is not None:
         setup()  # the front end's logging and library verbosity
     try:
         scheduler = build(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to the front end, which prints it and exits
-        conn.send_bytes(HEADER.pack(Kind.FAILED, 0) + _json(_error_dict(exc)))
+        for conn in conns:
+            conn.send_bytes(HEADER.pack(Kind.FAILED, 0) + _json(_error_dict(exc)))
         return
-    _EngineLoop(conn, scheduler, max_frame_bytes).run()
+    _EngineLoop(conns, scheduler, max_frame_bytes).run()
 
 
 class _EngineLoop:
-    """Reads requests on this thread; replies go through one writer thread (so the compute thread,
-    which completes the futures, never blocks on the pipe)."""
+    """Reads requests from every front end's pipe on this thread; replies go through one writer
+    thread (so the compute thread, which completes the futures, never blocks on a pipe)."""
 
-    def __init__(self, conn: Connection, scheduler: Any, max_frame_bytes: int) -> None:
+    def __init__(self, conns: list[Connection], scheduler: Any, max_frame_bytes: int) -> None:
         from lambdasplit.wire.frame import parse_frame
 
-        self.conn = conn
+        self.conns = conns
         self.scheduler = scheduler
         self.parse = parse_frame
         self.limits = scheduler.manifest.frame_limits(max_frame_bytes, scheduler.limits.max_context)
-        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        scheduler.on_step = lambda stats: self._send(Kind.STEP, 0, _json(dataclasses.asdict(stats)))
-        scheduler.on_refusal = lambda reason: self._send(Kind.REFUSAL, 0, _json(reason))
+        # (pipe index, message); None stops the writer.
+        self.outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.owned: list[set[bytes]] = [set() for _ in conns]  # each pipe's open sessions
+        scheduler.on_step = lambda stats: self._send(0, Kind.STEP, 0, _json(dataclasses.asdict(stats)))
+        scheduler.on_refusal = lambda reason: self._send(0, Kind.REFUSAL, 0, _json(reason))
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -144,72 +154,103 @@ class _EngineLoop:
             "pool_blocks": scheduler.pool.usable_blocks if scheduler.pool is not None else None,
             "pid": os.getpid(),
         }
-        self._send(Kind.READY, 0, _json(ready))
+        for link in range(len(self.conns)):
+            self._send(link, Kind.READY, 0, _json(ready))
         try:
-            while True:
-                try:
-                    message = self.conn.recv_bytes()
-                except (EOFError, OSError):
-                    break  # the front end is gone
-                op, request = HEADER.unpack_from(message)
-                if op == Op.SHUTDOWN:
-                    break
-                self._dispatch(Op(op), request, memoryview(message)[HEADER.size:])
+            self._serve()
         finally:
             self.stopping.set()
             scheduler.shutdown()
             self.outbox.put(None)
             writer.join(timeout=5)
 
-    def _dispatch(self, op: Op, request: int, payload: memoryview) -> None:
+    def _serve(self) -> None:
+        """Requests from every open pipe, in arrival order per pipe, until SHUTDOWN or no pipe is left."""
+        links = {conn: link for link, conn in enumerate(self.conns)}
+        while links:
+            for conn in wait(list(links)):
+                link = links[conn]
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    del links[conn]  # that front end is gone: so are its sessions
+                    self._drop(link)
+                    continue
+                op, request = HEADER.unpack_from(message)
+                if op == Op.SHUTDOWN:
+                    return
+                self._dispatch(link, Op(op), request, memoryview(message)[HEADER.size:])
+
+    def _drop(self, link: int) -> None:
+        owned, self.owned[link] = self.owned[link], set()
+        if owned:
+            log.warning("front end %d left with %d open sessions; closing them", link, len(owned))
+        for session in owned:
+            self.scheduler.close_session(session)
+
+    def _dispatch(self, link: int, op: Op, request: int, payload: memoryview) -> None:
         scheduler = self.scheduler
+        owned = self.owned[link]
         try:
             if op == Op.SUBMIT:
                 frame = self.parse(bytes(payload[16:]), self.limits)
                 future = scheduler.submit(bytes(payload[:16]), frame)
-                future.add_done_callback(lambda f: self._frame_result(request, f))
+                future.add_done_callback(lambda f: self._frame_result(link, request, f))
                 return
             if op == Op.OPEN:
                 future = scheduler.open_session(json.loads(bytes(payload))["body"])
-                future.add_done_callback(lambda f: self._value_result(request, f, bytes.hex))
+                future.add_done_callback(lambda f: owned.add(f.result()) if _exception(f) is None else None)
+                future.add_done_callback(lambda f: self._value_result(link, request, f, bytes.hex))
             elif op == Op.CLOSE:
-                future = scheduler.close_session(bytes(payload))
-                future.add_done_callback(lambda f: self._value_result(request, f, lambda _: None))
+                session = bytes(payload)
+                owned.discard(session)
+                future = scheduler.close_session(session)
+                future.add_done_callback(lambda f: self._value_result(link, request, f, lambda _: None))
             elif op == Op.REAP:
                 future = scheduler.reap(json.loads(bytes(payload))["idle"])
-                future.add_done_callback(lambda f: self._value_result(request, f, lambda ids: [s.hex() for s in ids]))
+                future.add_done_callback(lambda f: self._reaped(link, request, f))
         except Exception as exc:  # noqa: BLE001 - a refused request fails alone
-            self._send(Kind.ERROR, request, _json(_error_dict(exc)))
+            self._send(link, Kind.ERROR, request, _json(_error_dict(exc)))
 
-    def _frame_result(self, request: int, future: Future) -> None:
+    def _reaped(self, link: int, request: int, future: Future) -> None:
+        """The reaper closes idle sessions of every front end; each pipe forgets its own."""
+        if _exception(future) is None:
+            for owned in self.owned:
+                owned.difference_update(future.result())
+        self._value_result(link, request, future, lambda ids: [s.hex() for s in ids])
+
+    def _frame_result(self, link: int, request: int, future: Future) -> None:
         exc = _exception(future)
         if exc is not None:
-            self._send(Kind.ERROR, request, _json(_error_dict(exc)))
+            self._send(link, Kind.ERROR, request, _json(_error_dict(exc)))
             return
         reply, seconds = future.result()
         data = reply.to_bytes() if reply is not None else b""
-        self._send(Kind.FRAME, request, RESULT.pack(seconds, reply is not None) + data)
+        self._send(link, Kind.FRAME, request, RESULT.pack(seconds, reply is not None) + data)
 
-    def _value_result(self, request: int, future: Future, convert: Callable[[Any], Any]) -> None:
+    def _value_result(self, link: int, request: int, future: Future, convert: Callable[[Any], Any]) -> None:
         exc = _exception(future)
         if exc is not None:
-            self._send(Kind.ERROR, request, _json(_error_dict(exc)))
+            self._send(link, Kind.ERROR, request, _json(_error_dict(exc)))
         else:
-            self._send(Kind.VALUE, request, _json(convert(future.result())))
+            self._send(link, Kind.VALUE, request, _json(convert(future.result())))
 
     def _heartbeat(self) -> None:
-        """Every HEARTBEAT_SECONDS: the compute loop's own health (None: alive and moving)."""
+        """Every HEARTBEAT_SECONDS, to every front end: the compute loop's own health (None: alive and moving)."""
         while not self.stopping.wait(HEARTBEAT_SECONDS):
-            self._send(Kind.HEARTBEAT, 0, _json(self.scheduler.health.problem()))
+            beat = _json(self.scheduler.health.problem())
+            for link in range(len(self.conns)):
+                self._send(link, Kind.HEARTBEAT, 0, beat)
 
-    def _send(self, kind: Kind, request: int, payload: bytes) -> None:
-        self.outbox.put(HEADER.pack(kind, request) + payload)
+    def _send(self, link: int, kind: Kind, request: int, payload: bytes) -> None:
+        self.outbox.put((link, HEADER.pack(kind, request) + payload))
 
     def _write(self) -> None:
-        """Send what is queued; the replies a step completes together leave in one write."""
-        while (message := self.outbox.get()) is not None:
-            burst = [message]
-            while len(burst) < 256:
+        """Send what is queued; the replies a step completes together leave in one write per pipe."""
+        gone: set[int] = set()
+        while (item := self.outbox.get()) is not None:
+            bursts: dict[int, list[bytes]] = {item[0]: [item[1]]}
+            for _ in range(255):
                 try:
                     more = self.outbox.get_nowait()
                 except queue.Empty:
@@ -217,28 +258,34 @@ class _EngineLoop:
                 if more is None:
                     self.outbox.put(None)
                     break
-                burst.append(more)
-            if len(burst) > 1:
-                message = HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in burst)
-            try:
-                self.conn.send_bytes(message)
-            except (OSError, ValueError):
-                return  # the front end is gone; the reader sees EOF too
+                bursts.setdefault(more[0], []).append(more[1])
+            for link, burst in bursts.items():
+                if link in gone:
+                    continue
+                message = burst[0] if len(burst) == 1 else (
+                    HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in burst))
+                try:
+                    self.conns[link].send_bytes(message)
+                except (OSError, ValueError):
+                    gone.add(link)  # that front end is gone; the reader sees EOF too
 
 
 # ---------------------------------------------------------------- front end
 
 
 class EngineClient:
-    """The scheduler's interface, served by an engine process (see the module docstring).
+    """The scheduler's interface, served by an engine process over one pipe (see the module docstring).
 
-    `start` spawns the process and blocks until the model is loaded (or raises its error)."""
+    `start` spawns the process and blocks until the model is loaded (or raises its error); the
+    other front ends' pipes wait in `links` for `attach`, which the front-end processes call."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection, ready: dict) -> None:
+    def __init__(self, conn: Connection, ready: dict, process: multiprocessing.process.BaseProcess | None = None,
+                 links: list[Connection] | None = None) -> None:
         from lambdasplit.engine.scheduler import SchedulerLimits
 
-        self.process = process
+        self.process = process  # None in a front end that did not start the engine
         self.conn = conn
+        self.links = links or []  # the other front ends' pipes, not yet handed out
         self.bodies = [BodyInfo(_manifest_from(m)) for m in ready["manifests"]]
         self.manifest = self.bodies[0].manifest
         self.limits = SchedulerLimits(**ready["limits"])
@@ -256,15 +303,19 @@ class EngineClient:
 
     @classmethod
     def start(cls, build: Callable[..., Any], *args: Any, max_frame_bytes: int,
-              setup: Callable[[], None] | None = None, **kwargs: Any) -> EngineClient:
+              setup: Callable[[], None] | None = None, front_ends: int = 1, **kwargs: Any) -> EngineClient:
         """Spawn the engine process running `setup()`, then `build(*args, **kwargs)` (a scheduler
-        factory); both must be importable by name (the process is spawned, not forked)."""
+        factory); both must be importable by name (the process is spawned, not forked). It serves
+        `front_ends` pipes: this client's and `links`, one for each other front end."""
         context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe(duplex=True)
-        process = context.Process(target=engine_main, args=(theirs, setup, build, args, kwargs, max_frame_bytes),
+        pairs = [context.Pipe(duplex=True) for _ in range(front_ends)]
+        process = context.Process(target=engine_main,
+                                  args=([theirs for _, theirs in pairs], setup, build, args, kwargs, max_frame_bytes),
                                   name="lambdasplit-engine", daemon=True)
         process.start()
-        theirs.close()
+        for _, theirs in pairs:
+            theirs.close()
+        ours = pairs[0][0]
         deadline = time.monotonic() + READY_TIMEOUT
         while not ours.poll(1.0):
             if not process.is_alive():
@@ -272,13 +323,21 @@ class EngineClient:
             if time.monotonic() > deadline:
                 process.kill()
                 raise LambdaSplitError(f"the engine process did not load the model within {READY_TIMEOUT:.0f} s")
-        message = ours.recv_bytes()
-        kind, _ = HEADER.unpack_from(message)
-        answer = json.loads(message[HEADER.size:])
-        if kind == Kind.FAILED:
+        answer = _ready(ours)
+        if answer is None:
             process.join(timeout=10)
-            raise _error_from(answer)
-        return cls(process, ours, answer)
+            raise LambdaSplitError(f"the engine process exited with status {process.exitcode} while loading")
+        return cls(ours, answer, process, [link for link, _ in pairs[1:]])
+
+    @classmethod
+    def attach(cls, conn: Connection) -> EngineClient:
+        """A client on a pipe of a running engine (a front-end process's; `start` made the pipe)."""
+        if not conn.poll(READY_TIMEOUT):
+            raise LambdaSplitError("the engine process did not announce itself on this front end's pipe")
+        answer = _ready(conn)
+        if answer is None:
+            raise LambdaSplitError("the engine process is gone")
+        return cls(conn, answer)
 
     # the scheduler's interface
     def body_for(self, theirs: Any) -> tuple[int | None, str | None]:
@@ -312,7 +371,7 @@ class EngineClient:
         """None while the engine process is alive, reporting, and its compute loop moving; else why not."""
         if self._dead is not None:
             return self._dead
-        if not self.process.is_alive():
+        if self.process is not None and not self.process.is_alive():
             return f"the engine process exited with status {self.process.exitcode}"
         silent = time.monotonic() - self._beat
         if silent > max(10 * HEARTBEAT_SECONDS, 5.0):
@@ -320,6 +379,12 @@ class EngineClient:
         return self._problem
 
     def shutdown(self) -> None:
+        """The engine's starter stops it (SHUTDOWN, then a kill after 30 s); another front end only
+        closes its pipe, which closes its sessions in the engine."""
+        if self.process is None:
+            self._fail_all("the body server is shutting down", quiet=True)
+            self.conn.close()
+            return
         with self._lock:
             if self._dead is None:
                 try:
@@ -330,7 +395,7 @@ class EngineClient:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=10)
-        self._fail_all("the body server is shutting down")
+        self._fail_all("the body server is shutting down", quiet=True)
 
     # plumbing
     def _request(self, op: Op, payload: bytes, what: str) -> Future:
@@ -352,13 +417,16 @@ class EngineClient:
         while True:
             try:
                 message = self.conn.recv_bytes()
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):  # ValueError: closed here by shutdown()
                 break
             for kind, request, payload in _unbatch(memoryview(message)):
                 try:
                     self._deliver(kind, request, payload)
                 except Exception:  # noqa: BLE001 - a metrics callback must not stop the replies
                     log.exception("handling a message from the engine process")
+        if self.process is None:
+            self._fail_all("the engine process stopped")
+            return
         self.process.join(timeout=2)  # for its exit status
         self._fail_all(f"the engine process stopped (exit status {self.process.exitcode})")
 
@@ -394,16 +462,29 @@ class EngineClient:
                 reply = EncodedReply(data, _shape(data))
             future.set_result((reply, seconds))
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: str, quiet: bool = False) -> None:
         with self._lock:
             if self._dead is None:
                 self._dead = reason
-                if self.process.exitcode not in (None, 0):
+                if not quiet and (self.process is None or self.process.exitcode not in (None, 0)):
                     log.error("%s; every session in flight gets an error", reason)
             pending, self._pending = self._pending, {}
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(ComputeError(f"{reason}; reconnect to replay the session"))
+
+
+def _ready(conn: Connection) -> dict | None:
+    """The engine's first message on a pipe: READY's fields, or FAILED's error raised; None at EOF."""
+    try:
+        message = conn.recv_bytes()
+    except (EOFError, OSError):
+        return None
+    kind, _ = HEADER.unpack_from(message)
+    answer = json.loads(message[HEADER.size:])
+    if kind == Kind.FAILED:
+        raise _error_from(answer)
+    return answer
 
 
 def _unbatch(message: memoryview) -> list[tuple[Kind, int, memoryview]]:
