@@ -240,23 +240,29 @@ def speculative(
     draft_lengths: Annotated[str, typer.Option(
         "--draft-lengths", help="Compare the draft head's longest chains instead, e.g. 3,8: plain decoding and the head at "
         "each cap, held-out chat, 50 and 100 ms RTT (writes speculative-draft-lengths-cpu.json).")] = "",
-    prompts: Annotated[int, typer.Option(min=1, max=40, help="With --draft-lengths: held-out chat prompts (of 40).")] = 12,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="With --draft-lengths: longest answer.")] = 64,
+    prompts: Annotated[Optional[int], typer.Option(
+        min=1, max=40, help="Only with --draft-lengths: held-out chat prompts (of 40; default 12).")] = None,
+    new_tokens: Annotated[Optional[int], typer.Option(
+        "--new-tokens", min=1, help="Only with --draft-lengths: longest answer (default 64).")] = None,
     out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Speculative decoding over an emulated WAN (the netem delay proxy): plain split decode vs prompt
     lookup vs the draft head, or the draft head's longest chains against each other; greedy, the
     tokens of every mode checked against plain decoding (exit status 1, after writing, when any differ)."""
+    if draft_lengths and quick:
+        raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
+    if not draft_lengths and (prompts is not None or new_tokens is not None):  # that run's sets and length are fixed
+        raise typer.BadParameter("only with --draft-lengths; the plain/lookup/draft-head run's prompt sets and answer "
+                                 "length are fixed (--quick: fewer and shorter)",
+                                 param_hint="--prompts" if prompts is not None else "--new-tokens")
+    caps = _caps(draft_lengths) if draft_lengths else []
     import json
 
     from benchmarks.common import results_dir
     from benchmarks.speculative import run, run_draft_lengths
 
-    if draft_lengths:
-        if quick:
-            raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
-        caps = _caps(draft_lengths)
-        path = run_draft_lengths(caps, prompts, new_tokens, out=out)
+    if caps:
+        path = run_draft_lengths(caps, 12 if prompts is None else prompts, 64 if new_tokens is None else new_tokens, out=out)
     else:
         path = run(quick, results_dir(quick, out))
     typer.echo(f"wrote {path}")

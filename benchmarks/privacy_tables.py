@@ -17,7 +17,11 @@ from pathlib import Path
 DOCS = Path(__file__).parent.parent / "docs"
 PAGE = DOCS / "privacy.md"
 AUDIT = DOCS / "audit"
-SECTION = re.compile(r"(?P<open><!-- generated: (?P<name>[\w-]+) .*?-->\n)(?P<body>.*?)(?P<close><!-- generated:end -->)", re.S)
+MARKER = "<!-- generated:"
+# A section's table may not contain a marker: with an end marker missing, the match would otherwise run
+# on to the next section's end, and rendering would delete that section and the prose before it.
+SECTION = re.compile(r"(?P<open><!-- generated: (?P<name>[\w-]+) [^\n]*?-->\n)(?:(?!<!-- generated:).)*?"
+                     r"(?P<close><!-- generated:end -->)", re.S)
 
 
 def _report(name: str) -> dict:
@@ -171,7 +175,14 @@ TABLES: dict[str, Callable[[], str]] = {
 
 
 def render(text: str) -> str:
-    """`text` with every generated section replaced by its table; an unknown name is an error."""
+    """`text` with every generated section replaced by its table; an unknown name, or a marker that is
+    not part of a whole section, is an error."""
+    sections = list(SECTION.finditer(text))
+    paired = {m.start(part) for m in sections for part in ("open", "close")}
+    stray = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(MARKER, text) if m.start() not in paired]
+    if stray:
+        raise ValueError(f"docs/privacy.md: a generated-section marker without its pair on line(s) {stray}")
+
     def fill(match: re.Match) -> str:
         name = match["name"]
         if name not in TABLES:

@@ -12,7 +12,8 @@ the product's one generation path (`generate_ids`: transformers' `generate()` ov
 tokens. Answers end at EOS or `new_tokens`. Reported per mode: tokens/s (median over prompts,
 prefill included; each prompt's too), tokens per body round trip (counted: the prefill's trip included), and for the
 draft head the share of drafted tokens accepted, drafted tokens per round that drafted and the device's
-milliseconds per drafted token. Results to benchmarks/results/speculative-cpu[-quick].json.
+milliseconds per drafted token. Results to benchmarks/results/speculative-cpu.json (`--quick`:
+benchmarks/results/local/speculative-cpu-quick.json, which git ignores; `--out DIR` chooses).
 
 `--draft-lengths` compares the draft head's longest chain instead (docs/benchmarks.md's
 `draft-tree-cpu` model: up to 3 drafts pays better than up to 8 at 50 and 100 ms): plain and the draft
@@ -175,3 +176,11 @@ def _measure(runtime: SplitRuntime, body: BodyClient, local: torch.nn.Module | N
              for mode, m in row["modes"].items()]
     print(f"RTT {rtt} ms, {name}: {', '.join(shown)}, identical {identical}", flush=True)
     return row
+
+
+if __name__ == "__main__":  # `python -m benchmarks.speculative ARGS` is `python -m benchmarks speculative ARGS`
+    import sys
+
+    from benchmarks.__main__ import app
+
+    app(["speculative", *sys.argv[1:]], prog_name="python -m benchmarks")

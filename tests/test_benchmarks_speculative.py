@@ -5,11 +5,16 @@ held-out prompt, 8 tokens, no added delay). Counts and plumbing are asserted, ne
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
-from benchmarks.__main__ import _caps
+from benchmarks import speculative
+from benchmarks.__main__ import _caps, app
 from benchmarks.report import draft_lengths_section
 from benchmarks.speculative import CHAT, run_draft_lengths
 
@@ -44,3 +49,18 @@ def test_draft_lengths_must_be_distinct_whole_numbers_from_1_to_64(given):
     with pytest.raises(typer.BadParameter):
         _caps(given)
     assert _caps("3, 8") == [3, 8]
+
+
+@pytest.mark.parametrize("given", [["--prompts", "3"], ["--new-tokens", "8"], ["--quick", "--prompts", "3"]])
+def test_prompts_and_new_tokens_are_refused_without_draft_lengths(given, monkeypatch):
+    """They were ignored there: the run took its fixed sets and length, not what was asked."""
+    monkeypatch.setattr(speculative, "run", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    result = CliRunner().invoke(app, ["speculative", *given])
+    assert result.exit_code == 2 and "only with --draft-lengths" in result.output
+
+
+def test_python_dash_m_benchmarks_speculative_is_the_subcommand():
+    """`python -m benchmarks.speculative` imported the module and exited 0 without running anything."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.speculative", "--new-tokens", "8"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "only with --draft-lengths" in out.stderr

@@ -424,3 +424,15 @@ def test_generated_tables_are_what_the_committed_data_gives():
     assert privacy_md == privacy_tables.render(privacy_md), "docs/privacy.md: rerun `python -m benchmarks report`"
     by_hand = [row for row in _tables_outside(privacy_md, "<!-- generated:", "<!-- generated:end") if re.search(r"\d\.\d", row)]
     assert by_hand == [], "measured numbers in a hand-written table of docs/privacy.md"
+
+
+def test_privacy_tables_refuse_a_marker_without_its_pair():
+    """With one end marker gone, a section used to run on to the next section's end, and `python -m
+    benchmarks report` silently deleted that section and the prose between them."""
+    from benchmarks import privacy_tables
+
+    page = privacy_tables.PAGE.read_text()
+    broken = page.replace("<!-- generated:end -->", "", 1)
+    first = page[:page.index("<!-- generated: ")].count("\n") + 1
+    with pytest.raises(ValueError, match=rf"without its pair on line\(s\) \[{first}\]"):
+        privacy_tables.render(broken)
