@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
@@ -120,3 +121,24 @@ def test_a_killed_front_end_leaves_the_others_serving(llama, runtime, expected):
             for body in bodies:
                 body.close()
         assert server.returncode is None
+
+
+def test_a_killed_engine_fails_every_front_ends_healthz(llama, runtime):
+    with ServerProcess("--model", str(llama), "--split", "2,2", "--front-ends", "3") as server:
+        engine = min(_processes(server)[1:], key=lambda p: p.create_time())  # spawned before the front ends
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        answers: list[int] = []
+        while len(answers) < 12:  # a dozen answers in a row, from whichever front ends the kernel picks
+            status = _health(server.url)
+            answers = [*answers, status] if status == 503 else []
+            assert time.monotonic() < deadline, "some front end kept answering ok after the engine was killed"
+        assert server.returncode is None
+
+
+def _health(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url.replace("ws://", "http://") + "/healthz", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
