@@ -1,5 +1,5 @@
 """`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `decode-kernel`, `self-draft`,
-`device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8]`, `report`."""
+`device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8 | --body-device cuda]`, `report`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from lambdasplit.defaults import DRAFT_TOKENS
 
 OUT_HELP = ("Directory for the result (default benchmarks/results; with --quick benchmarks/results/local, which git "
             "ignores: pass --out benchmarks/results to refresh the committed quick result).")
@@ -240,29 +242,51 @@ def speculative(
     draft_lengths: Annotated[str, typer.Option(
         "--draft-lengths", help="Compare the draft head's longest chains instead, e.g. 3,8: plain decoding and the head at "
         "each cap, held-out chat, 50 and 100 ms RTT (writes speculative-draft-lengths-cpu.json).")] = "",
+    body_device: Annotated[Optional[str], typer.Option(
+        "--body-device", help="Serve the body on this device instead (cuda: a GPU; the device's parts stay on the CPU): plain, "
+        "prompt lookup and the draft head on held-out chat at each --rtts, each prompt at every RTT in turn (writes "
+        "speculative-body-DEVICE.json, e.g. speculative-body-cuda.json).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --body-device: model source (default: the embedded SmolLM2).")] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="With --body-device: draft head directory (default: the shipped head).")] = None,
+    rtts: Annotated[str, typer.Option("--rtts", help="With --body-device: added round trips in ms.")] = "50,100",
+    draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, max=64, help="With --body-device: longest draft of prompt "
+                                              "lookup and the draft head.")] = DRAFT_TOKENS,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", min=0.1, help="With --body-device: no prompt starts that "
+                                                         "would likely end past this budget (loading counted; one always runs).")] = None,
     prompts: Annotated[Optional[int], typer.Option(
-        min=1, max=40, help="Only with --draft-lengths: held-out chat prompts (of 40; default 12).")] = None,
+        min=1, max=40, help="Only with --draft-lengths or --body-device: held-out chat prompts (of 40; default 12).")] = None,
     new_tokens: Annotated[Optional[int], typer.Option(
-        "--new-tokens", min=1, help="Only with --draft-lengths: longest answer (default 64).")] = None,
+        "--new-tokens", min=1, help="Only with --draft-lengths or --body-device: longest answer (default 64).")] = None,
     out: Annotated[Optional[Path], typer.Option(help=OUT_HELP)] = None,
 ) -> None:
     """Speculative decoding over an emulated WAN (the netem delay proxy): plain split decode vs prompt
-    lookup vs the draft head, or the draft head's longest chains against each other; greedy, the
-    tokens of every mode checked against plain decoding (exit status 1, after writing, when any differ)."""
+    lookup vs the draft head, or the draft head's longest chains against each other, or the three with
+    the body served on a GPU; greedy, the tokens of every mode checked against plain decoding (exit
+    status 1, after writing, when any differ)."""
+    if not (draft_lengths or body_device) and (prompts is not None or new_tokens is not None):  # that run's sets are fixed
+        raise typer.BadParameter("only with --draft-lengths or --body-device; the plain/lookup/draft-head run's prompt sets "
+                                 "and answer length are fixed (--quick: fewer and shorter)",
+                                 param_hint="--prompts" if prompts is not None else "--new-tokens")
+    prompts, new_tokens = prompts or 12, new_tokens or 64
+    served_only = {"--model": model, "--head": head, "--max-minutes": max_minutes}
+    if body_device is None and (given := [name for name, value in served_only.items() if value is not None]):
+        raise typer.BadParameter(f"{', '.join(given)} go with --body-device", param_hint=given[0])
+    if body_device is not None and (quick or draft_lengths):
+        raise typer.BadParameter("--body-device is a run of its own; drop --quick and --draft-lengths", param_hint="--body-device")
     if draft_lengths and quick:
         raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
-    if not draft_lengths and (prompts is not None or new_tokens is not None):  # that run's sets and length are fixed
-        raise typer.BadParameter("only with --draft-lengths; the plain/lookup/draft-head run's prompt sets and answer "
-                                 "length are fixed (--quick: fewer and shorter)",
-                                 param_hint="--prompts" if prompts is not None else "--new-tokens")
     caps = _caps(draft_lengths) if draft_lengths else []
+    chosen_rtts = _rtts(rtts)
     import json
 
     from benchmarks.common import results_dir
-    from benchmarks.speculative import run, run_draft_lengths
+    from benchmarks.speculative import run, run_draft_lengths, run_served_body
 
-    if caps:
-        path = run_draft_lengths(caps, 12 if prompts is None else prompts, 64 if new_tokens is None else new_tokens, out=out)
+    if body_device is not None:
+        path = run_served_body(model, str(head) if head else None, body_device, prompts, new_tokens, chosen_rtts,
+                               draft_tokens, max_minutes, out)
+    elif caps:
+        path = run_draft_lengths(caps, prompts, new_tokens, out=out)
     else:
         path = run(quick, results_dir(quick, out))
     typer.echo(f"wrote {path}")
@@ -271,15 +295,25 @@ def speculative(
         raise typer.Exit(1)
 
 
+def _rtts(given: str) -> list[int]:
+    """--rtts: distinct added round trips of 0 to 1000 ms."""
+    return _distinct(given, "--rtts", 0, 1000, "50,100")
+
+
 def _caps(given: str) -> list[int]:
     """--draft-lengths: distinct longest chains of 1 to 64 drafts (SamplingParams' bounds)."""
+    return _distinct(given, "--draft-lengths", 1, 64, "3,8")
+
+
+def _distinct(given: str, option: str, low: int, high: int, example: str) -> list[int]:
+    """A comma-separated option's whole numbers, distinct, from `low` to `high`."""
     try:
-        caps = [int(item) for item in given.split(",") if item.strip()]
+        values = [int(item) for item in given.split(",") if item.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{given!r}: comma-separated whole numbers, e.g. 3,8", param_hint="--draft-lengths") from None
-    if not caps or len(set(caps)) != len(caps) or not all(1 <= cap <= 64 for cap in caps):
-        raise typer.BadParameter(f"{given!r}: distinct lengths from 1 to 64", param_hint="--draft-lengths")
-    return caps
+        raise typer.BadParameter(f"{given!r}: comma-separated whole numbers, e.g. {example}", param_hint=option) from None
+    if not values or len(set(values)) != len(values) or not all(low <= value <= high for value in values):
+        raise typer.BadParameter(f"{given!r}: distinct numbers from {low} to {high}", param_hint=option)
+    return values
 
 
 @app.command()

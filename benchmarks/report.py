@@ -54,7 +54,7 @@ def generated_section(draw: bool = False) -> str:
         sections.append(decode_kernel_section(kernel))
     if serve_cpu := _load("serve-cpu-paged"):
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
-    for name in ("speculative-cpu", "speculative-cpu-quick"):
+    for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda"):
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
@@ -400,7 +400,9 @@ def serve_cpu_section(data: dict, name: str) -> str:
 def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
     """Plain split decode against prompt lookup and the draft head over the emulated WAN (issues 13, 24)."""
     prompts = ", ".join(f"{k}: {v}" for k, v in data["prompts"].items())
-    lines = [f"## Speculative decoding over an emulated WAN (`{name}`): SmolLM2, split 2,2, bf16 frames", "",
+    served = (f", body on {data['body_device']}, device parts on the CPU, draft head: {data['head']}"
+              if "body_device" in data else "")
+    lines = [f"## Speculative decoding over an emulated WAN (`{name}`): SmolLM2, split 2,2, bf16 frames{served}", "",
              _env(data) + f"; greedy, answers end at EOS or {data['new_tokens']} tokens, drafts of at most "
              f"{data['draft_tokens']} tokens; prompts per set: {prompts}. tok/s: median over prompts (prefill included); "
              "tokens per round trip: counted over the set.", "",

@@ -19,14 +19,25 @@ benchmarks/results/local/speculative-cpu-quick.json, which git ignores; `--out D
 `draft-tree-cpu` model: up to 3 drafts pays better than up to 8 at 50 and 100 ms): plain and the draft
 head at each cap (the 10% confidence stop applies to all), held-out chat only, at 50 and 100 ms;
 results to benchmarks/results/speculative-draft-lengths-cpu.json.
+
+`--body-device cuda` serves the body on a GPU (`serve --device cuda`; the device's parts stay on
+the CPU) and compares plain, prompt lookup and a draft head (`--head DIR`, default the shipped one) on
+the first `--prompts` held-out chat prompts; each prompt runs at every RTT in turn, so a time budget
+(`--max-minutes`, loading counted) cuts every RTT's row alike. Results to
+speculative-body-cuda.json (scripts/train_draft_gpu.sh's STAGE=speculative runs it on a GPU machine):
+
+    python3 -m benchmarks speculative --body-device cuda --model SRC --head DIR --prompts 8 --new-tokens 64 \
+        --rtts 50,100 --max-minutes 3.5 --out DIR
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +62,7 @@ CHAT = "chat (held out)"
 LENGTHS_RTTS = (50, 100)
 LENGTHS_SUITE = "speculative-draft-lengths-cpu"
 WARM_UP_TOKENS = 4
+BODY_START_SECONDS = 300.0  # a GPU body loads, checks its decode kernel and warms up before it listens
 
 
 @dataclass(frozen=True)
@@ -119,63 +131,137 @@ def compare(sets: dict[str, list[str]], modes: Sequence[Mode], rtts: Sequence[in
     runtime = SplitRuntime.load(None, (2, 2))
     rows = []
     with ServerProcess("--split", "2,2") as server:
-        port = int(server.url.rsplit(":", 1)[1])
         for rtt in rtts:
-            with DelayProxy(port, rtt) as proxy:
+            with DelayProxy(server.port, rtt) as proxy:
                 body = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), runtime.manifest)
-                warm = runtime.encode_chat([{"role": "user", "content": next(iter(sets.values()))[0]}])
-                for mode in modes:
-                    _run(runtime, body, warm, WARM_UP_TOKENS, mode)
+                _warm_up(runtime, body, next(iter(sets.values()))[0], modes)
                 for name, prompts in sets.items():
                     rows.append(_measure(runtime, body, local if rtt == 0 else None, prompts, new_tokens, modes, rtt, name))
                 body.close()
     return rows
 
 
+def run_served_body(source: str | None, head: str | None, body_device: str, prompts: int, new_tokens: int,
+                    rtts: Sequence[int], draft_tokens: int = defaults.DRAFT_TOKENS, max_minutes: float | None = None,
+                    out: Path | None = None) -> Path:
+    """Plain vs prompt lookup vs the draft head in `head` (None: the shipped one) with the body served on
+    `body_device` and the device's parts on the CPU: the first `prompts` held-out chat prompts, each
+    at every RTT in turn, until they or `max_minutes` (loading counted) run out; at least one runs."""
+    began = time.monotonic()
+    deadline = began + 60 * max_minutes if max_minutes else math.inf
+    speculate = f"draft-head:{head}" if head else "draft-head"
+    modes = (Mode("plain"), Mode("prompt-lookup", "prompt-lookup", draft_tokens), Mode("draft-head", speculate, draft_tokens))
+    chat = chat_prompts(prompts)
+    suite = f"speculative-body-{body_device.split(':')[0]}"
+    payload: dict = {"suite": suite, "environment": environment(body_device), "split": [2, 2], "codec": "bf16",
+                     "body_device": body_device, "device_parts": "cpu", "model": source or "embedded SmolLM2-135M-Instruct",
+                     "head": head or "shipped", "new_tokens": new_tokens, "draft_tokens": draft_tokens,
+                     "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes}
+    runtime = SplitRuntime.load(source, (2, 2))
+    serve = ["--split", "2,2", "--device", body_device, *(["--model", source] if source else [])]
+    tallies = {rtt: _Tally(modes, rtt, CHAT) for rtt in rtts}
+    ran, slowest = 0, 0.0
+    with ServerProcess(*serve, timeout=BODY_START_SECONDS) as server, ExitStack() as stack:
+        bodies = {}
+        for rtt in rtts:
+            proxy = stack.enter_context(DelayProxy(server.port, rtt))
+            bodies[rtt] = connect_body(BodyConfig(f"ws://127.0.0.1:{proxy.port}", codec=Codec.BF16), runtime.manifest)
+            stack.callback(bodies[rtt].close)
+            _warm_up(runtime, bodies[rtt], chat[0], modes)
+        for i, prompt in enumerate(chat):
+            start = time.monotonic()
+            if ran and start + slowest > deadline:  # the next prompt would likely end past the budget
+                break
+            ids = runtime.encode_chat([{"role": "user", "content": prompt}])
+            for rtt, tally in tallies.items():
+                tally.add(_prompt(runtime, bodies[rtt], ids, new_tokens, modes, i))
+            ran, slowest = ran + 1, max(slowest, time.monotonic() - start)
+    payload.update(prompts={CHAT: ran}, of=len(chat), seconds=round(time.monotonic() - began, 1),
+                   rows=[tally.row() for tally in tallies.values()])
+    return write(suite, payload, out)
+
+
+def _warm_up(runtime: SplitRuntime, body: BodyClient, prompt: str, modes: Sequence[Mode]) -> None:
+    """Each mode once, unmeasured: the first generation of each pays for loading and compiling."""
+    ids = runtime.encode_chat([{"role": "user", "content": prompt}])
+    for mode in modes:
+        _run(runtime, body, ids, WARM_UP_TOKENS, mode)
+
+
+def _prompt(runtime: SplitRuntime, body: BodyClient, ids: torch.Tensor, new_tokens: int, modes: Sequence[Mode],
+            index: int) -> dict[str, GenerationResult]:
+    """One prompt in every mode, the `index`-th prompt starting at the next mode, so load changes hit
+    all modes alike."""
+    order = [*modes[index % len(modes):], *modes[:index % len(modes)]]
+    return {m.name: _run(runtime, body, ids, new_tokens, m) for m in order}
+
+
 def _measure(runtime: SplitRuntime, body: BodyClient, local: torch.nn.Module | None, prompts: list[str], new_tokens: int,
              modes: Sequence[Mode], rtt: int, name: str) -> dict:
-    """One row: every prompt in every mode (interleaved, each prompt starting at the next mode, so
-    load changes hit all modes alike)."""
-    samples: dict[str, dict[str, list[float]]] = {m.name: {"tok_s": [], "trips": [], "tokens": []} for m in modes}
-    drafting = {m.name: {"drafted": 0, "accepted": 0, "rounds": 0, "ms": []} for m in modes if m.drafts_with_head}
-    identical = True
-    plain = modes[0].name
+    """One row: every prompt in every mode; `local` (the unsplit model) timed on each prompt too."""
+    tally = _Tally(modes, rtt, name)
     for i, prompt in enumerate(prompts):
         ids = runtime.encode_chat([{"role": "user", "content": prompt}])
-        order = [*modes[i % len(modes):], *modes[:i % len(modes)]]
-        results = {m.name: _run(runtime, body, ids, new_tokens, m) for m in order}
-        identical &= all(r.token_ids == results[plain].token_ids for r in results.values())
+        tally.add(_prompt(runtime, body, ids, new_tokens, modes, i))
+        if local is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = local.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+            tally.samples.setdefault("unsplit local", {"tok_s": []})["tok_s"].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
+    return tally.row()
+
+
+class _Tally:
+    """One row's numbers as its prompts come in: per mode tok/s, tokens and round trips, and what the
+    draft head drafted; whether every mode gave plain decoding's tokens (and where one did not: the
+    prompt's number in the set, the mode and the first position that differs)."""
+
+    def __init__(self, modes: Sequence[Mode], rtt: int, name: str) -> None:
+        self.modes, self.rtt, self.name = modes, rtt, name
+        self.samples: dict[str, dict[str, list[float]]] = {m.name: {"tok_s": [], "trips": [], "tokens": []} for m in modes}
+        self.drafting = {m.name: {"drafted": 0, "accepted": 0, "rounds": 0, "ms": []} for m in modes if m.drafts_with_head}
+        self.differing: list[dict] = []
+
+    @property
+    def identical(self) -> bool:
+        return not self.differing
+
+    def add(self, results: dict[str, GenerationResult]) -> None:
+        plain = results[self.modes[0].name].token_ids[0]
+        prompt = len(self.samples[self.modes[0].name]["tokens"])
         for mode, r in results.items():
-            samples[mode]["tok_s"].append(len(r.token_ids[0]) / r.timings.total)
-            samples[mode]["trips"].append(r.round_trips)
-            samples[mode]["tokens"].append(len(r.token_ids[0]))
-        for mode, counts in drafting.items():
+            if (ids := r.token_ids[0]) != plain:
+                first = next((i for i, (a, b) in enumerate(zip(ids, plain, strict=False)) if a != b), min(len(ids), len(plain)))
+                self.differing.append({"prompt": prompt, "mode": mode, "first_position": first})
+        for mode, r in results.items():
+            self.samples[mode]["tok_s"].append(len(r.token_ids[0]) / r.timings.total)
+            self.samples[mode]["trips"].append(r.round_trips)
+            self.samples[mode]["tokens"].append(len(r.token_ids[0]))
+        for mode, counts in self.drafting.items():
             stats = results[mode].drafting or {}
             for key in ("drafted", "accepted", "rounds"):
                 counts[key] += int(stats.get(key, 0))
             if stats.get("drafted"):
                 counts["ms"].append(stats["ms_per_drafted_token"])
-        if local is not None:
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = local.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-            samples.setdefault("unsplit local", {"tok_s": []})["tok_s"].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
-    row: dict = {"rtt_ms": rtt, "set": name, "identical": identical, "modes": {}}
-    for mode, s in samples.items():
-        row["modes"][mode] = {"tok_s": statistics.median(s["tok_s"]), "tok_s_per_prompt": [round(x, 3) for x in s["tok_s"]]}
-        if "trips" in s:  # counted over the whole set, not a median of ratios
-            row["modes"][mode].update(tokens_per_trip=sum(s["tokens"]) / sum(s["trips"]), tokens=sum(s["tokens"]),
-                                      round_trips=sum(s["trips"]))
-    for mode, c in drafting.items():
-        row["modes"][mode].update(draft_tokens=next(m.draft_tokens for m in modes if m.name == mode),
-                                  acceptance=c["accepted"] / c["drafted"] if c["drafted"] else 0.0,
-                                  drafted=c["drafted"], drafted_per_round=c["drafted"] / c["rounds"] if c["rounds"] else 0.0,
-                                  ms_per_drafted_token=statistics.median(c["ms"]) if c["ms"] else 0.0)
-    base = row["modes"][plain]["tok_s"]
-    shown = [f"{mode} {m['tok_s']:.1f} tok/s ({m['tok_s'] / base:.2f}x, {m.get('tokens_per_trip', 0):.2f} tokens/trip)"
-             for mode, m in row["modes"].items()]
-    print(f"RTT {rtt} ms, {name}: {', '.join(shown)}, identical {identical}", flush=True)
-    return row
+
+    def row(self) -> dict:
+        """The row (and its console line): tok/s as a median over prompts, round trips counted over the set."""
+        row: dict = {"rtt_ms": self.rtt, "set": self.name, "identical": self.identical, "differing": self.differing, "modes": {}}
+        for mode, s in self.samples.items():
+            row["modes"][mode] = {"tok_s": statistics.median(s["tok_s"]), "tok_s_per_prompt": [round(x, 3) for x in s["tok_s"]]}
+            if "trips" in s:  # counted over the whole set, not a median of ratios
+                row["modes"][mode].update(tokens_per_trip=sum(s["tokens"]) / sum(s["trips"]), tokens=sum(s["tokens"]),
+                                          round_trips=sum(s["trips"]))
+        for mode, c in self.drafting.items():
+            row["modes"][mode].update(draft_tokens=next(m.draft_tokens for m in self.modes if m.name == mode),
+                                      acceptance=c["accepted"] / c["drafted"] if c["drafted"] else 0.0,
+                                      drafted=c["drafted"], drafted_per_round=c["drafted"] / c["rounds"] if c["rounds"] else 0.0,
+                                      ms_per_drafted_token=statistics.median(c["ms"]) if c["ms"] else 0.0)
+        base = row["modes"][self.modes[0].name]["tok_s"]
+        shown = [f"{mode} {m['tok_s']:.1f} tok/s ({m['tok_s'] / base:.2f}x, {m.get('tokens_per_trip', 0):.2f} tokens/trip)"
+                 for mode, m in row["modes"].items()]
+        print(f"RTT {self.rtt} ms, {self.name}: {', '.join(shown)}, identical {self.identical}", flush=True)
+        return row
 
 
 if __name__ == "__main__":  # `python -m benchmarks.speculative ARGS` is `python -m benchmarks speculative ARGS`

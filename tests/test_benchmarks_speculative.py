@@ -1,6 +1,7 @@
-"""`python -m benchmarks speculative --draft-lengths` (issue 24): the draft head at each longest chain
-in the same run as plain decoding, on a tiny setup (the embedded SmolLM2 and its shipped head, one
-held-out prompt, 8 tokens, no added delay). Counts and plumbing are asserted, never timings."""
+"""`python -m benchmarks speculative --draft-lengths` and `--body-device` (issue 24): the draft head at
+each longest chain in the same run as plain decoding, and plain vs prompt lookup vs the draft head with
+the body served apart, on a tiny setup (the embedded SmolLM2 and its shipped head, one held-out prompt,
+8 tokens). Counts and plumbing are asserted, never timings."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import typer
 from typer.testing import CliRunner
 
 from benchmarks import speculative
-from benchmarks.__main__ import _caps, app
-from benchmarks.report import draft_lengths_section
-from benchmarks.speculative import CHAT, run_draft_lengths
+from benchmarks.__main__ import _caps, _rtts, app
+from benchmarks.report import draft_lengths_section, speculative_section
+from benchmarks.speculative import CHAT, run_draft_lengths, run_served_body
 
 
 def test_draft_lengths_run_every_cap_beside_plain_decoding_with_the_same_tokens(tmp_path):
@@ -64,3 +65,49 @@ def test_python_dash_m_benchmarks_speculative_is_the_subcommand():
     out = subprocess.run([sys.executable, "-m", "benchmarks.speculative", "--new-tokens", "8"], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "only with --draft-lengths" in out.stderr
+
+
+def test_a_served_body_run_measures_every_mode_at_every_rtt_on_the_same_prompts_within_its_budget(tmp_path):
+    """A budget spent before the first prompt still runs one prompt, at every RTT, so the rows compare
+    like with like; the shipped head drafts and every mode gives plain decoding's tokens."""
+    path = run_served_body(None, None, "cpu", prompts=2, new_tokens=8, rtts=(0, 20), max_minutes=1e-4, out=tmp_path)
+
+    data = json.loads(path.read_text())
+    assert path.name == "speculative-body-cpu.json" and data["suite"] == "speculative-body-cpu"
+    assert data["prompts"] == {CHAT: 1} and data["of"] == 2 and data["head"] == "shipped" and data["body_device"] == "cpu"
+    assert [row["rtt_ms"] for row in data["rows"]] == [0, 20]
+    for row in data["rows"]:
+        assert row["identical"] is True and list(row["modes"]) == ["plain", "prompt-lookup", "draft-head"]
+        plain, head = row["modes"]["plain"], row["modes"]["draft-head"]
+        assert all(len(m["tok_s_per_prompt"]) == 1 and m["tokens"] == plain["tokens"] for m in row["modes"].values())
+        assert plain["round_trips"] == plain["tokens"] and head["drafted"] > 0 and head["draft_tokens"] == 3
+    assert "| 20 | chat (held out) |" in speculative_section(data, data["suite"])
+
+
+def test_served_body_options_are_refused_without_body_device_and_rtts_must_be_distinct_milliseconds():
+    result = CliRunner().invoke(app, ["speculative", "--head", "somewhere"])
+    assert result.exit_code == 2 and "--head go with --body-device" in result.output
+    result = CliRunner().invoke(app, ["speculative", "--body-device", "cuda", "--quick"])
+    assert result.exit_code == 2 and "a run of its own" in result.output
+    assert _rtts("50, 100") == [50, 100]
+    for given in ("50,50", "-1", "x", ""):
+        with pytest.raises(typer.BadParameter):
+            _rtts(given)
+
+
+def test_a_row_names_the_prompt_mode_and_first_position_where_tokens_differ_from_plain_decoding():
+    from types import SimpleNamespace
+
+    from benchmarks.speculative import Mode, _Tally
+
+    def result(ids):
+        return SimpleNamespace(token_ids=[ids], timings=SimpleNamespace(total=1.0), round_trips=len(ids), drafting=None)
+
+    tally = _Tally((Mode("plain"), Mode("prompt-lookup", "prompt-lookup")), 50, CHAT)
+    tally.add({"plain": result([5, 6, 7]), "prompt-lookup": result([5, 6, 7])})
+    tally.add({"prompt-lookup": result([5, 9, 7]), "plain": result([5, 6, 7])})
+    tally.add({"plain": result([5, 6, 7]), "prompt-lookup": result([5, 6])})
+    row = tally.row()
+    assert row["identical"] is False and row["differing"] == [{"prompt": 1, "mode": "prompt-lookup", "first_position": 1},
+                                                             {"prompt": 2, "mode": "prompt-lookup", "first_position": 2}]
+    assert row["modes"]["plain"]["tokens"] == 9 and row["modes"]["prompt-lookup"]["round_trips"] == 8

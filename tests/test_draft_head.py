@@ -90,6 +90,38 @@ def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, loca
     assert fast.tokens_per_round_trip == 24 / fast.round_trips
 
 
+def test_drafting_through_the_paged_decode_kernel_keeps_the_unsplit_models_tokens(llama, trained, monkeypatch):
+    """A GPU body attends decode rows through the paged kernel and verification rows through gather
+    + SDPA, and a CROP hands the rejected positions' blocks back to the pool the kernel reads: run
+    here by Triton's interpreter, plain decoding, prompt lookup and the draft head all give the
+    unsplit model's greedy tokens, with drafts rejected (so cropped) and decode rows through the kernel."""
+    pytest.importorskip("triton")
+    from lambdasplit.engine import decode_kernel
+    from lambdasplit.engine.local import load_local_body
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine): the GPU benchmarks check the kernel there")
+    monkeypatch.setattr(decode_kernel, "CPU_INTERPRETER", True)
+    calls = []
+    original = decode_kernel.decode_attention
+    monkeypatch.setattr("lambdasplit.engine.step.decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    modes = [None, "prompt-lookup", f"draft-head:{trained[0]}"]
+    try:
+        assert body.scheduler.bodies[0].kernel, "the kernel should run under Triton's interpreter"
+        results = [runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True, speculate=mode,
+                                                                        draft_tokens=6)) for mode in modes]
+    finally:
+        body.scheduler.shutdown()
+    reference = oracle(llama).generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert [r.token_ids[0] for r in results] == [reference] * 3
+    drafting = results[2].drafting
+    assert drafting["drafted"] > drafting["accepted"] > 0 and results[2].round_trips < 24, drafting
+    assert calls, "no decode row went through the kernel"
+
+
 def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server, trained):
     """The socket drops right after the first CROP of a rejected draft: the device reconnects,
     replays (CROP included), and the tokens stay the plain ones."""
@@ -220,3 +252,5 @@ def test_the_gpu_training_script_is_valid_bash_and_stops_without_both_model_halv
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PARTS": str(tmp_path / "parts"), "GGUF": str(tmp_path / "m.gguf")}
     done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 3 and "send the other half" in done.stderr
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env={**env, "STAGE": "serve"}, capture_output=True, text=True)
+    assert done.returncode == 2 and "STAGE must be all, train, eval or speculative" in done.stderr
