@@ -4,13 +4,19 @@ answers for the whole server from any of them, and a front end that dies leaves 
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -20,7 +26,10 @@ from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
+from lambdasplit.engine.core import HEADER, Op, _EngineLoop, _ready, engine_main
 from lambdasplit.engine.local import load_local_body
+from lambdasplit.errors import ComputeError
+from lambdasplit.listen import claim_shared_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux")
 
@@ -93,9 +102,45 @@ def test_front_ends_share_the_port_answer_exactly_and_count_together(llama, runt
             time.sleep(0.1)
         assert _metric(server.url, "lambdasplit_forward_seconds_count") > 0  # the engine's steps, counted once
         children = _processes(server)[1:]
-        assert server.stop() == 130  # Ctrl-C's exit status, as for one front end
+        for process in _processes(server):  # Ctrl-C in a terminal: every process of the group gets it
+            os.kill(process.pid, signal.SIGINT)
+        assert server.proc.wait(60) == 130  # Ctrl-C's exit status, as for one front end
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, "the engine or a front end outlived the server"
+    # A front end got a second SIGINT from the server process while it exited: it must not show.
+    assert "Traceback" not in "".join(server.output), "".join(server.output)
+
+
+def test_sigterm_stops_the_front_ends_and_removes_the_metrics_directory(llama):
+    with ServerProcess("--model", str(llama), "--split", "2,2", "--front-ends", "2") as server:
+        children = _processes(server)[1:]
+        shared = {child.environ()["PROMETHEUS_MULTIPROC_DIR"] for child in children}
+        assert len(shared) == 1 and os.path.isdir(next(iter(shared)))
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.proc.wait(60) == -signal.SIGTERM  # still ended by SIGTERM (systemd: a clean stop)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "the engine or a front end outlived the server"
+        assert not os.path.exists(next(iter(shared)))
+    assert "server process is gone" not in "".join(server.output)  # they were stopped, not orphaned
+
+
+def test_a_second_front_ends_server_cannot_share_the_port():
+    """SO_REUSEPORT would let a second `serve --front-ends` on the port listen too (both found it free,
+    then loaded their models): the devices would be split between two servers without a word."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # free, so only the claim below stands in the way
+    claim = claim_shared_port(port)  # as a server that is still loading its model holds it
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lambdasplit.cli", "serve", "--front-ends", "2", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        claim.close()
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.splitlines() == [f"error: cannot listen on port {port}: another `lambdasplit serve --front-ends` "
+                                        "on this host holds it (it may still be loading its model); pick another --port, "
+                                        "or 0 for a free one"], proc.stderr
 
 
 def test_a_killed_front_end_leaves_the_others_serving(llama, runtime, expected):
@@ -142,3 +187,53 @@ def _health(url: str) -> int:
             return reply.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+class _SlowOpens:
+    """Just enough of a scheduler for the engine's reader loop: an open completes when the test says."""
+
+    def __init__(self) -> None:
+        self.manifest = SimpleNamespace(frame_limits=lambda *_: None)
+        self.limits = SimpleNamespace(max_context=64)
+        self.opening: list[Future] = []
+        self.closed: list[bytes] = []
+
+    def open_session(self, body_index: int) -> Future:
+        self.opening.append(Future())
+        return self.opening[-1]
+
+    def close_session(self, session: bytes) -> Future:
+        self.closed.append(session)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+
+def test_a_session_that_opens_after_its_front_end_left_is_closed():
+    """A front end dies while its device's OPEN is on the compute thread: the session must not stay
+    open (holding KV and a --max-sessions slot) with no pipe left to close it."""
+    scheduler = _SlowOpens()
+    pipes = [multiprocessing.Pipe() for _ in range(2)]
+    loop = _EngineLoop([engine_end for _, engine_end in pipes], scheduler, 1 << 20)
+    pipes[1][0].send_bytes(HEADER.pack(Op.OPEN, 1) + b'{"body": 0}')
+    for front_end, _ in pipes:
+        front_end.close()
+    loop._serve()  # reads the OPEN, then both pipes' EOF
+    assert len(scheduler.opening) == 1 and scheduler.closed == []
+    scheduler.opening[0].set_result(b"s" * 16)  # the open finishes after its pipe closed
+    assert scheduler.closed == [b"s" * 16]
+
+
+def test_a_failed_load_is_reported_even_when_the_other_pipes_are_closed():
+    """The engine reports a failed load on every pipe; the server process reads the first and exits,
+    which may close the others first: that must not end the engine in a BrokenPipeError traceback."""
+    pipes = [multiprocessing.Pipe() for _ in range(3)]
+    for front_end, _ in pipes[1:]:
+        front_end.close()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        engine_main([engine_end for _, engine_end in pipes], None, json.loads, ("{",), {}, 1 << 20)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # engine_main leaves Ctrl-C to the front ends
+    with pytest.raises(ComputeError, match="JSONDecodeError"):
+        _ready(pipes[0][0])

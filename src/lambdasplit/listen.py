@@ -32,3 +32,24 @@ def check_bindable(host: str, port: int) -> None:
                 sock.bind(address)
             except OSError as exc:
                 raise bind_error(host, port, exc) from None
+
+
+def claim_shared_port(port: int) -> socket.socket | None:
+    """Hold `port` for one `serve --front-ends` server (Linux) until the returned socket closes.
+
+    Its front ends bind with SO_REUSEPORT, which lets any process of the same user bind the port
+    too: two such servers started together (each found the port free, then loaded its model) would
+    both listen and silently split the devices between them. The claim is an abstract Unix socket
+    named after the port, which one process at a time can bind and which goes with the process."""
+    if port == 0:
+        return None  # the kernel gives a port of 0 a free one
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0lambdasplit-serve-port-{port}")
+    except OSError:
+        claim.close()
+        raise LambdaSplitError(
+            f"cannot listen on port {port}: another `lambdasplit serve --front-ends` on this host holds it "
+            "(it may still be loading its model); pick another --port, or 0 for a free one"
+        ) from None
+    return claim

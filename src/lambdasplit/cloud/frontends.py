@@ -12,13 +12,14 @@ engine closes its sessions); the others keep serving.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -56,20 +57,61 @@ def front_end_main(index: int, conn: Connection, ready: Connection, spec: FrontE
     """A spawned front end: attach to the engine, listen on the shared port, report, serve until Ctrl-C
     (SIGINT, which the server process sends its front ends when it stops) or until the server process
     is gone (killed: an orphaned front end would go on serving the port with nobody to stop it)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the server started with it ignored
+    signal.signal(signal.SIGINT, _interrupt_once)  # even if the server started with SIGINT ignored
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
-    if setup is not None:
-        setup()
-    from lambdasplit.cloud.server import BodyServer
-    from lambdasplit.engine.core import EngineClient
-
     try:
+        if setup is not None:
+            setup()
+        from lambdasplit.cloud.server import BodyServer
+        from lambdasplit.engine.core import EngineClient
+
         server = BodyServer(EngineClient.attach(conn), spec.config())
         server.serve_forever(spec.use_uvloop, lambda: ready.send_bytes(b""))
     except KeyboardInterrupt:
         pass
     except LambdaSplitError as exc:
-        ready.send_bytes(f"front end {index}: {exc}".encode())
+        # The server process may be stopping every front end already (another one's error came first).
+        with contextlib.suppress(KeyboardInterrupt, OSError):
+            ready.send_bytes(f"front end {index}: {exc}".encode())
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # on its way out: a Ctrl-C now would only interrupt the exit
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """Ctrl-C in a terminal reaches a front end twice: from the terminal (the whole process group) and
+    from the server process stopping its front ends. The first stops it; a second would interrupt
+    its way out (a KeyboardInterrupt traceback from an exit handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the server process (`sigterm_unwinds`); a SystemExit, so asyncio lets it out
+    of the event loop as it does Ctrl-C's KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second must not cut the clean-up short
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within: SIGTERM unwinds the server process as Ctrl-C does, so its clean-up runs (front ends
+    stopped, the metrics directory removed); then the process ends as SIGTERM ends it (systemd counts
+    that a clean stop, an exit status of 143 a failure), its remaining children (the engine) first:
+    the exit handler that would stop them does not run."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except Terminated:
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(STOP_TIMEOUT)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_with_parent() -> None:

@@ -232,30 +232,41 @@ def _child_logging() -> Callable[[], None]:
 
 def _serve_front_ends(config: ServerConfig, count: int, spec: FrontEndSpec, build: Callable, args: tuple) -> None:
     """`--front-ends N`: one engine process, this process's front end and N-1 spawned ones on one
-    port, their metrics in one temporary directory (removed at exit)."""
+    port (claimed first: `claim_shared_port`), their metrics in one temporary directory. Ctrl-C and
+    SIGTERM both stop the front ends, then the engine, and remove the directory (`sigterm_unwinds`)."""
     import shutil
+    import signal
     import tempfile
 
-    from lambdasplit.cloud.frontends import FrontEnds
+    from lambdasplit.cloud.frontends import FrontEnds, sigterm_unwinds
     from lambdasplit.cloud.metrics import share_between_processes
     from lambdasplit.cloud.server import BodyServer
     from lambdasplit.engine.core import EngineClient
+    from lambdasplit.listen import claim_shared_port
 
+    claim = claim_shared_port(config.port)
     shared = tempfile.mkdtemp(prefix="lambdasplit-metrics-")
     share_between_processes(shared)  # before the first metric, and inherited by the spawned processes
+    scheduler: EngineClient | None = None
     others: FrontEnds | None = None
-    try:
-        setup = _child_logging()
-        scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes, setup=setup,
-                                       front_ends=count)
-        server = BodyServer(scheduler, config)
-        others = FrontEnds(scheduler.links, setup)
-        start = lambda: others.start(dataclasses.replace(spec, port=server.port))  # noqa: E731 - port 0 is now real
-        server.serve_forever(spec.use_uvloop, functools.partial(_announce, server, start))
-    finally:
-        if others is not None:
-            others.stop()
-        shutil.rmtree(shared, ignore_errors=True)
+    with sigterm_unwinds():
+        try:
+            setup = _child_logging()
+            scheduler = EngineClient.start(build, *args, max_frame_bytes=config.max_frame_bytes, setup=setup,
+                                           front_ends=count)
+            server = BodyServer(scheduler, config)
+            others = FrontEnds(scheduler.links, setup)
+            start = lambda: others.start(dataclasses.replace(spec, port=server.port))  # noqa: E731 - port 0 is now real
+            server.serve_forever(spec.use_uvloop, functools.partial(_announce, server, start))
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # after Ctrl-C too: a SIGTERM must not cut this short
+            if others is not None:
+                others.stop()
+            if scheduler is not None:
+                scheduler.shutdown()  # after the front ends, which would each log the engine's end as an error
+            shutil.rmtree(shared, ignore_errors=True)
+            if claim is not None:
+                claim.close()
 
 
 def _check_combinations(part: Path | None, model: str | None, split: SplitChoice | None, k_max: int | None,

@@ -23,11 +23,12 @@ The engine serves one pipe per front end (`serve --front-ends N`, `cloud/fronten
 ids are each pipe's own, replies go back on the pipe the request came on, heartbeats go to every
 pipe and step statistics and refusals to the first (the metrics are shared between the front
 ends). A session belongs to the pipe that opened it: when a front end's pipe closes, its sessions
-are closed. The engine stops on SHUTDOWN (sent by the first front end) or when every pipe has closed.
+are closed, and so is one that finishes opening after that. The engine stops on SHUTDOWN (sent by the first front end) or when every pipe has closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -119,7 +120,9 @@ def engine_main(conns: list[Connection], setup: Callable[[], None] | None, build
         scheduler = build(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to the front end, which prints it and exits
         for conn in conns:
-            conn.send_bytes(HEADER.pack(Kind.FAILED, 0) + _json(_error_dict(exc)))
+            # The first front end may have read its copy and exited, closing the other pipes' ends.
+            with contextlib.suppress(OSError):
+                conn.send_bytes(HEADER.pack(Kind.FAILED, 0) + _json(_error_dict(exc)))
         return
     _EngineLoop(conns, scheduler, max_frame_bytes).run()
 
@@ -137,7 +140,12 @@ class _EngineLoop:
         self.limits = scheduler.manifest.frame_limits(max_frame_bytes, scheduler.limits.max_context)
         # (pipe index, message); None stops the writer.
         self.outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
-        self.owned: list[set[bytes]] = [set() for _ in conns]  # each pipe's open sessions
+        # Each pipe's open sessions, None once the pipe has closed. The reader thread and the compute
+        # thread's callbacks (an OPEN's, a REAP's) both use them; one set operation is atomic, but
+        # closing a pipe's sessions while an OPEN of that pipe completes is not: under `owned_lock`,
+        # a session that finishes opening after its pipe closed is closed, not left open for nobody.
+        self.owned: list[set[bytes] | None] = [set() for _ in conns]
+        self.owned_lock = threading.Lock()
         scheduler.on_step = lambda stats: self._send(0, Kind.STEP, 0, _json(dataclasses.asdict(stats)))
         scheduler.on_refusal = lambda reason: self._send(0, Kind.REFUSAL, 0, _json(reason))
         self.stopping = threading.Event()
@@ -182,7 +190,8 @@ class _EngineLoop:
                 self._dispatch(link, Op(op), request, memoryview(message)[HEADER.size:])
 
     def _drop(self, link: int) -> None:
-        owned, self.owned[link] = self.owned[link], set()
+        with self.owned_lock:
+            owned, self.owned[link] = self.owned[link] or set(), None
         if owned:
             log.warning("front end %d left with %d open sessions; closing them", link, len(owned))
         for session in owned:
@@ -190,7 +199,6 @@ class _EngineLoop:
 
     def _dispatch(self, link: int, op: Op, request: int, payload: memoryview) -> None:
         scheduler = self.scheduler
-        owned = self.owned[link]
         try:
             if op == Op.SUBMIT:
                 frame = self.parse(bytes(payload[16:]), self.limits)
@@ -199,11 +207,12 @@ class _EngineLoop:
                 return
             if op == Op.OPEN:
                 future = scheduler.open_session(json.loads(bytes(payload))["body"])
-                future.add_done_callback(lambda f: owned.add(f.result()) if _exception(f) is None else None)
+                future.add_done_callback(lambda f: self._opened(link, f))  # first: owned before the reply
                 future.add_done_callback(lambda f: self._value_result(link, request, f, bytes.hex))
             elif op == Op.CLOSE:
                 session = bytes(payload)
-                owned.discard(session)
+                with self.owned_lock:
+                    self.owned[link].discard(session)  # not None: this thread drops a pipe at its EOF only
                 future = scheduler.close_session(session)
                 future.add_done_callback(lambda f: self._value_result(link, request, f, lambda _: None))
             elif op == Op.REAP:
@@ -212,11 +221,27 @@ class _EngineLoop:
         except Exception as exc:  # noqa: BLE001 - a refused request fails alone
             self._send(link, Kind.ERROR, request, _json(_error_dict(exc)))
 
+    def _opened(self, link: int, future: Future) -> None:
+        """A new session belongs to the pipe that asked for it; if that pipe has closed meanwhile, nobody
+        will ever use or close it, so it is closed now."""
+        if _exception(future) is not None:
+            return
+        session = future.result()
+        with self.owned_lock:
+            owned = self.owned[link]
+            if owned is not None:
+                owned.add(session)
+                return
+        log.warning("front end %d left while its session opened; closing it", link)
+        self.scheduler.close_session(session)
+
     def _reaped(self, link: int, request: int, future: Future) -> None:
         """The reaper closes idle sessions of every front end; each pipe forgets its own."""
         if _exception(future) is None:
-            for owned in self.owned:
-                owned.difference_update(future.result())
+            with self.owned_lock:
+                for owned in self.owned:
+                    if owned is not None:
+                        owned.difference_update(future.result())
         self._value_result(link, request, future, lambda ids: [s.hex() for s in ids])
 
     def _frame_result(self, link: int, request: int, future: Future) -> None:
