@@ -141,7 +141,8 @@ def serve(
         "--front-ends", min=1,
         help="Network front-end processes sharing the port (Linux SO_REUSEPORT; the kernel spreads connections over "
              "them), each with its own pipe to one engine process (so more than 1 implies --engine-process). "
-             "/metrics answers for all of them. Not with --tensor-parallel.",
+             "/metrics answers for all of them. Not with --tensor-parallel. Off by default: measured (one H100, 64 "
+             "sessions), 4 front ends served 2,035 tok/s against 2,498 in one process.",
     )] = 1,
     device: DeviceOpt = defaults.DEVICE,
     dtype: BodyDtypeOpt = None,
