@@ -138,7 +138,7 @@ def serve(
              "1,784 tok/s against 1,899 in one process; on 2 CPU cores 13-26%).",
     )] = False,
     front_ends: Annotated[int, typer.Option(
-        "--front-ends", min=1,
+        "--front-ends", min=1, max=64,
         help="Network front-end processes sharing the port (Linux SO_REUSEPORT; the kernel spreads connections over "
              "them), each with its own pipe to one engine process (so more than 1 implies --engine-process). "
              "/metrics answers for all of them. Not with --tensor-parallel. Off by default: measured (one H100, 64 "

@@ -23,7 +23,8 @@ The engine serves one pipe per front end (`serve --front-ends N`, `cloud/fronten
 ids are each pipe's own, replies go back on the pipe the request came on, heartbeats go to every
 pipe and step statistics and refusals to the first (the metrics are shared between the front
 ends). A session belongs to the pipe that opened it: when a front end's pipe closes, its sessions
-are closed, and so is one that finishes opening after that. The engine stops on SHUTDOWN (sent by the first front end) or when every pipe has closed.
+are closed, and so is one that finishes opening after that. The engine stops on SHUTDOWN (sent by
+the first front end) or when every pipe has closed.
 """
 
 from __future__ import annotations
