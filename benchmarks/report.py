@@ -284,6 +284,11 @@ def serve_gpu_section(data: dict, name: str = "serve-gpu") -> str:
     lines += _body_step_table(data["body_step"]["steps"], data["body_step"].get("reference", "bf16"))
     if note := data["body_step"].get("note"):
         lines += ["", f"Note: {note}."]
+    if mixed := data["body_step"].get("mixed_steps"):
+        lines += ["", "Steps that are not decode-only (bf16, paged kernel), eager against the graphs path:", "",
+                  "| step | eager ms | graphs path ms | replayed from a graph | max abs diff |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['eager_ms']:.1f} | {m['graphs_ms']:.1f} | {'yes' if m['capturable'] else 'no'} | "
+                  f"{m['max_abs_diff']:.3g} |" for name, m in mixed.items()]
     lines += ["", "### Load generator against `lambdasplit serve` on the same card", ""]
     lines += _closed_loop_table(data["closed_loop"], data.get("open_loop"))
     lines += ["", "Server ms per forward is the mean of /metrics' `lambdasplit_forward_seconds` over the run."]

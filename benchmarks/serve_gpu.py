@@ -161,6 +161,8 @@ def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], contex
                 times[mode].append(time.perf_counter() - start)
         if rows == 64 and (variant == "bf16" or variant == out["variants"][-1]):
             out[f"profile_64_rows_{variant}"] = _profile_step(body, pool, seqs, step, one)
+        if rows == 64 and variant == "bf16":
+            out["mixed_steps"] = mixed_steps(body, pool, seqs, gen)
         row = {"variant": variant, "rows": rows, "graphs_vs_eager_max_abs_diff": (last["eager"] - last["graphs"]).abs().max().item()}
         reference.setdefault(rows, last["eager"].float())
         diff = last["graphs"].float() - reference[rows]
@@ -174,6 +176,52 @@ def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], contex
         print(f"[body step] {row}", flush=True)
         pool.release([r for mode in modes for r in seqs[mode]])
     return rows_out
+
+
+MIXED = {  # name: (decode rows that take T positions each, T, new sessions whose prompt joins the step)
+    "63 decode rows + a 32-position prompt": (63, 1, 1),
+    "1 session x 4 positions (a verification frame)": (1, 4, 0),
+    "64 sessions x 4 positions (verification frames)": (64, 4, 0),
+}
+
+
+def mixed_steps(body, pool, seqs: dict, gen: torch.Generator, prompt: int = 32, repeats: int = 10) -> dict:
+    """Steps that are not decode-only (issue 22 item 4, issue 24's verification frames): median ms
+    eager and through the graphs path (replayed when every chunk is short enough for the paged
+    kernel), on the same rows fed the same states, and how far the two outputs differ."""
+    from lambdasplit.engine.graphs import capturable
+    from lambdasplit.engine.kvpool import Sequence
+    from lambdasplit.engine.step import Chunk, plan_step, run_chunks
+
+    hidden = body.runner.config.hidden_size
+    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks, kernel=body.kernel),
+             "graphs": lambda chunks: body.run(pool, chunks)}
+    out = {}
+    for name, (rows, length, new) in MIXED.items():
+        times: dict = {mode: [] for mode in modes}
+        diffs, replayed = [], False
+        for _ in range(repeats):
+            states = torch.randn(rows, length, hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+            fresh = torch.randn(new, prompt, hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+            last = {}
+            for mode, fn in modes.items():
+                decode, joining = seqs[mode][:rows], [Sequence() for _ in range(new)]
+                assert pool.grow(decode, decode[0].length + length) and (not new or pool.grow(joining, prompt))
+                chunks = [Chunk(decode, states, torch.ones(rows, length, dtype=torch.long))]
+                chunks += [Chunk(joining, fresh, torch.ones(new, prompt, dtype=torch.long))] if new else []
+                replayed = body.kernel and capturable(plan_step(chunks), True)
+                _sync()
+                start = time.perf_counter()
+                last[mode] = fn(chunks)
+                _sync()
+                times[mode].append(time.perf_counter() - start)
+                pool.release(joining)
+            diffs.append(max((a.float() - b.float()).abs().max().item() for a, b in zip(last["eager"], last["graphs"], strict=True)))
+        out[name] = {"eager_ms": statistics.median(times["eager"][2:]) * 1000,
+                     "graphs_ms": statistics.median(times["graphs"][2:]) * 1000,
+                     "capturable": bool(replayed), "max_abs_diff": max(diffs)}
+        print(f"[mixed step] {name}: {out[name]}", flush=True)
+    return out
 
 
 def _profile_step(body, pool, seqs, step, one) -> dict:

@@ -211,6 +211,11 @@ def _measure(runtime: SplitRuntime, body: BodyClient, local: torch.nn.Module | N
     return tally.row()
 
 
+# Where a generation's wall time goes, per body round trip: the device's parts, the wait for the body
+# (the emulated RTT included), the draft head, and the rest (transformers' generate loop, sampling).
+STAGES = ("head", "body and network", "tail", "drafting", "the rest")
+
+
 class _Tally:
     """One row's numbers as its prompts come in: per mode tok/s, tokens and round trips, and what the
     draft head drafted; whether every mode gave plain decoding's tokens (and where one did not: the
@@ -219,6 +224,7 @@ class _Tally:
     def __init__(self, modes: Sequence[Mode], rtt: int, name: str) -> None:
         self.modes, self.rtt, self.name = modes, rtt, name
         self.samples: dict[str, dict[str, list[float]]] = {m.name: {"tok_s": [], "trips": [], "tokens": []} for m in modes}
+        self.stages = {m.name: dict.fromkeys(STAGES, 0.0) for m in modes}  # seconds over the set
         self.drafting = {m.name: {"drafted": 0, "accepted": 0, "rounds": 0, "ms": []} for m in modes if m.drafts_with_head}
         self.differing: list[dict] = []
 
@@ -237,6 +243,13 @@ class _Tally:
             self.samples[mode]["tok_s"].append(len(r.token_ids[0]) / r.timings.total)
             self.samples[mode]["trips"].append(r.round_trips)
             self.samples[mode]["tokens"].append(len(r.token_ids[0]))
+            t, stages = r.timings, self.stages[mode]
+            drafting = (r.drafting or {}).get("ms_per_drafted_token", 0.0) * (r.drafting or {}).get("drafted", 0) / 1000
+            stages["head"] += t.head
+            stages["body and network"] += t.body
+            stages["tail"] += t.tail
+            stages["drafting"] += drafting
+            stages["the rest"] += t.total - t.head - t.body - t.tail - drafting
         for mode, counts in self.drafting.items():
             stats = results[mode].drafting or {}
             for key in ("drafted", "accepted", "rounds"):
@@ -252,6 +265,7 @@ class _Tally:
             if "trips" in s:  # counted over the whole set, not a median of ratios
                 row["modes"][mode].update(tokens_per_trip=sum(s["tokens"]) / sum(s["trips"]), tokens=sum(s["tokens"]),
                                           round_trips=sum(s["trips"]))
+                row["modes"][mode]["ms_per_trip"] = {k: round(1000 * v / sum(s["trips"]), 2) for k, v in self.stages[mode].items()}
         for mode, c in self.drafting.items():
             row["modes"][mode].update(draft_tokens=next(m.draft_tokens for m in self.modes if m.name == mode),
                                       acceptance=c["accepted"] / c["drafted"] if c["drafted"] else 0.0,

@@ -99,9 +99,11 @@ def test_a_row_names_the_prompt_mode_and_first_position_where_tokens_differ_from
     from types import SimpleNamespace
 
     from benchmarks.speculative import Mode, _Tally
+    from lambdasplit.device.generation import Timings
 
     def result(ids):
-        return SimpleNamespace(token_ids=[ids], timings=SimpleNamespace(total=1.0), round_trips=len(ids), drafting=None)
+        steps = [(0.01, 0.2, 0.03)] * len(ids)  # head, body and network, tail: seconds per forward
+        return SimpleNamespace(token_ids=[ids], timings=Timings(total=1.0, steps=steps), round_trips=len(ids), drafting=None)
 
     tally = _Tally((Mode("plain"), Mode("prompt-lookup", "prompt-lookup")), 50, CHAT)
     tally.add({"plain": result([5, 6, 7]), "prompt-lookup": result([5, 6, 7])})
@@ -111,3 +113,6 @@ def test_a_row_names_the_prompt_mode_and_first_position_where_tokens_differ_from
     assert row["identical"] is False and row["differing"] == [{"prompt": 1, "mode": "prompt-lookup", "first_position": 1},
                                                              {"prompt": 2, "mode": "prompt-lookup", "first_position": 2}]
     assert row["modes"]["plain"]["tokens"] == 9 and row["modes"]["prompt-lookup"]["round_trips"] == 8
+    # 9 trips in 3 s of plain decoding: 10 + 200 + 30 ms per trip in the parts, the rest in generate()
+    assert row["modes"]["plain"]["ms_per_trip"] == {"head": 10.0, "body and network": 200.0, "tail": 30.0,
+                                                    "drafting": 0.0, "the rest": round(1000 * (3 - 9 * 0.24) / 9, 2)}

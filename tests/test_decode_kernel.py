@@ -93,7 +93,8 @@ def test_decode_rows_through_the_kernel_equal_gather_and_sdpa_in_the_body(interp
     """The same steps on two pools, the body attending through the kernel on one and through gather
     + SDPA on the other: a session of two rows with padding slots (left and in the middle, and a
     padded decode position), another past several loop iterations, in pools that double from two
-    blocks on the way (no stale pool tensor); every step's hidden states agree."""
+    blocks on the way (no stale pool tensor); chunks of 20 and 4 positions per row attend through
+    the kernel too (70 do not); every step's hidden states agree."""
     body = load_scheduler(str(tiny_models[family]), (2, 2)).bodies[0]
     assert body.kernel
     config = body.runner.config
@@ -108,6 +109,10 @@ def test_decode_rows_through_the_kernel_equal_gather_and_sdpa_in_the_body(interp
         mask[0, 0] = int(i != 2)  # a padded decode position attends to itself only
         steps.append([(torch.randn(2, 1, config.hidden_size, generator=gen), mask),
                       (torch.randn(1, 1, config.hidden_size, generator=gen), torch.ones(1, 1, dtype=torch.long))])
+    verify = torch.ones(2, 4, dtype=torch.long)
+    verify[1, 2] = 0  # a padded position inside a multi-position chunk
+    steps.append([(torch.randn(2, 4, config.hidden_size, generator=gen), verify),  # a verification frame
+                  (torch.randn(1, 1, config.hidden_size, generator=gen), torch.ones(1, 1, dtype=torch.long))])
     outputs = []
     for kernel in (True, False):
         body.kernel = kernel
@@ -199,3 +204,56 @@ def test_a_query_index_past_its_rows_table_reads_only_that_table(interpreted):
     assert torch.allclose(out[:1].double(), own, atol=1e-5)
     expected = reference(query[1:], keys, values, valid, table[1:], last[1:], 0.2, None)
     assert torch.allclose(out[1:].double(), expected, atol=1e-5)
+
+
+def test_a_mixed_step_as_one_query_rows_equals_the_step_by_groups(interpreted, tiny_models):
+    """What a CUDA graph replays with the kernel: every packed position of a step (decode rows, a
+    4-position verification chunk with a padded slot, a 12-position prefill) as one row of one
+    query with its own block table and query index. Through the body it gives the same hidden
+    states as running the step group by group through gather + SDPA, the pools end equal, and
+    a chunk longer than MAX_POSITIONS keeps the step out of the graphs."""
+    from lambdasplit.engine.graphs import capturable
+    from lambdasplit.engine.step import Group, forward_plan, plan_step, run_step
+
+    body = load_scheduler(str(tiny_models["llama"]), (2, 2)).bodies[0]
+    config = body.runner.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(1)
+    pools = [KVPool(body.layers, config.num_key_value_heads, head_dim, 16, torch.float32, "cpu") for _ in range(2)]
+    sessions = [[[Sequence()], [Sequence(), Sequence()], [Sequence()]] for _ in pools]
+    prompts = [(torch.randn(1, 19, config.hidden_size, generator=gen), torch.ones(1, 19, dtype=torch.long)),
+               (torch.randn(2, 7, config.hidden_size, generator=gen), torch.ones(2, 7, dtype=torch.long))]
+    for pool, (first, pair, _) in zip(pools, sessions, strict=True):
+        for rows, (hidden, mask) in zip((first, pair), prompts, strict=True):
+            assert pool.grow(rows, hidden.shape[1])
+            run_step(body.runner.module, pool, plan := plan_step([Chunk(rows, hidden, mask)]))
+            plan.commit()
+    verify = torch.ones(2, 4, dtype=torch.long)
+    verify[0, 2] = 0
+    pieces = [(torch.randn(1, 1, config.hidden_size, generator=gen), torch.ones(1, 1, dtype=torch.long)),
+              (torch.randn(2, 4, config.hidden_size, generator=gen), verify),
+              (torch.randn(1, 12, config.hidden_size, generator=gen), torch.ones(1, 12, dtype=torch.long))]
+    outputs = []
+    for pool, rows_of, one_query_rows in zip(pools, sessions, (True, False), strict=True):
+        for rows, (hidden, _) in zip(rows_of, pieces, strict=True):
+            assert pool.grow(rows, rows[0].length + hidden.shape[1])
+        step = plan_step([Chunk(rows, hidden, mask) for rows, (hidden, mask) in zip(rows_of, pieces, strict=True)])
+        assert [g.length for g in step.groups] == [1, 4, 12]
+        if one_query_rows:
+            plan = step.device_plan(pool, kernel=True)
+            table, last = step.kernel_rows()
+            assert table.shape[0] == last.shape[0] == step.positions_count == 1 + 8 + 12
+            plan.groups = [Group(0, step.positions_count, 1, table, last.view(-1, 1))]
+            outputs.append(step.split(forward_plan(body.runner.module, plan)))
+        else:
+            outputs.append(run_step(body.runner.module, pool, step, kernel=False))
+        step.commit()
+    for got, want in zip(*outputs, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    for layer in range(body.layers):
+        assert torch.allclose(pools[0].keys[layer], pools[1].keys[layer], atol=1e-5)
+    assert capturable(step, kernel=True) and not capturable(step, kernel=False)
+    rows, longest = sessions[0][0], decode_kernel.MAX_POSITIONS + 1
+    assert pools[0].grow(rows, rows[0].length + longest)
+    long_chunk = plan_step([Chunk(rows, torch.randn(1, longest, config.hidden_size), torch.ones(1, longest, dtype=torch.long))])
+    assert not capturable(long_chunk, kernel=True)

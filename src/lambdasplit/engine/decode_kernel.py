@@ -26,6 +26,11 @@ from lambdasplit.engine.kvpool import BLOCK_SIZE
 
 KEYS_PER_ITERATION = 64  # keys each loop iteration loads: 4 pool blocks
 NO_WINDOW = 1 << 30  # the window of a layer without one: longer than any row
+# Chunks of up to this many positions per row attend through the kernel, each position as a row of
+# its own: it reads its keys alone, so T positions over L keys read T x L keys where a tiled
+# prefill kernel reads L. Short chunks (speculative verification, short prompts) then join a
+# decode step's CUDA graph instead of making the whole step run eagerly.
+MAX_POSITIONS = 64
 CPU_INTERPRETER = False  # tests: CPU bodies use the kernel too, run by Triton's interpreter
 
 

@@ -1,4 +1,4 @@
-"""CUDA graphs of the batched decode step: captured once per (rows, block-table width) bucket, replayed.
+"""CUDA graphs of the batched step: captured once per (rows, block-table width) bucket, replayed.
 
 An eager decode step of a 7B body launches about 1,100 kernels; on an H200 their host-side cost
 (~40 ms for 64 rows under the profiler) is several times the GPU work (10.5 ms). A graph replays
@@ -9,7 +9,14 @@ decode kernel (`engine.decode_kernel`) a row's key length is a loop bound on the
 block tables only need room: their width rounds up to a power of two (8 blocks, 128 keys, at
 least), a handful of graphs per row count for any context. With gather + SDPA the gathered keys
 are a tensor shape, and their count rounds up to a multiple of `LENGTH_BUCKET` (the extra keys
-are masked out). Steps with prefill chunks, or beyond the largest bucket, run eagerly.
+are masked out).
+
+With the kernel a graph's "rows" are packed positions, each one query with its own block table
+and query index (`Step.kernel_rows`), so one graph replays decode rows, speculative verification
+frames and short prefill chunks (up to `decode_kernel.MAX_POSITIONS` positions per row) alike:
+a mixed step costs a replay, not the ~1,100 launches of an eager step. Steps with longer chunks,
+or more positions than the largest bucket, run eagerly; without the kernel only decode-only steps
+are captured.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lambdasplit.engine.decode_kernel import MAX_POSITIONS
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool
 from lambdasplit.engine.step import STEP_KWARG, Group, Step, StepPlan
 
@@ -57,6 +65,14 @@ def table_width(keys: int, kernel: bool) -> int:
     return -(-keys // LENGTH_BUCKET) * LENGTH_BUCKET // BLOCK_SIZE
 
 
+def capturable(step: Step, kernel: bool) -> bool:
+    """Small enough for a bucket, and every chunk short enough for the kernel (without the
+    kernel: decode rows only)."""
+    if step.positions_count > ROW_BUCKETS[-1]:
+        return False
+    return step.longest_chunk <= MAX_POSITIONS if kernel else step.decode_only
+
+
 class DecodeGraphs:
     """The captured decode steps of one body module over one pool."""
 
@@ -69,21 +85,21 @@ class DecodeGraphs:
         self.failed = False  # a capture failed once: run eagerly from then on
 
     def fits(self, step: Step) -> bool:
-        """A decode-only step small enough for a bucket, on a GPU."""
-        return not self.failed and self.pool.valid.device.type == "cuda" and step.decode_only and step.rows <= ROW_BUCKETS[-1]
+        """A step a graph can replay (`capturable`), on a GPU."""
+        return not self.failed and self.pool.valid.device.type == "cuda" and capturable(step, self.kernel)
 
     @torch.inference_mode()
     def run(self, step: Step) -> list[torch.Tensor] | None:
         """Run the step through its bucket's graph (capturing it first); None if capture failed.
         The step's rows do not advance (`step.commit()` does)."""
-        n = step.rows
+        n = step.positions_count
         bucket = next(b for b in ROW_BUCKETS if b >= n)
         longest = max(length for plan in step.plans for length, _ in plan.after)
         width = table_width(longest, self.kernel)
         graph = self._graphs.get((bucket, width)) or self._capture(bucket, width)
         if graph is None:
             return None
-        group = step.groups[0]
+        tables, last = step.kernel_rows()
         graph.copied.synchronize()
         positions, write, query, valid, table = _views(graph.staging, bucket)
         write.fill_(self.pool.scratch_slot)
@@ -91,9 +107,9 @@ class DecodeGraphs:
         positions.zero_()
         positions[0, :n] = step.positions
         table.zero_()
-        table[:n, : group.table.shape[1]] = group.table
+        table[:n, : tables.shape[1]] = tables
         query.zero_()
-        query[:n] = group.query_slot
+        query[:n, 0] = last
         valid.zero_()
         valid[:n] = step.valid
         graph.indices.copy_(graph.staging, non_blocking=True)  # one host-to-device copy for every index

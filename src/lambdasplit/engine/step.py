@@ -4,8 +4,9 @@ Every piece (`Chunk`: some rows of one session, T new positions each) is flatten
 sequence of N positions, so the projections and MLPs run once over all of them. Attention is
 transformers' `AttentionInterface` hook, registered as "lambdasplit_paged": each layer writes its
 new keys and values into the sessions' own blocks of the `KVPool`, then pieces of equal T are
-gathered into one padded batch and attend with SDPA under a mask built once per step, or, for
-decode rows on a GPU, attend through `engine.decode_kernel`, which reads the pool in place. Each
+gathered into one padded batch and attend with SDPA under a mask built once per step, or, on a
+GPU, pieces of up to `decode_kernel.MAX_POSITIONS` positions per row (decode rows, verification
+frames, short prefill chunks) attend through `engine.decode_kernel`, which reads the pool in place. Each
 row attends only to its own keys, at its own position ids, so the result equals running each
 session alone.
 
@@ -30,7 +31,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
-from lambdasplit.engine.decode_kernel import decode_attention
+from lambdasplit.engine.decode_kernel import MAX_POSITIONS, decode_attention
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
 
 ATTENTION = "lambdasplit_paged"
@@ -51,8 +52,9 @@ class Chunk:
 
 @dataclass
 class Group:
-    """The pieces of one step that share T: one padded SDPA call per layer, or, for T = 1 with
-    the paged kernel, one kernel call that reads the pool in place."""
+    """The pieces of one step that share T: one padded SDPA call per layer, or, for T up to
+    `decode_kernel.MAX_POSITIONS` with the paged kernel, one kernel call that reads the pool in
+    place with every position as a row of its own (`kernel_rows`)."""
 
     start: int  # first packed position
     rows: int
@@ -61,6 +63,7 @@ class Group:
     query_slot: torch.Tensor  # (rows, T) index of each query among its row's keys
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     _gather: torch.Tensor | None = None
+    _kernel_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def gather(self) -> torch.Tensor:
@@ -81,10 +84,22 @@ class Group:
             self.masks[window] = allowed.unsqueeze(1)
         return self.masks[window]
 
+    @property
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group as rows x T rows of one query each, in packed order: each position's block
+        table (its row's, repeated) and its index among its row's keys. The pool already holds
+        the group's own new keys when attention runs, so position t of a row attends to the
+        row's keys up to t: causal, as the padded SDPA batch under its mask."""
+        if self._kernel_rows is None:
+            table = self.table if self.length == 1 else self.table.repeat_interleave(self.length, 0)
+            self._kernel_rows = table, self.query_slot.reshape(-1)
+        return self._kernel_rows
+
     def reset(self) -> None:
         """Forget what was worked out from the tables (a graph capture recomputes it inside)."""
         self.masks.clear()
         self._gather = None
+        self._kernel_rows = None
 
 
 @dataclass
@@ -127,11 +142,11 @@ def paged_attention(
     outputs = []
     for group in plan.groups:
         stop = group.start + group.rows * group.length
-        if plan.kernel and group.length == 1:
+        if plan.kernel and group.length <= MAX_POSITIONS:
             q = query[0, :, group.start: stop].transpose(0, 1)
             scale = scaling if scaling is not None else dim ** -0.5
-            outputs.append(decode_attention(q, keys, values, plan.pool.valid, group.table, group.query_slot[:, 0],
-                                            scale, sliding_window))
+            table, last = group.kernel_rows
+            outputs.append(decode_attention(q, keys, values, plan.pool.valid, table, last, scale, sliding_window))
             continue
         q = query[0, :, group.start: stop].view(heads, group.rows, group.length, dim).transpose(0, 1)
         k = keys[group.gather].transpose(1, 2)
@@ -211,8 +226,30 @@ class Step:
         return sum(len(plan.chunk.rows) for plan in self.plans)
 
     @property
+    def positions_count(self) -> int:
+        """N, the packed positions."""
+        return self.hidden.shape[1]
+
+    @property
     def decode_only(self) -> bool:
         return all(plan.length == 1 for plan in self.plans)
+
+    @property
+    def longest_chunk(self) -> int:
+        """The largest T of the step."""
+        return max(plan.length for plan in self.plans)
+
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every packed position as a row of one query (host tensors): block tables (N, W), zero
+        padded, and query indices (N,). A CUDA graph of N one-query rows replays any step whose
+        chunks all attend through the paged kernel, prefill chunks as well as decode rows."""
+        rows = [group.kernel_rows for group in self.groups]
+        if len(rows) == 1:
+            return rows[0]
+        table = torch.zeros(self.positions_count, max(t.shape[1] for t, _ in rows), dtype=torch.long)
+        for group, (t, _) in zip(self.groups, rows, strict=True):
+            table[group.start: group.start + t.shape[0], : t.shape[1]] = t
+        return table, torch.cat([last for _, last in rows])
 
     def device_plan(self, pool: KVPool, kernel: bool = False) -> StepPlan:
         """The step's tensors on the pool's device, its written slots' validity set in the pool;
