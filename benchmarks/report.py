@@ -422,15 +422,20 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
                      f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
                      f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
                      f"{'yes' if r['identical'] else 'no'} | {local} |")
-    timed = [(r, mode, m) for r in data["rows"] for mode, m in r["modes"].items() if "ms_per_trip" in m]
-    if timed:
-        stages = list(timed[0][2]["ms_per_trip"])
-        lines += ["", "Where a round trip's time goes (ms per body round trip, summed over the set; the body's wait "
-                  "includes the added RTT):", "", f"| added RTT ms | mode | {' | '.join(stages)} |",
-                  "|---|---|" + "---|" * len(stages)]
-        for r, mode, m in timed:
-            lines.append(f"| {r['rtt_ms']} | {mode} | " + " | ".join(f"{m['ms_per_trip'][s]:.1f}" for s in stages) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _trip_table(data["rows"]))
+
+
+def _trip_table(rows: list[dict]) -> list[str]:
+    """Where a round trip's time goes, per RTT and mode (runs that recorded it)."""
+    timed = [(r, mode, m) for r in rows for mode, m in r["modes"].items() if "ms_per_trip" in m]
+    if not timed:
+        return []
+    stages = list(timed[0][2]["ms_per_trip"])
+    lines = ["", "Where a round trip's time goes (ms per body round trip over the set; the body's wait includes the "
+             "added RTT):", "", f"| added RTT ms | mode | {' | '.join(stages)} |", "|---|---|" + "---|" * len(stages)]
+    for r, mode, m in timed:
+        lines.append(f"| {r['rtt_ms']} | {mode} | " + " | ".join(f"{m['ms_per_trip'][s]:.1f}" for s in stages) + " |")
+    return lines
 
 
 def draft_lengths_section(data: dict) -> str:
@@ -453,7 +458,7 @@ def draft_lengths_section(data: dict) -> str:
                        if "draft_tokens" in m else "- | - | -")
             lines.append(f"| {r['rtt_ms']} | {mode} | {m['tok_s']:.2f} | {m['tok_s'] / plain:.2f}x | {m['tokens_per_trip']:.2f} | "
                          f"{drafted} | {'yes' if r['identical'] else 'no'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _trip_table(data["rows"]))
 
 
 def draft_tree_section(data: dict) -> str:

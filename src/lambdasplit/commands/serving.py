@@ -90,7 +90,9 @@ def serve(
              "--max-session-kv need, capped at 90% of free GPU memory or half the free host memory).",
     )] = None,
     cuda_graphs: Annotated[bool, typer.Option(
-        "--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay captured batched decode steps (CUDA graphs)."
+        "--cuda-graphs/--no-cuda-graphs",
+        help="On a GPU, replay captured batched steps (CUDA graphs): decode steps, and with the paged kernel steps "
+             "whose chunks have up to 64 positions per row (verification frames, short prompts)."
     )] = True,
     compile_body: Annotated[bool, typer.Option(
         "--compile/--no-compile",
@@ -105,9 +107,10 @@ def serve(
     )] = None,
     paged_kernel: Annotated[bool, typer.Option(
         "--paged-kernel/--no-paged-kernel",
-        help="On a GPU with Triton, decode rows attend through lambdasplit's paged kernel, which reads the KV pool in "
-             "place (no gathered copy of the keys; CUDA graphs per row count, not per key length). "
-             "--no-paged-kernel: gather the keys and attend with SDPA, as prefill chunks always do.",
+        help="On a GPU with Triton, decode rows and chunks of up to 64 positions per row attend through "
+             "lambdasplit's paged kernel, which reads the KV pool in place (no gathered copy of the keys; CUDA graphs "
+             "per row count, not per key length). --no-paged-kernel: gather the keys and attend with SDPA, as longer "
+             "prefill chunks always do; only decode steps are then captured.",
     )] = True,
     kv_wait: Annotated[float, typer.Option(
         "--kv-wait", min=0, help="Seconds a frame waits for KV pool space before a capacity error."
