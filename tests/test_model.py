@@ -145,30 +145,30 @@ def test_the_model_owns_its_parts_and_post_init_ties_the_lm_head_only_when_the_c
     assert (model.tail_module.lm_head.weight is model.head_module.embed_tokens.weight) == tied
 
 
-def test_the_tails_few_row_lm_head_equals_f_linear_and_one_row_is_bit_identical():
-    """`SkinnyLogits` (a verification frame's few positions as W @ x^T): 2-8 rows equal F.linear
-    within float rounding, one row and more than 8 are F.linear itself, bit for bit; a bf16 head
-    is left a plain Linear."""
+def test_few_row_projections_equal_f_linear_and_one_row_is_bit_identical():
+    """`SkinnyLinear` (a verification frame's few positions as W @ x^T): within its row limit (8 for
+    an LM head, 4 for other projections) it equals F.linear within float rounding; one row and
+    rows past the limit are F.linear itself, bit for bit; a bf16 projection stays a plain Linear;
+    the weight stays the same tensor (a tied LM head stays tied)."""
     import torch.nn.functional as F
 
-    from lambdasplit.split.parts import SKINNY_ROWS, SkinnyLogits, skinny_logits
+    from lambdasplit.split.parts import SKINNY_LM_HEAD_ROWS, SKINNY_ROWS, SkinnyLinear, skinny_linears
 
     gen = torch.Generator().manual_seed(0)
-    holder = torch.nn.Module()
-    holder.lm_head = torch.nn.Linear(64, 1000, bias=False)
-    torch.nn.init.normal_(holder.lm_head.weight, generator=gen)
-    weight = holder.lm_head.weight
-    skinny_logits(holder)
-    assert type(holder.lm_head) is SkinnyLogits and holder.lm_head.weight is weight
-    for rows in (1, 2, 3, 5, SKINNY_ROWS, SKINNY_ROWS + 1):
-        x = torch.randn(1, rows, 64, generator=gen)
-        got, want = holder.lm_head(x), F.linear(x, weight)
-        assert got.shape == want.shape == (1, rows, 1000)
-        if 1 < rows <= SKINNY_ROWS:
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
-        else:
-            assert torch.equal(got, want)
-    bf16 = torch.nn.Module()
-    bf16.lm_head = torch.nn.Linear(64, 1000, bias=False, dtype=torch.bfloat16)
-    skinny_logits(bf16)
-    assert type(bf16.lm_head) is torch.nn.Linear
+    part = torch.nn.Module()
+    part.lm_head = torch.nn.Linear(64, 1000, bias=False)
+    part.proj = torch.nn.Linear(64, 96, bias=True)
+    part.bf16 = torch.nn.Linear(64, 96, dtype=torch.bfloat16)
+    weight = part.lm_head.weight
+    skinny_linears(part)
+    assert type(part.lm_head) is type(part.proj) is SkinnyLinear and part.lm_head.weight is weight
+    assert type(part.bf16) is torch.nn.Linear
+    for layer, limit in ((part.lm_head, SKINNY_LM_HEAD_ROWS), (part.proj, SKINNY_ROWS)):
+        for rows in (1, 2, 3, limit, limit + 1):
+            x = torch.randn(1, rows, 64, generator=gen)
+            got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+            assert got.shape == want.shape == (1, rows, layer.out_features) and got.is_contiguous()
+            if 1 < rows <= limit:
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+            else:
+                assert torch.equal(got, want)

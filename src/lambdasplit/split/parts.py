@@ -117,39 +117,45 @@ def _build(
     module.load_state_dict(state, strict=True, assign=True)
     module.to(device)
     finish_quantized(module, shared.values())
-    if role == "tail":
-        skinny_logits(module)
+    skinny_linears(module)
     return module.eval()
 
 
-SKINNY_ROWS = 8  # up to this many positions go through W @ x^T (a speculative verification frame)
+SKINNY_ROWS = 4  # positions a projection takes as W @ x^T: a verification frame of the default 3 drafts
+SKINNY_LM_HEAD_ROWS = 8
 
 
-class SkinnyLogits(nn.Linear):
-    """A float32 LM head on the CPU that computes 2 to `SKINNY_ROWS` positions as W @ x^T.
+class SkinnyLinear(nn.Linear):
+    """A float32 projection on the CPU that computes a few positions (2 to `skinny_rows`) as W @ x^T.
 
-    For a few rows the BLAS picks a poor kernel for x @ W^T: with SmolLM2's 49,152 x 576 head on
-    2 cores, 2-8 positions took 18-26 ms through `F.linear` and 3.3-7.7 ms as W @ x^T (one
-    position: 11 ms either way), so a draft head's verification frame cost the tail twice a plain
-    step (30 against 16 ms per round trip). One position, the plain decode step, keeps `F.linear`,
-    the unsplit model's own op, bit for bit; the few-row product equals it within float rounding.
+    For so few rows the BLAS picks a poor kernel for x @ W^T. On 2 cores, streaming SmolLM2's 26
+    body layers (weights not in cache): one position 36 ms either way, 2-4 positions 43-55 ms
+    through `F.linear` and 20-22 ms as W @ x^T (5 and 8 positions: about even); its 49,152 x 576 LM
+    head: 2-8 positions 18-26 ms against 3.3-7.7 ms (one: 11 ms). So a speculative verification
+    frame cost the tail and a CPU body more than a plain step. One position, the plain decode step,
+    keeps `F.linear`, the unsplit model's own op, bit for bit; the few-row product equals it within
+    float rounding.
     """
+
+    skinny_rows = SKINNY_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if not 1 < rows <= SKINNY_ROWS:
+        if not 1 < rows <= self.skinny_rows:
             return super().forward(x)
-        out = (self.weight @ x.reshape(rows, -1).T).T
+        out = (self.weight @ x.reshape(rows, -1).T).T.contiguous()  # F.linear's layout (kernels want unit strides)
         out = out + self.bias if self.bias is not None else out
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def skinny_logits(tail: nn.Module) -> None:
-    """Give a tail's plain float32 CPU LM head the few-row product of `SkinnyLogits` (in place: the
-    weight, and its tie to the embedding, stay the same tensor)."""
-    head = getattr(tail, "lm_head", None)
-    if type(head) is nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32:
-        head.__class__ = SkinnyLogits
+def skinny_linears(part: nn.Module) -> None:
+    """Give a part's plain float32 CPU projections the few-row product of `SkinnyLinear` (in place:
+    the weights, and the LM head's tie to the embedding, stay the same tensors)."""
+    for name, child in part.named_modules():
+        if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+            child.__class__ = SkinnyLinear
+            if name.rpartition(".")[2] == "lm_head":
+                child.skinny_rows = SKINNY_LM_HEAD_ROWS
 
 
 _CACHE_KWARG: dict[type, str] = {}
