@@ -25,14 +25,16 @@ import torch
 from torch import nn
 
 from lambdasplit.errors import LambdaSplitError
+from lambdasplit.split.parts import SKINNY_ROWS
 
 log = logging.getLogger(__name__)
 
 QUANTIZE = ("fp8",)  # body weight formats besides the model's own dtype
 BACKEND: str | Callable = "inductor"  # torch.compile's backend (tests swap in one that counts or fails)
-# Packed positions the warm-up runs: 2 stands for every step of 2 or more (the length is dynamic),
-# 1 for a single decode row (Dynamo specialises a size of 1), so the first sessions compile nothing.
-WARM_UP_LENGTHS = (2, 1)
+# Packed positions the warm-up runs, so the first sessions compile nothing: the length is dynamic,
+# but Dynamo specialises a size of 1 (a single decode row), and a float32 CPU body's projections
+# take 2 to SKINNY_ROWS positions another way (`split.parts.SkinnyLinear`), a range it guards on.
+WARM_UP_LENGTHS = (2, SKINNY_ROWS + 1, 1)
 
 
 @dataclass(frozen=True)
