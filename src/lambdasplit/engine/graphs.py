@@ -74,7 +74,7 @@ def capturable(step: Step, kernel: bool) -> bool:
 
 
 class DecodeGraphs:
-    """The captured decode steps of one body module over one pool."""
+    """The captured steps of one body module over one pool."""
 
     def __init__(self, module: nn.Module, pool: KVPool, kernel: bool = False) -> None:
         self.module = module
@@ -144,12 +144,12 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._memory):
                 out = self.module(**kwargs).last_hidden_state
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: stay eager, say so once
-            log.warning("CUDA graph capture failed (%s: %s); batched decode steps run eagerly",
+            log.warning("CUDA graph capture failed (%s: %s); batched steps run eagerly",
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             self.failed = True
             return None
         self._memory = self._memory or graph.pool()
-        log.info("captured the decode step for %d rows x %d blocks%s", rows, width, " (paged kernel)" if self.kernel else "")
+        log.info("captured the step for %d positions x %d blocks%s", rows, width, " (paged kernel)" if self.kernel else "")
         captured = _Graph(graph, hidden, indices, staging, torch.cuda.Event(), out)
         self._graphs[(rows, width)] = captured
         return captured

@@ -43,7 +43,7 @@ class BodyOptions:
 
     compile: bool = False
     quantize: str | None = None  # None (the serving dtype) or "fp8"
-    paged_kernel: bool = True  # decode attention reads the KV pool in place on a GPU (engine.decode_kernel)
+    paged_kernel: bool = True  # short chunks' attention reads the KV pool in place on a GPU (engine.decode_kernel)
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE:

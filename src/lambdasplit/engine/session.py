@@ -55,10 +55,10 @@ class TextBody:
 
     runner: PartRunner
     manifest: PartManifest
-    cuda_graphs: bool = True  # replay captured decode steps on a GPU (engine.graphs)
+    cuda_graphs: bool = True  # replay captured steps on a GPU (engine.graphs)
     shards: int = 1  # tensor-parallel ranks the layers are cut over (each pool holds 1/shards of the KV heads)
     mirror: StepMirror | None = None  # tensor parallel: sends each step to the other ranks
-    paged_kernel: bool = True  # decode rows attend through engine.decode_kernel where it can run (a GPU)
+    paged_kernel: bool = True  # short chunks attend through engine.decode_kernel where it can run (a GPU)
 
     def __post_init__(self) -> None:
         if self.layers:
@@ -73,7 +73,7 @@ class TextBody:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             problem = decode_kernel.self_check(self.placement[0], self.placement[1], heads, kv_heads, head_dim)
             if problem:
-                log.warning("the paged decode kernel cannot be used here (%s); decode rows attend through "
+                log.warning("the paged decode kernel cannot be used here (%s); every chunk attends through "
                             "gather + SDPA", problem)
                 self.kernel = False
 

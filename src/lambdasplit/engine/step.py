@@ -113,7 +113,7 @@ class StepPlan:
     write: torch.Tensor  # (N,) slot of each packed position
     valid: torch.Tensor  # (N,) bool: the written slot may be attended to (0 marks padding)
     groups: list[Group]
-    kernel: bool = False  # decode groups attend through `engine.decode_kernel`, not gather + SDPA
+    kernel: bool = False  # groups of up to MAX_POSITIONS per row attend through `engine.decode_kernel`, not gather + SDPA
 
 
 def paged_attention(
@@ -253,7 +253,7 @@ class Step:
 
     def device_plan(self, pool: KVPool, kernel: bool = False) -> StepPlan:
         """The step's tensors on the pool's device, its written slots' validity set in the pool;
-        `kernel`: decode groups attend through the paged kernel."""
+        `kernel`: groups of up to `MAX_POSITIONS` per row attend through the paged kernel."""
         device = pool.valid.device
         write, valid = self.write.to(device, non_blocking=True), self.valid.to(device, non_blocking=True)
         pool.valid[write] = valid
