@@ -50,6 +50,8 @@ def generated_section(draw: bool = False) -> str:
     for name in ("serve-gpu-h200-2026-12-06", "serve-gpu-h100-2026-12-06", "serve-gpu"):
         if serve_gpu := _load(name):
             sections.append(serve_gpu_section(serve_gpu, name))
+    if mixed := _load("serve-gpu-h100-2026-12-07-mixed-steps"):
+        sections.append(mixed_steps_section(mixed, "serve-gpu-h100-2026-12-07-mixed-steps"))
     if kernel := _load("decode-kernel-h200"):
         sections.append(decode_kernel_section(kernel))
     if serve_cpu := _load("serve-cpu-paged"):
@@ -284,11 +286,7 @@ def serve_gpu_section(data: dict, name: str = "serve-gpu") -> str:
     lines += _body_step_table(data["body_step"]["steps"], data["body_step"].get("reference", "bf16"))
     if note := data["body_step"].get("note"):
         lines += ["", f"Note: {note}."]
-    if mixed := data["body_step"].get("mixed_steps"):
-        lines += ["", "Steps that are not decode-only (bf16, paged kernel), eager against the graphs path:", "",
-                  "| step | eager ms | graphs path ms | replayed from a graph | max abs diff |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {m['eager_ms']:.1f} | {m['graphs_ms']:.1f} | {'yes' if m['capturable'] else 'no'} | "
-                  f"{m['max_abs_diff']:.3g} |" for name, m in mixed.items()]
+    lines += _mixed_table(data["body_step"].get("mixed_steps"))
     lines += ["", "### Load generator against `lambdasplit serve` on the same card", ""]
     lines += _closed_loop_table(data["closed_loop"], data.get("open_loop"))
     lines += ["", "Server ms per forward is the mean of /metrics' `lambdasplit_forward_seconds` over the run."]
@@ -359,6 +357,27 @@ def decode_kernel_section(data: dict) -> str:
     lines += [f"| {c['rows']} | {c['keys']} | {c['gather_sdpa_us']:.0f} | {c['paged_kernel_us']:.0f} | {c['speedup']:.2f}x | "
               f"{c['kernel_read_tb_s']:.2f} | {c['relative_l2']:.4f} |" for c in data["cases"]]
     return "\n".join(lines)
+
+
+def _mixed_table(mixed: dict | None) -> list[str]:
+    """Steps that are not decode-only, eager against the graphs path (issue 22 item 4)."""
+    if not mixed:
+        return []
+    lines = ["", "Steps that are not decode-only (bf16), eager against the graphs path:", "",
+             "| step | eager ms | graphs path ms | replayed from a graph | max abs diff | relative L2 |", "|---|---|---|---|---|---|"]
+    for name, m in mixed.items():
+        relative = f"{m['relative_l2']:.3g}" if "relative_l2" in m else "-"
+        lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['graphs_ms']:.1f} | {'yes' if m['capturable'] else 'no'} | "
+                     f"{m['max_abs_diff']:.3g} | {relative} |")
+    return lines
+
+
+def mixed_steps_section(data: dict, name: str) -> str:
+    """A run of serve-gpu's steps part alone: the body's step in process, decode-only and mixed."""
+    lines = [f"## The body's step on one GPU (`{name}`): {data['model']}, split 1,1, bf16", "",
+             _env(data) + f"; `{data['command']}`; {data['note']}.", ""]
+    lines += _body_step_table(data["body_step"]["steps"], data["body_step"].get("reference", "bf16"))
+    return "\n".join(lines + _mixed_table(data["body_step"].get("mixed_steps")))
 
 
 def _body_step_table(steps: list[dict], reference: str) -> list[str]:

@@ -209,17 +209,19 @@ def mixed_steps(body, pool, seqs: dict, gen: torch.Generator, prompt: int = 32, 
                 assert pool.grow(decode, decode[0].length + length) and (not new or pool.grow(joining, prompt))
                 chunks = [Chunk(decode, states, torch.ones(rows, length, dtype=torch.long))]
                 chunks += [Chunk(joining, fresh, torch.ones(new, prompt, dtype=torch.long))] if new else []
-                replayed = body.kernel and capturable(plan_step(chunks), True)
+                replayed = body.cuda_graphs and body.kernel and capturable(plan_step(chunks), True)
                 _sync()
                 start = time.perf_counter()
                 last[mode] = fn(chunks)
                 _sync()
                 times[mode].append(time.perf_counter() - start)
                 pool.release(joining)
-            diffs.append(max((a.float() - b.float()).abs().max().item() for a, b in zip(last["eager"], last["graphs"], strict=True)))
+            eager, graphs = (torch.cat([o.float().flatten() for o in last[mode]]) for mode in modes)
+            diffs.append(((eager - graphs).abs().max().item(), ((eager - graphs).norm() / eager.norm()).item()))
         out[name] = {"eager_ms": statistics.median(times["eager"][2:]) * 1000,
                      "graphs_ms": statistics.median(times["graphs"][2:]) * 1000,
-                     "capturable": bool(replayed), "max_abs_diff": max(diffs)}
+                     "capturable": bool(replayed), "max_abs_diff": max(d[0] for d in diffs),
+                     "relative_l2": max(d[1] for d in diffs)}
         print(f"[mixed step] {name}: {out[name]}", flush=True)
     return out
 

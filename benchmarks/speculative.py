@@ -244,7 +244,7 @@ class _Tally:
             self.samples[mode]["trips"].append(r.round_trips)
             self.samples[mode]["tokens"].append(len(r.token_ids[0]))
             t, stages = r.timings, self.stages[mode]
-            drafting = (r.drafting or {}).get("ms_per_drafted_token", 0.0) * (r.drafting or {}).get("drafted", 0) / 1000
+            drafting = (r.drafting or {}).get("seconds", 0.0)  # rounds that proposed nothing included
             stages["head"] += t.head
             stages["body and network"] += t.body
             stages["tail"] += t.tail

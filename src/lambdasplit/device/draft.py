@@ -190,7 +190,7 @@ class DraftStats:
     def as_dict(self) -> dict[str, float]:
         return {"drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds,
                 "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
-                "ms_per_drafted_token": self.ms_per_drafted_token}
+                "ms_per_drafted_token": self.ms_per_drafted_token, "seconds": self.seconds}
 
 
 class DraftHeadCandidates(CandidateGenerator):
