@@ -172,3 +172,6 @@ def test_few_row_projections_equal_f_linear_and_one_row_is_bit_identical():
                 assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
             else:
                 assert torch.equal(got, want)
+    part.proj.to(torch.float64)  # moved to another dtype: plain F.linear again
+    x = torch.randn(1, 3, 64, dtype=torch.float64, generator=gen)
+    assert torch.equal(part.proj(x), F.linear(x, part.proj.weight, part.proj.bias))

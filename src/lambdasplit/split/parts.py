@@ -141,8 +141,8 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if not 1 < rows <= self.skinny_rows:
-            return super().forward(x)
+        if not 1 < rows <= self.skinny_rows or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+            return super().forward(x)  # also after the part was moved to a GPU or another dtype
         out = (self.weight @ x.reshape(rows, -1).T).T.contiguous()  # F.linear's layout (kernels want unit strides)
         out = out + self.bias if self.bias is not None else out
         return out.view(*x.shape[:-1], self.out_features)
