@@ -135,8 +135,7 @@ def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], contex
 
     body, pool = scheduler.bodies[0], scheduler.pool
     hidden = body.runner.config.hidden_size
-    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks, kernel=body.kernel),
-             "graphs": lambda chunks: body.run(pool, chunks)}
+    modes = step_modes(body, pool)
     rows_out = []
     for rows in rows_list:
         gen = torch.Generator(device=DEVICE).manual_seed(rows)
@@ -178,6 +177,15 @@ def _measure_variant(scheduler, variant: str, rows_list: tuple[int, ...], contex
     return rows_out
 
 
+def step_modes(body, pool) -> dict:
+    """The two ways the benchmarks run a body's step on the same chunks: eager, and the server's
+    own path (a CUDA graph wherever one can replay the step)."""
+    from lambdasplit.engine.step import run_chunks
+
+    return {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks, kernel=body.kernel),
+            "graphs": lambda chunks: body.run(pool, chunks)}
+
+
 MIXED = {  # name: (decode rows that take T positions each, T, new sessions whose prompt joins the step)
     "63 decode rows + a 32-position prompt": (63, 1, 1),
     "1 session x 4 positions (a verification frame)": (1, 4, 0),
@@ -191,11 +199,10 @@ def mixed_steps(body, pool, seqs: dict, gen: torch.Generator, prompt: int = 32, 
     kernel), on the same rows fed the same states, and how far the two outputs differ."""
     from lambdasplit.engine.graphs import capturable
     from lambdasplit.engine.kvpool import Sequence
-    from lambdasplit.engine.step import Chunk, plan_step, run_chunks
+    from lambdasplit.engine.step import Chunk, plan_step
 
     hidden = body.runner.config.hidden_size
-    modes = {"eager": lambda chunks: run_chunks(body.runner.module, pool, chunks, kernel=body.kernel),
-             "graphs": lambda chunks: body.run(pool, chunks)}
+    modes = step_modes(body, pool)
     out = {}
     for name, (rows, length, new) in MIXED.items():
         times: dict = {mode: [] for mode in modes}

@@ -136,14 +136,17 @@ NEW_TOKENS = [10, 8, 12]
 def test_sessions_decoding_through_the_kernel_get_unsplit_tokens(interpreted, tiny_models, family):
     """Three sessions batched in one body whose decode rows attend through the kernel (sliding
     windows and full layers where the family has them): every greedy token equals the unsplit
-    model's generate(), and the steps did batch sessions and did use the kernel."""
+    model's generate(), the steps did batch sessions, and the kernel took decode rows and prefill
+    chunks of several positions per row (step_tokens=4 cuts prompts into such chunks)."""
     path = tiny_models[family]
     bodies = load_scheduler(str(path), (2, 2)).bodies
     assert bodies[0].kernel, "the kernel should run under Triton's interpreter"
     calls = []
     original = decode_kernel.decode_attention
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lambdasplit.engine.step.decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+        # each call notes whether a row's block table repeats: positions of one chunk, one row each
+        patch.setattr("lambdasplit.engine.step.decode_attention", lambda *a, **k: calls.append(
+            len(a[4]) > len({tuple(t) for t in a[4].tolist()})) or original(*a, **k))
         scheduler = BodyScheduler(bodies, SchedulerLimits(step_tokens=4))
         steps = []
         scheduler.on_step = steps.append
@@ -154,6 +157,7 @@ def test_sessions_decoding_through_the_kernel_get_unsplit_tokens(interpreted, ti
         assert results.get(i) == want.tolist(), f"session {i}"
     assert calls, "no decode row went through the kernel"
     assert max(s.sessions for s in steps) > 1, "no step batched more than one session"
+    assert any(calls), "no chunk of several positions per row went through the kernel"
 
 
 def test_a_kernel_that_fails_its_self_check_leaves_the_body_on_gather_and_sdpa(interpreted, llama, monkeypatch, caplog):
