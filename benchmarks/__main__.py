@@ -1,4 +1,5 @@
 """`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `decode-kernel`, `self-draft`,
+`frame-cost [--baseline-src DIR]`,
 `device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8 | --body-device cuda]`, `report`."""
 
 from __future__ import annotations
@@ -106,6 +107,25 @@ def serve_gpu(
         return
     run_serve_gpu(quick, chosen, pick(variants, VARIANTS, "variants"), tuple(server_args.split()),
                   pick(ablations, ABLATIONS, "ablations"), tuple(int(n) for n in levels.split(",") if n.strip()))
+
+
+@app.command("frame-cost")
+def frame_cost(
+    rounds: Annotated[int, typer.Option(min=1, help="Runs of each side, alternating.")] = 3,
+    sessions: Annotated[int, typer.Option(min=1, help="Concurrent sessions.")] = 64,
+    client_processes: Annotated[int, typer.Option("--client-processes", min=1, help="Load-generator processes.")] = 2,
+    baseline_src: Annotated[Optional[Path], typer.Option(
+        "--baseline-src", help="The src directory of another lambdasplit checkout, whose server runs the same load "
+                               "(an A/B of a change).")] = None,
+) -> None:
+    """CPU: the body server's host time per frame (event loop, compute thread less the forward) with a
+    tiny body, against a bare websockets echo server (and another checkout's server)."""
+    from benchmarks.frame_cost import run_frame_cost
+
+    if baseline_src is not None and not (baseline_src / "lambdasplit" / "__init__.py").is_file():
+        raise typer.BadParameter(f"{baseline_src} has no lambdasplit package", param_hint="--baseline-src")
+    src = str(baseline_src.resolve()) if baseline_src is not None else None
+    typer.echo(f"wrote {run_frame_cost(rounds, sessions, client_processes, src)}")
 
 
 @app.command()

@@ -26,7 +26,8 @@
 # Exit status: 1 a stage failed (or tokens differed: its JSON is written first), 3 half a model,
 # 4 a corrupt model, 5 no gguf package, 6 no time left to evaluate, 7 no draft head.
 # Knobs (environment): TRAIN_MINUTES (5.3: train-draft's --max-minutes), GEN_BATCH (768 prompts
-# answered at once), EVAL_MINUTES (2.7; cut to what CALL_SECONDS, 570, leaves after training),
+# answered at once), DATA (/tmp/draft-data.safetensors: train-draft's --data, so a second training
+# call on the same warm machine reuses the answers and spends its minutes training), EVAL_MINUTES (2.7; cut to what CALL_SECONDS, 570, leaves after training),
 # SPEC_PROMPTS (8), SPEC_TOKENS (64), SPEC_MINUTES (3.5), SPEC_DRAFT (3: longest draft).
 set -euo pipefail
 : "${OUT:?set OUT to the output directory}"
@@ -78,7 +79,7 @@ if [ "${1:-}" = "--quick" ]; then
 else
   DEVICE=cuda
   TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-768}" --batch 32
-         --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.3}")
+         --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.3}" --data "${DATA:-/tmp/draft-data.safetensors}")
   EVAL=(--new-tokens 128)
   SPEC=(--prompts "${SPEC_PROMPTS:-8}" --new-tokens "${SPEC_TOKENS:-64}" --max-minutes "${SPEC_MINUTES:-3.5}")
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"

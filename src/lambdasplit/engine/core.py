@@ -385,8 +385,10 @@ class EngineClient:
         future = self._request(Op.REAP, _json({"idle": idle_seconds}), "reap")
         return _chain(future, lambda ids: [bytes.fromhex(s) for s in ids])
 
-    def submit(self, session_id: bytes, frame: Any) -> Future[tuple[EncodedReply | None, float]]:
-        return self._request(Op.SUBMIT, session_id + frame.to_bytes(), "frame")
+    def submit(self, session_id: bytes, frame: Any, waiter: Any = None) -> Any:
+        """As `BodyScheduler.submit`: answers `waiter` (a Future or a `scheduler.Waiter` that also
+        has `done()`), or a new Future; returned either way."""
+        return self._request(Op.SUBMIT, session_id + frame.to_bytes(), "frame", waiter)
 
     @property
     def health(self) -> EngineClient:
@@ -424,8 +426,8 @@ class EngineClient:
         self._fail_all("the body server is shutting down", quiet=True)
 
     # plumbing
-    def _request(self, op: Op, payload: bytes, what: str) -> Future:
-        future: Future = Future()
+    def _request(self, op: Op, payload: bytes, what: str, waiter: Any = None) -> Any:
+        future = waiter if waiter is not None else Future()
         with self._lock:
             if self._dead is not None:
                 future.set_exception(ComputeError(f"{self._dead}; retry on another server"))

@@ -97,6 +97,14 @@ class Session(Protocol):
     def close(self) -> None: ...
 
 
+class Waiter(Protocol):
+    """What a frame's answer is given to: a `Future`, or the server's lighter `cloud.deliveries.Answer`."""
+
+    def set_result(self, value: Any) -> None: ...
+
+    def set_exception(self, error: BaseException) -> None: ...
+
+
 class Body(Protocol):
     manifest: Any
 
@@ -108,7 +116,7 @@ class Body(Protocol):
 @dataclass
 class _Queued:
     frame: Frame
-    future: Future
+    future: Future | Waiter
     arrived: float
 
 
@@ -198,10 +206,11 @@ class BodyScheduler:
         the ids it closed, so the transport knows which of its sessions are gone."""
         return self._call(self._reap, idle_seconds)
 
-    def submit(self, session_id: bytes, frame: Frame) -> Future[tuple[Frame | None, float]]:
-        """Queue one frame for its session; resolves to (reply or None, compute seconds). A frame
-        whose kind or shape is wrong is refused here, before it is queued."""
-        future: Future[tuple[Frame | None, float]] = Future()
+    def submit(self, session_id: bytes, frame: Frame, waiter: Waiter | None = None) -> Future | Waiter:
+        """Queue one frame for its session; answers (reply or None, compute seconds) to `waiter`,
+        or to a new Future (returned either way). A frame whose kind or shape is wrong is refused
+        here, before it is queued."""
+        future = waiter if waiter is not None else Future()
         problem = frame_problem(frame, self.hidden_size)
         if problem is not None:
             future.set_exception(WireError(problem))

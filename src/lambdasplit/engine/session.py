@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -129,7 +129,7 @@ class Work:
     outputs: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0  # compute time of the steps it took part in
     waiting_since: float | None = None  # when it first found the KV pool short
-    future: Future | None = None  # the transport's wait for the reply
+    future: Any = None  # the transport's wait for the reply: a Future or a scheduler.Waiter
     arrived: float = 0.0  # when the frame was queued (monotonic)
     failures: int = 0  # steps in a row that failed with this work in them
     ahead: tuple[int, ChunkPlan] | None = None  # (done, plan) of its next chunk, planned while a step ran
@@ -145,6 +145,8 @@ class Work:
     def chunk(self, positions: int, done: int | None = None) -> Chunk:
         """Its next `positions` positions, from `done` (default: what has run)."""
         done = self.done if done is None else done
+        if done == 0 and positions == self.hidden.shape[1]:  # the whole frame (every decode step): no slicing
+            return Chunk(self.rows, self.hidden, self.mask)
         part = slice(done, done + positions)
         return Chunk(self.rows, self.hidden[:, part], self.mask[:, part])
 
