@@ -24,6 +24,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,11 +183,18 @@ def run_frame_cost(rounds: int = 3, sessions: int = 64, procs: int = 2, baseline
             ratios[f"{key}_vs_baseline"] = medians["this"][key] / medians["baseline"][key]
     payload = {"suite": NAME, "environment": environment("cpu"), "sessions": sessions, "client_processes": procs,
                "model": f"random Llama, hidden {HIDDEN}, 3 layers, split 1,1", "prompt_tokens": PROMPT,
-               "decode_steps": STEPS, "codec": "bf16", "baseline_src": baseline_src, "rounds": rounds,
+               "decode_steps": STEPS, "codec": "bf16", "this_commit": _commit(str(Path(__file__).parent)),
+               "baseline_src": baseline_src, "baseline_commit": _commit(baseline_src) if baseline_src else None, "rounds": rounds,
                "runs": runs, "medians": medians, "ratios": ratios}
     out = write(NAME, payload, RESULTS)
     plot(payload, out.with_suffix(".png"))
     return out
+
+
+def _commit(directory: str) -> str | None:
+    """The short commit of the git checkout holding `directory`, if it is one."""
+    done = subprocess.run(["git", "-C", directory, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def plot(payload: dict, path: Path) -> Path | None:

@@ -56,6 +56,8 @@ def generated_section(draw: bool = False) -> str:
         sections.append(decode_kernel_section(kernel))
     if serve_cpu := _load("serve-cpu-paged"):
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
+    if frame_cost := _load("frame-cost-cpu"):
+        sections.append(frame_cost_section(frame_cost))
     for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda"):
         if speculative := _load(name):
             rows = speculative["rows"]
@@ -418,6 +420,31 @@ def serve_cpu_section(data: dict, name: str) -> str:
     if 1 in by and 8 in by:
         ratio = by[8]["aggregate_decode_tok_s"] / by[1]["aggregate_decode_tok_s"]
         lines += ["", f"8 sessions against 1: **{ratio:.2f}x** aggregate (target 2.5x: {'met' if ratio >= 2.5 else 'missed'})."]
+    return "\n".join(lines)
+
+
+def frame_cost_section(data: dict) -> str:
+    """The body server's host time per frame by thread, against the websockets echo floor (issue 22)."""
+    medians, ratios = data["medians"], data["ratios"]
+    labels = {"this": f"this checkout ({data.get('this_commit') or 'uncommitted'})",
+              "baseline": f"baseline ({data.get('baseline_commit') or data['baseline_src']})",
+              "echo": "bare websockets echo server (the floor)"}
+    lines = [f"## Host time per frame of the body server (`frame-cost-cpu`): {data['model']}, {data['sessions']} sessions, "
+             f"{data['codec']} frames", "", _env(data) + f"; clients in {data['client_processes']} processes on the same "
+             f"cores; medians of {data['rounds']} alternating runs.", "",
+             "| server | event loop us/frame | compute thread less forward us/frame | forward us/frame | decode tok/s | "
+             "between steps p50 ms | plan / reply p50 ms |", "|---|---|---|---|---|---|---|"]
+    for name, row in medians.items():
+        if name == "echo":
+            lines.append(f"| {labels[name]} | {row['loop_us_per_frame']:.1f} | - | - | - | - | - |")
+            continue
+        lines.append(f"| {labels[name]} | {row['loop_us_per_frame']:.1f} | {row['compute_us_per_frame']:.1f} | "
+                     f"{row['forward_us_per_frame']:.1f} | {row['tok_s']:,.0f} | {row['server_between_ms_p50']:.2f} | "
+                     f"{row['server_plan_ms_p50']:.2f} / {row['server_reply_ms_p50']:.2f} |")
+    lines += ["", f"The event loop spends **{ratios['loop_vs_echo']:.2f}x** the bare WebSocket stack's time per frame."]
+    if "loop_us_per_frame_vs_baseline" in ratios:
+        lines[-1] += (f" Against the baseline: event loop **{ratios['loop_us_per_frame_vs_baseline']:.2f}x**, compute thread "
+                      f"{ratios['compute_us_per_frame_vs_baseline']:.2f}x, decode tok/s {ratios['tok_s_vs_baseline']:.2f}x.")
     return "\n".join(lines)
 
 
