@@ -543,6 +543,34 @@ def test_an_idle_session_expires(bodies, runtime, caplog):
         assert any("(expired)" in r.getMessage() for r in problems(caplog))
 
 
+def test_a_frame_in_the_body_for_longer_than_the_ttl_does_not_expire_its_session(bodies, runtime, monkeypatch):
+    """The TTL counts only the time the server waits for the device's next frame: a step that runs
+    for three TTLs (a long queue, a slow body) answers its frame, and the session goes on."""
+    slow = [True]
+
+    class SlowStep:
+        def __init__(self, step) -> None:
+            self._step = step
+
+        def __call__(self, *args, **kwargs):
+            if slow[0]:
+                slow[0] = False
+                threading.Event().wait(1.5)  # this step takes three TTLs
+            return self._step(*args, **kwargs)
+
+    with ThreadServer(bodies, session_ttl=0.5) as server:
+        for body in server.scheduler.bodies:
+            monkeypatch.setattr(body, "step", SlowStep(body.step))
+        ws, session = raw_session(server, runtime)
+        ws.send(hidden_frame(session, 1, 1, 3).to_bytes())
+        assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
+        assert not slow[0]  # the slow step ran
+        ws.send(hidden_frame(session, 2, 1, 1).to_bytes())
+        assert parse_frame(ws.recv(timeout=15)).type == MsgType.HIDDEN
+        assert server.scheduler.sessions.keys() == {session}
+        ws.close()
+
+
 def test_a_reaped_session_and_a_closed_one_each_count_once(bodies, runtime):
     """`sessions_active` reads the server's own set of open sessions: a session the reaper closed
     while its connection still ran is not taken off again when that connection ends."""
