@@ -174,6 +174,10 @@ class BodyScheduler:
         self._free, self._free_read = 0, -FREE_MEMORY_TTL  # free memory, and when it was last read
         self._answered: set[bytes] = set()  # sessions the last step answered, and when (see _gather)
         self._answered_at = 0.0
+        # Of those, the ones whose next frame has come, and when (not before the step's end), kept
+        # up to date as frames arrive: recounting them at every arrival cost O(sessions^2) per step.
+        self._back: dict[bytes, float] = {}
+        self._latest_back = 0.0
         self._answered_hold = 0.0  # how long after that step a step waits for the first of them
         self._early: dict[bytes, float] = {}  # sessions whose frame started while a step ran: when it arrived
         self._step_ended: float | None = None  # perf_counter at the end of the last batched step
@@ -219,7 +223,10 @@ class BodyScheduler:
             if self._closed is not None:
                 future.set_exception(self._closed)
                 return future
-            self._frames.append((session_id, _Queued(frame, future, time.monotonic())))
+            arrived = time.monotonic()
+            self._frames.append((session_id, _Queued(frame, future, arrived)))
+            if session_id in self._answered and session_id not in self._back:
+                self._note_back(session_id, arrived)
             self._wake.notify()
         return future
 
@@ -326,21 +333,29 @@ class BodyScheduler:
 
     def _hold_for_answered(self) -> None:
         while not (self._stopping or self._calls):
-            back = self._returned()
-            if len(back) >= len(self._answered & self.sessions.keys()):
+            if len(self._back) >= len(self._answered):
                 return
-            deadline = (max(back) + self.limits.step_wait) if back else self._answered_at + self._answered_hold
+            deadline = (self._latest_back + self.limits.step_wait) if self._back else self._answered_at + self._answered_hold
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             self._wake.wait(timeout=left)
 
-    def _returned(self) -> list[float]:
-        """When each session the last step answered sent its next frame, for those that have."""
-        arrived = {s: q.arrived for s, q in reversed(self._frames) if s in self._answered}
-        arrived.update({s: t for s, t in self._early.items() if s in self._answered})
-        arrived.update({s: q[0].arrived for s, q in self._queues.items() if q and s in self._answered})
-        return [max(t, self._answered_at) for t in arrived.values()]
+    def _note_back(self, session_id: bytes, arrived: float) -> None:
+        """An answered session's next frame came (the caller holds `_wake`)."""
+        at = max(arrived, self._answered_at)
+        self._back[session_id] = at
+        self._latest_back = max(self._latest_back, at)
+
+    def _answered_now(self, finished: list[Work]) -> None:
+        """The step answered `finished`: the sessions `_gather` holds the next step for, and those of
+        them whose next frame is here already (queued, or started while the step ran)."""
+        answered, now = {w.session.session_id for w in finished}, time.monotonic()
+        with self._wake:
+            self._answered, self._answered_at, self._back, self._latest_back = answered, now, {}, now
+            waiting = {s for s, _ in self._frames} | self._early.keys() | {s for s, q in self._queues.items() if q}
+            for session_id in answered & waiting:
+                self._note_back(session_id, now)
 
     def _open(self, body_index: int) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
@@ -360,6 +375,9 @@ class BodyScheduler:
         """Close a session and fail its waiting frames with `error` (default: expired)."""
         session = self.sessions.pop(session_id, None)
         self._last_used.pop(session_id, None)
+        with self._wake:  # no step waits for a closed session's next frame
+            self._answered.discard(session_id)
+            self._back.pop(session_id, None)
         work = self._active.pop(session_id, None)
         waiting = [q.future for q in self._queues.pop(session_id, ())] + ([work.future] if work else [])
         for future in waiting:
@@ -570,7 +588,7 @@ class BodyScheduler:
             if work.remaining == 0:
                 finished.append(work)
         self._complete(finished)
-        self._answered, self._answered_at = {w.session.session_id for w in finished}, time.monotonic()
+        self._answered_now(finished)
         self._answered_hold = max(self.limits.step_wait, seconds)
         ended, since, held = time.perf_counter(), self._step_ended, self._held
         self._step_ended, self._held = ended, 0.0
