@@ -22,7 +22,7 @@ from lambdasplit.engine.local import LocalBody
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
 from lambdasplit.engine.session import decode_hidden
 from lambdasplit.engine.step import Chunk
-from lambdasplit.errors import WireError
+from lambdasplit.errors import ComputeError, WireError
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import MsgType, parse_frame, tensor_frame
 from tests.conftest import oracle
@@ -423,4 +423,32 @@ def test_a_step_waits_a_bounded_time_for_the_sessions_the_last_step_answered(bod
     alone = scheduler.submit(a, frame(a, 3, 1))  # b never sends again
     assert _answer(alone).shape == (1, 1, width)
     assert [s.sessions for s in steps] == [1]
+    scheduler.shutdown()
+
+
+def test_a_session_whose_reply_fails_is_not_waited_for_by_the_next_step(bodies):
+    """A session closed while its step's replies are made (its reply failed) never sends again:
+    the next step must not hold the others for it (it held them for the whole step wait)."""
+    width = bodies[0].runner.config.hidden_size
+    scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=600.0))
+    steps = []
+    scheduler.on_step = steps.append
+    a, b = scheduler.open_session().result(10), scheduler.open_session().result(10)
+
+    def frame(session, seq):
+        return tensor_frame(MsgType.HIDDEN, torch.randn(1, 1, width), Codec.FP32, session, seq)
+
+    def failing_finish(work, payload):
+        raise RuntimeError("the reply could not be made")
+
+    scheduler.sessions[a].finish = failing_finish
+    with scheduler._wake:  # both frames queue before the loop looks: one step
+        first = [scheduler.submit(s, frame(s, 1)) for s in (a, b)]
+    with pytest.raises(ComputeError):
+        first[0].result(timeout=60)
+    _answer(first[1])
+    assert [s.sessions for s in steps] == [2]
+    assert a not in scheduler.sessions
+    assert _answer(scheduler.submit(b, frame(b, 2))).shape == (1, 1, width)
+    assert [s.sessions for s in steps] == [2, 1]
     scheduler.shutdown()

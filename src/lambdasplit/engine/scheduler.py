@@ -349,8 +349,10 @@ class BodyScheduler:
 
     def _answered_now(self, finished: list[Work]) -> None:
         """The step answered `finished`: the sessions `_gather` holds the next step for, and those of
-        them whose next frame is here already (queued, or started while the step ran)."""
-        answered, now = {w.session.session_id for w in finished}, time.monotonic()
+        them whose next frame is here already (queued, or started while the step ran). A session
+        closed meanwhile (its reply failed) is not waited for: it never sends again."""
+        answered = {w.session.session_id for w in finished} & self.sessions.keys()
+        now = time.monotonic()
         with self._wake:
             self._answered, self._answered_at, self._back, self._latest_back = answered, now, {}, now
             waiting = {s for s, _ in self._frames} | self._early.keys() | {s for s, q in self._queues.items() if q}
