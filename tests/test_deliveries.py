@@ -63,3 +63,17 @@ def test_an_answer_after_the_loop_closed_is_dropped_quietly():
     loop.close()
     answer.set_result("too late")  # the compute thread finishing a step after shutdown: no exception
     assert answer.done()
+
+
+def test_an_answer_asyncio_refuses_fails_alone_and_the_rest_of_the_burst_is_delivered():
+    async def main() -> list:
+        deliveries = Deliveries(asyncio.get_running_loop())
+        answers = [deliveries.answer() for _ in range(3)]
+        answers[0].set_result("first")
+        answers[1].set_exception(StopIteration())  # asyncio futures refuse StopIteration
+        answers[2].set_result("third")
+        return await asyncio.wait_for(asyncio.gather(*(a.future for a in answers), return_exceptions=True), 30)
+
+    first, refused, third = asyncio.run(main())
+    assert (first, third) == ("first", "third")
+    assert isinstance(refused, RuntimeError) and "undeliverable" in str(refused)

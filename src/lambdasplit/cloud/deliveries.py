@@ -11,8 +11,11 @@ answer that came meanwhile.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Deliveries:
@@ -44,10 +47,14 @@ class Deliveries:
         for future, value, error in ready:
             if future.done():  # its connection stopped waiting (cancelled)
                 continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
+            try:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(value)
+            except Exception as exc:  # noqa: BLE001 - e.g. an exception asyncio refuses: the rest of the burst still goes
+                log.error("could not deliver an answer (%s); its connection gets an internal error", type(exc).__name__)
+                future.set_exception(RuntimeError(f"undeliverable answer ({type(exc).__name__})"))
 
 
 class Answer:

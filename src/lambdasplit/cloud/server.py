@@ -332,8 +332,10 @@ class _IdleWatch:
         except asyncio.CancelledError:
             if not self._expired:
                 raise
-            if hasattr(self._task, "uncancel"):  # Python 3.11+ counts cancellations: this one is handled
-                self._task.uncancel()
+            # Python 3.11+ counts cancellations: ours is handled; one more means someone else also
+            # cancelled this task (a shutdown), and theirs wins.
+            if hasattr(self._task, "uncancel") and self._task.uncancel() > 0:
+                raise
             raise ExpiredError(f"session idle for {self.ttl:.0f} s; expired") from None
         finally:
             self._since = None
