@@ -36,6 +36,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -297,7 +298,11 @@ def step_cycle(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 
 def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate: float, duration: float,
-                   extra: tuple[str, ...] = (), profile: bool = False, compare_alone: bool = True) -> dict:
+                   extra: tuple[str, ...] = (), profile: bool = False, compare_alone: bool = True,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Closed loop at each level, then the bf16 batched-vs-alone check and the open loop, against one
+    server; `on_progress(out)` after each of them, so a run cut short by its call's limit keeps what
+    it finished (the 12-07 H200 run lost its rows to the limit during the open loop)."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.split.load import open_source
 
@@ -325,11 +330,15 @@ def load_generator(path, prompt: int, steps: int, levels: tuple[int, ...], rate:
                                                   - before["lambdasplit_step_sessions_sum"]) / max(forwards, 1)
             row.update(step_cycle(before, after))
             out["closed_loop"].append(row)
+            if on_progress is not None:
+                on_progress(out)
             print(f"[serve] {n} sessions: {row['aggregate_decode_tok_s']} tok/s, ITL p50/p99 {row['itl_ms']}, "
                   f"TTFT {row['ttft_ms']}, {row['server_forward_ms_mean']:.2f} ms/forward, "
                   f"{row['server_sessions_per_forward']:.1f} sessions/forward, errors {row['errors']}", flush=True)
         if compare_alone and levels[-1] >= 64 and 64 in levels:
             out["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
+            if on_progress is not None:
+                on_progress(out)
         if rate:
             out["open_loop"] = open_loop(base, rate, duration, CLIENTS, 0)
             print(f"[serve] open loop {rate}/s: {out['open_loop']['aggregate_decode_tok_s']} tok/s, "
@@ -579,9 +588,14 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
         payload["body_agreement"] = body_agreement(os.environ.get("GGUF", "/tmp/smollm2.gguf"))
         write(NAME, payload)
     if "serve" in parts:
-        payload.update(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, server_args, profile=not quick))
         payload["serve_args"] = list(server_args)
-        write(NAME, payload)
+
+        def keep(partial: dict) -> None:
+            payload.update(partial)
+            write(NAME, payload)
+
+        keep(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, server_args, profile=not quick,
+                            on_progress=keep))
     if "ablations" in parts and not quick:  # 64 sessions with one setting changed, and unchanged (its own baseline)
         payload["ablations"] = {}
         for name in ablations:
