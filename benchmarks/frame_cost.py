@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.common import RESULTS, environment, write
 from benchmarks.serve import Load, closed_loop
+from lambdasplit.engine.kvpool import BLOCK_SIZE
 
 NAME = "frame-cost-cpu"
 HIDDEN = 512
@@ -81,9 +82,11 @@ def server_run(path: Path, manifest: dict, sessions: int, procs: int, src: str |
     # the forward is its Python. The baseline's child imports lambdasplit from the other checkout.
     env = {"OMP_NUM_THREADS": "1", **({"PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
                                        if src else {})}
+    # KV of the one body layer: keys and values of 512 float32 values per position.
+    pool_mib = -(-sessions * (PROMPT + STEPS + BLOCK_SIZE) * 2 * HIDDEN * 4 // (1 << 20)) + 16
     with _environment(env):
         server = ServerProcess("--model", str(path), "--split", "1,1", "--device", "cpu", "--max-sessions",
-                               str(sessions + 64), "--kv-pool", "64", timeout=300)
+                               str(sessions + 64), "--kv-pool", str(pool_mib), timeout=300)
     with server:
         base = Load(server.url, manifest, None, PROMPT, STEPS, [])
         closed_loop(base, sessions, procs, 5)  # warm-up
@@ -91,6 +94,8 @@ def server_run(path: Path, manifest: dict, sessions: int, procs: int, src: str |
         before, threads0 = _metrics(server.url), _thread_seconds(proc)
         row = closed_loop(base, sessions, procs, 0)
         after, threads1 = _metrics(server.url), _thread_seconds(proc)
+    if row["errors"] or row["completed"] != sessions:
+        raise RuntimeError(f"{sessions - row['completed']} of {sessions} sessions failed: {row['errors'][:3]}")
     frames = row["replies"]
     spent = {tid: threads1[tid] - threads0.get(tid, 0.0) for tid in threads1}
     forward = after["lambdasplit_forward_seconds_sum"] - before["lambdasplit_forward_seconds_sum"]
