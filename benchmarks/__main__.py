@@ -244,9 +244,9 @@ def agreement(
 
 @app.command("draft-tree")
 def draft_tree(
-    prompts: Annotated[int, typer.Option(help="Held-out chat prompts (of 40).")] = 40,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Longest reference answer.")] = 128,
-    calibration: Annotated[int, typer.Option(help="Validation prompts that choose the tree-N shapes.")] = 16,
+    prompts: Annotated[int, typer.Option(min=1, max=40, help="Held-out chat prompts (of 40).")] = 40,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Longest reference answer.")] = 128,
+    calibration: Annotated[int, typer.Option(min=1, help="Validation prompts that choose the tree-N shapes.")] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Directory for draft-tree-cpu.json (default benchmarks/results).")] = None,
 ) -> None:
     """The draft head drafting a chain or a small tree, offline on this CPU: tokens per round trip

@@ -1,6 +1,6 @@
 """Chain or tree of drafts (issue 24): does a small tree pay over a network? Offline, on this CPU.
 
-    python -m benchmarks draft-tree [--prompts 40] [--new-tokens 128] [--calibration 16]
+    python -m benchmarks draft-tree [--prompts 40] [--new-tokens 128] [--calibration 16] [--out DIR]
 
 The shipped draft head drafts for the embedded SmolLM2-135M-Instruct, which is also the verifier
 (float32, greedy). Tokens per round trip are counted, not timed: the model's greedy answers to the
@@ -472,5 +472,9 @@ def _line(row: dict[str, Any]) -> str:
             f"{row['draft_ms_per_drafted_token']:.2f} device ms per drafted token ({row['draft_ms_per_round']:.1f} per round)")
 
 
-if __name__ == "__main__":
-    print(f"wrote {run()}")
+if __name__ == "__main__":  # `python -m benchmarks.draft_tree ARGS` is `python -m benchmarks draft-tree ARGS`
+    import sys
+
+    from benchmarks.__main__ import app
+
+    app(["draft-tree", *sys.argv[1:]], prog_name="python -m benchmarks")

@@ -4,6 +4,10 @@ counts on an answer whose drafts are accepted or not by construction."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -160,3 +164,10 @@ def test_the_network_model_pads_to_cheaper_counts_and_weighs_a_varying_chain_by_
     assert table["gpu@100"]["shapes"]["chain"]["tok_s"] == pytest.approx(1500 / ((100 + 10 + 10 + 100 + 10 + 20) / 2 + 4))
     assert table["gpu@100"]["shapes"]["chain"]["vs_plain"] == pytest.approx(
         table["gpu@100"]["shapes"]["chain"]["tok_s"] / (1000 / 120))
+
+
+def test_python_dash_m_benchmarks_draft_tree_is_the_subcommand():
+    """`python -m benchmarks.draft_tree` ran the full benchmark with its defaults, whatever it was given."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.draft_tree", "--prompts", "41"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Invalid value for '--prompts'" in out.stderr
