@@ -4,6 +4,7 @@ answers for the whole server from any of them, and a front end that dies leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -12,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -26,7 +29,8 @@ from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
-from lambdasplit.engine.core import HEADER, Op, _EngineLoop, _ready, engine_main
+from lambdasplit.engine.core import HEADER, EngineClient, Op, _EngineLoop, _ready, engine_main
+from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.errors import ComputeError
 from lambdasplit.listen import claim_shared_port
 from tests.conftest import oracle
@@ -238,3 +242,42 @@ def test_a_failed_load_is_reported_even_when_the_other_pipes_are_closed():
         signal.signal(signal.SIGINT, handler)  # engine_main leaves Ctrl-C to the front ends
     with pytest.raises(ComputeError, match="JSONDecodeError"):
         _ready(pipes[0][0])
+
+
+
+@contextlib.contextmanager
+def _engine_thread(llama, front_ends: int) -> Iterator[tuple[_EngineLoop, list[EngineClient]]]:
+    """The engine's loop on a thread of this process over `front_ends` pipes, each with its client;
+    stopped as the front ends stop it (every pipe closed)."""
+    pipes = [multiprocessing.Pipe() for _ in range(front_ends)]
+    loop = _EngineLoop([engine_end for _, engine_end in pipes], load_scheduler(str(llama), (2, 2)), 1 << 20)
+    engine = threading.Thread(target=loop.run, name="engine", daemon=True)
+    engine.start()
+    clients = [EngineClient.attach(front_end) for front_end, _ in pipes]
+    try:
+        yield loop, clients
+    finally:
+        for client in clients:
+            client.shutdown()
+        engine.join(60)
+    assert not engine.is_alive()
+
+
+def test_a_front_ends_reaper_closes_only_its_own_idle_sessions(llama):
+    """Each front end forgets only the ids its own REAP returns (its `sessions_active` is its set of
+    open sessions): a reaper that closed another front end's idle session left that one counting it."""
+    with _engine_thread(llama, 2) as (loop, clients):
+        first, second = (client.open_session(0).result(timeout=60) for client in clients)
+        assert clients[1].reap(0.0).result(timeout=60) == [second]
+        assert set(loop.scheduler.sessions) == {first}  # still open: the first front end's reaper closes it
+        assert clients[0].reap(0.0).result(timeout=60) == [first]
+        assert loop.scheduler.sessions == {}
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_front_end_that_stops_ends_its_engine_reader_quietly(llama):
+    """A spawned front end's `shutdown()` closes its pipe under its reader thread, which is waiting for
+    the next message: that message (a heartbeat) raised TypeError in the reader, a traceback as it stopped."""
+    with _engine_thread(llama, 1) as (_, clients):
+        assert clients[0].health.problem() is None
+    assert "shutting down" in str(clients[0].problem())

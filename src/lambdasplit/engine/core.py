@@ -23,7 +23,8 @@ The engine serves one pipe per front end (`serve --front-ends N`, `cloud/fronten
 ids are each pipe's own, replies go back on the pipe the request came on, heartbeats go to every
 pipe and step statistics and refusals to the first (the metrics are shared between the front
 ends). A session belongs to the pipe that opened it: when a front end's pipe closes, its sessions
-are closed, and so is one that finishes opening after that. The engine stops on SHUTDOWN (sent by
+are closed, and so is one that finishes opening after that; a REAP closes idle sessions of its own
+pipe only (every front end runs its reaper). The engine stops on SHUTDOWN (sent by
 the first front end) or when every pipe has closed.
 """
 
@@ -217,7 +218,9 @@ class _EngineLoop:
                 future = scheduler.close_session(session)
                 future.add_done_callback(lambda f: self._value_result(link, request, f, lambda _: None))
             elif op == Op.REAP:
-                future = scheduler.reap(json.loads(bytes(payload))["idle"])
+                with self.owned_lock:
+                    owned = frozenset(self.owned[link])  # a copy: this thread changes the set while the reap waits
+                future = scheduler.reap(json.loads(bytes(payload))["idle"], owned)
                 future.add_done_callback(lambda f: self._reaped(link, request, f))
         except Exception as exc:  # noqa: BLE001 - a refused request fails alone
             self._send(link, Kind.ERROR, request, _json(_error_dict(exc)))
@@ -237,12 +240,13 @@ class _EngineLoop:
         self.scheduler.close_session(session)
 
     def _reaped(self, link: int, request: int, future: Future) -> None:
-        """The reaper closes idle sessions of every front end; each pipe forgets its own."""
+        """A front end's reaper closes idle sessions of its own pipe only, since only that front end
+        learns which ones it closed (and stops counting them); the pipe forgets them."""
         if _exception(future) is None:
             with self.owned_lock:
-                for owned in self.owned:
-                    if owned is not None:
-                        owned.difference_update(future.result())
+                owned = self.owned[link]
+                if owned is not None:
+                    owned.difference_update(future.result())
         self._value_result(link, request, future, lambda ids: [s.hex() for s in ids])
 
     def _frame_result(self, link: int, request: int, future: Future) -> None:
@@ -445,7 +449,9 @@ class EngineClient:
         while True:
             try:
                 message = self.conn.recv_bytes()
-            except (EOFError, OSError, ValueError):  # ValueError: closed here by shutdown()
+            except (EOFError, OSError, ValueError, TypeError):
+                # ValueError, TypeError: shutdown() closed the pipe here, between two messages or
+                # (TypeError) inside one: a read blocked on a message's length still returns it
                 break
             for kind, request, payload in _unbatch(memoryview(message)):
                 try:

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -205,10 +205,11 @@ class BodyScheduler:
         """Close a session (after its loop has stopped there is nothing left to close: resolves at once)."""
         return self._call(self._forget, session_id, noop_when_closed=True)
 
-    def reap(self, idle_seconds: float) -> Future[list[bytes]]:
-        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections);
-        the ids it closed, so the transport knows which of its sessions are gone."""
-        return self._call(self._reap, idle_seconds)
+    def reap(self, idle_seconds: float, among: Collection[bytes] | None = None) -> Future[list[bytes]]:
+        """Close sessions idle for longer than `idle_seconds` (a backstop for lost connections), of
+        `among` only if given (one front end's); the ids it closed, so the transport knows which of
+        its sessions are gone."""
+        return self._call(self._reap, idle_seconds, among)
 
     def submit(self, session_id: bytes, frame: Frame, waiter: Waiter | None = None) -> Future | Waiter:
         """Queue one frame for its session; answers (reply or None, compute seconds) to `waiter`,
@@ -392,9 +393,10 @@ class BodyScheduler:
         self._preempted.pop(session_id, None)
         self._close(session_id)
 
-    def _reap(self, idle_seconds: float) -> list[bytes]:
+    def _reap(self, idle_seconds: float, among: Collection[bytes] | None) -> list[bytes]:
         now = time.monotonic()
-        stale = [s for s, t in self._last_used.items() if now - t > idle_seconds and s not in self._active]
+        stale = [s for s, t in self._last_used.items()
+                 if now - t > idle_seconds and s not in self._active and (among is None or s in among)]
         for session_id in stale:
             log.warning("session %s idle for over %.0f s; closed", session_id.hex()[:8], idle_seconds)
             self._close(session_id)
