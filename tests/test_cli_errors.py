@@ -95,6 +95,10 @@ CASES = {
     "negative K (info)": (["info", "--split", "-1,2"], "'-1,2': expected K,M"),
     "negative K (audit)": (["audit", "--split", "2,-2"], "'2,-2': expected K,M"),
     "certs into a file": (["certs", "--out", "{unwritable}"], "cannot write the certificates"),
+    # The server process loads the TLS files before the engine loads the model (here: a missing one);
+    # the spawned front ends load them again only after that.
+    "TLS key missing with front ends": (["serve", "--front-ends", "2", "--model", "{unwritable}", "--tls-cert", "{token}",
+                                         "--tls-key", "{unwritable}"], "cannot load the TLS certificate"),
     "zero denoising steps": (["image", "a fox", "--steps", "0"], "'--steps'"),
     "negative denoising steps": (["image", "a fox", "--steps", "-3"], "'--steps'"),
     "device part without --server": (["generate", "hi", "--model", "{device_part}"], "pass --server ws://HOST:PORT"),
@@ -208,6 +212,7 @@ TP_REFUSED = {
                              "--tensor-parallel 9 --device cuda needs 9 CUDA GPUs on this host; it has 8"),
     "no token off loopback": (["--host", "0.0.0.0"], "refusing to serve on 0.0.0.0 without authentication"),
     "port in use": (["--port", "{taken}"], "already in use"),
+    "TLS key missing": (["--tls-cert", "{token}", "--tls-key", "{unwritable}"], "cannot load the TLS certificate"),
 }
 
 
@@ -375,3 +380,14 @@ def test_audit_progress_counts_every_unit(tmp_path, smollm2_dir):
     assert all(done <= total for _, done, total in calls)
     assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)
     assert sum(1 for label, _, _ in calls if label.startswith("training the inverter")) == 4  # 2 K x (start, end)
+
+
+def test_a_tls_certificate_or_key_that_cannot_be_loaded_is_named(tmp_path):
+    """OpenSSL's error for a missing file names neither file."""
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.security import server_ssl_context
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    with pytest.raises(LambdaSplitError) as refused:
+        server_ssl_context(cert, key)
+    assert str(refused.value) == f"cannot load the TLS certificate {cert} with the key {key}: [Errno 2] No such file or directory"

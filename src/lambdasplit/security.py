@@ -50,8 +50,8 @@ def server_ssl_context(cert: str | Path | None, key: str | Path | None) -> ssl.S
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise LambdaSplitError(f"cannot load the TLS certificate/key: {exc}") from None
+    except (OSError, ssl.SSLError) as exc:  # a missing file's error names neither path: say both
+        raise LambdaSplitError(f"cannot load the TLS certificate {cert} with the key {key}: {exc}") from None
     return context
 
 

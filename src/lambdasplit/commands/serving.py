@@ -186,6 +186,7 @@ def serve(
             "(or --insecure-no-auth on a network you trust)"
         )
     check_bindable(host, port)  # a taken port fails in a second, not after the model loaded
+    tls = server_ssl_context(tls_cert, tls_key)  # so does a wrong certificate or key (spawned front ends load them again)
     tp = None
     if tensor_parallel > 1:
         from lambdasplit.engine.parallel import TensorParallel
@@ -205,7 +206,7 @@ def serve(
         build, args = load_diffusion_scheduler, (pipeline, mode, k, dtype, device, limits)
     else:
         build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp, options)
-    config = ServerConfig(host, port, token, server_ssl_context(tls_cert, tls_key), session_ttl, reuse_port=front_ends > 1)
+    config = ServerConfig(host, port, token, tls, session_ttl, reuse_port=front_ends > 1)
     if front_ends > 1:
         _serve_front_ends(config, front_ends, FrontEndSpec(host, port, token, tls_cert, tls_key, session_ttl, uvloop),
                           build, args)
