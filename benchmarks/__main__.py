@@ -1,4 +1,4 @@
-"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick]`, `decode-kernel`, `self-draft`,
+"""`python -m benchmarks cpu [--quick]`, `gpu`, `diffusion`, `serve [--quick]`, `serve-gpu [--quick] [--out DIR]`, `decode-kernel`, `self-draft`,
 `frame-cost [--baseline-src DIR]`,
 `device [--quick]`, `agreement [--quick]`, `draft-tree`, `speculative [--quick | --draft-lengths 3,8 | --body-device cuda]`, `report`."""
 
@@ -68,10 +68,10 @@ def decode_kernel() -> None:
 def serve_gpu(
     quick: Annotated[bool, typer.Option(help="2 levels, 16 steps: a smoke run.")] = False,
     exactness_only: Annotated[bool, typer.Option(
-        help="Only compare 64 sessions' bf16 replies together against alone; merged into serve-gpu.json.")] = False,
+        help="Only compare 64 sessions' bf16 replies together against alone; merged into --out's serve-gpu.json.")] = False,
     parts: Annotated[str, typer.Option(
-        help="Comma-separated parts to run (unsplit, steps, agreement, serve, ablations, e2e, bf16), merged into an existing "
-             "serve-gpu.json; default all. Each part fits one 10-minute call.")] = "",
+        help="Comma-separated parts to run (unsplit, steps, agreement, serve, ablations, e2e, bf16), merged into the "
+             "serve-gpu.json already in --out; default all. Each part fits one 10-minute call.")] = "",
     variants: Annotated[str, typer.Option(
         help="Body variants the steps part measures (bf16-sdpa, bf16, compiled, fp8, fp8+compiled; the first is the "
              "reference of the others' hidden states); default all.")] = "",
@@ -87,10 +87,14 @@ def serve_gpu(
     client_processes: Annotated[int, typer.Option(
         "--client-processes", min=1, help="Load-generator processes (default 8, as every earlier run; each runs its "
                                           "sessions in turn, so more of them leave less client time between steps).")] = 8,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Directory for serve-gpu.json and .png (default benchmarks/results/local, which git ignores: no run "
+             "rewrites a committed result unless --out names benchmarks/results).")] = None,
 ) -> None:
     """One CUDA GPU: the serving engine against unsplit generate() (eager and static cache + torch.compile)
     on random 7B-shaped weights."""
     from benchmarks import serve_gpu as suite
+    from benchmarks.common import LOCAL_RESULTS
     from benchmarks.serve_gpu import ABLATIONS, PARTS, VARIANTS, run_exactness, run_serve_gpu
 
     def pick(text: str, allowed, what: str) -> tuple[str, ...]:
@@ -102,10 +106,11 @@ def serve_gpu(
 
     chosen = pick(parts, PARTS, "parts")
     suite.CLIENTS = client_processes
+    directory = out if out is not None else LOCAL_RESULTS
     if exactness_only:
-        run_exactness()
+        run_exactness(directory)
         return
-    run_serve_gpu(quick, chosen, pick(variants, VARIANTS, "variants"), tuple(server_args.split()),
+    run_serve_gpu(directory, quick, chosen, pick(variants, VARIANTS, "variants"), tuple(server_args.split()),
                   pick(ablations, ABLATIONS, "ablations"), tuple(int(n) for n in levels.split(",") if n.strip()))
 
 

@@ -21,7 +21,8 @@ bf16 exactness under batching, all in one run on one card (random 7B-shaped bf16
 5. bf16 under batching: 16 devices generating at once against each run alone; how many sessions'
    greedy tokens differ, and the largest difference of the body's hidden states and the logits.
 
-Results to benchmarks/results/serve-gpu.json (written after every part) and serve-gpu.png.
+Results to serve-gpu.json (written after every part) and serve-gpu.png in --out (default
+benchmarks/results/local, which git ignores; a run of some --parts adds to the serve-gpu.json there).
 """
 
 from __future__ import annotations
@@ -554,22 +555,27 @@ ABLATIONS = {"default": (), "--no-paged-kernel": ("--no-paged-kernel",), "--engi
 PROFILED = ("--engine-process", "--front-ends 4")  # ablations whose server is profiled with py-spy
 
 
-def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants: tuple[str, ...] = tuple(VARIANTS),
-                  server_args: tuple[str, ...] = (), ablations: tuple[str, ...] = tuple(ABLATIONS),
-                  levels: tuple[int, ...] = ()) -> dict:
-    """The suite, or some of its parts (each part merges its results into serve-gpu.json and writes
-    it before the next starts, so a run split over several 10-minute calls builds one file)."""
+def _earlier(out: Path) -> dict:
+    """What earlier runs wrote to `out`'s serve-gpu.json, which a run of some parts adds to (only
+    that directory's: a committed result is rewritten only if `out` is its directory)."""
     import json
 
-    from benchmarks.common import RESULTS
+    previous = out / f"{NAME}.json"
+    return json.loads(previous.read_text()) if previous.is_file() else {}
 
+
+def run_serve_gpu(out: Path, quick: bool = False, parts: tuple[str, ...] = PARTS, variants: tuple[str, ...] = tuple(VARIANTS),
+                  server_args: tuple[str, ...] = (), ablations: tuple[str, ...] = tuple(ABLATIONS),
+                  levels: tuple[int, ...] = ()) -> dict:
+    """The suite, or some of its parts, into `out`/serve-gpu.json (each part merges its results into
+    the file there and writes it before the next starts, so a run split over several 10-minute calls
+    builds one file)."""
     logging.getLogger("lambdasplit").setLevel(logging.ERROR)
     assert torch.cuda.is_available(), "the GPU serving suite needs a CUDA device"
     steps, prompt = (16, 32) if quick else (64, 32)
     levels = levels or ((1, 8) if quick else (1, 8, 64, 256))
     path = build_random("llama2-7b")
-    previous = RESULTS / f"{NAME}.json"
-    payload: dict = json.loads(previous.read_text()) if parts != PARTS and previous.is_file() else {}
+    payload: dict = _earlier(out) if parts != PARTS else {}
     payload.update({"suite": NAME, "environment": environment("cuda"), "model": "llama2-7b (random bf16)",
                     "split": [1, 1], "prompt_tokens": prompt, "decode_steps": steps, "codec": "bf16",
                     "client_processes": CLIENTS})
@@ -578,21 +584,21 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
         sizes = (8,) if quick else (64, 256)
         payload["unsplit"] = unsplit_baselines(unsplit, SHAPES["llama2-7b"]["vocab_size"], prompt, steps, 64, sizes)
         print(f"[unsplit] {payload['unsplit']}", flush=True)
-        write(NAME, payload)
+        write(NAME, payload, out)
         del unsplit
         _free_gpu()  # the compiled static caches of batch 256 would leave the server too little memory on an 80 GB card
     if "steps" in parts:
         payload["body_step"] = body_steps(path, (1, 8) if quick else (1, 64, 256), prompt + steps // 2, variants)
-        write(NAME, payload)
+        write(NAME, payload, out)
     if "agreement" in parts:
         payload["body_agreement"] = body_agreement(os.environ.get("GGUF", "/tmp/smollm2.gguf"))
-        write(NAME, payload)
+        write(NAME, payload, out)
     if "serve" in parts:
         payload["serve_args"] = list(server_args)
 
         def keep(partial: dict) -> None:
             payload.update(partial)
-            write(NAME, payload)
+            write(NAME, payload, out)
 
         keep(load_generator(path, prompt, steps, levels, 0 if quick else 16.0, 8.0, server_args, profile=not quick,
                             on_progress=keep))
@@ -606,16 +612,16 @@ def run_serve_gpu(quick: bool = False, parts: tuple[str, ...] = PARTS, variants:
             if "py_spy_64_sessions" in run:
                 key = "py_spy_64_sessions" + name.replace("--", "_").replace("-", "_").replace(" ", "")
                 payload[key] = run["py_spy_64_sessions"]
-            write(NAME, payload)
+            write(NAME, payload, out)
     if "e2e" in parts:
         unsplit = _load_unsplit(path)
         payload["end_to_end_batch1"] = end_to_end(path, unsplit, prompt, steps)
-        write(NAME, payload)
+        write(NAME, payload, out)
         del unsplit
         _free_gpu()
     if "bf16" in parts:
         payload["bf16_batched_vs_alone"] = divergence(path, 4 if quick else 16, prompt, 16 if quick else 32)
-    path_out = write(NAME, payload)
+    path_out = write(NAME, payload, out)
     if "closed_loop" in payload:
         plot({**payload, "prompt_tokens": prompt, "decode_steps": steps}, path_out.with_suffix(".png"))
     return payload
@@ -658,22 +664,19 @@ def end_to_end(path, unsplit, prompt: int, steps: int) -> dict:
     return e2e
 
 
-def run_exactness() -> dict:
-    """`--exactness-only`: the bf16 batched-against-alone comparison alone, added to serve-gpu.json."""
-    import json
-
-    from benchmarks.common import RESULTS
+def run_exactness(out: Path) -> dict:
+    """`--exactness-only`: the bf16 batched-against-alone comparison alone, added to `out`/serve-gpu.json."""
     from lambdasplit.cloud.process import ServerProcess
     from lambdasplit.split.load import open_source
 
     path = build_random("llama2-7b")
     manifest = open_source(str(path), (1, 1)).manifest("device", torch.bfloat16).as_dict()
-    payload = json.loads((RESULTS / f"{NAME}.json").read_text())
+    payload = _earlier(out)
     with ServerProcess("--model", str(path), "--split", "1,1", "--device", DEVICE, "--dtype", "bfloat16",
                        "--max-sessions", "128", "--kv-pool", str(32 << 10), "--min-free-memory", "0", timeout=600) as server:
         base = Load(server.url, manifest, None, 32, 64, [])
         closed_loop(base, 64, 8, 1000)  # warm-up: capture the CUDA graphs
         payload["bf16_frames_batched_vs_alone"] = batched_vs_alone(server.url, base)
         payload["bf16_frames_batched_vs_alone"]["environment"] = environment("cuda")
-    write(NAME, payload)
+    write(NAME, payload, out)
     return payload

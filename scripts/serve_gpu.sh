@@ -10,9 +10,11 @@
 #   SmolLM2-135M-Instruct.Q4_1.gguf, as scripts/train_draft_gpu.sh takes them) over one or more calls
 #   on the same warm machine; parts are kept in /tmp/smollm2-parts and assembled once the ones there
 #   give the right sha256. Without them the part is dropped from PARTS and the others run.
-# - Output goes unbuffered to $OUT/serve-gpu.log, and serve-gpu.json is copied to $OUT every 10 s and
-#   at the end, so a call stopped by its time limit still returns what the finished parts wrote.
-#   Merge the JSON of several calls by part (each part writes its own keys).
+# - Output goes unbuffered to $OUT/serve-gpu.log, and the benchmark writes serve-gpu.json into $OUT
+#   (`--out`: the parts run add to a serve-gpu.json already there; on the GPU machine $OUT starts
+#   empty; the committed benchmarks/results/serve-gpu.json is neither read nor written) after every
+#   part, so a call stopped by its time limit still returns what the finished parts wrote. Merge the
+#   JSON of several calls by part (each part writes its own keys).
 # - SECONDS_LIMIT (default 560) stops the benchmark before the call's limit.
 set -uo pipefail
 : "${OUT:?set OUT to the output directory}"
@@ -45,11 +47,6 @@ if [ ! -f "$GGUF" ] && [[ ",$PARTS," == *",agreement,"* ]]; then
 fi
 [ -n "$PARTS" ] || exit 3
 
-(while sleep 10; do cp benchmarks/results/serve-gpu.json "$OUT/" 2>/dev/null; done) &
-copier=$!
-timeout "${SECONDS_LIMIT:-560}" "$PY" -m benchmarks serve-gpu --parts "$PARTS" "$@" 2>&1 \
+timeout "${SECONDS_LIMIT:-560}" "$PY" -m benchmarks serve-gpu --parts "$PARTS" --out "$OUT" "$@" 2>&1 \
   | grep --line-buffered -v -i "warn" | tee -a "$OUT/serve-gpu.log"
-status=${PIPESTATUS[0]}
-kill "$copier" 2>/dev/null
-cp benchmarks/results/serve-gpu.json "$OUT/" 2>/dev/null
-exit "$status"
+exit "${PIPESTATUS[0]}"

@@ -49,3 +49,46 @@ def test_the_report_renders_the_serving_results_with_their_targets():
     cpu = _load("serve-cpu-paged")
     by = {r["sessions"]: r["aggregate_decode_tok_s"] for r in cpu["closed_loop"]}
     assert f"**{by[8] / by[1]:.2f}x**" in serve_cpu_section(cpu, "serve-cpu-paged")
+
+
+def test_serve_gpu_parts_never_rewrite_the_committed_result(tmp_path, monkeypatch):
+    """A run of some --parts merged into the committed serve-gpu.json and wrote it back: the other
+    parts' rows stayed, under this run's environment. Now it writes to --out (default results/local)
+    and adds only to the serve-gpu.json there. The parts are stood in for: they need a CUDA GPU."""
+    import logging
+
+    import torch
+    from typer.testing import CliRunner
+
+    import benchmarks.common
+    import benchmarks.serve_gpu as suite
+    from benchmarks.__main__ import app
+
+    committed, local, mine = tmp_path / "results", tmp_path / "results" / "local", tmp_path / "mine"
+    monkeypatch.setattr(benchmarks.common, "RESULTS", committed)
+    monkeypatch.setattr(benchmarks.common, "LOCAL_RESULTS", local)
+    monkeypatch.setattr(suite, "CLIENTS", suite.CLIENTS)  # the command sets it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(suite, "build_random", lambda name: tmp_path / name)
+    monkeypatch.setattr(suite, "environment", lambda device: {"date": "this run"})
+    monkeypatch.setattr(suite, "body_agreement", lambda gguf: {"bodies": "this run's"})
+    committed.mkdir()
+    before = json.dumps({"suite": "serve-gpu", "environment": {"date": "earlier"}, "unsplit": "earlier"})
+    (committed / "serve-gpu.json").write_text(before)
+    mine.mkdir()
+    (mine / "serve-gpu.json").write_text(json.dumps({"unsplit": "my earlier call's"}))
+    level = logging.getLogger("lambdasplit").level
+    try:
+        result = CliRunner().invoke(app, ["serve-gpu", "--parts", "agreement"])
+        assert result.exit_code == 0, result.output
+        assert (committed / "serve-gpu.json").read_text() == before
+        ours = json.loads((local / "serve-gpu.json").read_text())
+        assert ours["environment"] == {"date": "this run"} and ours["body_agreement"] == {"bodies": "this run's"}
+        assert "unsplit" not in ours
+
+        result = CliRunner().invoke(app, ["serve-gpu", "--parts", "agreement", "--out", str(mine)])
+        assert result.exit_code == 0, result.output
+        merged = json.loads((mine / "serve-gpu.json").read_text())
+        assert merged["unsplit"] == "my earlier call's" and merged["body_agreement"] == {"bodies": "this run's"}
+    finally:
+        logging.getLogger("lambdasplit").setLevel(level)  # the run quiets lambdasplit's logging
