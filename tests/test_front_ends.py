@@ -33,6 +33,8 @@ from lambdasplit.engine.core import HEADER, EngineClient, Op, _EngineLoop, _read
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.errors import ComputeError
 from lambdasplit.listen import claim_shared_port
+from lambdasplit.wire.codec import Codec
+from lambdasplit.wire.frame import Limits, MsgType, parse_frame, tensor_frame
 from tests.conftest import oracle
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux")
@@ -281,3 +283,35 @@ def test_a_front_end_that_stops_ends_its_engine_reader_quietly(llama):
     with _engine_thread(llama, 1) as (_, clients):
         assert clients[0].health.problem() is None
     assert "shutting down" in str(clients[0].problem())
+
+
+def test_a_front_end_that_stops_reading_stalls_only_its_own_replies(llama, runtime):
+    """A stopped front end (SIGSTOP, a debugger) stops reading its pipe, and a write to a full pipe
+    blocks: with one writer thread for every pipe, that stalled every other front end's replies too."""
+    pipes = [multiprocessing.Pipe() for _ in range(2)]
+    stopped, released = pipes[0][1], threading.Event()
+    send = stopped.send_bytes
+
+    def blocked(message: bytes) -> None:  # the stopped front end's pipe is full: the write waits
+        released.wait()
+        send(message)
+
+    stopped.send_bytes = blocked
+    loop = _EngineLoop([engine_end for _, engine_end in pipes], load_scheduler(str(llama), (2, 2)), 1 << 20)
+    engine = threading.Thread(target=loop.run, name="engine", daemon=True)
+    engine.start()
+    client: EngineClient | None = None
+    try:
+        assert pipes[1][0].poll(60), "the other front end got no READY while the first one's pipe was full"
+        client = EngineClient.attach(pipes[1][0])
+        session = client.open_session(0).result(timeout=60)
+        hidden = torch.randn(1, 3, runtime.config.hidden_size)
+        reply, _ = client.submit(session, tensor_frame(MsgType.HIDDEN, hidden, Codec.FP32, session=session)).result(timeout=60)
+        parsed = parse_frame(reply.data, Limits(max_payload=1 << 24, max_elements=1 << 24, hidden_size=hidden.shape[-1]))
+        assert parsed.type == MsgType.HIDDEN and parsed.shape == hidden.shape
+    finally:
+        released.set()
+        (client or EngineClient.attach(pipes[1][0])).shutdown()
+        pipes[0][0].close()
+        engine.join(60)
+    assert not engine.is_alive()

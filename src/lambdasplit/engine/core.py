@@ -130,8 +130,9 @@ def engine_main(conns: list[Connection], setup: Callable[[], None] | None, build
 
 
 class _EngineLoop:
-    """Reads requests from every front end's pipe on this thread; replies go through one writer
-    thread (so the compute thread, which completes the futures, never blocks on a pipe)."""
+    """Reads requests from every front end's pipe on this thread; replies go through a writer
+    thread per pipe (so the compute thread, which completes the futures, never blocks on a pipe,
+    and a front end that stops reading, e.g. SIGSTOPped, stalls only its own replies)."""
 
     def __init__(self, conns: list[Connection], scheduler: Any, max_frame_bytes: int) -> None:
         from lambdasplit.wire.frame import parse_frame
@@ -140,8 +141,8 @@ class _EngineLoop:
         self.scheduler = scheduler
         self.parse = parse_frame
         self.limits = scheduler.manifest.frame_limits(max_frame_bytes, scheduler.limits.max_context)
-        # (pipe index, message); None stops the writer.
-        self.outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        # Each pipe's messages to send; None stops its writer.
+        self.outboxes: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in conns]
         # Each pipe's open sessions, None once the pipe has closed. The reader thread and the compute
         # thread's callbacks (an OPEN's, a REAP's) both use them; one set operation is atomic, but
         # closing a pipe's sessions while an OPEN of that pipe completes is not: under `owned_lock`,
@@ -153,8 +154,10 @@ class _EngineLoop:
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
-        writer.start()
+        writers = [threading.Thread(target=self._write, args=(link,), name=f"engine-writer-{link}", daemon=True)
+                   for link in range(len(self.conns))]
+        for writer in writers:
+            writer.start()
         beat = threading.Thread(target=self._heartbeat, name="engine-heartbeat", daemon=True)
         beat.start()
         scheduler = self.scheduler
@@ -171,8 +174,11 @@ class _EngineLoop:
         finally:
             self.stopping.set()
             scheduler.shutdown()
-            self.outbox.put(None)
-            writer.join(timeout=5)
+            deadline = time.monotonic() + 5
+            for outbox in self.outboxes:
+                outbox.put(None)
+            for writer in writers:  # one stuck on a stopped front end's full pipe is left to the exit
+                writer.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
         """Requests from every open pipe, in arrival order per pipe, until SHUTDOWN or no pipe is left."""
@@ -273,31 +279,31 @@ class _EngineLoop:
                 self._send(link, Kind.HEARTBEAT, 0, beat)
 
     def _send(self, link: int, kind: Kind, request: int, payload: bytes) -> None:
-        self.outbox.put((link, HEADER.pack(kind, request) + payload))
+        self.outboxes[link].put(HEADER.pack(kind, request) + payload)
 
-    def _write(self) -> None:
-        """Send what is queued; the replies a step completes together leave in one write per pipe."""
-        gone: set[int] = set()
-        while (item := self.outbox.get()) is not None:
-            bursts: dict[int, list[bytes]] = {item[0]: [item[1]]}
-            for _ in range(255):
+    def _write(self, link: int) -> None:
+        """Send what is queued for one pipe; the replies a step completes together leave in one write.
+        Once the pipe is gone its messages are still taken off the queue (and dropped), so they do not pile up."""
+        outbox, conn, gone = self.outboxes[link], self.conns[link], False
+        while (item := outbox.get()) is not None:
+            burst = [item]
+            while len(burst) < 256:
                 try:
-                    more = self.outbox.get_nowait()
+                    more = outbox.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    self.outbox.put(None)
+                    outbox.put(None)
                     break
-                bursts.setdefault(more[0], []).append(more[1])
-            for link, burst in bursts.items():
-                if link in gone:
-                    continue
-                message = burst[0] if len(burst) == 1 else (
-                    HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in burst))
-                try:
-                    self.conns[link].send_bytes(message)
-                except (OSError, ValueError):
-                    gone.add(link)  # that front end is gone; the reader sees EOF too
+                burst.append(more)
+            if gone:
+                continue
+            message = burst[0] if len(burst) == 1 else (
+                HEADER.pack(Kind.BATCH, 0) + b"".join(LENGTH.pack(len(m)) + m for m in burst))
+            try:
+                conn.send_bytes(message)
+            except (OSError, ValueError):
+                gone = True  # that front end is gone; the reader sees EOF too
 
 
 # ---------------------------------------------------------------- front end
