@@ -304,6 +304,62 @@ def test_frames_decoded_together_equal_each_alone_and_a_bad_frame_fails_alone():
     assert isinstance(states[2], WireError) and "NaN" in str(states[2])
 
 
+def test_the_finite_check_refuses_only_frames_with_nan_or_infinity_and_passes_sums_that_overflow():
+    """A float32 sum per row is the cheap test; a row whose finite values overflow that sum is
+    still accepted (checked value by value), and rows of opposite infinities, whose sum is NaN,
+    are refused."""
+    big = torch.full((1, 2, 8), 3e38).to(torch.bfloat16)  # every value finite, each row's sum is not
+    opposite = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    opposite[0, 0, :2] = torch.tensor([float("inf"), -float("inf")])
+    frames = [tensor_frame(MsgType.HIDDEN, t, Codec.BF16, bytes(16), i) for i, t in enumerate([big, opposite, big])]
+    states = decode_hidden(frames, torch.device("cpu"), None)
+    assert torch.equal(states[0], big) and torch.equal(states[2], big)
+    assert str(states[1]) == "hidden states contain NaN or infinite values"
+
+
+def test_a_frame_with_nan_in_a_step_of_many_is_refused_alone_and_the_others_run_as_without_it(bodies):
+    """One bad frame among a step's frames (decoded and checked as one tensor) is refused with its
+    own error; the step runs the others exactly as a step without it, and its session goes on."""
+    width = bodies[0].runner.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(1, 3, width, generator=gen) for _ in range(8)]
+    decodes = [torch.randn(1, 1, width, generator=gen) for _ in range(8)]
+    poisoned = decodes[3].clone()
+    poisoned[0, 0, 7] = float("nan")
+
+    def run(bad: bool) -> tuple[list, list[int]]:
+        scheduler = BodyScheduler(bodies, SchedulerLimits(step_wait=0.0))
+        steps = []
+        scheduler.on_step = steps.append
+        ids = [scheduler.open_session().result(10) for _ in prompts]
+
+        def step(tensors, seq):
+            with scheduler._wake:  # every frame queues before the loop looks: one step
+                return [scheduler.submit(s, tensor_frame(MsgType.HIDDEN, t, Codec.BF16, s, seq))
+                        for s, t in zip(ids, tensors, strict=True) if t is not None]
+
+        [_answer(f) for f in step(prompts, 1)]
+        futures = step([poisoned if i == 3 and bad else None if i == 3 else t for i, t in enumerate(decodes)], 2)
+        results = []
+        for future in futures:
+            try:
+                results.append(_answer(future).tensor())
+            except WireError as exc:
+                results.append(str(exc))
+        results.append(_answer(step([None] * 3 + [decodes[3]] + [None] * 4, 3)[0]).tensor())  # the session goes on
+        scheduler.shutdown()
+        return results, [s.sessions for s in steps]
+
+    with_nan, steps = run(bad=True)
+    without, reference_steps = run(bad=False)
+    assert steps == reference_steps == [8, 7, 1]
+    assert with_nan[3] == "hidden states contain NaN or infinite values"
+    del with_nan[3]
+    assert len(with_nan) == len(without) == 8
+    for i, (got, want) in enumerate(zip(with_nan, without, strict=True)):
+        assert torch.equal(got, want), i
+
+
 def _answer(future):
     reply, _ = future.result(timeout=60)
     return reply

@@ -285,8 +285,8 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
         groups.setdefault((frame.codec, frame.dtype, frame.shape[-1]), []).append(i)
     for (codec, wire_dtype, width), members in groups.items():
         sizes = [frames[i].shape[0] * frames[i].shape[1] for i in members]
-        try:
-            flat = decode_tensor(b"".join(frames[i].payload for i in members), codec, TORCH_DTYPES[wire_dtype],
+        try:  # joined straight into a writable buffer, which the tensor takes over: one copy
+            flat = decode_tensor(bytearray().join(frames[i].payload for i in members), codec, TORCH_DTYPES[wire_dtype],
                                  (sum(sizes), width))
         except WireError as exc:  # a payload that does not fit its header: find it, frame by frame
             if len(members) == 1:
@@ -295,10 +295,22 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
             for i in members:
                 results[i] = decode_hidden([frames[i]], device, dtype)[0]
             continue
-        finite = torch.isfinite(flat).all(dim=-1)
-        oks = [True] * len(members) if bool(finite.all()) else [bool(ok.all()) for ok in finite.split(sizes)]
+        finite = _finite_rows(flat)
+        oks = [True] * len(members) if finite is None else [bool(ok.all()) for ok in finite.split(sizes)]
         # Not waiting for the device: with async scheduling a step may be running (the copy queues behind it).
         moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True).split(sizes)
         for i, ok, states in zip(members, oks, moved, strict=True):
             results[i] = states.view(frames[i].shape) if ok else WireError("hidden states contain NaN or infinite values")
     return results
+
+
+def _finite_rows(states: torch.Tensor) -> torch.Tensor | None:
+    """None if every value of `states` (N, D) is finite, else which of its rows are.
+
+    A float32 sum per row costs a tenth of `isfinite` on the CPU (bf16, 64 x 4096: 50 us against
+    600) and is finite whenever every value is, as NaN and infinities carry through a sum; a sum
+    that is not (a NaN, an infinity, or finite values whose sum overflows) is checked value by value.
+    """
+    if bool(torch.isfinite(states.sum(dim=-1, dtype=torch.float32)).all()):
+        return None
+    return torch.isfinite(states).all(dim=-1)

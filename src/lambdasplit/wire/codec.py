@@ -90,10 +90,12 @@ def _back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.detach().as_strided((total,), (1,))
 
 
-def decode_tensor(payload: bytes, codec: Codec, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def decode_tensor(payload: bytes | bytearray, codec: Codec, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of `payload`; a `bytearray` is used in place (the tensor may share its memory),
+    `bytes` are copied (torch refuses read-only buffers)."""
     if len(payload) != payload_size(codec, dtype, shape):
         raise WireError(f"payload of {len(payload)} bytes does not fit {codec.name} {shape}")
-    buffer = bytearray(payload)  # writable copy: torch refuses read-only buffers
+    buffer = payload if isinstance(payload, bytearray) else bytearray(payload)
     if codec == Codec.NONE:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if payload else torch.empty(shape, dtype=dtype)
     if codec == Codec.INT8:
