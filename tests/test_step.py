@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 
-from lambdasplit.engine.kvpool import KVPool, Sequence
+from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.engine.scheduler import BodyScheduler, SchedulerLimits
-from lambdasplit.engine.step import Chunk, plan_step
+from lambdasplit.engine.step import Chunk, plan_chunk, plan_step
 from tests.conftest import oracle
 from tests.splitcheck import generate_together
 
@@ -45,6 +45,21 @@ class FailOnce:
         if self.calls == self.at:
             raise RuntimeError("injected fault in the body's last MLP")
         return self.forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_a_chunk_without_a_mask_is_planned_as_one_whose_mask_is_all_ones(length):
+    """A frame with no MASK frame before it carries no mask tensor: its plan (slots, position ids,
+    validity, block tables, where the rows end) must be that of an all-ones mask, from any start."""
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, blocks=16, dtype=torch.float32, device="cpu")
+    rows = [Sequence(), Sequence()]
+    assert pool.grow(rows, 2 * BLOCK_SIZE + length)
+    rows[0].length, rows[0].valid = BLOCK_SIZE - 1, BLOCK_SIZE - 3  # across a block boundary, after padding
+    rows[1].length, rows[1].valid = 2 * BLOCK_SIZE, 2 * BLOCK_SIZE
+    hidden = torch.zeros(2, length, 4)
+    plain, ones = plan_chunk(Chunk(rows, hidden, None)), plan_chunk(Chunk(rows, hidden, torch.ones(2, length, dtype=torch.long)))
+    fields = ("bases", "write", "positions", "query", "valid", "tables", "after")
+    assert [getattr(plain, f) for f in fields] == [getattr(ones, f) for f in fields]
 
 
 def test_a_failed_step_leaves_the_pool_and_the_rows_as_they_were(bodies, monkeypatch):

@@ -124,7 +124,7 @@ class Work:
     session: BodySession
     frame: Frame
     hidden: torch.Tensor  # (B, T, D) on the body's device
-    mask: torch.Tensor  # (B, T) on the host
+    mask: torch.Tensor | None  # (B, T) on the host; None: no MASK frame came, no position is padding
     done: int = 0  # positions of each row already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0  # compute time of the steps it took part in
@@ -148,7 +148,7 @@ class Work:
         if done == 0 and positions == self.hidden.shape[1]:  # the whole frame (every decode step): no slicing
             return Chunk(self.rows, self.hidden, self.mask)
         part = slice(done, done + positions)
-        return Chunk(self.rows, self.hidden[:, part], self.mask[:, part])
+        return Chunk(self.rows, self.hidden[:, part], None if self.mask is None else self.mask[:, part])
 
 
 class BodySession:
@@ -256,12 +256,12 @@ class BodySession:
 
     def prepare(self, frame: Frame, hidden: torch.Tensor) -> Work:
         """The work for a checked HIDDEN frame whose states `decode_hidden` put on the body's device."""
-        batch, length, _ = frame.shape
+        batch = frame.shape[0]
         mask, self._pending_mask = self._pending_mask, None
         if not self.rows:
             self.rows = [Sequence() for _ in range(batch)]
-        new_mask = torch.ones(batch, length, dtype=torch.long) if mask is None else mask.to(torch.long)
-        return Work(self, frame, hidden, new_mask)
+        # No mask tensor without a MASK frame: an all-ones (B, T) per frame cost a decode step 64 allocations.
+        return Work(self, frame, hidden, None if mask is None else mask.to(torch.long))
 
     def finish(self, work: Work, payload: bytes) -> Frame:
         """The reply to a HIDDEN frame whose positions have all run, its states encoded in `payload`."""

@@ -47,7 +47,7 @@ class Chunk:
 
     rows: list[Sequence]
     hidden: torch.Tensor  # (B, T, D) on the body's device
-    mask: torch.Tensor  # (B, T) of 0/1 on the host: 0 marks a padding position
+    mask: torch.Tensor | None  # (B, T) of 0/1 on the host: 0 marks a padding position; None: no padding
 
 
 @dataclass
@@ -191,8 +191,9 @@ def plan_chunk(chunk: Chunk, bases: list[tuple[int, int]] | None = None) -> Chun
     own the blocks for every position."""
     rows, length = chunk.rows, chunk.hidden.shape[1]
     bases = bases if bases is not None else [(row.length, row.valid) for row in rows]
+    masks = chunk.mask.tolist() if chunk.mask is not None else [[1] * length] * len(rows)
     write, positions, query, valid, tables, after = [], [], [], [], [], []
-    for row, (start, seen), flags in zip(rows, bases, chunk.mask.tolist(), strict=True):
+    for row, (start, seen), flags in zip(rows, bases, masks, strict=True):
         blocks = row.blocks
         for offset, flag in enumerate(flags):
             slot = start + offset
