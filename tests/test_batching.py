@@ -89,6 +89,28 @@ def test_the_pool_keeps_sessions_apart_and_zeroes_released_blocks():
     assert pool.gather_index([b], 2 * BLOCK_SIZE)[0, BLOCK_SIZE:].tolist() == list(range(BLOCK_SIZE))  # zero-block padding
 
 
+def test_releasing_and_clearing_zero_every_layer_and_kind_and_nothing_else():
+    """The layers' keys and values share one tensor that release and clear zero in one call each;
+    across a growth of the pool they must still zero every layer's keys and values, and only the
+    slots they are given."""
+    pool = KVPool(layers=3, kv_heads=2, head_dim=4, blocks=8, dtype=torch.float32, device="cpu", reserve=2)
+    a, b = Sequence(), Sequence()
+    assert pool.grow([a], BLOCK_SIZE + 1) and pool.grow([b], 2 * BLOCK_SIZE) and pool.capacity == 8  # grown twice
+    for tensor in (*pool.keys, *pool.values):
+        tensor.fill_(float("nan"))
+    pool.valid.fill_(True)
+    kept = pool.slots([b], 0, 2 * BLOCK_SIZE).view(-1)
+    pool.clear(kept[-3:])  # as a crop of b's last three positions
+    pool.release([a])
+    gone = torch.zeros(pool.capacity * BLOCK_SIZE, dtype=torch.bool)
+    gone[pool.slots([Sequence(blocks=[1, 2])], 0, 2 * BLOCK_SIZE).view(-1)] = True  # a's two blocks
+    gone[kept[-3:]] = True
+    assert pool.free_blocks == 8 - 2 - 2
+    for tensor in (*pool.keys, *pool.values):
+        assert (tensor[gone] == 0).all() and tensor[~gone].isnan().all()
+    assert torch.equal(pool.valid, ~gone)
+
+
 def _histogram(text: str, name: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)}
 

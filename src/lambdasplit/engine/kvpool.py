@@ -43,9 +43,11 @@ class KVPool:
         self.blocks = blocks
         self.layers = layers
         capacity = min(blocks, reserve or blocks) * BLOCK_SIZE
-        self.keys = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        # Every layer's keys, then its values, in one tensor: zeroing released blocks is one
+        # index_fill_ for all layers, not one per layer and kind (65 kernel launches for 32 layers).
+        self._store = torch.zeros(2 * layers, capacity, kv_heads, head_dim, dtype=dtype, device=device)
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # keys a query may attend to
+        self._split_store()
         self.scratch_slot = (blocks - 1) * BLOCK_SIZE
         self._free = list(range(blocks - 2, 0, -1))  # pop() hands out low blocks first
         self.zeroed: list[torch.Tensor] | None = None  # slots zeroed since the last step, when a mirror asks
@@ -100,15 +102,17 @@ class KVPool:
                 return False
         return True
 
+    def _split_store(self) -> None:
+        """`keys[layer]` and `values[layer]`: (slots, kv_heads, head_dim) views of the store."""
+        self.keys = list(self._store[: self.layers].unbind(0))
+        self.values = list(self._store[self.layers:].unbind(0))
+
     def _expand(self, blocks: int) -> None:
         extra = (blocks - self.capacity) * BLOCK_SIZE
-
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
-
-        self.keys = [grown(t) for t in self.keys]
-        self.values = [grown(t) for t in self.values]
-        self.valid = grown(self.valid)
+        store = self._store
+        self._store = torch.cat([store, store.new_zeros(store.shape[0], extra, *store.shape[2:])], dim=1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(extra)])
+        self._split_store()
 
     def release(self, rows: list[Sequence]) -> None:
         """Zero and free the rows' blocks (zeroed: masked-out slots still enter the attention sums
@@ -119,8 +123,9 @@ class KVPool:
         if not blocks:
             return
         index = torch.tensor(blocks, device=self.valid.device)
-        for tensor in (*self.keys, *self.values, self.valid):
-            tensor.view(self.capacity, -1).index_fill_(0, index, 0)
+        store = self._store
+        store.view(store.shape[0], self.capacity, BLOCK_SIZE * store.shape[2] * store.shape[3]).index_fill_(1, index, 0)
+        self.valid.view(self.capacity, -1).index_fill_(0, index, 0)
         if self.zeroed is not None:
             self.zeroed.append((index[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=index.device)).view(-1))
         self._free.extend(blocks)
@@ -141,8 +146,8 @@ class KVPool:
     def clear(self, slots: torch.Tensor) -> None:
         """Zero the keys, values and validity of `slots` (on the pool's device): positions cropped
         away, or written by a step that failed, so every slot past a row's length stays zero."""
-        for tensor in (*self.keys, *self.values, self.valid):
-            tensor.index_fill_(0, slots, 0)
+        self._store.index_fill_(1, slots, 0)
+        self.valid.index_fill_(0, slots, 0)
         if self.zeroed is not None:
             self.zeroed.append(slots)
 

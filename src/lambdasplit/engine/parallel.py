@@ -167,8 +167,7 @@ def follow(tp: TensorParallel, module: nn.Module, config: PretrainedConfig, dtyp
             query_slot = _receive((rows, length), torch.long, tp.device)
             plan_groups.append(Group(start, rows, length, table, query_slot))
         if zeroed:  # released and truncated slots, as rank 0 zeroed them
-            for tensor in (*pool.keys, *pool.values, pool.valid):
-                tensor.index_fill_(0, stale, 0)
+            pool.clear(stale)
         pool.valid[write] = valid
         forward_plan(module, StepPlan(pool, hidden, position_ids, write, valid, plan_groups))
 
