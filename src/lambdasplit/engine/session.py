@@ -139,13 +139,18 @@ class Work:
         return self.session.rows
 
     @property
+    def length(self) -> int:
+        """T, the positions of each row: the frame's header has it (the tensor's shape is slower to read)."""
+        return self.frame.shape[1]
+
+    @property
     def remaining(self) -> int:
-        return self.hidden.shape[1] - self.done
+        return self.frame.shape[1] - self.done
 
     def chunk(self, positions: int, done: int | None = None) -> Chunk:
         """Its next `positions` positions, from `done` (default: what has run)."""
         done = self.done if done is None else done
-        if done == 0 and positions == self.hidden.shape[1]:  # the whole frame (every decode step): no slicing
+        if done == 0 and positions == self.length:  # the whole frame (every decode step): no slicing
             return Chunk(self.rows, self.hidden, self.mask)
         part = slice(done, done + positions)
         return Chunk(self.rows, self.hidden[:, part], None if self.mask is None else self.mask[:, part])
@@ -164,6 +169,7 @@ class BodySession:
         self.session_id = session_id
         self.limits = limits
         self.per_position = kv_bytes_per_position(body.runner)
+        self._host_kv = pool is None or pool.valid.device.type == "cpu"  # (new_bytes reads it for every frame)
         self.rows: list[Sequence] = []
         self._pending_mask: torch.Tensor | None = None
         self.tokens = 0
@@ -175,8 +181,7 @@ class BodySession:
     def new_bytes(self, frame: Frame) -> int:
         """Memory this frame will add, for the scheduler's free-memory guard: its KV growth where
         the pool is host memory that is committed as it is written; nothing for a GPU pool."""
-        pool = self.pool
-        if frame.type != MsgType.HIDDEN or (pool is not None and pool.valid.device.type != "cpu"):
+        if frame.type != MsgType.HIDDEN or not self._host_kv:
             return 0
         return frame.shape[0] * frame.shape[1] * self.per_position
 
@@ -298,9 +303,14 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
         finite = _finite_rows(flat)
         oks = [True] * len(members) if finite is None else [bool(ok.all()) for ok in finite.split(sizes)]
         # Not waiting for the device: with async scheduling a step may be running (the copy queues behind it).
-        moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True).split(sizes)
-        for i, ok, states in zip(members, oks, moved, strict=True):
-            results[i] = states.view(frames[i].shape) if ok else WireError("hidden states contain NaN or infinite values")
+        moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True)
+        shape = frames[members[0]].shape
+        if all(frames[i].shape == shape for i in members):  # a decode step's: every frame's view in one call
+            parts = moved.view(len(members), *shape).unbind(0)
+        else:
+            parts = [part.view(frames[i].shape) for i, part in zip(members, moved.split(sizes), strict=True)]
+        for i, ok, states in zip(members, oks, parts, strict=True):
+            results[i] = states if ok else WireError("hidden states contain NaN or infinite values")
     return results
 
 
