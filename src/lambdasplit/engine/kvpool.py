@@ -84,14 +84,17 @@ class KVPool:
 
     def grow(self, rows: list[Sequence], length: int) -> bool:
         """Give every row blocks for `length` slots, all or none; False when the pool is short."""
-        need = [max(0, self.blocks_for(length) - len(row.blocks)) for row in rows]
+        wanted = self.blocks_for(length)
+        need = [max(0, wanted - len(row.blocks)) for row in rows]
+        if not any(need):  # the rows have their blocks already (all but one decode step in BLOCK_SIZE)
+            return True
         if sum(need) > len(self._free):
             return False
         new = []
         for row, n in zip(rows, need, strict=True):
             new += [self._free.pop() for _ in range(n)]
             row.blocks.extend(new[len(new) - n:])
-        highest = max(new, default=0)
+        highest = max(new)
         if highest >= self.capacity:
             try:
                 self._expand(min(self.blocks, max(highest + 1, 2 * self.capacity)))

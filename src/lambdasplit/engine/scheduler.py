@@ -652,7 +652,7 @@ class BodyScheduler:
                 starts[id(work)] = running[id(work)]
             elif not waiting and self.pool is not None and self.pool.grow(work.rows, work.rows[0].length + work.remaining):
                 starts[id(work)] = (work.done, [(row.length, row.valid) for row in work.rows])
-        pending = [(w, w.hidden.shape[1] - starts[id(w)][0]) for w in self._active.values() if id(w) in starts]
+        pending = [(w, w.length - starts[id(w)][0]) for w in self._active.values() if id(w) in starts]
         for work, take in self._takes([(w, left) for w, left in pending if left > 0]):
             done, bases = starts[id(work)]
             work.ahead = (done, plan_chunk(work.chunk(take, done), bases))
