@@ -44,7 +44,8 @@ class KVPool:
         self.layers = layers
         capacity = min(blocks, reserve or blocks) * BLOCK_SIZE
         # Every layer's keys, then its values, in one tensor: zeroing released blocks is one
-        # index_fill_ for all layers, not one per layer and kind (65 kernel launches for 32 layers).
+        # index_fill_ call for all layers, not 2 x layers + 1 from Python (on a GPU, PyTorch still
+        # cuts a fill that reaches past 2 GiB into kernels of 32-bit offsets, but in C++).
         self._store = torch.zeros(2 * layers, capacity, kv_heads, head_dim, dtype=dtype, device=device)
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # keys a query may attend to
         self._split_store()
