@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -128,3 +129,30 @@ def test_on_the_cpu_the_engine_stays_in_the_server_process_by_default(llama, run
         children = psutil.Process(server.pid).children()
         assert not [c for c in children if "spawn_main" in " ".join(c.cmdline())]
         assert _health(server.url) == (200, "ok\n")
+
+
+def test_a_shut_down_engine_is_reported_exited_while_other_threads_ask_its_health(llama):
+    """/healthz asks `problem()` (a waitpid) from other threads while `shutdown()` waits for the exit
+    (a waitpid too): the loser of the two got ECHILD, which multiprocessing reads as a live process,
+    so a shut-down engine was reported alive (1 shutdown in 4 without the fix, on 2 cores). A race:
+    each round is one chance to catch it."""
+    for _ in range(4):
+        engine = EngineClient.start(load_scheduler, str(llama), (2, 2), limits=SchedulerLimits(max_sessions=1),
+                                    max_frame_bytes=1 << 20)
+        stop = threading.Event()
+        askers = [threading.Thread(target=_ask_until, args=(engine, stop)) for _ in range(3)]
+        for asker in askers:
+            asker.start()
+        try:
+            engine.shutdown()
+            assert (engine.process.is_alive(), engine.process.exitcode) == (False, 0)
+        finally:
+            stop.set()
+            for asker in askers:
+                asker.join()
+        assert engine.health.problem() is not None
+
+
+def _ask_until(engine: EngineClient, stop: threading.Event) -> None:
+    while not stop.is_set():
+        engine.health.problem()

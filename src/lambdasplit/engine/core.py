@@ -320,6 +320,9 @@ class EngineClient:
         from lambdasplit.engine.scheduler import SchedulerLimits
 
         self.process = process  # None in a front end that did not start the engine
+        # Only one thread at a time may reap the process: two in waitpid at once and the loser gets
+        # ECHILD, which multiprocessing reads as "still running" (a shut-down engine reported alive).
+        self._reaping = threading.Lock()
         self.conn = conn
         self.links = links or []  # the other front ends' pipes, not yet handed out
         self.bodies = [BodyInfo(_manifest_from(m)) for m in ready["manifests"]]
@@ -409,8 +412,9 @@ class EngineClient:
         """None while the engine process is alive, reporting, and its compute loop moving; else why not."""
         if self._dead is not None:
             return self._dead
-        if self.process is not None and not self.process.is_alive():
-            return f"the engine process exited with status {self.process.exitcode}"
+        status = self._exit_status()
+        if status is not None:
+            return f"the engine process exited with status {status}"
         silent = time.monotonic() - self._beat
         if silent > max(10 * HEARTBEAT_SECONDS, 5.0):
             return f"the engine process has not reported for {silent:.0f} s"
@@ -429,11 +433,23 @@ class EngineClient:
                     self.conn.send_bytes(HEADER.pack(Op.SHUTDOWN, 0))
                 except (OSError, ValueError):
                     pass
-        self.process.join(timeout=30)
-        if self.process.is_alive():
+        if not self._await_exit(30):
             self.process.kill()
-            self.process.join(timeout=10)
+            self._await_exit(10)
+        with self._reaping:
+            self.process.join(timeout=1)  # it has exited (or is killed): reap it
         self._fail_all("the body server is shutting down", quiet=True)
+
+    def _await_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the engine process to exit, without reaping it (its sentinel)."""
+        return bool(wait([self.process.sentinel], timeout))
+
+    def _exit_status(self) -> int | None:
+        """The engine process's exit status; None while it runs (or in a front end that did not start it)."""
+        if self.process is None:
+            return None
+        with self._reaping:
+            return self.process.exitcode  # a non-blocking waitpid
 
     # plumbing
     def _request(self, op: Op, payload: bytes, what: str, waiter: Any = None) -> Any:
@@ -467,8 +483,8 @@ class EngineClient:
         if self.process is None:
             self._fail_all("the engine process stopped")
             return
-        self.process.join(timeout=2)  # for its exit status
-        self._fail_all(f"the engine process stopped (exit status {self.process.exitcode})")
+        self._await_exit(2)  # for its exit status
+        self._fail_all(f"the engine process stopped (exit status {self._exit_status()})")
 
     def _deliver(self, kind: Kind, request: int, payload: memoryview) -> None:
         if kind == Kind.HEARTBEAT:
@@ -506,7 +522,7 @@ class EngineClient:
         with self._lock:
             if self._dead is None:
                 self._dead = reason
-                if not quiet and (self.process is None or self.process.exitcode not in (None, 0)):
+                if not quiet and (self.process is None or self._exit_status() not in (None, 0)):
                     log.error("%s; every session in flight gets an error", reason)
             pending, self._pending = self._pending, {}
         for future, _ in pending.values():
