@@ -326,6 +326,18 @@ def test_frames_decoded_together_equal_each_alone_and_a_bad_frame_fails_alone():
     assert isinstance(states[2], WireError) and "NaN" in str(states[2])
 
 
+def test_int8_frames_decoded_together_equal_each_alone():
+    """An INT8 payload is every row's scale, then every row's values: joined as they come, the
+    second frame's scales were read as the first one's values (states off by up to 1e37)."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(1, 2, 8, generator=gen), 100 * torch.randn(1, 3, 8, generator=gen),
+               torch.randn(1, 2, 8, generator=gen)]  # two of one shape, one of another
+    frames = [tensor_frame(MsgType.HIDDEN, t, Codec.INT8, bytes(16), i) for i, t in enumerate(tensors)]
+    states = decode_hidden(frames, torch.device("cpu"), None)
+    for i, frame in enumerate(frames):
+        assert torch.equal(states[i], frame.tensor()), i
+
+
 def test_the_finite_check_refuses_only_frames_with_nan_or_infinity_and_passes_sums_that_overflow():
     """A float32 sum per row is the cheap test; a row whose finite values overflow that sum is
     still accepted (checked value by value), and rows of opposite infinities, whose sum is NaN,

@@ -315,3 +315,30 @@ def test_a_front_end_that_stops_reading_stalls_only_its_own_replies(llama, runti
         pipes[0][0].close()
         engine.join(60)
     assert not engine.is_alive()
+
+
+def test_the_engine_process_exits_at_shutdown_while_a_stopped_front_ends_pipe_is_full(llama, runtime):
+    """A front end that stops reading (SIGSTOP) leaves its writer thread in a write to a full pipe
+    for good: at SHUTDOWN the engine leaves that thread to the process exit, which must still come
+    (status 0, not the kill `shutdown()` sends after 30 s)."""
+    engine = EngineClient.start(load_scheduler, str(llama), (2, 2), max_frame_bytes=1 << 20, front_ends=2)
+    stopped = engine.links[0]  # never read, as a stopped front end's pipe
+    width, rows, length = runtime.config.hidden_size, 8, 200
+    run, answered = [0], threading.Event()
+
+    def count(stats) -> None:  # a step's replies are queued before its statistics
+        run[0] += stats.positions
+        if run[0] >= 3 * rows * length:
+            answered.set()
+
+    engine.on_step = count
+    try:
+        for seq in range(1, 4):  # replies of 400 KB each, more than the pipe holds
+            session = engine.open_session(0).result(timeout=60)
+            frame = tensor_frame(MsgType.HIDDEN, torch.randn(rows, length, width), Codec.FP32, session, seq)
+            stopped.send_bytes(HEADER.pack(Op.SUBMIT, seq) + session + frame.to_bytes())
+        assert answered.wait(120), "the stopped front end's frames were not run"
+    finally:
+        engine.shutdown()
+        stopped.close()
+    assert engine.process.exitcode == 0

@@ -23,7 +23,7 @@ from lambdasplit.engine.step import ATTENTION, Chunk, ChunkPlan, Step, plan_step
 from lambdasplit.errors import LimitError, WireError
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import PartRunner
-from lambdasplit.wire.codec import decode_tensor, encode_tensors
+from lambdasplit.wire.codec import Codec, decode_tensor, encode_tensors
 from lambdasplit.wire.frame import DTYPE_OF, TORCH_DTYPES, Frame, MsgType
 from lambdasplit.wire.protocol import read_control
 
@@ -290,9 +290,9 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
         groups.setdefault((frame.codec, frame.dtype, frame.shape[-1]), []).append(i)
     for (codec, wire_dtype, width), members in groups.items():
         sizes = [frames[i].shape[0] * frames[i].shape[1] for i in members]
-        try:  # joined straight into a writable buffer, which the tensor takes over: one copy
-            flat = decode_tensor(bytearray().join(frames[i].payload for i in members), codec, TORCH_DTYPES[wire_dtype],
-                                 (sum(sizes), width))
+        try:
+            flat = decode_tensor(_joined([frames[i].payload for i in members], codec, sizes), codec,
+                                 TORCH_DTYPES[wire_dtype], (sum(sizes), width))
         except WireError as exc:  # a payload that does not fit its header: find it, frame by frame
             if len(members) == 1:
                 results[members[0]] = exc
@@ -312,6 +312,17 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
         for i, ok, states in zip(members, oks, parts, strict=True):
             results[i] = states if ok else WireError("hidden states contain NaN or infinite values")
     return results
+
+
+def _joined(payloads: list[bytes], codec: Codec, rows: list[int]) -> bytearray:
+    """The payloads as one payload of all their rows, in a writable buffer the tensor takes over
+    (one copy). An INT8 payload is its rows' scales, then their values: joined as they come, one
+    frame's scales would be read as another's values."""
+    if codec != Codec.INT8:
+        return bytearray().join(payloads)
+    views = [memoryview(payload) for payload in payloads]
+    return bytearray().join([v[: 4 * n] for v, n in zip(views, rows, strict=True)]
+                            + [v[4 * n:] for v, n in zip(views, rows, strict=True)])
 
 
 def _finite_rows(states: torch.Tensor) -> torch.Tensor | None:
