@@ -29,7 +29,7 @@ from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
-from lambdasplit.engine.core import HEADER, EngineClient, Op, _EngineLoop, _ready, engine_main
+from lambdasplit.engine.core import BACKLOG, HEADER, EngineClient, Kind, Op, _EngineLoop, _ready, engine_main
 from lambdasplit.engine.loading import load_scheduler
 from lambdasplit.errors import ComputeError
 from lambdasplit.listen import claim_shared_port
@@ -309,6 +309,9 @@ def test_a_front_end_that_stops_reading_stalls_only_its_own_replies(llama, runti
         reply, _ = client.submit(session, tensor_frame(MsgType.HIDDEN, hidden, Codec.FP32, session=session)).result(timeout=60)
         parsed = parse_frame(reply.data, Limits(max_payload=1 << 24, max_elements=1 << 24, hidden_size=hidden.shape[-1]))
         assert parsed.type == MsgType.HIDDEN and parsed.shape == hidden.shape
+        for _ in range(3 * BACKLOG):  # the stopped one's queue keeps no more statistics than BACKLOG
+            loop._send(0, Kind.STEP, 0, b"{}")
+        assert BACKLOG <= loop.outboxes[0].qsize() <= BACKLOG + 1
     finally:
         released.set()
         (client or EngineClient.attach(pipes[1][0])).shutdown()

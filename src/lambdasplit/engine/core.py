@@ -57,6 +57,9 @@ HEADER = struct.Struct("<BQ")  # op or kind, request id
 RESULT = struct.Struct("<dB")  # compute seconds, whether a reply frame follows
 LENGTH = struct.Struct("<I")  # a message's length inside a BATCH
 HEARTBEAT_SECONDS = 0.5
+# Messages a front end may leave unread before its heartbeats and step statistics are dropped (a
+# stopped front end's queue would otherwise grow by every step's statistics); replies are never dropped.
+BACKLOG = 1024
 READY_TIMEOUT = 900.0  # seconds a model may take to load (a 7B body from a slow disk)
 
 
@@ -279,7 +282,10 @@ class _EngineLoop:
                 self._send(link, Kind.HEARTBEAT, 0, beat)
 
     def _send(self, link: int, kind: Kind, request: int, payload: bytes) -> None:
-        self.outboxes[link].put(HEADER.pack(kind, request) + payload)
+        outbox = self.outboxes[link]
+        if kind in (Kind.HEARTBEAT, Kind.STEP, Kind.REFUSAL) and outbox.qsize() >= BACKLOG:
+            return
+        outbox.put(HEADER.pack(kind, request) + payload)
 
     def _write(self, link: int) -> None:
         """Send what is queued for one pipe; the replies a step completes together leave in one write.
