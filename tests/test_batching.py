@@ -351,6 +351,19 @@ def test_the_finite_check_refuses_only_frames_with_nan_or_infinity_and_passes_su
     assert str(states[1]) == "hidden states contain NaN or infinite values"
 
 
+def test_frames_beyond_a_float16_bodys_range_are_refused_alone():
+    """Finite float32 states past 65,504 became infinities in a float16 body (checked before the cast,
+    they passed); now such a frame is refused with its own error, and the others are cast as before."""
+    fine = torch.randn(1, 2, 8)
+    huge = fine.clone()
+    huge[0, 1, 3] = 1e5
+    frames = [tensor_frame(MsgType.HIDDEN, t, Codec.FP32, bytes(16), i) for i, t in enumerate([fine, huge, fine])]
+    states = decode_hidden(frames, torch.device("cpu"), torch.float16)
+    assert str(states[1]) == "hidden states exceed torch.float16's range (the body runs in torch.float16)"
+    assert torch.equal(states[0], fine.half()) and torch.equal(states[2], fine.half())
+    assert torch.equal(decode_hidden([frames[1]], torch.device("cpu"), torch.bfloat16)[0], huge.bfloat16())
+
+
 def test_a_frame_with_nan_in_a_step_of_many_is_refused_alone_and_the_others_run_as_without_it(bodies):
     """One bad frame among a step's frames (decoded and checked as one tensor) is refused with its
     own error; the step runs the others exactly as a step without it, and its session goes on."""

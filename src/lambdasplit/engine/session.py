@@ -301,7 +301,14 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
                 results[i] = decode_hidden([frames[i]], device, dtype)[0]
             continue
         finite = _finite_rows(flat)
-        oks = [True] * len(members) if finite is None else [bool(ok.all()) for ok in finite.split(sizes)]
+        problems: list[str | None] = [None] * len(members)
+        if finite is not None:
+            problems = [None if bool(ok.all()) else "hidden states contain NaN or infinite values" for ok in finite.split(sizes)]
+        target = dtype or flat.dtype
+        if torch.finfo(target).max < torch.finfo(flat.dtype).max:  # e.g. float32 frames to a float16 body
+            fits = flat.abs().amax(dim=-1) <= torch.finfo(target).max
+            problems = [problem or (None if bool(ok.all()) else f"hidden states exceed {target}'s range (the body runs in {target})")
+                        for problem, ok in zip(problems, fits.split(sizes), strict=True)]
         # Not waiting for the device: with async scheduling a step may be running (the copy queues behind it).
         moved = flat.to(device=device, dtype=dtype or flat.dtype, non_blocking=True)
         shape = frames[members[0]].shape
@@ -309,8 +316,8 @@ def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype 
             parts = moved.view(len(members), *shape).unbind(0)
         else:
             parts = [part.view(frames[i].shape) for i, part in zip(members, moved.split(sizes), strict=True)]
-        for i, ok, states in zip(members, oks, parts, strict=True):
-            results[i] = states if ok else WireError("hidden states contain NaN or infinite values")
+        for i, problem, states in zip(members, problems, parts, strict=True):
+            results[i] = states if problem is None else WireError(problem)
     return results
 
 
