@@ -266,11 +266,14 @@ def speculative(
     quick: Annotated[bool, typer.Option(help="0 and 50 ms, 4 + 2 prompts, 32 tokens: about 5 minutes.")] = False,
     draft_lengths: Annotated[str, typer.Option(
         "--draft-lengths", help="Compare the draft head's longest chains instead, e.g. 3,8: plain decoding and the head at "
-        "each cap, held-out chat, 50 and 100 ms RTT (writes speculative-draft-lengths-cpu.json).")] = "",
+        "each cap, held-out chat, 50 and 100 ms RTT (writes speculative-draft-lengths-cpu.json); with --body-device, the "
+        "head at each cap besides --draft-tokens in that run.")] = "",
     body_device: Annotated[Optional[str], typer.Option(
-        "--body-device", help="Serve the body on this device instead (cuda: a GPU; the device's parts stay on the CPU): plain, "
+        "--body-device", help="Serve the body on this device instead (cuda: a GPU; the device's parts on --parts-device): plain, "
         "prompt lookup and the draft head on held-out chat at each --rtts, each prompt at every RTT in turn (writes "
-        "speculative-body-DEVICE.json, e.g. speculative-body-cuda.json).")] = None,
+        "speculative-body-DEVICE.json, e.g. speculative-body-cuda.json, or speculative-body-cuda-parts-cuda.json).")] = None,
+    parts_device: Annotated[Optional[str], typer.Option(
+        "--parts-device", help="With --body-device: run the device's parts (head, tail, draft head; float32) here (default cpu).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="With --body-device: model source (default: the embedded SmolLM2).")] = None,
     head: Annotated[Optional[Path], typer.Option("--head", help="With --body-device: draft head directory (default: the shipped head).")] = None,
     rtts: Annotated[str, typer.Option("--rtts", help="With --body-device: added round trips in ms.")] = "50,100",
@@ -293,11 +296,11 @@ def speculative(
                                  "and answer length are fixed (--quick: fewer and shorter)",
                                  param_hint="--prompts" if prompts is not None else "--new-tokens")
     prompts, new_tokens = prompts or 12, new_tokens or 64
-    served_only = {"--model": model, "--head": head, "--max-minutes": max_minutes}
+    served_only = {"--model": model, "--head": head, "--max-minutes": max_minutes, "--parts-device": parts_device}
     if body_device is None and (given := [name for name, value in served_only.items() if value is not None]):
         raise typer.BadParameter(f"{', '.join(given)} go with --body-device", param_hint=given[0])
-    if body_device is not None and (quick or draft_lengths):
-        raise typer.BadParameter("--body-device is a run of its own; drop --quick and --draft-lengths", param_hint="--body-device")
+    if body_device is not None and quick:
+        raise typer.BadParameter("--body-device is a run of its own; drop --quick", param_hint="--body-device")
     if draft_lengths and quick:
         raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
     caps = _caps(draft_lengths) if draft_lengths else []
@@ -309,7 +312,7 @@ def speculative(
 
     if body_device is not None:
         path = run_served_body(model, str(head) if head else None, body_device, prompts, new_tokens, chosen_rtts,
-                               draft_tokens, max_minutes, out)
+                               draft_tokens, max_minutes, out, parts_device or "cpu", caps)
     elif caps:
         path = run_draft_lengths(caps, prompts, new_tokens, out=out)
     else:

@@ -58,7 +58,7 @@ def generated_section(draw: bool = False) -> str:
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
     if frame_cost := _load("frame-cost-cpu"):
         sections.append(frame_cost_section(frame_cost))
-    for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda"):
+    for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda", "speculative-body-cuda-parts-cuda"):
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
@@ -451,7 +451,8 @@ def frame_cost_section(data: dict) -> str:
 def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
     """Plain split decode against prompt lookup and the draft head over the emulated WAN (issues 13, 24)."""
     prompts = ", ".join(f"{k}: {v}" for k, v in data["prompts"].items())
-    served = (f", body on {data['body_device']}, device parts on the CPU, draft head: {data['head']}"
+    parts = data.get("device_parts", "cpu")
+    served = (f", body on {data['body_device']}, device parts on {'the CPU' if parts == 'cpu' else parts}, draft head: {data['head']}"
               if "body_device" in data else "")
     lines = [f"## Speculative decoding over an emulated WAN (`{name}`): SmolLM2, split 2,2, bf16 frames{served}", "",
              _env(data) + f"; greedy, answers end at EOS or {data['new_tokens']} tokens, drafts of at most "
@@ -468,7 +469,22 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
                      f"{head['tok_s']:.1f} ({head['tok_s'] / plain['tok_s']:.2f}x) | {lookup['tokens_per_trip']:.2f} / "
                      f"{head['tokens_per_trip']:.2f} | {head['acceptance']:.0%} | {head['ms_per_drafted_token']:.1f} | "
                      f"{'yes' if r['identical'] else 'no'} | {local} |")
-    return "\n".join(lines + _trip_table(data["rows"]))
+    return "\n".join(lines + _caps_table(data["rows"]) + _trip_table(data["rows"]))
+
+
+def _caps_table(rows: list[dict]) -> list[str]:
+    """The draft head at further longest chains (`--draft-lengths` with `--body-device`), where a run has them."""
+    extra = [(r, mode, m) for r in rows for mode, m in r["modes"].items() if mode.startswith("draft head, up to")]
+    if not extra:
+        return []
+    lines = ["", "The draft head at other longest chains, same run:", "",
+             "| added RTT ms | mode | tok/s (x plain) | tokens per round trip | acceptance | drafted per round | device ms per drafted token |",
+             "|---|---|---|---|---|---|---|"]
+    for r, mode, m in extra:
+        plain = r["modes"]["plain"]["tok_s"]
+        lines.append(f"| {r['rtt_ms']} | {mode} | {m['tok_s']:.1f} ({m['tok_s'] / plain:.2f}x) | {m['tokens_per_trip']:.2f} | "
+                     f"{m['acceptance']:.0%} | {m['drafted_per_round']:.2f} | {m['ms_per_drafted_token']:.1f} |")
+    return lines
 
 
 def _trip_table(rows: list[dict]) -> list[str]:

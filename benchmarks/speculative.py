@@ -20,11 +20,13 @@ benchmarks/results/local/speculative-cpu-quick.json, which git ignores; `--out D
 head at each cap (the 10% confidence stop applies to all), held-out chat only, at 50 and 100 ms;
 results to benchmarks/results/speculative-draft-lengths-cpu.json.
 
-`--body-device cuda` serves the body on a GPU (`serve --device cuda`; the device's parts stay on
-the CPU) and compares plain, prompt lookup and a draft head (`--head DIR`, default the shipped one) on
-the first `--prompts` held-out chat prompts; each prompt runs at every RTT in turn, so a time budget
-(`--max-minutes`, loading counted) cuts every RTT's row alike. Results to
-speculative-body-cuda.json (scripts/train_draft_gpu.sh's STAGE=speculative runs it on a GPU machine):
+`--body-device cuda` serves the body on a GPU (`serve --device cuda`; the device's parts on the CPU,
+or with `--parts-device cuda` on the GPU too, as a laptop with a GPU would run them) and compares
+plain, prompt lookup and a draft head (`--head DIR`, default the shipped one; `--draft-lengths 6,8`
+adds the head at those longest chains) on the first `--prompts` held-out chat prompts; each prompt
+runs at every RTT in turn, so a time budget (`--max-minutes`, loading counted) cuts every RTT's row
+alike. Results to speculative-body-cuda.json (-parts-cuda.json with the parts on the GPU;
+scripts/train_draft_gpu.sh's STAGE=speculative runs it on a GPU machine):
 
     python3 -m benchmarks speculative --body-device cuda --model SRC --head DIR --prompts 8 --new-tokens 64 \
         --rtts 50,100 --max-minutes 3.5 --out DIR
@@ -141,23 +143,32 @@ def compare(sets: dict[str, list[str]], modes: Sequence[Mode], rtts: Sequence[in
     return rows
 
 
+def served_suite(body_device: str, parts_device: str = "cpu") -> str:
+    """speculative-body-BODY, and -parts-PARTS where the device's parts are not on the CPU."""
+    parts = parts_device.split(":")[0]
+    return f"speculative-body-{body_device.split(':')[0]}" + ("" if parts == "cpu" else f"-parts-{parts}")
+
+
 def run_served_body(source: str | None, head: str | None, body_device: str, prompts: int, new_tokens: int,
                     rtts: Sequence[int], draft_tokens: int = defaults.DRAFT_TOKENS, max_minutes: float | None = None,
-                    out: Path | None = None) -> Path:
+                    out: Path | None = None, parts_device: str = "cpu", caps: Sequence[int] = ()) -> Path:
     """Plain vs prompt lookup vs the draft head in `head` (None: the shipped one) with the body served on
-    `body_device` and the device's parts on the CPU: the first `prompts` held-out chat prompts, each
-    at every RTT in turn, until they or `max_minutes` (loading counted) run out; at least one runs."""
+    `body_device` and the device's parts (float32) on `parts_device`: the first `prompts` held-out chat
+    prompts, each at every RTT in turn, until they or `max_minutes` (loading counted) run out; at least
+    one runs. `caps`: the draft head again at each of these longest chains (a GPU drafts a token for far
+    less than a round trip, so longer chains may pay there where they do not on a CPU)."""
     began = time.monotonic()
     deadline = began + 60 * max_minutes if max_minutes else math.inf
     speculate = f"draft-head:{head}" if head else "draft-head"
-    modes = (Mode("plain"), Mode("prompt-lookup", "prompt-lookup", draft_tokens), Mode("draft-head", speculate, draft_tokens))
+    modes = (Mode("plain"), Mode("prompt-lookup", "prompt-lookup", draft_tokens), Mode("draft-head", speculate, draft_tokens),
+             *(Mode(head_mode(cap).name, speculate, cap) for cap in caps if cap != draft_tokens))
     chat = chat_prompts(prompts)
-    suite = f"speculative-body-{body_device.split(':')[0]}"
+    suite = served_suite(body_device, parts_device)
     payload: dict = {"suite": suite, "environment": environment(body_device), "split": [2, 2], "codec": "bf16",
-                     "body_device": body_device, "device_parts": "cpu", "model": source or "embedded SmolLM2-135M-Instruct",
+                     "body_device": body_device, "device_parts": parts_device, "model": source or "embedded SmolLM2-135M-Instruct",
                      "head": head or "shipped", "new_tokens": new_tokens, "draft_tokens": draft_tokens,
                      "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes}
-    runtime = SplitRuntime.load(source, (2, 2))
+    runtime = SplitRuntime.load(source, (2, 2), device=parts_device)
     serve = ["--split", "2,2", "--device", body_device, *(["--model", source] if source else [])]
     tallies = {rtt: _Tally(modes, rtt, CHAT) for rtt in rtts}
     ran, slowest = 0, 0.0

@@ -16,6 +16,8 @@
 #   part, so a call stopped by its time limit still returns what the finished parts wrote. Merge the
 #   JSON of several calls by part (each part writes its own keys).
 # - SECONDS_LIMIT (default 560) stops the benchmark before the call's limit.
+# - SRC (default src): the lambdasplit package's directory; another checkout's src (`git archive OLD src`)
+#   runs that commit's server and client library under this checkout's benchmarks, for an A/B.
 set -uo pipefail
 : "${OUT:?set OUT to the output directory}"
 PY=${PYTHON:-python3}
@@ -33,7 +35,7 @@ for wheel in .whl/*.whl; do
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/site-one "$wheel" 2>&1 | grep -v WARNING
   mkdir -p /tmp/site && cp -a /tmp/site-one/. /tmp/site/
 done
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:src:.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:${SRC:-src}:.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 for part in .gguf/part-*; do [ -f "$part" ] && cp "$part" "$STORE/"; done
 if [ ! -f "$GGUF" ] && compgen -G "$STORE/part-a?" > /dev/null; then

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from benchmarks import speculative
 from benchmarks.__main__ import _caps, _rtts, app
 from benchmarks.report import draft_lengths_section, speculative_section
-from benchmarks.speculative import CHAT, run_draft_lengths, run_served_body
+from benchmarks.speculative import CHAT, run_draft_lengths, run_served_body, served_suite
 
 
 def test_draft_lengths_run_every_cap_beside_plain_decoding_with_the_same_tokens(tmp_path):
@@ -70,23 +70,29 @@ def test_python_dash_m_benchmarks_speculative_is_the_subcommand():
 def test_a_served_body_run_measures_every_mode_at_every_rtt_on_the_same_prompts_within_its_budget(tmp_path):
     """A budget spent before the first prompt still runs one prompt, at every RTT, so the rows compare
     like with like; the shipped head drafts and every mode gives plain decoding's tokens."""
-    path = run_served_body(None, None, "cpu", prompts=2, new_tokens=8, rtts=(0, 20), max_minutes=1e-4, out=tmp_path)
+    path = run_served_body(None, None, "cpu", prompts=2, new_tokens=8, rtts=(0, 20), max_minutes=1e-4, out=tmp_path,
+                           caps=(1, 3))
 
     data = json.loads(path.read_text())
     assert path.name == "speculative-body-cpu.json" and data["suite"] == "speculative-body-cpu"
     assert data["prompts"] == {CHAT: 1} and data["of"] == 2 and data["head"] == "shipped" and data["body_device"] == "cpu"
-    assert [row["rtt_ms"] for row in data["rows"]] == [0, 20]
-    for row in data["rows"]:
-        assert row["identical"] is True and list(row["modes"]) == ["plain", "prompt-lookup", "draft-head"]
-        plain, head = row["modes"]["plain"], row["modes"]["draft-head"]
+    assert data["device_parts"] == "cpu" and [row["rtt_ms"] for row in data["rows"]] == [0, 20]
+    for row in data["rows"]:  # cap 3 is --draft-tokens' own mode, not a second one
+        assert row["identical"] is True and list(row["modes"]) == ["plain", "prompt-lookup", "draft-head", "draft head, up to 1"]
+        plain, head, one = row["modes"]["plain"], row["modes"]["draft-head"], row["modes"]["draft head, up to 1"]
         assert all(len(m["tok_s_per_prompt"]) == 1 and m["tokens"] == plain["tokens"] for m in row["modes"].values())
         assert plain["round_trips"] == plain["tokens"] and head["drafted"] > 0 and head["draft_tokens"] == 3
-    assert "| 20 | chat (held out) |" in speculative_section(data, data["suite"])
+        assert one["draft_tokens"] == 1 and one["drafted_per_round"] == 1.0
+    section = speculative_section(data, data["suite"])
+    assert "| 20 | chat (held out) |" in section and "| 20 | draft head, up to 1 |" in section
+    assert served_suite("cuda:0", "cuda") == "speculative-body-cuda-parts-cuda" and served_suite("cuda", "cpu") == "speculative-body-cuda"
 
 
 def test_served_body_options_are_refused_without_body_device_and_rtts_must_be_distinct_milliseconds():
     result = CliRunner().invoke(app, ["speculative", "--head", "somewhere"])
     assert result.exit_code == 2 and "--head go with --body-device" in result.output
+    result = CliRunner().invoke(app, ["speculative", "--parts-device", "cuda"])
+    assert result.exit_code == 2 and "--parts-device go with --body-device" in result.output
     result = CliRunner().invoke(app, ["speculative", "--body-device", "cuda", "--quick"])
     assert result.exit_code == 2 and "a run of its own" in result.output
     assert _rtts("50, 100") == [50, 100]
