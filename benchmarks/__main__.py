@@ -256,9 +256,12 @@ def draft_tree(
 ) -> None:
     """The draft head drafting a chain or a small tree, offline on this CPU: tokens per round trip
     (counted against the model's greedy answers), positions per verification, device ms per drafted token."""
-    from benchmarks.draft_tree import run
+    from benchmarks.draft_tree import CalibrationError, run
 
-    typer.echo(f"wrote {run(prompts, new_tokens, calibration, out)}")
+    try:
+        typer.echo(f"wrote {run(prompts, new_tokens, calibration, out)}")
+    except CalibrationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--calibration") from None
 
 
 @app.command()

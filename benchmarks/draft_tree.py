@@ -297,6 +297,10 @@ def acceptance_table(counts: Sequence[Sequence[int]]) -> list[list[float]]:
     return [[c / max(sum(row), 1) for c in row[:-1]] for row in counts]
 
 
+class CalibrationError(ValueError):
+    """More calibration prompts asked for than the head set aside."""
+
+
 def validation_prompts(meta: dict[str, Any], count: int) -> list[str]:
     """The first `count` validation prompts of the head's training (set aside, never trained on),
     rebuilt from its recorded settings as train_draft.generate_data chose them."""
@@ -307,7 +311,9 @@ def validation_prompts(meta: dict[str, Any], count: int) -> list[str]:
     order = list(range(len(prompts)))
     random.Random(settings["seed"]).shuffle(order)
     held_back = round(settings["validation"] * len(prompts))
-    return [prompts[i] for i in order[:min(count, held_back)]]
+    if count > held_back:
+        raise CalibrationError(f"--calibration {count}: the head set {held_back} validation prompts aside; choose at most {held_back}")
+    return [prompts[i] for i in order[:count]]
 
 
 @torch.inference_mode()
@@ -424,8 +430,9 @@ def run(prompts: int = 40, new_tokens: int = 128, calibration: int = 16, out: Pa
     head, meta = DraftHead.load(SHIPPED, model.config)
     drafter = Drafter(head, model.get_input_embeddings(), model.get_output_embeddings(), model.config)
     settings = TrainSettings(max_new_tokens=new_tokens, gen_batch=8)
+    validation = validation_prompts(meta, calibration)  # before the answers: a --calibration too large stops the run at once
     heldout = answer(model, tokenizer, draft_prompts.heldout_prompts()[:prompts], settings, "answers (held-out chat)")
-    calibrating = answer(model, tokenizer, validation_prompts(meta, calibration), settings, "answers (validation)")
+    calibrating = answer(model, tokenizer, validation, settings, "answers (validation)")
     answered = time.monotonic()
     counts = reference_ranks(drafter, calibrating, depth=10, top=8)
     accept = acceptance_table(counts)

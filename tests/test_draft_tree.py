@@ -171,3 +171,15 @@ def test_python_dash_m_benchmarks_draft_tree_is_the_subcommand():
     out = subprocess.run([sys.executable, "-m", "benchmarks.draft_tree", "--prompts", "41"], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Invalid value for '--prompts'" in out.stderr
+
+
+def test_more_calibration_prompts_than_the_head_set_aside_are_refused_not_capped():
+    """`--calibration 500` ran on the 300 validation prompts the shipped head set aside and reported nothing."""
+    from benchmarks.draft_tree import CalibrationError, validation_prompts
+    from lambdasplit.device.draft import SHIPPED, read_meta
+
+    meta = read_meta(SHIPPED)
+    held_back = round(meta["training"]["settings"]["validation"] * meta["training"]["settings"]["prompt_count"])
+    assert len(validation_prompts(meta, held_back)) == held_back
+    with pytest.raises(CalibrationError, match=f"choose at most {held_back}"):
+        validation_prompts(meta, held_back + 1)

@@ -126,7 +126,9 @@ class KVPool:
             row.blocks, row.length, row.valid = [], 0, 0
         if not blocks:
             return
-        index = torch.tensor(blocks, device=self.valid.device)
+        # Built on the host and copied without waiting: `torch.tensor(..., device=cuda)` is a blocking
+        # copy, which held the compute thread until the step in flight had finished on the GPU.
+        index = torch.tensor(blocks, dtype=torch.long).to(self.valid.device, non_blocking=True)
         store = self._store
         store.view(store.shape[0], self.capacity, BLOCK_SIZE * store.shape[2] * store.shape[3]).index_fill_(1, index, 0)
         self.valid.view(self.capacity, -1).index_fill_(0, index, 0)
