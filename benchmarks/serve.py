@@ -109,12 +109,9 @@ class Client:
         from lambdasplit.wire.protocol import read_control
 
         rec = self.record
-        replied = None
         for seq, frame in enumerate(self.frames, start=1):
             data = dataclasses.replace(frame, session=self.session, seq=seq).to_bytes()
             sent = time.monotonic()
-            if replied is not None:  # this process's own time between a reply and the next frame (its other sessions' turns)
-                rec.setdefault("gap_s", []).append(sent - replied)
             await self.ws.send(data)
             reply = self._parse(await self.ws.recv())
             now = time.monotonic()
@@ -129,7 +126,7 @@ class Client:
                 rec["prefill_sent"], rec["first_reply"] = sent, now
             else:
                 rec["itl_s"].append(now - sent)
-            rec["end"] = replied = now
+            rec["end"] = now
 
     async def close(self) -> None:
         from lambdasplit.wire.frame import Frame, MsgType
@@ -230,12 +227,7 @@ def summarize(records: list[dict], steps: int) -> dict:
         out["wall_s"] = max(r["end"] for r in done) - min(r.get("arrived", r["prefill_sent"]) for r in done)
         rates = [steps / (r["end"] - r["first_reply"]) for r in done if steps and r["end"] > r["first_reply"]]
         out["per_session_decode_tok_s_median"] = statistics.median(rates) if rates else None
-    gaps = [x for r in done for x in r.get("gap_s", [])]
-    if gaps:  # a session's cycle is ITL + this gap: the server's share and the load generator's
-        out["client_gap_ms_mean"] = 1000 * statistics.fmean(gaps)
-        out["itl_ms_mean"] = 1000 * statistics.fmean(itl) if itl else None
-    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("connect_ms", [r["connect_s"] for r in done]),
-                         ("client_gap_ms", gaps)):
+    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("connect_ms", [r["connect_s"] for r in done])):
         out[name] = {f"p{q}": (v * 1000 if (v := percentile(values, q)) is not None else None) for q in (50, 99)}
     return out
 

@@ -24,10 +24,8 @@ def test_serve_load_generator_smoke(tmp_path, smollm2_dir, monkeypatch):
     assert row["mode"] == "closed" and row["sessions"] == row["completed"] == 2 and row["errors"] == []
     assert row["replies"] == 2 * (1 + 3) and row["bad_replies"] == 0  # every reply: HIDDEN, seq echoed, same shape
     assert row["aggregate_decode_tok_s"] > 0 and row["per_session_decode_tok_s_median"] > 0
-    for key in ("ttft_ms", "itl_ms", "connect_ms", "client_gap_ms"):
+    for key in ("ttft_ms", "itl_ms", "connect_ms"):
         assert 0 < row[key]["p50"] <= row[key]["p99"]
-    # a session's cycle is its ITL plus the load generator's gap before its next frame (one per decode frame)
-    assert row["client_gap_ms_mean"] > 0 and row["itl_ms_mean"] > 0
 
 
 def test_the_report_renders_the_serving_results_with_their_targets():
