@@ -279,9 +279,9 @@ def speculative(
         "--parts-device", help="With --body-device: run the device's parts (head, tail, draft head; float32) here (default cpu).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="With --body-device: model source (default: the embedded SmolLM2).")] = None,
     head: Annotated[Optional[Path], typer.Option("--head", help="With --body-device: draft head directory (default: the shipped head).")] = None,
-    rtts: Annotated[str, typer.Option("--rtts", help="With --body-device: added round trips in ms.")] = "50,100",
-    draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, max=64, help="With --body-device: longest draft of prompt "
-                                              "lookup and the draft head.")] = DRAFT_TOKENS,
+    rtts: Annotated[Optional[str], typer.Option("--rtts", help="With --body-device: added round trips in ms (default 50,100).")] = None,
+    draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", min=1, max=64, help="With --body-device: longest draft of prompt "
+                                              f"lookup and the draft head (default {DRAFT_TOKENS}).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", min=0.1, help="With --body-device: no prompt starts that "
                                                          "would likely end past this budget (loading counted; one always runs).")] = None,
     prompts: Annotated[Optional[int], typer.Option(
@@ -299,7 +299,8 @@ def speculative(
                                  "and answer length are fixed (--quick: fewer and shorter)",
                                  param_hint="--prompts" if prompts is not None else "--new-tokens")
     prompts, new_tokens = prompts or 12, new_tokens or 64
-    served_only = {"--model": model, "--head": head, "--max-minutes": max_minutes, "--parts-device": parts_device}
+    served_only = {"--model": model, "--head": head, "--max-minutes": max_minutes, "--parts-device": parts_device,
+                   "--rtts": rtts, "--draft-tokens": draft_tokens}
     if body_device is None and (given := [name for name, value in served_only.items() if value is not None]):
         raise typer.BadParameter(f"{', '.join(given)} go with --body-device", param_hint=given[0])
     if body_device is not None and quick:
@@ -307,7 +308,7 @@ def speculative(
     if draft_lengths and quick:
         raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
     caps = _caps(draft_lengths) if draft_lengths else []
-    chosen_rtts = _rtts(rtts)
+    chosen_rtts = _rtts(rtts if rtts is not None else "50,100")
     import json
 
     from benchmarks.common import results_dir
@@ -315,7 +316,7 @@ def speculative(
 
     if body_device is not None:
         path = run_served_body(model, str(head) if head else None, body_device, prompts, new_tokens, chosen_rtts,
-                               draft_tokens, max_minutes, out, parts_device or "cpu", caps)
+                               draft_tokens or DRAFT_TOKENS, max_minutes, out, parts_device or "cpu", caps)
     elif caps:
         path = run_draft_lengths(caps, prompts, new_tokens, out=out)
     else:

@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from benchmarks.common import environment, write
 from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
-from lambdasplit.device.draft import SHIPPED, Drafter, DraftHead
+from lambdasplit.device.draft import SHIPPED, Drafter, DraftHead, read_meta
 from lambdasplit.device.train_draft import Sample, TrainSettings, answer, replay_acceptance
 from lambdasplit.split.parts import cache_kwarg
 from lambdasplit.split.sources import resolve_source
@@ -312,7 +312,7 @@ def validation_prompts(meta: dict[str, Any], count: int) -> list[str]:
     random.Random(settings["seed"]).shuffle(order)
     held_back = round(settings["validation"] * len(prompts))
     if count > held_back:
-        raise CalibrationError(f"--calibration {count}: the head set {held_back} validation prompts aside; choose at most {held_back}")
+        raise CalibrationError(f"{count}: the head set {held_back} validation prompts aside; choose at most {held_back}")
     return [prompts[i] for i in order[:count]]
 
 
@@ -422,15 +422,15 @@ def run(prompts: int = 40, new_tokens: int = 128, calibration: int = 16, out: Pa
     """Answers, calibration, every shape replayed answer by answer (the shapes interleaved, so load
     on this shared CPU hits them alike), then the P-position costs and the model."""
     began = time.monotonic()
+    validation = validation_prompts(read_meta(SHIPPED), calibration)  # first: a --calibration too large stops the run at once
     path = resolve_source(None).path
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    head, meta = DraftHead.load(SHIPPED, model.config)
+    head, _ = DraftHead.load(SHIPPED, model.config)
     drafter = Drafter(head, model.get_input_embeddings(), model.get_output_embeddings(), model.config)
     settings = TrainSettings(max_new_tokens=new_tokens, gen_batch=8)
-    validation = validation_prompts(meta, calibration)  # before the answers: a --calibration too large stops the run at once
     heldout = answer(model, tokenizer, draft_prompts.heldout_prompts()[:prompts], settings, "answers (held-out chat)")
     calibrating = answer(model, tokenizer, validation, settings, "answers (validation)")
     answered = time.monotonic()

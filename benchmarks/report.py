@@ -452,7 +452,7 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
     """Plain split decode against prompt lookup and the draft head over the emulated WAN (issues 13, 24)."""
     prompts = ", ".join(f"{k}: {v}" for k, v in data["prompts"].items())
     parts = data.get("device_parts", "cpu")
-    served = (f", body on {data['body_device']}, device parts on {'the CPU' if parts == 'cpu' else parts}, draft head: {data['head']}"
+    served = (f", body on {data['body_device']}, device parts on {'the CPU' if parts.startswith('cpu') else parts}, draft head: {data['head']}"
               if "body_device" in data else "")
     lines = [f"## Speculative decoding over an emulated WAN (`{name}`): SmolLM2, split 2,2, bf16 frames{served}", "",
              _env(data) + f"; greedy, answers end at EOS or {data['new_tokens']} tokens, drafts of at most "

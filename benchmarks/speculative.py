@@ -167,7 +167,7 @@ def run_served_body(source: str | None, head: str | None, body_device: str, prom
     payload: dict = {"suite": suite, "environment": environment(body_device), "split": [2, 2], "codec": "bf16",
                      "body_device": body_device, "device_parts": parts_device, "model": source or "embedded SmolLM2-135M-Instruct",
                      "head": head or "shipped", "new_tokens": new_tokens, "draft_tokens": draft_tokens,
-                     "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes}
+                     "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes, "draft_lengths": sorted({draft_tokens, *caps})}
     runtime = SplitRuntime.load(source, (2, 2), device=parts_device)
     serve = ["--split", "2,2", "--device", body_device, *(["--model", source] if source else [])]
     tallies = {rtt: _Tally(modes, rtt, CHAT) for rtt in rtts}

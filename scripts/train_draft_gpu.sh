@@ -19,10 +19,12 @@
 #   call's limit leaves after training.
 # - speculative: `python -m benchmarks speculative --body-device cuda`: greedy held-out chat tok/s
 #   through the netem delay proxy at 50 and 100 ms, plain vs prompt lookup vs $HEAD, the body served
-#   on the GPU and the device's parts on the CPU; $OUT/speculative-body-cuda.json and $OUT/speculative.log.
+#   on the GPU and the device's parts on the CPU (SPEC_PARTS=cuda: on the GPU too); $OUT/speculative-body-cuda.json
+#   (speculative-body-cuda-parts-cuda.json) and $OUT/speculative.log.
 # $HEAD (STAGE=eval or speculative): default .draft/head (a head carried in), else /tmp/draft-head
 # (this machine's last training), else the stage stops (exit 7); HEAD=shipped: the shipped head.
-# --quick: a few prompts and tokens with everything on the CPU, to check the whole path in minutes.
+# --quick: a few prompts and tokens with everything on the CPU (SPEC_PARTS is ignored, SPEC_CAPS kept), to
+# check the whole path in minutes.
 # Exit status: 1 a stage failed (or tokens differed: its JSON is written first), 3 half a model,
 # 4 a corrupt model, 5 no gguf package, 6 no time left to evaluate, 7 no draft head.
 # Knobs (environment): TRAIN_MINUTES (5.3: train-draft's --max-minutes), GEN_BATCH (768 prompts
@@ -77,7 +79,7 @@ if [ "${1:-}" = "--quick" ]; then
   TRAIN=(--prompt-count 6 --max-new-tokens 16 --sampled 0.5 --gen-batch 4 --batch 4 --epochs 2 --heldout-limit 2 --max-minutes 5)
   EVAL=(--limit 1 --new-tokens 16)
   EVAL_MINUTES=${EVAL_MINUTES:-2}
-  SPEC=(--prompts 1 --new-tokens 8 --max-minutes 5)
+  SPEC=(--prompts 1 --new-tokens 8 --max-minutes 5 ${SPEC_CAPS:+--draft-lengths "$SPEC_CAPS"})
 else
   DEVICE=cuda
   TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-768}" --batch 32

@@ -76,7 +76,7 @@ def test_a_served_body_run_measures_every_mode_at_every_rtt_on_the_same_prompts_
     data = json.loads(path.read_text())
     assert path.name == "speculative-body-cpu.json" and data["suite"] == "speculative-body-cpu"
     assert data["prompts"] == {CHAT: 1} and data["of"] == 2 and data["head"] == "shipped" and data["body_device"] == "cpu"
-    assert data["device_parts"] == "cpu" and [row["rtt_ms"] for row in data["rows"]] == [0, 20]
+    assert data["device_parts"] == "cpu" and data["draft_lengths"] == [1, 3] and [row["rtt_ms"] for row in data["rows"]] == [0, 20]
     for row in data["rows"]:  # cap 3 is --draft-tokens' own mode, not a second one
         assert row["identical"] is True and list(row["modes"]) == ["plain", "prompt-lookup", "draft-head", "draft head, up to 1"]
         plain, head, one = row["modes"]["plain"], row["modes"]["draft-head"], row["modes"]["draft head, up to 1"]
@@ -91,8 +91,9 @@ def test_a_served_body_run_measures_every_mode_at_every_rtt_on_the_same_prompts_
 def test_served_body_options_are_refused_without_body_device_and_rtts_must_be_distinct_milliseconds():
     result = CliRunner().invoke(app, ["speculative", "--head", "somewhere"])
     assert result.exit_code == 2 and "--head go with --body-device" in result.output
-    result = CliRunner().invoke(app, ["speculative", "--parts-device", "cuda"])
-    assert result.exit_code == 2 and "--parts-device go with --body-device" in result.output
+    for option, value in (("--parts-device", "cuda"), ("--rtts", "50"), ("--draft-tokens", "6")):  # were ignored without it
+        result = CliRunner().invoke(app, ["speculative", "--draft-lengths", "3", option, value])
+        assert result.exit_code == 2 and f"{option} go with --body-device" in result.output
     result = CliRunner().invoke(app, ["speculative", "--body-device", "cuda", "--quick"])
     assert result.exit_code == 2 and "a run of its own" in result.output
     assert _rtts("50, 100") == [50, 100]

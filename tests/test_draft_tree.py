@@ -181,5 +181,5 @@ def test_more_calibration_prompts_than_the_head_set_aside_are_refused_not_capped
     meta = read_meta(SHIPPED)
     held_back = round(meta["training"]["settings"]["validation"] * meta["training"]["settings"]["prompt_count"])
     assert len(validation_prompts(meta, held_back)) == held_back
-    with pytest.raises(CalibrationError, match=f"choose at most {held_back}"):
+    with pytest.raises(CalibrationError, match=f"^{held_back + 1}: .*choose at most {held_back}"):
         validation_prompts(meta, held_back + 1)
