@@ -391,3 +391,60 @@ def test_a_tls_certificate_or_key_that_cannot_be_loaded_is_named(tmp_path):
     with pytest.raises(LambdaSplitError) as refused:
         server_ssl_context(cert, key)
     assert str(refused.value) == f"cannot load the TLS certificate {cert} with the key {key}: [Errno 2] No such file or directory"
+
+
+def _encrypted_key(tmp_path, passphrase: bytes):
+    from cryptography.hazmat.primitives import serialization
+
+    from lambdasplit.security import make_certificates
+
+    paths = make_certificates(tmp_path, ["localhost"])
+    key = serialization.load_pem_private_key(paths["key"].read_bytes(), None)
+    encrypted = tmp_path / "encrypted-key.pem"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(passphrase)))
+    return paths["cert"], encrypted
+
+
+def test_an_encrypted_tls_key_is_refused_without_its_passphrase_never_prompted_for(tmp_path):
+    """OpenSSL asked for the passphrase on the terminal, once in the server and again in every front
+    end; a service without a terminal hung there."""
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.security import server_ssl_context
+
+    cert, key = _encrypted_key(tmp_path, b"correct horse")
+    with pytest.raises(LambdaSplitError, match=r"is encrypted: pass a file holding its passphrase with --tls-key-password-file"):
+        server_ssl_context(cert, key)
+    with pytest.raises(LambdaSplitError, match=r"is the passphrase in --tls-key-password-file the key's\?"):
+        server_ssl_context(cert, key, "wrong")
+    assert server_ssl_context(cert, key, "correct horse") is not None
+
+
+def test_serve_reads_the_tls_key_passphrase_from_a_file_for_itself_and_its_front_ends(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    from lambdasplit.cloud.frontends import FrontEndSpec
+    from lambdasplit.security import read_key_password
+
+    cert, key = _encrypted_key(tmp_path, b"correct horse")
+    (tmp_path / "pass").write_text("correct horse\n")
+    password = read_key_password(tmp_path / "pass")
+    assert password == "correct horse"
+    spec = pickle.loads(pickle.dumps(FrontEndSpec("127.0.0.1", 0, None, cert, key, 60.0, False, password)))  # as spawned
+    assert spec.config().tls is not None
+    (tmp_path / "empty").write_text("")
+    port = ["--port", str(_free_port())]
+    for path, message in ((tmp_path / "empty", "is empty"), (tmp_path / "missing", "cannot read the TLS key password file")):
+        code, errors, _ = _main(monkeypatch, capsys, "serve", *port, "--tls-cert", str(cert), "--tls-key", str(key),
+                                "--tls-key-password-file", str(path))
+        assert code == 2 and len(errors) == 1 and message in errors[0]
+    code, errors, _ = _main(monkeypatch, capsys, "serve", *port, "--tls-key-password-file", str(tmp_path / "pass"))
+    assert code == 2 and errors == ["error: --tls-key-password-file goes with --tls-cert and --tls-key"]
+    code, errors, _ = _main(monkeypatch, capsys, "serve", *port, "--tls-cert", str(cert), "--tls-key", str(key))
+    assert code == 2 and len(errors) == 1 and "--tls-key-password-file F" in errors[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

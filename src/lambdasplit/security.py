@@ -41,17 +41,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def server_ssl_context(cert: str | Path | None, key: str | Path | None) -> ssl.SSLContext | None:
+class _PassphraseNeeded(Exception):
+    """OpenSSL asked for the key's passphrase and none was given."""
+
+
+def _no_passphrase() -> str:
+    raise _PassphraseNeeded
+
+
+def read_key_password(path: str | Path | None) -> str | None:
+    """The passphrase of an encrypted TLS key: the first line of `path` (None: no file)."""
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise LambdaSplitError(f"cannot read the TLS key password file {path}: {exc.strerror}") from None
+    if not lines or not lines[0]:
+        raise LambdaSplitError(f"the TLS key password file {path} is empty (the passphrase is its first line)")
+    return lines[0]
+
+
+def server_ssl_context(cert: str | Path | None, key: str | Path | None, password: str | None = None) -> ssl.SSLContext | None:
+    """The server's TLS context. An encrypted key needs `password`: without one it is refused, never
+    prompted for (OpenSSL would ask on the terminal in every front end and tensor-parallel rank, and a
+    service has no terminal)."""
     if cert is None and key is None:
+        if password is not None:
+            raise LambdaSplitError("--tls-key-password-file goes with --tls-cert and --tls-key")
         return None
     if cert is None or key is None:
         raise LambdaSplitError("TLS needs both --tls-cert and --tls-key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(str(cert), str(key), password=password if password is not None else _no_passphrase)
+    except _PassphraseNeeded:
+        raise LambdaSplitError(f"the TLS key {key} is encrypted: pass a file holding its passphrase with "
+                               "--tls-key-password-file F (the server does not prompt for it)") from None
     except (OSError, ssl.SSLError) as exc:  # a missing file's error names neither path: say both
-        raise LambdaSplitError(f"cannot load the TLS certificate {cert} with the key {key}: {exc}") from None
+        hint = " (is the passphrase in --tls-key-password-file the key's?)" if password is not None and isinstance(exc, ssl.SSLError) else ""
+        raise LambdaSplitError(f"cannot load the TLS certificate {cert} with the key {key}: {exc}{hint}") from None
     return context
 
 

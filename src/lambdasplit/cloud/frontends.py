@@ -43,12 +43,13 @@ class FrontEndSpec:
     tls_key: Path | None
     session_ttl: float
     use_uvloop: bool
+    tls_key_password: str | None = None  # an encrypted key's passphrase, read once by the server process
 
     def config(self):  # -> ServerConfig (imported late: the spawned process imports it once)
         from lambdasplit.cloud.server import ServerConfig
         from lambdasplit.security import server_ssl_context
 
-        tls = server_ssl_context(self.tls_cert, self.tls_key)
+        tls = server_ssl_context(self.tls_cert, self.tls_key, self.tls_key_password)
         return ServerConfig(self.host, self.port, self.token, tls, self.session_ttl, reuse_port=True)
 
 

@@ -64,6 +64,8 @@ def serve(
     token_file: TokenOpt = None,
     tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Server private key (PEM).")] = None,
+    tls_key_password_file: Annotated[Optional[Path], typer.Option(
+        "--tls-key-password-file", help="File whose first line is the passphrase of an encrypted --tls-key (the server never prompts).")] = None,
     max_sessions: Annotated[int, typer.Option("--max-sessions", min=1, help="Concurrent sessions.")] = defaults.MAX_SESSIONS,
     session_ttl: Annotated[float, typer.Option(
         "--session-ttl", callback=check_positive, help="Idle seconds before a session expires."
@@ -170,7 +172,7 @@ def serve(
     from lambdasplit.engine.optimize import BodyOptions
     from lambdasplit.engine.scheduler import SchedulerLimits
     from lambdasplit.listen import check_bindable
-    from lambdasplit.security import is_loopback, read_token, server_ssl_context
+    from lambdasplit.security import is_loopback, read_key_password, read_token, server_ssl_context
 
     # Every check comes before anything loads and before --tensor-parallel relaunches this command
     # under torchrun: a bad combination is one line, never N ranks' tracebacks.
@@ -186,7 +188,8 @@ def serve(
             "(or --insecure-no-auth on a network you trust)"
         )
     check_bindable(host, port)  # a taken port fails in a second, not after the model loaded
-    tls = server_ssl_context(tls_cert, tls_key)  # so does a wrong certificate or key (spawned front ends load them again)
+    key_password = read_key_password(tls_key_password_file)
+    tls = server_ssl_context(tls_cert, tls_key, key_password)  # so does a wrong certificate or key (spawned front ends load them again)
     tp = None
     if tensor_parallel > 1:
         from lambdasplit.engine.parallel import TensorParallel
@@ -208,7 +211,7 @@ def serve(
         build, args = load_scheduler, (source, point(split), dtype, device, limits, allow_shallow, k_max, cuda_graphs, tp, options)
     config = ServerConfig(host, port, token, tls, session_ttl, reuse_port=front_ends > 1)
     if front_ends > 1:
-        _serve_front_ends(config, front_ends, FrontEndSpec(host, port, token, tls_cert, tls_key, session_ttl, uvloop),
+        _serve_front_ends(config, front_ends, FrontEndSpec(host, port, token, tls_cert, tls_key, session_ttl, uvloop, key_password),
                           build, args)
         return
     if engine_process:
