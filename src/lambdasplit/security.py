@@ -14,13 +14,17 @@ from lambdasplit.errors import LambdaSplitError
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
+def _read_secret_file(path: str | Path, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise LambdaSplitError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
 def read_token(path: str | Path | None) -> str | None:
     if path is None:
         return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise LambdaSplitError(f"cannot read the token file {path}: {exc.strerror}") from None
+    token = _read_secret_file(path, "token file").strip()
     if len(token) < 16:
         raise LambdaSplitError(f"the token in {path} is shorter than 16 characters; use a long random token")
     return token
@@ -53,10 +57,7 @@ def read_key_password(path: str | Path | None) -> str | None:
     """The passphrase of an encrypted TLS key: the first line of `path` (None: no file)."""
     if path is None:
         return None
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise LambdaSplitError(f"cannot read the TLS key password file {path}: {exc.strerror}") from None
+    lines = _read_secret_file(path, "TLS key password file").splitlines()
     if not lines or not lines[0]:
         raise LambdaSplitError(f"the TLS key password file {path} is empty (the passphrase is its first line)")
     return lines[0]
