@@ -52,3 +52,17 @@ def test_a_silent_child_misses_its_deadline_and_the_log_file_gets_the_output(tmp
             child.wait_until(lambda: False, timeout=0.5)
         assert child.returncode == -signal.SIGINT  # a failed wait stops the child (SIGINT first)
     assert log.read_text().startswith("to the log\n")  # then Python's KeyboardInterrupt
+
+
+
+def test_printed_waits_for_a_line_that_comes_after_ready_and_gives_up_at_its_deadline(tmp_path):
+    # The child prints its line only once a file appears, so the line surely comes after the check
+    # began: a server that logs an error after its client already saw the reply is this race.
+    go = tmp_path / "go"
+    script = (f"import os, time; print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+              "print('late line', flush=True); time.sleep(120)")
+    with ChildProcess([sys.executable, "-c", script], name="the late child") as child:
+        child.wait_for_line(r"^ready", timeout=60)
+        assert not child.printed("late line", timeout=0.2)
+        go.touch()
+        assert child.printed("late line", timeout=60)

@@ -121,6 +121,16 @@ class ChildProcess:
         finally:
             self._waiting = False
 
+    def printed(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether the child prints a line containing `text` within `timeout` seconds (polling
+        `output`): a server logs an error after sending it, so its client can see the error first."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self.output)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL / 5)
+        return True
+
     def stop(self, grace: float = 10.0) -> int:
         """SIGINT, then SIGTERM, then SIGKILL, each given `grace` seconds; the exit status (and
         `output` holds everything the child printed)."""
