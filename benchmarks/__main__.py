@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lambdasplit.defaults import DRAFT_TOKENS
+from lambdasplit.defaults import DRAFT_TOKENS, MAX_TREE_POSITIONS
 
 OUT_HELP = ("Directory for the result (default benchmarks/results; with --quick benchmarks/results/local, which git "
             "ignores: pass --out benchmarks/results to refresh the committed quick result).")
@@ -282,6 +282,9 @@ def speculative(
     rtts: Annotated[Optional[str], typer.Option("--rtts", help="With --body-device: added round trips in ms (default 50,100).")] = None,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", min=1, max=64, help="With --body-device: longest draft of prompt "
                                               f"lookup and the draft head (default {DRAFT_TOKENS}).")] = None,
+    trees: Annotated[str, typer.Option(
+        "--trees", help="With --draft-lengths or --body-device: also the draft head's static tree of each of these sizes, e.g. "
+        "16,32 (drafted tokens), verified in one round trip (--speculate draft-tree).")] = "",
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", min=0.1, help="With --body-device: no prompt starts that "
                                                          "would likely end past this budget (loading counted; one always runs).")] = None,
     prompts: Annotated[Optional[int], typer.Option(
@@ -308,6 +311,9 @@ def speculative(
     if draft_lengths and quick:
         raise typer.BadParameter("--quick is the plain/lookup/draft-head run; drop it with --draft-lengths", param_hint="--quick")
     caps = _caps(draft_lengths) if draft_lengths else []
+    sizes = _distinct(trees, "--trees", 1, MAX_TREE_POSITIONS - 1, "16,32") if trees else []
+    if sizes and not (caps or body_device):
+        raise typer.BadParameter("go with --draft-lengths or --body-device", param_hint="--trees")
     chosen_rtts = _rtts(rtts if rtts is not None else "50,100")
     import json
 
@@ -316,9 +322,9 @@ def speculative(
 
     if body_device is not None:
         path = run_served_body(model, str(head) if head else None, body_device, prompts, new_tokens, chosen_rtts,
-                               draft_tokens or DRAFT_TOKENS, max_minutes, out, parts_device or "cpu", caps)
+                               draft_tokens or DRAFT_TOKENS, max_minutes, out, parts_device or "cpu", caps, sizes)
     elif caps:
-        path = run_draft_lengths(caps, prompts, new_tokens, out=out)
+        path = run_draft_lengths(caps, prompts, new_tokens, out=out, trees=sizes)
     else:
         path = run(quick, results_dir(quick, out))
     typer.echo(f"wrote {path}")

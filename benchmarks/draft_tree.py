@@ -7,7 +7,8 @@ The shipped draft head drafts for the embedded SmolLM2-135M-Instruct, which is a
 held-out chat prompts are the reference, and at each round the accepted length is the longest root
 path of the drafted tree whose tokens equal the reference continuation (what a body verifying the
 tree with a tree attention mask would accept, greedily), plus the bonus token. No tree verification
-runs in a body: the wire and the server verify chains only.
+runs here: the product verifies trees over the wire with `--speculate draft-tree` (device/tree.py, which
+holds the shapes and the drafter used here), and `python -m benchmarks speculative` times it.
 
 Shapes (`Shape`: each node named by its path of ranks in the head's top-k at each depth, EAGLE-1's
 static trees):
@@ -30,7 +31,6 @@ docs/benchmarks.md's model of tokens/s over a network. Writes benchmarks/results
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 import statistics
@@ -49,143 +49,11 @@ from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
 from lambdasplit.device.draft import SHIPPED, Drafter, DraftHead, read_meta
 from lambdasplit.device.train_draft import Sample, TrainSettings, answer, replay_acceptance
+from lambdasplit.device.tree import Shape, TreeDrafter, acceptance_table, accepted_length, best_tree, chain, reference_ranks, wide
 from lambdasplit.split.parts import cache_kwarg
 from lambdasplit.split.sources import resolve_source
 
 log = logging.getLogger(__name__)
-
-RankPath = tuple[int, ...]  # ranks from the root: (0, 1) is the second choice after the first choice
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A static draft tree: node i is the `paths[i][-1]`-th most likely token after its parent."""
-
-    name: str
-    paths: tuple[RankPath, ...]
-
-    def __post_init__(self) -> None:
-        known = set(self.paths)
-        if len(known) != len(self.paths) or not self.paths:
-            raise ValueError(f"{self.name}: paths must be distinct and non-empty")
-        for path in self.paths:
-            if not path or min(path) < 0 or (len(path) > 1 and path[:-1] not in known):
-                raise ValueError(f"{self.name}: {path} needs its parent {path[:-1]} in the tree")
-        object.__setattr__(self, "paths", tuple(sorted(self.paths, key=lambda p: (len(p), p))))
-
-    @property
-    def parents(self) -> list[int]:
-        """Index of each node's parent (-1: the root, the last confirmed token)."""
-        index = {p: i for i, p in enumerate(self.paths)}
-        return [index.get(p[:-1], -1) for p in self.paths]
-
-    @property
-    def depth(self) -> int:
-        return max(len(p) for p in self.paths)
-
-
-def chain(n: int) -> Shape:
-    return Shape(f"chain-{n}", tuple((0,) * d for d in range(1, n + 1)))
-
-
-def wide(n: int) -> Shape:
-    return Shape(f"wide-{n}", tuple((r,) for r in range(n)))
-
-
-def best_tree(n: int, accept: Sequence[Sequence[float]]) -> Shape:
-    """The `n` nodes of highest estimated acceptance, `accept[d][r]` being the chance that the
-    reference token has rank r at depth d + 1 given that its ancestors were accepted (a node's
-    chance: the product along its path). Grown from the root, so every node's parent is in."""
-    frontier = [(-accept[0][r], (r,)) for r in range(len(accept[0]))]
-    heapq.heapify(frontier)
-    chosen: list[RankPath] = []
-    while frontier and len(chosen) < n:
-        score, path = heapq.heappop(frontier)
-        chosen.append(path)
-        if len(path) < len(accept):
-            for r, p in enumerate(accept[len(path)]):
-                heapq.heappush(frontier, (score * p, (*path, r)))
-    return Shape(f"tree-{n}", tuple(chosen))
-
-
-def accepted_length(tokens: Sequence[int], parents: Sequence[int], reference: Sequence[int]) -> int:
-    """Longest root path of the tree (node i: token `tokens[i]`, parent `parents[i]`, -1 the root)
-    whose tokens equal the start of `reference`: the drafts a greedy verification accepts."""
-    children: dict[int, list[int]] = {}
-    for node, parent in enumerate(parents):
-        children.setdefault(parent, []).append(node)
-    best, stack = 0, [(-1, 0)]
-    while stack:
-        node, depth = stack.pop()
-        best = max(best, depth)
-        if depth < len(reference):
-            stack.extend((child, depth + 1) for child in children.get(node, []) if tokens[child] == reference[depth])
-    return best
-
-
-class TreeDrafter:
-    """Drafts a static tree with the head: one pass for the newly confirmed pairs (the root), then
-    one pass per depth over the nodes that have children, each attending to the confirmed pairs and
-    to its own ancestors (an additive mask over the draft cache)."""
-
-    def __init__(self, drafter: Drafter, shape: Shape) -> None:
-        self.drafter, self.shape = drafter, shape
-        self.parents = shape.parents
-        self.depths = [len(p) for p in shape.paths]
-        has_children = set(self.parents)
-        # per depth d >= 1: the nodes of depth d that are expanded (have children), in order
-        self.levels = [[i for i, d in enumerate(self.depths) if d == depth and i in has_children]
-                       for depth in range(1, shape.depth)]
-        self.top = max(max(p[-1] for p in shape.paths) + 1, 1)
-        self.features: dict[int, torch.Tensor] = {}  # predicted feature of each expanded node (the last draft)
-
-    @torch.inference_mode()
-    def draft(self, cache: DynamicCache, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> list[int]:
-        """Token of every node, given the confirmed pairs not yet in `cache` (features (1, n, H),
-        the tokens after them (1, n), their positions (1, n)). The cache keeps the drafted pairs
-        (the caller crops them)."""
-        head, drafter = self.drafter.head, self.drafter
-        root = head(features, drafter.embeddings(tokens), positions, cache)[:, -1]
-        confirmed = cache.get_seq_length()
-        out = [0] * len(self.shape.paths)
-        self._children(-1, root[0], out)
-        predicted = {-1: root[0]}
-        slots: dict[int, int] = {}  # node -> its pair's index in the draft cache
-        base = int(positions[0, -1])
-        for depth, level in enumerate(self.levels, start=1):
-            if not level:
-                break
-            inputs = torch.stack([predicted[self.parents[n]] for n in level])[None]
-            ids = torch.tensor([[out[n] for n in level]], device=inputs.device)
-            where = torch.full((1, len(level)), base + depth, dtype=torch.long, device=inputs.device)
-            start = cache.get_seq_length()
-            mask = torch.full((1, 1, len(level), start + len(level)), torch.finfo(inputs.dtype).min,
-                              dtype=inputs.dtype, device=inputs.device)
-            mask[..., :confirmed] = 0
-            for row, node in enumerate(level):
-                mask[0, 0, row, start + row] = 0
-                ancestor = self.parents[node]
-                while ancestor >= 0:
-                    mask[0, 0, row, slots[ancestor]] = 0
-                    ancestor = self.parents[ancestor]
-            result = head(inputs, drafter.embeddings(ids), where, cache, mask)[0]
-            for row, node in enumerate(level):
-                slots[node] = start + row
-                predicted[node] = result[row]
-                self._children(node, result[row], out)
-        self.features = predicted
-        return out
-
-    def _children(self, node: int, feature: torch.Tensor, out: list[int]) -> None:
-        """Tokens of `node`'s children: the ranks their paths name in the draft vocabulary's top-k."""
-        kids = [i for i, p in enumerate(self.parents) if p == node]
-        if not kids:
-            return
-        top = self.drafter.logits(feature[None]).topk(self.top, dim=-1).indices[0]
-        vocab = self.drafter.head.vocab
-        for kid in kids:
-            out[kid] = int(vocab[top[self.shape.paths[kid][-1]]])
-
 
 @dataclass
 class Tally:
@@ -261,40 +129,6 @@ def replay_tree(drafter: Drafter, samples: Sequence[Sample], shape: Shape) -> di
     for s in samples:
         total.add(replay_sample(tree, s))
     return summary(shape.name, total, shape)
-
-
-@torch.inference_mode()
-def reference_ranks(drafter: Drafter, samples: Sequence[Sample], depth: int, top: int) -> list[list[int]]:
-    """`counts[d][r]`: how often the reference token had rank r (r == top: not in the top `top`)
-    at depth d + 1 of a chain that follows the reference from every answer position, stopping at
-    the first rank outside the top."""
-    counts = [[0] * (top + 1) for _ in range(depth)]
-    head, vocab = drafter.head, drafter.head.vocab
-    for s in samples:
-        cache = head.new_cache()
-        confirmed = 0
-        for length in range(s.answer + 1, len(s.ids)):
-            known = length - 1
-            if cache.get_seq_length() > confirmed:
-                cache.crop(confirmed - cache.get_seq_length())
-            features, ids = s.features[None, confirmed:known], s.ids[None, confirmed + 1:length]
-            positions = torch.arange(confirmed, known)[None]
-            confirmed = known
-            for d in range(min(depth, len(s.ids) - length)):
-                predicted = head(features, drafter.embeddings(ids), positions, cache)[:, -1:]
-                top_ids = vocab[drafter.logits(predicted[0, 0]).topk(top).indices].tolist()
-                truth = int(s.ids[length + d])
-                rank = top_ids.index(truth) if truth in top_ids else top
-                counts[d][rank] += 1
-                if rank == top:
-                    break
-                features, ids, positions = predicted, s.ids[None, length + d:length + d + 1], positions[:, -1:] + 1
-    return counts
-
-
-def acceptance_table(counts: Sequence[Sequence[int]]) -> list[list[float]]:
-    """`counts` (reference_ranks) as chances per depth and rank, given the depth was reached."""
-    return [[c / max(sum(row), 1) for c in row[:-1]] for row in counts]
 
 
 class CalibrationError(ValueError):

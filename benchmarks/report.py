@@ -473,11 +473,13 @@ def speculative_section(data: dict, name: str = "speculative-cpu") -> str:
 
 
 def _caps_table(rows: list[dict]) -> list[str]:
-    """The draft head at further longest chains (`--draft-lengths` with `--body-device`), where a run has them."""
-    extra = [(r, mode, m) for r in rows for mode, m in r["modes"].items() if mode.startswith("draft head, up to")]
+    """The draft head at further longest chains (`--draft-lengths` with `--body-device`) and its
+    static trees (`--trees`, verified in one round trip), where a run has them."""
+    extra = [(r, mode, m) for r in rows for mode, m in r["modes"].items() if mode.startswith(("draft head, up to", "draft tree"))]
     if not extra:
         return []
-    lines = ["", "The draft head at other longest chains, same run:", "",
+    lines = ["", "The draft head at other longest chains and as static trees (drafted tokens per round; the tree's "
+             "positions verified in one round trip), same run:", "",
              "| added RTT ms | mode | tok/s (x plain) | tokens per round trip | acceptance | drafted per round | device ms per drafted token |",
              "|---|---|---|---|---|---|---|"]
     for r, mode, m in extra:

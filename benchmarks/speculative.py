@@ -77,11 +77,16 @@ class Mode:
 
     @property
     def drafts_with_head(self) -> bool:
-        return self.speculate is not None and self.speculate.startswith("draft-head")
+        return self.speculate is not None and self.speculate.startswith(("draft-head", "draft-tree"))
 
 
 def head_mode(cap: int) -> Mode:
     return Mode(f"draft head, up to {cap}", "draft-head", cap)
+
+
+def tree_mode(nodes: int, head: str | None = None) -> Mode:
+    """The draft head's static tree of `nodes` drafted tokens, verified in one round trip."""
+    return Mode(f"draft tree, {nodes}", f"draft-tree:{head}" if head else "draft-tree", nodes)
 
 
 def _run(runtime: SplitRuntime, body: BodyClient, ids: torch.Tensor, new_tokens: int, mode: Mode) -> GenerationResult:
@@ -113,12 +118,13 @@ def run(quick: bool = False, out: Path | None = None) -> Path:
 
 
 def run_draft_lengths(caps: Sequence[int], prompts: int, new_tokens: int, rtts: Sequence[int] = LENGTHS_RTTS,
-                      out: Path | None = None) -> Path:
-    """Plain vs the draft head at each longest chain in `caps`, on the first `prompts` held-out chat prompts."""
-    modes = (Mode("plain"), *(head_mode(cap) for cap in caps))
+                      out: Path | None = None, trees: Sequence[int] = ()) -> Path:
+    """Plain vs the draft head at each longest chain in `caps` and each tree size in `trees`, on
+    the first `prompts` held-out chat prompts."""
+    modes = (Mode("plain"), *(head_mode(cap) for cap in caps), *(tree_mode(n) for n in trees))
     sets = {CHAT: chat_prompts(prompts)}
     payload: dict = {"suite": LENGTHS_SUITE, "environment": environment(), "split": [2, 2], "codec": "bf16",
-                     "new_tokens": new_tokens, "draft_lengths": list(caps), "confidence": defaults.DRAFT_CONFIDENCE,
+                     "new_tokens": new_tokens, "draft_lengths": list(caps), "trees": list(trees), "confidence": defaults.DRAFT_CONFIDENCE,
                      "prompts": {name: len(p) for name, p in sets.items()}}
     began = time.monotonic()
     payload["rows"] = compare(sets, modes, rtts, new_tokens)
@@ -151,23 +157,25 @@ def served_suite(body_device: str, parts_device: str = "cpu") -> str:
 
 def run_served_body(source: str | None, head: str | None, body_device: str, prompts: int, new_tokens: int,
                     rtts: Sequence[int], draft_tokens: int = defaults.DRAFT_TOKENS, max_minutes: float | None = None,
-                    out: Path | None = None, parts_device: str = "cpu", caps: Sequence[int] = ()) -> Path:
+                    out: Path | None = None, parts_device: str = "cpu", caps: Sequence[int] = (), trees: Sequence[int] = ()) -> Path:
     """Plain vs prompt lookup vs the draft head in `head` (None: the shipped one) with the body served on
     `body_device` and the device's parts (float32) on `parts_device`: the first `prompts` held-out chat
     prompts, each at every RTT in turn, until they or `max_minutes` (loading counted) run out; at least
     one runs. `caps`: the draft head again at each of these longest chains (a GPU drafts a token for far
-    less than a round trip, so longer chains may pay there where they do not on a CPU)."""
+    less than a round trip, so longer chains may pay there where they do not on a CPU). `trees`: the
+    head's static tree of each of these sizes, verified in one round trip."""
     began = time.monotonic()
     deadline = began + 60 * max_minutes if max_minutes else math.inf
     speculate = f"draft-head:{head}" if head else "draft-head"
     modes = (Mode("plain"), Mode("prompt-lookup", "prompt-lookup", draft_tokens), Mode("draft-head", speculate, draft_tokens),
-             *(Mode(head_mode(cap).name, speculate, cap) for cap in caps if cap != draft_tokens))
+             *(Mode(head_mode(cap).name, speculate, cap) for cap in caps if cap != draft_tokens), *(tree_mode(n, head) for n in trees))
     chat = chat_prompts(prompts)
     suite = served_suite(body_device, parts_device)
     payload: dict = {"suite": suite, "environment": environment(body_device), "split": [2, 2], "codec": "bf16",
                      "body_device": body_device, "device_parts": parts_device, "model": source or "embedded SmolLM2-135M-Instruct",
                      "head": head or "shipped", "new_tokens": new_tokens, "draft_tokens": draft_tokens,
-                     "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes, "draft_lengths": sorted({draft_tokens, *caps})}
+                     "confidence": defaults.DRAFT_CONFIDENCE, "max_minutes": max_minutes,
+                     "draft_lengths": sorted({draft_tokens, *caps}), "trees": list(trees)}
     runtime = SplitRuntime.load(source, (2, 2), device=parts_device)
     serve = ["--split", "2,2", "--device", body_device, *(["--model", source] if source else [])]
     tallies = {rtt: _Tally(modes, rtt, CHAT) for rtt in rtts}

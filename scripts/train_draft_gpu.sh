@@ -32,7 +32,7 @@
 # call on the same warm machine reuses the answers and spends its minutes training), EVAL_MINUTES (2.7; cut to what CALL_SECONDS, 570, leaves after training),
 # SPEC_PROMPTS (8), SPEC_TOKENS (64), SPEC_MINUTES (3.5), SPEC_DRAFT (3: longest draft), SPEC_PARTS (cpu: where
 # the device's parts run; cuda puts them on the GPU beside the body), SPEC_CAPS (e.g. 6,8: the head again at
-# those longest chains).
+# those longest chains), SPEC_TREES (e.g. 16,32: the head's static trees of those sizes, --speculate draft-tree).
 set -euo pipefail
 : "${OUT:?set OUT to the output directory}"
 PY=${PYTHON:-python3}
@@ -79,14 +79,14 @@ if [ "${1:-}" = "--quick" ]; then
   TRAIN=(--prompt-count 6 --max-new-tokens 16 --sampled 0.5 --gen-batch 4 --batch 4 --epochs 2 --heldout-limit 2 --max-minutes 5)
   EVAL=(--limit 1 --new-tokens 16)
   EVAL_MINUTES=${EVAL_MINUTES:-2}
-  SPEC=(--prompts 1 --new-tokens 8 --max-minutes 5 ${SPEC_CAPS:+--draft-lengths "$SPEC_CAPS"})
+  SPEC=(--prompts 1 --new-tokens 8 --max-minutes 5 ${SPEC_CAPS:+--draft-lengths "$SPEC_CAPS"} ${SPEC_TREES:+--trees "$SPEC_TREES"})
 else
   DEVICE=cuda
   TRAIN=(--prompt-count 6000 --max-new-tokens 200 --sampled 0.5 --temperature 0.7 --gen-batch "${GEN_BATCH:-768}" --batch 32
          --epochs 40 --max-minutes "${TRAIN_MINUTES:-5.3}" --data "${DATA:-/tmp/draft-data.safetensors}")
   EVAL=(--new-tokens 128)
   SPEC=(--prompts "${SPEC_PROMPTS:-8}" --new-tokens "${SPEC_TOKENS:-64}" --max-minutes "${SPEC_MINUTES:-3.5}"
-        --parts-device "${SPEC_PARTS:-cpu}" ${SPEC_CAPS:+--draft-lengths "$SPEC_CAPS"})
+        --parts-device "${SPEC_PARTS:-cpu}" ${SPEC_CAPS:+--draft-lengths "$SPEC_CAPS"} ${SPEC_TREES:+--trees "$SPEC_TREES"})
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 fi
 

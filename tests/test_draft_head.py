@@ -90,6 +90,58 @@ def test_draft_head_greedy_equals_plain_greedy_and_the_unsplit_model(llama, loca
     assert fast.tokens_per_round_trip == 24 / fast.round_trips
 
 
+@pytest.mark.parametrize("where", ["in process", "server"])
+def test_a_draft_tree_verified_in_one_round_trip_gives_the_plain_greedy_tokens_and_logits(llama, local, server, trained, where):
+    """--speculate draft-tree: the body verifies the head's static tree per round trip (TREE), the
+    device walks it greedily, crops head, body and tail to the accepted prefix in frame order and
+    re-sends the rest: the tokens and every token's logits are plain greedy decoding's."""
+    runtime = SplitRuntime.load(llama, (2, 2))
+    body = local if where == "in process" else RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    plain = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True), keep_logits=True)
+    tree = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True, speculate=f"draft-tree:{trained[0]}",
+                                                                draft_tokens=12), keep_logits=True)
+    if where == "server":
+        body.close()
+    assert tree.token_ids == plain.token_ids
+    torch.testing.assert_close(tree.logits, plain.logits, atol=1e-4, rtol=1e-4)
+    assert tree.round_trips < plain.round_trips == 24
+    drafting = tree.drafting  # the last trees lose the nodes deeper than the tokens left
+    assert drafting["rounds"] == tree.round_trips - 1 and drafting["accepted"] < drafting["drafted"] <= 12 * drafting["rounds"], drafting
+    assert 0 < tree.drafting["accepted"] == 24 - tree.round_trips, tree.drafting  # each trip: its accepted drafts + one token
+
+
+def test_a_draft_tree_stops_at_eos_and_max_length_and_continues_a_cached_conversation(llama, local, trained):
+    runtime = SplitRuntime.load(llama, (2, 2))
+    model = runtime.model
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[3]}])
+    mode = f"draft-tree:{trained[0]}"
+    for n in (1, 2, 7):
+        plain = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=n))
+        assert runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=n, speculate=mode)).token_ids == plain.token_ids
+    first = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    longer = torch.cat([ids, torch.tensor([first.token_ids[0]]), ids[:, -3:]], dim=1)
+    plain = runtime.generate_ids(local, longer, None, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    cache = model.new_cache(local)  # (a new cache resets the body's session: after the plain run)
+    model(longer[:, :-5], cache=cache)  # a conversation whose first positions are cached (the gateway's reuse)
+    continued = runtime.generate_ids(local, longer, None, SamplingParams(max_new_tokens=12, ignore_eos=True, speculate=mode), cache=cache)
+    assert continued.token_ids == plain.token_ids
+
+
+def test_a_draft_tree_falls_back_to_the_chain_for_sampling_and_for_a_body_without_trees(llama, local, trained, monkeypatch, caplog):
+    runtime = SplitRuntime.load(llama, (2, 2))
+    ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    greedy = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    sampled = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, greedy=False, temperature=1e-4,
+                                                                    seed=3, speculate=f"draft-tree:{trained[0]}", draft_tokens=6))
+    assert sampled.token_ids == greedy.token_ids and sampled.drafting["drafted"] > 0
+    monkeypatch.setattr(local, "max_tree_positions", None)  # an older server: WELCOME names no tree limit
+    chained = runtime.generate_ids(local, ids, None, SamplingParams(max_new_tokens=16, ignore_eos=True, speculate=f"draft-tree:{trained[0]}",
+                                                                    draft_tokens=6))
+    assert chained.token_ids == greedy.token_ids and chained.drafting["drafted"] > 0
+    assert "verifies no draft trees" in caplog.text
+
+
 def test_drafting_through_the_paged_decode_kernel_keeps_the_unsplit_models_tokens(llama, trained, monkeypatch):
     """A GPU body attends decode rows through the paged kernel and verification rows through gather
     + SDPA, and a CROP hands the rejected positions' blocks back to the pool the kernel reads: run
@@ -108,7 +160,7 @@ def test_drafting_through_the_paged_decode_kernel_keeps_the_unsplit_models_token
     body = load_local_body(str(llama), (2, 2), codec=Codec.FP32)
     runtime = SplitRuntime.load(llama, (2, 2))
     ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[2]}])
-    modes = [None, "prompt-lookup", f"draft-head:{trained[0]}"]
+    modes = [None, "prompt-lookup", f"draft-head:{trained[0]}", f"draft-tree:{trained[0]}"]
     try:
         assert body.scheduler.bodies[0].kernel, "the kernel should run under Triton's interpreter"
         results = [runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True, speculate=mode,
@@ -116,15 +168,17 @@ def test_drafting_through_the_paged_decode_kernel_keeps_the_unsplit_models_token
     finally:
         body.scheduler.shutdown()
     reference = oracle(llama).generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert [r.token_ids[0] for r in results] == [reference] * 3
+    assert [r.token_ids[0] for r in results] == [reference] * 4
+    assert results[3].round_trips < 24  # the trees went through gather + SDPA beside the kernel's decode rows
     drafting = results[2].drafting
     assert drafting["drafted"] > drafting["accepted"] > 0 and results[2].round_trips < 24, drafting
     assert calls, "no decode row went through the kernel"
 
 
-def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server, trained):
+@pytest.mark.parametrize("mode", ["draft-head", "draft-tree"])
+def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server, trained, mode):
     """The socket drops right after the first CROP of a rejected draft: the device reconnects,
-    replays (CROP included), and the tokens stay the plain ones."""
+    replays (CROP and TREE included), and the tokens stay the plain ones."""
     runtime = SplitRuntime.load(llama, (2, 2))
     body = RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN, backoff=0.05)
     ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[1]}])
@@ -139,7 +193,7 @@ def test_a_connection_lost_after_a_crop_keeps_the_draft_head_exact(llama, server
 
     body._crop = crop_then_drop
     fast = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True,
-                                                                  speculate=f"draft-head:{trained[0]}", draft_tokens=6))
+                                                                  speculate=f"{mode}:{trained[0]}", draft_tokens=6))
     body.close()
     assert dropped and body.reconnects == 1
     assert fast.token_ids == plain.token_ids

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from benchmarks.draft_tree import Shape, TreeDrafter, accepted_length, best_tree, chain, modelled, replay_tree, wide
+from benchmarks.draft_tree import modelled, replay_tree
 from lambdasplit.device.draft import Drafter, DraftHead
 from lambdasplit.device.train_draft import Sample, replay_acceptance
+from lambdasplit.device.tree import Shape, TreeDrafter, accepted_length, best_tree, chain, wide
 from tests.conftest import TINY, TINY_COMMON
 
 #        root
@@ -50,9 +51,10 @@ def test_shapes_name_nodes_by_their_ranks_and_the_best_tree_grows_the_likeliest_
     assert wide(3).paths == ((0,), (1,), (2,)) and wide(3).depth == 1
     # chances: (0) .6, (0,0) .3, (1) .2, (0,1) .18, (2) .1, (1,0) .1, ...
     tree = best_tree(4, [[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])
-    assert tree.paths == ((0,), (1,), (0, 0), (0, 1)) and tree.parents == [-1, -1, 0, 0]
+    # depth first, likelier child first: the top-1 chain leads, so a verified chain keeps its cache
+    assert tree.paths == ((0,), (0, 0), (0, 1), (1,)) and tree.parents == [-1, 0, 0, -1]
     assert best_tree(2, [[0.6, 0.2], [0.5, 0.3]]).paths == ((0,), (0, 0))
-    assert best_tree(3, [[0.6, 0.2, 0.1], [0.2, 0.5, 0.1]]).paths == ((0,), (1,), (0, 1))  # each depth's own chances
+    assert best_tree(3, [[0.6, 0.2, 0.1], [0.2, 0.5, 0.1]]).paths == ((0,), (0, 1), (1,))  # each depth's own chances
     with pytest.raises(ValueError, match="parent"):
         Shape("orphan", ((0,), (1, 0)))
 
@@ -183,3 +185,44 @@ def test_more_calibration_prompts_than_the_head_set_aside_are_refused_not_capped
     assert len(validation_prompts(meta, held_back)) == held_back
     with pytest.raises(CalibrationError, match=f"^{held_back + 1}: .*choose at most {held_back}"):
         validation_prompts(meta, held_back + 1)
+
+
+def test_the_device_parts_run_a_tree_as_each_root_path_alone(llama):
+    """Head and tail with a tree: every node's output equals running its root path as a chain
+    (the positions one past the parent's, the siblings unseen), and the cache keeps the nodes in order."""
+    from lambdasplit.device.runtime import SplitRuntime
+    from lambdasplit.split.parts import PartRunner
+
+    model = SplitRuntime.load(llama, (2, 2)).model
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649]])
+    nodes = torch.tensor([[30, 41, 52, 63, 74, 85]])
+    parents = [-1, 0, 0, 1, 3, 2]
+    for runner in (model.head, model.tail):
+        ours = PartRunner(runner.module, runner.role, runner.config)
+        x = prompt if runner.role == "head" else model.head_module.embed_tokens(prompt).detach()
+        ours(x)
+        new = nodes if runner.role == "head" else model.head_module.embed_tokens(nodes).detach()
+        out = ours(new, tree=parents)
+        assert ours.seq_len == 5 + 6
+        for node in range(6):
+            path, at = [], node
+            while at >= 0:
+                path.insert(0, at)
+                at = parents[at]
+            alone = PartRunner(runner.module, runner.role, runner.config)
+            alone(x)
+            expected = alone(new[:, path])[:, -1]
+            torch.testing.assert_close(out[:, node], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_verified_frame_keeps_the_accepted_prefix_in_frame_order_and_resends_the_rest():
+    from lambdasplit.device.tree import kept_prefix, tree_frame, walk
+
+    ids = torch.tensor([[7, 8, 9, 10]])
+    frame, parents = tree_frame(ids, 2, [11, 12, 13], [-1, 0, -1])  # 9, 10 re-sent; 11 -> 12 and 13 under 10
+    assert frame.tolist() == [[9, 10, 11, 12, 13]] and parents == [-1, 0, 1, 2, 1]
+    model = {1: 13, 4: 99}  # the model's token after each node
+    path, new = walk(frame[0].tolist(), parents, 1, lambda node, path: model[node])
+    assert path == [4] and new == [13, 99]
+    assert kept_prefix(2, path) == 2  # 13 lies after 11 and 12: it is sent again next time
+    assert kept_prefix(2, [2, 3]) == 4 and kept_prefix(1, []) == 1

@@ -65,6 +65,8 @@ REPETITION_PENALTY = 1.0  # none
 # ran 1.26x plain decoding at 50 ms RTT and 1.34x at 100 ms, up to 8 1.11x and 1.27x (`python -m benchmarks
 # speculative --draft-lengths 3,8`): longer chains add rejected positions faster than accepted tokens.
 DRAFT_TOKENS = 3
+DRAFT_TREE_NODES = 16  # --speculate draft-tree: the static tree's drafted nodes (the offline counts: 16 gave 2.43 tokens per round trip, 32 2.67)
+MAX_TREE_POSITIONS = 64  # positions of one TREE frame the body verifies (the root, re-sent tokens and the drafts)
 DRAFT_CONFIDENCE = 0.1  # a draft head's chain stops at a token the head gives less than this probability (greedy)
 NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode
 GATEWAY_CONVERSATIONS = 16  # finished conversations whose body session is kept for a follow-up

@@ -268,10 +268,11 @@ class BodyServer:
         self.metrics.sessions_active.set(len(self._sessions))
         self.metrics.sessions_total.inc()
         limits = self.scheduler.limits
+        body = self.scheduler.bodies[body_index]
         welcome = {
             "protocol": PROTOCOL,
             "session": session.hex(),
-            "manifest": self.scheduler.bodies[body_index].manifest.as_dict(),
+            "manifest": body.manifest.as_dict(),
             "limits": {
                 "max_context": limits.max_context,
                 "max_batch": limits.max_batch,
@@ -280,6 +281,8 @@ class BodyServer:
                 "max_frame_bytes": self.config.max_frame_bytes,
             },
         }
+        if getattr(body, "verifies_trees", False):  # a text body whose layers can verify a draft tree (TREE frames)
+            welcome["limits"]["max_tree_positions"] = min(defaults.MAX_TREE_POSITIONS, limits.max_frame_positions)
         await ws.send(control_frame(MsgType.WELCOME, welcome, session).to_bytes())
 
     async def _serve_session(self, ws: ServerConnection, session: bytes) -> None:

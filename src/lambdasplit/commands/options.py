@@ -115,14 +115,15 @@ def check_device(value: str) -> str:
 
 
 def check_speculate(value: str | None) -> str | None:
-    if value is None or value in ("prompt-lookup", "self", "draft-head"):
+    if value is None or value in ("prompt-lookup", "self", "draft-head", "draft-tree"):
         return value
-    if value.startswith("draft-head:"):
+    if value.startswith(("draft-head:", "draft-tree:")):
         if not Path(value.partition(":")[2]).expanduser().is_dir():
             raise typer.BadParameter(f"{value!r}: {value.partition(':')[2]!r} is not a directory (a draft head from train-draft)")
         return value
     if not Path(value).expanduser().exists():
-        raise typer.BadParameter(f"{value!r}: expected prompt-lookup, draft-head[:DIR], self, or the path of a draft model")
+        raise typer.BadParameter(f"{value!r}: expected prompt-lookup, draft-head[:DIR], draft-tree[:DIR], self, "
+                                 "or the path of a draft model")
     return value
 
 
@@ -194,12 +195,14 @@ SpeculateOpt = Annotated[Optional[str], typer.Option(
     "--speculate", callback=check_speculate,
     help="Speculative decoding (same output, fewer round trips): prompt-lookup drafts from n-grams of the prompt; "
     "draft-head drafts with the trained head shipped for the embedded model (draft-head:DIR: one from train-draft); "
-    "PATH is a small draft model with the same tokenizer; self is refused with its measured acceptance.",
+    f"draft-tree drafts a tree of {defaults.DRAFT_TREE_NODES} tokens with that head, verified in one round trip (greedy; "
+    "sampling drafts the chain); PATH is a small draft model with the same tokenizer; self is refused with its measured acceptance.",
 )]
-DraftOpt = Annotated[int, typer.Option(
-    "--draft-tokens", min=1, max=64, help="Prompt lookup's and a draft model's first draft length (it then grows after "
-    "accepted drafts and shrinks after rejections); the draft head's longest chain (it also stops below "
-    f"{defaults.DRAFT_CONFIDENCE:.0%} confidence)."
+DraftOpt = Annotated[Optional[int], typer.Option(
+    "--draft-tokens", min=1, max=64, show_default=False, help="Prompt lookup's and a draft model's first draft length "
+    f"(default {defaults.DRAFT_TOKENS}; it then grows after accepted drafts and shrinks after rejections); the draft "
+    f"head's longest chain (default {defaults.DRAFT_TOKENS}; it also stops below {defaults.DRAFT_CONFIDENCE:.0%} "
+    f"confidence); draft-tree's drafted tokens (default {defaults.DRAFT_TREE_NODES})."
 )]
 ReconnectOpt = Annotated[float, typer.Option(
     "--reconnect-window", min=0, help="Seconds to keep reconnecting (and replaying) after losing the body server."

@@ -319,7 +319,7 @@ def gateway(
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
     speculate: SpeculateOpt = None,
-    draft_tokens: DraftOpt = defaults.DRAFT_TOKENS,
+    draft_tokens: DraftOpt = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id for API clients (default: the model file's or directory's name).")] = None,
     conversations: Annotated[int, typer.Option(min=0, help="Conversations whose body session is kept for their next turn (0: off); each holds a session on the body server.")] = defaults.GATEWAY_CONVERSATIONS,
     pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: replace names, e-mails, numbers and other identifiers in chat requests with stand-ins on the device and restore them in the answer (see docs/gateway.md).")] = False,
@@ -370,7 +370,7 @@ def ui(
     image_server: Annotated[Optional[str], typer.Option("--image-server", callback=check_server, help="Body server for the image tab (started with serve --pipeline); default: in this process.")] = None,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Enable the image tab.")] = True,
     speculate: SpeculateOpt = None,
-    draft_tokens: DraftOpt = defaults.DRAFT_TOKENS,
+    draft_tokens: DraftOpt = None,
     pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: chats are pseudonymised on the device (identifiers replaced by stand-ins, restored in the answer); the panel shows what the cloud can recover.")] = False,
     decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: each chat runs among N decoy rows that differ in its identifiers.")] = 0,
 ) -> None:

@@ -69,7 +69,7 @@ def generate(
     noise: Annotated[Optional[float], typer.Option(callback=check_positive, help="Defense: Gaussian noise on h_K, sigma relative to each position's RMS (costs quality; see docs/privacy.md).")] = None,
     noise_on: Annotated[str, typer.Option("--noise-on", help="Positions that get noise: all, prompt or decode.")] = defaults.NOISE_ON,
     speculate: SpeculateOpt = None,
-    draft_tokens: DraftOpt = defaults.DRAFT_TOKENS,
+    draft_tokens: DraftOpt = None,
     pseudonymize: Annotated[bool, typer.Option("--pseudonymize", help="Defense: replace names, e-mails, numbers and other identifiers with stand-ins on the device and restore them in the answer (see docs/privacy.md).")] = False,
     decoys: Annotated[int, typer.Option("--decoys", min=0, help="Defense: run the prompt among N decoy rows that differ in its identifiers (every row runs to --max-new-tokens).")] = 0,
 ) -> None:

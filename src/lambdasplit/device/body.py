@@ -16,6 +16,7 @@ import torch
 
 from lambdasplit.wire.codec import Codec
 from lambdasplit.wire.frame import Frame, MsgType, tensor_frame
+from lambdasplit.wire.protocol import control_frame
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,24 @@ class BodyClient(ABC):
     # the local scheduler).
     max_frame_positions: int | None = None
     max_context: int | None = None
+    max_tree_positions: int | None = None  # positions of a TREE frame the body verifies (None: it verifies none)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                tree: list[int] | None = None) -> torch.Tensor:
         """Send h_K for T new positions (mask columns only when some are padding); get h_(L-M) back.
 
         A prompt longer than the body's `max_frame_positions` goes in chunks along T: the body's
         cache grows the same way, so the result equals one frame's (and replay resends the chunks).
+        `tree` (each position's parent, wire/protocol.py's TREE) sends one frame the body verifies
+        as a draft tree; it must fit `tree_positions()`.
         """
         if self.uplink_defense is not None:
             hidden = self.uplink_defense(hidden, self._positions == 0)
+        if tree is not None:
+            limit = self.tree_positions()
+            if limit is None or len(tree) > limit or attention_mask is not None:
+                raise ValueError(f"a tree of {len(tree)} positions does not fit this body (it verifies trees of up to {limit})")
+            return self._forward_chunk(hidden, None, tree)
         step = max(1, (self.frame_positions() or hidden.shape[0] * hidden.shape[1]) // hidden.shape[0])
         outs = []
         for start in range(0, hidden.shape[1], step):
@@ -67,12 +77,15 @@ class BodyClient(ABC):
             outs.append(self._forward_chunk(hidden[:, start:start + step], chunk_mask))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _forward_chunk(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward_chunk(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                       tree: list[int] | None = None) -> torch.Tensor:
         self._positions += hidden.shape[1]
         start = time.perf_counter()
         frames = []
         if attention_mask is not None and not bool(attention_mask.all()):
             frames.append(tensor_frame(MsgType.MASK, attention_mask, Codec.NONE))
+        if tree is not None:
+            frames.append(control_frame(MsgType.TREE, {"parents": list(tree)}))
         frames.append(tensor_frame(MsgType.HIDDEN, hidden, self.codec))
         encoded = time.perf_counter() - start
         self.stats.codec_seconds += encoded
@@ -82,6 +95,10 @@ class BodyClient(ABC):
     def frame_positions(self) -> int | None:
         """The body's bound on B x T per frame, if it has one."""
         return self.max_frame_positions
+
+    def tree_positions(self) -> int | None:
+        """The body's bound on the positions of a TREE frame; None if it verifies no trees."""
+        return self.max_tree_positions
 
     def context_limit(self) -> int | None:
         """The body's bound on positions per row (a server's --max-context), if it has one."""

@@ -289,9 +289,9 @@ class DraftHeadCandidates(CandidateGenerator):
         return self.max_tokens
 
 
-def load_drafter(spec: str, model: Any) -> Drafter:
+def load_drafter(spec: str, model: Any) -> tuple[Drafter, dict[str, Any]]:
     """`draft-head` (the shipped head of the embedded model) or `draft-head:DIR`, bound to `model`
-    (a SplitModelForCausalLM) and checked against its embeddings."""
+    (a SplitModelForCausalLM) and checked against its embeddings; with the head's json."""
     directory = Path(spec.partition(":")[2]).expanduser() if ":" in spec else SHIPPED
     head, meta = DraftHead.load(directory, model.config)
     embed = model.head.module.embed_tokens
@@ -304,13 +304,20 @@ def load_drafter(spec: str, model: Any) -> Drafter:
                              "`lambdasplit train-draft` and pass --speculate draft-head:DIR")
     head = head.to(device=model.device, dtype=model.dtype)
     tail = model.tail.module
-    return Drafter(head, embed, tail.lm_head, model.config, getattr(model.config.get_text_config(), "final_logit_softcapping", None))
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return Drafter(head, embed, tail.lm_head, model.config, softcap), meta
+
+
+def bound_drafter(model: Any, spec: str) -> tuple[Drafter, dict[str, Any]]:
+    """`load_drafter`, once per model and head directory."""
+    drafters = model.__dict__.setdefault("_draft_heads", {})
+    if spec not in drafters:
+        drafters[spec] = load_drafter(spec, model)
+    return drafters[spec]
 
 
 def drafting_kwargs(model: Any, spec: str, draft_tokens: int) -> dict[str, Any]:
     """`generate()` arguments for `--speculate draft-head[:DIR]`: the bound head (loaded once per
     model and directory), the longest chain, and the confidence below which a chain stops."""
-    drafters = model.__dict__.setdefault("_draft_heads", {})
-    if spec not in drafters:
-        drafters[spec] = load_drafter(spec, model)
-    return {"assistant_model": drafters[spec], "num_assistant_tokens": draft_tokens, "assistant_confidence_threshold": defaults.DRAFT_CONFIDENCE}
+    return {"assistant_model": bound_drafter(model, spec)[0], "num_assistant_tokens": draft_tokens,
+            "assistant_confidence_threshold": defaults.DRAFT_CONFIDENCE}

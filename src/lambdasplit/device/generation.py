@@ -26,6 +26,7 @@ from lambdasplit.device.tokens import PromptTokenizer
 from lambdasplit.errors import LambdaSplitError, PromptError
 
 SPECULATE_HELP = ("prompt-lookup (draft from n-grams of the prompt), draft-head[:DIR] (a trained draft head on the device), "
+                  "draft-tree[:DIR] (a tree drafted by that head, verified in one round trip), "
                   "self (head + tail without the body) or a PATH to a draft model")
 
 
@@ -186,7 +187,7 @@ def generate_ids(
     if clash := sorted(SAMPLING_KEYWORDS & extra.keys()):
         raise ValueError(f"generate_ids: {', '.join(clash)} come from SamplingParams, not from generate() keywords")
     first = list(extra.pop("logits_processor", None) or [])
-    kwargs = generate_kwargs(options, prompt_len, first) | model.drafting_kwargs(options, batch) | extra
+    kwargs = generate_kwargs(options, prompt_len, first) | model.drafting_kwargs(options, batch, body) | extra
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # the caller's, and ours
     if options.stop:
         criteria.append(_StopStrings(tokenizer, options.stop, prompt_len))

@@ -10,6 +10,7 @@ unsplit model's tokens.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +23,14 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
 from lambdasplit.errors import LambdaSplitError, PromptError
 from lambdasplit.split.load import OpenedSource, device_runners, open_source, resolve_dtype, resolve_quantize
 from lambdasplit.split.manifest import PartManifest
 from lambdasplit.split.parts import BUILD_LOCK, PartRunner
+
+log = logging.getLogger(__name__)
 
 # transformers renamed `past_key_values` to `cache` in 5.2x (generate's kwarg and the output field).
 CACHE = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
@@ -211,19 +215,30 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("this SplitModelForCausalLM has no body: pass one to new_cache(body)")
         return SplitCache(self.head, self.tail, body)
 
-    def drafting_kwargs(self, options: Any, batch: int) -> dict[str, Any]:
-        """`generate()` arguments for `options.speculate` (see generation.SPECULATE_HELP)."""
+    def drafting_kwargs(self, options: Any, batch: int, body: BodyClient | None = None) -> dict[str, Any]:
+        """`generate()` arguments for `options.speculate` (see generation.SPECULATE_HELP) over
+        `body` (default: the model's own)."""
         mode = options.speculate
         if mode is None:
             return {}
         if batch > 1:
             raise PromptError("speculative decoding drafts for one sequence at a time; drop --speculate for batches")
         if mode == "prompt-lookup":
-            return {"prompt_lookup_num_tokens": options.draft_tokens}
+            return {"prompt_lookup_num_tokens": options.draft_tokens or defaults.DRAFT_TOKENS}
+        if mode == "draft-tree" or mode.startswith("draft-tree:"):
+            from lambdasplit.device.tree import tree_kwargs
+
+            # A tree is verified greedily; sampling drafts the head's chain (speculative sampling).
+            tree = tree_kwargs(self, mode, body or self.body, options.draft_tokens or defaults.DRAFT_TREE_NODES) if options.greedy else None
+            if tree is not None:
+                return tree
+            if options.greedy:
+                log.warning("the body server verifies no draft trees (an older server): drafting chains instead")
+            mode = mode.replace("draft-tree", "draft-head", 1)
         if mode == "draft-head" or mode.startswith("draft-head:"):
             from lambdasplit.device.draft import drafting_kwargs
 
-            return drafting_kwargs(self, mode, options.draft_tokens)
+            return drafting_kwargs(self, mode, options.draft_tokens or defaults.DRAFT_TOKENS)
         if mode == "self":
             raise LambdaSplitError(
                 "self-drafting (head + tail without the body) is not offered: its drafts agree with the full model on "
@@ -231,7 +246,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
                 "them; use --speculate prompt-lookup or a small draft model's path"
             )
         draft = self._draft_model(mode)
-        draft.generation_config.num_assistant_tokens = options.draft_tokens
+        draft.generation_config.num_assistant_tokens = options.draft_tokens or defaults.DRAFT_TOKENS
         draft.generation_config.num_assistant_tokens_schedule = "heuristic"  # adapts to the acceptance rate
         return {"assistant_model": draft}
 
@@ -296,10 +311,13 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: SplitCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        tree: list[int] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Extend the sequence by input_ids' T positions. The runners derive position ids from the
-        mask columns exactly as the unsplit model does, so `position_ids` is not needed."""
+        mask columns exactly as the unsplit model does, so `position_ids` is not needed. `tree`:
+        the T positions are a draft tree (each one's parent, device/tree.py), verified in one
+        body round trip; every position is cached until the caller crops."""
         state = cache if cache is not None else past_key_values
         if state is None:
             state = self.new_cache()
@@ -307,11 +325,11 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
         columns = attention_mask[:, -length:] if attention_mask is not None else None
         mask = columns if columns is not None and not bool(columns.all()) else None
         t0 = time.perf_counter()
-        hidden = state.head(input_ids, mask)
+        hidden = state.head(input_ids, mask, tree=tree)
         t1 = time.perf_counter()
-        hidden = state.body.forward(hidden, mask)
+        hidden = state.body.forward(hidden, mask, tree=tree)
         t2 = time.perf_counter()
         # The runners work under inference_mode; a plain copy lets logits processors edit it in place.
-        logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep, on_features=state.on_features).clone()
+        logits = state.tail(hidden, mask, logits_to_keep=logits_to_keep, on_features=state.on_features, tree=tree).clone()
         state.steps.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return CausalLMOutputWithPast(logits=logits, **{CACHE: state})

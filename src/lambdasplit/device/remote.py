@@ -207,6 +207,10 @@ class RemoteBody(BodyClient):
         self._welcomed()
         return self.max_frame_positions
 
+    def tree_positions(self) -> int | None:
+        self._welcomed()
+        return self.max_tree_positions
+
     def context_limit(self) -> int | None:
         self._welcomed()  # so a prompt too long for the server fails before its prefill, not after
         return self.max_context
@@ -268,6 +272,7 @@ class RemoteBody(BodyClient):
         limits = welcome.get("limits") if isinstance(welcome.get("limits"), dict) else {}
         self.max_frame_positions = _positive(limits.get("max_frame_positions"), self.max_frame_positions)  # prompts go in chunks that fit
         self.max_context = _positive(limits.get("max_context"), self.max_context)  # checked before a prompt is sent
+        self.max_tree_positions = _positive(limits.get("max_tree_positions"), None)  # absent: the server verifies chains only
         self._session = session
         self._connected_once = True
         if self._history:

@@ -27,7 +27,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from lambdasplit import defaults
 from lambdasplit.errors import LambdaSplitError
 
 # generate()'s keywords that SamplingParams sets (the processors they would build are ours).
@@ -53,7 +52,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     speculate: str | None = None
-    draft_tokens: int = defaults.DRAFT_TOKENS  # the first draft's length (the draft head's longest; see defaults)
+    draft_tokens: int | None = None  # the first draft's length, the draft head's longest chain or a tree's nodes (None: the mode's default)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -70,7 +69,7 @@ class SamplingParams:
             raise LambdaSplitError("--stop strings must not be empty (an empty string would match at once)")
         if not all(math.isfinite(x) for x in (self.presence_penalty, self.frequency_penalty, *self.logit_bias.values())):
             raise LambdaSplitError("penalties and logit biases must be finite numbers")
-        if not 1 <= self.draft_tokens <= 64:
+        if self.draft_tokens is not None and not 1 <= self.draft_tokens <= 64:
             raise LambdaSplitError("--draft-tokens must be from 1 to 64")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise LambdaSplitError("--seed must be from 0 to 2**63 - 1")

@@ -45,6 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from lambdasplit import defaults
 from lambdasplit.device import draft_prompts
 from lambdasplit.device.draft import Drafter, DraftHead, DraftHeadCandidates, embedding_fingerprint
+from lambdasplit.device.tree import acceptance_table, reference_ranks
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.split.load import open_source
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 progress = logging.getLogger("lambdasplit.progress")
 
 SIZE_BUDGET = 0.05  # of the device's parameters
+TREE_DEPTH, TREE_TOP = 10, 8  # the acceptance measured for draft trees: depths, and ranks per depth
 # Shares of --max-minutes: generation ends by the first, training by the second; the rest measures.
 GENERATION_SHARE, TRAINING_SHARE = 0.45, 0.85
 
@@ -494,6 +496,8 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
     progress.info("held-out chat: %.2f tokens per round trip, %.0f%% of drafted tokens accepted",
                   measured["tokens_per_round_trip"], 100 * measured["acceptance"])
     validation = replay_acceptance(drafter, data.validation[: settings.validation_replays], settings.draft_tokens, defaults.DRAFT_CONFIDENCE)
+    calibration = data.validation[: settings.validation_replays]
+    ranks = reference_ranks(drafter, calibration, TREE_DEPTH, TREE_TOP)  # the shape of --speculate draft-tree's tree
     greedy = len(train_prompts) - len(data.validation)
     meta = {
         "model_type": model.config.model_type, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
@@ -517,6 +521,8 @@ def train_draft(source: str | None, split: tuple[int, int] | None, out: Path, pr
         },
         "validation": {"prompts": len(data.validation), "confidence": defaults.DRAFT_CONFIDENCE, **validation},
         "heldout_chat": {"prompts": len(heldout), "confidence": defaults.DRAFT_CONFIDENCE, **measured},
+        "tree_acceptance": acceptance_table(ranks),
+        "tree_calibration": {"prompts": len(calibration), "set": "validation answers", "rank_counts": ranks},
     }
     head.save(Path(out), meta)
     return meta

@@ -106,6 +106,7 @@ class PoolInfo:
 @dataclass(frozen=True)
 class BodyInfo:
     manifest: Any
+    verifies_trees: bool = False  # TREE frames accepted (`TextBody.verifies_trees`): WELCOME's max_tree_positions
 
 
 # ---------------------------------------------------------------- engine process
@@ -166,6 +167,7 @@ class _EngineLoop:
         scheduler = self.scheduler
         ready = {
             "manifests": [_manifest_dict(b.manifest) for b in scheduler.bodies],
+            "trees": [getattr(b, "verifies_trees", False) for b in scheduler.bodies],
             "limits": dataclasses.asdict(scheduler.limits),
             "pool_blocks": scheduler.pool.usable_blocks if scheduler.pool is not None else None,
             "pid": os.getpid(),
@@ -331,7 +333,8 @@ class EngineClient:
         self._reaping = threading.Lock()
         self.conn = conn
         self.links = links or []  # the other front ends' pipes, not yet handed out
-        self.bodies = [BodyInfo(_manifest_from(m)) for m in ready["manifests"]]
+        trees = ready.get("trees") or [False] * len(ready["manifests"])
+        self.bodies = [BodyInfo(_manifest_from(m), bool(t)) for m, t in zip(ready["manifests"], trees, strict=True)]
         self.manifest = self.bodies[0].manifest
         self.limits = SchedulerLimits(**ready["limits"])
         self.pool = PoolInfo(ready["pool_blocks"]) if ready["pool_blocks"] is not None else None

@@ -16,7 +16,7 @@ and query index (`Step.kernel_rows`), so one graph replays decode rows, speculat
 frames and short prefill chunks (up to `decode_kernel.MAX_POSITIONS` positions per row) alike:
 a mixed step costs a replay, not the ~1,100 launches of an eager step. Steps with longer chunks,
 or more positions than the largest bucket, run eagerly; without the kernel only decode-only steps
-are captured.
+are captured. A step holding a draft tree runs eagerly too: its group has a mask of its own.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def table_width(keys: int, kernel: bool) -> int:
 
 def capturable(step: Step, kernel: bool) -> bool:
     """Small enough for a bucket, and every chunk short enough for the kernel (without the
-    kernel: decode rows only)."""
-    if step.positions_count > ROW_BUCKETS[-1]:
+    kernel: decode rows only); no draft tree (a graph's rows all attend causally)."""
+    if step.positions_count > ROW_BUCKETS[-1] or step.has_tree:
         return False
     return step.longest_chunk <= MAX_POSITIONS if kernel else step.decode_only
 

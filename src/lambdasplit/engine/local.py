@@ -40,6 +40,9 @@ class LocalBody(BodyClient):
         self.stats = TransferStats()
         self.max_frame_positions = scheduler.limits.max_frame_positions
         self.max_context = scheduler.limits.max_context
+        # Draft-tree verification (TREE frames), as a server's WELCOME says it; this session is on bodies[0].
+        self.max_tree_positions = (min(defaults.MAX_TREE_POSITIONS, self.max_frame_positions)
+                                   if getattr(scheduler.bodies[0], "verifies_trees", False) else None)
         self.timeout = timeout
         self._session: bytes | None = None
 

@@ -555,12 +555,13 @@ class BodyScheduler:
     def _takes(self, pending: list[tuple[Work, int]]) -> list[tuple[Work, int]]:
         """How many of its `remaining` positions each work runs in one step: decodes first, every
         decode always; every waiting prefill gets the budget left, and at least one position per
-        row, so no prompt waits for the decodes to thin out."""
+        row, so no prompt waits for the decodes to thin out. A draft tree runs whole (its
+        attention mask is its frame's)."""
         budget = self.step_tokens
         chosen = []
         for work, remaining in sorted(pending, key=lambda p: p[1] * len(p[0].rows)):
             rows = len(work.rows)
-            take = remaining if remaining == 1 else min(remaining, max(1, budget // rows))
+            take = remaining if remaining == 1 or work.parents is not None else min(remaining, max(1, budget // rows))
             budget -= rows * take
             chosen.append((work, take))
         return chosen

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lambdasplit import defaults
 from lambdasplit.engine import decode_kernel
 from lambdasplit.engine.graphs import DecodeGraphs
 from lambdasplit.engine.kvpool import KVPool, Sequence
@@ -36,6 +37,16 @@ class SessionLimits:
     max_batch: int  # rows
     max_frame_positions: int  # B x T in one frame
     max_kv_bytes: int  # body KV cache of the whole session
+
+
+def has_sliding_window(config: Any) -> bool:
+    """Whether some layer of `config` attends within a sliding window, as transformers decides it:
+    the config sets a window and the layer's type is sliding (families with per-layer types, such
+    as Gemma 3 and Qwen2) or, without per-layer types, every layer (Mistral)."""
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    return types is None or "sliding_attention" in types
 
 
 def kv_bytes_per_position(runner: PartRunner) -> int:
@@ -81,6 +92,23 @@ class TextBody:
     def layers(self) -> int:
         return self.runner.layers
 
+    @property
+    def tree_problem(self) -> str | None:
+        """Why this body refuses a draft tree (a TREE frame), or None: it verifies them."""
+        if not self.layers:  # states pass through: a tree changes nothing
+            return None
+        if self.mirror is not None:
+            return "tree verification is not supported by a tensor-parallel body yet; send the draft as a chain"
+        if has_sliding_window(self.runner.config):
+            return ("tree verification needs full-attention layers; this body has sliding-window layers (a window "
+                    "counts storage slots, not a branch's positions); send the draft as a chain")
+        return None
+
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether TREE frames are accepted (the server's WELCOME then says "max_tree_positions")."""
+        return self.tree_problem is None
+
     def open(self, session_id: bytes, limits: SessionLimits, pool: KVPool | None) -> BodySession:
         return BodySession(self, session_id, limits, pool)
 
@@ -125,6 +153,7 @@ class Work:
     frame: Frame
     hidden: torch.Tensor  # (B, T, D) on the body's device
     mask: torch.Tensor | None  # (B, T) on the host; None: no MASK frame came, no position is padding
+    parents: list[int] | None = None  # a draft tree (TREE frame): each position's parent; it runs whole in one step
     done: int = 0  # positions of each row already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0  # compute time of the steps it took part in
@@ -151,16 +180,19 @@ class Work:
         """Its next `positions` positions, from `done` (default: what has run)."""
         done = self.done if done is None else done
         if done == 0 and positions == self.length:  # the whole frame (every decode step): no slicing
-            return Chunk(self.rows, self.hidden, self.mask)
+            return Chunk(self.rows, self.hidden, self.mask, self.parents)
+        if self.parents is not None:  # its mask is the whole frame's
+            raise RuntimeError("a draft tree runs whole, in one step")
         part = slice(done, done + positions)
         return Chunk(self.rows, self.hidden[:, part], None if self.mask is None else self.mask[:, part])
 
 
 class BodySession:
-    """One device's text-body state: a `Sequence` in the KV pool per row, plus a pending mask.
+    """One device's text-body state: a `Sequence` in the KV pool per row, plus a pending mask or
+    draft tree for the next HIDDEN frame.
 
-    HIDDEN frames become `Work` that the scheduler runs in batched steps; MASK and RESET are
-    handled here directly.
+    HIDDEN frames become `Work` that the scheduler runs in batched steps; MASK, TREE, CROP and
+    RESET are handled here directly.
     """
 
     def __init__(self, body: TextBody, session_id: bytes, limits: SessionLimits, pool: KVPool | None) -> None:
@@ -172,6 +204,7 @@ class BodySession:
         self._host_kv = pool is None or pool.valid.device.type == "cpu"  # (new_bytes reads it for every frame)
         self.rows: list[Sequence] = []
         self._pending_mask: torch.Tensor | None = None
+        self._pending_tree: list[int] | None = None  # parents, checked (TREE), for the next HIDDEN frame
         self.tokens = 0
 
     @property
@@ -194,11 +227,16 @@ class BodySession:
         """Consume a frame that runs no batched step; return the reply frame, if it has one."""
         if frame.type == MsgType.RESET:
             self.close()
-            self._pending_mask = None
+            self._pending_mask = self._pending_tree = None
             return None
         if frame.type == MsgType.MASK:
             self._check_rows(frame.shape[0])
+            if self._pending_tree is not None:
+                raise WireError("a MASK frame cannot follow a TREE frame for the same hidden states: a draft tree has no padding")
             self._pending_mask = frame.tensor()
+            return None
+        if frame.type == MsgType.TREE:
+            self._tree(read_control(frame, MsgType.TREE).get("parents"))
             return None
         if frame.type == MsgType.CROP:
             self._crop(read_control(frame, MsgType.CROP).get("length"))
@@ -212,6 +250,25 @@ class BodySession:
             self.rows[0].length += work.remaining
             return self.finish(work, encode_tensors([hidden], frame.codec)[0])
         raise WireError(f"unexpected {frame.type.name} frame in an open session")
+
+    def _tree(self, parents: object) -> None:
+        """Check a draft tree's parents (wire/protocol.py) and keep them for the next HIDDEN frame;
+        a refused tree leaves the session as it was."""
+        problem = self.body.tree_problem
+        if problem is not None:
+            raise WireError(problem)
+        if not isinstance(parents, list) or not parents:
+            raise WireError(f"TREE parents must be a non-empty JSON list of integers, got {_short(parents)}")
+        limit = min(defaults.MAX_TREE_POSITIONS, self.limits.max_frame_positions)
+        if len(parents) > limit:
+            raise LimitError(f"a draft tree of {len(parents)} positions exceeds the server's {limit} (max_tree_positions)")
+        for i, parent in enumerate(parents):
+            if not isinstance(parent, int) or isinstance(parent, bool) or not (parent == -1 if i == 0 else 0 <= parent < i):
+                want = "-1 (the root)" if i == 0 else f"an integer from 0 to {i - 1} (an earlier position)"
+                raise WireError(f"TREE parent {i} must be {want}, got {_short(parent)}")
+        if self._pending_mask is not None:
+            raise WireError("a TREE frame cannot follow a MASK frame for the same hidden states: a draft tree has no padding")
+        self._pending_tree = parents
 
     def _crop(self, length: object) -> None:
         """Drop the positions after `length` (a device's rejected speculative positions)."""
@@ -240,6 +297,10 @@ class BodySession:
         mask = self._pending_mask
         if mask is not None and tuple(mask.shape) != (batch, length):
             raise WireError(f"mask shape {tuple(mask.shape)} does not match hidden states {(batch, length)}")
+        tree = self._pending_tree
+        if tree is not None and (batch, length) != (1, len(tree)):
+            raise WireError(f"a draft tree of {len(tree)} positions needs hidden states (1, {len(tree)}, D), "
+                            f"got {(batch, length)}")
         if self.rows and len(self.rows) != batch:
             raise WireError(f"batch size changed from {len(self.rows)} to {batch} without a RESET")
         limits = self.limits
@@ -263,10 +324,11 @@ class BodySession:
         """The work for a checked HIDDEN frame whose states `decode_hidden` put on the body's device."""
         batch = frame.shape[0]
         mask, self._pending_mask = self._pending_mask, None
+        parents, self._pending_tree = self._pending_tree, None
         if not self.rows:
             self.rows = [Sequence() for _ in range(batch)]
         # No mask tensor without a MASK frame: an all-ones (B, T) per frame cost a decode step 64 allocations.
-        return Work(self, frame, hidden, None if mask is None else mask.to(torch.long))
+        return Work(self, frame, hidden, None if mask is None else mask.to(torch.long), parents)
 
     def finish(self, work: Work, payload: bytes) -> Frame:
         """The reply to a HIDDEN frame whose positions have all run, its states encoded in `payload`."""
@@ -274,6 +336,12 @@ class BodySession:
         self.tokens += frame.shape[0] * frame.shape[1]
         dtype = DTYPE_OF[work.hidden.dtype]
         return Frame(MsgType.HIDDEN, self.session_id, frame.seq, frame.codec, dtype, frame.shape, payload)
+
+
+def _short(value: object) -> str:
+    """A client's value for an error message: its repr, bounded."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def decode_hidden(frames: list[Frame], device: torch.device, dtype: torch.dtype | None) -> list[torch.Tensor | WireError]:

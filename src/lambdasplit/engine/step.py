@@ -8,7 +8,9 @@ gathered into one padded batch and attend with SDPA under a mask built once per 
 GPU, pieces of up to `decode_kernel.MAX_POSITIONS` positions per row (decode rows, verification
 frames, short prefill chunks) attend through `engine.decode_kernel`, which reads the pool in place. Each
 row attends only to its own keys, at its own position ids, so the result equals running each
-session alone.
+session alone. A draft tree (a TREE frame: EAGLE-style verification of several branches at once)
+is a batch of its own through gather + SDPA, whose positions see within their frame only their
+ancestors, each at its depth past the row's sequence.
 
 The scheduler plans a step as one `Step` (host tensors: slot mapping, position ids, block tables,
 from each chunk's `ChunkPlan`), which the eager forward, the CUDA-graph replay and the
@@ -49,19 +51,24 @@ class Chunk:
     rows: list[Sequence]
     hidden: torch.Tensor  # (B, T, D) on the body's device
     mask: torch.Tensor | None  # (B, T) of 0/1 on the host: 0 marks a padding position; None: no padding
+    parents: list[int] | None = None  # a draft tree (B = 1, no mask): each position's parent, -1 for the root
 
 
 @dataclass
 class Group:
     """The pieces of one step that share T: one padded SDPA call per layer, or, for T up to
     `decode_kernel.MAX_POSITIONS` with the paged kernel, one kernel call that reads the pool in
-    place with every position as a row of its own (`kernel_rows`)."""
+    place with every position as a row of its own (`kernel_rows`). A draft tree is a group of its
+    own (one row): its queries see its own frame's keys only where `tree` says, so it never goes
+    through the kernel, whose attention is causal."""
 
     start: int  # first packed position
     rows: int
     length: int  # T
     table: torch.Tensor  # (rows, W) each row's blocks, zero-block padded (the block table)
     query_slot: torch.Tensor  # (rows, T) index of each query among its row's keys
+    tree: torch.Tensor | None = None  # (T, T) bool: position i may see position j of its frame (j an ancestor of i, or i)
+    tree_start: int = 0  # with `tree`: the frame's first slot (its row's length before it)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     _gather: torch.Tensor | None = None
     _kernel_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -82,6 +89,10 @@ class Group:
             if window is not None:
                 allowed &= keys > query - window
             allowed |= keys == query  # a padding query attends to itself, so no row is all -inf
+            if self.tree is not None:  # the frame's own keys: only ancestors and itself, never a sibling
+                if window is not None:  # the window counts storage slots, which are not a branch's positions
+                    raise RuntimeError("a draft tree cannot attend within a sliding window")
+                allowed[:, :, self.tree_start: self.tree_start + self.length] = self.tree
             self.masks[window] = allowed.unsqueeze(1)
         return self.masks[window]
 
@@ -143,7 +154,7 @@ def paged_attention(
     outputs = []
     for group in plan.groups:
         stop = group.start + group.rows * group.length
-        if plan.kernel and group.length <= MAX_POSITIONS:
+        if plan.kernel and group.length <= MAX_POSITIONS and group.tree is None:
             q = query[0, :, group.start: stop].transpose(0, 1)
             scale = scaling if scaling is not None else dim ** -0.5
             table, last = group.kernel_rows
@@ -177,6 +188,7 @@ class ChunkPlan:
     tables: list[list[int]]  # each row's blocks up to its end after the chunk (the block table)
     after: list[tuple[int, int]]  # each row's (length, valid) once the step is committed
     length: int  # T, the chunk's positions per row (read many times per step: a tensor's shape is slow to read)
+    tree: torch.Tensor | None = None  # a draft tree's (T, T) ancestor-or-self matrix (its attention mask within the frame)
 
     def current(self) -> bool:
         """The rows are still where the plan assumed (a step that failed, or a plan made for a step
@@ -189,6 +201,8 @@ def plan_chunk(chunk: Chunk, bases: list[tuple[int, int]] | None = None) -> Chun
     own the blocks for every position."""
     rows, length = chunk.rows, chunk.hidden.shape[1]
     bases = bases if bases is not None else [(row.length, row.valid) for row in rows]
+    if chunk.parents is not None:
+        return _plan_tree(chunk, bases)
     masks = chunk.mask.tolist() if chunk.mask is not None else [[1] * length] * len(rows)
     write, positions, query, valid, tables, after = [], [], [], [], [], []
     for row, (start, seen), flags in zip(rows, bases, masks, strict=True):
@@ -205,6 +219,27 @@ def plan_chunk(chunk: Chunk, bases: list[tuple[int, int]] | None = None) -> Chun
     return ChunkPlan(chunk, bases, write, positions, query, valid, tables, after, length)
 
 
+def _plan_tree(chunk: Chunk, bases: list[tuple[int, int]]) -> ChunkPlan:
+    """A draft tree's plan (one row, no padding): its slots and query slots in frame order, as a
+    plain chunk's (so a CROP keeps an accepted prefix), but position i at depth(i) past the row's
+    valid positions, and the ancestor-or-self matrix that masks its attention within the frame."""
+    (row,), ((start, seen),) = chunk.rows, bases
+    parents = chunk.parents
+    length = len(parents)
+    tree = np.zeros((length, length), dtype=np.bool_)
+    depth = [0] * length
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            tree[i] = tree[parent]
+            depth[i] = depth[parent] + 1
+        tree[i, i] = True
+    blocks, slots = row.blocks, range(start, start + length)
+    write = [blocks[slot // BLOCK_SIZE] * BLOCK_SIZE + slot % BLOCK_SIZE for slot in slots]
+    return ChunkPlan(chunk, bases, write, [seen + d for d in depth], list(slots), [True] * length,
+                     [blocks[: -(-(start + length) // BLOCK_SIZE)]], [(start + length, seen + length)], length,
+                     torch.from_numpy(tree))
+
+
 @dataclass
 class Step:
     """One batched step as the scheduler planned it (vLLM's `SchedulerOutput`): which rows, the
@@ -218,8 +253,9 @@ class Step:
     write: torch.Tensor  # (N,)
     positions: torch.Tensor  # (N,)
     valid: torch.Tensor  # (N,) bool
-    groups: list[Group]  # host tensors, one group per T
+    groups: list[Group]  # host tensors, one group per T (and one per draft tree)
     members: list[list[int]]  # the plans of each group, in packed order (indices into `plans`)
+    has_tree: bool = False  # a draft tree's group attends through its own mask: never captured, never the kernel
 
     @property
     def rows(self) -> int:
@@ -258,7 +294,9 @@ class Step:
         write, valid = self.write.to(device, non_blocking=True), self.valid.to(device, non_blocking=True)
         pool.valid[write] = valid
         groups = [Group(g.start, g.rows, g.length, g.table.to(device, non_blocking=True),
-                        g.query_slot.to(device, non_blocking=True)) for g in self.groups]
+                        g.query_slot.to(device, non_blocking=True),
+                        None if g.tree is None else g.tree.to(device, non_blocking=True), g.tree_start)
+                  for g in self.groups]
         positions = self.positions.to(device, non_blocking=True).unsqueeze(0)
         return StepPlan(pool, self.hidden, positions, write, valid, groups, kernel)
 
@@ -286,19 +324,27 @@ class Step:
 
 
 def assemble(plans: list[ChunkPlan]) -> Step:
-    """The step of these chunk plans: packed by T (one padded attention batch per T)."""
+    """The step of these chunk plans: packed by T (one padded attention batch per T); a draft
+    tree is a batch of its own (its mask is its frame's)."""
     by_length: dict[int, list[int]] = {}
+    trees: list[int] = []
     for i, plan in enumerate(plans):
-        by_length.setdefault(plan.length, []).append(i)
+        if plan.tree is None:
+            by_length.setdefault(plan.length, []).append(i)
+        else:
+            trees.append(i)
+    batches = [(length, by_length[length], None) for length in sorted(by_length)]
+    if trees:
+        batches += [(plans[i].length, [i], plans[i]) for i in trees]
     starts = [0] * len(plans)
     hidden, write, positions, valid, groups, members, packed = [], [], [], [], [], [], 0
-    for length in sorted(by_length):
-        chosen = by_length[length]
+    for length, chosen, tree in batches:
         tables = [table for i in chosen for table in plans[i].tables]
         width = max(len(table) for table in tables)
         table = _host([t + [0] * (width - len(t)) for t in tables], np.int64)
         query = _host([q for i in chosen for q in plans[i].query], np.int64).view(len(tables), length)
-        groups.append(Group(packed, len(tables), length, table, query))
+        groups.append(Group(packed, len(tables), length, table, query) if tree is None
+                      else Group(packed, 1, length, table, query, tree.tree, tree.query[0]))
         members.append(chosen)
         for i in chosen:
             plan = plans[i]
@@ -312,7 +358,7 @@ def assemble(plans: list[ChunkPlan]) -> Step:
     with torch.inference_mode():  # as every later layer input is: a compiled norm then needs one graph, not two
         states = torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]).unsqueeze(0)
     return Step(plans, starts, states, _host(write, np.int64), _host(positions, np.int64), _host(valid, np.bool_),
-                groups, members)
+                groups, members, bool(trees))
 
 
 def _host(values: list, dtype: type) -> torch.Tensor:

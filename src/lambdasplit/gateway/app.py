@@ -91,7 +91,7 @@ class _Gateway:
     vocab_size: int
     max_n: int
     speculate: str | None
-    draft_tokens: int
+    draft_tokens: int | None
     poll_seconds: float
     created: int
 
@@ -173,7 +173,7 @@ def create_app(
     default_max_tokens: int = 256,
     poll_seconds: float = 0.05,
     speculate: str | None = None,
-    draft_tokens: int = defaults.DRAFT_TOKENS,
+    draft_tokens: int | None = None,
     conversations: int = 16,
     conversation_ttl: float = CONVERSATION_TTL,
     max_n: int = 16,

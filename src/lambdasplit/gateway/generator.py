@@ -59,7 +59,7 @@ class Plan:
 
 
 def plan(chat: bool, prompts: list[list[int]], req: ChatRequest | CompletionRequest, echo: list[str], max_rows: int,
-         speculate: str | None, draft_tokens: int, messages: list[dict[str, str]] | None = None) -> Plan:
+         speculate: str | None, draft_tokens: int | None, messages: list[dict[str, str]] | None = None) -> Plan:
     """Rows (n per prompt) and sampling; speculation drafts one sequence at a time and would
     record logprobs of rejected drafts, so it is used only for one row without logprobs."""
     rows = [p for p in prompts for _ in range(req.n)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +158,15 @@ def skinny_linears(part: nn.Module) -> None:
                 child.skinny_rows = SKINNY_LM_HEAD_ROWS
 
 
+def tree_ancestors(parents: Sequence[int]) -> torch.Tensor:
+    """(T, T) bool: row i marks node i and its ancestors (`parents[i] < i`, -1 for a root)."""
+    allowed = torch.eye(len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            allowed[node] |= allowed[parent]
+    return allowed
+
+
 _CACHE_KWARG: dict[type, str] = {}
 
 
@@ -212,12 +221,16 @@ class PartRunner:
     @torch.inference_mode()
     def __call__(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-        on_features: Callable[[torch.Tensor], None] | None = None,
+        on_features: Callable[[torch.Tensor], None] | None = None, tree: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Extend the sequence by x's T positions; ids for the head, hidden states otherwise.
 
         Returns hidden states (head, body) or logits (tail) for the new positions. The tail hands
         `on_features` the final norm's output at every new position (a draft head's input).
+        `tree` (one row, no padding): position i's parent among the new positions (-1 for the
+        first), so each attends to the sequence, its ancestors and itself at position ids one
+        past its parent's, as the body verifies a draft tree (wire/protocol.py's TREE); all T
+        positions are cached in order and the caller crops to the accepted prefix.
         """
         batch, length = x.shape[0], x.shape[1]
         device = x.device
@@ -227,14 +240,18 @@ class PartRunner:
             else attention_mask.to(device=device, dtype=torch.long)
         )
         mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+        if tree is None:
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+            attention: torch.Tensor = mask
+        else:
+            positions, attention = self._tree_inputs(tree, length, attention_mask)
         self.mask = mask
         inputs = {"input_ids": x} if self.role == "head" else {"inputs_embeds": x}
         if self.layers == 0:
             return self._no_layers(x, logits_to_keep, on_features)
         kwargs = {
             **inputs,
-            "attention_mask": mask,
+            "attention_mask": attention,
             "position_ids": positions,
             cache_kwarg(self.module): self.cache,
             "use_cache": True,
@@ -246,6 +263,20 @@ class PartRunner:
                 on_features(out.hidden_states[-1])
             return out.logits
         return self.module(**kwargs).last_hidden_state
+
+    def _tree_inputs(self, tree: Sequence[int], length: int, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids and the additive 4D mask (1, 1, T, seq + T) of a tree of T new positions."""
+        if self.batch not in (None, 1) or attention_mask is not None or len(tree) != length:
+            raise ValueError("a tree extends one row without padding by one position per parent")
+        past = self.mask if self.mask is not None else torch.ones(1, 0, dtype=torch.long)
+        device = past.device
+        allowed = tree_ancestors(tree).to(device)
+        depth = allowed.sum(-1) - 1  # a node's ancestors in the tree are its depth
+        positions = (int(past.sum()) + depth)[None]
+        dtype = self.module.dtype if self.layers else torch.float32
+        keys = torch.cat([past[0].bool().expand(length, -1), allowed], dim=1)
+        additive = torch.zeros(keys.shape, dtype=dtype, device=device).masked_fill_(~keys, torch.finfo(dtype).min)
+        return positions, additive[None, None]
 
     def _no_layers(self, x: torch.Tensor, logits_to_keep: int, on_features: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
         """A part with no decoder layers (K=0, an empty body, M=0): only its non-layer modules run."""

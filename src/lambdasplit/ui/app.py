@@ -29,7 +29,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from lambdasplit import defaults
 from lambdasplit.device.body import BodyClient
 from lambdasplit.device.generation import GenerationCancelled, GenerationResult
 from lambdasplit.device.runtime import SplitRuntime
@@ -148,7 +147,7 @@ async def streamed(workers: Workers, job: PageJob, request: Request) -> AsyncIte
         running.cancel.set()
 
 
-def chat_params(req: PageChat, speculate: str | None, draft_tokens: int) -> SamplingParams:
+def chat_params(req: PageChat, speculate: str | None, draft_tokens: int | None) -> SamplingParams:
     """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off,
     or names the mode: prompt-lookup, draft-head (the shipped head) or the one the UI was started with."""
     mode = speculate
@@ -316,7 +315,7 @@ def load_audit(spec) -> dict[str, Any] | None:
 def create_ui(
     runtime: SplitRuntime, connect: Callable[[], BodyClient], info: dict[str, Any],
     load_image: Callable[[str, int], Any] | None = None, audit: dict[str, Any] | None = None,
-    speculate: str | None = None, draft_tokens: int = defaults.DRAFT_TOKENS, protection: Protection | None = None,
+    speculate: str | None = None, draft_tokens: int | None = None, protection: Protection | None = None,
 ) -> FastAPI:
     """The UI app; `connect()` opens a body session (one per conversation, kept between its turns).
     `protection` pseudonymises every conversation (and hides it among decoy rows) on the device."""

@@ -38,6 +38,7 @@ class MsgType(IntEnum):
     CLOSE = 7
     TENSOR = 8  # a named tensor of a diffusion step (rank 1-4); the header's slot byte names it
     CROP = 9  # device -> cloud: JSON {"length": n}: keep only the first n positions of the body's KV
+    TREE = 10  # device -> cloud: JSON {"parents": [...]}: the next HIDDEN frame (1, P, D) is a draft tree
 
 
 class DType(IntEnum):

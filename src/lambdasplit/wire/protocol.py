@@ -5,6 +5,11 @@ Connection: one WebSocket per device at ws[s]://HOST:PORT/v1/body, `Authorizatio
     cloud  -> WELCOME {"protocol": 1, "session": "<32 hex>", "manifest": {...}, "limits": {...}}
               or ERROR {"code": "<ErrorCode>", "message": "...", "retry_after": s?} and the connection closes
     then MASK? HIDDEN -> HIDDEN per step (sequence numbers echoed), RESET between sequences.
+    Speculative decoding: CROP {"length": n} drops positions after n; TREE {"parents": [p_0 .. p_(P-1)]}
+    before a HIDDEN frame (1, P, D) makes its positions a tree (p_0 = -1, 0 <= p_i < i): position i sits at
+    depth(i) past the sequence (depth(0) = 0, depth(i) = depth(p_i) + 1) and attends to the cached
+    sequence, its ancestors and itself; all P are cached in frame order, so the device CROPs to the
+    accepted prefix. A server that verifies trees says so in WELCOME's limits: "max_tree_positions".
 """
 
 from __future__ import annotations
