@@ -151,7 +151,7 @@ def test_demo_shows_the_split_and_no_plaintext_on_the_wire(smollm2_dir):
     assert out.count("not found") == 2 and "FOUND" not in out
 
 
-def test_generate_json_with_the_shipped_draft_head_reports_round_trips_and_keeps_the_tokens(smollm2_dir):
+def test_generate_json_with_the_shipped_draft_head_and_its_tree_reports_round_trips_and_keeps_the_tokens(smollm2_dir):
     prompt = "Why is the sky blue? Answer in two sentences."
     plain = json.loads(run("generate", prompt, "--json", "-n", "24").stdout)
     drafted = json.loads(run("generate", prompt, "--json", "-n", "24", "--speculate", "draft-head").stdout)
@@ -159,6 +159,9 @@ def test_generate_json_with_the_shipped_draft_head_reports_round_trips_and_keeps
     assert plain["round_trips"] == len(plain["token_ids"]) and plain["tokens_per_round_trip"] == 1.0
     assert drafted["tokens_per_round_trip"] == len(drafted["token_ids"]) / drafted["round_trips"]
     assert drafted["drafting"]["drafted"] > 0 and "drafting" not in plain
+    tree = json.loads(run("generate", prompt, "--json", "-n", "24", "--speculate", "draft-tree").stdout)
+    assert tree["token_ids"] == plain["token_ids"] and tree["round_trips"] < plain["round_trips"]
+    assert tree["drafting"]["drafted"] > tree["drafting"]["accepted"] > 0
 
 
 @pytest.mark.parametrize("argv,value,expected", [

@@ -308,6 +308,11 @@ def test_speculative_decoding_switch_shows_tokens_per_round_trip(browser, local_
     page.select_option("#speculate-mode", "draft-head")  # the trained head shipped for the embedded model
     headed = _turn(page, prompt)
     assert headed["text"] == plain["text"] and "draft-head" in page.inner_text("#round-trips")
+    page.click("#clear")
+    page.select_option("#speculate-mode", "draft-tree")  # the same head's tree, verified in one round trip
+    tree = _turn(page, prompt)
+    assert tree["text"] == plain["text"] and "draft-tree" in page.inner_text("#round-trips")
+    assert tree["round_trips"] < plain["round_trips"]
     page.close()
 
 

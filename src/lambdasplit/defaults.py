@@ -65,7 +65,10 @@ REPETITION_PENALTY = 1.0  # none
 # ran 1.26x plain decoding at 50 ms RTT and 1.34x at 100 ms, up to 8 1.11x and 1.27x (`python -m benchmarks
 # speculative --draft-lengths 3,8`): longer chains add rejected positions faster than accepted tokens.
 DRAFT_TOKENS = 3
-DRAFT_TREE_NODES = 16  # --speculate draft-tree: the static tree's drafted nodes (the offline counts: 16 gave 2.43 tokens per round trip, 32 2.67)
+# --speculate draft-tree: the static tree's drafted tokens. Over the netem proxy on 2 CPU cores (`python -m benchmarks
+# speculative --draft-lengths 3 --trees 16,32`) 32 gave 2.83 tokens per round trip, 1.57x plain at 50 ms and 1.75x at
+# 100 ms; 16 gave 2.47, 1.51x and 1.65x; the chain of up to 3 1.92, 1.31x and 1.42x.
+DRAFT_TREE_NODES = 32
 MAX_TREE_POSITIONS = 64  # positions of one TREE frame the body verifies (the root, re-sent tokens and the drafts)
 DRAFT_CONFIDENCE = 0.1  # a draft head's chain stops at a token the head gives less than this probability (greedy)
 NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode

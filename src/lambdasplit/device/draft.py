@@ -17,10 +17,9 @@ Drafts go to the body through transformers' assisted decoding: `DraftHeadCandida
 `generate(assistant_model=Drafter)` is called. The body verifies the whole chain in one frame;
 rejected positions are cropped on head, body and tail (CROP), so greedy output equals plain
 decoding, and sampling uses speculative sampling's acceptance rule with the draft's probabilities.
-A chain, not a tree: measured offline (benchmarks/draft_tree.py), a static tree of 8 drafts gives
-2.06 tokens per verification against the best chain's 1.81, but with the device on a CPU its extra
-drafting and its tail and LM head over more positions cancel that (docs/benchmarks.md), and the
-wire verifies chains only.
+This module drafts chains; device/tree.py drafts a static tree with the same head and has the body
+verify it in one frame (`--speculate draft-tree`), which accepts more tokens per round trip but
+costs the device more drafting and a tail and LM head over more positions (docs/benchmarks.md).
 """
 
 from __future__ import annotations

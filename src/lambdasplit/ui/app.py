@@ -63,7 +63,7 @@ class PageChat(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000)
     seed: int | None = None
-    # None: as the UI was started (--speculate); a mode: prompt-lookup, draft-head or the UI's own --speculate
+    # None: as the UI was started (--speculate); a mode: prompt-lookup, draft-head, draft-tree or the UI's own --speculate
     speculate: bool | str | None = None
 
 
@@ -149,11 +149,11 @@ async def streamed(workers: Workers, job: PageJob, request: Request) -> AsyncIte
 
 def chat_params(req: PageChat, speculate: str | None, draft_tokens: int | None) -> SamplingParams:
     """The request's sampling; its speculation switch turns the UI's drafting mode (or prompt lookup) on or off,
-    or names the mode: prompt-lookup, draft-head (the shipped head) or the one the UI was started with."""
+    or names the mode: prompt-lookup, draft-head or draft-tree (the shipped head) or the one the UI was started with."""
     mode = speculate
     if isinstance(req.speculate, str):
-        if req.speculate not in ("prompt-lookup", "draft-head", speculate):
-            raise LambdaSplitError(f"speculate must be prompt-lookup, draft-head{f' or {speculate}' if speculate else ''}")
+        if req.speculate not in ("prompt-lookup", "draft-head", "draft-tree", speculate):
+            raise LambdaSplitError(f"speculate must be prompt-lookup, draft-head, draft-tree{f' or {speculate}' if speculate else ''}")
         mode = req.speculate
     elif req.speculate is not None:
         mode = (speculate or "prompt-lookup") if req.speculate else None
