@@ -162,6 +162,8 @@ def test_generate_json_with_the_shipped_draft_head_and_its_tree_reports_round_tr
     tree = json.loads(run("generate", prompt, "--json", "-n", "24", "--speculate", "draft-tree").stdout)
     assert tree["token_ids"] == plain["token_ids"] and tree["round_trips"] < plain["round_trips"]
     assert tree["drafting"]["drafted"] > tree["drafting"]["accepted"] > 0
+    streamed = run("generate", prompt, "-n", "24", "--speculate", "draft-tree").stdout  # the answer streams as it comes
+    assert streamed.strip() == tree["text"].strip()
 
 
 @pytest.mark.parametrize("argv,value,expected", [

@@ -99,11 +99,14 @@ def test_a_draft_tree_verified_in_one_round_trip_gives_the_plain_greedy_tokens_a
     body = local if where == "in process" else RemoteBody(server.url, runtime.manifest, Codec.FP32, token=TOKEN)
     ids = runtime.encode_chat([{"role": "user", "content": PROMPTS[0]}])
     plain = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True), keep_logits=True)
+    streamed: list[list[int]] = []
     tree = runtime.generate_ids(body, ids, None, SamplingParams(max_new_tokens=24, ignore_eos=True, speculate=f"draft-tree:{trained[0]}",
-                                                                draft_tokens=12), keep_logits=True)
+                                                                draft_tokens=12), keep_logits=True, on_tokens=streamed.append)
     if where == "server":
         body.close()
     assert tree.token_ids == plain.token_ids
+    assert [t for step in streamed for t in step[0]] == tree.token_ids[0] and len(streamed) == tree.round_trips  # one step per trip
+    assert tree.timings.prefill < tree.timings.total
     torch.testing.assert_close(tree.logits, plain.logits, atol=1e-4, rtol=1e-4)
     assert tree.round_trips < plain.round_trips == 24
     drafting = tree.drafting  # the last trees lose the nodes deeper than the tokens left

@@ -1119,3 +1119,23 @@ def test_a_body_nested_deeper_than_json_can_parse_is_400(fuzzed):
     payload = b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     response = fuzzed[0].post("/v1/chat/completions", content=payload)
     assert response.status_code == 400 and response.json()["error"]["message"] == "the request body is nested too deeply"
+
+
+def test_a_gateway_drafting_trees_streams_the_plain_answer_and_keeps_the_conversation(stack):
+    """--speculate draft-tree: the streamed text is greedy decoding's, and a finished turn keeps its
+    body session for the next (the tree's tokens reach the gateway's stream collector)."""
+    runtime = stack.runtime
+    app = create_app(runtime, stack.connect, "smollm2", speculate="draft-tree", conversations=2)
+    with _serving(app) as url:
+        stream = _client(url).chat.completions.create(model="smollm2", messages=MESSAGES, temperature=0, max_tokens=24, stream=True)
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        expected = _expected(runtime, runtime.encode_chat(MESSAGES), 24)
+        assert "".join(pieces) == expected.text and len(pieces) > 2
+        first = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = _turn(url, first).json()["choices"][0]["message"]["content"]
+        second = _turn(url, first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}])
+        assert int(second.headers["x-lambdasplit-cached-tokens"]) > runtime.encode_chat(first).shape[1]
+        want = _expected(runtime, runtime.encode_chat(first + [{"role": "assistant", "content": answer},
+                                                               {"role": "user", "content": "And of Italy?"}]), 12)
+        assert second.json()["choices"][0]["message"]["content"] == want.text
+    app.state.conversations.close()

@@ -199,6 +199,8 @@ def generate_ids(
         kwargs["stopping_criteria"] = criteria
     if keep_logits:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
+    if "custom_generate" in kwargs:  # a draft tree's loop: generate() keeps `streamer` to itself
+        kwargs["token_streamer"] = steps
     device = model.device
     ids = input_ids.to(device)
     mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(ids)

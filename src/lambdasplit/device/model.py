@@ -233,7 +233,8 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
             if tree is not None:
                 return tree
             if options.greedy:
-                log.warning("the body server verifies no draft trees (an older server): drafting chains instead")
+                log.warning("the body verifies no draft trees (a server without them, or a body with sliding-window "
+                            "layers or tensor parallel): drafting chains instead")
             mode = mode.replace("draft-tree", "draft-head", 1)
         if mode == "draft-head" or mode.startswith("draft-head:"):
             from lambdasplit.device.draft import drafting_kwargs

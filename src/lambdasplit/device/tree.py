@@ -9,8 +9,9 @@ chain gives 2.00 tokens per round trip, a tree of 16 nodes 2.43 and of 32 nodes 
 (`python -m benchmarks draft-tree`).
 
 `tree_decoding` is a `generate(custom_generate=...)` decoding loop, so every logits processor and
-stopping criterion (max length, EOS, stop strings, cancellation) and the streamer work as in any
-`generate()`: greedy only (sampling keeps the chain and speculative sampling). After each
+stopping criterion (max length, EOS, stop strings, cancellation) works as in any `generate()`, and
+the streamer too once handed over as `token_streamer` (generate() passes a callable decoding loop
+only the keywords `_sample` lacks, and `streamer` is one of them): greedy only (sampling keeps the chain and speculative sampling). After each
 verification the accepted path's tokens are appended and head, body and tail are cropped to the
 longest accepted prefix that lies in frame order (the top-1 chain is drafted first, so usually all
 of it); accepted tokens past that prefix are sent again, in front of the next tree.
@@ -279,12 +280,15 @@ def _cut(new: list[int], room: int, eos: set[int]) -> list[int]:
 def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: LogitsProcessorList,
                   stopping_criteria: StoppingCriteriaList, generation_config: GenerationConfig,
                   synced_gpus: bool = False, streamer: Any = None, drafter: Drafter | None = None,
-                  tree_shape: Shape | None = None, **model_kwargs: Any) -> torch.LongTensor | GenerateDecoderOnlyOutput:
+                  tree_shape: Shape | None = None, token_streamer: Any = None,
+                  **model_kwargs: Any) -> torch.LongTensor | GenerateDecoderOnlyOutput:
     """Greedy decoding of a `SplitModelForCausalLM` whose body verifies a draft tree per round trip
-    (`generate(custom_generate=tree_decoding, drafter=..., tree_shape=...)`): the tokens of plain
-    greedy decoding, with the processors and stopping criteria generate() prepared."""
+    (`generate(custom_generate=tree_decoding, drafter=..., tree_shape=..., token_streamer=...)`):
+    the tokens of plain greedy decoding, with the processors and stopping criteria generate()
+    prepared; `token_streamer` gets the new tokens (generate() itself gave it the prompt)."""
     from lambdasplit.device.model import CACHE
 
+    streamer = streamer if streamer is not None else token_streamer
     if drafter is None or tree_shape is None or generation_config.do_sample:
         raise ValueError("tree_decoding is greedy and needs a drafter and a tree shape")
     cache = model_kwargs.get(CACHE)
@@ -298,7 +302,7 @@ def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: Log
     eos_ids = generation_config._eos_token_tensor
     eos = set(eos_ids.view(-1).tolist()) if eos_ids is not None else set()
     max_length = int(generation_config.max_length)
-    raw: list[torch.Tensor] = []  # the tail's logits of every new token, for output_logits
+    raw: list[torch.Tensor] = []  # the tail's logits of every new token (float32 copies, as generate()'s), for output_logits
     stats = cache.draft_stats = DraftStats()
     start = cache.get_seq_length()  # a continued cache: its positions have no features for the head
     features: list[torch.Tensor] = []
@@ -307,14 +311,14 @@ def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: Log
         features[:] = [out.detach().to(drafter.lm_rows.dtype)]
 
     cache.on_features = record
-    logits = model(input_ids[:, start:], cache=cache).logits
+    logits = model(input_ids[:, start:], cache=cache, logits_to_keep=1).logits  # the features come for every position
     scores = logits_processor(input_ids, logits[:, -1].float())
-    raw.append(logits[:, -1])
+    raw.append(logits[:, -1].to(dtype=torch.float32, copy=True))
     ids = torch.cat([input_ids, scores.argmax(-1, keepdim=True)], dim=1)
     if streamer is not None:
         streamer.put(ids[:, -1:].cpu())
-    known = features[0]  # (1, n, H): positions start .. start + n - 1
-    drafters: dict[int, TreeDrafter] = {}
+    known, base = features[0], start  # (1, n, H): the features of positions base .. base + n - 1
+    drafters: dict[tuple[RankPath, ...], TreeDrafter] = {}
     draft_cache, confirmed, device = drafter.head.new_cache(), 0, drafter.lm_rows.device
     while not bool(stopping_criteria(ids, scores).any()):
         length, cached = ids.shape[1], cache.get_seq_length()
@@ -326,8 +330,9 @@ def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: Log
             draft_cache.crop(confirmed - draft_cache.get_seq_length())
         pairs = length - 1 - start  # pairs (f_i, x_(i+1)) with i < length - 1 are confirmed
         positions = torch.arange(start + confirmed, start + pairs, device=device)[None]
-        tree = drafters.get(len(shape.paths)) or drafters.setdefault(len(shape.paths), TreeDrafter(drafter, shape))
-        drafted = tree.draft(draft_cache, known[:, confirmed:pairs].to(device), ids[:, start + confirmed + 1:length].to(device), positions)
+        tree = drafters.get(shape.paths) or drafters.setdefault(shape.paths, TreeDrafter(drafter, shape))
+        new_pairs = known[:, start + confirmed - base:start + pairs - base].to(device)
+        drafted = tree.draft(draft_cache, new_pairs, ids[:, start + confirmed + 1:length].to(device), positions)
         confirmed = pairs
         stats.seconds += time.perf_counter() - began
         frame, parents = tree_frame(ids, cached, drafted, shape.parents)
@@ -336,14 +341,15 @@ def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: Log
         path, new, chosen = verify(ids, frame, parents, resent - 1, logits, logits_processor)
         new = _cut(new, max_length - length, eos)
         path = path[: len(new) - 1]
-        raw += [logits[:, n] for n in [resent - 1, *path]]
+        raw += [logits[:, n].to(dtype=torch.float32, copy=True) for n in [resent - 1, *path]]
         scores = chosen[len(new) - 1]
         stats.drafted += len(drafted)
         stats.accepted += len(path)
         stats.rounds += 1
         stats.lengths.append(len(path))
         cache.crop(cached + kept_prefix(resent, path))
-        known = torch.cat([known[:, : cached - start], verified[:, [*range(resent), *path]]], dim=1)
+        # Features before `cached` are never read again (the head has their pairs): keep the frame's path.
+        known, base = verified[:, [*range(resent), *path]], cached
         added = torch.tensor([new], dtype=ids.dtype, device=ids.device)
         ids = torch.cat([ids, added], dim=1)
         if streamer is not None:
