@@ -286,12 +286,10 @@ def tree_decoding(model: Any, input_ids: torch.LongTensor, logits_processor: Log
     (`generate(custom_generate=tree_decoding, drafter=..., tree_shape=..., token_streamer=...)`):
     the tokens of plain greedy decoding, with the processors and stopping criteria generate()
     prepared; `token_streamer` gets the new tokens (generate() itself gave it the prompt)."""
-    from lambdasplit.device.model import CACHE
-
     streamer = streamer if streamer is not None else token_streamer
     if drafter is None or tree_shape is None or generation_config.do_sample:
         raise ValueError("tree_decoding is greedy and needs a drafter and a tree shape")
-    cache = model_kwargs.get(CACHE)
+    cache = model_kwargs.get(model.cache_kwarg)  # generate()'s name for the SplitCache
     mask = model_kwargs.get("attention_mask")
     if cache is None or input_ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
         raise ValueError("tree decoding drafts for one unpadded sequence with a split cache")
