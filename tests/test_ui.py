@@ -428,3 +428,13 @@ def test_the_page_and_the_audit_page_load_without_a_404(browser, local_ui):
     assert failed == []
     with urllib.request.urlopen(local_ui.url + "/favicon.ico", timeout=10) as response:
         assert response.headers["Content-Type"] == "image/svg+xml" and response.read().startswith(b"<svg")
+
+
+def test_a_drafting_mode_picked_in_the_page_gets_its_own_default_size_not_the_uis_draft_tokens():
+    from lambdasplit.ui.app import Message, PageChat, chat_params
+
+    messages = [Message(role="user", content="hi")]
+    own = chat_params(PageChat(messages=messages, speculate=True), "draft-head", 3)
+    assert (own.speculate, own.draft_tokens) == ("draft-head", 3)  # --draft-tokens was given for this mode
+    tree = chat_params(PageChat(messages=messages, speculate="draft-tree"), "draft-head", 3)
+    assert (tree.speculate, tree.draft_tokens) == ("draft-tree", None)  # the tree's default, not a 3-node tree

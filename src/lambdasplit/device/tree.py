@@ -30,7 +30,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from lambdasplit.device.draft import Drafter, DraftHeadError, DraftStats
+from lambdasplit.device.draft import Drafter, DraftHeadError, DraftStats, bound_drafter
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,5 @@ def tree_kwargs(model: Any, spec: str, body: Any, nodes: int) -> dict[str, Any] 
     """`generate()` arguments for `--speculate draft-tree[:DIR]`; None when `body` verifies no trees."""
     if body is None or body.tree_positions() is None:
         return None
-    from lambdasplit.device.draft import bound_drafter
-
     drafter, meta = bound_drafter(model, spec.replace("draft-tree", "draft-head", 1))
     return {"custom_generate": tree_decoding, "drafter": drafter, "tree_shape": head_tree(meta, nodes)}

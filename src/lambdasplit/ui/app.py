@@ -154,6 +154,8 @@ def chat_params(req: PageChat, speculate: str | None, draft_tokens: int | None) 
     if isinstance(req.speculate, str):
         if req.speculate not in ("prompt-lookup", "draft-head", "draft-tree", speculate):
             raise LambdaSplitError(f"speculate must be prompt-lookup, draft-head, draft-tree{f' or {speculate}' if speculate else ''}")
+        if req.speculate != speculate:  # --draft-tokens was given for the UI's own mode: a chain's 3 is not a tree's size
+            draft_tokens = None
         mode = req.speculate
     elif req.speculate is not None:
         mode = (speculate or "prompt-lookup") if req.speculate else None
