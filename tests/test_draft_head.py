@@ -105,6 +105,8 @@ def test_a_draft_tree_verified_in_one_round_trip_gives_the_plain_greedy_tokens_a
     if where == "server":
         body.close()
     assert tree.token_ids == plain.token_ids
+    reference = oracle(llama).generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    assert tree.token_ids[0] == reference.tolist()  # the unsplit model's greedy tokens
     assert [t for step in streamed for t in step[0]] == tree.token_ids[0] and len(streamed) == tree.round_trips  # one step per trip
     assert tree.timings.prefill < tree.timings.total
     torch.testing.assert_close(tree.logits, plain.logits, atol=1e-4, rtol=1e-4)

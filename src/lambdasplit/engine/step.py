@@ -36,6 +36,7 @@ from transformers import AttentionInterface
 
 from lambdasplit.engine.decode_kernel import MAX_POSITIONS, decode_attention
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
+from lambdasplit.split.parts import tree_ancestors
 
 ATTENTION = "lambdasplit_paged"
 STEP_KWARG = "lambdasplit_step"
@@ -224,20 +225,14 @@ def _plan_tree(chunk: Chunk, bases: list[tuple[int, int]]) -> ChunkPlan:
     plain chunk's (so a CROP keeps an accepted prefix), but position i at depth(i) past the row's
     valid positions, and the ancestor-or-self matrix that masks its attention within the frame."""
     (row,), ((start, seen),) = chunk.rows, bases
-    parents = chunk.parents
-    length = len(parents)
-    tree = np.zeros((length, length), dtype=np.bool_)
-    depth = [0] * length
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            tree[i] = tree[parent]
-            depth[i] = depth[parent] + 1
-        tree[i, i] = True
+    tree = tree_ancestors(chunk.parents)  # the device's head and tail mask their tree with the same matrix
+    length = len(chunk.parents)
+    depth = (tree.sum(-1) - 1).tolist()  # a node's ancestors are its depth
     blocks, slots = row.blocks, range(start, start + length)
     write = [blocks[slot // BLOCK_SIZE] * BLOCK_SIZE + slot % BLOCK_SIZE for slot in slots]
     return ChunkPlan(chunk, bases, write, [seen + d for d in depth], list(slots), [True] * length,
                      [blocks[: -(-(start + length) // BLOCK_SIZE)]], [(start + length, seen + length)], length,
-                     torch.from_numpy(tree))
+                     tree)
 
 
 @dataclass
