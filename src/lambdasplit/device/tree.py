@@ -147,7 +147,7 @@ class TreeDrafter:
         root = head(features, drafter.embeddings(tokens), positions, cache)[:, -1]
         confirmed = cache.get_seq_length()
         out = [0] * len(self.shape.paths)
-        self._children(-1, root[0], out)
+        self._children([-1], root, out)
         predicted = {-1: root[0]}
         slots: dict[int, int] = {}  # node -> its pair's index in the draft cache
         base = int(positions[0, -1])
@@ -171,18 +171,18 @@ class TreeDrafter:
             for row, node in enumerate(level):
                 slots[node] = start + row
                 predicted[node] = result[row]
-                self._children(node, result[row], out)
+            self._children(level, result, out)
         self.features = predicted
         return out
 
-    def _children(self, node: int, feature: torch.Tensor, out: list[int]) -> None:
-        """Tokens of `node`'s children: the ranks their paths name in the draft vocabulary's top-k."""
-        kids = self.children.get(node)
-        if not kids:
-            return
-        top = self.drafter.logits(feature[None]).topk(self.top, dim=-1).indices[0].tolist()
-        for kid in kids:
-            out[kid] = self.vocab[top[self.shape.paths[kid][-1]]]
+    def _children(self, nodes: list[int], features: torch.Tensor, out: list[int]) -> None:
+        """Tokens of the children of `nodes` (each has children; `features` (len(nodes), H)): the
+        ranks their paths name in the draft vocabulary's top-k. One top-k and one copy to the host
+        per level, not per node: on a GPU each copy waits for the device."""
+        tops = self.drafter.logits(features).topk(self.top, dim=-1).indices.tolist()
+        for node, top in zip(nodes, tops, strict=True):
+            for kid in self.children[node]:
+                out[kid] = self.vocab[top[self.shape.paths[kid][-1]]]
 
 
 @torch.inference_mode()
