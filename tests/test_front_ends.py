@@ -25,6 +25,7 @@ import psutil
 import pytest
 import torch
 
+from lambdasplit.cloud.frontends import FrontEndSpec, front_end_main
 from lambdasplit.cloud.process import ServerProcess
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
@@ -116,6 +117,54 @@ def test_front_ends_share_the_port_answer_exactly_and_count_together(llama, runt
         assert not alive, "the engine or a front end outlived the server"
     # A front end got a second SIGINT from the server process while it exited: it must not show.
     assert "Traceback" not in "".join(server.output), "".join(server.output)
+
+
+def _ctrl_c_in_eof_received() -> None:
+    """A spawned front end's setup: Ctrl-C comes twice (the terminal's, then the server process's) while
+    a connection's `eof_received` runs, the moment of the race CI met once, made certain (os.kill runs
+    this process's Python signal handler before it returns)."""
+    from websockets.asyncio.server import ServerConnection
+
+    eof_received = ServerConnection.eof_received
+
+    def interrupted(connection: ServerConnection) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        eof_received(connection)
+
+    ServerConnection.eof_received = interrupted
+
+
+@pytest.mark.parametrize("uvloop", [True, False])
+def test_ctrl_c_inside_a_transport_callback_stops_a_front_end_quietly(llama, capfd, uvloop):
+    """A front end's Ctrl-C was a KeyboardInterrupt raised wherever Python was: inside uvloop's
+    `eof_received` of a closing connection, uvloop logged it as a fatal transport error with a
+    traceback and served on (the handler ignores the second SIGINT). It stops from its event loop now."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    engine = EngineClient.start(load_scheduler, str(llama), (2, 2), max_frame_bytes=1 << 20, front_ends=2)
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe(duplex=False)
+    spec = FrontEndSpec("127.0.0.1", port, None, None, None, 60.0, uvloop)
+    front_end = context.Process(target=front_end_main, args=(1, engine.links[0], theirs, spec, _ctrl_c_in_eof_received),
+                                daemon=True)
+    try:
+        front_end.start()
+        engine.links[0].close()
+        theirs.close()
+        assert ours.poll(120) and ours.recv_bytes() == b"", "the front end is not listening"
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # its eof_received gets Ctrl-C
+        front_end.join(60)
+    finally:
+        if front_end.is_alive():
+            front_end.kill()
+            front_end.join(10)
+        engine.shutdown()
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed and "Fatal error" not in printed, printed
+    assert front_end.exitcode == 0, "the front end did not stop on Ctrl-C"
 
 
 def test_sigterm_stops_the_front_ends_and_removes_the_metrics_directory(llama):

@@ -81,7 +81,9 @@ def front_end_main(index: int, conn: Connection, ready: Connection, spec: FrontE
 def _interrupt_once(signum: int, frame: object) -> None:
     """Ctrl-C in a terminal reaches a front end twice: from the terminal (the whole process group) and
     from the server process stopping its front ends. The first stops it; a second would interrupt
-    its way out (a KeyboardInterrupt traceback from an exit handler)."""
+    its way out (a KeyboardInterrupt traceback from an exit handler). This handler covers the start
+    (setup, attaching to the engine); while the front end serves, `BodyServer.serve_forever` takes
+    Ctrl-C in its event loop instead (raised here, it could land inside a transport callback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 

@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import http
 import logging
+import os
+import signal
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,25 +121,33 @@ class BodyServer:
     def serve_forever(self, use_uvloop: bool = True, on_listening: Callable[[], None] = lambda: None) -> None:
         """Serve in this thread until interrupted; `on_listening()` once the socket is bound. A bind
         failure is one LambdaSplitError (`lambdasplit.listen.bind_error`), never a wait on a server
-        that will not start."""
+        that will not start. Ctrl-C stops the server from inside its event loop (`_CtrlC`), then
+        raises KeyboardInterrupt here, as it always has (the CLI exits with 130 on it)."""
+        ctrl_c = _CtrlC()
 
         async def serve_until_stopped() -> None:
-            ready = asyncio.Event()
-            task = asyncio.create_task(self.run(ready))
-            # A bind failure ends the task before `ready` is set: wait for whichever comes first.
-            waiting = asyncio.create_task(ready.wait())
-            await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.is_set():
-                waiting.cancel()
-                await task  # raises the OSError
-                raise LambdaSplitError("the body server stopped before it was listening")
-            on_listening()
-            await task
+            with ctrl_c.cancels_this_task():
+                ready = asyncio.Event()
+                task = asyncio.create_task(self.run(ready))
+                # A bind failure ends the task before `ready` is set: wait for whichever comes first.
+                waiting = asyncio.create_task(ready.wait())
+                await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if not ready.is_set():
+                    waiting.cancel()
+                    await task  # raises the OSError
+                    raise LambdaSplitError("the body server stopped before it was listening")
+                on_listening()
+                await task
 
         try:
             _event_loop(use_uvloop)(serve_until_stopped())
         except OSError as exc:
             raise bind_error(self.config.host, self.config.port, exc) from None
+        except asyncio.CancelledError:
+            if not ctrl_c.pressed:
+                raise
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
 
     @property
     def serving(self) -> str:
@@ -308,6 +319,45 @@ class BodyServer:
                     self.metrics.observe_step(seconds, reply.shape[0] * (reply.shape[1] if len(reply.shape) > 1 else 1))
         finally:
             idle.stop()
+
+
+class _CtrlC:
+    """Ctrl-C as an event-loop callback: the first SIGINT cancels the serving task, so the server
+    stops as any cancelled coroutine does; a later one is ignored. A Python SIGINT handler that
+    raises KeyboardInterrupt instead (Python's own, a front end's `_interrupt_once`) raises it at
+    whatever bytecode is running, which may be inside a uvloop transport callback (a closing
+    connection's `eof_received`): uvloop catches it there and logs "Fatal error on transport" with
+    a traceback. Ctrl-C in a terminal reaches a front end twice (from the terminal, then from the
+    server process stopping its front ends): the second must not cut its way out short."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous = signal.getsignal(signal.SIGINT)  # before asyncio's runner puts in its own
+        # Signals reach the main thread only, and the loop takes them on Unix only. A process that
+        # ignores SIGINT (started from a background shell) goes on ignoring it.
+        self.wanted = (os.name == "posix" and threading.current_thread() is threading.main_thread()
+                       and callable(self.previous))
+
+    @contextlib.contextmanager
+    def cancels_this_task(self) -> Iterator[None]:
+        """Within (in a running task): SIGINT cancels that task. After: SIGINT is ignored if it came
+        (the process is on its way out, stopping its front ends and engine), else handled as before."""
+        task = asyncio.current_task()
+        if not self.wanted or task is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self._press, task)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)  # puts in Python's default handler: replaced at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.pressed else self.previous)
+
+    def _press(self, task: asyncio.Task) -> None:
+        if not self.pressed:
+            self.pressed = True
+            task.cancel()
 
 
 class _IdleWatch:
