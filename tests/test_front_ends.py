@@ -25,8 +25,9 @@ import psutil
 import pytest
 import torch
 
-from lambdasplit.cloud.frontends import FrontEndSpec, front_end_main
+from lambdasplit.cloud.frontends import FrontEndSpec, front_end_main, sigterm_unwinds
 from lambdasplit.cloud.process import ServerProcess
+from lambdasplit.cloud.server import BodyServer
 from lambdasplit.device.remote import RemoteBody
 from lambdasplit.device.runtime import SplitRuntime
 from lambdasplit.device.sampling import SamplingParams
@@ -165,6 +166,61 @@ def test_ctrl_c_inside_a_transport_callback_stops_a_front_end_quietly(llama, cap
     printed = "".join(capfd.readouterr())
     assert "Traceback" not in printed and "Fatal error" not in printed, printed
     assert front_end.exitcode == 0, "the front end did not stop on Ctrl-C"
+
+
+def _sigterm_in_eof_received() -> None:
+    """SIGTERM twice while a connection's `eof_received` runs (os.kill runs the handler before it returns)."""
+    from websockets.asyncio.server import ServerConnection
+
+    eof_received = ServerConnection.eof_received
+
+    def terminated(connection: ServerConnection) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        eof_received(connection)
+
+    ServerConnection.eof_received = terminated
+
+
+def _serve_unwinding_on_sigterm(conn, ready, spec: FrontEndSpec) -> None:
+    """The server process's front end as `serve --front-ends` runs it: under `sigterm_unwinds`."""
+    _sigterm_in_eof_received()
+    with sigterm_unwinds():
+        try:
+            BodyServer(EngineClient.attach(conn), spec.config()).serve_forever(True, lambda: ready.send_bytes(b""))
+        finally:
+            print("cleaned up", flush=True)
+
+
+def test_sigterm_inside_a_transport_callback_still_unwinds_the_server(llama, capfd):
+    """`sigterm_unwinds`' Terminated, raised inside uvloop's `eof_received`, was caught there and logged
+    as a fatal transport error; SIGTERM was then ignored and the server served on (systemd waits,
+    then kills it). It stops from its event loop now: the clean-up runs, then SIGTERM ends it."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    engine = EngineClient.start(load_scheduler, str(llama), (2, 2), max_frame_bytes=1 << 20, front_ends=2)
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe(duplex=False)
+    spec = FrontEndSpec("127.0.0.1", port, None, None, None, 60.0, True)
+    server = context.Process(target=_serve_unwinding_on_sigterm, args=(engine.links[0], theirs, spec), daemon=True)
+    try:
+        server.start()
+        engine.links[0].close()
+        theirs.close()
+        assert ours.poll(120) and ours.recv_bytes() == b"", "the server is not listening"
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # its eof_received gets SIGTERM
+        server.join(60)
+    finally:
+        if server.is_alive():
+            server.kill()
+            server.join(10)
+        engine.shutdown()
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed and "Fatal error" not in printed, printed
+    assert server.exitcode == -signal.SIGTERM, f"the server did not stop on SIGTERM: {server.exitcode}"
+    assert "cleaned up" in printed
 
 
 def test_sigterm_stops_the_front_ends_and_removes_the_metrics_directory(llama):

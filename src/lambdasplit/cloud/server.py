@@ -121,8 +121,9 @@ class BodyServer:
     def serve_forever(self, use_uvloop: bool = True, on_listening: Callable[[], None] = lambda: None) -> None:
         """Serve in this thread until interrupted; `on_listening()` once the socket is bound. A bind
         failure is one LambdaSplitError (`lambdasplit.listen.bind_error`), never a wait on a server
-        that will not start. Ctrl-C stops the server from inside its event loop (`_CtrlC`), then
-        raises KeyboardInterrupt here, as it always has (the CLI exits with 130 on it)."""
+        that will not start. Ctrl-C (and SIGTERM under `sigterm_unwinds`) stops the server from
+        inside its event loop (`_CtrlC`), then raises here what the signal's handler would have
+        (KeyboardInterrupt: the CLI exits with 130 on it; Terminated)."""
         ctrl_c = _CtrlC()
 
         async def serve_until_stopped() -> None:
@@ -144,10 +145,9 @@ class BodyServer:
         except OSError as exc:
             raise bind_error(self.config.host, self.config.port, exc) from None
         except asyncio.CancelledError:
-            if not ctrl_c.pressed:
+            if ctrl_c.pressed is None:
                 raise
-        if ctrl_c.pressed:
-            raise KeyboardInterrupt
+        ctrl_c.raise_pressed()
 
     @property
     def serving(self) -> str:
@@ -322,42 +322,54 @@ class BodyServer:
 
 
 class _CtrlC:
-    """Ctrl-C as an event-loop callback: the first SIGINT cancels the serving task, so the server
-    stops as any cancelled coroutine does; a later one is ignored. A Python SIGINT handler that
-    raises KeyboardInterrupt instead (Python's own, a front end's `_interrupt_once`) raises it at
-    whatever bytecode is running, which may be inside a uvloop transport callback (a closing
-    connection's `eof_received`): uvloop catches it there and logs "Fatal error on transport" with
-    a traceback. Ctrl-C in a terminal reaches a front end twice (from the terminal, then from the
-    server process stopping its front ends): the second must not cut its way out short."""
+    """Ctrl-C (and SIGTERM where the process unwinds on it) as an event-loop callback: the first one
+    cancels the serving task, so the server stops as any cancelled coroutine does; a later one is
+    ignored. A Python signal handler that raises instead (Python's own KeyboardInterrupt, a front
+    end's `_interrupt_once`, `sigterm_unwinds`' Terminated) raises at whatever bytecode is running,
+    which may be inside a uvloop transport callback (a closing connection's `eof_received`): uvloop
+    catches it there, logs "Fatal error on transport" with a traceback and serves on. Ctrl-C in a
+    terminal reaches a front end twice (from the terminal, then from the server process stopping its
+    front ends): the second must not cut its way out short."""
 
     def __init__(self) -> None:
-        self.pressed = False
-        self.previous = signal.getsignal(signal.SIGINT)  # before asyncio's runner puts in its own
-        # Signals reach the main thread only, and the loop takes them on Unix only. A process that
-        # ignores SIGINT (started from a background shell) goes on ignoring it.
-        self.wanted = (os.name == "posix" and threading.current_thread() is threading.main_thread()
-                       and callable(self.previous))
+        self.pressed: int | None = None  # the signal that came first
+        # Before asyncio's runner puts in its own. Signals reach the main thread only, and the loop
+        # takes them on Unix only. A process that ignores one (started from a background shell), or
+        # leaves it to the system (SIGTERM without `sigterm_unwinds`), goes on doing so.
+        main = os.name == "posix" and threading.current_thread() is threading.main_thread()
+        self.previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.taken = [signum for signum, handler in self.previous.items() if main and callable(handler)]
 
     @contextlib.contextmanager
     def cancels_this_task(self) -> Iterator[None]:
-        """Within (in a running task): SIGINT cancels that task. After: SIGINT is ignored if it came
-        (the process is on its way out, stopping its front ends and engine), else handled as before."""
+        """Within (in a running task): the signals cancel that task. After: ignored if one came (the
+        process is on its way out, stopping its front ends and engine), else handled as before."""
         task = asyncio.current_task()
-        if not self.wanted or task is None:
+        if not self.taken or task is None:
             yield
             return
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, self._press, task)
+        for signum in self.taken:
+            loop.add_signal_handler(signum, self._press, signum, task)
         try:
             yield
         finally:
-            loop.remove_signal_handler(signal.SIGINT)  # puts in Python's default handler: replaced at once
-            signal.signal(signal.SIGINT, signal.SIG_IGN if self.pressed else self.previous)
+            for signum in self.taken:
+                loop.remove_signal_handler(signum)  # puts in Python's default handler: replaced at once
+                signal.signal(signum, signal.SIG_IGN if self.pressed is not None else self.previous[signum])
 
-    def _press(self, task: asyncio.Task) -> None:
-        if not self.pressed:
-            self.pressed = True
+    def _press(self, signum: int, task: asyncio.Task) -> None:
+        if self.pressed is None:
+            self.pressed = signum
             task.cancel()
+
+    def raise_pressed(self) -> None:
+        """Out of the loop: what the signal would have raised (KeyboardInterrupt for Ctrl-C, the
+        process's own SIGTERM handler's exception), now from ordinary code."""
+        if self.pressed == signal.SIGTERM:
+            self.previous[signal.SIGTERM](signal.SIGTERM, None)
+        if self.pressed is not None:
+            raise KeyboardInterrupt
 
 
 class _IdleWatch:
