@@ -58,7 +58,8 @@ def generated_section(draw: bool = False) -> str:
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
     if frame_cost := _load("frame-cost-cpu"):
         sections.append(frame_cost_section(frame_cost))
-    for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda", "speculative-body-cuda-parts-cuda"):
+    for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda", "speculative-body-cuda-parts-cuda",
+                 "speculative-body-cuda-parts-cuda-trees"):
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
