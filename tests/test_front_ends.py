@@ -5,6 +5,7 @@ answers for the whole server from any of them, and a front end that dies leaves 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -17,8 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from types import SimpleNamespace
 
 import psutil
@@ -120,71 +122,25 @@ def test_front_ends_share_the_port_answer_exactly_and_count_together(llama, runt
     assert "Traceback" not in "".join(server.output), "".join(server.output)
 
 
-def _ctrl_c_in_eof_received() -> None:
-    """A spawned front end's setup: Ctrl-C comes twice (the terminal's, then the server process's) while
-    a connection's `eof_received` runs, the moment of the race CI met once, made certain (os.kill runs
-    this process's Python signal handler before it returns)."""
+def _signal_twice_in_eof_received(signum: int) -> None:
+    """A spawned process's set-up: `signum` comes twice while a connection's `eof_received` runs (Ctrl-C
+    reaches a front end from the terminal, then from the server process), the moment of the race CI
+    met once, made certain (os.kill runs this process's Python signal handler before it returns)."""
     from websockets.asyncio.server import ServerConnection
 
     eof_received = ServerConnection.eof_received
 
-    def interrupted(connection: ServerConnection) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+    def signalled(connection: ServerConnection) -> None:
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
         eof_received(connection)
 
-    ServerConnection.eof_received = interrupted
-
-
-@pytest.mark.parametrize("uvloop", [True, False])
-def test_ctrl_c_inside_a_transport_callback_stops_a_front_end_quietly(llama, capfd, uvloop):
-    """A front end's Ctrl-C was a KeyboardInterrupt raised wherever Python was: inside uvloop's
-    `eof_received` of a closing connection, uvloop logged it as a fatal transport error with a
-    traceback and served on (the handler ignores the second SIGINT). It stops from its event loop now."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    engine = EngineClient.start(load_scheduler, str(llama), (2, 2), max_frame_bytes=1 << 20, front_ends=2)
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe(duplex=False)
-    spec = FrontEndSpec("127.0.0.1", port, None, None, None, 60.0, uvloop)
-    front_end = context.Process(target=front_end_main, args=(1, engine.links[0], theirs, spec, _ctrl_c_in_eof_received),
-                                daemon=True)
-    try:
-        front_end.start()
-        engine.links[0].close()
-        theirs.close()
-        assert ours.poll(120) and ours.recv_bytes() == b"", "the front end is not listening"
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # its eof_received gets Ctrl-C
-        front_end.join(60)
-    finally:
-        if front_end.is_alive():
-            front_end.kill()
-            front_end.join(10)
-        engine.shutdown()
-    printed = "".join(capfd.readouterr())
-    assert "Traceback" not in printed and "Fatal error" not in printed, printed
-    assert front_end.exitcode == 0, "the front end did not stop on Ctrl-C"
-
-
-def _sigterm_in_eof_received() -> None:
-    """SIGTERM twice while a connection's `eof_received` runs (os.kill runs the handler before it returns)."""
-    from websockets.asyncio.server import ServerConnection
-
-    eof_received = ServerConnection.eof_received
-
-    def terminated(connection: ServerConnection) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        eof_received(connection)
-
-    ServerConnection.eof_received = terminated
+    ServerConnection.eof_received = signalled
 
 
 def _serve_unwinding_on_sigterm(conn, ready, spec: FrontEndSpec) -> None:
     """The server process's front end as `serve --front-ends` runs it: under `sigterm_unwinds`."""
-    _sigterm_in_eof_received()
+    _signal_twice_in_eof_received(signal.SIGTERM)
     with sigterm_unwinds():
         try:
             BodyServer(EngineClient.attach(conn), spec.config()).serve_forever(True, lambda: ready.send_bytes(b""))
@@ -192,10 +148,9 @@ def _serve_unwinding_on_sigterm(conn, ready, spec: FrontEndSpec) -> None:
             print("cleaned up", flush=True)
 
 
-def test_sigterm_inside_a_transport_callback_still_unwinds_the_server(llama, capfd):
-    """`sigterm_unwinds`' Terminated, raised inside uvloop's `eof_received`, was caught there and logged
-    as a fatal transport error; SIGTERM was then ignored and the server served on (systemd waits,
-    then kills it). It stops from its event loop now: the clean-up runs, then SIGTERM ends it."""
+def _close_one_connection_to(llama, uvloop: bool, process: Callable[[Connection, Connection, FrontEndSpec], tuple]) -> int | None:
+    """Spawn `process(engine link, ready pipe, spec)` -> (target, args) on a fresh engine, wait until it
+    listens, open and close one connection (its eof_received gets the signals); its exit code."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -203,23 +158,43 @@ def test_sigterm_inside_a_transport_callback_still_unwinds_the_server(llama, cap
     engine = EngineClient.start(load_scheduler, str(llama), (2, 2), max_frame_bytes=1 << 20, front_ends=2)
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe(duplex=False)
-    spec = FrontEndSpec("127.0.0.1", port, None, None, None, 60.0, True)
-    server = context.Process(target=_serve_unwinding_on_sigterm, args=(engine.links[0], theirs, spec), daemon=True)
+    target, args = process(engine.links[0], theirs, FrontEndSpec("127.0.0.1", port, None, None, None, 60.0, uvloop))
+    child = context.Process(target=target, args=args, daemon=True)
     try:
-        server.start()
+        child.start()
         engine.links[0].close()
         theirs.close()
-        assert ours.poll(120) and ours.recv_bytes() == b"", "the server is not listening"
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # its eof_received gets SIGTERM
-        server.join(60)
+        assert ours.poll(120) and ours.recv_bytes() == b"", "it is not listening"
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        child.join(60)
     finally:
-        if server.is_alive():
-            server.kill()
-            server.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
         engine.shutdown()
+    return child.exitcode
+
+
+@pytest.mark.parametrize("uvloop", [True, False])
+def test_ctrl_c_inside_a_transport_callback_stops_a_front_end_quietly(llama, capfd, uvloop):
+    """A front end's Ctrl-C was a KeyboardInterrupt raised wherever Python was: inside uvloop's
+    `eof_received` of a closing connection, uvloop logged it as a fatal transport error with a
+    traceback and served on (the handler ignores the second SIGINT). It stops from its event loop now."""
+    setup = functools.partial(_signal_twice_in_eof_received, signal.SIGINT)
+    code = _close_one_connection_to(llama, uvloop, lambda link, ready, spec: (front_end_main, (1, link, ready, spec, setup)))
     printed = "".join(capfd.readouterr())
     assert "Traceback" not in printed and "Fatal error" not in printed, printed
-    assert server.exitcode == -signal.SIGTERM, f"the server did not stop on SIGTERM: {server.exitcode}"
+    assert code == 0, "the front end did not stop on Ctrl-C"
+
+
+def test_sigterm_inside_a_transport_callback_still_unwinds_the_server(llama, capfd):
+    """`sigterm_unwinds`' Terminated, raised inside uvloop's `eof_received`, was caught there and logged
+    as a fatal transport error; SIGTERM was then ignored and the server served on (systemd waits,
+    then kills it). It stops from its event loop now: the clean-up runs, then SIGTERM ends it."""
+    code = _close_one_connection_to(llama, True, lambda link, ready, spec: (_serve_unwinding_on_sigterm, (link, ready, spec)))
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed and "Fatal error" not in printed, printed
+    assert code == -signal.SIGTERM, f"the server did not stop on SIGTERM: {code}"
     assert "cleaned up" in printed
 
 
