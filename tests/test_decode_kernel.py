@@ -28,8 +28,9 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(decode_kernel, "CPU_INTERPRETER", True)
 
 
-def reference(query, keys, values, valid, table, last, scale, window):
-    """Attention of each row's query over its keys 0..last, in float64."""
+def reference(query, keys, values, valid, table, last, scale, window, frame=None):
+    """Attention of each row's query over its keys 0..last, in float64; `frame` (base, bits): of
+    keys base..base+63 a row sees key base+j only where bit j is set."""
     rows, heads, _ = query.shape
     group = heads // keys.shape[1]
     out = torch.empty(query.shape, dtype=torch.float64)
@@ -39,6 +40,10 @@ def reference(query, keys, values, valid, table, last, scale, window):
         allowed = valid[slots].clone()
         if window is not None:
             allowed[: max(0, n - window)] = False
+        if frame is not None:
+            base, bits = int(frame[0][r]), int(frame[1][r])
+            for key in range(max(base, 0), min(base + 64, n)):
+                allowed[key] &= bool((bits >> (key - base)) & 1)
         allowed[-1] = True
         k = keys[slots].double().repeat_interleave(group, 1).transpose(0, 1)  # (heads, n, d)
         v = values[slots].double().repeat_interleave(group, 1).transpose(0, 1)
@@ -73,6 +78,40 @@ def test_the_kernel_equals_attention_over_each_rows_own_keys(interpreted, heads,
     assert torch.isfinite(out).all()
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()
     assert torch.equal(out[-1], torch.zeros(heads, dim)), "the padding row reads the zero block"
+
+
+def test_draft_tree_rows_see_only_their_ancestors_within_the_frame(interpreted):
+    """A 64-position frame starting mid-block past 40 keys: each position sees every earlier key
+    of its row and, in the frame, only the keys its bit mask marks, bit 63 (the sign bit) included;
+    a row outside any frame (NO_FRAME) and a frame that starts past a row's last key change
+    nothing; a frame under a sliding window is refused."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, start, size = 4, 2, 32, 40, decode_kernel.FRAME_KEYS
+    keys = torch.randn(16 * BLOCK_SIZE, kv_heads, dim, generator=gen)
+    values = torch.randn(16 * BLOCK_SIZE, kv_heads, dim, generator=gen)
+    valid = torch.rand(16 * BLOCK_SIZE, generator=gen) > 0.1
+    blocks = (torch.randperm(15, generator=gen) + 1)[: -(-(start + size) // BLOCK_SIZE)]
+    parents = [-1] + [int(torch.randint(0, node, (1,), generator=gen)) for node in range(1, size)]
+    parents[size - 1] = size - 2  # the last node's path runs through bit 62 to bit 63
+    from lambdasplit.engine.step import ancestor_bits
+    from lambdasplit.split.parts import tree_ancestors
+
+    bits = ancestor_bits(tree_ancestors(parents))
+    assert bits[-1] < 0 and int(bits[-1]) & (1 << 62)
+    rows = size + 2
+    table = blocks.repeat(rows, 1)
+    last = torch.tensor([start + node for node in range(size)] + [start + size - 1, 20])
+    base = torch.tensor([start] * size + [decode_kernel.NO_FRAME, start])
+    frame_bits = torch.cat([bits, torch.tensor([0, 0])])
+    query = torch.randn(rows, heads, dim, generator=gen)
+    out = decode_kernel.decode_attention(query, keys, values, valid, table, last, 0.3, frame=(base, frame_bits))
+    expected = reference(query, keys, values, valid, table, last, 0.3, None, (base, frame_bits))
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()
+    plain = reference(query, keys, values, valid, table, last, 0.3, None)
+    assert torch.allclose(out[size:].double(), plain[size:], atol=1e-5, rtol=1e-5)  # outside any frame: causal
+    assert not torch.allclose(out[:size].double(), plain[:size], atol=1e-3)  # the mask matters
+    with pytest.raises(ValueError, match="sliding window"):
+        decode_kernel.decode_attention(query, keys, values, valid, table, last, 0.3, 16, frame=(base, frame_bits))
 
 
 def test_the_kernel_takes_a_strided_query_and_refuses_uneven_heads(interpreted):
@@ -177,17 +216,21 @@ def test_a_kernel_that_fails_its_self_check_leaves_the_body_on_gather_and_sdpa(i
 
 def test_the_self_check_catches_a_kernel_that_is_not_finite_or_wrong_past_its_first_keys(interpreted, monkeypatch):
     """A NaN output must not pass as a small error, nor a kernel right only over its first loop
-    iteration of 64 keys, or one that ignores the pool's validity or the sliding window; the real
-    kernel passes."""
+    iteration of 64 keys, or one that ignores the pool's validity, the sliding window or a draft
+    tree's frame mask; the real kernel passes."""
     real = decode_kernel.decode_attention
     assert decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80) is None
     broken = {
-        "nan": lambda q, k, v, valid, table, last, scale, window=None: real(q, k, v, valid, table, last, scale, window) * float("nan"),
-        "first keys only": lambda q, k, v, valid, table, last, scale, window=None:
-            real(q, k, v, valid, table, last.clamp(max=decode_kernel.KEYS_PER_ITERATION - 1), scale, window),
-        "no validity": lambda q, k, v, valid, table, last, scale, window=None:
-            real(q, k, v, torch.ones_like(valid), table, last, scale, window),
-        "no window": lambda q, k, v, valid, table, last, scale, window=None: real(q, k, v, valid, table, last, scale),
+        "nan": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
+            real(q, k, v, valid, table, last, scale, window, frame) * float("nan"),
+        "first keys only": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
+            real(q, k, v, valid, table, last.clamp(max=decode_kernel.KEYS_PER_ITERATION - 1), scale, window, frame),
+        "no validity": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
+            real(q, k, v, torch.ones_like(valid), table, last, scale, window, frame),
+        "no window": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
+            real(q, k, v, valid, table, last, scale, None, frame),
+        "no frame": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
+            real(q, k, v, valid, table, last, scale, window),
     }
     for name, kernel in broken.items():
         monkeypatch.setattr(decode_kernel, "decode_attention", kernel)

@@ -94,7 +94,11 @@ def test_a_tree_is_planned_at_depths_past_the_valid_positions_in_frame_order_slo
     assert torch.equal(plan.tree, expected)
     step = plan_step([Chunk(rows, torch.zeros(1, 7, 4), None, PARENTS), Chunk([Sequence([3], 2, 2)], torch.zeros(1, 7, 4), None)])
     assert step.has_tree and len(step.groups) == 2, "a tree never shares its group with a plain chunk of the same T"
-    assert not capturable(step, kernel=True), "a step holding a tree runs eagerly"
+    assert plan.bits.tolist() == [sum(1 << j for j in _path(PARENTS, i)) for i in range(7)]
+    assert capturable(step, kernel=True), "the kernel masks a tree's positions: a graph replays it"
+    assert not capturable(step, kernel=False)
+    assert step.kernel_frames()[0].tolist() == [decode_kernel.NO_FRAME] * 7 + [14] * 7  # trees pack last
+    assert step.kernel_frames()[1].tolist() == [0] * 7 + plan.bits.tolist()
     plain = plan_step([Chunk([Sequence([3], 2, 2)], torch.zeros(1, 7, 4), None)])
     assert not plain.has_tree and capturable(plain, kernel=True)
 
@@ -193,9 +197,10 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(decode_kernel, "CPU_INTERPRETER", True)
 
 
-def test_with_the_paged_kernel_a_tree_attends_through_sdpa_and_equals_the_kernel_off_run(interpreted, llama, monkeypatch):
-    """A step of a tree and two decode rows: the kernel takes the decode rows only (its attention
-    is causal), and every output equals the same step with the kernel off."""
+def test_with_the_paged_kernel_a_tree_attends_through_it_and_equals_the_kernel_off_run(interpreted, llama, monkeypatch):
+    """A step of a tree and two decode rows: the kernel takes the decode rows and the tree's 7
+    positions (under their ancestor masks), and every output equals the same step with the kernel
+    off (gather + SDPA under the tree's mask)."""
     body = load_scheduler(str(llama), (2, 2)).bodies[0]
     assert body.kernel
     rows_seen = []
@@ -219,9 +224,59 @@ def test_with_the_paged_kernel_a_tree_attends_through_sdpa_and_equals_the_kernel
         outputs.append(body.run(pool, [Chunk(sessions[0], tree, None, PARENTS),
                                        *(Chunk(rows, h, None) for rows, h in zip(sessions[1:], decodes, strict=True))]))
         if kernel:
-            assert rows_seen and set(rows_seen) == {2}, rows_seen  # the two decode rows, never the tree's 7 positions
+            assert rows_seen and set(rows_seen) == {2, len(PARENTS)}, rows_seen  # the decode rows, the tree's positions
     for got, want in zip(*outputs, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_tree_step_staged_as_a_graphs_one_query_rows_equals_the_step_by_groups(interpreted, llama):
+    """What a CUDA graph replays: the step's integer inputs staged into a 32-row bucket's buffer
+    (`graphs.stage`) and read through the captured plan's views (`graphs.static_plan`). A step of
+    a tree, a decode row and a 3-position chunk, then a step without a tree staged into the same
+    buffer (the tree's frames must be cleared): both equal the same steps by groups through
+    gather + SDPA, and the pools end equal."""
+    from lambdasplit.engine.graphs import _views, stage, static_plan
+    from lambdasplit.engine.step import forward_plan, run_step
+
+    body = load_scheduler(str(llama), (2, 2)).bodies[0]
+    module, bucket = body.runner.module, 32
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(1, n, D, generator=gen) for n in (20, 3, 9)]
+    steps = [[(torch.randn(1, len(PARENTS), D, generator=gen), PARENTS), (torch.randn(1, 1, D, generator=gen), None),
+              (torch.randn(1, 3, D, generator=gen), None)],
+             [(torch.randn(1, 1, D, generator=gen), None) for _ in range(3)]]
+    pools = [_pool(body), _pool(body)]
+    sessions = [[[Sequence()] for _ in prompts] for _ in pools]
+    for pool, rows_of in zip(pools, sessions, strict=True):
+        for rows, prompt in zip(rows_of, prompts, strict=True):
+            _frames(body, [(prompt, None)], pool, rows)
+    width = max(len(rows[0].blocks) for rows in sessions[0]) + 2
+    staging = torch.zeros(bucket * (6 + width), dtype=torch.long)
+    _views(staging, bucket)[4].fill_(decode_kernel.NO_FRAME)
+    frames, outputs = False, [[], []]
+    for pieces in steps:
+        for pool, rows_of, out in zip(pools, sessions, outputs, strict=True):
+            for rows, (hidden, _) in zip(rows_of, pieces, strict=True):
+                assert pool.grow(rows, rows[0].length + hidden.shape[1])
+            step = plan_step([Chunk(rows, hidden, None, parents) for rows, (hidden, parents) in zip(rows_of, pieces, strict=True)])
+            n = step.positions_count
+            if out is outputs[0]:
+                frames = stage(step, staging, bucket, pool.scratch_slot, frames)
+                hidden = torch.zeros(1, bucket, D)
+                hidden[0, :n] = step.hidden[0]
+                plan = static_plan(pool, hidden, staging, bucket, kernel=True, trees=True)
+                pool.valid[plan.write[:n]] = plan.valid[:n]
+                out.append(step.split(forward_plan(module, plan)[:, :n]))
+            else:
+                out.append(run_step(module, pool, step, kernel=False))
+            step.commit()
+        assert frames == any(parents for _, parents in pieces)
+    assert (_views(staging, bucket)[4] == decode_kernel.NO_FRAME).all() and not _views(staging, bucket)[5].any()
+    for got_step, want_step in zip(*outputs, strict=True):
+        for got, want in zip(got_step, want_step, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for layer in range(body.layers):
+        torch.testing.assert_close(pools[0].keys[layer], pools[1].keys[layer], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ are masked out).
 With the kernel a graph's "rows" are packed positions, each one query with its own block table
 and query index (`Step.kernel_rows`), so one graph replays decode rows, speculative verification
 frames and short prefill chunks (up to `decode_kernel.MAX_POSITIONS` positions per row) alike:
-a mixed step costs a replay, not the ~1,100 launches of an eager step. Steps with longer chunks,
-or more positions than the largest bucket, run eagerly; without the kernel only decode-only steps
-are captured. A step holding a draft tree runs eagerly too: its group has a mask of its own.
+a mixed step costs a replay, not the ~1,100 launches of an eager step. A draft tree's positions
+are such rows too, each with its frame's start and its ancestors as a bit mask (two more static
+inputs, `decode_kernel.NO_FRAME` and 0 for every other row), so a step holding a tree replays
+as well. Steps with longer chunks, or more positions than the largest bucket, run eagerly;
+without the kernel only decode-only steps without a tree are captured.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lambdasplit.engine.decode_kernel import MAX_POSITIONS
+from lambdasplit.engine.decode_kernel import MAX_POSITIONS, NO_FRAME
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool
 from lambdasplit.engine.step import STEP_KWARG, Group, Step, StepPlan
 
@@ -45,16 +47,21 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # (1, rows, D)
-    indices: torch.Tensor  # (rows * (4 + width),) int64: positions, write, query, mask, block table
+    indices: torch.Tensor  # (rows * (6 + width),) int64: positions, write, query, mask, frame base, frame bits, block table
     staging: torch.Tensor  # the same, in pinned host memory
     copied: torch.cuda.Event  # the last copy out of `staging` is done: it may be written again
     out: torch.Tensor  # (1, rows, D)
+    frames: bool = False  # `staging` holds a draft tree's frames (the next step without one resets them)
+
+
+_INPUTS = 6  # one-per-row inputs ahead of the block table in `_Graph.indices`
 
 
 def _views(buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
-    """positions (1, rows), write (rows,), query (rows, 1), mask (rows,), table (rows, width) of `buffer`."""
-    positions, write, query, mask, table = buffer.split([rows, rows, rows, rows, buffer.numel() - 4 * rows])
-    return positions.view(1, rows), write, query.view(rows, 1), mask, table.view(rows, -1)
+    """positions (1, rows), write (rows,), query (rows, 1), mask (rows,), frame base (rows,),
+    frame bits (rows,), table (rows, width) of `buffer`."""
+    positions, write, query, mask, base, bits, table = buffer.split([rows] * _INPUTS + [buffer.numel() - _INPUTS * rows])
+    return positions.view(1, rows), write, query.view(rows, 1), mask, base, bits, table.view(rows, -1)
 
 
 def table_width(keys: int, kernel: bool) -> int:
@@ -67,26 +74,63 @@ def table_width(keys: int, kernel: bool) -> int:
 
 def capturable(step: Step, kernel: bool) -> bool:
     """Small enough for a bucket, and every chunk short enough for the kernel (without the
-    kernel: decode rows only); no draft tree (a graph's rows all attend causally)."""
-    if step.positions_count > ROW_BUCKETS[-1] or step.has_tree:
+    kernel: decode rows only, no draft tree)."""
+    if step.positions_count > ROW_BUCKETS[-1]:
         return False
-    return step.longest_chunk <= MAX_POSITIONS if kernel else step.decode_only
+    return step.longest_chunk <= MAX_POSITIONS if kernel else step.decode_only and not step.has_tree
+
+
+def stage(step: Step, staging: torch.Tensor, rows: int, scratch_slot: int, frames: bool) -> bool:
+    """Write `step`'s integer inputs into a bucket of `rows` one-query rows (`staging`, laid out
+    as `_views` says): rows past the step write only the scratch slot and read only the zero block,
+    outside any frame. `frames`: the buffer still holds an earlier tree's frames. Returns whether
+    it holds this step's."""
+    n = step.positions_count
+    tables, last = step.kernel_rows()
+    positions, write, query, valid, base, bits, table = _views(staging, rows)
+    write.fill_(scratch_slot)
+    write[:n] = step.write
+    positions.zero_()
+    positions[0, :n] = step.positions
+    table.zero_()
+    table[:n, : tables.shape[1]] = tables
+    query.zero_()
+    query[:n, 0] = last
+    valid.zero_()
+    valid[:n] = step.valid
+    if step.has_tree:
+        base[:n], bits[:n] = step.kernel_frames()
+    if frames or step.has_tree:  # nothing to clear when neither this step nor the last held a tree
+        base[n if step.has_tree else 0:] = NO_FRAME
+        bits[n if step.has_tree else 0:] = 0
+    return step.has_tree
+
+
+def static_plan(pool: KVPool, hidden: torch.Tensor, indices: torch.Tensor, rows: int, kernel: bool,
+                trees: bool) -> StepPlan:
+    """The plan a graph captures: `rows` one-query rows whose inputs are views of `indices`
+    (filled by `stage`), so a replay reads whatever was copied there last."""
+    positions, write, query, valid, base, bits, table = _views(indices, rows)
+    group = Group(0, rows, 1, table, query, frame=(base, bits) if trees else None)
+    return StepPlan(pool, hidden, positions, write, valid.bool(), [group], kernel)
 
 
 class DecodeGraphs:
     """The captured steps of one body module over one pool."""
 
-    def __init__(self, module: nn.Module, pool: KVPool, kernel: bool = False) -> None:
+    def __init__(self, module: nn.Module, pool: KVPool, kernel: bool = False, trees: bool = False) -> None:
         self.module = module
         self.pool = pool
         self.kernel = kernel  # attend through the paged decode kernel
+        self.trees = trees and kernel  # the graphs take draft trees' frames (the body verifies trees: no sliding window)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._memory = None  # one graph memory pool for every bucket
         self.failed = False  # a capture failed once: run eagerly from then on
 
     def fits(self, step: Step) -> bool:
         """A step a graph can replay (`capturable`), on a GPU."""
-        return not self.failed and self.pool.valid.device.type == "cuda" and capturable(step, self.kernel)
+        return (not self.failed and self.pool.valid.device.type == "cuda" and capturable(step, self.kernel)
+                and (self.trees or not step.has_tree))
 
     @torch.inference_mode()
     def run(self, step: Step) -> list[torch.Tensor] | None:
@@ -99,22 +143,11 @@ class DecodeGraphs:
         graph = self._graphs.get((bucket, width)) or self._capture(bucket, width)
         if graph is None:
             return None
-        tables, last = step.kernel_rows()
         graph.copied.synchronize()
-        positions, write, query, valid, table = _views(graph.staging, bucket)
-        write.fill_(self.pool.scratch_slot)
-        write[:n] = step.write
-        positions.zero_()
-        positions[0, :n] = step.positions
-        table.zero_()
-        table[:n, : tables.shape[1]] = tables
-        query.zero_()
-        query[:n, 0] = last
-        valid.zero_()
-        valid[:n] = step.valid
+        graph.frames = stage(step, graph.staging, bucket, self.pool.scratch_slot, graph.frames)
         graph.indices.copy_(graph.staging, non_blocking=True)  # one host-to-device copy for every index
         graph.copied.record()
-        _, static_write, _, static_valid, _ = _views(graph.indices, bucket)
+        _, static_write, _, static_valid, _, _, _ = _views(graph.indices, bucket)
         self.pool.valid[static_write[:n]] = static_valid[:n].bool()
         graph.hidden[0, n:].zero_()
         graph.hidden[0, :n] = step.hidden[0]
@@ -125,13 +158,14 @@ class DecodeGraphs:
         pool, device = self.pool, self.pool.valid.device
         dtype = pool.keys[0].dtype if pool.keys else torch.float32
         hidden = torch.zeros(1, rows, self.module.config.hidden_size, dtype=dtype, device=device)
-        indices = torch.zeros(rows * (4 + width), dtype=torch.long, device=device)
-        staging = torch.zeros(rows * (4 + width), dtype=torch.long, pin_memory=True)
-        positions, write, query, valid, table = _views(indices, rows)
-        write.fill_(pool.scratch_slot)
-        group = Group(0, rows, 1, table, query)
-        kwargs = {"inputs_embeds": hidden, "position_ids": positions, "use_cache": False,
-                  STEP_KWARG: StepPlan(pool, hidden, positions, write, valid.bool(), [group], self.kernel)}
+        indices = torch.zeros(rows * (_INPUTS + width), dtype=torch.long, device=device)
+        staging = torch.zeros(rows * (_INPUTS + width), dtype=torch.long, pin_memory=True)
+        for buffer in (indices, staging):
+            _views(buffer, rows)[1].fill_(pool.scratch_slot)
+            _views(buffer, rows)[4].fill_(NO_FRAME)
+        plan = static_plan(pool, hidden, indices, rows, self.kernel, self.trees)
+        group = plan.groups[0]
+        kwargs = {"inputs_embeds": hidden, "position_ids": plan.position_ids, "use_cache": False, STEP_KWARG: plan}
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

@@ -132,7 +132,7 @@ class TextBody:
                 log.critical("a tensor-parallel step failed on rank 0; stopping the group", exc_info=True)
                 os._exit(1)
         if self.cuda_graphs:
-            graphs = self._graphs.get(pool) or self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool, self.kernel))
+            graphs = self._graphs.get(pool) or self._graphs.setdefault(pool, DecodeGraphs(self.runner.module, pool, self.kernel, self.verifies_trees))
             if graphs.fits(step) and (out := graphs.run(step)) is not None:
                 return out
         return run_step(self.runner.module, pool, step, kernel=self.kernel)

@@ -9,8 +9,9 @@ GPU, pieces of up to `decode_kernel.MAX_POSITIONS` positions per row (decode row
 frames, short prefill chunks) attend through `engine.decode_kernel`, which reads the pool in place. Each
 row attends only to its own keys, at its own position ids, so the result equals running each
 session alone. A draft tree (a TREE frame: EAGLE-style verification of several branches at once)
-is a batch of its own through gather + SDPA, whose positions see within their frame only their
-ancestors, each at its depth past the row's sequence.
+is a batch of its own, whose positions see within their frame only their ancestors, each at its
+depth past the row's sequence: through the kernel, each position's ancestors are a 64-bit mask
+over the frame's keys (`Group.frame`); through gather + SDPA, a (T, T) block of the mask.
 
 The scheduler plans a step as one `Step` (host tensors: slot mapping, position ids, block tables,
 from each chunk's `ChunkPlan`), which the eager forward, the CUDA-graph replay and the
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
-from lambdasplit.engine.decode_kernel import MAX_POSITIONS, decode_attention
+from lambdasplit.engine.decode_kernel import FRAME_KEYS, MAX_POSITIONS, NO_FRAME, decode_attention
 from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
 from lambdasplit.split.parts import tree_ancestors
 
@@ -60,8 +61,8 @@ class Group:
     """The pieces of one step that share T: one padded SDPA call per layer, or, for T up to
     `decode_kernel.MAX_POSITIONS` with the paged kernel, one kernel call that reads the pool in
     place with every position as a row of its own (`kernel_rows`). A draft tree is a group of its
-    own (one row): its queries see its own frame's keys only where `tree` says, so it never goes
-    through the kernel, whose attention is causal."""
+    own (one row): its queries see its own frame's keys only where `tree` says, which the kernel
+    reads as each position's `frame`."""
 
     start: int  # first packed position
     rows: int
@@ -70,6 +71,7 @@ class Group:
     query_slot: torch.Tensor  # (rows, T) index of each query among its row's keys
     tree: torch.Tensor | None = None  # (T, T) bool: position i may see position j of its frame (j an ancestor of i, or i)
     tree_start: int = 0  # with `tree`: the frame's first slot (its row's length before it)
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's (base, bits) per position: see `decode_attention`
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     _gather: torch.Tensor | None = None
     _kernel_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -155,11 +157,11 @@ def paged_attention(
     outputs = []
     for group in plan.groups:
         stop = group.start + group.rows * group.length
-        if plan.kernel and group.length <= MAX_POSITIONS and group.tree is None:
+        if plan.kernel and group.length <= MAX_POSITIONS:
             q = query[0, :, group.start: stop].transpose(0, 1)
             scale = scaling if scaling is not None else dim ** -0.5
             table, last = group.kernel_rows
-            outputs.append(decode_attention(q, keys, values, plan.pool.valid, table, last, scale, sliding_window))
+            outputs.append(decode_attention(q, keys, values, plan.pool.valid, table, last, scale, sliding_window, group.frame))
             continue
         q = query[0, :, group.start: stop].view(heads, group.rows, group.length, dim).transpose(0, 1)
         k = keys[group.gather].transpose(1, 2)
@@ -190,6 +192,7 @@ class ChunkPlan:
     after: list[tuple[int, int]]  # each row's (length, valid) once the step is committed
     length: int  # T, the chunk's positions per row (read many times per step: a tensor's shape is slow to read)
     tree: torch.Tensor | None = None  # a draft tree's (T, T) ancestor-or-self matrix (its attention mask within the frame)
+    bits: torch.Tensor | None = None  # with `tree`: (T,) int64, its rows as bit masks (bit j: column j), for the kernel
 
     def current(self) -> bool:
         """The rows are still where the plan assumed (a step that failed, or a plan made for a step
@@ -232,7 +235,17 @@ def _plan_tree(chunk: Chunk, bases: list[tuple[int, int]]) -> ChunkPlan:
     write = [blocks[slot // BLOCK_SIZE] * BLOCK_SIZE + slot % BLOCK_SIZE for slot in slots]
     return ChunkPlan(chunk, bases, write, [seen + d for d in depth], list(slots), [True] * length,
                      [blocks[: -(-(start + length) // BLOCK_SIZE)]], [(start + length, seen + length)], length,
-                     tree)
+                     tree, ancestor_bits(tree))
+
+
+def ancestor_bits(tree: torch.Tensor) -> torch.Tensor:
+    """(T,) int64 of a (T, T) ancestor-or-self matrix: bit j of entry i is column j of row i (bit
+    63 is the sign bit: integer sums wrap, so the pattern is exact)."""
+    length = tree.shape[1]
+    if length > FRAME_KEYS:
+        raise ValueError(f"a draft tree of {length} positions exceeds the kernel's {FRAME_KEYS}")
+    powers = torch.ones(length, dtype=torch.long) << torch.arange(length)
+    return torch.where(tree, powers, 0).sum(-1)
 
 
 @dataclass
@@ -250,7 +263,7 @@ class Step:
     valid: torch.Tensor  # (N,) bool
     groups: list[Group]  # host tensors, one group per T (and one per draft tree)
     members: list[list[int]]  # the plans of each group, in packed order (indices into `plans`)
-    has_tree: bool = False  # a draft tree's group attends through its own mask: never captured, never the kernel
+    has_tree: bool = False  # a draft tree's group attends under its own mask (`Group.frame` in the kernel)
 
     @property
     def rows(self) -> int:
@@ -282,6 +295,16 @@ class Step:
             table[group.start: group.start + t.shape[0], : t.shape[1]] = t
         return table, torch.cat([last for _, last in rows])
 
+    def kernel_frames(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every packed position's draft-tree frame (base, bits) (host tensors, (N,) each): a
+        tree's positions as its group says, every other position outside any frame."""
+        base = torch.full((self.positions_count,), NO_FRAME, dtype=torch.long)
+        bits = torch.zeros(self.positions_count, dtype=torch.long)
+        for group in self.groups:
+            if group.frame is not None:
+                base[group.start: group.start + group.length], bits[group.start: group.start + group.length] = group.frame
+        return base, bits
+
     def device_plan(self, pool: KVPool, kernel: bool = False) -> StepPlan:
         """The step's tensors on the pool's device, its written slots' validity set in the pool;
         `kernel`: groups of up to `MAX_POSITIONS` per row attend through the paged kernel."""
@@ -290,7 +313,8 @@ class Step:
         pool.valid[write] = valid
         groups = [Group(g.start, g.rows, g.length, g.table.to(device, non_blocking=True),
                         g.query_slot.to(device, non_blocking=True),
-                        None if g.tree is None else g.tree.to(device, non_blocking=True), g.tree_start)
+                        None if g.tree is None else g.tree.to(device, non_blocking=True), g.tree_start,
+                        None if g.frame is None else tuple(t.to(device, non_blocking=True) for t in g.frame))
                   for g in self.groups]
         positions = self.positions.to(device, non_blocking=True).unsqueeze(0)
         return StepPlan(pool, self.hidden, positions, write, valid, groups, kernel)
@@ -339,7 +363,8 @@ def assemble(plans: list[ChunkPlan]) -> Step:
         table = _host([t + [0] * (width - len(t)) for t in tables], np.int64)
         query = _host([q for i in chosen for q in plans[i].query], np.int64).view(len(tables), length)
         groups.append(Group(packed, len(tables), length, table, query) if tree is None
-                      else Group(packed, 1, length, table, query, tree.tree, tree.query[0]))
+                      else Group(packed, 1, length, table, query, tree.tree, tree.query[0],
+                                 (torch.full((length,), tree.query[0], dtype=torch.long), tree.bits)))
         members.append(chosen)
         for i in chosen:
             plan = plans[i]
