@@ -195,8 +195,10 @@ def run_served_body(source: str | None, head: str | None, body_device: str, prom
             for rtt, tally in tallies.items():
                 tally.add(_prompt(runtime, bodies[rtt], ids, new_tokens, modes, i))
             ran, slowest = ran + 1, max(slowest, time.monotonic() - start)
+    # A body that fell back (graph capture failed, the paged kernel refused) says so only in its log.
+    warnings = [line.strip() for line in server.output if line.startswith(("WARNING", "ERROR", "CRITICAL"))]
     payload.update(prompts={CHAT: ran}, of=len(chat), seconds=round(time.monotonic() - began, 1),
-                   rows=[tally.row() for tally in tallies.values()])
+                   server_warnings=warnings, rows=[tally.row() for tally in tallies.values()])
     return write(suite, payload, out)
 
 

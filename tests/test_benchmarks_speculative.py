@@ -77,6 +77,7 @@ def test_a_served_body_run_measures_every_mode_at_every_rtt_on_the_same_prompts_
     assert path.name == "speculative-body-cpu.json" and data["suite"] == "speculative-body-cpu"
     assert data["prompts"] == {CHAT: 1} and data["of"] == 2 and data["head"] == "shipped" and data["body_device"] == "cpu"
     assert data["device_parts"] == "cpu" and data["draft_lengths"] == [1, 3] and [row["rtt_ms"] for row in data["rows"]] == [0, 20]
+    assert data["server_warnings"] == [], "the body served without falling back"
     for row in data["rows"]:  # cap 3 is --draft-tokens' own mode, not a second one
         assert row["identical"] is True and list(row["modes"]) == ["plain", "prompt-lookup", "draft-head", "draft head, up to 1"]
         plain, head, one = row["modes"]["plain"], row["modes"]["draft-head"], row["modes"]["draft head, up to 1"]
