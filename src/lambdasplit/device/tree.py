@@ -122,7 +122,12 @@ def accepted_length(tokens: Sequence[int], parents: Sequence[int], reference: Se
 class TreeDrafter:
     """Drafts a static tree with the head: one pass for the newly confirmed pairs (the root), then
     one pass per depth over the nodes that have children, each attending to the confirmed pairs and
-    to its own ancestors (an additive mask over the draft cache)."""
+    to its own ancestors (an additive mask over the draft cache).
+
+    The tree's shape is fixed, so which rank of which node's top-k becomes which node, and which
+    drafted pairs each pass may see, are index tensors and mask patterns worked out once. A round
+    then stays on the head's device until its tokens are read, once, at the end: on a GPU every
+    read (or copy of a host tensor) waits for the work queued before it."""
 
     def __init__(self, drafter: Drafter, shape: Shape) -> None:
         self.drafter, self.shape = drafter, shape
@@ -132,11 +137,41 @@ class TreeDrafter:
         for node, parent in enumerate(self.parents):
             self.children.setdefault(parent, []).append(node)
         # per depth d >= 1: the nodes of depth d that are expanded (have children), in order
-        self.levels = [[i for i, d in enumerate(depths) if d == depth and i in self.children]
-                       for depth in range(1, shape.depth)]
+        levels = [[i for i, d in enumerate(depths) if d == depth and i in self.children] for depth in range(1, shape.depth)]
+        self.levels = levels[: next((d for d, level in enumerate(levels) if not level), len(levels))]
         self.top = max(max(p[-1] for p in shape.paths) + 1, 1)
-        self.vocab = drafter.head.vocab.tolist()
+        device = drafter.lm_rows.device
+        self.vocab = drafter.head.vocab.to(device)
+        self._picks = [self._picks_of(nodes, device) for nodes in [[-1], *self.levels]]
+        self._nodes = [torch.tensor(level, device=device) for level in self.levels]
+        rows = [{node: row for row, node in enumerate(nodes)} for nodes in [[-1], *self.levels]]
+        self._parent_rows = [torch.tensor([rows[d][self.parents[n]] for n in level], device=device)
+                             for d, level in enumerate(self.levels)]  # each node's parent among the pass before
+        self._patterns = self._masks(device)
         self.features: dict[int, torch.Tensor] = {}  # the last draft's predicted feature of each expanded node (-1: the root)
+
+    def _picks_of(self, nodes: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a pass over `nodes`: each child's row among them, its rank, and the child."""
+        picks = [(row, self.shape.paths[kid][-1], kid) for row, node in enumerate(nodes) for kid in self.children[node]]
+        return tuple(torch.tensor(column, device=device) for column in zip(*picks, strict=True))  # type: ignore[return-value]
+
+    def _masks(self, device: torch.device) -> list[torch.Tensor]:
+        """Per depth pass: which of this round's drafted pairs (those after the confirmed ones)
+        each of its nodes sees: its ancestors' and its own."""
+        slots: dict[int, int] = {}  # node -> its pair's index among the round's drafted pairs
+        patterns = []
+        for level in self.levels:
+            start = len(slots)
+            allowed = torch.zeros(len(level), start + len(level), dtype=torch.bool)
+            for row, node in enumerate(level):
+                allowed[row, start + row] = True
+                ancestor = self.parents[node]
+                while ancestor >= 0:
+                    allowed[row, slots[ancestor]] = True
+                    ancestor = self.parents[ancestor]
+            slots.update({node: start + row for row, node in enumerate(level)})
+            patterns.append(allowed.to(device))
+        return patterns
 
     @torch.inference_mode()
     def draft(self, cache: DynamicCache, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> list[int]:
@@ -146,43 +181,28 @@ class TreeDrafter:
         head, drafter = self.drafter.head, self.drafter
         root = head(features, drafter.embeddings(tokens), positions, cache)[:, -1]
         confirmed = cache.get_seq_length()
-        out = [0] * len(self.shape.paths)
-        self._children([-1], root, out)
-        predicted = {-1: root[0]}
-        slots: dict[int, int] = {}  # node -> its pair's index in the draft cache
-        base = int(positions[0, -1])
-        for depth, level in enumerate(self.levels, start=1):
-            if not level:
-                break
-            inputs = torch.stack([predicted[self.parents[n]] for n in level])[None]
-            ids = torch.tensor([[out[n] for n in level]], device=inputs.device)
-            where = torch.full((1, len(level)), base + depth, dtype=torch.long, device=inputs.device)
-            start = cache.get_seq_length()
-            allowed = torch.zeros(len(level), start + len(level), dtype=torch.bool)
-            allowed[:, :confirmed] = True
-            for row, node in enumerate(level):
-                allowed[row, start + row] = True
-                ancestor = self.parents[node]
-                while ancestor >= 0:
-                    allowed[row, slots[ancestor]] = True
-                    ancestor = self.parents[ancestor]
-            mask = torch.zeros(allowed.shape, dtype=inputs.dtype).masked_fill_(~allowed, torch.finfo(inputs.dtype).min)
-            result = head(inputs, drafter.embeddings(ids), where, cache, mask.to(inputs.device)[None, None])[0]
-            for row, node in enumerate(level):
-                slots[node] = start + row
-                predicted[node] = result[row]
-            self._children(level, result, out)
-        self.features = predicted
-        return out
+        out = torch.zeros(len(self.shape.paths), dtype=torch.long, device=root.device)
+        self._children(0, root, out)
+        predicted = root  # (rows, H): the last pass's predicted features, in its level's order
+        self.features = {-1: root[0]}
+        where = positions[:, -1:] + 1  # the first depth's position, on the device
+        for depth, level in enumerate(self.levels):
+            inputs = predicted[self._parent_rows[depth]][None]
+            seen = torch.ones(len(level), confirmed, dtype=torch.bool, device=root.device)
+            allowed = torch.cat([seen, self._patterns[depth]], dim=1)
+            mask = torch.zeros(allowed.shape, dtype=inputs.dtype, device=root.device).masked_fill_(~allowed, torch.finfo(inputs.dtype).min)
+            predicted = head(inputs, drafter.embeddings(out[self._nodes[depth]][None]), (where + depth).expand(1, len(level)),
+                             cache, mask[None, None])[0]
+            self.features.update(zip(level, predicted, strict=True))
+            self._children(depth + 1, predicted, out)
+        return out.tolist()
 
-    def _children(self, nodes: list[int], features: torch.Tensor, out: list[int]) -> None:
-        """Tokens of the children of `nodes` (each has children; `features` (len(nodes), H)): the
-        ranks their paths name in the draft vocabulary's top-k. One top-k and one copy to the host
-        per level, not per node: on a GPU each copy waits for the device."""
-        tops = self.drafter.logits(features).topk(self.top, dim=-1).indices.tolist()
-        for node, top in zip(nodes, tops, strict=True):
-            for kid in self.children[node]:
-                out[kid] = self.vocab[top[self.shape.paths[kid][-1]]]
+    def _children(self, index: int, features: torch.Tensor, out: torch.Tensor) -> None:
+        """Tokens of the children of pass `index`'s nodes (each has children; `features`
+        (nodes, H)) into `out`: the ranks their paths name in the draft vocabulary's top-k."""
+        rows, ranks, kids = self._picks[index]
+        top = self.drafter.logits(features).topk(self.top, dim=-1).indices
+        out[kids] = self.vocab[top[rows, ranks]]
 
 
 @torch.inference_mode()
