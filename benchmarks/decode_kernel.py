@@ -5,7 +5,9 @@ the new key and value into the pool) over one pool of a 7B layer's shape (32 hea
 for 1, 64 and 256 rows at 64, 512 and 2048 keys per row (the rows get their blocks in shuffled order).
 Each variant is captured in a CUDA graph and its replays timed (median, `triton.testing.do_bench`),
 so kernel launches are out of the numbers as they are in the server's graph steps. The kernel's
-output is compared with SDPA's in float32 on the same inputs. Writes decode-kernel.json.
+output is compared with SDPA's in float32 on the same inputs. A third variant runs the kernel as
+a body that verifies draft trees replays its graphs: every row with a draft-tree frame input
+(outside any tree), which must cost next to nothing and change nothing. Writes decode-kernel.json.
 
     python3 -m benchmarks decode-kernel
 """
@@ -25,6 +27,7 @@ HEADS, HEAD_DIM = 32, 128
 def _case(rows: int, keys: int, gen: torch.Generator) -> dict:
     import triton.testing
 
+    from lambdasplit.engine.decode_kernel import NO_FRAME
     from lambdasplit.engine.kvpool import BLOCK_SIZE, KVPool, Sequence
     from lambdasplit.engine.step import Chunk, StepPlan, paged_attention, plan_step
 
@@ -47,8 +50,10 @@ def _case(rows: int, keys: int, gen: torch.Generator) -> dict:
     layer = types.SimpleNamespace(layer_idx=0)
     out: dict = {"rows": rows, "keys": keys}
     results = {}
-    for name, kernel in (("gather_sdpa", False), ("paged_kernel", True)):
+    frames = (torch.full((rows,), NO_FRAME, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"))
+    for name, kernel, frame in (("gather_sdpa", False, None), ("paged_kernel", True, None), ("paged_kernel_frames", True, frames)):
         plan: StepPlan = step.device_plan(pool, kernel)
+        plan.groups[0].frame = frame
 
         def run(plan=plan):
             return paged_attention(layer, query, new, new, None, scaling=HEAD_DIM ** -0.5, lambdasplit_step=plan)[0]
@@ -67,6 +72,8 @@ def _case(rows: int, keys: int, gen: torch.Generator) -> dict:
     out["relative_l2"] = (diff.norm() / results["gather_sdpa"].norm()).item()
     out["max_abs_diff"] = diff.abs().max().item()
     out["speedup"] = out["gather_sdpa_us"] / out["paged_kernel_us"]
+    out["frames_overhead"] = out["paged_kernel_frames_us"] / out["paged_kernel_us"]
+    out["frames_identical"] = torch.equal(results["paged_kernel_frames"], results["paged_kernel"])
     read = 2 * rows * keys * HEADS * HEAD_DIM * 2  # the keys and values each row attends to, bf16
     out["kernel_read_tb_s"] = read / (out["paged_kernel_us"] * 1e-6) / 1e12
     return out
