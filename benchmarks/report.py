@@ -351,14 +351,21 @@ def serve_gpu_section(data: dict, name: str = "serve-gpu") -> str:
     return "\n".join(lines)
 
 
-def decode_kernel_section(data: dict) -> str:
-    """One layer's decode attention: the paged kernel against gather + SDPA (`benchmarks decode-kernel`)."""
-    lines = [f"## Decode attention of one layer (`decode-kernel-h200`): {data['heads']} heads of {data['head_dim']}, bf16",
+def decode_kernel_section(data: dict, name: str = "decode-kernel-h200") -> str:
+    """One layer's decode attention: the paged kernel against gather + SDPA (`benchmarks decode-kernel`),
+    and, in runs that have it, the kernel with draft-tree frame inputs (as a tree-verifying body's graphs)."""
+    frames = all("frames_overhead" in c for c in data["cases"])
+    extra = " kernel with tree frames us | frames cost | frames change nothing |" if frames else ""
+    lines = [f"## Decode attention of one layer (`{name}`): {data['heads']} heads of {data['head_dim']}, bf16",
              "", _env(data) + ". Each variant replayed from a CUDA graph; median of `triton.testing.do_bench`.", "",
              "| rows | keys per row | gather + SDPA us | paged kernel us | speed-up | kernel reads (TB/s) | kernel vs SDPA "
-             "(relative L2) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['rows']} | {c['keys']} | {c['gather_sdpa_us']:.0f} | {c['paged_kernel_us']:.0f} | {c['speedup']:.2f}x | "
-              f"{c['kernel_read_tb_s']:.2f} | {c['relative_l2']:.4f} |" for c in data["cases"]]
+             "(relative L2) |" + extra, "|---|---|---|---|---|---|---|" + ("---|---|---|" if frames else "")]
+    for c in data["cases"]:
+        row = (f"| {c['rows']} | {c['keys']} | {c['gather_sdpa_us']:.0f} | {c['paged_kernel_us']:.0f} | {c['speedup']:.2f}x | "
+               f"{c['kernel_read_tb_s']:.2f} | {c['relative_l2']:.4f} |")
+        if frames:
+            row += f" {c['paged_kernel_frames_us']:.0f} | {c['frames_overhead']:.3f}x | {'yes' if c['frames_identical'] else 'no'} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
