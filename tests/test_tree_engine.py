@@ -232,9 +232,10 @@ def test_with_the_paged_kernel_a_tree_attends_through_it_and_equals_the_kernel_o
 def test_a_tree_step_staged_as_a_graphs_one_query_rows_equals_the_step_by_groups(interpreted, llama):
     """What a CUDA graph replays: the step's integer inputs staged into a 32-row bucket's buffer
     (`graphs.stage`) and read through the captured plan's views (`graphs.static_plan`). A step of
-    a tree, a decode row and a 3-position chunk, then a step without a tree staged into the same
-    buffer (the tree's frames must be cleared): both equal the same steps by groups through
-    gather + SDPA, and the pools end equal."""
+    a tree, a decode row and a 3-position chunk goes to a graph of tree steps (its rows read their
+    frames: padding rows and the plain rows outside any), a step without a tree to a graph whose
+    rows read none: both equal the same steps by groups through gather + SDPA, and the pools end
+    equal."""
     from lambdasplit.engine.graphs import _views, stage, static_plan
     from lambdasplit.engine.step import forward_plan, run_step
 
@@ -251,27 +252,32 @@ def test_a_tree_step_staged_as_a_graphs_one_query_rows_equals_the_step_by_groups
         for rows, prompt in zip(rows_of, prompts, strict=True):
             _frames(body, [(prompt, None)], pool, rows)
     width = max(len(rows[0].blocks) for rows in sessions[0]) + 2
-    staging = torch.zeros(bucket * (6 + width), dtype=torch.long)
-    _views(staging, bucket)[4].fill_(decode_kernel.NO_FRAME)
-    frames, outputs = False, [[], []]
+    outputs = [[], []]
     for pieces in steps:
+        tree = any(parents for _, parents in pieces)
+        staging = torch.full((bucket * (6 + width),), -7, dtype=torch.long)  # stale values: stage must set each input
         for pool, rows_of, out in zip(pools, sessions, outputs, strict=True):
             for rows, (hidden, _) in zip(rows_of, pieces, strict=True):
                 assert pool.grow(rows, rows[0].length + hidden.shape[1])
             step = plan_step([Chunk(rows, hidden, None, parents) for rows, (hidden, parents) in zip(rows_of, pieces, strict=True)])
+            assert step.has_tree == tree
             n = step.positions_count
             if out is outputs[0]:
-                frames = stage(step, staging, bucket, pool.scratch_slot, frames)
+                stage(step, staging, bucket, pool.scratch_slot)
                 hidden = torch.zeros(1, bucket, D)
                 hidden[0, :n] = step.hidden[0]
-                plan = static_plan(pool, hidden, staging, bucket, kernel=True, trees=True)
+                plan = static_plan(pool, hidden, staging, bucket, kernel=True, tree=tree)
+                assert (plan.groups[0].frame is not None) == tree
                 pool.valid[plan.write[:n]] = plan.valid[:n]
                 out.append(step.split(forward_plan(module, plan)[:, :n]))
             else:
                 out.append(run_step(module, pool, step, kernel=False))
             step.commit()
-        assert frames == any(parents for _, parents in pieces)
-    assert (_views(staging, bucket)[4] == decode_kernel.NO_FRAME).all() and not _views(staging, bucket)[5].any()
+        if tree:
+            base, bits = _views(staging, bucket)[4:6]
+            plain, frame = 1 + 3, slice(4, 4 + len(PARENTS))  # the decode row and the chunk pack first, the tree last
+            assert (base[:plain] == decode_kernel.NO_FRAME).all() and (base[frame.stop:] == decode_kernel.NO_FRAME).all()
+            assert (base[frame] == 20).all() and not bits[:plain].any() and not bits[frame.stop:].any() and bits[frame].all()
     for got_step, want_step in zip(*outputs, strict=True):
         for got, want in zip(got_step, want_step, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
