@@ -52,14 +52,15 @@ def generated_section(draw: bool = False) -> str:
             sections.append(serve_gpu_section(serve_gpu, name))
     if mixed := _load("serve-gpu-h100-2026-12-07-mixed-steps"):
         sections.append(mixed_steps_section(mixed, "serve-gpu-h100-2026-12-07-mixed-steps"))
-    if kernel := _load("decode-kernel-h200"):
-        sections.append(decode_kernel_section(kernel))
+    for name in ("decode-kernel-h200", "decode-kernel-h100-tree-frames"):
+        if kernel := _load(name):
+            sections.append(decode_kernel_section(kernel, name))
     if serve_cpu := _load("serve-cpu-paged"):
         sections.append(serve_cpu_section(serve_cpu, "serve-cpu-paged"))
     if frame_cost := _load("frame-cost-cpu"):
         sections.append(frame_cost_section(frame_cost))
     for name in ("speculative-cpu", "speculative-cpu-quick", "speculative-body-cuda", "speculative-body-cuda-parts-cuda",
-                 "speculative-body-cuda-parts-cuda-trees"):
+                 "speculative-body-cuda-parts-cuda-trees", "speculative-body-cuda-parts-cuda-tree-graphs"):
         if speculative := _load(name):
             rows = speculative["rows"]
             sections.append(speculative_section(speculative, name) if rows and "modes" in rows[0] else lookup_section(speculative))
