@@ -114,6 +114,17 @@ def test_draft_tree_rows_see_only_their_ancestors_within_the_frame(interpreted):
         decode_kernel.decode_attention(query, keys, values, valid, table, last, 0.3, 16, frame=(base, frame_bits))
 
 
+def test_every_tree_the_server_accepts_fits_one_ancestor_mask():
+    """A TREE frame's positions are planned as 64-bit ancestor masks (`step.ancestor_bits` refuses
+    more): the server's limit on a tree must stay within them."""
+    from lambdasplit import defaults
+    from lambdasplit.engine.step import ancestor_bits
+
+    assert defaults.MAX_TREE_POSITIONS <= decode_kernel.FRAME_KEYS
+    with pytest.raises(ValueError, match="exceeds the kernel's 64"):
+        ancestor_bits(torch.eye(decode_kernel.FRAME_KEYS + 1, dtype=torch.bool))
+
+
 def test_the_kernel_takes_a_strided_query_and_refuses_uneven_heads(interpreted):
     """The body hands it a transposed view of the packed queries; 3 query heads cannot share 2."""
     packed = torch.randn(4, 5, 32)  # (heads, rows, d) as the hook slices it
