@@ -5,9 +5,9 @@ the new key and value into the pool) over one pool of a 7B layer's shape (32 hea
 for 1, 64 and 256 rows at 64, 512 and 2048 keys per row (the rows get their blocks in shuffled order).
 Each variant is captured in a CUDA graph and its replays timed (median, `triton.testing.do_bench`),
 so kernel launches are out of the numbers as they are in the server's graph steps. The kernel's
-output is compared with SDPA's in float32 on the same inputs. A third variant runs the kernel as
-a body that verifies draft trees replays its graphs: every row with a draft-tree frame input
-(outside any tree), which must cost next to nothing and change nothing. Writes decode-kernel.json.
+output is compared with SDPA's in float32 on the same inputs. A third variant runs the kernel with
+draft-tree frame inputs on every row, all outside any tree: what the draft-tree variant costs
+rows that need no mask (the outputs must be identical). Writes decode-kernel.json.
 
     python3 -m benchmarks decode-kernel
 """

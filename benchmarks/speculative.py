@@ -180,7 +180,14 @@ def run_served_body(source: str | None, head: str | None, body_device: str, prom
     serve = ["--split", "2,2", "--device", body_device, *(["--model", source] if source else [])]
     tallies = {rtt: _Tally(modes, rtt, CHAT) for rtt in rtts}
     ran, slowest = 0, 0.0
-    with ServerProcess(*serve, timeout=BODY_START_SECONDS) as server, ExitStack() as stack:
+    # A body that fell back (graph capture failed, the paged kernel refused) says so only in its log.
+    warnings: list[str] = []
+
+    def keep(line: str) -> None:  # every line, from the first: the child keeps only its last 200
+        if line.startswith(("WARNING", "ERROR", "CRITICAL")):
+            warnings.append(line.strip())
+
+    with ServerProcess(*serve, timeout=BODY_START_SECONDS, on_line=keep) as server, ExitStack() as stack:
         bodies = {}
         for rtt in rtts:
             proxy = stack.enter_context(DelayProxy(server.port, rtt))
@@ -195,8 +202,6 @@ def run_served_body(source: str | None, head: str | None, body_device: str, prom
             for rtt, tally in tallies.items():
                 tally.add(_prompt(runtime, bodies[rtt], ids, new_tokens, modes, i))
             ran, slowest = ran + 1, max(slowest, time.monotonic() - start)
-    # A body that fell back (graph capture failed, the paged kernel refused) says so only in its log.
-    warnings = [line.strip() for line in server.output if line.startswith(("WARNING", "ERROR", "CRITICAL"))]
     payload.update(prompts={CHAT: ran}, of=len(chat), seconds=round(time.monotonic() - began, 1),
                    server_warnings=warnings, rows=[tally.row() for tally in tallies.values()])
     return write(suite, payload, out)

@@ -230,7 +230,8 @@ def test_the_self_check_catches_a_kernel_that_is_not_finite_or_wrong_past_its_fi
     iteration of 64 keys, or one that ignores the pool's validity, the sliding window or a draft
     tree's frame mask; the real kernel passes."""
     real = decode_kernel.decode_attention
-    assert decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80) is None
+    for frames in (False, True):
+        assert decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80, frames) is None
     broken = {
         "nan": lambda q, k, v, valid, table, last, scale, window=None, frame=None:
             real(q, k, v, valid, table, last, scale, window, frame) * float("nan"),
@@ -245,8 +246,28 @@ def test_the_self_check_catches_a_kernel_that_is_not_finite_or_wrong_past_its_fi
     }
     for name, kernel in broken.items():
         monkeypatch.setattr(decode_kernel, "decode_attention", kernel)
-        problem = decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80)
+        problem = decode_kernel.self_check(torch.device("cpu"), torch.float32, 6, 2, 80, frames=name == "no frame")
         assert problem is not None and "differs from plain attention" in problem, name
+
+
+def test_a_kernel_whose_tree_masks_fail_their_check_keeps_decoding_and_verifies_no_trees(interpreted, llama, monkeypatch,
+                                                                                       caplog):
+    """Only the draft-tree variant is broken: the body keeps the kernel for every other chunk, says
+    once why it refuses trees, and a TREE frame gets that reason (devices then draft chains)."""
+    from lambdasplit.engine.session import TextBody
+
+    real = decode_kernel.decode_attention
+
+    def broken(*args, **kwargs):
+        frame = args[8] if len(args) > 8 else kwargs.get("frame")
+        return real(*args, **kwargs) * (float("nan") if frame is not None else 1.0)
+
+    monkeypatch.setattr(decode_kernel, "decode_attention", broken)
+    body = load_scheduler(str(llama), (2, 2)).bodies[0]
+    assert isinstance(body, TextBody) and body.kernel and not body.verifies_trees
+    assert "tree verification is off on this server's GPU" in body.tree_problem
+    warned = [r.getMessage() for r in caplog.records if "draft-tree masks cannot be used" in r.getMessage()]
+    assert len(warned) == 1 and "differs from plain attention" in warned[0]
 
 
 def test_a_query_index_past_its_rows_table_reads_only_that_table(interpreted):

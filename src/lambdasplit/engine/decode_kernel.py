@@ -143,13 +143,15 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out
 
 
-def self_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
+def self_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+               frames: bool = False) -> str | None:
     """Run the kernel on a small random pool of a body's shape and compare it with plain attention
     over the same keys: what went wrong (a kernel Triton cannot build for this GPU, or a wrong or
     non-finite result), or None. One row spans three loop iterations, a tenth of the slots are
     masked out, and a sliding window is tried too, so a kernel wrong only past its first 64 keys,
-    or in its masks, is caught; so is a draft tree's frame mask (over one row's last 64 keys). A
-    body that gets a problem attends through gather + SDPA instead."""
+    or in its masks, is caught. A body that gets a problem attends through gather + SDPA instead.
+    `frames`: check the draft-tree variant instead (a frame mask over one row's last 64 keys, bit
+    63 included, beside a row outside any frame); a body whose check fails verifies no trees."""
     gen = torch.Generator(device=device).manual_seed(0)
     slots, scale = 13 * BLOCK_SIZE, head_dim ** -0.5
     keys = torch.randn(slots, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
@@ -161,7 +163,8 @@ def self_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: i
     group = heads // kv_heads
     frame = (torch.tensor([149 - FRAME_KEYS + 1, NO_FRAME], device=device),  # row 0's last 64 keys
              torch.tensor([-0x5A5A5A5A5A5A5A5B, 0], device=device))  # 0xA5A5...A5: bit 63 and its own key (bit 63) set
-    for window, rows_frame in ((None, None), (3 * BLOCK_SIZE, None), (None, frame)):  # windows: multiples of 16, as real ones
+    cases = ((None, frame),) if frames else ((None, None), (3 * BLOCK_SIZE, None))  # windows: multiples of 16, as real ones
+    for window, rows_frame in cases:
         try:
             out = decode_attention(query, keys, values, valid, table, last, scale, window, rows_frame).float()
         except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do not use it here

@@ -18,9 +18,10 @@ a mixed step costs a replay, not the ~1,100 launches of an eager step. A draft t
 are such rows too, each with its frame's start and its ancestors as a bit mask (two more static
 inputs, `decode_kernel.NO_FRAME` and 0 for every other row), so a step holding a tree replays
 as well, from graphs of its own: steps without a tree keep graphs whose kernel reads no frames.
-(On one H100, 7B body, 64 sessions, two alternating runs each: with every decode step replaying
-frame inputs the server gave 1,748 and 1,826 tok/s, ITL p99 145 and 153 ms; without them 1,980
-and 1,920 tok/s, 81 and 54 ms.) Steps with longer chunks, or more positions than the largest
+(On one H100, 7B body, 64 sessions, two alternating runs each, the server whose every decode
+step replayed frame inputs gave 1,748 and 1,826 tok/s, ITL p99 145 and 153 ms, and the one
+before it 1,980 and 1,920 tok/s, 81 and 54 ms, at the same forward p50; thin evidence, but
+keeping the frames out of the decode steps' graphs is what that server ran.) Steps with longer chunks, or more positions than the largest
 bucket, run eagerly; without the kernel only decode-only steps without a tree are captured.
 """
 
@@ -124,7 +125,7 @@ class DecodeGraphs:
         self.trees = trees and kernel  # steps holding a draft tree replay too (the body verifies trees: no sliding window)
         self._graphs: dict[tuple[int, int, bool], _Graph] = {}  # by (rows, width, holds a tree)
         self._memory = None  # one graph memory pool for every bucket
-        self.failed = False  # a capture failed once: run eagerly from then on
+        self.failed = False  # a capture failed once: run eagerly from then on (a tree step's failure turns off `trees` only)
 
     def fits(self, step: Step) -> bool:
         """A step a graph can replay (`capturable`), on a GPU."""
@@ -178,9 +179,12 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._memory):
                 out = self.module(**kwargs).last_hidden_state
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: stay eager, say so once
-            log.warning("CUDA graph capture failed (%s: %s); batched steps run eagerly",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.failed = True
+            log.warning("CUDA graph capture failed (%s: %s); %s run eagerly", type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "", "steps holding a draft tree" if tree else "batched steps")
+            if tree:  # the other steps keep their graphs
+                self.trees = False
+            else:
+                self.failed = True
             return None
         self._memory = self._memory or graph.pool()
         log.info("captured the step for %d positions x %d blocks%s%s", rows, width, " (paged kernel)" if self.kernel else "",

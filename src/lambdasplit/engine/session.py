@@ -75,6 +75,7 @@ class TextBody:
         if self.layers:
             self.runner.module.config._attn_implementation = ATTENTION
         self._graphs: weakref.WeakKeyDictionary[KVPool, DecodeGraphs] = weakref.WeakKeyDictionary()
+        self.tree_kernel_problem: str | None = None  # the kernel's draft-tree variant failed its self-check here
         # The other tensor-parallel ranks replay rank 0's steps through gather + SDPA.
         self.kernel = self.paged_kernel and self.mirror is None and self.layers > 0 and decode_kernel.available(self.placement[0])
         if self.kernel:
@@ -87,6 +88,11 @@ class TextBody:
                 log.warning("the paged decode kernel cannot be used here (%s); every chunk attends through "
                             "gather + SDPA", problem)
                 self.kernel = False
+            elif self.tree_problem is None:  # its tree masks are checked apart: a failure costs trees only
+                self.tree_kernel_problem = decode_kernel.self_check(*self.placement, heads, kv_heads, head_dim, frames=True)
+                if self.tree_kernel_problem:
+                    log.warning("the paged decode kernel's draft-tree masks cannot be used here (%s); this body "
+                                "verifies no draft trees (devices send chains)", self.tree_kernel_problem)
 
     @property
     def layers(self) -> int:
@@ -102,6 +108,8 @@ class TextBody:
         if has_sliding_window(self.runner.config):
             return ("tree verification needs full-attention layers; this body has sliding-window layers (a window "
                     "counts storage slots, not a branch's positions); send the draft as a chain")
+        if self.tree_kernel_problem:
+            return f"tree verification is off on this server's GPU ({self.tree_kernel_problem}); send the draft as a chain"
         return None
 
     @property
