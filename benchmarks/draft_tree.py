@@ -19,7 +19,9 @@ static trees):
 - `wide-N`: the head's top N tokens at depth 1 only;
 - `tree-N`: the N nodes of highest estimated acceptance, from how often the reference token had
   each rank at each depth on the head's *validation* answers (prompts set aside in training, never
-  trained on, not the held-out set), assuming depths independent (Sequoia-style).
+  trained on, not the held-out set), assuming depths independent (Sequoia-style);
+- `tree-N-depth-D`: the same, at most `defaults.DRAFT_TREE_DEPTH` deep, as `--speculate draft-tree`
+  drafts (each depth is one head pass a round).
 
 A tree of N nodes is drafted with one head pass per depth (the nodes of a depth attend to the
 confirmed pairs and their own ancestors only, through an additive mask), so device time per
@@ -270,7 +272,8 @@ def run(prompts: int = 40, new_tokens: int = 128, calibration: int = 16, out: Pa
     answered = time.monotonic()
     counts = reference_ranks(drafter, calibrating, depth=10, top=8)
     accept = acceptance_table(counts)
-    shapes = [chain(n) for n in (1, 2, 3, 4, 6, 8)] + [wide(4)] + [best_tree(n, accept) for n in (4, 8, 16, 32)]
+    shapes = ([chain(n) for n in (1, 2, 3, 4, 6, 8)] + [wide(4)] + [best_tree(n, accept) for n in (4, 8, 16, 32)]
+              + [best_tree(n, accept, defaults.DRAFT_TREE_DEPTH) for n in (16, 32, 48)])  # the product's depth cap
     trees = [TreeDrafter(drafter, shape) for shape in shapes]
     product, tallies = Tally(), [Tally() for _ in shapes]
     calibrated = time.monotonic()

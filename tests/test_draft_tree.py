@@ -55,6 +55,8 @@ def test_shapes_name_nodes_by_their_ranks_and_the_best_tree_grows_the_likeliest_
     assert tree.paths == ((0,), (0, 0), (0, 1), (1,)) and tree.parents == [-1, 0, 0, -1]
     assert best_tree(2, [[0.6, 0.2], [0.5, 0.3]]).paths == ((0,), (0, 0))
     assert best_tree(3, [[0.6, 0.2, 0.1], [0.2, 0.5, 0.1]]).paths == ((0,), (0, 1), (1,))  # each depth's own chances
+    capped = best_tree(3, [[0.6, 0.2, 0.1], [0.9, 0.5, 0.1]], depth=1)  # (0, 0) would come second uncapped
+    assert capped.paths == ((0,), (1,), (2,)) and capped.name == "tree-3-depth-1"
     with pytest.raises(ValueError, match="parent"):
         Shape("orphan", ((0,), (1, 0)))
 
@@ -226,3 +228,16 @@ def test_a_verified_frame_keeps_the_accepted_prefix_in_frame_order_and_resends_t
     assert path == [4] and new == [13, 99]
     assert kept_prefix(2, path) == 2  # 13 lies after 11 and 12: it is sent again next time
     assert kept_prefix(2, [2, 3]) == 4 and kept_prefix(1, []) == 1
+
+
+def test_the_products_tree_is_the_shipped_heads_likeliest_nodes_within_the_depth_cap():
+    """`--speculate draft-tree` drafts `DRAFT_TREE_NODES` nodes at most `DRAFT_TREE_DEPTH` deep
+    (each depth is one head pass a round); uncapped, the shipped head's tree of 32 is deeper."""
+    from lambdasplit import defaults
+    from lambdasplit.device.draft import SHIPPED, read_meta
+    from lambdasplit.device.tree import head_tree
+
+    meta = read_meta(SHIPPED)
+    shape = head_tree(meta, defaults.DRAFT_TREE_NODES)
+    assert len(shape.paths) == defaults.DRAFT_TREE_NODES and shape.depth == defaults.DRAFT_TREE_DEPTH
+    assert best_tree(defaults.DRAFT_TREE_NODES, meta["tree_acceptance"]).depth > defaults.DRAFT_TREE_DEPTH

@@ -69,6 +69,11 @@ DRAFT_TOKENS = 3
 # speculative --draft-lengths 3 --trees 16,32`) 32 gave 2.83 tokens per round trip, 1.57x plain at 50 ms and 1.75x at
 # 100 ms; 16 gave 2.47, 1.51x and 1.65x; the chain of up to 3 1.92, 1.31x and 1.42x.
 DRAFT_TREE_NODES = 32
+# ... and its depth at most: each depth is one draft-head pass a round (on one H100, 2.4 ms of launches each: 19 ms for
+# the 8-deep tree of 32). Counted offline on 8 held-out prompts (`python -m benchmarks draft-tree --prompts 8
+# --new-tokens 96 --calibration 8`), the tree of 32 capped at depth 4 gave the uncapped one's tokens per round trip
+# with 4 passes instead of 8.
+DRAFT_TREE_DEPTH = 4
 MAX_TREE_POSITIONS = 64  # positions of one TREE frame the body verifies (the root, re-sent tokens and the drafts)
 DRAFT_CONFIDENCE = 0.1  # a draft head's chain stops at a token the head gives less than this probability (greedy)
 NOISE_ON = "all"  # positions the --noise defense perturbs: all, prompt or decode

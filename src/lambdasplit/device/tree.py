@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from lambdasplit import defaults
 from lambdasplit.device.draft import Drafter, DraftHeadError, DraftStats, bound_drafter
 
 log = logging.getLogger(__name__)
@@ -80,28 +81,31 @@ def wide(n: int) -> Shape:
     return Shape(f"wide-{n}", tuple((r,) for r in range(n)))
 
 
-def best_tree(n: int, accept: Sequence[Sequence[float]]) -> Shape:
+def best_tree(n: int, accept: Sequence[Sequence[float]], depth: int | None = None) -> Shape:
     """The `n` nodes of highest estimated acceptance, `accept[d][r]` being the chance that the
     reference token has rank r at depth d + 1 given that its ancestors were accepted (a node's
-    chance: the product along its path). Grown from the root, so every node's parent is in."""
+    chance: the product along its path), at most `depth` deep. Grown from the root, so every
+    node's parent is in."""
+    deepest = len(accept) if depth is None else min(depth, len(accept))
     frontier = [(-accept[0][r], (r,)) for r in range(len(accept[0]))]
     heapq.heapify(frontier)
     chosen: list[RankPath] = []
     while frontier and len(chosen) < n:
         score, path = heapq.heappop(frontier)
         chosen.append(path)
-        if len(path) < len(accept):
+        if len(path) < deepest:
             for r, p in enumerate(accept[len(path)]):
                 heapq.heappush(frontier, (score * p, (*path, r)))
-    return Shape(f"tree-{n}", tuple(chosen))
+    return Shape(f"tree-{n}" if depth is None else f"tree-{n}-depth-{depth}", tuple(chosen))
 
 
 def head_tree(meta: dict[str, Any], nodes: int) -> Shape:
-    """The tree of `nodes` nodes for a draft head, from the acceptance its json records."""
+    """The tree of `nodes` nodes for a draft head, from the acceptance its json records, at most
+    `defaults.DRAFT_TREE_DEPTH` deep: each depth costs the device one head pass a round."""
     accept = meta.get("tree_acceptance")
     if not (isinstance(accept, list) and accept and all(isinstance(row, list) and row for row in accept)):
         raise DraftHeadError("this draft head records no tree_acceptance (train-draft writes it); use --speculate draft-head")
-    return best_tree(nodes, accept)
+    return best_tree(nodes, accept, defaults.DRAFT_TREE_DEPTH)
 
 
 def accepted_length(tokens: Sequence[int], parents: Sequence[int], reference: Sequence[int]) -> int:
